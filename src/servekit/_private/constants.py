@@ -1,0 +1,35 @@
+"""Tunable knobs, each read once from the environment through a validating getter."""
+
+from __future__ import annotations
+
+import os
+
+
+def _env_float(name: str, default: float, minimum: float = 0.0) -> float:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"Environment variable {name}={raw!r} is not a number.") from None
+    if value < minimum:
+        raise ValueError(f"Environment variable {name}={raw!r} must be >= {minimum}.")
+    return value
+
+
+# Seconds `serve.start` waits for the controller and HTTP proxy to come up.
+STARTUP_TIMEOUT_S = _env_float("SERVEKIT_STARTUP_TIMEOUT_S", 60.0)
+# Seconds between the controller's health checks of its child processes.
+HEALTH_CHECK_PERIOD_S = _env_float("SERVEKIT_HEALTH_CHECK_PERIOD_S", 0.5, minimum=0.01)
+# Seconds a process gets to exit after SIGTERM before it is killed.
+PROCESS_STOP_TIMEOUT_S = _env_float("SERVEKIT_PROCESS_STOP_TIMEOUT_S", 5.0)
+# Seconds `client.shutdown()` waits for the controller to stop everything.
+SHUTDOWN_TIMEOUT_S = _env_float("SERVEKIT_SHUTDOWN_TIMEOUT_S", 30.0)
+# Directory where detached instances record their address.
+SERVEKIT_HOME = os.path.expanduser(os.environ.get("SERVEKIT_HOME", "~/.servekit"))
+
+# Long-poll keys: what routers, proxies and the controller agree on.
+KEY_ENDPOINTS = "endpoints"
+KEY_BACKENDS = "backends"
+KEY_REPLICAS = "replicas"

@@ -1,0 +1,477 @@
+"""The controller: the only writer of desired state, and the loop that makes it real.
+
+Every mutating call takes one lock, checks its arguments against the current state, writes
+a checkpoint, then publishes the change over long poll. Calls that start or stop replicas
+return a goal id; the client waits on it until the replicas are ready or gone, or until the
+goal fails (a constructor raised), in which case nothing the call created is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import pickle
+import secrets
+from typing import Any, Dict, List, Optional
+
+from servekit._private import constants
+from servekit._private.controller.goals import GoalManager
+from servekit._private.controller.state import (
+    RUNNING, STARTING, STOPPING, BackendState, EndpointInfo, ProxySpec, ReplicaRecord,
+    ReplicaSpec,
+)
+from servekit._private.long_poll import LongPollHost
+from servekit._private.runtime.base import Runtime
+from servekit.config import (
+    BackendConfig, BackendMetadata, HTTPOptions, ReplicaConfig, validate_backend_against_config,
+)
+from servekit.exceptions import BackendUnavailableError, ServeError
+
+logger = logging.getLogger("servekit.controller")
+
+CHECKPOINT_KEY = "controller-state"
+PROXY_NAME = "proxy"
+
+
+class Controller:
+    """Holds desired state and reconciles the runtime's processes towards it."""
+
+    def __init__(self, runtime: Runtime, http_options: HTTPOptions) -> None:
+        self.runtime = runtime
+        self.http_options = http_options
+        self.http_address: Optional[tuple] = None
+        self.long_poll = LongPollHost()
+        self.goals = GoalManager()
+        self.backends: Dict[str, BackendState] = {}
+        self.endpoints: Dict[str, EndpointInfo] = {}
+        self._lock = asyncio.Lock()
+        self._proxy: Optional[Any] = None
+        self._health_task: Optional[asyncio.Task] = None
+        self._shutting_down = False
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        """Publish the (empty) state, start the HTTP proxy, begin health checks."""
+        await self._publish_all()
+        if self.http_options.location != "NoServer" and self.http_options.host is not None:
+            self.http_address = self.runtime.bind_http(  # type: ignore[attr-defined]
+                self.http_options.host, self.http_options.port)
+            await self._start_proxy()
+        self._health_task = asyncio.ensure_future(self._health_loop())
+
+    async def shutdown(self) -> None:
+        """Stop every replica and proxy; the controller process exits afterwards."""
+        self._shutting_down = True
+        if self._health_task is not None:
+            self._health_task.cancel()
+        for backend in self.backends.values():
+            for record in backend.replicas.values():
+                if record.task is not None:
+                    record.task.cancel()
+        self.runtime.store.delete(CHECKPOINT_KEY)
+        await self.runtime.shutdown()
+
+    async def _start_proxy(self) -> None:
+        address = await self.runtime.launch(
+            PROXY_NAME, "proxy", ProxySpec(middlewares=self.http_options.middlewares))
+        connection = await self.runtime.connect(address)
+        try:
+            await connection.call("ready")
+        except BackendUnavailableError:
+            raise ServeError(f"The HTTP proxy {self.runtime.exit_description(PROXY_NAME)} "
+                             "while starting; see its output above.") from None
+        self._proxy = connection
+
+    # ----------------------------------------------------------------- backends
+
+    async def create_backend(self, tag: str, replica_config: ReplicaConfig,
+                             config: BackendConfig,
+                             metadata: Optional[BackendMetadata]) -> Optional[str]:
+        async with self._lock:
+            existing = self.backends.get(tag)
+            if existing is not None:
+                if existing.replica_config == replica_config and existing.config == config:
+                    return existing.goal  # a retried call
+                raise ValueError(f"Cannot create backend. Backend '{tag}' is already "
+                                 "registered. Delete it first, or pick another tag.")
+            if metadata is not None:
+                validate_backend_against_config(metadata, config)
+            self._check_resources(tag, replica_config, config.num_replicas, extra=0)
+            backend = BackendState(tag, replica_config, config, metadata)
+            backend.goal = self.goals.create()
+            self.backends[tag] = backend
+            self._checkpoint()
+            await self._publish_backends()
+            self._reconcile(backend)
+            return backend.goal
+
+    async def update_backend_config(self, tag: str, update: BackendConfig) -> Optional[str]:
+        async with self._lock:
+            backend = self._backend(tag)
+            new_config = backend.config.merged(update)
+            if backend.metadata is not None:
+                validate_backend_against_config(backend.metadata, new_config)
+            extra = new_config.num_replicas - len(backend.in_state(STARTING, RUNNING))
+            if extra > 0:
+                self._check_resources(tag, backend.replica_config, extra, extra=extra)
+            old_config = backend.config
+            backend.config = new_config
+            self._replace_goal(backend)
+            backend.config_before_update = old_config
+            self._checkpoint()
+            await self._publish_backends()
+            if _replica_visible_fields(old_config) != _replica_visible_fields(new_config):
+                await self._push_config(backend)
+            self._reconcile(backend)
+            return backend.goal
+
+    async def delete_backend(self, tag: str, force: bool) -> Optional[str]:
+        async with self._lock:
+            backend = self.backends.get(tag)
+            if backend is None:
+                return None
+            for endpoint in self.endpoints.values():
+                if endpoint.uses(tag):
+                    raise ValueError(
+                        f"Backend '{tag}' is used by endpoint '{endpoint.name}' and cannot be "
+                        "deleted. Remove it from that endpoint's traffic and shadows "
+                        "(set_traffic / shadow_traffic(..., 0)) or delete the endpoint first.")
+            backend.deleting = True
+            backend.force_delete = backend.force_delete or force
+            self._replace_goal(backend)
+            self._checkpoint()
+            self._reconcile(backend)
+            return backend.goal
+
+    def get_backend_config(self, tag: str) -> BackendConfig:
+        return self._backend(tag).config
+
+    def list_backends(self) -> Dict[str, BackendConfig]:
+        return {tag: b.config for tag, b in self.backends.items() if not b.deleting}
+
+    def _backend(self, tag: str) -> BackendState:
+        backend = self.backends.get(tag)
+        if backend is None or backend.deleting:
+            raise ValueError(f"Backend '{tag}' is not registered. Registered backends: "
+                             f"{sorted(self.list_backends())}.")
+        return backend
+
+    def _replace_goal(self, backend: BackendState) -> None:
+        """A newer operation on a backend supersedes the goal of an older one."""
+        self.goals.complete(backend.goal)
+        backend.goal = self.goals.create()
+
+    def _check_resources(self, tag: str, replica_config: ReplicaConfig, count: int,
+                         extra: int) -> None:
+        check = getattr(self.runtime, "check_capacity", None)
+        if check is not None:
+            check(tag, replica_config.actor_options, count)
+
+    async def _push_config(self, backend: BackendState) -> None:
+        """Send the new config to every running replica and wait until each applied it."""
+        running = [r for r in backend.in_state(RUNNING) if r.connection is not None]
+        results = await asyncio.gather(
+            *(r.connection.call("update_config", backend.config) for r in running),  # type: ignore[union-attr]
+            return_exceptions=True)
+        errors = [e for e in results if isinstance(e, Exception)
+                  and not isinstance(e, BackendUnavailableError)]
+        if errors:
+            raise errors[0]
+
+    # ----------------------------------------------------------------- reconciliation
+
+    def _reconcile(self, backend: BackendState) -> None:
+        """Start or stop replicas so that the backend has its target number."""
+        active = backend.in_state(STARTING, RUNNING)
+        missing = backend.target_replicas - len(active)
+        for _ in range(missing):
+            tag = f"{backend.tag}#{secrets.token_hex(3)}"
+            record = ReplicaRecord(tag=tag, backend=backend.tag)
+            backend.replicas[tag] = record
+            record.task = asyncio.ensure_future(self._run_start(backend, record))
+        if missing < 0:
+            # Newest first, and replicas still starting before running ones.
+            victims = sorted(active, key=lambda r: r.state == RUNNING)
+            ordered = list(reversed(list(backend.replicas)))
+            victims = sorted(active, key=lambda r: (r.state == RUNNING, ordered.index(r.tag)))
+            for record in victims[:-missing]:
+                self._begin_stop(backend, record)
+        self._check_goal(backend)
+
+    async def _run_start(self, backend: BackendState, record: ReplicaRecord) -> None:
+        spec = ReplicaSpec(backend.tag, record.tag, backend.replica_config, backend.config,
+                           backend.metadata)
+        try:
+            record.address = await self.runtime.launch(
+                record.tag, "replica", spec, resources=backend.replica_config.actor_options,
+                python=backend.replica_config.python)
+            connection = await self.runtime.connect(record.address)
+            record.connection = connection
+            metadata = await connection.call("ready")
+            if backend.metadata is None:
+                validate_backend_against_config(metadata, backend.config)
+                backend.metadata = metadata
+        except asyncio.CancelledError:
+            raise
+        except BackendUnavailableError:
+            error: Exception = ServeError(
+                f"Replica {record.tag} {self.runtime.exit_description(record.tag)} before its "
+                "constructor finished; see its output above.")
+            await self._start_failed(backend, record, error)
+            return
+        except Exception as exc:
+            await self._start_failed(backend, record, exc)
+            return
+        async with self._lock:
+            if record.state == STARTING:
+                record.state = RUNNING
+                await self._publish_replicas()
+                if backend.metadata is not None and self.backends.get(backend.tag) is backend:
+                    await self._publish_backends()
+            self._check_goal(backend)
+
+    async def _start_failed(self, backend: BackendState, record: ReplicaRecord,
+                            error: Exception) -> None:
+        await self.runtime.stop(record.tag, timeout=0)
+        async with self._lock:
+            backend.replicas.pop(record.tag, None)
+            if record.state == STOPPING or self.backends.get(backend.tag) is not backend:
+                self._check_goal(backend)
+                return
+            logger.warning("Replica %s failed to start: %r", record.tag, error)
+            if not backend.created:
+                # The create call fails as a whole: the tag is free again.
+                self.goals.fail(backend.goal, error)
+                backend.goal = None
+                backend.deleting = True
+                backend.force_delete = True
+                self._checkpoint()
+                await self._publish_backends()
+                self._reconcile(backend)
+            elif backend.goal is not None:
+                # A scale-up or update failed: go back to the config before it.
+                self.goals.fail(backend.goal, error)
+                backend.goal = None
+                if backend.config_before_update is not None:
+                    backend.config = backend.config_before_update
+                    backend.config_before_update = None
+                self._checkpoint()
+                await self._publish_backends()
+                self._reconcile(backend)
+
+    def _begin_stop(self, backend: BackendState, record: ReplicaRecord) -> None:
+        was_running = record.state == RUNNING
+        record.state = STOPPING
+        if not was_running and record.task is not None:
+            record.task.cancel()
+        asyncio.ensure_future(self._run_stop(backend, record, graceful=was_running))
+
+    async def _run_stop(self, backend: BackendState, record: ReplicaRecord,
+                        graceful: bool) -> None:
+        config = backend.config
+        try:
+            if graceful and not backend.force_delete:
+                # Routers stop sending first, then the replica finishes what it holds.
+                version = await self._publish_replicas()
+                for role in ("proxy", "router"):
+                    await self.long_poll.wait_until_applied(
+                        role, constants.KEY_REPLICAS, version,
+                        timeout=config.experimental_graceful_shutdown_wait_loop_s)
+                if record.connection is not None:
+                    try:
+                        await asyncio.wait_for(
+                            record.connection.call("drain"),  # type: ignore[attr-defined]
+                            config.experimental_graceful_shutdown_timeout_s)
+                    except (asyncio.TimeoutError, BackendUnavailableError):
+                        logger.warning("Replica %s did not drain within %ss; killing it.",
+                                       record.tag,
+                                       config.experimental_graceful_shutdown_timeout_s)
+            else:
+                await self._publish_replicas()
+            await self.runtime.stop(record.tag, timeout=0 if backend.force_delete else
+                                    constants.PROCESS_STOP_TIMEOUT_S)
+        finally:
+            if record.connection is not None:
+                record.connection.close()  # type: ignore[attr-defined]
+            async with self._lock:
+                backend.replicas.pop(record.tag, None)
+                self._check_goal(backend)
+
+    def _check_goal(self, backend: BackendState) -> None:
+        if backend.deleting:
+            if not backend.replicas and self.backends.get(backend.tag) is backend:
+                del self.backends[backend.tag]
+                self._checkpoint()
+                asyncio.ensure_future(self._publish_backends())
+                self.goals.complete(backend.goal)
+            return
+        running = backend.in_state(RUNNING)
+        if len(running) == backend.target_replicas == len(backend.replicas):
+            backend.created = True
+            backend.config_before_update = None
+            self.goals.complete(backend.goal)
+            backend.goal = None
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(constants.HEALTH_CHECK_PERIOD_S)
+            try:
+                await self._check_health()
+            except Exception:
+                logger.exception("Health check failed")
+
+    async def _check_health(self) -> None:
+        async with self._lock:
+            if self._shutting_down:
+                return
+            for backend in list(self.backends.values()):
+                dead = [r for r in backend.in_state(RUNNING)
+                        if not self.runtime.is_alive(r.tag)]
+                for record in dead:
+                    logger.warning("Replica %s %s; starting a new one.", record.tag,
+                                   self.runtime.exit_description(record.tag))
+                    backend.replicas.pop(record.tag, None)
+                    if record.connection is not None:
+                        record.connection.close()  # type: ignore[attr-defined]
+                    await self.runtime.stop(record.tag, timeout=0)
+                if dead:
+                    await self._publish_replicas()
+                    self._reconcile(backend)
+            if self._proxy is not None and not self.runtime.is_alive(PROXY_NAME):
+                logger.warning("The HTTP proxy %s; starting a new one.",
+                               self.runtime.exit_description(PROXY_NAME))
+                self._proxy.close()
+                self._proxy = None
+                await self.runtime.stop(PROXY_NAME, timeout=0)
+                await self._start_proxy()
+
+    # ----------------------------------------------------------------- endpoints
+
+    async def create_endpoint(self, name: str, backend: str, route: Optional[str],
+                              methods: List[str]) -> None:
+        async with self._lock:
+            if backend not in self.list_backends():
+                raise ValueError(f"Attempted to assign traffic to a backend '{backend}' that "
+                                 "is not registered. Create it first with create_backend().")
+            existing = self.endpoints.get(name)
+            if existing is not None:
+                if existing.route == route and existing.methods == methods:
+                    return  # a retried call
+                raise ValueError(f"Cannot create endpoint. Endpoint '{name}' is already "
+                                 "registered. Delete it first, or pick another name.")
+            if route is not None:
+                for other in self.endpoints.values():
+                    if other.route == route:
+                        raise ValueError(
+                            f"Cannot create endpoint. Route '{route}' is already registered "
+                            f"to endpoint '{other.name}'.")
+            self.endpoints[name] = EndpointInfo(name, route, methods, {backend: 1.0})
+            await self._commit_endpoints(wait_for_proxy=route is not None)
+
+    async def delete_endpoint(self, name: str) -> None:
+        async with self._lock:
+            if self.endpoints.pop(name, None) is not None:
+                await self._commit_endpoints(wait_for_proxy=True)
+
+    def list_endpoints(self) -> Dict[str, dict]:
+        return {name: info.describe() for name, info in self.endpoints.items()}
+
+    def endpoint_exists(self, name: str) -> bool:
+        return name in self.endpoints
+
+    async def set_traffic(self, name: str, traffic: Dict[str, float]) -> None:
+        async with self._lock:
+            endpoint = self._endpoint(name, "assign traffic for")
+            self._check_backends_exist(traffic, "assign traffic to")
+            for tag, weight in traffic.items():
+                if weight < 0:
+                    raise ValueError(f"Attempted to assign a weight of {weight} to backend "
+                                     f"'{tag}'. Weights cannot be negative.")
+            total = math.fsum(traffic.values())
+            if not math.isclose(total, 1.0, rel_tol=0.0, abs_tol=1e-8):
+                raise ValueError(f"Traffic dictionary weights must sum to 1, currently they "
+                                 f"sum to {total}. Got {traffic}.")
+            endpoint.traffic = dict(traffic)
+            await self._commit_endpoints(wait_for_proxy=True)
+
+    async def shadow_traffic(self, name: str, backend: str, proportion: float) -> None:
+        async with self._lock:
+            self._check_backends_exist({backend: proportion}, "shadow traffic to")
+            endpoint = self._endpoint(name, "shadow traffic from")
+            if proportion == 0:
+                endpoint.shadows.pop(backend, None)
+            else:
+                endpoint.shadows[backend] = float(proportion)
+            await self._commit_endpoints(wait_for_proxy=True)
+
+    def _endpoint(self, name: str, action: str) -> EndpointInfo:
+        endpoint = self.endpoints.get(name)
+        if endpoint is None:
+            raise ValueError(f"Attempted to {action} an endpoint '{name}' that is not "
+                             f"registered. Registered endpoints: {sorted(self.endpoints)}.")
+        return endpoint
+
+    def _check_backends_exist(self, tags: Dict[str, float], action: str) -> None:
+        registered = self.list_backends()
+        for tag in tags:
+            if tag not in registered:
+                raise ValueError(f"Attempted to {action} a backend '{tag}' that is not "
+                                 f"registered. Registered backends: {sorted(registered)}.")
+
+    async def _commit_endpoints(self, wait_for_proxy: bool) -> None:
+        self._checkpoint()
+        version = await self.long_poll.publish(constants.KEY_ENDPOINTS, self._endpoints_view())
+        if wait_for_proxy and self._proxy is not None:
+            applied = await self.long_poll.wait_until_applied(
+                "proxy", constants.KEY_ENDPOINTS, version, timeout=constants.STARTUP_TIMEOUT_S)
+            if not applied:
+                raise TimeoutError(f"The HTTP proxy did not apply the change within "
+                                   f"{constants.STARTUP_TIMEOUT_S}s.")
+
+    # ----------------------------------------------------------------- long poll
+
+    def _endpoints_view(self) -> Dict[str, EndpointInfo]:
+        return {name: EndpointInfo(**vars(info)) for name, info in self.endpoints.items()}
+
+    async def _publish_backends(self) -> int:
+        view = {}
+        for tag, backend in self.backends.items():
+            if backend.metadata is not None and not backend.deleting:
+                view[tag] = backend.config.effective_max_concurrent_queries(
+                    backend.metadata.is_async)
+        return await self.long_poll.publish(constants.KEY_BACKENDS, view)
+
+    async def _publish_replicas(self) -> int:
+        view = {tag: [(r.tag, r.address) for r in backend.in_state(RUNNING)]
+                for tag, backend in self.backends.items()}
+        return await self.long_poll.publish(constants.KEY_REPLICAS, view)
+
+    async def _publish_all(self) -> None:
+        await self.long_poll.publish(constants.KEY_ENDPOINTS, self._endpoints_view())
+        await self._publish_backends()
+        await self._publish_replicas()
+
+    async def listen(self, subscriber_id: str, role: str, known: Dict[str, int]) -> dict:
+        try:
+            return await self.long_poll.listen(subscriber_id, role, known)
+        except asyncio.CancelledError:
+            self.long_poll.forget(subscriber_id)
+            raise
+
+    # ----------------------------------------------------------------- checkpoint
+
+    def _checkpoint(self) -> None:
+        state = {
+            "backends": {tag: (b.replica_config, b.config, b.metadata)
+                         for tag, b in self.backends.items() if not b.deleting},
+            "endpoints": self._endpoints_view(),
+        }
+        self.runtime.store.put(CHECKPOINT_KEY, pickle.dumps(state, protocol=5))
+
+
+def _replica_visible_fields(config: BackendConfig) -> tuple:
+    """The config fields a running replica applies itself (no restart needed)."""
+    return (config.max_batch_size, config.batch_wait_timeout, config.max_concurrent_queries,
+            config.user_config)

@@ -1,0 +1,57 @@
+"""Starting an instance's controller process from the user's script, and ending it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from typing import Optional
+
+import cloudpickle
+
+from servekit._private.controller.state import ControllerSpec
+from servekit._private.process import (
+    WorkerProcess, WorkerSpec, bind_unix_socket, importable_sys_path,
+)
+from servekit.config import HTTPOptions
+
+
+class LocalInstance:
+    """The controller process of an embedded instance and its private directory."""
+
+    def __init__(self, http_options: HTTPOptions, detached: bool) -> None:
+        self.instance_dir = tempfile.mkdtemp(prefix="servekit-")  # mode 0700
+        self.controller_address = os.path.join(self.instance_dir, "controller.sock")
+        sock: Optional[socket.socket] = None
+        try:
+            sock = bind_unix_socket(self.controller_address)
+            spec = WorkerSpec(
+                role="controller", name="controller", instance_dir=self.instance_dir,
+                rpc_fd=sock.fileno(), controller_address=None,
+                payload=cloudpickle.dumps(ControllerSpec(http_options, detached)),
+                sys_path=importable_sys_path(), watch_parent=not detached)
+            self.process: Optional[WorkerProcess] = WorkerProcess(spec, new_session=detached)
+        except BaseException:
+            shutil.rmtree(self.instance_dir, ignore_errors=True)
+            raise
+        finally:
+            if sock is not None:
+                sock.close()
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def stop(self, timeout: float) -> None:
+        """Close the lifeline, wait up to ``timeout`` s for the exit, kill, remove the dir."""
+        process, self.process = self.process, None
+        if process is not None:
+            process.popen.stdin.close()  # type: ignore[union-attr]
+            try:
+                process.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        shutil.rmtree(self.instance_dir, ignore_errors=True)

@@ -1,0 +1,130 @@
+"""Starting servekit worker processes and tying their lives to their parent's.
+
+A worker reads its ``WorkerSpec`` from stdin. The parent keeps the write end of that pipe
+open for the worker's whole life: when the parent exits for any reason, even SIGKILL, the
+worker reads end-of-file and exits too (its own children follow the same way), so no
+process outlives the script that started it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import pickle
+import signal
+import socket
+import struct
+import subprocess
+import sys
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import cloudpickle
+
+from servekit._private.constants import PROCESS_STOP_TIMEOUT_S
+
+_LENGTH = struct.Struct("!Q")
+
+# Run (quickly, from the lifeline thread) just before a worker exits because its parent died.
+parent_exit_hooks: List[Callable[[], None]] = []
+
+
+@dataclasses.dataclass
+class WorkerSpec:
+    """What a worker process is and how it reaches the rest of its instance."""
+
+    role: str  # "controller", "proxy" or "replica"
+    name: str
+    instance_dir: str
+    rpc_fd: int  # a listening Unix socket the parent bound for this worker
+    controller_address: Optional[str]
+    payload: bytes  # cloudpickled role-specific spec, loaded after sys_path is in place
+    sys_path: Sequence[str] = ()
+    watch_parent: bool = True
+    extra_fds: Dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def load_payload(self) -> Any:
+        return cloudpickle.loads(self.payload)
+
+
+def bind_unix_socket(path: str) -> socket.socket:
+    """A listening Unix socket at ``path`` (the directory is private to the owner)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    sock.listen(4096)
+    return sock
+
+
+def importable_sys_path(keep_site_packages: bool = True) -> list:
+    """This process's import path, to give a worker the same view of the user's modules."""
+    paths = [p or os.getcwd() for p in sys.path]
+    if not keep_site_packages:
+        prefixes = {sys.prefix, sys.base_prefix, sys.exec_prefix}
+        paths = [p for p in paths if "site-packages" not in p and "dist-packages" not in p
+                 and not any(p.startswith(os.path.join(pre, "lib")) for pre in prefixes)]
+    return paths
+
+
+class WorkerProcess:
+    """A running worker: its Popen and the lifeline pipe that keeps it alive."""
+
+    def __init__(self, spec: WorkerSpec, python: str = sys.executable,
+                 env: Optional[Dict[str, str]] = None, new_session: bool = False) -> None:
+        fds = [spec.rpc_fd, *spec.extra_fds.values()]
+        self.popen = subprocess.Popen(
+            [python, "-m", "servekit._private.worker"], stdin=subprocess.PIPE,
+            pass_fds=fds, env=env, start_new_session=new_session)
+        data = pickle.dumps(spec, protocol=5)
+        assert self.popen.stdin is not None
+        self.popen.stdin.write(_LENGTH.pack(len(data)) + data)
+        self.popen.stdin.flush()
+        if not spec.watch_parent:
+            self.popen.stdin.close()
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def is_alive(self) -> bool:
+        return self.popen.poll() is None
+
+    @property
+    def returncode(self) -> Optional[int]:
+        return self.popen.poll()
+
+    def kill(self) -> None:
+        if self.is_alive():
+            self.popen.kill()
+        self.popen.wait()
+        self._close_lifeline()
+
+    async def stop(self, timeout: float = PROCESS_STOP_TIMEOUT_S) -> None:
+        """SIGTERM, wait up to ``timeout`` seconds, then SIGKILL; returns once it has exited."""
+        if self.is_alive():
+            try:
+                self.popen.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            loop = asyncio.get_running_loop()
+            try:
+                await loop.run_in_executor(None, self.popen.wait, timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                await loop.run_in_executor(None, self.popen.wait)
+        self._close_lifeline()
+
+    def _close_lifeline(self) -> None:
+        if self.popen.stdin is not None and not self.popen.stdin.closed:
+            try:
+                self.popen.stdin.close()
+            except OSError:
+                pass
+
+
+def read_spec(stream: Any) -> WorkerSpec:
+    """Read the spec the parent wrote to this worker's stdin."""
+    header = stream.read(_LENGTH.size)
+    if len(header) != _LENGTH.size:
+        raise SystemExit("servekit worker: no spec on stdin; workers are started by servekit.")
+    (length,) = _LENGTH.unpack(header)
+    return pickle.loads(stream.read(length))

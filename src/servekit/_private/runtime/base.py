@@ -1,0 +1,61 @@
+"""The seam between servekit's logic and where its processes run.
+
+The controller starts, stops and watches replicas and proxies only through a ``Runtime``.
+``LocalRuntime`` runs them as child processes of the controller; a fake in-memory runtime
+makes the controller's logic testable without processes.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, Optional, Protocol
+
+
+class Store(Protocol):
+    def put(self, key: str, value: bytes) -> None: ...
+    def get(self, key: str) -> Optional[bytes]: ...
+    def delete(self, key: str) -> None: ...
+    def close(self) -> None: ...
+
+
+class Connection(Protocol):
+    """A persistent RPC connection to a worker (see ``transport.RpcClient``)."""
+
+    @property
+    def is_closed(self) -> bool: ...
+    async def call(self, name: str, *args: Any) -> Any: ...
+    def close(self) -> None: ...
+
+
+class Runtime(abc.ABC):
+    """Launches workers, stops them, tells whether they live, and keeps durable state."""
+
+    store: Store
+
+    @abc.abstractmethod
+    async def launch(self, name: str, role: str, payload: Any, *,
+                     resources: Optional[dict] = None, python: Optional[str] = None) -> str:
+        """Start worker ``name`` and return the address its RPC server listens on.
+
+        The worker may still be initialising; callers ``connect`` and call ``ready``.
+        """
+
+    @abc.abstractmethod
+    async def connect(self, address: str) -> Connection:
+        """Open a connection to the worker listening at ``address``."""
+
+    @abc.abstractmethod
+    async def stop(self, name: str, timeout: float) -> None:
+        """Stop worker ``name`` (asking first, killing after ``timeout`` s); wait for its exit."""
+
+    @abc.abstractmethod
+    def is_alive(self, name: str) -> bool:
+        """Whether worker ``name`` is still running."""
+
+    @abc.abstractmethod
+    def exit_description(self, name: str) -> str:
+        """A short human description of how a dead worker ended (exit code, signal)."""
+
+    @abc.abstractmethod
+    async def shutdown(self) -> None:
+        """Stop every worker this runtime started and release what it holds."""

@@ -1,0 +1,121 @@
+"""``LocalRuntime``: every worker is a child process of the controller on this machine."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import signal
+import socket
+import sys
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import cloudpickle
+
+from servekit._private.process import WorkerProcess, WorkerSpec, bind_unix_socket
+from servekit._private.runtime.base import Connection, Runtime
+from servekit._private.store import SQLiteStore
+from servekit._private.transport import RpcClient
+from servekit.exceptions import ServeError
+
+
+def bind_http_socket(host: str, port: int) -> socket.socket:
+    """Bind and listen on ``host:port``, or raise a ServeError that says how to fix it."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as exc:
+        raise ServeError(f"Cannot serve HTTP on host {host!r}: it does not resolve ({exc}). "
+                         "Pass a valid address in http_options['host'].") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(4096)
+    except OSError as exc:
+        sock.close()
+        raise ServeError(f"Cannot serve HTTP on {host}:{port}: {exc.strerror}. Stop whatever "
+                         "listens there, or choose another port with "
+                         "http_options={'port': ...}.") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+class LocalRuntime(Runtime):
+    """Runs workers as child processes; state lives in SQLite in the instance directory."""
+
+    def __init__(self, instance_dir: str, controller_address: str,
+                 sys_path: Sequence[str]) -> None:
+        self.instance_dir = instance_dir
+        self.store = SQLiteStore(os.path.join(instance_dir, "state.db"))
+        self._controller_address = controller_address
+        self._sys_path = list(sys_path)
+        self._workers: Dict[str, WorkerProcess] = {}
+        self._socket_ids = itertools.count()
+        self._http_socket: Optional[socket.socket] = None
+
+    def bind_http(self, host: str, port: int) -> Tuple[str, int]:
+        """Bind the HTTP port once; every proxy this runtime starts serves that socket."""
+        if self._http_socket is None:
+            self._http_socket = bind_http_socket(host, port)
+        return self._http_socket.getsockname()[:2]
+
+    async def launch(self, name: str, role: str, payload: Any, *,
+                     resources: Optional[dict] = None, python: Optional[str] = None) -> str:
+        path = os.path.join(self.instance_dir, f"{role[0]}{next(self._socket_ids)}.sock")
+        sock = bind_unix_socket(path)
+        extra_fds = {}
+        if role == "proxy":
+            if self._http_socket is None:
+                raise ServeError("bind_http must be called before a proxy is launched.")
+            extra_fds["http"] = self._http_socket.fileno()
+        env = None
+        if resources and resources.get("CUDA_VISIBLE_DEVICES") is not None:
+            env = {**os.environ, "CUDA_VISIBLE_DEVICES": resources["CUDA_VISIBLE_DEVICES"]}
+        spec = WorkerSpec(role=role, name=name, instance_dir=self.instance_dir,
+                          rpc_fd=sock.fileno(), controller_address=self._controller_address,
+                          payload=cloudpickle.dumps(payload),
+                          sys_path=self._sys_path if python is None else
+                          [p for p in self._sys_path if "-packages" not in p],
+                          extra_fds=extra_fds)
+        try:
+            self._workers[name] = WorkerProcess(spec, python=python or sys.executable, env=env)
+        finally:
+            sock.close()
+        return path
+
+    async def connect(self, address: str) -> Connection:
+        return await RpcClient.connect(address)
+
+    async def stop(self, name: str, timeout: float) -> None:
+        worker = self._workers.pop(name, None)
+        if worker is not None:
+            await worker.stop(timeout)
+
+    def is_alive(self, name: str) -> bool:
+        worker = self._workers.get(name)
+        return worker is not None and worker.is_alive()
+
+    def exit_description(self, name: str) -> str:
+        worker = self._workers.get(name)
+        if worker is None or worker.returncode is None:
+            return "is not running"
+        code = worker.returncode
+        if code < 0:
+            return f"was killed by signal {signal.Signals(-code).name}"
+        return f"exited with code {code}"
+
+    def pids(self) -> Dict[str, int]:
+        return {name: worker.pid for name, worker in self._workers.items()}
+
+    def kill_all_now(self) -> None:
+        """Kill every worker at once (used when the controller itself must exit now)."""
+        for worker in self._workers.values():
+            worker.kill()
+
+    async def shutdown(self) -> None:
+        workers, self._workers = list(self._workers.values()), {}
+        await asyncio.gather(*(worker.stop(timeout=2.0) for worker in workers))
+        if self._http_socket is not None:
+            self._http_socket.close()
+            self._http_socket = None
+        self.store.close()

@@ -1,0 +1,207 @@
+"""Framed, multiplexed RPC over stream sockets: the control plane and the data plane.
+
+One connection carries many requests at once. Every frame is a fixed header
+``(payload length, message id, kind)`` followed by a pickle (protocol 5) payload, so a reply
+can be matched to its request even when its payload cannot be unpickled. Peers are trusted:
+the sockets live in a directory only the instance's owner can enter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import pickle
+import socket
+import struct
+import traceback
+from typing import Any, Awaitable, Callable, Dict, Optional
+
+from servekit.exceptions import BackendUnavailableError, RemoteTraceback, ServeError
+
+logger = logging.getLogger("servekit")
+
+_HEADER = struct.Struct("!IQB")
+_REQUEST, _REPLY_OK, _REPLY_ERROR = 0, 1, 2
+_PICKLE_PROTOCOL = 5
+
+Handler = Callable[..., Awaitable[Any]]
+
+
+def dumps(value: Any) -> bytes:
+    return pickle.dumps(value, protocol=_PICKLE_PROTOCOL)
+
+
+def encode_error(exc: BaseException) -> bytes:
+    """Pickle ``exc`` with its formatted traceback; fall back to a ServeError naming it."""
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        return dumps((exc, tb))
+    except Exception:
+        return dumps((ServeError(f"{type(exc).__name__}: {exc}"), tb))
+
+
+def decode_error(payload: bytes) -> BaseException:
+    """Rebuild an exception sent by ``encode_error``; its remote traceback is its ``__cause__``."""
+    try:
+        exc, tb = pickle.loads(payload)
+    except Exception as load_error:
+        return ServeError(f"A remote error could not be unpickled here: {load_error!r}")
+    exc.__cause__ = RemoteTraceback(tb)
+    return exc
+
+
+class _FrameProtocol(asyncio.Protocol):
+    """Splits the byte stream into frames and hands each one to ``on_frame``."""
+
+    def __init__(self, on_frame: Callable[[int, int, bytes], None],
+                 on_lost: Callable[[Optional[Exception]], None]) -> None:
+        self._on_frame = on_frame
+        self._on_lost = on_lost
+        self._buffer = bytearray()
+        self.transport: Optional[asyncio.Transport] = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        offset, size = 0, len(buffer)
+        header_size = _HEADER.size
+        while size - offset >= header_size:
+            length, msg_id, kind = _HEADER.unpack_from(buffer, offset)
+            end = offset + header_size + length
+            if end > size:
+                break
+            self._on_frame(msg_id, kind, bytes(buffer[offset + header_size:end]))
+            offset = end
+        if offset:
+            del buffer[:offset]
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self._on_lost(exc)
+
+    def send(self, msg_id: int, kind: int, payload: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(_HEADER.pack(len(payload), msg_id, kind) + payload)
+
+
+class RpcServer:
+    """Serves ``handlers[name](*args)`` to every peer that connects to ``sock``.
+
+    When a peer disconnects, the calls still running for it are cancelled; a handler whose
+    work must finish regardless shields it.
+    """
+
+    def __init__(self, handlers: Dict[str, Handler]) -> None:
+        self._handlers = handlers
+        self._server: Optional[asyncio.AbstractServer] = None
+
+    async def start(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(self._new_connection, sock=sock)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    def _new_connection(self) -> _FrameProtocol:
+        protocol: _FrameProtocol
+        tasks: set = set()
+
+        def on_frame(msg_id: int, kind: int, payload: bytes) -> None:
+            task = asyncio.ensure_future(self._dispatch(protocol, msg_id, payload))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+        def on_lost(exc: Optional[Exception]) -> None:
+            # Nobody is left to read the replies: stop the work done for this peer.
+            for task in list(tasks):
+                task.cancel()
+
+        protocol = _FrameProtocol(on_frame, on_lost)
+        return protocol
+
+    async def _dispatch(self, protocol: _FrameProtocol, msg_id: int, payload: bytes) -> None:
+        try:
+            name, args = pickle.loads(payload)
+            handler = self._handlers.get(name)
+            if handler is None:
+                raise ServeError(f"Unknown RPC method {name!r}.")
+            result = await handler(*args)
+            reply = dumps(result)
+        except Exception as exc:
+            protocol.send(msg_id, _REPLY_ERROR, encode_error(exc))
+            return
+        protocol.send(msg_id, _REPLY_OK, reply)
+
+
+class RpcClient:
+    """One persistent connection to an ``RpcServer``; ``call`` may be used concurrently."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._pending: Dict[int, asyncio.Future] = {}
+        self._next_id = 0
+        self._protocol: Optional[_FrameProtocol] = None
+        self.closed: Optional[asyncio.Future] = None
+
+    @classmethod
+    async def connect(cls, address: str) -> "RpcClient":
+        client = cls(address)
+        loop = asyncio.get_running_loop()
+        client.closed = loop.create_future()
+        try:
+            _, protocol = await loop.create_unix_connection(
+                lambda: _FrameProtocol(client._on_frame, client._on_lost), address)
+        except OSError as exc:
+            raise BackendUnavailableError(
+                f"Could not connect to servekit process at {address}: {exc}") from exc
+        client._protocol = protocol
+        return client
+
+    @property
+    def is_closed(self) -> bool:
+        return self.closed is None or self.closed.done()
+
+    def call_nowait(self, name: str, *args: Any) -> asyncio.Future:
+        """Send a request and return the future of its reply without awaiting it."""
+        future = asyncio.get_running_loop().create_future()
+        if self.is_closed:
+            future.set_exception(BackendUnavailableError(
+                f"The connection to {self.address} is closed."))
+            return future
+        self._next_id += 1
+        msg_id = self._next_id
+        self._pending[msg_id] = future
+        self._protocol.send(msg_id, _REQUEST, dumps((name, args)))  # type: ignore[union-attr]
+        return future
+
+    async def call(self, name: str, *args: Any) -> Any:
+        return await self.call_nowait(name, *args)
+
+    def close(self) -> None:
+        if self._protocol is not None and self._protocol.transport is not None:
+            self._protocol.transport.close()
+
+    def _on_frame(self, msg_id: int, kind: int, payload: bytes) -> None:
+        future = self._pending.pop(msg_id, None)
+        if future is None or future.done():
+            return
+        if kind == _REPLY_OK:
+            try:
+                future.set_result(pickle.loads(payload))
+            except Exception as exc:
+                future.set_exception(ServeError(f"A reply could not be unpickled here: {exc!r}"))
+        else:
+            future.set_exception(decode_error(payload))
+
+    def _on_lost(self, exc: Optional[Exception]) -> None:
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(BackendUnavailableError(
+                    f"The servekit process at {self.address} went away while a request was "
+                    "in flight."))
+        if self.closed is not None and not self.closed.done():
+            self.closed.set_result(None)

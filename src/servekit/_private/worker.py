@@ -1,0 +1,71 @@
+"""Entry point of every servekit process: ``python -m servekit._private.worker``.
+
+The parent writes a ``WorkerSpec`` to stdin and keeps the pipe open; end-of-file on stdin
+means the parent is gone, and the worker exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import traceback
+from servekit._private.event_loop import new_event_loop
+from servekit._private.process import WorkerSpec, parent_exit_hooks, read_spec
+
+def _watch_parent(stdin_fd: int) -> None:
+    try:
+        while os.read(stdin_fd, 4096):
+            pass
+    except OSError:
+        pass
+    for hook in parent_exit_hooks:
+        try:
+            hook()
+        except Exception:
+            pass
+    os._exit(0)
+
+
+def main() -> None:
+    spec: WorkerSpec = read_spec(sys.stdin.buffer)
+    for path in reversed(spec.sys_path):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    if spec.watch_parent:
+        threading.Thread(target=_watch_parent, args=(sys.stdin.fileno(),),
+                         name="servekit-lifeline", daemon=True).start()
+    logging.basicConfig(level=os.environ.get("SERVEKIT_LOG_LEVEL", "WARNING"),
+                        format=f"(servekit {spec.role} pid={os.getpid()}) %(levelname)s "
+                               "%(name)s: %(message)s")
+    sock = socket.socket(fileno=spec.rpc_fd)
+    loop = new_event_loop()
+    asyncio.set_event_loop(loop)
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, lambda: None)  # the parent decides when we stop
+    if spec.role == "controller":
+        from servekit._private.controller.main import run_controller as run
+    elif spec.role == "proxy":
+        from servekit._private.proxy import run_proxy as run
+    elif spec.role == "replica":
+        from servekit._private.replica import run_replica as run
+    else:
+        raise SystemExit(f"servekit worker: unknown role {spec.role!r}")
+    code = 0
+    try:
+        loop.run_until_complete(run(spec, sock, stop))
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()

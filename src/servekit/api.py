@@ -1,0 +1,443 @@
+"""The public API: ``start``, ``connect``, ``Client``, replica-context getters, ``accept_batch``."""
+
+from __future__ import annotations
+
+import atexit
+import inspect
+import json
+import os
+import signal
+import warnings
+import weakref
+from typing import Any, Callable, Dict, List, Optional, TypeVar, Union
+
+import cloudpickle
+
+from servekit._private import constants
+from servekit._private.context import current_replica_context
+from servekit._private.event_loop import run_sync
+from servekit._private.instance import LocalInstance
+from servekit._private.transport import RpcClient
+from servekit.config import (
+    BackendConfig, BackendMetadata, HTTPOptions, ReplicaConfig, parse_backend_config,
+    parse_http_options, validate_actor_options, validate_backend_against_config,
+)
+from servekit.env import Environment
+from servekit.exceptions import BackendUnavailableError, ServeError
+from servekit.handle import ServeHandle, ServeSyncHandle, routers
+from servekit.types import BackendTag, EndpointTag, TrafficDict
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_UNSET: Any = object()
+_DETACHED_RECORD = "detached-instance.json"
+
+
+def _check_tag(value: Any, what: str) -> None:
+    if not isinstance(value, str) or not value:
+        raise TypeError(f"{what} must be a non-empty str, got {value!r}.")
+
+
+def _guarded(method: F) -> F:
+    def wrapper(self: "Client", *args: Any, **kwargs: Any) -> Any:
+        if self._shut_down:
+            raise ServeError("Client has already been shut down.")
+        return method(self, *args, **kwargs)
+
+    wrapper.__name__ = method.__name__
+    wrapper.__qualname__ = method.__qualname__
+    wrapper.__doc__ = method.__doc__
+    wrapper.__wrapped__ = method  # type: ignore[attr-defined]
+    return wrapper  # type: ignore[return-value]
+
+
+class Client:
+    """A connection to one servekit instance; returned by ``start`` and ``connect``."""
+
+    def __init__(self, controller_address: str, instance: Optional[LocalInstance] = None,
+                 detached: bool = True) -> None:
+        self._controller_address = controller_address
+        self._instance = instance
+        self._detached = detached
+        self._shut_down = False
+        self._controller: Optional[RpcClient] = None
+        if instance is not None and not detached:
+            atexit.register(_shutdown_at_exit, weakref.ref(self))
+
+    def __reduce__(self) -> Any:
+        raise ServeError("A servekit Client cannot be pickled. Inside a backend, call "
+                         "serve.connect() to get a client of the same instance.")
+
+    def __del__(self) -> None:
+        if getattr(self, "_instance", None) is not None and not self._detached \
+                and not self._shut_down:
+            try:
+                self.shutdown()
+            except Exception:
+                pass
+
+    # ------------------------------------------------------------- plumbing
+
+    def _call(self, name: str, *args: Any) -> Any:
+        return run_sync(self._call_async(name, *args))
+
+    async def _call_async(self, name: str, *args: Any) -> Any:
+        if self._controller is None or self._controller.is_closed:
+            self._controller = await RpcClient.connect(self._controller_address)
+        return await self._controller.call(name, *args)
+
+    def _wait_for_goal(self, goal_id: Optional[str]) -> None:
+        if goal_id is not None:
+            self._call("wait_for_goal", goal_id)
+
+    # ------------------------------------------------------------- backends
+
+    @_guarded
+    def create_backend(self, backend_tag: BackendTag, func_or_class: Union[Callable, type, str],
+                       *actor_init_args: Any, ray_actor_options: Optional[Dict] = None,
+                       config: Union[BackendConfig, Dict[str, Any], None] = None,
+                       env: Optional[Environment] = None) -> None:
+        """Create a backend and return once all its replicas finished their constructors.
+
+        Args:
+            backend_tag: a unique name for this version of the model.
+            func_or_class: a function, a class (constructed once per replica with
+                ``actor_init_args``), or an import path "pkg.module:Name".
+            ray_actor_options: resources per replica: ``num_cpus``, ``num_gpus``, ``memory``,
+                ``resources``. Default: none reserved.
+            config: a ``BackendConfig`` or a dict of its fields (default: 1 replica).
+            env: run the replicas with another interpreter (``CondaEnv``, ``VirtualEnv``).
+
+        Raises:
+            TypeError / ValueError / pydantic.ValidationError: bad arguments;
+            ValueError: the tag exists; the constructor's own exception if it raised.
+        """
+        _check_tag(backend_tag, "backend_tag")
+        if isinstance(func_or_class, str):
+            metadata: Optional[BackendMetadata] = None
+            description = func_or_class
+        elif inspect.isfunction(func_or_class) or inspect.isclass(func_or_class) or \
+                inspect.ismethod(func_or_class):
+            if not inspect.isclass(func_or_class) and actor_init_args:
+                raise ValueError("actor_init_args not supported for function backend: "
+                                 f"got {actor_init_args!r}. Use a class to take init args.")
+            metadata = BackendMetadata.inspect(func_or_class)
+            description = getattr(func_or_class, "__qualname__", repr(func_or_class))
+        else:
+            raise TypeError(f"Backend must be a function, a class or an import path string; "
+                            f"it is {type(func_or_class).__name__}: {func_or_class!r}.")
+        actor_options = validate_actor_options(ray_actor_options)
+        backend_config = parse_backend_config(config)
+        if metadata is not None:
+            validate_backend_against_config(metadata, backend_config)
+        python = None
+        if env is not None:
+            if not isinstance(env, Environment):
+                raise TypeError(f"env must be a CondaEnv or VirtualEnv, got {env!r}.")
+            python = env.python()
+        if backend_tag in self._call("list_backends"):
+            raise ValueError(f"Cannot create backend. Backend '{backend_tag}' is already "
+                             "registered. Delete it first, or pick another tag.")
+        try:
+            serialized = cloudpickle.dumps((func_or_class, actor_init_args))
+        except Exception as exc:
+            raise TypeError(f"The backend {description} or its init args cannot be pickled: "
+                            f"{exc}") from exc
+        replica_config = ReplicaConfig(serialized, actor_options, description, python)
+        goal = self._call("create_backend", backend_tag, replica_config, backend_config,
+                          metadata)
+        self._wait_for_goal(goal)
+
+    @_guarded
+    def list_backends(self) -> Dict[BackendTag, BackendConfig]:
+        """Every backend's tag and config."""
+        return self._call("list_backends")
+
+    @_guarded
+    def get_backend_config(self, backend_tag: BackendTag) -> BackendConfig:
+        """The config of a backend; ValueError if it is not registered."""
+        _check_tag(backend_tag, "backend_tag")
+        return self._call("get_backend_config", backend_tag)
+
+    @_guarded
+    def update_backend_config(self, backend_tag: BackendTag,
+                              config_options: Union[BackendConfig, Dict[str, Any]]) -> None:
+        """Change some config fields of a backend; return when every replica runs with them.
+
+        Only the fields given are changed. Changing ``num_replicas`` starts or drains
+        replicas; other fields are applied in place by the running replicas.
+        """
+        _check_tag(backend_tag, "backend_tag")
+        if isinstance(config_options, dict):
+            update = BackendConfig.model_validate(config_options)
+        elif isinstance(config_options, BackendConfig):
+            update = config_options
+        else:
+            raise TypeError("config_options must be a BackendConfig or a dict, got "
+                            f"{type(config_options).__name__}.")
+        goal = self._call("update_backend_config", backend_tag, update)
+        self._wait_for_goal(goal)
+
+    @_guarded
+    def delete_backend(self, backend_tag: BackendTag, force: bool = False) -> None:
+        """Delete a backend; return when its replicas are gone.
+
+        Replicas finish their requests in flight first unless ``force=True``. Refused with
+        ValueError while an endpoint's traffic or shadows use it; unknown tags are a no-op.
+        """
+        _check_tag(backend_tag, "backend_tag")
+        if not isinstance(force, bool):
+            raise TypeError(f"force must be a bool, got {force!r}.")
+        self._wait_for_goal(self._call("delete_backend", backend_tag, force))
+
+    # ------------------------------------------------------------- endpoints
+
+    @_guarded
+    def create_endpoint(self, endpoint_name: EndpointTag, *, backend: Optional[str] = None,
+                        route: Optional[str] = None,
+                        methods: List[str] = ["GET"]) -> None:  # noqa: B006 (never mutated)
+        """Create an endpoint that sends all its traffic to ``backend``.
+
+        Args:
+            endpoint_name: a unique name, also used by ``get_handle``.
+            backend: the backend tag that gets the traffic.
+            route: the exact HTTP path, starting with "/"; None for a handle-only endpoint.
+            methods: allowed HTTP methods, default ["GET"].
+
+        Returns once the HTTP proxy serves the route.
+        """
+        _check_tag(endpoint_name, "endpoint_name")
+        if backend is None:
+            raise TypeError("backend must be specified when creating an endpoint.")
+        if not isinstance(backend, str):
+            raise TypeError(f"backend must be a string, got {type(backend).__name__}.")
+        if route is not None and (not isinstance(route, str) or not route.startswith("/")):
+            raise TypeError(f"route must be a string starting with '/', got {route!r}.")
+        if route is not None and route.startswith("/-/"):
+            raise ValueError(f"route {route!r} is reserved: paths under /-/ are servekit's.")
+        if not isinstance(methods, list) or not methods:
+            raise TypeError(f"methods must be a non-empty list of strings, got {methods!r}.")
+        for method in methods:
+            if not isinstance(method, str):
+                raise TypeError(f"methods must be a list of strings, but {method!r} is "
+                                f"{type(method).__name__}.")
+        upper = sorted({method.upper() for method in methods})
+        existing = self._call("list_endpoints").get(endpoint_name)
+        if existing is not None and existing["route"] == route and existing["methods"] == upper:
+            raise ValueError(f"Route '{route}' is already registered to endpoint "
+                             f"'{endpoint_name}' with methods '{upper}'. To change the backend "
+                             "of this endpoint, use set_traffic().")
+        self._call("create_endpoint", endpoint_name, backend, route, upper)
+
+    @_guarded
+    def delete_endpoint(self, endpoint: EndpointTag) -> None:
+        """Delete an endpoint (its backends stay); unknown names are a no-op."""
+        _check_tag(endpoint, "endpoint")
+        self._call("delete_endpoint", endpoint)
+
+    @_guarded
+    def list_endpoints(self) -> Dict[EndpointTag, Dict[str, Any]]:
+        """``{name: {"route", "methods", "traffic", "shadows"}}`` for every endpoint."""
+        return self._call("list_endpoints")
+
+    @_guarded
+    def set_traffic(self, endpoint_name: EndpointTag,
+                    traffic_policy_dictionary: TrafficDict) -> None:
+        """Replace the endpoint's traffic split ``{backend: weight}``; weights sum to 1.
+
+        Shadows set with ``shadow_traffic`` are kept. Returns once the HTTP proxy uses it.
+        """
+        _check_tag(endpoint_name, "endpoint_name")
+        if not isinstance(traffic_policy_dictionary, dict):
+            raise TypeError("traffic_policy_dictionary must be a dict of backend tag to "
+                            f"weight, got {traffic_policy_dictionary!r}.")
+        for tag, weight in traffic_policy_dictionary.items():
+            _check_tag(tag, "A backend tag in the traffic policy")
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+                raise TypeError(f"The weight of backend '{tag}' must be a number, got "
+                                f"{weight!r}.")
+        traffic = {tag: float(w) for tag, w in traffic_policy_dictionary.items()}
+        self._call("set_traffic", endpoint_name, traffic)
+
+    @_guarded
+    def shadow_traffic(self, endpoint_name: EndpointTag, backend_tag: BackendTag,
+                       proportion: float) -> None:
+        """Copy ``proportion`` (0..1) of the endpoint's requests to ``backend_tag``.
+
+        Shadow replies are discarded; 0 removes the shadow.
+        """
+        _check_tag(endpoint_name, "endpoint_name")
+        _check_tag(backend_tag, "backend_tag")
+        if isinstance(proportion, bool) or not isinstance(proportion, (int, float)) \
+                or not 0 <= proportion <= 1:
+            raise TypeError(f"proportion must be a float from 0 to 1, got {proportion!r}.")
+        self._call("shadow_traffic", endpoint_name, backend_tag, float(proportion))
+
+    @_guarded
+    def get_handle(self, endpoint_name: EndpointTag, missing_ok: bool = False,
+                   sync: bool = True) -> Union[ServeSyncHandle, ServeHandle]:
+        """A handle to call the endpoint from Python.
+
+        Args:
+            endpoint_name: the endpoint to call.
+            missing_ok: skip the check that the endpoint exists (requests then wait for it).
+            sync: a ``ServeSyncHandle`` (default) or, with False, a ``ServeHandle`` for async
+                code.
+
+        Raises:
+            KeyError: the endpoint does not exist and ``missing_ok`` is False.
+        """
+        _check_tag(endpoint_name, "endpoint_name")
+        if not missing_ok and not self._call("endpoint_exists", endpoint_name):
+            raise KeyError(f"Endpoint '{endpoint_name}' does not exist. Create it with "
+                           "create_endpoint(), or pass missing_ok=True.")
+        handle_type = ServeSyncHandle if sync else ServeHandle
+        return handle_type(self._controller_address, endpoint_name)
+
+    # ------------------------------------------------------------- shutdown
+
+    @_guarded
+    def shutdown(self) -> None:
+        """Stop every process of this instance and remove its directory."""
+        self._shut_down = True
+        routers.close(self._controller_address)
+        try:
+            self._call("shutdown")
+        except (BackendUnavailableError, ConnectionError):
+            pass  # already gone
+        finally:
+            if self._instance is not None:
+                self._instance.stop(constants.SHUTDOWN_TIMEOUT_S)
+            elif self._detached:
+                _stop_detached(self._controller_address)
+
+
+def _shutdown_at_exit(ref: "weakref.ReferenceType[Client]") -> None:
+    client = ref()
+    if client is not None and not client._shut_down:
+        client.shutdown()
+
+
+def _detached_record() -> str:
+    return os.path.join(constants.SERVEKIT_HOME, _DETACHED_RECORD)
+
+
+def _read_detached() -> Optional[dict]:
+    try:
+        with open(_detached_record()) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _stop_detached(controller_address: str) -> None:
+    record = _read_detached()
+    if record is not None and record.get("address") == controller_address:
+        try:
+            os.kill(record["pid"], signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        os.unlink(_detached_record())
+
+
+def _detached_alive() -> Optional[str]:
+    record = _read_detached()
+    if record is None:
+        return None
+    try:
+        os.kill(record["pid"], 0)
+    except (ProcessLookupError, KeyError, TypeError):
+        return None
+    return record.get("address")
+
+
+def start(detached: bool = False, http_host: Any = _UNSET, http_port: Any = _UNSET,
+          http_middlewares: Any = _UNSET,
+          http_options: Union[HTTPOptions, Dict[str, Any], None] = None) -> Client:
+    """Start a servekit instance on this machine and return a ``Client`` for it.
+
+    Args:
+        detached: keep the instance running after this script exits; reach it later with
+            ``serve.connect()``. Default False: the instance ends with the script.
+        http_options: an ``HTTPOptions`` or a dict of its fields (host, port, middlewares,
+            location). Default: serve HTTP on 127.0.0.1:8000.
+        http_host, http_port, http_middlewares: deprecated; use ``http_options``.
+
+    Raises:
+        ValueError: deprecated arguments combined with ``http_options``.
+        ServeError: the HTTP port cannot be bound, or a detached instance already runs.
+    """
+    if not isinstance(detached, bool):
+        raise TypeError(f"detached must be a bool, got {detached!r}.")
+    deprecated = {name: value for name, value in (
+        ("http_host", http_host), ("http_port", http_port),
+        ("http_middlewares", http_middlewares)) if value is not _UNSET}
+    if deprecated:
+        warnings.warn(f"{', '.join(deprecated)} are deprecated; pass http_options="
+                      "{'host': ..., 'port': ..., 'middlewares': ...} instead.",
+                      DeprecationWarning, stacklevel=2)
+        if http_options is not None:
+            raise ValueError("You cannot specify both `http_options` and any of the "
+                             f"deprecated `http_host`, `http_port`, `http_middlewares` "
+                             f"(got {sorted(deprecated)}). Use `http_options` only.")
+        http_options = {key.replace("http_", ""): value for key, value in deprecated.items()}
+    options = parse_http_options(http_options)
+    if detached and _detached_alive():
+        raise ServeError("Called serve.start(detached=True) but a detached instance is "
+                         "already running. Use serve.connect() to reach it, or shut it down "
+                         "first.")
+    instance = LocalInstance(options, detached)
+    client = Client(instance.controller_address, instance=None if detached else instance,
+                    detached=detached)
+    try:
+        run_sync(client._call_async("ready"), timeout=constants.STARTUP_TIMEOUT_S)
+    except BaseException:
+        client._shut_down = True
+        instance.stop(timeout=constants.PROCESS_STOP_TIMEOUT_S)
+        raise
+    if detached:
+        os.makedirs(constants.SERVEKIT_HOME, mode=0o700, exist_ok=True)
+        with open(_detached_record(), "w") as f:
+            json.dump({"address": instance.controller_address, "pid": instance.pid}, f)
+    return client
+
+
+def connect() -> Client:
+    """A client of the instance this code runs in (inside a backend) or the detached one.
+
+    Raises:
+        ServeError: outside a backend, when no detached instance is running.
+    """
+    context = current_replica_context()
+    if context is not None:
+        return Client(context.controller_address)
+    address = _detached_alive()
+    if address is None:
+        raise ServeError("Called `serve.connect()` but there is no instance running on this "
+                         "machine. Call `serve.start(detached=True)` to start one.")
+    return Client(address)
+
+
+def get_current_backend_tag() -> BackendTag:
+    """The tag of the backend this code runs in; ServeError outside a backend."""
+    context = current_replica_context()
+    if context is None:
+        raise ServeError("`serve.get_current_backend_tag()` may only be called from within "
+                         "a servekit backend.")
+    return context.backend_tag
+
+
+def get_current_replica_tag() -> str:
+    """The tag of the replica this code runs in ("backend#xxxxxx"); ServeError outside one."""
+    context = current_replica_context()
+    if context is None:
+        raise ServeError("`serve.get_current_replica_tag()` may only be called from within "
+                         "a servekit backend.")
+    return context.replica_tag
+
+
+def accept_batch(func: F) -> F:
+    """Mark a function or method as taking a list of requests and returning a list."""
+    func._serve_accept_batch = True  # type: ignore[attr-defined]
+    return func
+

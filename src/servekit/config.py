@@ -1,0 +1,448 @@
+"""Configuration models and checks for backends and the HTTP proxy.
+
+``BackendConfig`` and ``HTTPOptions`` are pydantic models with ``extra="forbid"``: a misspelled
+key is a ``pydantic.ValidationError`` that names it. ``ray_actor_options`` stay a plain dict
+checked by ``validate_actor_options``. ``BackendMetadata`` describes what a backend's callable
+can do, and ``validate_backend_against_config`` checks that a config asks only for that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from enum import Enum
+from typing import Any, TypeGuard, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from starlette.middleware import Middleware
+
+_ModelT = TypeVar("_ModelT", bound=BaseModel)
+
+# Defaults for max_concurrent_queries when the user leaves it unset.
+_ASYNC_MAX_CONCURRENT_QUERIES = 100
+_SYNC_MAX_CONCURRENT_QUERIES = 8
+
+_ALLOWED_ACTOR_OPTIONS = (
+    "num_cpus",
+    "num_gpus",
+    "memory",
+    "object_store_memory",
+    "resources",
+    "accelerator_type",
+    "runtime_env",
+)
+_MANAGED_ACTOR_OPTIONS = ("lifetime", "name", "max_restarts")
+_NUMERIC_ACTOR_OPTIONS = ("num_cpus", "num_gpus", "memory", "object_store_memory")
+
+_BATCH_MARKER = "_serve_accept_batch"
+
+
+class DeploymentMode(str, Enum):
+    """Where HTTP proxies run."""
+
+    HeadOnly = "HeadOnly"
+    """One proxy, on the head node."""
+    EveryNode = "EveryNode"
+    """One proxy on every node."""
+    NoServer = "NoServer"
+    """No HTTP proxy; backends are reachable only through handles."""
+
+
+class HTTPOptions(BaseModel):
+    """Options of the HTTP proxy.
+
+    Args:
+        host: Interface to bind, default ``"127.0.0.1"``; use ``"0.0.0.0"`` to listen on
+            every interface. ``None`` disables HTTP (``location`` becomes ``NoServer``).
+        port: TCP port, default 8000; 0 picks a free port.
+        middlewares: ``starlette.middleware.Middleware`` objects wrapped around the proxy app,
+            outermost first. Default none.
+        location: Where proxies run, default ``DeploymentMode.HeadOnly``. ``None`` means
+            ``NoServer``.
+
+    Raises:
+        pydantic.ValidationError: an unknown key, a port outside 0..65535, or a middleware
+            that is not a ``Middleware`` instance.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, arbitrary_types_allowed=True
+    )
+
+    host: str | None = Field(
+        default="127.0.0.1", description="Interface to bind; None disables HTTP."
+    )
+    port: int = Field(
+        default=8000, ge=0, le=65535, strict=True, description="TCP port; 0 picks a free port."
+    )
+    middlewares: list[Any] = Field(
+        default_factory=list,
+        description="starlette Middleware objects wrapped around the proxy app, outermost first.",
+    )
+    location: DeploymentMode | None = Field(
+        default=DeploymentMode.HeadOnly, description="Where HTTP proxies run."
+    )
+
+    @field_validator("middlewares")
+    @classmethod
+    def _check_middlewares(cls, value: list[Any]) -> list[Any]:
+        for index, item in enumerate(value):
+            if not isinstance(item, Middleware):
+                # ValueError, not TypeError: pydantic turns only the former into a field error.
+                raise ValueError(  # noqa: TRY004
+                    f"middlewares[{index}] is {item!r} ({type(item).__name__}), not a "
+                    "starlette.middleware.Middleware. Wrap it: Middleware(MyMiddleware, ...)."
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _no_server_without_host(self) -> HTTPOptions:
+        if self.host is None or self.location is None:
+            # Written through __dict__: a plain assignment would re-run this validator.
+            self.__dict__["location"] = DeploymentMode.NoServer
+        return self
+
+
+class BackendConfig(BaseModel):
+    """Options of a backend that can change without restarting its code.
+
+    Args:
+        num_replicas: Number of replica processes, default 1.
+        max_batch_size: Largest batch handed to an ``@accept_batch`` callable, default
+            ``None`` (no batching).
+        batch_wait_timeout: Seconds to wait for a batch to fill, default 0.0.
+        max_concurrent_queries: Queries in flight per replica, default ``None``: 100 for
+            async callables, 8 for sync ones (``2 * max_batch_size`` when batching).
+        user_config: Any value passed to the backend class's ``reconfigure`` method.
+        experimental_graceful_shutdown_wait_loop_s: Seconds between checks for in-flight
+            queries while a replica shuts down, default 2.0.
+        experimental_graceful_shutdown_timeout_s: Seconds a stopping replica may take to finish
+            in-flight queries before it is killed, default 20.0.
+
+    Raises:
+        pydantic.ValidationError: an unknown key, a bool or wrong type for a number, or a
+            number out of range.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    num_replicas: int = Field(
+        default=1, ge=1, strict=True, description="Number of replica processes."
+    )
+    max_batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        strict=True,
+        description="Largest batch handed to an @accept_batch callable; None disables batching.",
+    )
+    batch_wait_timeout: float = Field(
+        default=0.0,
+        ge=0,
+        strict=True,
+        allow_inf_nan=False,
+        description="Seconds to wait for a batch to fill before running it.",
+    )
+    max_concurrent_queries: int | None = Field(
+        default=None,
+        ge=1,
+        strict=True,
+        description="Queries in flight per replica; None picks a default from the callable.",
+    )
+    user_config: Any = Field(
+        default=None, description="Value passed to the backend class's reconfigure method."
+    )
+    experimental_graceful_shutdown_wait_loop_s: float = Field(
+        default=2.0,
+        gt=0,
+        strict=True,
+        allow_inf_nan=False,
+        description="Seconds between checks for in-flight queries while a replica stops.",
+    )
+    experimental_graceful_shutdown_timeout_s: float = Field(
+        default=20.0,
+        ge=0,
+        strict=True,
+        allow_inf_nan=False,
+        description="Seconds a stopping replica may take to drain before it is killed.",
+    )
+
+    def merged(self, update: BackendConfig | dict[str, Any]) -> BackendConfig:
+        """Return a new config: this one with the fields explicitly set in ``update`` applied.
+
+        Fields of ``update`` left at their defaults are ignored, so
+        ``config.merged({"num_replicas": 3})`` changes only ``num_replicas``.
+
+        Raises:
+            pydantic.ValidationError: ``update`` is a dict with a bad or unknown key.
+            TypeError: ``update`` is neither a ``BackendConfig`` nor a dict.
+        """
+        if isinstance(update, dict):
+            update = BackendConfig.model_validate(update)
+        elif not isinstance(update, BackendConfig):
+            raise TypeError(
+                f"config_options must be a BackendConfig or a dict, got {type(update).__name__}."
+            )
+        data = _set_fields(self)
+        data.update(_set_fields(update))
+        return BackendConfig.model_validate(data)
+
+    def effective_max_concurrent_queries(self, is_async: bool) -> int:
+        """Queries in flight per replica: the explicit value, else a default for the callable.
+
+        Args:
+            is_async: Whether the backend's callable is a coroutine function.
+        """
+        if self.max_concurrent_queries is not None:
+            return self.max_concurrent_queries
+        if is_async:
+            return _ASYNC_MAX_CONCURRENT_QUERIES
+        if self.max_batch_size is not None and self.max_batch_size > 1:
+            return 2 * self.max_batch_size
+        return _SYNC_MAX_CONCURRENT_QUERIES
+
+
+def _set_fields(model: BaseModel) -> dict[str, Any]:
+    """The fields explicitly set on ``model``, by name."""
+    return {name: getattr(model, name) for name in model.model_fields_set}
+
+
+def _revalidated_copy(model: _ModelT) -> _ModelT:
+    """A new, re-validated instance with the same explicitly-set fields (and fresh lists)."""
+    return type(model).model_validate(_set_fields(model))
+
+
+def parse_backend_config(config: BackendConfig | dict[str, Any] | None) -> BackendConfig:
+    """Turn the ``config`` argument of a backend into a ``BackendConfig``.
+
+    ``None`` gives the default config; a dict is validated; a ``BackendConfig`` is copied, so
+    later changes to the caller's object do not leak in (``user_config`` itself is shared).
+
+    Raises:
+        pydantic.ValidationError: a dict with a bad or unknown key.
+        TypeError: anything else.
+    """
+    if config is None:
+        return BackendConfig()
+    if isinstance(config, dict):
+        return BackendConfig.model_validate(config)
+    if isinstance(config, BackendConfig):
+        return _revalidated_copy(config)
+    raise TypeError(f"config must be a BackendConfig or a dict, got {type(config).__name__}.")
+
+
+def parse_http_options(options: HTTPOptions | dict[str, Any] | None) -> HTTPOptions:
+    """Turn the ``http_options`` argument into ``HTTPOptions``.
+
+    ``None`` gives the defaults; a dict is validated; an ``HTTPOptions`` is copied.
+
+    Raises:
+        pydantic.ValidationError: a dict with a bad or unknown key.
+        TypeError: anything else.
+    """
+    if options is None:
+        return HTTPOptions()
+    if isinstance(options, dict):
+        return HTTPOptions.model_validate(options)
+    if isinstance(options, HTTPOptions):
+        return _revalidated_copy(options)
+    raise TypeError(f"http_options must be an HTTPOptions or a dict, got {type(options).__name__}.")
+
+
+def _is_number(value: object) -> TypeGuard[int | float]:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def validate_actor_options(options: dict[str, Any] | None) -> dict[str, Any]:
+    """Check a backend's ``ray_actor_options`` and return a copy of them.
+
+    Allowed keys: ``num_cpus``, ``num_gpus``, ``memory``, ``object_store_memory`` (numbers
+    >= 0), ``resources`` (a dict of resource name to a number >= 0), ``accelerator_type`` and
+    ``runtime_env`` (passed through unchecked). ``None`` gives ``{}``.
+
+    Raises:
+        TypeError: ``options`` is not a dict, or a value has the wrong type.
+        ValueError: an option servekit manages itself, an unknown key, or a negative number.
+    """
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise TypeError(f"ray_actor_options must be a dict, got {type(options).__name__}.")
+    allowed = ", ".join(_ALLOWED_ACTOR_OPTIONS)
+    result: dict[str, Any] = {}
+    for key, value in options.items():
+        if key in _MANAGED_ACTOR_OPTIONS:
+            raise ValueError(
+                f"ray_actor_options[{key!r}] cannot be set: servekit manages the {key!r} option "
+                "of its replicas itself. Remove it."
+            )
+        if key not in _ALLOWED_ACTOR_OPTIONS:
+            raise ValueError(f"Unknown ray_actor_options key {key!r}. Allowed keys: {allowed}.")
+        if key in _NUMERIC_ACTOR_OPTIONS:
+            _check_non_negative_number(f"ray_actor_options[{key!r}]", value)
+        elif key == "resources":
+            value = _checked_resources(value)
+        result[key] = value
+    return result
+
+
+def _check_non_negative_number(label: str, value: object) -> None:
+    if not _is_number(value):
+        raise TypeError(
+            f"{label} must be an int or a float, got {value!r} ({type(value).__name__})."
+        )
+    if not value >= 0:  # written this way to also reject NaN
+        raise ValueError(f"{label} must be >= 0, got {value!r}.")
+
+
+def _checked_resources(resources: object) -> dict[str, Any]:
+    if not isinstance(resources, dict):
+        raise TypeError(
+            "ray_actor_options['resources'] must be a dict of resource name to amount, "
+            f"got {resources!r} ({type(resources).__name__})."
+        )
+    for name, amount in resources.items():
+        if not isinstance(name, str):
+            raise TypeError(
+                "ray_actor_options['resources'] keys must be resource names (str), "
+                f"got {name!r} ({type(name).__name__})."
+            )
+        _check_non_negative_number(f"ray_actor_options['resources'][{name!r}]", amount)
+    return dict(resources)
+
+
+_MISSING = object()
+
+
+def _class_attribute(cls: type, name: str) -> Any:
+    """``name`` as defined in ``cls`` or a base, unwrapped from static/classmethod.
+
+    Looks only at the class's MRO, never its metaclass: every class has a ``__call__``
+    through ``type``, which must not count as the class defining one.
+    """
+    for klass in cls.__mro__:
+        if name in vars(klass):
+            value = vars(klass)[name]
+            if isinstance(value, (staticmethod, classmethod)):
+                value = value.__func__
+            return value
+    return _MISSING
+
+
+def _is_marked_for_batches(func: object) -> bool:
+    return getattr(func, _BATCH_MARKER, False) is True
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendMetadata:
+    """What a backend's function or class can do, as far as its config is concerned.
+
+    Attributes:
+        is_class: The backend is a class.
+        is_async: The default callable (the function, or the class's ``__call__``) is a
+            coroutine function.
+        accepts_batches: The default callable is marked with ``@accept_batch``.
+        batch_methods: Names of public methods (and ``__call__``) marked with
+            ``@accept_batch``; for a function, ``{"__call__"}`` when it is marked.
+        has_reconfigure: The class has a ``reconfigure`` method.
+        methods: Sorted names of the class's public methods, plus ``__call__`` if it has one;
+            empty for a function.
+        name: The function's or class's name, for error messages.
+    """
+
+    is_class: bool
+    is_async: bool
+    accepts_batches: bool
+    batch_methods: frozenset[str]
+    has_reconfigure: bool
+    methods: tuple[str, ...]
+    name: str = ""
+
+    @classmethod
+    def inspect(cls, func_or_class: Any) -> BackendMetadata:
+        """Compute the metadata of a backend function or class.
+
+        Raises:
+            TypeError: ``func_or_class`` is not callable.
+        """
+        if inspect.isclass(func_or_class):
+            return cls._inspect_class(func_or_class)
+        if not callable(func_or_class):
+            raise TypeError(
+                "A backend must be a function or a class, "
+                f"got {func_or_class!r} ({type(func_or_class).__name__})."
+            )
+        marked = _is_marked_for_batches(func_or_class)
+        return cls(
+            is_class=False,
+            is_async=inspect.iscoroutinefunction(func_or_class),
+            accepts_batches=marked,
+            batch_methods=frozenset({"__call__"}) if marked else frozenset(),
+            has_reconfigure=False,
+            methods=(),
+            name=getattr(func_or_class, "__name__", type(func_or_class).__name__),
+        )
+
+    @classmethod
+    def _inspect_class(cls, klass: type) -> BackendMetadata:
+        routines: dict[str, Any] = {}
+        for attr in dir(klass):
+            if attr.startswith("_") and attr != "__call__":
+                continue
+            value = _class_attribute(klass, attr)
+            if value is not _MISSING and inspect.isroutine(value):
+                routines[attr] = value
+        call = routines.get("__call__")
+        return cls(
+            is_class=True,
+            is_async=call is not None and inspect.iscoroutinefunction(call),
+            accepts_batches=call is not None and _is_marked_for_batches(call),
+            batch_methods=frozenset(n for n, f in routines.items() if _is_marked_for_batches(f)),
+            has_reconfigure=inspect.isroutine(_class_attribute(klass, "reconfigure")),
+            methods=tuple(sorted(routines)),
+            name=klass.__name__,
+        )
+
+
+def validate_backend_against_config(metadata: BackendMetadata, config: BackendConfig) -> None:
+    """Check that ``config`` asks only for what the backend can do.
+
+    Raises:
+        ValueError: batching is configured for a callable that does not accept batches, or
+            ``user_config`` is set for a backend without a ``reconfigure`` method.
+    """
+    if (
+        config.max_batch_size is not None
+        and config.max_batch_size > 1
+        and not metadata.accepts_batches
+        and not metadata.batch_methods
+    ):
+        raise ValueError(
+            f"max_batch_size is {config.max_batch_size} but the backend's callable does not "
+            "accept batches. Mark it with @serve.accept_batch, or set max_batch_size to 1."
+        )
+    if config.user_config is not None:
+        if not metadata.is_class:
+            raise ValueError(
+                "user_config needs a class backend with a reconfigure(user_config) method; "
+                "got a function."
+            )
+        if not metadata.has_reconfigure:
+            name = f" {metadata.name}" if metadata.name else ""
+            raise ValueError(
+                f"user_config is set but the backend class{name} has no "
+                "reconfigure(user_config) method. Add one, or drop user_config."
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicaConfig:
+    """How a backend's replicas are built: what to run, with which resources and interpreter.
+
+    ``serialized`` is the cloudpickled ``(func_or_class_or_import_path, init_args)``; it is
+    only loaded inside replicas, so the controller never imports user code.
+    """
+
+    serialized: bytes
+    actor_options: dict
+    description: str
+    python: str | None = None

@@ -1,0 +1,45 @@
+"""Errors raised by servekit.
+
+The tree::
+
+    Exception
+     ├── ServeError (alias RayServeException)   lifecycle errors: no instance running, a client
+     │    │                                      used after shutdown, a replica that died, ...
+     │    ├── BackendUnavailableError           a request could not reach any replica
+     │    └── BatchOutputError                  an @accept_batch callable returned the wrong shape
+     ├── TypeError                              an argument of the wrong type or shape
+     ├── ValueError                             a state conflict (duplicate, unknown backend, ...)
+     ├── KeyError                               a handle to an endpoint that does not exist
+     └── pydantic.ValidationError               a bad field in BackendConfig / HTTPOptions
+
+An exception raised by user code inside a replica reaches a handle caller re-raised with its
+own type; the replica-side traceback is attached as its ``__cause__`` (a ``RemoteTraceback``).
+"""
+
+from __future__ import annotations
+
+
+class ServeError(Exception):
+    """Root of servekit's own errors."""
+
+
+RayServeException = ServeError
+
+
+class BackendUnavailableError(ServeError):
+    """A request could not be delivered: the replica it was sent to died or was force-stopped."""
+
+
+class BatchOutputError(ServeError):
+    """An ``@accept_batch`` callable returned something other than one result per request."""
+
+
+class RemoteTraceback(Exception):
+    """Carries the formatted traceback of an exception raised in another process."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return f"\n\nTraceback from the servekit process that raised it:\n{self.tb}"

@@ -1,0 +1,190 @@
+"""Handles: call an endpoint from Python, synchronously or from a running event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import threading
+from typing import Any, Dict, Generator, Optional, Tuple
+
+from servekit._private.event_loop import background_loop, run_sync
+from servekit._private.router import Router
+
+
+class _Default:
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+
+DEFAULT: Any = _Default()
+
+
+@dataclasses.dataclass(frozen=True)
+class HandleOptions:
+    """Per-handle request options; ``options()`` returns a handle with some of them changed."""
+
+    method_name: Optional[str] = None
+    shard_key: Optional[str] = None
+    http_method: str = "GET"
+    http_headers: Tuple[Tuple[str, str], ...] = ()
+
+
+class ServeResponse:
+    """The reply to one request: ``await`` it, or block on ``.result(timeout)``.
+
+    Works from any thread and any event loop. A backend exception is re-raised with its type.
+    """
+
+    __slots__ = ("_future", "_loop")
+
+    def __init__(self, future: asyncio.Future, loop: asyncio.AbstractEventLoop) -> None:
+        self._future = future
+        self._loop = loop
+
+    def _concurrent(self) -> concurrent.futures.Future:
+        result: concurrent.futures.Future = concurrent.futures.Future()
+
+        def copy(future: asyncio.Future) -> None:
+            if future.cancelled():
+                result.cancel()
+            elif future.exception() is not None:
+                result.set_exception(future.exception())
+            else:
+                result.set_result(future.result())
+
+        self._loop.call_soon_threadsafe(self._future.add_done_callback, copy)
+        return result
+
+    def result(self, timeout: Optional[float] = None) -> Any:
+        """Block until the backend answered; raise ``TimeoutError`` after ``timeout`` s."""
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self._loop:
+            raise RuntimeError("ServeResponse.result() would block the event loop that "
+                               "delivers the reply; use `await response` here instead.")
+        try:
+            return self._concurrent().result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(f"No reply within {timeout}s.") from None
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        if asyncio.get_running_loop() is self._loop:
+            return (yield from self._future.__await__())
+        return (yield from asyncio.wrap_future(self._concurrent()).__await__())
+
+
+class _Routers:
+    """One started Router per (controller, event loop) in this process, shared by handles."""
+
+    def __init__(self) -> None:
+        self._routers: Dict[Tuple[str, int], "asyncio.Future[Router]"] = {}
+        self._lock = threading.Lock()
+
+    async def get(self, controller_address: str) -> Router:
+        loop = asyncio.get_running_loop()
+        key = (controller_address, id(loop))
+        with self._lock:
+            future = self._routers.get(key)
+            if future is None or (future.done() and future.exception() is not None):
+                future = asyncio.ensure_future(Router.start(controller_address))
+                self._routers[key] = future
+        return await asyncio.shield(future)
+
+    def close(self, controller_address: str) -> None:
+        with self._lock:
+            keys = [key for key in self._routers if key[0] == controller_address]
+            futures = [self._routers.pop(key) for key in keys]
+        for future in futures:
+            if future.done() and future.exception() is None:
+                try:
+                    future.get_loop().call_soon_threadsafe(future.result().close)
+                except RuntimeError:
+                    pass  # that loop is already closed
+
+
+routers = _Routers()
+
+
+class _HandleBase:
+    def __init__(self, controller_address: str, endpoint: str,
+                 options: HandleOptions = HandleOptions()) -> None:
+        self._controller_address = controller_address
+        self.endpoint_name = endpoint
+        self._options = options
+
+    def options(self, *, method_name: Any = DEFAULT, shard_key: Any = DEFAULT,
+                http_method: Any = DEFAULT, http_headers: Any = DEFAULT) -> Any:
+        """A new handle with the given options changed; the others carry over.
+
+        Args:
+            method_name: the method of a class backend to call (default ``__call__``).
+            shard_key: requests with the same key go to the same backend of a split.
+            http_method: what ``request.method`` says in the backend (default "GET").
+            http_headers: a dict of headers the backend sees in ``request.headers``.
+        """
+        changes: Dict[str, Any] = {}
+        if method_name is not DEFAULT:
+            if method_name is not None and not isinstance(method_name, str):
+                raise TypeError(f"method_name must be a str, got {method_name!r}.")
+            changes["method_name"] = method_name
+        if shard_key is not DEFAULT:
+            if shard_key is not None and not isinstance(shard_key, (str, bytes, int)):
+                raise TypeError(f"shard_key must be a str, bytes or int, got {shard_key!r}.")
+            changes["shard_key"] = None if shard_key is None else str(shard_key)
+        if http_method is not DEFAULT:
+            if not isinstance(http_method, str):
+                raise TypeError(f"http_method must be a str, got {http_method!r}.")
+            changes["http_method"] = http_method.upper()
+        if http_headers is not DEFAULT:
+            if not isinstance(http_headers, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in http_headers.items()):
+                raise TypeError(f"http_headers must be a dict of str to str, got "
+                                f"{http_headers!r}.")
+            changes["http_headers"] = tuple(http_headers.items())
+        return type(self)(self._controller_address, self.endpoint_name,
+                          dataclasses.replace(self._options, **changes))
+
+    def _request_args(self, args: tuple, kwargs: dict) -> tuple:
+        if len(args) > 1:
+            raise TypeError(f"remote() takes at most one positional argument (the request "
+                            f"data), got {len(args)}. Pass the rest as keyword arguments.")
+        options = self._options
+        headers = dict(options.http_headers)
+        return (options.method_name, args, kwargs, options.http_method, headers)
+
+    def __reduce__(self) -> Any:
+        return (type(self), (self._controller_address, self.endpoint_name, self._options))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(endpoint={self.endpoint_name!r})"
+
+
+class ServeSyncHandle(_HandleBase):
+    """A handle for ordinary (non-async) code; ``remote`` blocks until a replica is chosen."""
+
+    def remote(self, *args: Any, **kwargs: Any) -> ServeResponse:
+        """Send a request; the single positional argument is the request data.
+
+        Keyword arguments reach the backend as ``request.query_params``.
+        """
+        call = self._request_args(args, kwargs)
+        reply = run_sync(self._send(call))
+        return ServeResponse(reply, background_loop())
+
+    async def _send(self, call: tuple) -> asyncio.Future:
+        router = await routers.get(self._controller_address)
+        return await router.send(self.endpoint_name, "call", self._options.shard_key, call)
+
+
+class ServeHandle(_HandleBase):
+    """A handle for async code: ``await handle.remote(...)`` gives a ``ServeResponse``."""
+
+    async def remote(self, *args: Any, **kwargs: Any) -> ServeResponse:
+        """Send a request from the running loop; await the result for the reply."""
+        call = self._request_args(args, kwargs)
+        router = await routers.get(self._controller_address)
+        reply = await router.send(self.endpoint_name, "call", self._options.shard_key, call)
+        return ServeResponse(reply, asyncio.get_running_loop())

@@ -1,0 +1,415 @@
+"""Conversions between HTTP and what a backend sees.
+
+The proxy reads a whole request, turns it into an :class:`HTTPRequestWire` (a plain picklable
+tuple) and sends it to a replica. The replica rebuilds a starlette ``Request`` with
+:func:`request_from_wire`, calls user code, and turns the return value into an
+:class:`HTTPResponseWire` with :func:`to_http_response`; the proxy writes that out.
+
+A call through a Python handle gives the backend a :class:`ServeRequest` instead, which offers
+the parts of the ``Request`` API that make sense without HTTP.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from collections.abc import Iterator, Mapping
+from typing import Any, NamedTuple
+from urllib.parse import quote
+
+from pydantic import BaseModel
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Message
+
+from servekit.exceptions import ServeError
+
+__all__ = [
+    "HTTPRequestWire",
+    "HTTPResponseWire",
+    "KwargParams",
+    "ServeRequest",
+    "error_response",
+    "json_dumps",
+    "json_response",
+    "request_from_wire",
+    "text_response",
+    "to_http_response",
+    "wire_from_scope",
+]
+
+Header = tuple[bytes, bytes]
+
+_CONTENT_LENGTH = b"content-length"
+_TRANSFER_ENCODING = b"transfer-encoding"
+_TEXT_TYPE: Header = (b"content-type", b"text/plain; charset=utf-8")
+_BINARY_TYPE: Header = (b"content-type", b"application/octet-stream")
+_JSON_TYPE: Header = (b"content-type", b"application/json")
+
+
+# --------------------------------------------------------------------------- requests
+
+
+class HTTPRequestWire(NamedTuple):
+    """A fully read HTTP request, as sent from the proxy to a replica."""
+
+    method: str
+    path: str
+    query_string: bytes
+    headers: list[tuple[bytes, bytes]]  # lower-cased names, as in ASGI
+    body: bytes
+    scheme: str
+    server: tuple[str, int] | None
+    client: tuple[str, int] | None
+    root_path: str
+    http_version: str
+
+
+def _address(value: Any) -> tuple[str, int] | None:
+    """Return an ASGI ``server``/``client`` entry as a tuple (servers may send a list)."""
+    if value is None or type(value) is tuple:
+        return value
+    host, port = value
+    return (host, port)
+
+
+def wire_from_scope(scope: Mapping[str, Any], body: bytes) -> HTTPRequestWire:
+    """Build an :class:`HTTPRequestWire` from an ASGI http ``scope`` and its already-read ``body``.
+
+    Raises:
+        KeyError: ``scope`` has no ``method`` or ``path`` (it is not an http scope).
+    """
+    return HTTPRequestWire(
+        method=scope["method"],
+        path=scope["path"],
+        query_string=scope.get("query_string", b""),
+        headers=[(name, value) for name, value in scope.get("headers", ())],
+        body=body,
+        scheme=scope.get("scheme", "http"),
+        server=_address(scope.get("server")),
+        client=_address(scope.get("client")),
+        root_path=scope.get("root_path", ""),
+        http_version=scope.get("http_version", "1.1"),
+    )
+
+
+def request_from_wire(wire: HTTPRequestWire) -> Request:
+    """Rebuild a starlette ``Request`` whose body is already available.
+
+    ``await request.body()`` and ``await request.json()`` return at once; once the body has
+    been received, further ``receive`` calls report ``http.disconnect``.
+    """
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": wire.http_version,
+        "method": wire.method,
+        "scheme": wire.scheme,
+        "path": wire.path,
+        "raw_path": quote(wire.path).encode("ascii"),
+        "query_string": wire.query_string,
+        "root_path": wire.root_path,
+        "headers": wire.headers,
+        "server": wire.server,
+        "client": wire.client,
+    }
+    return Request(scope, _BodyReceiver(wire.body))
+
+
+class _BodyReceiver:
+    """An ASGI ``receive`` that yields one complete body, then ``http.disconnect``."""
+
+    __slots__ = ("_body",)
+
+    def __init__(self, body: bytes) -> None:
+        self._body: bytes | None = body
+
+    async def __call__(self) -> Message:
+        body = self._body
+        if body is None:
+            return {"type": "http.disconnect"}
+        self._body = None
+        return {"type": "http.request", "body": body, "more_body": False}
+
+
+class KwargParams(dict):  # type: ignore[type-arg]
+    """The keyword arguments of a handle call, shown as ``ServeRequest.query_params``.
+
+    Values keep their Python types (they are not stringified).
+    """
+
+    def getlist(self, key: str) -> list[Any]:
+        """Return ``[value]`` if ``key`` is present, else ``[]``."""
+        return [self[key]] if key in self else []
+
+
+class _CaseInsensitiveHeaders(Mapping[str, str]):
+    """A read-only ``str -> str`` mapping whose keys compare case-insensitively."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, headers: Mapping[str, str] | None = None) -> None:
+        self._items: dict[str, str] = (
+            {key.lower(): value for key, value in headers.items()} if headers else {}
+        )
+
+    def __getitem__(self, key: str) -> str:
+        return self._items[key.lower()]
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and key.lower() in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._items!r})"
+
+
+class ServeRequest:
+    """What a backend receives for a call through a Python handle.
+
+    Args:
+        data: the positional argument of the call, or ``None`` (default).
+        kwargs: the keyword arguments; exposed as ``query_params`` (default: none).
+        headers: ``str -> str`` headers, looked up case-insensitively (default: none).
+        method: an HTTP-like method name (default ``"GET"``).
+    """
+
+    __slots__ = ("data", "headers", "method", "query_params")
+
+    def __init__(
+        self,
+        data: Any = None,
+        kwargs: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+        method: str = "GET",
+    ) -> None:
+        self.data = data
+        self.query_params = KwargParams(kwargs or ())
+        self.headers: Mapping[str, str] = _CaseInsensitiveHeaders(headers)
+        self.method = method
+
+    async def body(self) -> Any:
+        """Return the positional argument as is."""
+        return self.data
+
+    async def json(self) -> dict[str, Any]:
+        """Return the positional argument.
+
+        Raises:
+            ServeError: it is not a dict.
+        """
+        if not isinstance(self.data, dict):
+            raise ServeError(
+                f"Request data is not a dictionary. It is {type(self.data).__name__}. "
+                "Pass a dict as the positional argument to use .json()."
+            )
+        return self.data
+
+    async def form(self) -> dict[str, Any]:
+        """Same as :meth:`json`."""
+        return await self.json()
+
+    def __repr__(self) -> str:
+        return f"ServeRequest(method={self.method!r}, data=<{type(self.data).__name__}>)"
+
+
+# --------------------------------------------------------------------------- responses
+
+
+class HTTPResponseWire(NamedTuple):
+    """A complete HTTP response, as sent from a replica to the proxy."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+
+def _json_default(obj: Any) -> Any:
+    """Turn a value the json module does not know into one it does."""
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        if isinstance(obj, numpy.ndarray):
+            return obj.tolist()
+        if isinstance(obj, numpy.generic):
+            return obj.item()
+    if isinstance(obj, BaseModel):
+        return obj.model_dump(mode="json")
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        # Shallow on purpose: nested values come back through this hook, so the output equals
+        # dataclasses.asdict() without its deep copy of every field.
+        return {field.name: getattr(obj, field.name) for field in dataclasses.fields(obj)}
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        return bytes(obj).decode("utf-8", errors="replace")
+    if isinstance(obj, (set, frozenset)):
+        return list(obj)
+    if isinstance(obj, Exception):
+        return str(obj)
+    raise TypeError(
+        f"Object of type {type(obj).__name__} is not JSON serializable. Return a str, bytes, "
+        "a starlette Response, or a JSON-encodable value."
+    )
+
+
+# One encoder for all calls: json.dumps() with options builds a new one every time.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=_json_default)
+
+
+def json_dumps(value: Any) -> bytes:
+    """Encode ``value`` as compact UTF-8 JSON.
+
+    Beyond the json module's types this accepts numpy arrays and scalars, pydantic models,
+    dataclasses, bytes (decoded as UTF-8, bad bytes replaced), sets and exceptions (their
+    message).
+
+    Raises:
+        TypeError: ``value`` holds an object of another type.
+    """
+    return _ENCODER.encode(value).encode("utf-8")
+
+
+def _length_header(length: int) -> Header:
+    return (_CONTENT_LENGTH, str(length).encode("ascii"))
+
+
+def _plain(status: int, content_type: Header, body: bytes) -> HTTPResponseWire:
+    return HTTPResponseWire(status, [content_type, _length_header(len(body))], body)
+
+
+def _may_have_length(status: int) -> bool:
+    """Whether servekit sets content-length for ``status``.
+
+    Not for 1xx and 204 (a server must not send it) nor 304 (it describes a representation
+    the response does not carry, so the user's value is kept).
+    """
+    return status >= 200 and status != 204 and status != 304
+
+
+def _with_length(status: int, headers: list[Header], length: int) -> list[Header]:
+    """Return ``headers`` with one accurate content-length (the same list if it already has)."""
+    if not _may_have_length(status):
+        return headers
+    expected = str(length).encode("ascii")
+    found = [value for name, value in headers if name == _CONTENT_LENGTH]
+    if found == [expected]:
+        return headers
+    kept = [(name, value) for name, value in headers if name != _CONTENT_LENGTH]
+    kept.append((_CONTENT_LENGTH, expected))
+    return kept
+
+
+async def _consume_stream(response: Response) -> HTTPResponseWire:
+    """Read a ``StreamingResponse``'s iterator to the end and return it as one body."""
+    iterator: Any = response.body_iterator  # type: ignore[attr-defined]
+    charset = response.charset
+    chunks: list[Any] = []
+    if hasattr(iterator, "__aiter__"):
+        async for chunk in iterator:
+            chunks.append(chunk.encode(charset) if isinstance(chunk, str) else chunk)
+    else:
+        for chunk in iterator:
+            chunks.append(chunk.encode(charset) if isinstance(chunk, str) else chunk)
+    body = b"".join(chunks)
+    # The body now goes out in one piece: a chunked transfer-encoding no longer applies.
+    headers = [
+        (name, value)
+        for name, value in response.raw_headers
+        if name != _CONTENT_LENGTH and name != _TRANSFER_ENCODING
+    ]
+    if _may_have_length(response.status_code):
+        headers.append(_length_header(len(body)))
+    return HTTPResponseWire(response.status_code, headers, body)
+
+
+async def _run_response(response: Response) -> HTTPResponseWire:
+    """Run a body-less response (e.g. ``FileResponse``) as an ASGI app and collect its output."""
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/",
+        "raw_path": b"/",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [],
+        "server": None,
+        "client": None,
+    }
+    start: Message = {}
+    chunks: list[bytes] = []
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            start.update(message)
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+
+    await response(scope, _BodyReceiver(b""), send)
+    status = start.get("status", response.status_code)
+    body = b"".join(chunks)
+    headers = [(name, value) for name, value in start.get("headers", ())]
+    return HTTPResponseWire(status, _with_length(status, headers, len(body)), body)
+
+
+async def to_http_response(value: Any) -> HTTPResponseWire:
+    """Convert what a backend returned into an :class:`HTTPResponseWire`.
+
+    - a starlette ``Response`` keeps its status, headers and body; a ``StreamingResponse`` is
+      read to the end first (str chunks encoded with its charset). Background tasks attached
+      to a response are not run.
+    - ``str`` -> ``text/plain; charset=utf-8``; ``bytes``/``bytearray``/``memoryview`` ->
+      ``application/octet-stream``; ``None`` -> an empty body; anything else -> JSON through
+      :func:`json_dumps`. These get status 200.
+
+    The result always carries an accurate ``content-length`` (except for 1xx, 204 and 304).
+
+    Raises:
+        TypeError: ``value`` cannot be encoded as JSON.
+    """
+    if isinstance(value, Response):
+        if hasattr(value, "body_iterator"):
+            return await _consume_stream(value)
+        body = getattr(value, "body", None)
+        if body is None:
+            return await _run_response(value)
+        if type(body) is not bytes:
+            body = bytes(body)  # a memoryview does not pickle
+        status = value.status_code
+        return HTTPResponseWire(status, _with_length(status, value.raw_headers, len(body)), body)
+    if isinstance(value, str):
+        return _plain(200, _TEXT_TYPE, value.encode("utf-8"))
+    if isinstance(value, bytes):
+        return _plain(200, _BINARY_TYPE, value)
+    if isinstance(value, (bytearray, memoryview)):
+        return _plain(200, _BINARY_TYPE, bytes(value))
+    if value is None:
+        return HTTPResponseWire(200, [(_CONTENT_LENGTH, b"0")], b"")
+    return _plain(200, _JSON_TYPE, json_dumps(value))
+
+
+def error_response(exc: BaseException, status: int = 500) -> HTTPResponseWire:
+    """Return ``"<ExcTypeName>: <message>"`` as a plain-text response with ``status``."""
+    message = str(exc)
+    name = type(exc).__name__
+    return text_response(status, f"{name}: {message}" if message else name)
+
+
+def text_response(status: int, text: str) -> HTTPResponseWire:
+    """Return ``text`` as a ``text/plain; charset=utf-8`` response with ``status``."""
+    return _plain(status, _TEXT_TYPE, text.encode("utf-8"))
+
+
+def json_response(status: int, value: Any) -> HTTPResponseWire:
+    """Return ``value`` encoded by :func:`json_dumps` as an ``application/json`` response.
+
+    Raises:
+        TypeError: ``value`` cannot be encoded as JSON.
+    """
+    return _plain(status, _JSON_TYPE, json_dumps(value))

@@ -1,0 +1,703 @@
+"""Unit tests for servekit.config."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+from starlette.middleware import Middleware
+from starlette.middleware.gzip import GZipMiddleware
+
+from servekit.config import (
+    BackendConfig,
+    BackendMetadata,
+    DeploymentMode,
+    HTTPOptions,
+    parse_backend_config,
+    parse_http_options,
+    validate_actor_options,
+    validate_backend_against_config,
+)
+
+
+def _mark(func: Any) -> Any:
+    """Stand-in for @accept_batch, which lives elsewhere."""
+    func._serve_accept_batch = True
+    return func
+
+
+# --- DeploymentMode ---------------------------------------------------------------------------
+
+
+def test_deployment_mode_members() -> None:
+    assert [m.value for m in DeploymentMode] == ["HeadOnly", "EveryNode", "NoServer"]
+    assert DeploymentMode("EveryNode") is DeploymentMode.EveryNode
+    assert DeploymentMode.NoServer == "NoServer"
+
+
+# --- HTTPOptions ------------------------------------------------------------------------------
+
+
+def test_http_options_defaults() -> None:
+    options = HTTPOptions()
+    assert options.host == "127.0.0.1"
+    assert options.port == 8000
+    assert options.middlewares == []
+    assert options.location is DeploymentMode.HeadOnly
+
+
+def test_http_options_default_middlewares_are_not_shared() -> None:
+    first = HTTPOptions()
+    first.middlewares.append(Middleware(GZipMiddleware))
+    assert HTTPOptions().middlewares == []
+
+
+@pytest.mark.parametrize("port", [0, 1, 8000, 65535])
+def test_http_options_accepts_ports_in_range(port: int) -> None:
+    assert HTTPOptions(port=port).port == port
+
+
+@pytest.mark.parametrize("port", [-1, 65536, True, 80.5, "8000"])
+def test_http_options_rejects_bad_ports(port: Any) -> None:
+    with pytest.raises(ValidationError, match="port"):
+        HTTPOptions(port=port)
+
+
+def test_http_options_checks_assignment() -> None:
+    options = HTTPOptions()
+    with pytest.raises(ValidationError, match="port"):
+        options.port = 70000
+    assert options.port == 8000
+
+
+def test_http_options_rejects_unknown_keys() -> None:
+    with pytest.raises(ValidationError, match="hots"):
+        HTTPOptions(hots="0.0.0.0")  # type: ignore[call-arg]
+
+
+def test_http_options_accepts_middleware_objects() -> None:
+    middleware = Middleware(GZipMiddleware, minimum_size=10)
+    assert HTTPOptions(middlewares=[middleware]).middlewares == [middleware]
+
+
+def test_http_options_rejects_a_bare_middleware_class_and_names_it() -> None:
+    with pytest.raises(ValidationError) as info:
+        HTTPOptions(middlewares=[Middleware(GZipMiddleware), GZipMiddleware])
+    message = str(info.value)
+    assert "middlewares[1]" in message
+    assert "GZipMiddleware" in message
+    assert "Middleware(" in message
+
+
+def test_http_options_without_host_has_no_server() -> None:
+    assert HTTPOptions(host=None).location is DeploymentMode.NoServer
+    assert HTTPOptions(host=None, location=DeploymentMode.EveryNode).location is (
+        DeploymentMode.NoServer
+    )
+
+
+def test_http_options_location_none_means_no_server() -> None:
+    options = HTTPOptions(location=None)
+    assert options.location is DeploymentMode.NoServer
+    assert options.host == "127.0.0.1"
+
+
+def test_http_options_assigning_host_none_switches_to_no_server() -> None:
+    options = HTTPOptions()
+    options.host = None
+    assert options.location is DeploymentMode.NoServer
+
+
+def test_http_options_location_from_string() -> None:
+    assert HTTPOptions(location="EveryNode").location is DeploymentMode.EveryNode  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="location"):
+        HTTPOptions(location="Everywhere")  # type: ignore[arg-type]
+
+
+# --- BackendConfig ----------------------------------------------------------------------------
+
+
+def test_backend_config_defaults() -> None:
+    config = BackendConfig()
+    assert config.num_replicas == 1
+    assert config.max_batch_size is None
+    assert config.batch_wait_timeout == 0.0
+    assert config.max_concurrent_queries is None
+    assert config.user_config is None
+    assert config.experimental_graceful_shutdown_wait_loop_s == 2.0
+    assert config.experimental_graceful_shutdown_timeout_s == 20.0
+
+
+def test_backend_config_fields_have_one_line_descriptions() -> None:
+    for name, field in BackendConfig.model_fields.items():
+        assert field.description, name
+        assert "\n" not in field.description, name
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("num_replicas", 1),
+        ("num_replicas", 10),
+        ("max_batch_size", 1),
+        ("max_batch_size", None),
+        ("batch_wait_timeout", 0),
+        ("batch_wait_timeout", 0.5),
+        ("max_concurrent_queries", 1),
+        ("max_concurrent_queries", None),
+        ("experimental_graceful_shutdown_wait_loop_s", 0.1),
+        ("experimental_graceful_shutdown_timeout_s", 0),
+        ("experimental_graceful_shutdown_timeout_s", 5.5),
+    ],
+)
+def test_backend_config_accepts_valid_values(field: str, value: Any) -> None:
+    assert getattr(BackendConfig.model_validate({field: value}), field) == value
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("num_replicas", 0),
+        ("num_replicas", -1),
+        ("num_replicas", 1.5),
+        ("num_replicas", 2.0),
+        ("num_replicas", "2"),
+        ("max_batch_size", 0),
+        ("max_batch_size", 2.5),
+        ("batch_wait_timeout", -0.1),
+        ("batch_wait_timeout", math.nan),
+        ("batch_wait_timeout", "1"),
+        ("max_concurrent_queries", 0),
+        ("experimental_graceful_shutdown_wait_loop_s", 0),
+        ("experimental_graceful_shutdown_wait_loop_s", -1.0),
+        ("experimental_graceful_shutdown_timeout_s", -0.5),
+    ],
+)
+def test_backend_config_rejects_invalid_values(field: str, value: Any) -> None:
+    with pytest.raises(ValidationError, match=field):
+        BackendConfig.model_validate({field: value})
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        "num_replicas",
+        "max_batch_size",
+        "batch_wait_timeout",
+        "max_concurrent_queries",
+        "experimental_graceful_shutdown_wait_loop_s",
+        "experimental_graceful_shutdown_timeout_s",
+    ],
+)
+def test_backend_config_rejects_bools_for_numbers(field: str) -> None:
+    with pytest.raises(ValidationError, match=field):
+        BackendConfig.model_validate({field: True})
+
+
+def test_backend_config_rejects_unknown_keys() -> None:
+    with pytest.raises(ValidationError, match="num_replica"):
+        BackendConfig.model_validate({"num_replica": 2})
+
+
+def test_backend_config_checks_assignment() -> None:
+    config = BackendConfig()
+    with pytest.raises(ValidationError, match="num_replicas"):
+        config.num_replicas = 0
+    assert config.num_replicas == 1
+
+
+def test_backend_config_user_config_takes_anything() -> None:
+    value = object()
+    assert BackendConfig(user_config=value).user_config is value
+
+
+# --- BackendConfig.merged ---------------------------------------------------------------------
+
+
+def test_merged_applies_only_explicitly_set_fields_of_a_config() -> None:
+    base = BackendConfig(num_replicas=3, max_batch_size=4)
+    result = base.merged(BackendConfig(batch_wait_timeout=0.5))
+    assert result.num_replicas == 3
+    assert result.max_batch_size == 4
+    assert result.batch_wait_timeout == 0.5
+
+
+def test_merged_applies_an_explicit_value_equal_to_the_default() -> None:
+    base = BackendConfig(num_replicas=3)
+    assert base.merged(BackendConfig(num_replicas=1)).num_replicas == 1
+    assert base.merged({"max_batch_size": None}).num_replicas == 3
+
+
+def test_merged_accepts_a_dict() -> None:
+    base = BackendConfig(num_replicas=3, user_config={"a": 1})
+    result = base.merged({"max_concurrent_queries": 5})
+    assert result.num_replicas == 3
+    assert result.user_config == {"a": 1}
+    assert result.max_concurrent_queries == 5
+
+
+def test_merged_returns_a_new_config_and_leaves_both_inputs_alone() -> None:
+    base = BackendConfig(num_replicas=3)
+    update = BackendConfig(num_replicas=5)
+    result = base.merged(update)
+    assert result is not base and result is not update
+    assert base.num_replicas == 3
+    assert update.num_replicas == 5
+    assert result.num_replicas == 5
+
+
+def test_merged_tracks_set_fields_of_both_sides() -> None:
+    result = BackendConfig(num_replicas=3).merged({"max_batch_size": 2})
+    assert result.model_fields_set == {"num_replicas", "max_batch_size"}
+
+
+def test_merged_validates_a_dict() -> None:
+    base = BackendConfig()
+    with pytest.raises(ValidationError, match="replicas"):
+        base.merged({"replicas": 2})
+    with pytest.raises(ValidationError, match="num_replicas"):
+        base.merged({"num_replicas": 0})
+
+
+@pytest.mark.parametrize("update", [None, 3, [("num_replicas", 2)], "num_replicas=2"])
+def test_merged_rejects_other_types(update: Any) -> None:
+    with pytest.raises(TypeError) as info:
+        BackendConfig().merged(update)
+    assert str(info.value) == (
+        f"config_options must be a BackendConfig or a dict, got {type(update).__name__}."
+    )
+
+
+# --- effective_max_concurrent_queries ---------------------------------------------------------
+
+
+def test_effective_max_concurrent_queries_uses_the_explicit_value() -> None:
+    config = BackendConfig(max_concurrent_queries=3, max_batch_size=10)
+    assert config.effective_max_concurrent_queries(is_async=True) == 3
+    assert config.effective_max_concurrent_queries(is_async=False) == 3
+
+
+def test_effective_max_concurrent_queries_defaults() -> None:
+    assert BackendConfig().effective_max_concurrent_queries(is_async=True) == 100
+    assert BackendConfig().effective_max_concurrent_queries(is_async=False) == 8
+
+
+def test_effective_max_concurrent_queries_sync_batching() -> None:
+    assert BackendConfig(max_batch_size=5).effective_max_concurrent_queries(is_async=False) == 10
+    assert BackendConfig(max_batch_size=1).effective_max_concurrent_queries(is_async=False) == 8
+    assert BackendConfig(max_batch_size=5).effective_max_concurrent_queries(is_async=True) == 100
+
+
+# --- parse_backend_config / parse_http_options ------------------------------------------------
+
+
+def test_parse_backend_config_none_gives_defaults() -> None:
+    assert parse_backend_config(None) == BackendConfig()
+
+
+def test_parse_backend_config_validates_a_dict() -> None:
+    assert parse_backend_config({"num_replicas": 2}).num_replicas == 2
+    with pytest.raises(ValidationError, match="bogus"):
+        parse_backend_config({"bogus": 1})
+    with pytest.raises(ValidationError, match="num_replicas"):
+        parse_backend_config({"num_replicas": -1})
+
+
+def test_parse_backend_config_copies_a_config() -> None:
+    original = BackendConfig(num_replicas=2)
+    copy = parse_backend_config(original)
+    assert copy == original
+    assert copy is not original
+    assert copy.model_fields_set == {"num_replicas"}
+    copy.num_replicas = 4
+    assert original.num_replicas == 2
+
+
+@pytest.mark.parametrize("config", [3, "num_replicas=2", [], HTTPOptions()])
+def test_parse_backend_config_rejects_other_types(config: Any) -> None:
+    with pytest.raises(TypeError) as info:
+        parse_backend_config(config)
+    assert str(info.value) == (
+        f"config must be a BackendConfig or a dict, got {type(config).__name__}."
+    )
+
+
+def test_parse_http_options_none_gives_defaults() -> None:
+    assert parse_http_options(None) == HTTPOptions()
+
+
+def test_parse_http_options_validates_a_dict() -> None:
+    options = parse_http_options({"host": None, "port": 0})
+    assert options.port == 0
+    assert options.location is DeploymentMode.NoServer
+    with pytest.raises(ValidationError, match="prot"):
+        parse_http_options({"prot": 80})
+
+
+def test_parse_http_options_copies_options() -> None:
+    original = HTTPOptions(port=9000, middlewares=[Middleware(GZipMiddleware)])
+    copy = parse_http_options(original)
+    assert copy == original
+    assert copy is not original
+    copy.middlewares.append(Middleware(GZipMiddleware))
+    copy.port = 9001
+    assert len(original.middlewares) == 1
+    assert original.port == 9000
+
+
+@pytest.mark.parametrize("options", [8000, "127.0.0.1:8000", BackendConfig()])
+def test_parse_http_options_rejects_other_types(options: Any) -> None:
+    with pytest.raises(TypeError) as info:
+        parse_http_options(options)
+    assert str(info.value) == (
+        f"http_options must be an HTTPOptions or a dict, got {type(options).__name__}."
+    )
+
+
+# --- validate_actor_options -------------------------------------------------------------------
+
+
+def test_actor_options_none_gives_an_empty_dict() -> None:
+    assert validate_actor_options(None) == {}
+
+
+@pytest.mark.parametrize("options", [[("num_cpus", 1)], "num_cpus=1", 1])
+def test_actor_options_must_be_a_dict(options: Any) -> None:
+    with pytest.raises(TypeError) as info:
+        validate_actor_options(options)
+    assert str(info.value) == f"ray_actor_options must be a dict, got {type(options).__name__}."
+
+
+def test_actor_options_accepts_every_allowed_key() -> None:
+    options = {
+        "num_cpus": 0.5,
+        "num_gpus": 1,
+        "memory": 2**30,
+        "object_store_memory": 0,
+        "resources": {"custom": 2, "other": 0.5},
+        "accelerator_type": "V100",
+        "runtime_env": {"env_vars": {"A": "1"}},
+    }
+    assert validate_actor_options(options) == options
+
+
+def test_actor_options_returns_a_copy() -> None:
+    options: dict[str, Any] = {"num_cpus": 1, "resources": {"custom": 1}}
+    result = validate_actor_options(options)
+    assert result is not options
+    assert result["resources"] is not options["resources"]
+    result["num_gpus"] = 1
+    result["resources"]["more"] = 1
+    assert options == {"num_cpus": 1, "resources": {"custom": 1}}
+
+
+@pytest.mark.parametrize("key", ["lifetime", "name", "max_restarts"])
+def test_actor_options_rejects_options_servekit_manages(key: str) -> None:
+    with pytest.raises(ValueError, match="manages") as info:
+        validate_actor_options({key: "x"})
+    assert repr(key) in str(info.value)
+
+
+def test_actor_options_rejects_unknown_keys_and_lists_allowed_ones() -> None:
+    with pytest.raises(ValueError) as info:
+        validate_actor_options({"num_cpu": 1})
+    message = str(info.value)
+    assert "'num_cpu'" in message
+    for allowed in ("num_cpus", "num_gpus", "memory", "object_store_memory", "resources"):
+        assert allowed in message
+    assert "accelerator_type" in message and "runtime_env" in message
+
+
+@pytest.mark.parametrize("key", ["num_cpus", "num_gpus", "memory", "object_store_memory"])
+@pytest.mark.parametrize("value", [True, "1", None, [1]])
+def test_actor_options_numbers_must_be_int_or_float(key: str, value: Any) -> None:
+    with pytest.raises(TypeError) as info:
+        validate_actor_options({key: value})
+    assert key in str(info.value)
+    assert repr(value) in str(info.value)
+
+
+@pytest.mark.parametrize("key", ["num_cpus", "num_gpus", "memory", "object_store_memory"])
+@pytest.mark.parametrize("value", [-1, -0.5, math.nan])
+def test_actor_options_numbers_must_not_be_negative(key: str, value: float) -> None:
+    with pytest.raises(ValueError) as info:
+        validate_actor_options({key: value})
+    assert key in str(info.value)
+    assert repr(value) in str(info.value)
+
+
+@pytest.mark.parametrize("resources", [["custom"], "custom", 1])
+def test_actor_options_resources_must_be_a_dict(resources: Any) -> None:
+    with pytest.raises(TypeError, match="resources"):
+        validate_actor_options({"resources": resources})
+
+
+@pytest.mark.parametrize("amount", ["2", True, None])
+def test_actor_options_resource_amounts_must_be_numbers(amount: Any) -> None:
+    with pytest.raises(TypeError, match="'custom'"):
+        validate_actor_options({"resources": {"custom": amount}})
+
+
+def test_actor_options_resource_amounts_must_not_be_negative() -> None:
+    with pytest.raises(ValueError, match=r"'custom'.*-1"):
+        validate_actor_options({"resources": {"custom": -1}})
+
+
+def test_actor_options_resource_names_must_be_strings() -> None:
+    with pytest.raises(TypeError, match="resource names"):
+        validate_actor_options({"resources": {1: 1}})
+
+
+# --- BackendMetadata --------------------------------------------------------------------------
+
+
+def test_metadata_of_a_sync_function() -> None:
+    def handler(request: Any) -> str:
+        return "ok"
+
+    metadata = BackendMetadata.inspect(handler)
+    assert metadata.is_class is False
+    assert metadata.is_async is False
+    assert metadata.accepts_batches is False
+    assert metadata.batch_methods == frozenset()
+    assert metadata.has_reconfigure is False
+    assert metadata.methods == ()
+    assert metadata.name == "handler"
+
+
+def test_metadata_of_an_async_function() -> None:
+    async def handler(request: Any) -> str:
+        return "ok"
+
+    metadata = BackendMetadata.inspect(handler)
+    assert metadata.is_class is False
+    assert metadata.is_async is True
+    assert metadata.accepts_batches is False
+
+
+def test_metadata_of_a_marked_function() -> None:
+    @_mark
+    def handler(requests: list[Any]) -> list[str]:
+        return ["ok"] * len(requests)
+
+    metadata = BackendMetadata.inspect(handler)
+    assert metadata.accepts_batches is True
+    assert metadata.batch_methods == frozenset({"__call__"})
+
+
+def test_metadata_ignores_a_marker_that_is_not_true() -> None:
+    def handler(request: Any) -> None:
+        return None
+
+    handler._serve_accept_batch = False  # type: ignore[attr-defined]
+    assert BackendMetadata.inspect(handler).accepts_batches is False
+
+
+def test_metadata_of_a_class_with_sync_call() -> None:
+    class Model:
+        def __init__(self) -> None:
+            self.ready = True
+
+        def __call__(self, request: Any) -> str:
+            return "ok"
+
+        def predict(self, request: Any) -> str:
+            return "ok"
+
+        def _helper(self) -> None:
+            return None
+
+    metadata = BackendMetadata.inspect(Model)
+    assert metadata.is_class is True
+    assert metadata.is_async is False
+    assert metadata.accepts_batches is False
+    assert metadata.batch_methods == frozenset()
+    assert metadata.has_reconfigure is False
+    assert metadata.methods == ("__call__", "predict")
+    assert metadata.name == "Model"
+
+
+def test_metadata_of_a_class_with_async_call() -> None:
+    class Model:
+        async def __call__(self, request: Any) -> str:
+            return "ok"
+
+    metadata = BackendMetadata.inspect(Model)
+    assert metadata.is_class is True
+    assert metadata.is_async is True
+    assert metadata.methods == ("__call__",)
+
+
+def test_metadata_of_a_class_without_call() -> None:
+    class Model:
+        async def predict(self, request: Any) -> str:
+            return "ok"
+
+    metadata = BackendMetadata.inspect(Model)
+    assert metadata.is_async is False
+    assert metadata.accepts_batches is False
+    assert metadata.methods == ("predict",)
+
+
+def test_metadata_of_a_class_with_marked_methods() -> None:
+    class Model:
+        @_mark
+        def __call__(self, requests: list[Any]) -> list[str]:
+            return ["ok"] * len(requests)
+
+        @_mark
+        async def predict(self, requests: list[Any]) -> list[str]:
+            return ["ok"] * len(requests)
+
+        def other(self, request: Any) -> str:
+            return "ok"
+
+    metadata = BackendMetadata.inspect(Model)
+    assert metadata.accepts_batches is True
+    assert metadata.batch_methods == frozenset({"__call__", "predict"})
+
+
+def test_metadata_of_a_class_with_only_a_marked_method() -> None:
+    class Model:
+        def __call__(self, request: Any) -> str:
+            return "ok"
+
+        @_mark
+        def predict(self, requests: list[Any]) -> list[str]:
+            return ["ok"] * len(requests)
+
+    metadata = BackendMetadata.inspect(Model)
+    assert metadata.accepts_batches is False
+    assert metadata.batch_methods == frozenset({"predict"})
+
+
+def test_metadata_lists_inherited_static_and_class_methods_but_not_other_attributes() -> None:
+    class Base:
+        def reconfigure(self, user_config: Any) -> None:
+            return None
+
+        def inherited(self) -> None:
+            return None
+
+    class Model(Base):
+        limit = 3
+
+        class Nested:
+            pass
+
+        @property
+        def size(self) -> int:
+            return 1
+
+        @staticmethod
+        @_mark
+        def static(requests: list[Any]) -> list[Any]:
+            return requests
+
+        @classmethod
+        def build(cls) -> Model:
+            return cls()
+
+    metadata = BackendMetadata.inspect(Model)
+    assert metadata.has_reconfigure is True
+    assert metadata.methods == ("build", "inherited", "reconfigure", "static")
+    assert metadata.batch_methods == frozenset({"static"})
+
+
+def test_metadata_is_frozen() -> None:
+    metadata = BackendMetadata.inspect(lambda request: request)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        metadata.is_async = True  # type: ignore[misc]
+
+
+def test_metadata_rejects_something_not_callable() -> None:
+    with pytest.raises(TypeError, match="42"):
+        BackendMetadata.inspect(42)
+
+
+# --- validate_backend_against_config ----------------------------------------------------------
+
+
+def _plain(request: Any) -> str:
+    return "ok"
+
+
+class _Reconfigurable:
+    def __call__(self, request: Any) -> str:
+        return "ok"
+
+    def reconfigure(self, user_config: Any) -> None:
+        self.user_config = user_config
+
+
+class _Plain:
+    def __call__(self, request: Any) -> str:
+        return "ok"
+
+
+def test_batching_needs_a_callable_that_accepts_batches() -> None:
+    metadata = BackendMetadata.inspect(_plain)
+    with pytest.raises(ValueError) as info:
+        validate_backend_against_config(metadata, BackendConfig(max_batch_size=4))
+    assert str(info.value) == (
+        "max_batch_size is 4 but the backend's callable does not accept batches. "
+        "Mark it with @serve.accept_batch, or set max_batch_size to 1."
+    )
+
+
+@pytest.mark.parametrize("max_batch_size", [None, 1])
+def test_no_batching_needs_no_marker(max_batch_size: int | None) -> None:
+    metadata = BackendMetadata.inspect(_plain)
+    validate_backend_against_config(metadata, BackendConfig(max_batch_size=max_batch_size))
+
+
+def test_batching_is_fine_with_a_marked_callable_or_method() -> None:
+    config = BackendConfig(max_batch_size=4)
+    validate_backend_against_config(
+        BackendMetadata.inspect(_mark(lambda requests: requests)), config
+    )
+
+    class Model:
+        def __call__(self, request: Any) -> str:
+            return "ok"
+
+        @_mark
+        def predict(self, requests: list[Any]) -> list[Any]:
+            return requests
+
+    validate_backend_against_config(BackendMetadata.inspect(Model), config)
+
+
+def test_user_config_needs_a_class() -> None:
+    with pytest.raises(ValueError) as info:
+        validate_backend_against_config(
+            BackendMetadata.inspect(_plain), BackendConfig(user_config={"a": 1})
+        )
+    assert str(info.value) == (
+        "user_config needs a class backend with a reconfigure(user_config) method; got a function."
+    )
+
+
+def test_user_config_needs_a_reconfigure_method() -> None:
+    with pytest.raises(ValueError) as info:
+        validate_backend_against_config(
+            BackendMetadata.inspect(_Plain), BackendConfig(user_config={"a": 1})
+        )
+    assert str(info.value) == (
+        "user_config is set but the backend class _Plain has no reconfigure(user_config) "
+        "method. Add one, or drop user_config."
+    )
+
+
+def test_user_config_with_reconfigure_is_fine() -> None:
+    validate_backend_against_config(
+        BackendMetadata.inspect(_Reconfigurable), BackendConfig(user_config={"a": 1})
+    )
+
+
+def test_no_user_config_needs_no_reconfigure() -> None:
+    validate_backend_against_config(BackendMetadata.inspect(_plain), BackendConfig())
+    validate_backend_against_config(BackendMetadata.inspect(_Plain), BackendConfig())
