@@ -7,6 +7,7 @@ updates and drain while user code blocks; async callables run on the loop itself
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import socket
@@ -20,8 +21,9 @@ from servekit._private.context import ReplicaContext, set_replica_context
 from servekit._private.controller.state import ReplicaSpec
 from servekit._private.import_path import import_attribute
 from servekit._private.process import WorkerSpec
-from servekit._private.transport import RpcServer
-from servekit.config import BackendConfig, BackendMetadata
+from servekit._private.batching import BatchQueue
+from servekit._private.transport import Busy, RpcServer, current_peer, notify
+from servekit.config import BackendConfig, BackendMetadata, validate_backend_against_config
 from servekit.exceptions import ServeError
 from servekit.request import (
     HTTPRequestWire, HTTPResponseWire, ServeRequest, error_response, request_from_wire,
@@ -30,9 +32,17 @@ from servekit.request import (
 
 logger = logging.getLogger("servekit.replica")
 
+# A resolved method: the callable, whether it is async, and its batch queue if batched.
+_Target = Tuple[Callable, bool, Optional[BatchQueue]]
+
 
 class Replica:
-    """The user's callable plus the bookkeeping that serving it needs."""
+    """The user's callable plus the bookkeeping that serving it needs.
+
+    Admission happens here: a request that arrives while ``max_concurrent_queries`` are
+    already in flight is refused with ``Busy``, and the refused router is notified when a
+    slot frees, so the cap holds however many routers send to this replica.
+    """
 
     def __init__(self, spec: ReplicaSpec) -> None:
         self.spec = spec
@@ -40,13 +50,15 @@ class Replica:
         self.metadata: Optional[BackendMetadata] = spec.metadata
         self._callable: Any = None
         self._constructed: Optional[asyncio.Future] = None
-        self._pool = ThreadPoolExecutor(max_workers=64,
+        self._pool = ThreadPoolExecutor(max_workers=1,
                                         thread_name_prefix=f"servekit-{spec.replica_tag}")
+        self._pool_size = 1
         self._in_flight = 0
+        self._cap = 1
+        self._refused: set = set()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._draining = False
-        self._methods: Dict[str, Tuple[Callable, bool]] = {}
+        self._targets: Dict[str, _Target] = {}
 
     # ------------------------------------------------------------- construction
 
@@ -60,10 +72,8 @@ class Replica:
         if isinstance(target, str):
             target = import_attribute(target)
         metadata = BackendMetadata.inspect(target)
-        if inspect.isclass(target):
-            self._callable = target(*init_args)
-        else:
-            self._callable = target
+        validate_backend_against_config(metadata, self.config)
+        self._callable = target(*init_args) if metadata.is_class else target
         self.metadata = metadata
         if self.config.user_config is not None:
             self._reconfigure_blocking(self.config.user_config)
@@ -72,16 +82,30 @@ class Replica:
     async def ready(self) -> BackendMetadata:
         """Return once the constructor has finished (raising what it raised)."""
         assert self._constructed is not None
-        return await asyncio.shield(self._constructed)
+        metadata = await asyncio.shield(self._constructed)
+        self._apply_limits()
+        return metadata
 
     # ------------------------------------------------------------- config
 
     async def update_config(self, config: BackendConfig) -> None:
         """Apply a new config in place; call ``reconfigure`` only if ``user_config`` changed."""
         old, self.config = self.config, config
+        self._apply_limits()
         if config.user_config != old.user_config and config.user_config is not None:
             await asyncio.get_running_loop().run_in_executor(
                 self._pool, self._reconfigure_blocking, config.user_config)
+
+    def _apply_limits(self) -> None:
+        assert self.metadata is not None
+        self._cap = self.config.effective_max_concurrent_queries(self.metadata.is_async)
+        if self._cap > self._pool_size:
+            # Sync calls run in these threads; a larger cap needs more of them.
+            old, self._pool = self._pool, ThreadPoolExecutor(
+                max_workers=self._cap, thread_name_prefix=f"servekit-{self.spec.replica_tag}")
+            self._pool_size = self._cap
+            old.shutdown(wait=False)
+        self._notify_refused()
 
     def _reconfigure_blocking(self, user_config: Any) -> None:
         reconfigure = getattr(self._callable, "reconfigure", None)
@@ -94,43 +118,68 @@ class Replica:
 
     # ------------------------------------------------------------- requests
 
-    def _resolve(self, method_name: Optional[str]) -> Tuple[Callable, bool]:
-        name = method_name or "__call__"
-        cached = self._methods.get(name)
-        if cached is not None:
-            return cached
+    def _resolve(self, method_name: Optional[str]) -> _Target:
+        key = method_name or "__call__"
+        target = self._targets.get(key)
+        if target is not None:
+            return target
         assert self.metadata is not None
         if self.metadata.is_class:
-            public = name == "__call__" or not name.startswith("_")
-            method = getattr(self._callable, name, None) if public else None
+            public = key == "__call__" or not key.startswith("_")
+            method = getattr(self._callable, key, None) if public else None
             if method is None or not callable(method):
-                raise ServeError(f"Backend '{self.spec.backend_tag}' has no method '{name}'. "
+                raise ServeError(f"Backend '{self.spec.backend_tag}' has no method '{key}'. "
                                  f"Available methods: {list(self.metadata.methods)}.")
+            name = key
         else:
-            method = self._callable  # a function backend answers every method name
-        resolved = (method, inspect.iscoroutinefunction(method))
-        self._methods[name] = resolved
-        return resolved
+            method, name = self._callable, "__call__"  # a function answers every method name
+        is_async = inspect.iscoroutinefunction(method)
+        queue = None
+        if name in self.metadata.batch_methods:
+            queue = BatchQueue(functools.partial(self._call, method, is_async),
+                               self._batch_limits, concurrent=is_async)
+        target = self._targets[key] = (method, is_async, queue)
+        return target
 
-    async def _run(self, method_name: Optional[str], argument: Any) -> Any:
+    def _batch_limits(self) -> Tuple[int, float]:
+        return self.config.max_batch_size or 1, self.config.batch_wait_timeout
+
+    async def _call(self, method: Callable, is_async: bool, argument: Any) -> Any:
+        if is_async:
+            return await method(argument)
+        result = await asyncio.get_running_loop().run_in_executor(self._pool, method, argument)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
+    def _admit(self) -> None:
+        if self._in_flight >= self._cap:
+            self._refused.add(current_peer.get())
+            raise Busy()
         self._in_flight += 1
         self._idle.clear()
-        try:
-            method, is_async = self._resolve(method_name)
-            if is_async:
-                return await method(argument)
-            result = await asyncio.get_running_loop().run_in_executor(
-                self._pool, method, argument)
-            if inspect.isawaitable(result):
-                result = await result
-            return result
-        finally:
-            self._in_flight -= 1
-            if self._in_flight == 0:
-                self._idle.set()
+
+    def _finish(self) -> None:
+        self._in_flight -= 1
+        if self._in_flight == 0:
+            self._idle.set()
+        self._notify_refused()
+
+    def _notify_refused(self) -> None:
+        if self._refused and self._in_flight < self._cap:
+            refused, self._refused = self._refused, set()
+            for peer in refused:
+                notify(peer)
+
+    async def _run(self, method_name: Optional[str], argument: Any) -> Any:
+        method, is_async, queue = self._resolve(method_name)
+        if queue is not None:
+            return await queue.submit(argument)
+        return await self._call(method, is_async, argument)
 
     async def handle_http(self, method_name: Optional[str],
                           wire: HTTPRequestWire) -> HTTPResponseWire:
+        self._admit()
         try:
             result = await self._run(method_name, request_from_wire(wire))
             return await to_http_response(result)
@@ -138,21 +187,26 @@ class Replica:
             logger.exception("Backend %s raised while handling %s %s", self.spec.backend_tag,
                              wire.method, wire.path)
             return error_response(exc)
+        finally:
+            self._finish()
 
     async def handle_call(self, method_name: Optional[str], args: tuple, kwargs: dict,
                           http_method: str, headers: Dict[str, str]) -> Any:
-        if len(args) == 1 and isinstance(args[0], Request):
-            argument = args[0]
-        else:
-            argument = ServeRequest(args[0] if args else None, kwargs, headers, http_method)
-        return await self._run(method_name, argument)
+        self._admit()
+        try:
+            if len(args) == 1 and isinstance(args[0], Request):
+                argument = args[0]
+            else:
+                argument = ServeRequest(args[0] if args else None, kwargs, headers, http_method)
+            return await self._run(method_name, argument)
+        finally:
+            self._finish()
 
     async def drain(self) -> None:
         """Wait until no request is in flight (the controller stopped new ones first)."""
-        self._draining = True
         while True:
             await self._idle.wait()
-            # Let requests already written to the socket by a router be read.
+            # Let requests a router wrote before it learned of the drain be read.
             await asyncio.sleep(0.05)
             if self._in_flight == 0:
                 return

@@ -14,11 +14,11 @@ import logging
 import math
 import random
 import uuid
-from typing import Any, Deque, Dict, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 from servekit._private import constants
 from servekit._private.controller.state import EndpointInfo
-from servekit._private.transport import RpcClient
+from servekit._private.transport import Busy, RpcClient
 from servekit.exceptions import BackendUnavailableError
 
 logger = logging.getLogger("servekit.router")
@@ -27,15 +27,18 @@ logger = logging.getLogger("servekit.router")
 class ReplicaSlot:
     """One replica as a router sees it: its connection and requests this router has on it."""
 
-    __slots__ = ("tag", "address", "in_flight", "connection", "_connecting", "removed")
+    __slots__ = ("tag", "address", "in_flight", "connection", "_connecting", "removed", "full",
+                 "on_room")
 
-    def __init__(self, tag: str, address: str) -> None:
+    def __init__(self, tag: str, address: str, on_room: Callable[[], None]) -> None:
         self.tag = tag
         self.address = address
         self.in_flight = 0
         self.connection: Optional[RpcClient] = None
         self._connecting: Optional[asyncio.Future] = None
         self.removed = False
+        self.full = False  # the replica refused a request; wait for it to say it has room
+        self.on_room = on_room
 
     async def connected(self) -> RpcClient:
         if self.connection is not None and not self.connection.is_closed:
@@ -44,10 +47,15 @@ class ReplicaSlot:
             self._connecting = asyncio.ensure_future(RpcClient.connect(self.address))
         try:
             self.connection = await asyncio.shield(self._connecting)
+            self.connection.on_notify = self._room
         finally:
             if self._connecting.done():
                 self._connecting = None
         return self.connection
+
+    def _room(self) -> None:
+        self.full = False
+        self.on_room()
 
     def close(self) -> None:
         if self.connection is not None:
@@ -73,7 +81,7 @@ class ReplicaSet:
                     slot.close()
         for tag, address in current.items():
             if tag not in self.slots:
-                self.slots[tag] = ReplicaSlot(tag, address)
+                self.slots[tag] = ReplicaSlot(tag, address, self._wake)
         self._wake()
 
     def set_cap(self, cap: int) -> None:
@@ -83,7 +91,8 @@ class ReplicaSet:
     def _pick(self) -> Optional[ReplicaSlot]:
         best: Optional[ReplicaSlot] = None
         for slot in self.slots.values():
-            if slot.in_flight < self.cap and (best is None or slot.in_flight < best.in_flight):
+            if slot.in_flight < self.cap and not slot.full and (
+                    best is None or slot.in_flight < best.in_flight):
                 best = slot
         return best
 
@@ -96,14 +105,18 @@ class ReplicaSet:
             slot.in_flight += 1
         return slot
 
-    async def acquire(self) -> ReplicaSlot:
+    async def acquire(self, first: bool = False) -> ReplicaSlot:
+        """A replica with room, waiting in arrival order (``first``: ahead of the queue)."""
         if not self._waiters:
             slot = self._pick()
             if slot is not None:
                 slot.in_flight += 1
                 return slot
         waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+        if first:
+            self._waiters.appendleft(waiter)
+        else:
+            self._waiters.append(waiter)
         try:
             return await waiter
         except asyncio.CancelledError:
@@ -111,8 +124,10 @@ class ReplicaSet:
                 self.release(waiter.result())
             raise
 
-    def release(self, slot: ReplicaSlot) -> None:
+    def release(self, slot: ReplicaSlot, completed: bool = True) -> None:
         slot.in_flight -= 1
+        if completed:
+            slot.full = False  # the replica just finished one of ours: it has room
         if slot.removed:
             if slot.in_flight == 0:
                 slot.close()
@@ -162,7 +177,11 @@ def pick_backend(traffic: Dict[str, float], shard_key: Optional[str]) -> str:
 
 
 class ShadowStats:
-    """Counts of shadow copies per (endpoint, backend): sent, dropped (saturated), failed."""
+    """Counts of shadow copies per (endpoint, backend).
+
+    ``sent``: delivered to a replica; ``failed``: of those, the ones that raised or got a 5xx;
+    ``dropped``: not sent because every replica of the shadow backend was full.
+    """
 
     def __init__(self) -> None:
         self.counts: Dict[Tuple[str, str], Dict[str, int]] = collections.defaultdict(
@@ -188,6 +207,7 @@ class Router:
         self._controller: Optional[RpcClient] = None
         self._poll_task: Optional[asyncio.Task] = None
         self._shadow_tasks: set = set()
+        self._retries: set = set()
         self.shadow_stats = ShadowStats()
         self.on_update: List[Any] = []
 
@@ -267,22 +287,52 @@ class Router:
         """Assign the request to a replica and return the future of its reply.
 
         Returns once a replica was chosen and the request written to it; waits while the
-        endpoint is unknown or every replica of the chosen backend is at its cap.
+        endpoint is unknown or every replica of the chosen backend is at its cap. A replica
+        that refuses the request (full because of other routers) makes it wait again, first
+        in line, for the next replica with room.
         """
         info = await self._endpoint(endpoint)
         if info.shadows:
             self._send_shadows(info, kind, args)
-        backend = pick_backend(info.traffic, shard_key)
-        replica_set = self._replica_set(backend)
-        slot = await replica_set.acquire()
+        replica_set = self._replica_set(pick_backend(info.traffic, shard_key))
+        result = asyncio.get_running_loop().create_future()
+        await self._deliver(replica_set, kind, args, result, first=False)
+        return result
+
+    async def _deliver(self, replica_set: ReplicaSet, kind: str, args: tuple,
+                       result: asyncio.Future, first: bool) -> None:
+        slot = await replica_set.acquire(first)
         try:
             connection = await slot.connected()
         except BaseException:
-            replica_set.release(slot)
+            replica_set.release(slot, completed=False)
             raise
         reply = connection.call_nowait(kind, *args)
-        reply.add_done_callback(lambda _: replica_set.release(slot))
-        return reply
+
+        def on_reply(reply: asyncio.Future) -> None:
+            refused = not reply.cancelled() and isinstance(reply.exception(), Busy)
+            if refused:
+                slot.full = True
+            replica_set.release(slot, completed=not refused)
+            if result.done():
+                return
+            if refused:
+                task = asyncio.ensure_future(self._deliver(replica_set, kind, args, result, True))
+                self._retries.add(task)
+                task.add_done_callback(self._retried)
+            elif reply.cancelled():
+                result.cancel()
+            elif reply.exception() is not None:
+                result.set_exception(reply.exception())  # type: ignore[arg-type]
+            else:
+                result.set_result(reply.result())
+
+        reply.add_done_callback(on_reply)
+
+    def _retried(self, task: asyncio.Task) -> None:
+        self._retries.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.warning("Could not deliver a refused request again: %r", task.exception())
 
     def _send_shadows(self, info: EndpointInfo, kind: str, args: tuple) -> None:
         for backend, proportion in info.shadows.items():
@@ -293,7 +343,6 @@ class Router:
             if slot is None:
                 self.shadow_stats.add(info.name, backend, "dropped")
                 continue
-            self.shadow_stats.add(info.name, backend, "sent")
             task = asyncio.ensure_future(self._shadow(info.name, replica_set, slot, kind, args))
             self._shadow_tasks.add(task)
             task.add_done_callback(self._shadow_tasks.discard)
@@ -304,10 +353,15 @@ class Router:
             connection = await slot.connected()
             result = await connection.call(kind, *args)
             error = f"status {result.status}" if kind == "http" and result.status >= 500 else None
+        except Busy:
+            slot.full = True
+            replica_set.release(slot, completed=False)
+            self.shadow_stats.add(endpoint, replica_set.backend, "dropped")
+            return
         except Exception as exc:
             error = repr(exc)
-        finally:
-            replica_set.release(slot)
+        replica_set.release(slot)
+        self.shadow_stats.add(endpoint, replica_set.backend, "sent")
         if error is not None:
             logger.warning("Shadow copy of a request to endpoint %s failed on backend %s: %s",
                            endpoint, replica_set.backend, error)

@@ -9,6 +9,7 @@ the sockets live in a directory only the instance's owner can enter.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import pickle
 import socket
@@ -21,10 +22,25 @@ from servekit.exceptions import BackendUnavailableError, RemoteTraceback, ServeE
 logger = logging.getLogger("servekit")
 
 _HEADER = struct.Struct("!IQB")
-_REQUEST, _REPLY_OK, _REPLY_ERROR = 0, 1, 2
+_REQUEST, _REPLY_OK, _REPLY_ERROR, _REPLY_BUSY, _NOTIFY = 0, 1, 2, 3, 4
 _PICKLE_PROTOCOL = 5
 
 Handler = Callable[..., Awaitable[Any]]
+
+# The connection whose request the current task serves (set for every handler call).
+current_peer: contextvars.ContextVar["_FrameProtocol"] = contextvars.ContextVar("current_peer")
+
+
+class Busy(Exception):
+    """Raised by a handler that refuses a request for now (its server is at capacity).
+
+    The caller gets a ``Busy`` too, and may retry once the server sends it a notification.
+    """
+
+
+def notify(peer: "_FrameProtocol") -> None:
+    """Tell the peer, out of band, that this server has room again."""
+    peer.send(0, _NOTIFY, b"")
 
 
 def dumps(value: Any) -> bytes:
@@ -123,6 +139,7 @@ class RpcServer:
         return protocol
 
     async def _dispatch(self, protocol: _FrameProtocol, msg_id: int, payload: bytes) -> None:
+        current_peer.set(protocol)
         try:
             name, args = pickle.loads(payload)
             handler = self._handlers.get(name)
@@ -130,6 +147,9 @@ class RpcServer:
                 raise ServeError(f"Unknown RPC method {name!r}.")
             result = await handler(*args)
             reply = dumps(result)
+        except Busy:
+            protocol.send(msg_id, _REPLY_BUSY, b"")
+            return
         except Exception as exc:
             protocol.send(msg_id, _REPLY_ERROR, encode_error(exc))
             return
@@ -145,6 +165,7 @@ class RpcClient:
         self._next_id = 0
         self._protocol: Optional[_FrameProtocol] = None
         self.closed: Optional[asyncio.Future] = None
+        self.on_notify: Optional[Callable[[], None]] = None
 
     @classmethod
     async def connect(cls, address: str) -> "RpcClient":
@@ -185,10 +206,16 @@ class RpcClient:
             self._protocol.transport.close()
 
     def _on_frame(self, msg_id: int, kind: int, payload: bytes) -> None:
+        if kind == _NOTIFY:
+            if self.on_notify is not None:
+                self.on_notify()
+            return
         future = self._pending.pop(msg_id, None)
         if future is None or future.done():
             return
-        if kind == _REPLY_OK:
+        if kind == _REPLY_BUSY:
+            future.set_exception(Busy())
+        elif kind == _REPLY_OK:
             try:
                 future.set_result(pickle.loads(payload))
             except Exception as exc:

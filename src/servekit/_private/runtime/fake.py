@@ -1,0 +1,236 @@
+"""``FakeRuntime``: an in-memory runtime for unit tests of the controller; no processes.
+
+Workers are records in a dict and their RPC calls run in-process. A replica's ``ready``
+unpickles its backend and runs the real constructor, so a raising constructor raises its own
+exception, as it would through a real connection. Tests can hold a launch until they
+release it, kill a worker, and read which workers live and which calls each one got::
+
+    runtime = FakeRuntime()
+    runtime.hold_launches()            # every launch now waits for release()
+    ...
+    runtime.release()                  # let them all go
+    runtime.kill(name)                 # is_alive(name) is now False; its calls fail
+    runtime.calls(name)                # ["ready", "update_config", "drain", ...]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import inspect
+from typing import Any, Dict, List, Optional, Tuple
+
+import cloudpickle
+
+from servekit._private.import_path import import_attribute
+from servekit._private.runtime.base import Connection, Runtime
+from servekit._private.store import MemoryStore
+from servekit.config import BackendConfig, BackendMetadata
+from servekit.exceptions import BackendUnavailableError, ServeError
+
+_ADDRESS_PREFIX = "fake://"
+
+
+@dataclasses.dataclass
+class FakeWorker:
+    """One fake worker: what it was launched with, whether it lives, what it was asked."""
+
+    name: str
+    role: str
+    payload: Any
+    resources: Optional[dict] = None
+    python: Optional[str] = None
+    alive: bool = True
+    exit: str = "is not running"
+    calls: List[Tuple[str, tuple]] = dataclasses.field(default_factory=list)
+    stop_timeout: Optional[float] = None  # the timeout ``stop`` got, None if never stopped
+    instance: Any = None  # the constructed backend class (or the function itself)
+    metadata: Optional[BackendMetadata] = None
+    config: Optional[BackendConfig] = None  # the last config the replica applied
+
+    @property
+    def address(self) -> str:
+        return f"{_ADDRESS_PREFIX}{self.name}"
+
+
+class FakeConnection:
+    """A connection whose calls run against a ``FakeWorker`` in this process.
+
+    Like a real connection to a dead process, every call on a killed or stopped worker, or
+    on a closed connection, raises ``BackendUnavailableError``.
+    """
+
+    def __init__(self, worker: FakeWorker) -> None:
+        self.worker = worker
+        self._closed = False
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closed or not self.worker.alive
+
+    def close(self) -> None:
+        self._closed = True
+
+    async def call(self, name: str, *args: Any) -> Any:
+        """Run RPC ``name`` on the worker (recorded first, so failed calls show too)."""
+        worker = self.worker
+        worker.calls.append((name, args))
+        if self.is_closed:
+            raise BackendUnavailableError(f"The connection to {worker.address} is closed.")
+        if name == "ping":
+            return worker.name
+        if worker.role == "proxy":
+            if name == "ready":
+                return True
+            raise ServeError(f"Unknown RPC method {name!r}.")
+        if name == "ready":
+            return self._ready()
+        if name == "drain":
+            return None
+        if name == "update_config":
+            self._update_config(args[0])
+            return None
+        raise ServeError(f"Unknown RPC method {name!r}.")
+
+    def _ready(self) -> BackendMetadata:
+        """Construct the backend once (raising what its constructor raises)."""
+        worker = self.worker
+        if worker.metadata is not None:
+            return worker.metadata
+        spec = worker.payload
+        target, init_args = cloudpickle.loads(spec.replica_config.serialized)
+        if isinstance(target, str):
+            target = import_attribute(target)
+        metadata = BackendMetadata.inspect(target)
+        worker.instance = target(*init_args) if inspect.isclass(target) else target
+        worker.config = spec.config
+        if spec.config.user_config is not None:
+            worker.instance.reconfigure(spec.config.user_config)
+        worker.metadata = metadata
+        return metadata
+
+    def _update_config(self, config: BackendConfig) -> None:
+        """Record ``config``; call ``reconfigure`` only when ``user_config`` changed."""
+        worker = self.worker
+        old = worker.config
+        worker.config = config
+        changed = old is None or old.user_config != config.user_config
+        if changed and config.user_config is not None:
+            worker.instance.reconfigure(config.user_config)
+
+
+class FakeRuntime(Runtime):
+    """Workers are in-memory records; the store is a ``MemoryStore``.
+
+    Attributes:
+        workers: Every worker ever launched by name, including dead ones (a relaunch under
+            the same name replaces the record).
+        launch_order: Names in the order ``launch`` was called.
+        http_bound: The ``(host, port)`` ``bind_http`` was called with, if it was.
+        is_shut_down: Whether ``shutdown`` ran.
+    """
+
+    def __init__(self) -> None:
+        self.store = MemoryStore()
+        self.workers: Dict[str, FakeWorker] = {}
+        self.launch_order: List[str] = []
+        self.http_bound: Optional[Tuple[str, int]] = None
+        self._holds: Dict[str, asyncio.Event] = {}
+        self._hold_all = False
+        self._held: set = set()
+        self.is_shut_down = False
+
+    # ------------------------------------------------------------- test controls
+
+    def hold_launches(self, hold: bool = True) -> None:
+        """Make every later ``launch`` wait until ``release`` lets it go (or stop doing so)."""
+        self._hold_all = hold
+
+    def hold(self, name: str) -> None:
+        """Make the next ``launch`` of ``name`` wait until ``release(name)``."""
+        self._holds.setdefault(name, asyncio.Event())
+
+    def release(self, name: Optional[str] = None) -> None:
+        """Let the held launch of ``name`` (default: every held launch) return."""
+        names = list(self._holds) if name is None else [name]
+        for held in names:
+            event = self._holds.get(held)
+            if event is not None:
+                event.set()
+
+    def held(self) -> List[str]:
+        """Names whose ``launch`` is waiting for ``release`` right now."""
+        return [name for name in self.launch_order if name in self._held]
+
+    def kill(self, name: str) -> None:
+        """Make worker ``name`` die as if killed: ``is_alive`` turns False, its calls fail."""
+        worker = self.workers[name]
+        worker.alive = False
+        worker.exit = "was killed by signal SIGKILL"
+
+    def alive(self, role: Optional[str] = None) -> List[str]:
+        """Names of living workers (of ``role``, if given), in launch order."""
+        return [w.name for w in self.workers.values()
+                if w.alive and (role is None or w.role == role)]
+
+    def calls(self, name: str) -> List[str]:
+        """Names of the RPCs worker ``name`` received, in order."""
+        return [call for call, _ in self.workers[name].calls]
+
+    # ------------------------------------------------------------- Runtime
+
+    def bind_http(self, host: str, port: int) -> Tuple[str, int]:
+        """Pretend to bind the HTTP port: remember and return ``(host, port)``."""
+        self.http_bound = (host, port)
+        return host, port
+
+    async def launch(self, name: str, role: str, payload: Any, *,
+                     resources: Optional[dict] = None, python: Optional[str] = None) -> str:
+        worker = FakeWorker(name, role, payload, resources=resources, python=python)
+        self.workers[name] = worker
+        self.launch_order.append(name)
+        if self._hold_all:
+            self.hold(name)
+        event = self._holds.get(name)
+        if event is not None:
+            self._held.add(name)
+            try:
+                await event.wait()
+            finally:
+                self._held.discard(name)
+                self._holds.pop(name, None)
+        return worker.address
+
+    async def connect(self, address: str) -> Connection:
+        name = address[len(_ADDRESS_PREFIX):] if address.startswith(_ADDRESS_PREFIX) else None
+        worker = self.workers.get(name) if name is not None else None
+        if worker is None:
+            raise BackendUnavailableError(f"Could not connect to servekit process at {address}: "
+                                          "no such fake worker.")
+        return FakeConnection(worker)
+
+    async def stop(self, name: str, timeout: float) -> None:
+        worker = self.workers.get(name)
+        if worker is not None and worker.alive:
+            worker.alive = False
+            worker.stop_timeout = timeout
+            worker.exit = "exited with code 0"
+
+    def is_alive(self, name: str) -> bool:
+        worker = self.workers.get(name)
+        return worker is not None and worker.alive
+
+    def exit_description(self, name: str) -> str:
+        worker = self.workers.get(name)
+        return "is not running" if worker is None or worker.alive else worker.exit
+
+    async def shutdown(self) -> None:
+        """Stop every worker and let held launches go.
+
+        The store is left open and filled, like the SQLite file a real runtime leaves on
+        disk, so a test can read what the controller left behind.
+        """
+        for name in self.alive():
+            await self.stop(name, timeout=0)
+        self.release()
+        self.is_shut_down = True
