@@ -353,7 +353,8 @@ def _detached_alive() -> Optional[str]:
 
 def start(detached: bool = False, http_host: Any = _UNSET, http_port: Any = _UNSET,
           http_middlewares: Any = _UNSET,
-          http_options: Union[HTTPOptions, Dict[str, Any], None] = None) -> Client:
+          http_options: Union[HTTPOptions, Dict[str, Any], None] = None,
+          resources: Optional[Dict[str, float]] = None) -> Client:
     """Start a servekit instance on this machine and return a ``Client`` for it.
 
     Args:
@@ -362,6 +363,9 @@ def start(detached: bool = False, http_host: Any = _UNSET, http_port: Any = _UNS
         http_options: an ``HTTPOptions`` or a dict of its fields (host, port, middlewares,
             location). Default: serve HTTP on 127.0.0.1:8000.
         http_host, http_port, http_middlewares: deprecated; use ``http_options``.
+        resources: custom resources this machine offers, e.g. ``{"accelerator": 2}``;
+            backends reserve them with ``ray_actor_options={"resources": {...}}``. CPUs
+            and GPUs are detected.
 
     Raises:
         ValueError: deprecated arguments combined with ``http_options``.
@@ -382,11 +386,12 @@ def start(detached: bool = False, http_host: Any = _UNSET, http_port: Any = _UNS
                              f"(got {sorted(deprecated)}). Use `http_options` only.")
         http_options = {key.replace("http_", ""): value for key, value in deprecated.items()}
     options = parse_http_options(http_options)
+    custom = validate_actor_options({"resources": resources})["resources"] if resources else {}
     if detached and _detached_alive():
         raise ServeError("Called serve.start(detached=True) but a detached instance is "
                          "already running. Use serve.connect() to reach it, or shut it down "
                          "first.")
-    instance = LocalInstance(options, detached)
+    instance = LocalInstance(options, detached, custom)
     client = Client(instance.controller_address, instance=None if detached else instance,
                     detached=detached)
     try:

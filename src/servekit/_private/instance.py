@@ -7,7 +7,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
-from typing import Optional
+from typing import Dict, Optional
 
 import cloudpickle
 
@@ -21,7 +21,8 @@ from servekit.config import HTTPOptions
 class LocalInstance:
     """The controller process of an embedded instance and its private directory."""
 
-    def __init__(self, http_options: HTTPOptions, detached: bool) -> None:
+    def __init__(self, http_options: HTTPOptions, detached: bool,
+                 custom_resources: Dict[str, float]) -> None:
         self.instance_dir = tempfile.mkdtemp(prefix="servekit-")  # mode 0700
         self.controller_address = os.path.join(self.instance_dir, "controller.sock")
         sock: Optional[socket.socket] = None
@@ -30,7 +31,7 @@ class LocalInstance:
             spec = WorkerSpec(
                 role="controller", name="controller", instance_dir=self.instance_dir,
                 rpc_fd=sock.fileno(), controller_address=None,
-                payload=cloudpickle.dumps(ControllerSpec(http_options, detached)),
+                payload=cloudpickle.dumps(ControllerSpec(http_options, detached, custom_resources)),
                 sys_path=importable_sys_path(), watch_parent=not detached)
             self.process: Optional[WorkerProcess] = WorkerProcess(spec, new_session=detached)
         except BaseException:

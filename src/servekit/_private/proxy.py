@@ -84,8 +84,17 @@ class HTTPProxy:
             return json_response(200, self.route_table())
         if path == "/-/healthz":
             return text_response(200, "success")
+        if path == "/-/shadows":
+            return json_response(200, self.shadow_table())
         return text_response(404, f"System path '{path}' not found. System paths: /-/routes, "
-                                  "/-/healthz.")
+                                  "/-/healthz, /-/shadows.")
+
+    def shadow_table(self) -> Dict[str, Dict[str, Dict[str, int]]]:
+        """Shadow copies of HTTP requests: {endpoint: {backend: {sent, dropped, failed}}}."""
+        table: Dict[str, Dict[str, Dict[str, int]]] = {}
+        for (endpoint, backend), counts in self.router.shadow_stats.counts.items():
+            table.setdefault(endpoint, {})[backend] = dict(counts)
+        return table
 
 
 async def _read_body(receive: Any) -> bytes:

@@ -15,7 +15,7 @@ import pickle
 import secrets
 from typing import Any, Dict, List, Optional
 
-from servekit._private import constants
+from servekit._private import constants, resources
 from servekit._private.controller.goals import GoalManager
 from servekit._private.controller.state import (
     RUNNING, STARTING, STOPPING, BackendState, EndpointInfo, ProxySpec, ReplicaRecord,
@@ -98,7 +98,8 @@ class Controller:
                                  "registered. Delete it first, or pick another tag.")
             if metadata is not None:
                 validate_backend_against_config(metadata, config)
-            self._check_resources(tag, replica_config, config.num_replicas, extra=0)
+            self._check_resources(tag, replica_config, config.num_replicas,
+                                  config.num_replicas)
             backend = BackendState(tag, replica_config, config, metadata)
             backend.goal = self.goals.create()
             self.backends[tag] = backend
@@ -113,9 +114,10 @@ class Controller:
             new_config = backend.config.merged(update)
             if backend.metadata is not None:
                 validate_backend_against_config(backend.metadata, new_config)
-            extra = new_config.num_replicas - len(backend.in_state(STARTING, RUNNING))
-            if extra > 0:
-                self._check_resources(tag, backend.replica_config, extra, extra=extra)
+            self._check_resources(
+                tag, backend.replica_config,
+                new_config.num_replicas - len(backend.in_state(STARTING, RUNNING)),
+                new_config.num_replicas)
             old_config = backend.config
             backend.config = new_config
             self._replace_goal(backend)
@@ -163,11 +165,23 @@ class Controller:
         self.goals.complete(backend.goal)
         backend.goal = self.goals.create()
 
-    def _check_resources(self, tag: str, replica_config: ReplicaConfig, count: int,
-                         extra: int) -> None:
-        check = getattr(self.runtime, "check_capacity", None)
-        if check is not None:
-            check(tag, replica_config.actor_options, count)
+    def _check_resources(self, tag: str, replica_config: ReplicaConfig, new: int,
+                         target: int) -> None:
+        """Refuse to start ``new`` replicas that would not all fit the runtime's capacity."""
+        per_replica = resources.demand(replica_config.actor_options)
+        if new <= 0 or not per_replica:
+            return
+        used = resources.add_up(
+            resources.demand(b.replica_config.actor_options)
+            for b in self.backends.values() for _ in b.in_state(STARTING, RUNNING))
+        capacity = self.runtime.capacity()
+        fits = resources.replicas_that_fit(capacity, used, per_replica)
+        if new > fits:
+            raise ServeError(
+                f"Cannot scale backend {tag} to {target} replicas: {new} more are needed, "
+                f"each asking for {per_replica}, but only {fits} fit (capacity {capacity}, in "
+                f"use {used}). Lower num_replicas or the replica's ray_actor_options, or "
+                "declare more resources in serve.start(resources=...).")
 
     async def _push_config(self, backend: BackendState) -> None:
         """Send the new config to every running replica and wait until each applied it."""

@@ -62,7 +62,7 @@ def controller_handlers(controller: Controller, started: asyncio.Future,
 async def run_controller(worker: WorkerSpec, sock: socket.socket, stop: asyncio.Event) -> None:
     spec: ControllerSpec = worker.load_payload()
     runtime = LocalRuntime(worker.instance_dir, controller_address=sock.getsockname(),
-                           sys_path=worker.sys_path)
+                           sys_path=worker.sys_path, custom_resources=spec.custom_resources)
     controller = Controller(runtime, spec.http_options)
 
     def exit_now() -> None:

@@ -88,3 +88,4 @@ class ControllerSpec:
 
     http_options: HTTPOptions
     detached: bool
+    custom_resources: Dict[str, float]

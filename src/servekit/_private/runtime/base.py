@@ -8,7 +8,7 @@ makes the controller's logic testable without processes.
 from __future__ import annotations
 
 import abc
-from typing import Any, Optional, Protocol
+from typing import Any, Dict, Optional, Protocol
 
 
 class Store(Protocol):
@@ -55,6 +55,10 @@ class Runtime(abc.ABC):
     @abc.abstractmethod
     def exit_description(self, name: str) -> str:
         """A short human description of how a dead worker ended (exit code, signal)."""
+
+    @abc.abstractmethod
+    def capacity(self) -> Dict[str, float]:
+        """Resources replicas can reserve: "CPU", "GPU" and custom ones."""
 
     @abc.abstractmethod
     async def shutdown(self) -> None:

@@ -12,6 +12,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import cloudpickle
 
+from servekit._private.resources import GPUAllocator, detect_gpus, machine_capacity
 from servekit._private.process import WorkerProcess, WorkerSpec, bind_unix_socket
 from servekit._private.runtime.base import Connection, Runtime
 from servekit._private.store import SQLiteStore
@@ -44,7 +45,8 @@ class LocalRuntime(Runtime):
     """Runs workers as child processes; state lives in SQLite in the instance directory."""
 
     def __init__(self, instance_dir: str, controller_address: str,
-                 sys_path: Sequence[str]) -> None:
+                 sys_path: Sequence[str],
+                 custom_resources: Optional[Dict[str, float]] = None) -> None:
         self.instance_dir = instance_dir
         self.store = SQLiteStore(os.path.join(instance_dir, "state.db"))
         self._controller_address = controller_address
@@ -52,6 +54,14 @@ class LocalRuntime(Runtime):
         self._workers: Dict[str, WorkerProcess] = {}
         self._socket_ids = itertools.count()
         self._http_socket: Optional[socket.socket] = None
+        gpus = detect_gpus()
+        self._capacity = machine_capacity(gpus, custom_resources)
+        self._gpus = GPUAllocator(gpus)
+        self._gpu_requests: Dict[str, float] = {}
+
+    def capacity(self) -> Dict[str, float]:
+        """CPUs and GPUs of this machine plus the custom resources given to ``start``."""
+        return dict(self._capacity)
 
     def bind_http(self, host: str, port: int) -> Tuple[str, int]:
         """Bind the HTTP port once; every proxy this runtime starts serves that socket."""
@@ -69,8 +79,11 @@ class LocalRuntime(Runtime):
                 raise ServeError("bind_http must be called before a proxy is launched.")
             extra_fds["http"] = self._http_socket.fileno()
         env = None
-        if resources and resources.get("CUDA_VISIBLE_DEVICES") is not None:
-            env = {**os.environ, "CUDA_VISIBLE_DEVICES": resources["CUDA_VISIBLE_DEVICES"]}
+        num_gpus = (resources or {}).get("num_gpus") or 0
+        devices = self._gpus.assign(name, num_gpus)
+        if devices is not None:
+            self._gpu_requests[name] = num_gpus
+            env = {**os.environ, "CUDA_VISIBLE_DEVICES": devices}
         spec = WorkerSpec(role=role, name=name, instance_dir=self.instance_dir,
                           rpc_fd=sock.fileno(), controller_address=self._controller_address,
                           payload=cloudpickle.dumps(payload),
@@ -90,6 +103,7 @@ class LocalRuntime(Runtime):
         worker = self._workers.pop(name, None)
         if worker is not None:
             await worker.stop(timeout)
+        self._gpus.release(name, self._gpu_requests.pop(name, 0))
 
     def is_alive(self, name: str) -> bool:
         worker = self._workers.get(name)
