@@ -7,6 +7,7 @@ the others are passed as objects and pickled by reference to this module.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import servekit as serve
@@ -48,7 +49,8 @@ class FailingConstructor:
 class ReplicaRecorder:
     """Writes a file "<replica tag>" holding its pid into ``directory`` once constructed."""
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, delay: float = 0.0) -> None:
+        time.sleep(delay)  # a slow constructor: create_backend must wait for it
         self.tag = serve.get_current_replica_tag()
         path = os.path.join(directory, self.tag)
         with open(path + ".tmp", "w") as f:

@@ -26,6 +26,8 @@ HEALTH_CHECK_PERIOD_S = _env_float("SERVEKIT_HEALTH_CHECK_PERIOD_S", 0.5, minimu
 PROCESS_STOP_TIMEOUT_S = _env_float("SERVEKIT_PROCESS_STOP_TIMEOUT_S", 5.0)
 # Seconds `client.shutdown()` waits for the controller to stop everything.
 SHUTDOWN_TIMEOUT_S = _env_float("SERVEKIT_SHUTDOWN_TIMEOUT_S", 30.0)
+# Seconds a request to a just-removed route waits for an endpoint to take that route again.
+ROUTE_GRACE_S = _env_float("SERVEKIT_ROUTE_GRACE_S", 1.0)
 # Directory where detached instances record their address.
 SERVEKIT_HOME = os.path.expanduser(os.environ.get("SERVEKIT_HOME", "~/.servekit"))
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import uvicorn
 
+from servekit._private import constants
 from servekit._private.controller.state import ProxySpec
 from servekit._private.process import WorkerSpec
 from servekit._private.router import Router
@@ -28,12 +30,38 @@ class HTTPProxy:
     def __init__(self, router: Router) -> None:
         self.router = router
         self.routes: RouteTable = {}
+        self._routes_changed = asyncio.Event()
+        self._removed_at: Dict[str, float] = {}
         router.on_update.append(self._update_routes)
         self._update_routes(router)
 
     def _update_routes(self, router: Router) -> None:
+        old = self.routes
         self.routes = {info.route: (name, info.methods)
                        for name, info in router.endpoints.items() if info.route is not None}
+        now = time.monotonic()
+        for route in old.keys() - self.routes.keys():
+            self._removed_at[route] = now
+        self._removed_at = {route: at for route, at in self._removed_at.items()
+                            if now - at < constants.ROUTE_GRACE_S and route not in self.routes}
+        self._routes_changed.set()
+        self._routes_changed = asyncio.Event()
+
+    async def _match(self, path: str) -> Optional[Tuple[str, List[str]]]:
+        """The endpoint of ``path``. A route removed moments ago (an endpoint being
+        re-created) gets a short grace: the request waits for it to come back."""
+        match = self.routes.get(path)
+        removed_at = self._removed_at.get(path)
+        while match is None and removed_at is not None:
+            remaining = removed_at + constants.ROUTE_GRACE_S - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                await asyncio.wait_for(self._routes_changed.wait(), remaining)
+            except asyncio.TimeoutError:
+                break
+            match = self.routes.get(path)
+        return match
 
     def route_table(self) -> Dict[str, list]:
         """Route -> [endpoint, methods], headless endpoints under their name."""
@@ -54,7 +82,7 @@ class HTTPProxy:
         path: str = scope["path"]
         if path.startswith("/-/"):
             return self._system_path(path)
-        match = self.routes.get(path)
+        match = self.routes.get(path) or await self._match(path)
         if match is None:
             return text_response(404, f"Path '{path}' not found. The route table is at "
                                       "/-/routes.")

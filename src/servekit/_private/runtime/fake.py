@@ -130,8 +130,10 @@ class FakeRuntime(Runtime):
         is_shut_down: Whether ``shutdown`` ran.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, capacity: Optional[Dict[str, float]] = None) -> None:
+        """``capacity``: the resources replicas may reserve, default 8 CPUs and no GPU."""
         self.store = MemoryStore()
+        self._capacity = dict(capacity) if capacity is not None else {"CPU": 8.0, "GPU": 0.0}
         self.workers: Dict[str, FakeWorker] = {}
         self.launch_order: List[str] = []
         self.http_bound: Optional[Tuple[str, int]] = None
@@ -178,6 +180,9 @@ class FakeRuntime(Runtime):
         return [call for call, _ in self.workers[name].calls]
 
     # ------------------------------------------------------------- Runtime
+
+    def capacity(self) -> Dict[str, float]:
+        return dict(self._capacity)
 
     def bind_http(self, host: str, port: int) -> Tuple[str, int]:
         """Pretend to bind the HTTP port: remember and return ``(host, port)``."""

@@ -1,0 +1,748 @@
+"""Unit tests of the controller's logic over the in-memory FakeRuntime (no processes).
+
+Each test runs one event loop with ``asyncio.run``; ``running_controller`` starts a
+controller without an HTTP proxy and always shuts it down. Waits poll a condition with a
+deadline instead of sleeping for a fixed time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import pickle
+from typing import Any, AsyncIterator, Awaitable, Callable, Dict, List, Optional, Tuple
+
+import cloudpickle
+import pytest
+
+from servekit._private import constants
+from servekit._private.controller.controller import CHECKPOINT_KEY, Controller
+from servekit._private.controller.state import RUNNING, STARTING
+from servekit._private.runtime.fake import FakeRuntime
+from servekit.config import BackendConfig, BackendMetadata, HTTPOptions, ReplicaConfig
+
+TIMEOUT_S = 5.0
+
+# --------------------------------------------------------------------------- backends
+
+
+class Model:
+    """A well-behaved class backend that records the user_configs it was given."""
+
+    def __init__(self, name: str = "model") -> None:
+        self.name = name
+        self.user_configs: List[Any] = []
+
+    def reconfigure(self, user_config: Any) -> None:
+        self.user_configs.append(user_config)
+
+    def __call__(self, request: Any) -> str:
+        return self.name
+
+
+class ModelLoadError(Exception):
+    """What a user's constructor raises in these tests."""
+
+
+class BrokenModel:
+    def __init__(self) -> None:
+        raise ModelLoadError("weights.bin is corrupt")
+
+    def __call__(self, request: Any) -> None:
+        return None
+
+
+FLAKY = {"fail": False}
+
+
+class FlakyModel:
+    """Its constructor raises while ``FLAKY["fail"]`` is set (read in-process by the fake)."""
+
+    def __init__(self) -> None:
+        if FLAKY["fail"]:
+            raise ModelLoadError("out of memory")
+
+    def __call__(self, request: Any) -> None:
+        return None
+
+
+def echo(request: Any) -> Any:
+    return request
+
+
+@pytest.fixture(autouse=True)
+def _reset_flaky() -> Any:
+    FLAKY["fail"] = False
+    yield
+    FLAKY["fail"] = False
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def replica_config(target: Any, *init_args: Any) -> ReplicaConfig:
+    return ReplicaConfig(cloudpickle.dumps((target, init_args)), {},
+                         getattr(target, "__qualname__", repr(target)))
+
+
+@contextlib.asynccontextmanager
+async def running_controller(
+        runtime: Optional[FakeRuntime] = None) -> AsyncIterator[Tuple[Controller, FakeRuntime]]:
+    runtime = runtime if runtime is not None else FakeRuntime()
+    controller = Controller(runtime, HTTPOptions(host=None))
+    await controller.start()
+    try:
+        yield controller, runtime
+    finally:
+        await controller.shutdown()
+
+
+async def wait_goal(controller: Controller, goal: Optional[str]) -> None:
+    if goal is not None:
+        await asyncio.wait_for(controller.goals.wait(goal), TIMEOUT_S)
+
+
+async def eventually(condition: Callable[[], Any], message: str,
+                     timeout: float = TIMEOUT_S) -> Any:
+    """Poll ``condition`` on the loop until it is truthy; fail the test after ``timeout``."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            pytest.fail(f"Timed out after {timeout}s waiting for {message}.")
+        await asyncio.sleep(0.005)
+
+
+async def start_backend(controller: Controller, tag: str, target: Any = Model,
+                        *init_args: Any, wait: bool = True, **config: Any) -> Optional[str]:
+    goal = await controller.create_backend(tag, replica_config(target, *init_args),
+                                           BackendConfig(**config),
+                                           BackendMetadata.inspect(target))
+    if wait:
+        await wait_goal(controller, goal)
+    return goal
+
+
+def replica_tags(controller: Controller, tag: str, *states: str) -> List[str]:
+    """Tags of the backend's replicas (in ``states``, default any), oldest first."""
+    backend = controller.backends[tag]
+    return [r.tag for r in backend.replicas.values() if not states or r.state in states]
+
+
+def live_replicas(runtime: FakeRuntime) -> List[str]:
+    return runtime.alive(role="replica")
+
+
+def checkpoint(runtime: FakeRuntime) -> Dict[str, Any]:
+    raw = runtime.store.get(CHECKPOINT_KEY)
+    assert raw is not None, "no checkpoint was written"
+    return pickle.loads(raw)
+
+
+def run(test: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(test())
+
+
+# --------------------------------------------------------------------------- create_backend
+
+
+def test_create_backend_goal_completes_when_all_replicas_run() -> None:
+    async def main() -> None:
+        async with running_controller() as (controller, runtime):
+            runtime.hold_launches()
+            goal = await start_backend(controller, "m", wait=False, num_replicas=3)
+            assert goal is not None
+            await eventually(lambda: len(runtime.held()) == 3, "3 held launches")
+            assert goal in controller.goals.pending()
+            runtime.release()
+            await wait_goal(controller, goal)
+            running = replica_tags(controller, "m", RUNNING)
+            assert len(running) == 3 == len(replica_tags(controller, "m"))
+            assert sorted(live_replicas(runtime)) == sorted(running)
+            for tag in running:
+                assert runtime.calls(tag) == ["ready"]
+            assert controller.list_backends() == {"m": BackendConfig(num_replicas=3)}
+
+    run(main)
+
+
+def test_replicas_start_in_parallel() -> None:
+    async def main() -> None:
+        async with running_controller() as (controller, runtime):
+            runtime.hold_launches()
+            goal = await start_backend(controller, "m", wait=False, num_replicas=4)
+            # Every launch is under way before any of them was let go.
+            held = await eventually(lambda: len(runtime.held()) == 4 and runtime.held(),
+                                    "4 launches in flight at once")
+            assert sorted(held) == sorted(replica_tags(controller, "m", STARTING))
+            runtime.release()
+            await wait_goal(controller, goal)
+            assert len(replica_tags(controller, "m", RUNNING)) == 4
+
+    run(main)
+
+
+def test_replica_gets_its_spec_and_resources() -> None:
+    async def main() -> None:
+        async with running_controller() as (controller, runtime):
+            config = ReplicaConfig(cloudpickle.dumps((Model, ("resnet",))), {"num_cpus": 2},
+                                   "Model")
+            goal = await controller.create_backend("m", config, BackendConfig(),
+                                                   BackendMetadata.inspect(Model))
+            await wait_goal(controller, goal)
+            [tag] = replica_tags(controller, "m")
+            worker = runtime.workers[tag]
+            assert worker.role == "replica"
+            assert worker.resources == {"num_cpus": 2}
+            assert worker.payload.backend_tag == "m"
+            assert worker.payload.replica_tag == tag
+            assert worker.instance.name == "resnet"
+
+    run(main)
+
+
+def test_raising_constructor_fails_goal_and_frees_the_tag() -> None:
+    async def main() -> None:
+        async with running_controller() as (controller, runtime):
+            goal = await start_backend(controller, "m", BrokenModel, wait=False,
+                                       num_replicas=2)
+            with pytest.raises(ModelLoadError, match="weights.bin is corrupt"):
+                await wait_goal(controller, goal)
+            await eventually(lambda: "m" not in controller.backends, "the backend removed")
+            assert controller.list_backends() == {}
+            assert live_replicas(runtime) == []
+            assert "m" not in checkpoint(runtime)["backends"]
+            # The tag is free: the fixed version can be created under it.
+            await start_backend(controller, "m", Model, num_replicas=2)
+            assert len(replica_tags(controller, "m", RUNNING)) == 2
+
+    run(main)
+
+
+class SlowStopRuntime(FakeRuntime):
+    """A FakeRuntime whose ``stop`` takes as long as a real process takes to exit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stops_may_finish = asyncio.Event()
+
+    async def stop(self, name: str, timeout: float) -> None:
+        await self.stops_may_finish.wait()
+        await super().stop(name, timeout)
+
+
+def test_failed_create_can_be_retried_at_once() -> None:
+    """When create_backend raised, calling it again must not see the failed backend."""
+
+    async def main() -> None:
+        runtime = SlowStopRuntime()
+        async with running_controller(runtime) as (controller, _):
+            try:
+                runtime.hold_launches()
+                goal = await start_backend(controller, "m", BrokenModel, wait=False,
+                                           num_replicas=2)
+                first, second = await eventually(
+                    lambda: len(runtime.held()) == 2 and runtime.held(), "2 held launches")
+                runtime.release(first)
+                with pytest.raises(ModelLoadError):
+                    await wait_goal(controller, goal)
+                runtime.hold_launches(False)
+                # The failed replica's process is still exiting; the user retries now.
+                retry = await controller.create_backend(
+                    "m", replica_config(Model), BackendConfig(), BackendMetadata.inspect(Model))
+                runtime.stops_may_finish.set()
+                await wait_goal(controller, retry)
+                assert controller.list_backends() == {"m": BackendConfig()}
+                await eventually(lambda: len(replica_tags(controller, "m", RUNNING)) == 1,
+                                 "one running replica of the retried backend")
+            finally:
+                runtime.stops_may_finish.set()
+
+    run(main)
+
+
+def test_create_backend_duplicate_tag_is_refused() -> None:
+    async def main() -> None:
+        async with running_controller() as (controller, runtime):
+            await start_backend(controller, "m", num_replicas=1)
+            with pytest.raises(ValueError, match="'m' is already registered"):
+                await start_backend(controller, "m", num_replicas=2)
+            with pytest.raises(ValueError, match="'m' is already registered"):
+                await start_backend(controller, "m", echo)
+            assert controller.get_backend_config("m") == BackendConfig(num_replicas=1)
+            assert len(live_replicas(runtime)) == 1
+
+    run(main)
+
+
+def test_create_backend_with_bad_config_for_callable_is_refused() -> None:
+    async def main() -> None:
+        async with running_controller() as (controller, runtime):
+            with pytest.raises(ValueError, match="reconfigure"):
+                await start_backend(controller, "f", echo, user_config={"a": 1})
+            assert controller.list_backends() == {}
+            assert runtime.launch_order == []
+
+    run(main)
+
+
+# --------------------------------------------------------------------------- update_backend_config
+
+
+def test_update_backend_config_scales_up() -> None:
+    async def main() -> None:
+        async with running_controller() as (controller, runtime):
+            await start_backend(controller, "m", num_replicas=1)
+            [original] = replica_tags(controller, "m")
+            goal = await controller.update_backend_config("m", BackendConfig(num_replicas=3))
+            await wait_goal(controller, goal)
+            running = replica_tags(controller, "m", RUNNING)
+            assert len(running) == 3 and original in running
+            assert sorted(live_replicas(runtime)) == sorted(running)
+            assert controller.get_backend_config("m").num_replicas == 3
+            assert checkpoint(runtime)["backends"]["m"][1].num_replicas == 3
+            # A scale-only change does not reconfigure running replicas.
+            assert runtime.calls(original) == ["ready"]
+
+    run(main)
+
+
+def test_update_backend_config_scales_down_newest_first_with_drain() -> None:
+    async def main() -> None:
+        async with running_controller() as (controller, runtime):
+            await start_backend(controller, "m", num_replicas=1)
+            for count in (2, 3):
+                await wait_goal(controller, await controller.update_backend_config(
+                    "m", BackendConfig(num_replicas=count)))
+            oldest, middle, newest = replica_tags(controller, "m")
+            goal = await controller.update_backend_config("m", BackendConfig(num_replicas=1))
+            await wait_goal(controller, goal)
+            assert replica_tags(controller, "m") == [oldest]
+            assert live_replicas(runtime) == [oldest]
+            for victim in (middle, newest):
+                assert runtime.calls(victim)[-1] == "drain"
+                assert runtime.workers[victim].stop_timeout == constants.PROCESS_STOP_TIMEOUT_S
+            assert "drain" not in runtime.calls(oldest)
+
+    run(main)
+
+
+def test_update_backend_config_pushes_user_config_to_running_replicas() -> None:
+    async def main() -> None:
+        async with running_controller() as (controller, runtime):
+            await start_backend(controller, "m", num_replicas=2, user_config={"v": 1})
+            tags = replica_tags(controller, "m")
+            for tag in tags:
+                assert runtime.workers[tag].instance.user_configs == [{"v": 1}]
+            goal = await controller.update_backend_config("m", BackendConfig(user_config={"v": 2}))
+            await wait_goal(controller, goal)
+            for tag in tags:
+                worker = runtime.workers[tag]
+                assert worker.instance.user_configs == [{"v": 1}, {"v": 2}]
+                assert worker.config == BackendConfig(num_replicas=2, user_config={"v": 2})
+            # The merge kept num_replicas; nothing was restarted.
+            assert replica_tags(controller, "m") == tags
+
+    run(main)
+
+
+def test_update_backend_config_errors() -> None:
+    async def main() -> None:
+        async with running_controller() as (controller, runtime):
+            with pytest.raises(ValueError, match="'nope' is not registered"):
+                await controller.update_backend_config("nope", BackendConfig(num_replicas=2))
+            await start_backend(controller, "f", echo)
+            with pytest.raises(ValueError, match="reconfigure"):
+                await controller.update_backend_config("f", BackendConfig(user_config=1))
+            assert controller.get_backend_config("f") == BackendConfig()
+
+    run(main)
+
+
+def test_failed_scale_up_reverts_the_config() -> None:
+    async def main() -> None:
+        async with running_controller() as (controller, runtime):
+            await start_backend(controller, "m", FlakyModel, num_replicas=1)
+            [original] = replica_tags(controller, "m")
+            FLAKY["fail"] = True
+            goal = await controller.update_backend_config("m", BackendConfig(num_replicas=2))
+            with pytest.raises(ModelLoadError, match="out of memory"):
+                await wait_goal(controller, goal)
+            assert controller.get_backend_config("m").num_replicas == 1
+            await eventually(lambda: replica_tags(controller, "m") == [original],
+                             "only the original replica left")
+            assert live_replicas(runtime) == [original]
+            assert checkpoint(runtime)["backends"]["m"][1].num_replicas == 1
+
+    run(main)
+
+
+# --------------------------------------------------------------------------- delete_backend
+
+
+def test_delete_backend_removes_all_replicas_gracefully() -> None:
+    async def main() -> None:
+        async with running_controller() as (controller, runtime):
+            await start_backend(controller, "m", num_replicas=3)
+            tags = replica_tags(controller, "m")
+            goal = await controller.delete_backend("m", force=False)
+            assert "m" not in controller.list_backends()
+            await wait_goal(controller, goal)
+            assert "m" not in controller.backends
+            assert live_replicas(runtime) == []
+            for tag in tags:
+                assert runtime.calls(tag)[-1] == "drain"
+                assert runtime.workers[tag].stop_timeout == constants.PROCESS_STOP_TIMEOUT_S
+            assert "m" not in checkpoint(runtime)["backends"]
+            with pytest.raises(ValueError, match="not registered"):
+                controller.get_backend_config("m")
+
+    run(main)
+
+
+def test_force_delete_backend_skips_drain() -> None:
+    async def main() -> None:
+        async with running_controller() as (controller, runtime):
+            await start_backend(controller, "m", num_replicas=2)
+            tags = replica_tags(controller, "m")
+            await wait_goal(controller, await controller.delete_backend("m", force=True))
+            assert live_replicas(runtime) == []
+            for tag in tags:
+                assert "drain" not in runtime.calls(tag)
+                assert runtime.workers[tag].stop_timeout == 0
+
+    run(main)
+
+
+def test_delete_unknown_backend_is_a_no_op() -> None:
+    async def main() -> None:
+        async with running_controller() as (controller, runtime):
+            await start_backend(controller, "m")
+            assert await controller.delete_backend("nope", force=False) is None
+            assert list(controller.list_backends()) == ["m"]
+
+    run(main)
+
+
+def test_delete_backend_refused_while_an_endpoint_uses_it() -> None:
+    async def main() -> None:
+        async with running_controller() as (controller, runtime):
+            for tag in ("a", "b"):
+                await start_backend(controller, tag)
+            await controller.create_endpoint("e", "a", "/e", ["GET"])
+            await controller.shadow_traffic("e", "b", 0.5)
+            with pytest.raises(ValueError, match="used by endpoint 'e'"):
+                await controller.delete_backend("a", force=False)
+            with pytest.raises(ValueError, match="used by endpoint 'e'"):
+                await controller.delete_backend("b", force=True)
+            assert sorted(controller.list_backends()) == ["a", "b"]
+            assert len(live_replicas(runtime)) == 2
+            # Once no longer used, it can go.
+            await controller.shadow_traffic("e", "b", 0)
+            await wait_goal(controller, await controller.delete_backend("b", force=False))
+            assert sorted(controller.list_backends()) == ["a"]
+
+    run(main)
+
+
+def test_delete_backend_while_replicas_start() -> None:
+    async def main() -> None:
+        async with running_controller() as (controller, runtime):
+            runtime.hold_launches()
+            await start_backend(controller, "m", wait=False, num_replicas=2)
+            await eventually(lambda: len(runtime.held()) == 2, "2 held launches")
+            goal = await controller.delete_backend("m", force=False)
+            await wait_goal(controller, goal)
+            assert "m" not in controller.backends
+            assert live_replicas(runtime) == []
+
+    run(main)
+
+
+# --------------------------------------------------------------------------- endpoints
+
+
+def test_create_endpoint_and_list_endpoints() -> None:
+    async def main() -> None:
+        async with running_controller() as (controller, runtime):
+            await start_backend(controller, "a")
+            await controller.create_endpoint("e", "a", "/e", ["GET", "POST"])
+            await controller.create_endpoint("headless", "a", None, ["GET"])
+            assert controller.list_endpoints() == {
+                "e": {"route": "/e", "methods": ["GET", "POST"], "traffic": {"a": 1.0},
+                      "shadows": {}},
+                "headless": {"route": None, "methods": ["GET"], "traffic": {"a": 1.0},
+                             "shadows": {}},
+            }
+            assert controller.endpoint_exists("e")
+            assert not controller.endpoint_exists("nope")
+            endpoints = checkpoint(runtime)["endpoints"]
+            assert sorted(endpoints) == ["e", "headless"]
+            assert endpoints["e"].traffic == {"a": 1.0}
+
+    run(main)
+
+
+def test_create_endpoint_errors() -> None:
+    async def main() -> None:
+        async with running_controller() as (controller, runtime):
+            await start_backend(controller, "a")
+            with pytest.raises(ValueError, match="backend 'nope' that is not registered"):
+                await controller.create_endpoint("e", "nope", "/e", ["GET"])
+            await controller.create_endpoint("e", "a", "/e", ["GET"])
+            with pytest.raises(ValueError, match="Endpoint 'e' is already registered"):
+                await controller.create_endpoint("e", "a", "/other", ["GET"])
+            with pytest.raises(ValueError, match="Route '/e' is already registered"):
+                await controller.create_endpoint("f", "a", "/e", ["GET"])
+            assert list(controller.list_endpoints()) == ["e"]
+
+    run(main)
+
+
+def test_create_endpoint_same_call_is_idempotent() -> None:
+    async def main() -> None:
+        async with running_controller() as (controller, runtime):
+            await start_backend(controller, "a")
+            await controller.create_endpoint("e", "a", "/e", ["GET"])
+            before = controller.list_endpoints()
+            await controller.create_endpoint("e", "a", "/e", ["GET"])
+            assert controller.list_endpoints() == before
+
+    run(main)
+
+
+def test_delete_endpoint() -> None:
+    async def main() -> None:
+        async with running_controller() as (controller, runtime):
+            await start_backend(controller, "a")
+            await controller.create_endpoint("e", "a", "/e", ["GET"])
+            await controller.delete_endpoint("e")
+            await controller.delete_endpoint("e")  # unknown: a no-op
+            assert controller.list_endpoints() == {}
+            assert checkpoint(runtime)["endpoints"] == {}
+            # The route is free again.
+            await controller.create_endpoint("f", "a", "/e", ["GET"])
+
+    run(main)
+
+
+# --------------------------------------------------------------------------- traffic
+
+
+def test_set_traffic_validation() -> None:
+    async def main() -> None:
+        async with running_controller() as (controller, runtime):
+            for tag in ("a", "b", "c"):
+                await start_backend(controller, tag)
+            await controller.create_endpoint("e", "a", "/e", ["GET"])
+            with pytest.raises(ValueError, match="backend 'nope' that is not registered"):
+                await controller.set_traffic("e", {"a": 0.5, "nope": 0.5})
+            with pytest.raises(ValueError, match="cannot be negative"):
+                await controller.set_traffic("e", {"a": 1.5, "b": -0.5})
+            with pytest.raises(ValueError, match="must sum to 1"):
+                await controller.set_traffic("e", {"a": 0.5, "b": 0.4})
+            with pytest.raises(ValueError, match="must sum to 1"):
+                await controller.set_traffic("e", {"a": 0.5, "b": 0.5 + 1e-7})
+            with pytest.raises(ValueError, match="endpoint 'nope' that is not registered"):
+                await controller.set_traffic("nope", {"a": 1.0})
+            assert controller.list_endpoints()["e"]["traffic"] == {"a": 1.0}
+            # Within 1e-8 of 1 is accepted (float rounding).
+            await controller.set_traffic("e", {"a": 0.5, "b": 0.5 + 5e-9})
+            assert controller.list_endpoints()["e"]["traffic"] == {"a": 0.5, "b": 0.5 + 5e-9}
+            weights = {"a": 1 / 3, "b": 1 / 3, "c": 1 / 3}
+            await controller.set_traffic("e", weights)
+            assert controller.list_endpoints()["e"]["traffic"] == weights
+            assert checkpoint(runtime)["endpoints"]["e"].traffic == weights
+
+    run(main)
+
+
+def test_set_traffic_keeps_shadows() -> None:
+    async def main() -> None:
+        async with running_controller() as (controller, runtime):
+            for tag in ("a", "b", "c"):
+                await start_backend(controller, tag)
+            await controller.create_endpoint("e", "a", "/e", ["GET"])
+            await controller.shadow_traffic("e", "c", 0.2)
+            await controller.set_traffic("e", {"a": 0.5, "b": 0.5})
+            assert controller.list_endpoints()["e"] == {
+                "route": "/e", "methods": ["GET"], "traffic": {"a": 0.5, "b": 0.5},
+                "shadows": {"c": 0.2}}
+
+    run(main)
+
+
+def test_shadow_traffic_add_and_remove() -> None:
+    async def main() -> None:
+        async with running_controller() as (controller, runtime):
+            for tag in ("a", "b"):
+                await start_backend(controller, tag)
+            await controller.create_endpoint("e", "a", "/e", ["GET"])
+            await controller.shadow_traffic("e", "b", 0.3)
+            assert controller.list_endpoints()["e"]["shadows"] == {"b": 0.3}
+            assert checkpoint(runtime)["endpoints"]["e"].shadows == {"b": 0.3}
+            await controller.shadow_traffic("e", "b", 0.6)
+            assert controller.list_endpoints()["e"]["shadows"] == {"b": 0.6}
+            await controller.shadow_traffic("e", "b", 0)
+            assert controller.list_endpoints()["e"]["shadows"] == {}
+            assert checkpoint(runtime)["endpoints"]["e"].shadows == {}
+            assert controller.list_endpoints()["e"]["traffic"] == {"a": 1.0}
+            with pytest.raises(ValueError, match="backend 'nope' that is not registered"):
+                await controller.shadow_traffic("e", "nope", 0.1)
+            with pytest.raises(ValueError, match="endpoint 'nope' that is not registered"):
+                await controller.shadow_traffic("nope", "b", 0.1)
+
+    run(main)
+
+
+# --------------------------------------------------------------------------- checkpoint
+
+
+def test_checkpoint_written_after_mutations_and_removed_on_shutdown() -> None:
+    async def main() -> None:
+        runtime = FakeRuntime()
+        async with running_controller(runtime) as (controller, _):
+            assert runtime.store.get(CHECKPOINT_KEY) is None
+            await start_backend(controller, "a", Model, "x", num_replicas=2)
+            replica_cfg, config, metadata = checkpoint(runtime)["backends"]["a"]
+            assert replica_cfg == replica_config(Model, "x")
+            assert config == BackendConfig(num_replicas=2)
+            assert metadata == BackendMetadata.inspect(Model)
+            await controller.create_endpoint("e", "a", "/e", ["GET"])
+            assert checkpoint(runtime)["endpoints"]["e"].route == "/e"
+        assert runtime.is_shut_down
+        assert runtime.store.get(CHECKPOINT_KEY) is None
+
+    run(main)
+
+
+def test_checkpoint_is_written_before_the_change_is_published() -> None:
+    async def main() -> None:
+        async with running_controller() as (controller, runtime):
+            seen: List[Tuple[str, Any]] = []
+            publish = controller.long_poll.publish
+
+            async def recording_publish(key: str, value: Any) -> int:
+                raw = runtime.store.get(CHECKPOINT_KEY)
+                seen.append((key, None if raw is None else pickle.loads(raw)))
+                return await publish(key, value)
+
+            controller.long_poll.publish = recording_publish  # type: ignore[method-assign]
+            await start_backend(controller, "a")
+            await start_backend(controller, "b")
+            await controller.create_endpoint("e", "a", "/e", ["GET"])
+            await controller.set_traffic("e", {"a": 0.25, "b": 0.75})
+            endpoint_states = [state for key, state in seen if key == constants.KEY_ENDPOINTS]
+            assert [s["endpoints"]["e"].traffic for s in endpoint_states] == [
+                {"a": 1.0}, {"a": 0.25, "b": 0.75}]
+            first_backends = next(s for k, s in seen if k == constants.KEY_BACKENDS)
+            assert "a" in first_backends["backends"]
+
+    run(main)
+
+
+# --------------------------------------------------------------------------- health
+
+
+def test_health_check_replaces_a_killed_replica() -> None:
+    async def main() -> None:
+        async with running_controller() as (controller, runtime):
+            await start_backend(controller, "m", num_replicas=2)
+            victim, survivor = replica_tags(controller, "m")
+            runtime.kill(victim)
+            await controller._check_health()
+            assert victim not in controller.backends["m"].replicas
+            replacement = await eventually(
+                lambda: [t for t in replica_tags(controller, "m", RUNNING)
+                         if t not in (victim, survivor)],
+                "a replacement replica running")
+            assert sorted(replica_tags(controller, "m")) == sorted([survivor, *replacement])
+            assert sorted(live_replicas(runtime)) == sorted([survivor, *replacement])
+            assert runtime.calls(replacement[0]) == ["ready"]
+            _, view = (await controller.long_poll.listen(
+                "probe", "test", {constants.KEY_REPLICAS: -1}))[constants.KEY_REPLICAS]
+            controller.long_poll.forget("probe")
+            assert sorted(t for t, _ in view["m"]) == sorted([survivor, *replacement])
+
+    run(main)
+
+
+def test_health_check_retries_a_replacement_that_failed_to_start() -> None:
+    """A backend whose replacement replica failed once must not stay short of replicas."""
+
+    async def main() -> None:
+        async with running_controller() as (controller, runtime):
+            await start_backend(controller, "m", FlakyModel, num_replicas=2)
+            victim, survivor = replica_tags(controller, "m")
+            FLAKY["fail"] = True
+            runtime.kill(victim)
+            await controller._check_health()
+            first_try = await eventually(
+                lambda: [n for n in runtime.launch_order if n not in (victim, survivor)],
+                "a replacement launched")
+            await eventually(lambda: not runtime.is_alive(first_try[0]),
+                             "the failed replacement stopped")
+            FLAKY["fail"] = False
+            await controller._check_health()
+            await eventually(lambda: len(replica_tags(controller, "m", RUNNING)) == 2,
+                             "the backend back at 2 running replicas", timeout=2.0)
+
+    run(main)
+
+
+# --------------------------------------------------------------------------- long poll
+
+
+def test_long_poll_publishes_replicas_as_they_become_running() -> None:
+    async def main() -> None:
+        async with running_controller() as (controller, runtime):
+            key = constants.KEY_REPLICAS
+            version = controller.long_poll.version(key)
+            runtime.hold_launches()
+            await start_backend(controller, "m", wait=False, num_replicas=2)
+            first, second = await eventually(
+                lambda: len(runtime.held()) == 2 and runtime.held(), "2 held launches")
+            listener = asyncio.ensure_future(
+                controller.long_poll.listen("router-1", "router", {key: version}))
+            # Nothing is RUNNING yet, so the replica set has not changed.
+            assert controller.long_poll.version(key) == version
+            assert not listener.done()
+            runtime.release(first)
+            version, view = (await asyncio.wait_for(listener, TIMEOUT_S))[key]
+            assert view["m"] == [(first, f"fake://{first}")]
+            listener = asyncio.ensure_future(
+                controller.long_poll.listen("router-1", "router", {key: version}))
+            runtime.release(second)
+            version, view = (await asyncio.wait_for(listener, TIMEOUT_S))[key]
+            assert sorted(view["m"]) == sorted([(first, f"fake://{first}"),
+                                                (second, f"fake://{second}")])
+            controller.long_poll.forget("router-1")
+
+    run(main)
+
+
+def test_scale_down_unpublishes_a_replica_before_draining_it() -> None:
+    async def main() -> None:
+        async with running_controller() as (controller, runtime):
+            key = constants.KEY_REPLICAS
+            await start_backend(controller, "m", num_replicas=2)
+            keeper, victim = replica_tags(controller, "m")
+            version = controller.long_poll.version(key)
+            listener = asyncio.ensure_future(
+                controller.long_poll.listen("router-1", "router", {key: version}))
+            goal = await controller.update_backend_config("m", BackendConfig(num_replicas=1))
+            version, view = (await asyncio.wait_for(listener, TIMEOUT_S))[key]
+            assert view["m"] == [(keeper, f"fake://{keeper}")]
+            # The router has not acknowledged the new set yet, so nothing is drained.
+            assert "drain" not in runtime.calls(victim)
+            listener = asyncio.ensure_future(
+                controller.long_poll.listen("router-1", "router", {key: version}))
+            await wait_goal(controller, goal)
+            assert runtime.calls(victim)[-1] == "drain"
+            assert not runtime.is_alive(victim)
+            listener.cancel()
+            controller.long_poll.forget("router-1")
+
+    run(main)
