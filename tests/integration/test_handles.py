@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import threading
 import time
 
@@ -441,3 +442,41 @@ def test_handle_requests_from_many_threads(serve_instance):
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         assert list(pool.map(call, range(8))) == [1000 + i for i in range(8)]
+
+
+def test_first_requests_sent_concurrently_all_succeed(serve_instance):
+    # Several requests racing to open the first connection to a fresh replica.
+    client, _ = serve_instance
+    client.create_backend("calc", Calculator, 0)
+    client.create_endpoint("calc", backend="calc")
+
+    async def main() -> list:
+        handle = client.get_handle("calc", sync=False).options(method_name="add")
+        responses = await asyncio.gather(*(handle.remote(i) for i in range(8)))
+        return list(await asyncio.gather(*responses))
+
+    assert asyncio.run(main()) == list(range(8))
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+def test_async_handles_in_finished_event_loops_do_not_leak_connections(serve_instance):
+    # A program may call asyncio.run() with an async handle again and again: the connections
+    # opened for a loop must not outlive it.
+    client, _ = serve_instance
+    client.create_backend("describe", describe)
+    client.create_endpoint("describe", backend="describe")
+
+    async def call(value: int) -> int:
+        handle = client.get_handle("describe", sync=False)
+        return (await (await handle.remote(value)))["data"]
+
+    assert asyncio.run(call(0)) == 0  # warm up: imports, the sync router, caches
+    before = _open_fds()
+    assert [asyncio.run(call(i)) for i in range(1, 6)] == [1, 2, 3, 4, 5]
+    after = _open_fds()
+    assert after - before <= 1, (
+        f"{after - before} file descriptors are still open after 5 finished event loops")

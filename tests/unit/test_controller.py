@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import pickle
-from typing import Any, AsyncIterator, Awaitable, Callable, Dict, List, Optional, Tuple
+from typing import (
+    Any, AsyncIterator, Awaitable, Callable, Dict, List, Optional, Set, Tuple,
+)
 
 import cloudpickle
 import pytest
@@ -20,6 +22,7 @@ from servekit._private.controller.controller import CHECKPOINT_KEY, Controller
 from servekit._private.controller.state import RUNNING, STARTING
 from servekit._private.runtime.fake import FakeRuntime
 from servekit.config import BackendConfig, BackendMetadata, HTTPOptions, ReplicaConfig
+from servekit.exceptions import ServeError
 
 TIMEOUT_S = 5.0
 
@@ -64,6 +67,21 @@ class FlakyModel:
 
     def __call__(self, request: Any) -> None:
         return None
+
+
+class PickyModel:
+    """Its reconfigure refuses a user_config without "v"."""
+
+    def __init__(self) -> None:
+        self.user_config: Any = None
+
+    def reconfigure(self, user_config: Any) -> None:
+        if "v" not in user_config:
+            raise KeyError("user_config needs 'v'")
+        self.user_config = user_config
+
+    def __call__(self, request: Any) -> Any:
+        return self.user_config
 
 
 def echo(request: Any) -> Any:
@@ -222,19 +240,26 @@ def test_raising_constructor_fails_goal_and_frees_the_tag() -> None:
 
 
 class SlowStopRuntime(FakeRuntime):
-    """A FakeRuntime whose ``stop`` takes as long as a real process takes to exit."""
+    """A FakeRuntime whose ``stop`` of the workers in ``slow`` takes until ``finish_stops``,
+    as a real process takes a while to exit."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.stops_may_finish = asyncio.Event()
+        self.slow: Set[str] = set()
+        self._stops_may_finish = asyncio.Event()
+
+    def finish_stops(self) -> None:
+        self._stops_may_finish.set()
 
     async def stop(self, name: str, timeout: float) -> None:
-        await self.stops_may_finish.wait()
+        if name in self.slow:
+            await self._stops_may_finish.wait()
         await super().stop(name, timeout)
 
 
 def test_failed_create_can_be_retried_at_once() -> None:
-    """When create_backend raised, calling it again must not see the failed backend."""
+    """Once create_backend raised, creating the tag again must work, even while the other
+    replicas of the failed backend are still being stopped."""
 
     async def main() -> None:
         runtime = SlowStopRuntime()
@@ -245,20 +270,60 @@ def test_failed_create_can_be_retried_at_once() -> None:
                                            num_replicas=2)
                 first, second = await eventually(
                     lambda: len(runtime.held()) == 2 and runtime.held(), "2 held launches")
+                runtime.slow.add(second)
                 runtime.release(first)
                 with pytest.raises(ModelLoadError):
                     await wait_goal(controller, goal)
+                assert controller.list_backends() == {}
                 runtime.hold_launches(False)
-                # The failed replica's process is still exiting; the user retries now.
+                # The second replica's process is still exiting; the user retries now.
                 retry = await controller.create_backend(
                     "m", replica_config(Model), BackendConfig(), BackendMetadata.inspect(Model))
-                runtime.stops_may_finish.set()
+                runtime.finish_stops()
                 await wait_goal(controller, retry)
                 assert controller.list_backends() == {"m": BackendConfig()}
                 await eventually(lambda: len(replica_tags(controller, "m", RUNNING)) == 1,
                                  "one running replica of the retried backend")
             finally:
-                runtime.stops_may_finish.set()
+                runtime.finish_stops()
+
+    run(main)
+
+
+def test_replica_killed_before_ready_fails_the_create() -> None:
+    async def main() -> None:
+        async with running_controller() as (controller, runtime):
+            runtime.hold_launches()
+            goal = await start_backend(controller, "m", wait=False)
+            [name] = await eventually(runtime.held, "a held launch")
+            runtime.kill(name)
+            runtime.release()
+            with pytest.raises(ServeError, match="was killed by signal SIGKILL before its "
+                                                 "constructor finished"):
+                await wait_goal(controller, goal)
+            await eventually(lambda: "m" not in controller.backends, "the backend removed")
+
+    run(main)
+
+
+def test_create_backend_refused_beyond_capacity() -> None:
+    async def main() -> None:
+        async with running_controller(FakeRuntime(capacity={"CPU": 4.0})) as (controller,
+                                                                               runtime):
+            config = ReplicaConfig(cloudpickle.dumps((Model, ())), {"num_cpus": 2}, "Model")
+            with pytest.raises(ServeError, match="only 2 fit"):
+                await controller.create_backend("big", config, BackendConfig(num_replicas=3),
+                                                BackendMetadata.inspect(Model))
+            assert controller.list_backends() == {}
+            assert runtime.launch_order == []
+            await wait_goal(controller, await controller.create_backend(
+                "big", config, BackendConfig(num_replicas=2), BackendMetadata.inspect(Model)))
+            with pytest.raises(ServeError, match="only 0 fit"):
+                await controller.update_backend_config("big", BackendConfig(num_replicas=3))
+            assert controller.get_backend_config("big").num_replicas == 2
+            assert len(live_replicas(runtime)) == 2
+            # Replicas that ask for nothing always fit.
+            await start_backend(controller, "small", num_replicas=3)
 
     run(main)
 
@@ -344,6 +409,38 @@ def test_update_backend_config_pushes_user_config_to_running_replicas() -> None:
                 assert worker.config == BackendConfig(num_replicas=2, user_config={"v": 2})
             # The merge kept num_replicas; nothing was restarted.
             assert replica_tags(controller, "m") == tags
+
+    run(main)
+
+
+def test_scale_down_stops_starting_replicas_before_running_ones() -> None:
+    async def main() -> None:
+        async with running_controller() as (controller, runtime):
+            await start_backend(controller, "m", num_replicas=1)
+            [original] = replica_tags(controller, "m")
+            runtime.hold_launches()
+            scale_up = await controller.update_backend_config("m", BackendConfig(num_replicas=3))
+            await eventually(lambda: len(runtime.held()) == 2, "2 held launches")
+            goal = await controller.update_backend_config("m", BackendConfig(num_replicas=1))
+            await wait_goal(controller, scale_up)  # superseded by the newer call
+            await wait_goal(controller, goal)
+            assert replica_tags(controller, "m") == [original]
+            assert live_replicas(runtime) == [original]
+            assert "drain" not in runtime.calls(original)
+
+    run(main)
+
+
+def test_update_backend_config_that_fails_to_apply_leaves_the_config_unchanged() -> None:
+    """When reconfigure raises on the replicas, the call raises and the old config stays."""
+
+    async def main() -> None:
+        async with running_controller() as (controller, runtime):
+            await start_backend(controller, "m", PickyModel, user_config={"v": 1})
+            with pytest.raises(KeyError, match="needs 'v'"):
+                await controller.update_backend_config("m", BackendConfig(user_config={}))
+            assert controller.get_backend_config("m").user_config == {"v": 1}
+            assert checkpoint(runtime)["backends"]["m"][1].user_config == {"v": 1}
 
     run(main)
 

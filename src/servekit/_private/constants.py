@@ -24,6 +24,8 @@ STARTUP_TIMEOUT_S = _env_float("SERVEKIT_STARTUP_TIMEOUT_S", 60.0)
 HEALTH_CHECK_PERIOD_S = _env_float("SERVEKIT_HEALTH_CHECK_PERIOD_S", 0.5, minimum=0.01)
 # Seconds a process gets to exit after SIGTERM before it is killed.
 PROCESS_STOP_TIMEOUT_S = _env_float("SERVEKIT_PROCESS_STOP_TIMEOUT_S", 5.0)
+# Longest wait, in seconds, before retrying a replacement replica that failed to start.
+MAX_RESTART_BACKOFF_S = _env_float("SERVEKIT_MAX_RESTART_BACKOFF_S", 30.0)
 # Seconds `client.shutdown()` waits for the controller to stop everything.
 SHUTDOWN_TIMEOUT_S = _env_float("SERVEKIT_SHUTDOWN_TIMEOUT_S", 30.0)
 # Seconds a request to a just-removed route waits for an endpoint to take that route again.

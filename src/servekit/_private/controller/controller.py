@@ -13,6 +13,7 @@ import logging
 import math
 import pickle
 import secrets
+import time
 from typing import Any, Dict, List, Optional
 
 from servekit._private import constants, resources
@@ -91,7 +92,7 @@ class Controller:
                              metadata: Optional[BackendMetadata]) -> Optional[str]:
         async with self._lock:
             existing = self.backends.get(tag)
-            if existing is not None:
+            if existing is not None and not existing.deleting:
                 if existing.replica_config == replica_config and existing.config == config:
                     return existing.goal  # a retried call
                 raise ValueError(f"Cannot create backend. Backend '{tag}' is already "
@@ -125,7 +126,18 @@ class Controller:
             self._checkpoint()
             await self._publish_backends()
             if _replica_visible_fields(old_config) != _replica_visible_fields(new_config):
-                await self._push_config(backend)
+                try:
+                    await self._push_config(backend)
+                except Exception:
+                    # A replica refused the change (reconfigure raised): undo it everywhere.
+                    backend.config = old_config
+                    backend.config_before_update = None
+                    self._checkpoint()
+                    await self._publish_backends()
+                    await self._push_config(backend, raise_errors=False)
+                    self.goals.complete(backend.goal)
+                    backend.goal = None
+                    raise
             self._reconcile(backend)
             return backend.goal
 
@@ -183,7 +195,7 @@ class Controller:
                 f"use {used}). Lower num_replicas or the replica's ray_actor_options, or "
                 "declare more resources in serve.start(resources=...).")
 
-    async def _push_config(self, backend: BackendState) -> None:
+    async def _push_config(self, backend: BackendState, raise_errors: bool = True) -> None:
         """Send the new config to every running replica and wait until each applied it."""
         running = [r for r in backend.in_state(RUNNING) if r.connection is not None]
         results = await asyncio.gather(
@@ -191,7 +203,7 @@ class Controller:
             return_exceptions=True)
         errors = [e for e in results if isinstance(e, Exception)
                   and not isinstance(e, BackendUnavailableError)]
-        if errors:
+        if errors and raise_errors:
             raise errors[0]
 
     # ----------------------------------------------------------------- reconciliation
@@ -207,7 +219,6 @@ class Controller:
             record.task = asyncio.ensure_future(self._run_start(backend, record))
         if missing < 0:
             # Newest first, and replicas still starting before running ones.
-            victims = sorted(active, key=lambda r: r.state == RUNNING)
             ordered = list(reversed(list(backend.replicas)))
             victims = sorted(active, key=lambda r: (r.state == RUNNING, ordered.index(r.tag)))
             for record in victims[:-missing]:
@@ -255,6 +266,9 @@ class Controller:
                 self._check_goal(backend)
                 return
             logger.warning("Replica %s failed to start: %r", record.tag, error)
+            backend.start_failures += 1
+            backend.retry_at = time.monotonic() + min(
+                constants.MAX_RESTART_BACKOFF_S, 0.5 * 2 ** backend.start_failures)
             if not backend.created:
                 # The create call fails as a whole: the tag is free again.
                 self.goals.fail(backend.goal, error)
@@ -324,6 +338,7 @@ class Controller:
         running = backend.in_state(RUNNING)
         if len(running) == backend.target_replicas == len(backend.replicas):
             backend.created = True
+            backend.start_failures = 0
             backend.config_before_update = None
             self.goals.complete(backend.goal)
             backend.goal = None
@@ -353,6 +368,10 @@ class Controller:
                 if dead:
                     await self._publish_replicas()
                     self._reconcile(backend)
+                elif backend.created and not backend.deleting and backend.goal is None and \
+                        time.monotonic() >= backend.retry_at and \
+                        len(backend.in_state(STARTING, RUNNING)) < backend.target_replicas:
+                    self._reconcile(backend)  # retry replacements that failed to start
             if self._proxy is not None and not self.runtime.is_alive(PROXY_NAME):
                 logger.warning("The HTTP proxy %s; starting a new one.",
                                self.runtime.exit_description(PROXY_NAME))

@@ -37,6 +37,8 @@ class BackendState:
     deleting: bool = False
     force_delete: bool = False
     config_before_update: Optional[BackendConfig] = None
+    start_failures: int = 0  # consecutive replica starts that failed
+    retry_at: float = 0.0  # monotonic time before which failed replacements are not retried
 
     @property
     def target_replicas(self) -> int:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import inspect
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import cloudpickle
 
@@ -84,15 +84,15 @@ class FakeConnection:
                 return True
             raise ServeError(f"Unknown RPC method {name!r}.")
         if name == "ready":
-            return self._ready()
+            return await self._ready()
         if name == "drain":
             return None
         if name == "update_config":
-            self._update_config(args[0])
+            await self._update_config(args[0])
             return None
         raise ServeError(f"Unknown RPC method {name!r}.")
 
-    def _ready(self) -> BackendMetadata:
+    async def _ready(self) -> BackendMetadata:
         """Construct the backend once (raising what its constructor raises)."""
         worker = self.worker
         if worker.metadata is not None:
@@ -105,18 +105,29 @@ class FakeConnection:
         worker.instance = target(*init_args) if inspect.isclass(target) else target
         worker.config = spec.config
         if spec.config.user_config is not None:
-            worker.instance.reconfigure(spec.config.user_config)
+            await self._reconfigure(spec.config.user_config)
         worker.metadata = metadata
         return metadata
 
-    def _update_config(self, config: BackendConfig) -> None:
+    async def _update_config(self, config: BackendConfig) -> None:
         """Record ``config``; call ``reconfigure`` only when ``user_config`` changed."""
         worker = self.worker
         old = worker.config
         worker.config = config
         changed = old is None or old.user_config != config.user_config
         if changed and config.user_config is not None:
-            worker.instance.reconfigure(config.user_config)
+            await self._reconfigure(config.user_config)
+
+    async def _reconfigure(self, user_config: Any) -> None:
+        """Call the instance's ``reconfigure`` (awaiting it if it is async), as a replica does."""
+        worker = self.worker
+        reconfigure = getattr(worker.instance, "reconfigure", None)
+        if reconfigure is None:
+            raise ValueError(f"user_config is set but backend '{worker.payload.backend_tag}' "
+                             "has no reconfigure(user_config) method.")
+        result = reconfigure(user_config)
+        if inspect.isawaitable(result):
+            await result
 
 
 class FakeRuntime(Runtime):
@@ -139,7 +150,7 @@ class FakeRuntime(Runtime):
         self.http_bound: Optional[Tuple[str, int]] = None
         self._holds: Dict[str, asyncio.Event] = {}
         self._hold_all = False
-        self._held: set = set()
+        self._held: Set[str] = set()
         self.is_shut_down = False
 
     # ------------------------------------------------------------- test controls
