@@ -174,7 +174,7 @@ class Client:
             update = config_options
         else:
             raise TypeError("config_options must be a BackendConfig or a dict, got "
-                            f"{type(config_options).__name__}.")
+                            f"{type(config_options).__name__} {config_options!r}.")
         goal = self._call("update_backend_config", backend_tag, update)
         self._wait_for_goal(goal)
 
@@ -210,7 +210,8 @@ class Client:
         if backend is None:
             raise TypeError("backend must be specified when creating an endpoint.")
         if not isinstance(backend, str):
-            raise TypeError(f"backend must be a string, got {type(backend).__name__}.")
+            raise TypeError(f"backend must be a string, got {type(backend).__name__} "
+                            f"{backend!r}.")
         if route is not None and (not isinstance(route, str) or not route.startswith("/")):
             raise TypeError(f"route must be a string starting with '/', got {route!r}.")
         if route is not None and route.startswith("/-/"):
@@ -288,6 +289,9 @@ class Client:
             KeyError: the endpoint does not exist and ``missing_ok`` is False.
         """
         _check_tag(endpoint_name, "endpoint_name")
+        for name, flag in (("missing_ok", missing_ok), ("sync", sync)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {flag!r}.")
         if not missing_ok and not self._call("endpoint_exists", endpoint_name):
             raise KeyError(f"Endpoint '{endpoint_name}' does not exist. Create it with "
                            "create_endpoint(), or pass missing_ok=True.")

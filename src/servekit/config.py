@@ -180,7 +180,7 @@ class BackendConfig(BaseModel):
             update = BackendConfig.model_validate(update)
         elif not isinstance(update, BackendConfig):
             raise TypeError(
-                f"config_options must be a BackendConfig or a dict, got {type(update).__name__}."
+                f"config_options must be a BackendConfig or a dict, got {type(update).__name__} {update!r}."
             )
         data = _set_fields(self)
         data.update(_set_fields(update))
@@ -227,7 +227,9 @@ def parse_backend_config(config: BackendConfig | dict[str, Any] | None) -> Backe
         return BackendConfig.model_validate(config)
     if isinstance(config, BackendConfig):
         return _revalidated_copy(config)
-    raise TypeError(f"config must be a BackendConfig or a dict, got {type(config).__name__}.")
+    raise TypeError(
+        f"config must be a BackendConfig or a dict, got {type(config).__name__} {config!r}."
+    )
 
 
 def parse_http_options(options: HTTPOptions | dict[str, Any] | None) -> HTTPOptions:
@@ -245,7 +247,10 @@ def parse_http_options(options: HTTPOptions | dict[str, Any] | None) -> HTTPOpti
         return HTTPOptions.model_validate(options)
     if isinstance(options, HTTPOptions):
         return _revalidated_copy(options)
-    raise TypeError(f"http_options must be an HTTPOptions or a dict, got {type(options).__name__}.")
+    raise TypeError(
+        "http_options must be an HTTPOptions or a dict, got "
+        f"{type(options).__name__} {options!r}."
+    )
 
 
 def _is_number(value: object) -> TypeGuard[int | float]:
@@ -266,7 +271,9 @@ def validate_actor_options(options: dict[str, Any] | None) -> dict[str, Any]:
     if options is None:
         return {}
     if not isinstance(options, dict):
-        raise TypeError(f"ray_actor_options must be a dict, got {type(options).__name__}.")
+        raise TypeError(
+            f"ray_actor_options must be a dict, got {type(options).__name__} {options!r}."
+        )
     allowed = ", ".join(_ALLOWED_ACTOR_OPTIONS)
     result: dict[str, Any] = {}
     for key, value in options.items():

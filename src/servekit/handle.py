@@ -87,8 +87,11 @@ class _Routers:
         loop = asyncio.get_running_loop()
         key = (controller_address, id(loop))
         with self._lock:
+            for stale in [k for k, f in self._routers.items() if f.get_loop().is_closed()]:
+                del self._routers[stale]
             future = self._routers.get(key)
-            if future is None or (future.done() and future.exception() is not None):
+            if future is None or future.get_loop() is not loop or (
+                    future.done() and future.exception() is not None):
                 future = asyncio.ensure_future(Router.start(controller_address))
                 self._routers[key] = future
         return await asyncio.shield(future)

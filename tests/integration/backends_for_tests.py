@@ -84,3 +84,10 @@ def call_other_endpoint(request: Any) -> Any:
     """Call the endpoint named by the request data through a client from serve.connect()."""
     handle = serve.connect().get_handle(request.data)
     return handle.remote("from-inside").result(timeout=10)
+
+
+async def call_other_endpoint_async(request: Any) -> list:
+    """Like ``call_other_endpoint``, with an async handle on the replica's own event loop."""
+    handle = serve.connect().get_handle(request.data, sync=False)
+    reply = await (await handle.remote("from-async"))
+    return [type(handle).__name__, reply]

@@ -8,8 +8,10 @@ controller pid) before and after.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import re
+import warnings
 from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import httpx
@@ -19,7 +21,7 @@ from pydantic import ValidationError
 import servekit as serve
 from backends_for_tests import (
     ConstructorError, ContextReporter, Echo, FailingConstructor, ReplicaRecorder,
-    call_other_endpoint, connect_and_describe, echo_function,
+    call_other_endpoint, call_other_endpoint_async, connect_and_describe, echo_function,
 )
 from conftest import free_port, wait_for
 from processes import descendants, start_time
@@ -216,7 +218,10 @@ def test_create_backend_rejects_bad_arguments(serve_instance: tuple, args: tuple
     ({"max_restarts": 3}, ValueError, ["max_restarts"]),
     ("num_cpus=1", TypeError, ["ray_actor_options", "'num_cpus=1'"]),
     ([("num_cpus", 1)], TypeError, ["ray_actor_options", "[('num_cpus', 1)]"]),
-], ids=lambda value: None if not isinstance(value, (dict, str, list)) else repr(value)[:40])
+], ids=["str-num_cpus", "bool-num_cpus", "negative-num_cpus", "nan-num_cpus", "none-num_gpus",
+        "negative-num_gpus", "str-memory", "negative-memory", "list-resources",
+        "str-resource-amount", "negative-resource-amount", "int-resource-name",
+        "unknown-key", "managed-key", "str-options", "list-options"])
 def test_ray_actor_options_are_validated(serve_instance: tuple, options: Any, error: type,
                                          fragments: List[str]) -> None:
     client, _ = serve_instance
@@ -494,7 +499,7 @@ def test_headless_endpoint_is_reachable_by_handle_only(serve_instance: tuple) ->
         "empty-name", "none-name"])
 def test_create_endpoint_rejects_bad_arguments(serve_instance: tuple, name: Any, kwargs: dict,
                                                error: type, fragments: List[str]) -> None:
-    client, url = serve_instance
+    client, _ = serve_instance
     client.create_backend("target", echo_function)
 
     with pytest.raises(error) as excinfo:
@@ -563,6 +568,8 @@ def test_get_handle_of_unknown_endpoint_is_a_key_error(serve_instance: tuple) ->
 def test_get_handle_sync_and_async(serve_instance: tuple) -> None:
     client, _ = serve_instance
     serve_echo(client, "handled", prefix="h")
+    client.create_backend("async-caller", call_other_endpoint_async)
+    client.create_endpoint("async-caller", backend="async-caller")
 
     sync_handle = client.get_handle("handled")
     async_handle = client.get_handle("handled", sync=False)
@@ -570,11 +577,29 @@ def test_get_handle_sync_and_async(serve_instance: tuple) -> None:
     assert isinstance(sync_handle, serve.ServeSyncHandle)
     assert sync_handle.remote("s").result(timeout=10) == "h:s"
     assert isinstance(async_handle, serve.ServeHandle)
+    # An async handle used on a running loop: inside an async backend.
+    assert client.get_handle("async-caller").remote("handled").result(timeout=20) == \
+        ["ServeHandle", "h:from-async"]
 
-    async def call() -> Any:
-        return await (await async_handle.remote("a"))
 
-    assert asyncio.run(call()) == "h:a"
+def test_async_handle_under_asyncio_run_leaves_no_open_connections() -> None:
+    """A script that uses an async handle in ``asyncio.run`` must not leak its sockets."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        client = serve.start(http_options={"port": free_port()})
+        try:
+            serve_echo(client, "handled", prefix="h", route=None)
+            handle = client.get_handle("handled", sync=False)
+
+            async def call() -> Any:
+                return await (await handle.remote("a"))
+
+            assert asyncio.run(call()) == "h:a"
+        finally:
+            client.shutdown()
+        gc.collect()
+    leaked = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+    assert leaked == []
 
 
 def test_get_handle_missing_ok_gives_a_handle_before_the_endpoint_exists(

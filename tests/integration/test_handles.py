@@ -39,7 +39,7 @@ def describe(request: ServeRequest) -> dict:
         "data": request.data,
         "kwargs": dict(request.query_params),
         "method": request.method,
-        "header": request.headers.get("X-Trace") if "X-Trace" in request.headers else None,
+        "header": request.headers.get("X-Trace"),
         "body": asyncio.run(request.body()),
     }
 
@@ -301,7 +301,7 @@ def test_unknown_method_is_error_listing_available_methods(serve_instance):
     client.create_backend("calc", Calculator, 0)
     client.create_endpoint("calc", backend="calc")
     handle = client.get_handle("calc")
-    with pytest.raises(Exception) as info:
+    with pytest.raises(serve.RayServeException) as info:
         handle.options(method_name="divide").remote(1).result(timeout=TIMEOUT)
     message = str(info.value)
     assert "divide" in message
@@ -351,12 +351,12 @@ def test_result_timeout_raises_timeout_error_then_reply_still_arrives(serve_inst
     client, _ = serve_instance
     client.create_backend("slow", slow)
     client.create_endpoint("slow", backend="slow")
-    response = client.get_handle("slow").remote(1.0)
+    response = client.get_handle("slow").remote(1.5)
     started = time.monotonic()
     with pytest.raises(TimeoutError):
         response.result(timeout=0.2)
-    assert time.monotonic() - started < 0.9
-    assert response.result(timeout=TIMEOUT) == "slept 1.0"
+    assert time.monotonic() - started < 1.0
+    assert response.result(timeout=TIMEOUT) == "slept 1.5"
 
 
 # --------------------------------------------------------------------------- replicas

@@ -152,8 +152,10 @@ def test_routes_lists_route_table_with_headless_endpoints(http):
         assert response.headers["content-type"].startswith("application/json")
         return response.json()
 
-    wait_for(lambda: "headless" in table(), TIMEOUT, "the headless endpoint in /-/routes")
-    assert table() == {"/greet": ["greet", ["GET", "POST"]], "headless": ["headless", ["GET"]]}
+    expected = {"/greet": ["greet", ["GET", "POST"]], "headless": ["headless", ["GET"]]}
+    wait_for(lambda: table() == expected, TIMEOUT, f"/-/routes to show {expected}")
+    assert session.get("/greet").text == "hello"
+    assert session.post("/greet").text == "hello"
 
 
 def test_unknown_system_path_is_404(http):

@@ -267,7 +267,7 @@ def test_merged_rejects_other_types(update: Any) -> None:
     with pytest.raises(TypeError) as info:
         BackendConfig().merged(update)
     assert str(info.value) == (
-        f"config_options must be a BackendConfig or a dict, got {type(update).__name__}."
+        f"config_options must be a BackendConfig or a dict, got {type(update).__name__} {update!r}."
     )
 
 
@@ -321,7 +321,7 @@ def test_parse_backend_config_rejects_other_types(config: Any) -> None:
     with pytest.raises(TypeError) as info:
         parse_backend_config(config)
     assert str(info.value) == (
-        f"config must be a BackendConfig or a dict, got {type(config).__name__}."
+        f"config must be a BackendConfig or a dict, got {type(config).__name__} {config!r}."
     )
 
 
@@ -353,7 +353,7 @@ def test_parse_http_options_rejects_other_types(options: Any) -> None:
     with pytest.raises(TypeError) as info:
         parse_http_options(options)
     assert str(info.value) == (
-        f"http_options must be an HTTPOptions or a dict, got {type(options).__name__}."
+        f"http_options must be an HTTPOptions or a dict, got {type(options).__name__} {options!r}."
     )
 
 
@@ -368,7 +368,7 @@ def test_actor_options_none_gives_an_empty_dict() -> None:
 def test_actor_options_must_be_a_dict(options: Any) -> None:
     with pytest.raises(TypeError) as info:
         validate_actor_options(options)
-    assert str(info.value) == f"ray_actor_options must be a dict, got {type(options).__name__}."
+    assert str(info.value) == f"ray_actor_options must be a dict, got {type(options).__name__} {options!r}."
 
 
 def test_actor_options_accepts_every_allowed_key() -> None:

@@ -246,6 +246,9 @@ class Router:
             try:
                 await self._poll_once()
             except asyncio.CancelledError:
+                # The router closed, or its event loop is ending (asyncio.run cancels every
+                # task): release the sockets while the loop still runs.
+                self.close()
                 raise
             except BackendUnavailableError:
                 return  # the controller is gone: the instance shut down

@@ -1,0 +1,295 @@
+"""Starting and ending instances: start options, a busy port, shutdown, dying with the script.
+
+Each test starts its own instance(s) on a free port and always shuts them down. An
+instance's processes are the descendants of its controller pid (found through /proc); a
+child script prints them, together with their start times, so that a recycled pid is never
+mistaken for a survivor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+from typing import Any, Callable, Dict, Iterator, List
+
+import httpx
+import pytest
+from pydantic import ValidationError
+from starlette.middleware import Middleware
+from starlette.middleware.gzip import GZipMiddleware
+
+import servekit as serve
+from backends_for_tests import Echo
+from conftest import free_port, wait_for
+from processes import descendants, is_worker, snapshot, still_alive
+
+pytestmark = pytest.mark.integration
+
+INTEGRATION_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture
+def start_instance() -> Iterator[Callable[..., serve.Client]]:
+    """``serve.start`` that remembers what it started; everything is shut down afterwards."""
+    clients: List[serve.Client] = []
+
+    def start(**kwargs: Any) -> serve.Client:
+        client = serve.start(**kwargs)
+        clients.append(client)
+        return client
+
+    yield start
+    for client in clients:
+        if not client._shut_down:
+            client.shutdown()
+
+
+def healthz(port: int) -> httpx.Response:
+    return httpx.get(f"http://127.0.0.1:{port}/-/healthz", timeout=10)
+
+
+def my_children() -> List[int]:
+    return descendants(os.getpid())
+
+
+def kill_leftovers(processes: Dict[int, int]) -> None:
+    """SIGKILL the processes of a snapshot that still run (only ever ones a test started)."""
+    for pid in still_alive(processes):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+# ---------------------------------------------------------------- start options
+
+
+@pytest.mark.parametrize("make_options", [
+    lambda port: {"host": "127.0.0.1", "port": port},
+    lambda port: serve.HTTPOptions(host="127.0.0.1", port=port),
+], ids=["dict", "HTTPOptions"])
+def test_start_serves_http_where_http_options_say(start_instance: Callable,
+                                                  make_options: Callable) -> None:
+    port = free_port()
+    client = start_instance(http_options=make_options(port))
+
+    response = healthz(port)
+    assert (response.status_code, response.text) == (200, "success")
+    assert client.list_endpoints() == {}
+
+
+def test_deprecated_http_host_and_port_warn_and_still_apply(start_instance: Callable) -> None:
+    port = free_port()
+    with pytest.warns(DeprecationWarning, match="http_port"):
+        start_instance(http_host="127.0.0.1", http_port=port)
+
+    assert healthz(port).status_code == 200
+
+
+def test_deprecated_http_middlewares_warn_and_still_apply(start_instance: Callable) -> None:
+    port = free_port()
+    with pytest.warns(DeprecationWarning, match="http_middlewares"):
+        start_instance(http_port=port,
+                       http_middlewares=[Middleware(GZipMiddleware, minimum_size=1)])
+
+    response = httpx.get(f"http://127.0.0.1:{port}/-/healthz",
+                         headers={"Accept-Encoding": "gzip"}, timeout=10)
+    assert response.headers.get("content-encoding") == "gzip"
+    assert response.text == "success"
+
+
+@pytest.mark.parametrize("deprecated", [
+    {"http_host": "127.0.0.1"},
+    {"http_port": 8123},
+    {"http_middlewares": []},
+], ids=["http_host", "http_port", "http_middlewares"])
+def test_deprecated_arguments_with_http_options_are_a_value_error(deprecated: dict) -> None:
+    before = my_children()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ValueError) as excinfo:
+            serve.start(http_options={"port": free_port()}, **deprecated)
+
+    assert "http_options" in str(excinfo.value)
+    assert next(iter(deprecated)) in str(excinfo.value)
+    assert any(issubclass(w.category, DeprecationWarning) for w in caught)
+    assert my_children() == before
+
+
+@pytest.mark.parametrize("kwargs, error, fragments", [
+    ({"http_options": {"port": 70000}}, ValidationError, ["port", "70000"]),
+    ({"http_options": {"prot": 8000}}, ValidationError, ["prot"]),
+    ({"http_options": {"middlewares": ["gzip"]}}, ValidationError, ["middlewares", "'gzip'"]),
+    ({"http_options": [("port", 8000)]}, TypeError, ["http_options", "[('port', 8000)]"]),
+    ({"detached": "no"}, TypeError, ["detached", "'no'"]),
+], ids=["port-out-of-range", "unknown-key", "bad-middleware", "list-options", "str-detached"])
+def test_start_rejects_bad_arguments(kwargs: dict, error: type, fragments: List[str]) -> None:
+    before = my_children()
+
+    with pytest.raises(error) as excinfo:
+        serve.start(**kwargs)
+
+    for fragment in fragments:
+        assert fragment in str(excinfo.value), \
+            f"{fragment!r} is not named in the error: {excinfo.value}"
+    assert my_children() == before
+
+
+def test_port_in_use_is_a_serve_error_and_leaves_nothing_running(
+        start_instance: Callable) -> None:
+    before = my_children()
+    blocker = socket.socket()
+    try:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen(1)
+        port = blocker.getsockname()[1]
+
+        with pytest.raises(serve.ServeError) as excinfo:
+            serve.start(http_options={"port": port})
+
+        assert str(port) in str(excinfo.value)
+        assert my_children() == before
+    finally:
+        blocker.close()
+    # Nothing of the failed start holds the port: an instance can use it now.
+    start_instance(http_options={"port": port})
+    assert healthz(port).status_code == 200
+
+
+# ---------------------------------------------------------------- shutdown
+
+
+def test_shutdown_stops_every_process_and_removes_the_instance_dir(
+        start_instance: Callable) -> None:
+    port = free_port()
+    client = start_instance(http_options={"port": port})
+    client.create_backend("echo", Echo, "e", config={"num_replicas": 2})
+    client.create_endpoint("echo", backend="echo", route="/echo")
+    assert client._instance is not None
+    controller = client._instance.pid
+    instance_dir = client._instance.instance_dir
+    processes = snapshot([controller, *descendants(controller)])
+    try:
+        assert len(processes) >= 4  # controller, proxy, two replicas
+        assert all(is_worker(pid) for pid in processes)
+        assert os.path.exists(client._controller_address)
+        assert httpx.get(f"http://127.0.0.1:{port}/echo", timeout=10).text == "e:None"
+
+        started = time.monotonic()
+        client.shutdown()
+        elapsed = time.monotonic() - started
+
+        assert elapsed < 15, f"shutdown took {elapsed:.1f}s"
+        assert still_alive(processes) == []
+        assert not os.path.exists(instance_dir)
+        with pytest.raises(httpx.ConnectError):
+            healthz(port)
+    finally:
+        kill_leftovers(processes)
+
+
+# ---------------------------------------------------------------- dying with the script
+
+
+SCRIPT = """
+import json
+import sys
+
+sys.path.insert(0, {integration_dir!r})
+import servekit as serve
+from processes import descendants, snapshot
+
+
+def hello(request):
+    return "hello"
+
+
+client = serve.start(http_options={{"port": {port}}})
+client.create_backend("hello", hello, config={{"num_replicas": 2}})
+client.create_endpoint("hello", backend="hello", route="/hello")
+assert client.get_handle("hello").remote().result(timeout=30) == "hello"
+controller = client._instance.pid
+print(json.dumps({{
+    "instance_dir": client._instance.instance_dir,
+    "processes": snapshot([controller, *descendants(controller)]),
+}}), flush=True)
+if {wait_for_stdin}:
+    sys.stdin.read()  # stay alive until the test kills us (or goes away itself)
+"""
+
+
+def write_script(tmp_path: Any, port: int, wait_for_stdin: bool) -> str:
+    path = tmp_path / "serve_script.py"
+    path.write_text(textwrap.dedent(SCRIPT).format(
+        integration_dir=INTEGRATION_DIR, port=port, wait_for_stdin=wait_for_stdin))
+    return str(path)
+
+
+def parse_report(line: str) -> tuple:
+    report = json.loads(line)
+    processes = {int(pid): started for pid, started in report["processes"].items()}
+    return report["instance_dir"], processes
+
+
+def test_instance_ends_when_its_script_exits_normally(tmp_path: Any) -> None:
+    port = free_port()
+    script = write_script(tmp_path, port, wait_for_stdin=False)
+
+    result = subprocess.run([sys.executable, script], capture_output=True, text=True,
+                            timeout=90, cwd=str(tmp_path))
+
+    assert result.returncode == 0, result.stderr
+    instance_dir, processes = parse_report(result.stdout.strip().splitlines()[-1])
+    try:
+        assert len(processes) >= 4, processes  # controller, proxy, two replicas
+        wait_for(lambda: still_alive(processes) == [], timeout=5,
+                 message="every process of the instance to exit")
+        assert not os.path.exists(instance_dir)
+        with pytest.raises(httpx.ConnectError):
+            healthz(port)
+    finally:
+        kill_leftovers(processes)
+
+
+def test_instance_ends_within_seconds_when_its_script_is_sigkilled(tmp_path: Any) -> None:
+    port = free_port()
+    script = write_script(tmp_path, port, wait_for_stdin=True)
+    proc = subprocess.Popen([sys.executable, script], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=str(tmp_path))
+    processes: Dict[int, int] = {}
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line:
+            proc.wait(timeout=30)
+            pytest.fail(f"the script printed nothing; stderr: {proc.communicate()[1]}")
+        instance_dir, processes = parse_report(line)
+        assert len(processes) >= 4, processes
+        assert all(is_worker(pid) for pid in processes)
+        assert healthz(port).status_code == 200
+
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+
+        wait_for(lambda: still_alive(processes) == [], timeout=10,
+                 message="every process of the instance to exit after SIGKILL of its script")
+        wait_for(lambda: not os.path.exists(instance_dir), timeout=5,
+                 message="the instance directory to be removed")
+        with pytest.raises(httpx.ConnectError):
+            healthz(port)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+        kill_leftovers(processes)
