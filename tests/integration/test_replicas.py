@@ -274,6 +274,9 @@ def test_lone_request_waits_for_batch_wait_timeout(serve_instance):
     elapsed = time.monotonic() - start
     assert size == 1
     assert elapsed >= 0.4, f"a lone request ran after {elapsed:.3f}s, before the 0.5s timeout"
+    # Requests arriving within the timeout are gathered into one full batch.
+    responses = [handle.remote(1) for _ in range(4)]
+    assert [response.result(timeout=TIMEOUT) for response in responses] == [4, 4, 4, 4]
 
 
 def test_max_batch_size_on_unmarked_callable_is_value_error(serve_instance):
@@ -350,6 +353,24 @@ def test_marked_method_of_a_class_is_batched_via_method_name(serve_instance):
     sizes = [size for size, _ in answers]
     assert all(1 <= size <= 3 for size in sizes), sizes
     assert max(sizes) > 1, f"no HTTP request was batched with another: {sizes}"
+
+
+def test_requests_sent_together_from_a_new_event_loop_all_succeed(serve_instance):
+    """Several requests that wait together for the router's first connection to a replica."""
+    client, _ = serve_instance
+    client.create_backend("together", held_identity)
+    client.create_endpoint("together", backend="together")
+    handle = client.get_handle("together", sync=False)
+
+    async def burst() -> list:
+        responses = await asyncio.gather(*(handle.remote() for _ in range(3)),
+                                         return_exceptions=True)
+        return [r if isinstance(r, BaseException) else await r for r in responses]
+
+    answers = asyncio.run(burst())  # a new loop: a new router, no connection yet
+    errors = [answer for answer in answers if isinstance(answer, BaseException)]
+    assert errors == [], f"{len(errors)} of 3 requests failed: {errors}"
+    assert len({answer["tag"] for answer in answers}) == 1
 
 
 # --------------------------------------------------------------------------- 2. the cap

@@ -43,15 +43,16 @@ class ReplicaSlot:
     async def connected(self) -> RpcClient:
         if self.connection is not None and not self.connection.is_closed:
             return self.connection
-        if self._connecting is None or self._connecting.done():
-            self._connecting = asyncio.ensure_future(RpcClient.connect(self.address))
-        try:
-            self.connection = await asyncio.shield(self._connecting)
-            self.connection.on_notify = self._room
-        finally:
-            if self._connecting.done():
-                self._connecting = None
-        return self.connection
+        connecting = self._connecting
+        if connecting is None or connecting.done():
+            connecting = self._connecting = asyncio.ensure_future(self._connect())
+        return await asyncio.shield(connecting)
+
+    async def _connect(self) -> RpcClient:
+        connection = await RpcClient.connect(self.address)
+        connection.on_notify = self._room
+        self.connection = connection
+        return connection
 
     def _room(self) -> None:
         self.full = False
