@@ -89,7 +89,7 @@ class RequestStream:
     Every request is recorded as (start, end, status or None, body or exception repr).
     """
 
-    def __init__(self, url: str, threads: int = 4, pause: float = 0.01) -> None:
+    def __init__(self, url: str, threads: int = 8, pause: float = 0.005) -> None:
         self.url = url
         self.pause = pause
         self.records: List[Tuple[float, float, Optional[int], str]] = []

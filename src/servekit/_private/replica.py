@@ -50,6 +50,9 @@ class Replica:
         self.metadata: Optional[BackendMetadata] = spec.metadata
         self._callable: Any = None
         self._constructed: Optional[asyncio.Future] = None
+        # Constructor and reconfigure run here, so they never wait behind user requests.
+        self._control_pool = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"servekit-{spec.replica_tag}-control")
         self._pool = ThreadPoolExecutor(max_workers=1,
                                         thread_name_prefix=f"servekit-{spec.replica_tag}")
         self._pool_size = 1
@@ -65,7 +68,7 @@ class Replica:
     def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._constructed = asyncio.ensure_future(
-            loop.run_in_executor(self._pool, self._construct))
+            loop.run_in_executor(self._control_pool, self._construct))
 
     def _construct(self) -> BackendMetadata:
         target, init_args = cloudpickle.loads(self.spec.replica_config.serialized)
@@ -94,7 +97,7 @@ class Replica:
         self._apply_limits()
         if config.user_config != old.user_config and config.user_config is not None:
             await asyncio.get_running_loop().run_in_executor(
-                self._pool, self._reconfigure_blocking, config.user_config)
+                self._control_pool, self._reconfigure_blocking, config.user_config)
 
     def _apply_limits(self) -> None:
         assert self.metadata is not None
