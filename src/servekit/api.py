@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, TypeVar, Union
 import cloudpickle
 
 from servekit._private import constants
-from servekit._private.context import current_replica_context
+from servekit._private.context import ReplicaContext, current_replica_context
 from servekit._private.event_loop import run_sync
 from servekit._private.instance import LocalInstance
 from servekit._private.transport import RpcClient
@@ -135,9 +135,6 @@ class Client:
             if not isinstance(env, Environment):
                 raise TypeError(f"env must be a CondaEnv or VirtualEnv, got {env!r}.")
             python = env.python()
-        if backend_tag in self._call("list_backends"):
-            raise ValueError(f"Cannot create backend. Backend '{backend_tag}' is already "
-                             "registered. Delete it first, or pick another tag.")
         try:
             serialized = cloudpickle.dumps((func_or_class, actor_init_args))
         except Exception as exc:
@@ -427,22 +424,22 @@ def connect() -> Client:
     return Client(address)
 
 
-def get_current_backend_tag() -> BackendTag:
-    """The tag of the backend this code runs in; ServeError outside a backend."""
+def _replica_context(getter: str) -> ReplicaContext:
     context = current_replica_context()
     if context is None:
-        raise ServeError("`serve.get_current_backend_tag()` may only be called from within "
-                         "a servekit backend.")
-    return context.backend_tag
+        raise ServeError(f"`serve.{getter}()` may only be called from within a servekit "
+                         "backend.")
+    return context
+
+
+def get_current_backend_tag() -> BackendTag:
+    """The tag of the backend this code runs in; ServeError outside a backend."""
+    return _replica_context("get_current_backend_tag").backend_tag
 
 
 def get_current_replica_tag() -> str:
     """The tag of the replica this code runs in ("backend#xxxxxx"); ServeError outside one."""
-    context = current_replica_context()
-    if context is None:
-        raise ServeError("`serve.get_current_replica_tag()` may only be called from within "
-                         "a servekit backend.")
-    return context.replica_tag
+    return _replica_context("get_current_replica_tag").replica_tag
 
 
 def accept_batch(func: F) -> F:

@@ -211,6 +211,20 @@ def _revalidated_copy(model: _ModelT) -> _ModelT:
     return type(model).model_validate(_set_fields(model))
 
 
+def _parse_model(model: type[_ModelT], value: Any, argument: str, article: str) -> _ModelT:
+    """``None`` -> defaults; a dict -> validated; a ``model`` -> re-validated copy."""
+    if value is None:
+        return model()
+    if isinstance(value, dict):
+        return model.model_validate(value)
+    if isinstance(value, model):
+        return _revalidated_copy(value)
+    raise TypeError(
+        f"{argument} must be {article} {model.__name__} or a dict, got "
+        f"{type(value).__name__} {value!r}."
+    )
+
+
 def parse_backend_config(config: BackendConfig | dict[str, Any] | None) -> BackendConfig:
     """Turn the ``config`` argument of a backend into a ``BackendConfig``.
 
@@ -221,15 +235,7 @@ def parse_backend_config(config: BackendConfig | dict[str, Any] | None) -> Backe
         pydantic.ValidationError: a dict with a bad or unknown key.
         TypeError: anything else.
     """
-    if config is None:
-        return BackendConfig()
-    if isinstance(config, dict):
-        return BackendConfig.model_validate(config)
-    if isinstance(config, BackendConfig):
-        return _revalidated_copy(config)
-    raise TypeError(
-        f"config must be a BackendConfig or a dict, got {type(config).__name__} {config!r}."
-    )
+    return _parse_model(BackendConfig, config, "config", "a")
 
 
 def parse_http_options(options: HTTPOptions | dict[str, Any] | None) -> HTTPOptions:
@@ -241,16 +247,7 @@ def parse_http_options(options: HTTPOptions | dict[str, Any] | None) -> HTTPOpti
         pydantic.ValidationError: a dict with a bad or unknown key.
         TypeError: anything else.
     """
-    if options is None:
-        return HTTPOptions()
-    if isinstance(options, dict):
-        return HTTPOptions.model_validate(options)
-    if isinstance(options, HTTPOptions):
-        return _revalidated_copy(options)
-    raise TypeError(
-        "http_options must be an HTTPOptions or a dict, got "
-        f"{type(options).__name__} {options!r}."
-    )
+    return _parse_model(HTTPOptions, options, "http_options", "an")
 
 
 def _is_number(value: object) -> TypeGuard[int | float]:

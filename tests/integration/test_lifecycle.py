@@ -293,3 +293,44 @@ def test_instance_ends_within_seconds_when_its_script_is_sigkilled(tmp_path: Any
             if stream is not None:
                 stream.close()
         kill_leftovers(processes)
+
+
+DETACHED_START = """
+import servekit as serve
+client = serve.start(detached=True, http_options={{"port": {port}}})
+def hello(request):
+    return "detached ok"
+client.create_backend("hello", hello)
+client.create_endpoint("hello", backend="hello", route="/hello")
+"""
+
+DETACHED_USE = """
+import httpx, servekit as serve
+print(httpx.get("http://127.0.0.1:{port}/hello").text)
+try:
+    serve.start(detached=True, http_options={{"port": {port}}})
+except serve.ServeError as exc:
+    print("second start refused:", "already running" in str(exc))
+client = serve.connect()
+print(sorted(client.list_endpoints()))
+client.shutdown()
+try:
+    serve.connect()
+except serve.ServeError:
+    print("gone")
+"""
+
+
+def test_detached_instance_outlives_its_script_until_shut_down(tmp_path):
+    port = free_port()
+    env = {**os.environ, "SERVEKIT_HOME": str(tmp_path / "home")}
+    started = subprocess.run([sys.executable, "-c", DETACHED_START.format(port=port)],
+                             env=env, capture_output=True, text=True, timeout=60)
+    assert started.returncode == 0, started.stderr
+    used = subprocess.run([sys.executable, "-c", DETACHED_USE.format(port=port)],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert used.returncode == 0, used.stderr
+    assert used.stdout.splitlines() == [
+        "detached ok", "second start refused: True", "['hello']", "gone"]
+    with socket.socket() as sock:  # the port is free again: the proxy is gone
+        sock.bind(("127.0.0.1", port))

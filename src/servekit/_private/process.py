@@ -69,11 +69,17 @@ class WorkerProcess:
     """A running worker: its Popen and the lifeline pipe that keeps it alive."""
 
     def __init__(self, spec: WorkerSpec, python: str = sys.executable,
-                 env: Optional[Dict[str, str]] = None, new_session: bool = False) -> None:
+                 env: Optional[Dict[str, str]] = None, new_session: bool = False,
+                 log_path: Optional[str] = None) -> None:
         fds = [spec.rpc_fd, *spec.extra_fds.values()]
-        self.popen = subprocess.Popen(
-            [python, "-m", "servekit._private.worker"], stdin=subprocess.PIPE,
-            pass_fds=fds, env=env, start_new_session=new_session)
+        log = open(log_path, "ab") if log_path else None  # else: share this process's output
+        try:
+            self.popen = subprocess.Popen(
+                [python, "-m", "servekit._private.worker"], stdin=subprocess.PIPE,
+                stdout=log, stderr=log, pass_fds=fds, env=env, start_new_session=new_session)
+        finally:
+            if log is not None:
+                log.close()
         data = pickle.dumps(spec, protocol=5)
         assert self.popen.stdin is not None
         self.popen.stdin.write(_LENGTH.pack(len(data)) + data)

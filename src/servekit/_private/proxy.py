@@ -15,6 +15,7 @@ from servekit._private.controller.state import ProxySpec
 from servekit._private.process import WorkerSpec
 from servekit._private.router import Router
 from servekit._private.transport import RpcServer
+from servekit.exceptions import BackendUnavailableError
 from servekit.request import (
     HTTPResponseWire, error_response, json_response, text_response, wire_from_scope,
 )
@@ -105,7 +106,7 @@ class HTTPProxy:
             return await reply
         except Exception as exc:
             logger.warning("Request to %s failed: %r", path, exc)
-            return error_response(exc, status=503 if isinstance(exc, ConnectionError) else 500)
+            return error_response(exc, status=503 if isinstance(exc, BackendUnavailableError) else 500)
 
     def _system_path(self, path: str) -> HTTPResponseWire:
         if path == "/-/routes":

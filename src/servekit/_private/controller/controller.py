@@ -63,7 +63,9 @@ class Controller:
         self._health_task = asyncio.ensure_future(self._health_loop())
 
     async def shutdown(self) -> None:
-        """Stop every replica and proxy; the controller process exits afterwards."""
+        """Stop every replica and proxy; the controller process exits afterwards. Idempotent."""
+        if self._shutting_down:
+            return
         self._shutting_down = True
         if self._health_task is not None:
             self._health_task.cancel()
