@@ -715,3 +715,26 @@ def test_conda_env_without_conda_is_serve_error(serve_instance, tmp_path, monkey
         client.create_backend("conda", plain_function, env=serve.CondaEnv("nope"))
     monkeypatch.undo()
     assert "conda" not in client.list_backends()
+
+
+def report_devices(request):
+    return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def test_gpu_replicas_get_their_own_devices(monkeypatch):
+    # The instance reads the GPUs it may hand out from CUDA_VISIBLE_DEVICES at start.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    client = serve.start(http_options={"port": free_port()})
+    try:
+        client.create_backend("gpu", report_devices, ray_actor_options={"num_gpus": 1},
+                              config={"num_replicas": 2})
+        client.create_endpoint("gpu", backend="gpu")
+        handle = client.get_handle("gpu")
+        seen = set()
+        wait_for(lambda: seen.add(handle.remote().result(timeout=10)) or len(seen) == 2,
+                 message="both replicas to answer")
+        assert seen == {"0", "1"}
+        with pytest.raises(serve.ServeError, match="only 0 fit"):
+            client.create_backend("gpu2", report_devices, ray_actor_options={"num_gpus": 1})
+    finally:
+        client.shutdown()

@@ -70,6 +70,8 @@ class ReplicaSet:
         self.backend = backend
         self.cap = 8
         self.slots: Dict[str, ReplicaSlot] = {}
+        self._order: List[ReplicaSlot] = []
+        self._turn = 0
         self._waiters: Deque[asyncio.Future] = collections.deque()
 
     def update(self, replicas: List[Tuple[str, str]]) -> None:
@@ -83,6 +85,7 @@ class ReplicaSet:
         for tag, address in current.items():
             if tag not in self.slots:
                 self.slots[tag] = ReplicaSlot(tag, address, self._wake)
+        self._order = list(self.slots.values())
         self._wake()
 
     def set_cap(self, cap: int) -> None:
@@ -90,8 +93,15 @@ class ReplicaSet:
         self._wake()
 
     def _pick(self) -> Optional[ReplicaSlot]:
+        """The least busy replica with room; ties go round-robin so idle replicas share."""
+        order = self._order
+        count = len(order)
+        if not count:
+            return None
+        self._turn = start = (self._turn + 1) % count
         best: Optional[ReplicaSlot] = None
-        for slot in self.slots.values():
+        for i in range(count):
+            slot = order[(start + i) % count]
             if slot.in_flight < self.cap and not slot.full and (
                     best is None or slot.in_flight < best.in_flight):
                 best = slot
