@@ -57,7 +57,7 @@ class Controller:
         """Publish the (empty) state, start the HTTP proxy, begin health checks."""
         await self._publish_all()
         if self.http_options.location != "NoServer" and self.http_options.host is not None:
-            self.http_address = self.runtime.bind_http(  # type: ignore[attr-defined]
+            self.http_address = self.runtime.bind_http(
                 self.http_options.host, self.http_options.port)
             await self._start_proxy()
         self._health_task = asyncio.ensure_future(self._health_loop())
@@ -199,9 +199,9 @@ class Controller:
 
     async def _push_config(self, backend: BackendState, raise_errors: bool = True) -> None:
         """Send the new config to every running replica and wait until each applied it."""
-        running = [r for r in backend.in_state(RUNNING) if r.connection is not None]
+        connections = [r.connection for r in backend.in_state(RUNNING) if r.connection]
         results = await asyncio.gather(
-            *(r.connection.call("update_config", backend.config) for r in running),  # type: ignore[union-attr]
+            *(connection.call("update_config", backend.config) for connection in connections),
             return_exceptions=True)
         errors = [e for e in results if isinstance(e, Exception)
                   and not isinstance(e, BackendUnavailableError)]
@@ -312,7 +312,7 @@ class Controller:
                 if record.connection is not None:
                     try:
                         await asyncio.wait_for(
-                            record.connection.call("drain"),  # type: ignore[attr-defined]
+                            record.connection.call("drain"),
                             config.experimental_graceful_shutdown_timeout_s)
                     except (asyncio.TimeoutError, BackendUnavailableError):
                         logger.warning("Replica %s did not drain within %ss; killing it.",
@@ -324,7 +324,7 @@ class Controller:
                                     constants.PROCESS_STOP_TIMEOUT_S)
         finally:
             if record.connection is not None:
-                record.connection.close()  # type: ignore[attr-defined]
+                record.connection.close()
             async with self._lock:
                 backend.replicas.pop(record.tag, None)
                 self._check_goal(backend)
@@ -365,7 +365,7 @@ class Controller:
                                    self.runtime.exit_description(record.tag))
                     backend.replicas.pop(record.tag, None)
                     if record.connection is not None:
-                        record.connection.close()  # type: ignore[attr-defined]
+                        record.connection.close()
                     await self.runtime.stop(record.tag, timeout=0)
                 if dead:
                     await self._publish_replicas()

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 from typing import Dict, List, Optional
 
+from servekit._private.runtime.base import Connection
 from servekit.config import BackendConfig, BackendMetadata, HTTPOptions, ReplicaConfig
 
 STARTING, RUNNING, STOPPING = "STARTING", "RUNNING", "STOPPING"
@@ -19,7 +20,7 @@ class ReplicaRecord:
     backend: str
     state: str = STARTING
     address: Optional[str] = None
-    connection: Optional[object] = None
+    connection: Optional[Connection] = None
     task: Optional[asyncio.Task] = None
 
 

@@ -8,7 +8,7 @@ makes the controller's logic testable without processes.
 from __future__ import annotations
 
 import abc
-from typing import Any, Dict, Optional, Protocol
+from typing import Any, Dict, Optional, Protocol, Tuple
 
 
 class Store(Protocol):
@@ -55,6 +55,10 @@ class Runtime(abc.ABC):
     @abc.abstractmethod
     def exit_description(self, name: str) -> str:
         """A short human description of how a dead worker ended (exit code, signal)."""
+
+    @abc.abstractmethod
+    def bind_http(self, host: str, port: int) -> Tuple[str, int]:
+        """Reserve the HTTP address proxies will serve; return the address bound."""
 
     @abc.abstractmethod
     def capacity(self) -> Dict[str, float]:
