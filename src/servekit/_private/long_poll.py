@@ -66,6 +66,3 @@ class LongPollHost:
             except asyncio.TimeoutError:
                 return False
         return True
-
-    def subscribers(self, role: str) -> int:
-        return sum(1 for r, _ in self._seen.values() if r == role)

@@ -118,9 +118,6 @@ class LocalRuntime(Runtime):
             return f"was killed by signal {signal.Signals(-code).name}"
         return f"exited with code {code}"
 
-    def pids(self) -> Dict[str, int]:
-        return {name: worker.pid for name, worker in self._workers.items()}
-
     def kill_all_now(self) -> None:
         """Kill every worker at once (used when the controller itself must exit now)."""
         for worker in self._workers.values():
