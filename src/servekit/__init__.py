@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 from servekit.api import (
-    Client, accept_batch, connect, get_current_backend_tag, get_current_replica_tag, start,
+    Client,
+    accept_batch,
+    connect,
+    get_current_backend_tag,
+    get_current_replica_tag,
+    start,
 )
 from servekit.config import BackendConfig, DeploymentMode, HTTPOptions
 from servekit.env import CondaEnv, VirtualEnv

@@ -19,8 +19,14 @@ from servekit._private.event_loop import run_sync
 from servekit._private.instance import LocalInstance
 from servekit._private.transport import RpcClient
 from servekit.config import (
-    BackendConfig, BackendMetadata, HTTPOptions, ReplicaConfig, parse_backend_config,
-    parse_http_options, validate_actor_options, validate_backend_against_config,
+    BackendConfig,
+    BackendMetadata,
+    HTTPOptions,
+    ReplicaConfig,
+    parse_backend_config,
+    parse_http_options,
+    validate_actor_options,
+    validate_backend_against_config,
 )
 from servekit.env import Environment
 from servekit.exceptions import BackendUnavailableError, ServeError

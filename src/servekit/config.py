@@ -89,7 +89,7 @@ class HTTPOptions(BaseModel):
         for index, item in enumerate(value):
             if not isinstance(item, Middleware):
                 # ValueError, not TypeError: pydantic turns only the former into a field error.
-                raise ValueError(  # noqa: TRY004
+                raise ValueError(
                     f"middlewares[{index}] is {item!r} ({type(item).__name__}), not a "
                     "starlette.middleware.Middleware. Wrap it: Middleware(MyMiddleware, ...)."
                 )
@@ -180,7 +180,8 @@ class BackendConfig(BaseModel):
             update = BackendConfig.model_validate(update)
         elif not isinstance(update, BackendConfig):
             raise TypeError(
-                f"config_options must be a BackendConfig or a dict, got {type(update).__name__} {update!r}."
+                "config_options must be a BackendConfig or a dict, got "
+                f"{type(update).__name__} {update!r}."
             )
         data = _set_fields(self)
         data.update(_set_fields(update))

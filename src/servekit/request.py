@@ -328,7 +328,7 @@ async def _consume_stream(response: Response) -> HTTPResponseWire:
 
 async def _run_response(response: Response) -> HTTPResponseWire:
     """Run a body-less response (e.g. ``FileResponse``) as an ASGI app and collect its output."""
-    scope = {
+    scope: dict[str, Any] = {
         "type": "http",
         "asgi": {"version": "3.0", "spec_version": "2.4"},
         "http_version": "1.1",

@@ -16,15 +16,22 @@ from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import httpx
 import pytest
+from backends_for_tests import (
+    ConstructorError,
+    ContextReporter,
+    Echo,
+    FailingConstructor,
+    ReplicaRecorder,
+    call_other_endpoint,
+    call_other_endpoint_async,
+    connect_and_describe,
+    echo_function,
+)
+from processes import descendants, start_time
 from pydantic import ValidationError
 
 import servekit as serve
-from backends_for_tests import (
-    ConstructorError, ContextReporter, Echo, FailingConstructor, ReplicaRecorder,
-    call_other_endpoint, call_other_endpoint_async, connect_and_describe, echo_function,
-)
 from conftest import free_port, wait_for
-from processes import descendants, start_time
 from servekit.exceptions import RemoteTraceback
 
 pytestmark = pytest.mark.integration
@@ -697,7 +704,7 @@ def test_every_method_after_shutdown_raises_serve_error() -> None:
         except serve.ServeError as exc:
             if str(exc) != "Client has already been shut down.":
                 wrong.append(f"{name}: {exc!r}")
-        except Exception as exc:  # noqa: BLE001 - reported below
+        except Exception as exc:
             wrong.append(f"{name}: {exc!r}")
         else:
             wrong.append(f"{name}: no error")

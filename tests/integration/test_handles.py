@@ -10,10 +10,10 @@ import time
 
 import numpy as np
 import pytest
-from conftest import wait_for
 from starlette.requests import Request
 
 import servekit as serve
+from conftest import wait_for
 from servekit.request import ServeRequest
 
 pytestmark = pytest.mark.integration

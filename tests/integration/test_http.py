@@ -9,7 +9,6 @@ import httpx
 import numpy as np
 import pydantic
 import pytest
-from conftest import free_port, wait_for
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
@@ -22,6 +21,7 @@ from starlette.responses import (
 )
 
 import servekit as serve
+from conftest import free_port, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -21,14 +21,14 @@ from typing import Any, Callable, Dict, Iterator, List
 
 import httpx
 import pytest
+from backends_for_tests import Echo
+from processes import descendants, is_worker, snapshot, still_alive
 from pydantic import ValidationError
 from starlette.middleware import Middleware
 from starlette.middleware.gzip import GZipMiddleware
 
 import servekit as serve
-from backends_for_tests import Echo
 from conftest import free_port, wait_for
-from processes import descendants, is_worker, snapshot, still_alive
 
 pytestmark = pytest.mark.integration
 

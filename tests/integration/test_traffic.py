@@ -19,10 +19,10 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import httpx
 import pytest
-from conftest import wait_for
 from processes import is_worker, start_time
 
 import servekit as serve
+from conftest import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -393,12 +393,12 @@ def test_shadows_never_hurt_the_primary(serve_instance):
     def run_batch(http: httpx.Client) -> Tuple[List[float], List[float]]:
         http_times, handle_times = [], []
         for i in range(n):
-            elapsed, response = _timed(lambda: http.get(url + "/sh", params={"x": i}))
+            elapsed, response = _timed(lambda i=i: http.get(url + "/sh", params={"x": i}))
             assert response.status_code == 200, response.text
             assert response.json() == 2 * i
             http_times.append(elapsed)
         for i in range(n):
-            elapsed, value = _timed(lambda: handle.remote(x=i).result(timeout=TIMEOUT))
+            elapsed, value = _timed(lambda i=i: handle.remote(x=i).result(timeout=TIMEOUT))
             assert value == 2 * i
             handle_times.append(elapsed)
         return http_times, handle_times

@@ -368,7 +368,8 @@ def test_actor_options_none_gives_an_empty_dict() -> None:
 def test_actor_options_must_be_a_dict(options: Any) -> None:
     with pytest.raises(TypeError) as info:
         validate_actor_options(options)
-    assert str(info.value) == f"ray_actor_options must be a dict, got {type(options).__name__} {options!r}."
+    assert str(info.value) == (
+        f"ray_actor_options must be a dict, got {type(options).__name__} {options!r}.")
 
 
 def test_actor_options_accepts_every_allowed_key() -> None:

@@ -11,7 +11,15 @@ import asyncio
 import contextlib
 import pickle
 from typing import (
-    Any, AsyncIterator, Awaitable, Callable, Dict, List, Optional, Set, Tuple,
+    Any,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Dict,
+    List,
+    Optional,
+    Set,
+    Tuple,
 )
 
 import cloudpickle

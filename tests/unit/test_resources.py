@@ -5,7 +5,11 @@ from __future__ import annotations
 import pytest
 
 from servekit._private.resources import (
-    GPUAllocator, add_up, demand, detect_gpus, replicas_that_fit,
+    GPUAllocator,
+    add_up,
+    demand,
+    detect_gpus,
+    replicas_that_fit,
 )
 
 

@@ -87,6 +87,6 @@ class BatchQueue:
                 if not future.done():
                     future.set_exception(exc)
             return
-        for future, result in zip(futures, results):
+        for future, result in zip(futures, results, strict=True):
             if not future.done():
                 future.set_result(result)

@@ -14,7 +14,10 @@ import cloudpickle
 from servekit._private.constants import SERVEKIT_HOME
 from servekit._private.controller.state import ControllerSpec
 from servekit._private.process import (
-    WorkerProcess, WorkerSpec, bind_unix_socket, importable_sys_path,
+    WorkerProcess,
+    WorkerSpec,
+    bind_unix_socket,
+    importable_sys_path,
 )
 from servekit.config import HTTPOptions
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import uvicorn
 
@@ -17,7 +18,11 @@ from servekit._private.router import Router
 from servekit._private.transport import RpcServer
 from servekit.exceptions import BackendUnavailableError
 from servekit.request import (
-    HTTPResponseWire, error_response, json_response, text_response, wire_from_scope,
+    HTTPResponseWire,
+    error_response,
+    json_response,
+    text_response,
+    wire_from_scope,
 )
 
 logger = logging.getLogger("servekit.proxy")
@@ -106,7 +111,8 @@ class HTTPProxy:
             return await reply
         except Exception as exc:
             logger.warning("Request to %s failed: %r", path, exc)
-            return error_response(exc, status=503 if isinstance(exc, BackendUnavailableError) else 500)
+            status = 503 if isinstance(exc, BackendUnavailableError) else 500
+            return error_response(exc, status=status)
 
     def _system_path(self, path: str) -> HTTPResponseWire:
         if path == "/-/routes":
@@ -147,6 +153,14 @@ def build_app(proxy: HTTPProxy, middlewares: list) -> Any:
     return app
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server minus its signal handlers: the worker process owns SIGTERM."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
 async def run_proxy(worker: WorkerSpec, sock: socket.socket, stop: asyncio.Event) -> None:
     spec: ProxySpec = worker.load_payload()
     assert worker.controller_address is not None
@@ -156,8 +170,7 @@ async def run_proxy(worker: WorkerSpec, sock: socket.socket, stop: asyncio.Event
     config = uvicorn.Config(build_app(proxy, spec.middlewares), loop="none", http="httptools",
                             lifespan="off", log_level="warning", access_log=False,
                             server_header=False, date_header=False)
-    server = uvicorn.Server(config)
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    server = _Server(config)
     serving = asyncio.ensure_future(server.serve(sockets=[http_socket]))
 
     async def ready() -> bool:

@@ -17,16 +17,20 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import cloudpickle
 from starlette.requests import Request
 
+from servekit._private.batching import BatchQueue
 from servekit._private.context import ReplicaContext, set_replica_context
 from servekit._private.controller.state import ReplicaSpec
 from servekit._private.import_path import import_attribute
 from servekit._private.process import WorkerSpec
-from servekit._private.batching import BatchQueue
 from servekit._private.transport import Busy, RpcServer, current_peer, notify
 from servekit.config import BackendConfig, BackendMetadata, validate_backend_against_config
 from servekit.exceptions import ServeError
 from servekit.request import (
-    HTTPRequestWire, HTTPResponseWire, ServeRequest, error_response, request_from_wire,
+    HTTPRequestWire,
+    HTTPResponseWire,
+    ServeRequest,
+    error_response,
+    request_from_wire,
     to_http_response,
 )
 
@@ -197,6 +201,7 @@ class Replica:
                           http_method: str, headers: Dict[str, str]) -> Any:
         self._admit()
         try:
+            argument: Any
             if len(args) == 1 and isinstance(args[0], Request):
                 argument = args[0]
             else:

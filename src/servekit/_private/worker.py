@@ -14,8 +14,10 @@ import socket
 import sys
 import threading
 import traceback
+
 from servekit._private.event_loop import new_event_loop
 from servekit._private.process import WorkerSpec, parent_exit_hooks, read_spec
+
 
 def _watch_parent(stdin_fd: int) -> None:
     try:

@@ -19,13 +19,23 @@ from typing import Any, Dict, List, Optional
 from servekit._private import constants, resources
 from servekit._private.controller.goals import GoalManager
 from servekit._private.controller.state import (
-    RUNNING, STARTING, STOPPING, BackendState, EndpointInfo, ProxySpec, ReplicaRecord,
+    RUNNING,
+    STARTING,
+    STOPPING,
+    BackendState,
+    EndpointInfo,
+    ProxySpec,
+    ReplicaRecord,
     ReplicaSpec,
 )
 from servekit._private.long_poll import LongPollHost
 from servekit._private.runtime.base import Runtime
 from servekit.config import (
-    BackendConfig, BackendMetadata, HTTPOptions, ReplicaConfig, validate_backend_against_config,
+    BackendConfig,
+    BackendMetadata,
+    HTTPOptions,
+    ReplicaConfig,
+    validate_backend_against_config,
 )
 from servekit.exceptions import BackendUnavailableError, ServeError
 

@@ -12,8 +12,8 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import cloudpickle
 
-from servekit._private.resources import GPUAllocator, detect_gpus, machine_capacity
 from servekit._private.process import WorkerProcess, WorkerSpec, bind_unix_socket
+from servekit._private.resources import GPUAllocator, detect_gpus, machine_capacity
 from servekit._private.runtime.base import Connection, Runtime
 from servekit._private.store import SQLiteStore
 from servekit._private.transport import RpcClient
