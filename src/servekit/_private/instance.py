@@ -12,13 +12,13 @@ from typing import Dict, Optional
 import cloudpickle
 
 from servekit._private.constants import SERVEKIT_HOME
-from servekit._private.controller.state import ControllerSpec
 from servekit._private.process import (
     WorkerProcess,
     WorkerSpec,
     bind_unix_socket,
     importable_sys_path,
 )
+from servekit._private.specs import ControllerSpec
 from servekit.config import HTTPOptions
 
 

@@ -12,9 +12,9 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import uvicorn
 
 from servekit._private import constants
-from servekit._private.controller.state import ProxySpec
 from servekit._private.process import WorkerSpec
 from servekit._private.router import Router
+from servekit._private.specs import ProxySpec
 from servekit._private.transport import RpcServer
 from servekit.exceptions import BackendUnavailableError
 from servekit.request import (

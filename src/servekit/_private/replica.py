@@ -19,9 +19,9 @@ from starlette.requests import Request
 
 from servekit._private.batching import BatchQueue
 from servekit._private.context import ReplicaContext, set_replica_context
-from servekit._private.controller.state import ReplicaSpec
 from servekit._private.import_path import import_attribute
 from servekit._private.process import WorkerSpec
+from servekit._private.specs import ReplicaSpec
 from servekit._private.transport import Busy, RpcServer, current_peer, notify
 from servekit.config import BackendConfig, BackendMetadata, validate_backend_against_config
 from servekit.exceptions import ServeError

@@ -17,7 +17,7 @@ import uuid
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 from servekit._private import constants
-from servekit._private.controller.state import EndpointInfo
+from servekit._private.specs import EndpointInfo
 from servekit._private.transport import Busy, RpcClient
 from servekit.exceptions import BackendUnavailableError
 

@@ -23,13 +23,11 @@ from servekit._private.controller.state import (
     STARTING,
     STOPPING,
     BackendState,
-    EndpointInfo,
-    ProxySpec,
     ReplicaRecord,
-    ReplicaSpec,
 )
 from servekit._private.long_poll import LongPollHost
 from servekit._private.runtime.base import Runtime
+from servekit._private.specs import EndpointInfo, ProxySpec, ReplicaSpec
 from servekit.config import (
     BackendConfig,
     BackendMetadata,

@@ -9,9 +9,9 @@ import socket
 from typing import Any, Optional
 
 from servekit._private.controller.controller import Controller
-from servekit._private.controller.state import ControllerSpec
 from servekit._private.process import WorkerSpec, parent_exit_hooks
 from servekit._private.runtime.local import LocalRuntime
+from servekit._private.specs import ControllerSpec
 from servekit._private.transport import RpcServer
 
 logger = logging.getLogger("servekit.controller")

@@ -1,4 +1,4 @@
-"""What the controller knows: backends, their replicas, and endpoints."""
+"""What the controller knows about backends and their replicas."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import dataclasses
 from typing import Dict, List, Optional
 
 from servekit._private.runtime.base import Connection
-from servekit.config import BackendConfig, BackendMetadata, HTTPOptions, ReplicaConfig
+from servekit.config import BackendConfig, BackendMetadata, ReplicaConfig
 
 STARTING, RUNNING, STOPPING = "STARTING", "RUNNING", "STOPPING"
 
@@ -47,48 +47,3 @@ class BackendState:
 
     def in_state(self, *states: str) -> List[ReplicaRecord]:
         return [r for r in self.replicas.values() if r.state in states]
-
-
-@dataclasses.dataclass
-class EndpointInfo:
-    """An endpoint: its route (None when headless), methods, traffic split and shadows."""
-
-    name: str
-    route: Optional[str]
-    methods: List[str]
-    traffic: Dict[str, float]
-    shadows: Dict[str, float] = dataclasses.field(default_factory=dict)
-
-    def uses(self, backend: str) -> bool:
-        return backend in self.traffic or backend in self.shadows
-
-    def describe(self) -> dict:
-        return {"route": self.route, "methods": list(self.methods),
-                "traffic": dict(self.traffic), "shadows": dict(self.shadows)}
-
-
-@dataclasses.dataclass
-class ReplicaSpec:
-    """What a replica process is told when it starts."""
-
-    backend_tag: str
-    replica_tag: str
-    replica_config: ReplicaConfig
-    config: BackendConfig
-    metadata: Optional[BackendMetadata]
-
-
-@dataclasses.dataclass
-class ProxySpec:
-    """What the HTTP proxy process is told when it starts."""
-
-    middlewares: list
-
-
-@dataclasses.dataclass
-class ControllerSpec:
-    """What the controller process is told when it starts."""
-
-    http_options: HTTPOptions
-    detached: bool
-    custom_resources: Dict[str, float]
