@@ -35,6 +35,8 @@ _MANAGED_ACTOR_OPTIONS = ("lifetime", "name", "max_restarts")
 _NUMERIC_ACTOR_OPTIONS = ("num_cpus", "num_gpus", "memory", "object_store_memory")
 
 _BATCH_MARKER = "_serve_accept_batch"
+# Methods servekit itself calls on a backend class; requests may not call them.
+LIFECYCLE_METHODS = ("reconfigure", "check_health")
 
 
 class DeploymentMode(str, Enum):
@@ -114,6 +116,17 @@ class BackendConfig(BaseModel):
         max_concurrent_queries: Queries in flight per replica, default ``None``: 100 for
             async callables, 8 for sync ones (``2 * max_batch_size`` when batching).
         user_config: Any value passed to the backend class's ``reconfigure`` method.
+        sync_threads: Sync calls one replica runs at once, each on its own thread; default
+            1, so a sync method never runs twice at once (as in Ray Serve 1.x). Raise it
+            only for thread-safe code that releases the GIL (numpy, torch). Requests beyond
+            it wait in the replica, up to ``max_concurrent_queries``.
+        health_check_period_s: Seconds between the controller's pings of each replica,
+            default 1.0. A ping also calls the class's ``check_health()`` if it has one.
+        health_check_timeout_s: Seconds a ping may take before it counts as failed,
+            default 2.0.
+        health_check_failure_threshold: Failed pings in a row after which a replica is
+            taken out of routing and replaced, default 3. A ``check_health()`` that raises
+            replaces it at once.
         experimental_graceful_shutdown_wait_loop_s: Seconds between checks for in-flight
             queries while a replica shuts down, default 2.0.
         experimental_graceful_shutdown_timeout_s: Seconds a stopping replica may take to finish
@@ -150,6 +163,32 @@ class BackendConfig(BaseModel):
     )
     user_config: Any = Field(
         default=None, description="Value passed to the backend class's reconfigure method."
+    )
+    sync_threads: int = Field(
+        default=1,
+        ge=1,
+        strict=True,
+        description="Sync calls one replica runs at once, each on its own thread.",
+    )
+    health_check_period_s: float = Field(
+        default=1.0,
+        gt=0,
+        strict=True,
+        allow_inf_nan=False,
+        description="Seconds between the controller's health pings of each replica.",
+    )
+    health_check_timeout_s: float = Field(
+        default=2.0,
+        gt=0,
+        strict=True,
+        allow_inf_nan=False,
+        description="Seconds a health ping may take before it counts as failed.",
+    )
+    health_check_failure_threshold: int = Field(
+        default=3,
+        ge=1,
+        strict=True,
+        description="Failed health pings in a row after which a replica is replaced.",
     )
     experimental_graceful_shutdown_wait_loop_s: float = Field(
         default=2.0,
@@ -349,7 +388,8 @@ class BackendMetadata:
         batch_methods: Names of public methods (and ``__call__``) marked with
             ``@accept_batch``; for a function, ``{"__call__"}`` when it is marked.
         has_reconfigure: The class has a ``reconfigure`` method.
-        methods: Sorted names of the class's public methods, plus ``__call__`` if it has one;
+        methods: Sorted names of the methods requests may call: the class's public methods
+            other than ``reconfigure`` and ``check_health``, plus ``__call__`` if it has one;
             empty for a function.
         name: The function's or class's name, for error messages.
     """
@@ -403,7 +443,7 @@ class BackendMetadata:
             accepts_batches=call is not None and _is_marked_for_batches(call),
             batch_methods=frozenset(n for n, f in routines.items() if _is_marked_for_batches(f)),
             has_reconfigure=inspect.isroutine(_class_attribute(klass, "reconfigure")),
-            methods=tuple(sorted(routines)),
+            methods=tuple(sorted(n for n in routines if n not in LIFECYCLE_METHODS)),
             name=klass.__name__,
         )
 

@@ -5,7 +5,11 @@ The tree::
     Exception
      ├── ServeError (alias RayServeException)   lifecycle errors: no instance running, a client
      │    │                                      used after shutdown, a replica that died, ...
-     │    ├── BackendUnavailableError           a request could not reach any replica
+     │    ├── BackendUnavailableError           a request could not reach any replica, or
+     │    │                                      the replica running it died
+     │    ├── EndpointNotFoundError             a handle call to an endpoint that was deleted
+     │    │                                      or not created in time
+     │    ├── MethodNotFoundError               a method name the backend does not serve
      │    └── BatchOutputError                  an @accept_batch callable returned the wrong shape
      ├── TypeError                              an argument of the wrong type or shape
      ├── ValueError                             a state conflict (duplicate, unknown backend, ...)
@@ -28,6 +32,14 @@ RayServeException = ServeError
 
 class BackendUnavailableError(ServeError):
     """A request could not be delivered: the replica it was sent to died or was force-stopped."""
+
+
+class EndpointNotFoundError(ServeError):
+    """A handle call's endpoint was deleted, or was not created within the deadline."""
+
+
+class MethodNotFoundError(ServeError):
+    """A request named a method that the backend does not serve (HTTP 404)."""
 
 
 class BatchOutputError(ServeError):

@@ -76,6 +76,21 @@ class ServeResponse:
         return (yield from asyncio.wrap_future(self._concurrent()).__await__())
 
 
+async def _resolved(call: tuple) -> tuple:
+    """The call with every ``ServeResponse`` among its arguments replaced by its value.
+
+    This is what lets one handle call feed another (a pipeline): the upstream reply is
+    awaited here, and its error, if any, fails the downstream call.
+    """
+    method_name, args, kwargs, http_method, headers = call
+    if any(isinstance(value, ServeResponse) for value in (*args, *kwargs.values())):
+        args = tuple([await value if isinstance(value, ServeResponse) else value
+                      for value in args])
+        kwargs = {key: await value if isinstance(value, ServeResponse) else value
+                  for key, value in kwargs.items()}
+    return (method_name, args, kwargs, http_method, headers)
+
+
 class _Routers:
     """One started Router per (controller, event loop) in this process, shared by handles."""
 
@@ -171,13 +186,19 @@ class ServeSyncHandle(_HandleBase):
     def remote(self, *args: Any, **kwargs: Any) -> ServeResponse:
         """Send a request; the single positional argument is the request data.
 
-        Keyword arguments reach the backend as ``request.query_params``.
+        Keyword arguments reach the backend as ``request.query_params``. An argument that is
+        a ``ServeResponse`` is replaced by its value first (so calls can be chained).
+
+        Raises:
+            TypeError: an argument cannot be pickled (nothing was sent).
+            EndpointNotFoundError: the endpoint was deleted, or not created in time.
         """
         call = self._request_args(args, kwargs)
         reply = run_sync(self._send(call))
         return ServeResponse(reply, background_loop())
 
     async def _send(self, call: tuple) -> asyncio.Future:
+        call = await _resolved(call)
         router = await routers.get(self._controller_address)
         return await router.send(self.endpoint_name, "call", self._options.shard_key, call)
 
@@ -186,8 +207,11 @@ class ServeHandle(_HandleBase):
     """A handle for async code: ``await handle.remote(...)`` gives a ``ServeResponse``."""
 
     async def remote(self, *args: Any, **kwargs: Any) -> ServeResponse:
-        """Send a request from the running loop; await the result for the reply."""
-        call = self._request_args(args, kwargs)
+        """Send a request from the running loop; await the result for the reply.
+
+        Arguments are as for ``ServeSyncHandle.remote``.
+        """
+        call = await _resolved(self._request_args(args, kwargs))
         router = await routers.get(self._controller_address)
         reply = await router.send(self.endpoint_name, "call", self._options.shard_key, call)
         return ServeResponse(reply, asyncio.get_running_loop())

@@ -402,12 +402,12 @@ def test_call_method_header_selects_method(http):
         "hello from whisper"
 
 
-def test_call_method_header_unknown_method_is_500_listing_methods(http):
+def test_call_method_header_unknown_method_is_404_listing_methods(http):
     client, session = http
     client.create_backend("greeter", Greeter, "Hello")
     client.create_endpoint("greeter", backend="greeter", route="/greeter")
     response = session.get("/greeter", headers={"X-SERVE-CALL-METHOD": "sing"})
-    assert response.status_code == 500
+    assert response.status_code == 404
     assert "sing" in response.text
     assert "shout" in response.text
     assert "whisper" in response.text

@@ -380,7 +380,8 @@ def _timed(call: Callable[[], object]) -> Tuple[float, object]:
 def test_shadows_never_hurt_the_primary(serve_instance):
     client, url = serve_instance
     client.create_backend("sh:primary", doubler)
-    client.create_backend("sh:slow", sleeps_two_seconds)
+    # Thread-safe, so up to 8 copies sleep at once (sync calls run one at a time by default).
+    client.create_backend("sh:slow", sleeps_two_seconds, config={"sync_threads": 8})
     client.create_backend("sh:raises", always_raises)
     client.create_backend("sh:saturated", sleeps_one_second,
                           config={"max_concurrent_queries": 1})

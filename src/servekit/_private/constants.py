@@ -30,6 +30,8 @@ MAX_RESTART_BACKOFF_S = _env_float("SERVEKIT_MAX_RESTART_BACKOFF_S", 30.0)
 SHUTDOWN_TIMEOUT_S = _env_float("SERVEKIT_SHUTDOWN_TIMEOUT_S", 30.0)
 # Seconds a request to a just-removed route waits for an endpoint to take that route again.
 ROUTE_GRACE_S = _env_float("SERVEKIT_ROUTE_GRACE_S", 1.0)
+# Seconds a request to an endpoint that does not exist yet waits for it to be created.
+MISSING_ENDPOINT_TIMEOUT_S = _env_float("SERVEKIT_MISSING_ENDPOINT_TIMEOUT_S", 30.0)
 # Directory where detached instances record their address.
 SERVEKIT_HOME = os.path.expanduser(os.environ.get("SERVEKIT_HOME", "~/.servekit"))
 

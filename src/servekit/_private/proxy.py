@@ -79,7 +79,10 @@ class HTTPProxy:
     async def __call__(self, scope: Dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        response = await self._respond(scope, receive)
+        try:
+            response = await self._respond(scope, receive)
+        except ClientDisconnected:
+            return  # nobody to answer; the truncated request was never sent on
         await send({"type": "http.response.start", "status": response.status,
                     "headers": response.headers})
         await send({"type": "http.response.body", "body": response.body})
@@ -132,16 +135,20 @@ class HTTPProxy:
         return table
 
 
+class ClientDisconnected(Exception):
+    """The HTTP client went away before its request body was complete."""
+
+
 async def _read_body(receive: Any) -> bytes:
-    message = await receive()
-    body = message.get("body", b"")
-    if not message.get("more_body", False):
-        return body
-    chunks = [body]
-    while message.get("more_body", False):
+    """The whole request body; ``ClientDisconnected`` if the client left before its end."""
+    chunks = []
+    while True:
         message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected()
         chunks.append(message.get("body", b""))
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def build_app(proxy: HTTPProxy, middlewares: list) -> Any:

@@ -1,18 +1,21 @@
 """A replica process: builds the user's callable once, then runs requests against it.
 
-Sync callables run in a thread pool, so the event loop stays free for health pings, config
+Sync callables run on worker threads, ``sync_threads`` at a time (one by default, so a sync
+method never runs twice at once), so the event loop stays free for health pings, config
 updates and drain while user code blocks; async callables run on the loop itself.
+``reconfigure`` runs alone: it waits for the calls running to end, and holds back new ones.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import logging
 import socket
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, AsyncIterator, Callable, Dict, Iterator, Optional, Tuple
 
 import cloudpickle
 from starlette.requests import Request
@@ -24,7 +27,7 @@ from servekit._private.process import WorkerSpec
 from servekit._private.specs import ReplicaSpec
 from servekit._private.transport import Busy, RpcServer, current_peer, notify
 from servekit.config import BackendConfig, BackendMetadata, validate_backend_against_config
-from servekit.exceptions import ServeError
+from servekit.exceptions import MethodNotFoundError, ServeError
 from servekit.request import (
     HTTPRequestWire,
     HTTPResponseWire,
@@ -40,6 +43,74 @@ logger = logging.getLogger("servekit.replica")
 _Target = Tuple[Callable, bool, Optional[BatchQueue]]
 
 
+def _cancelled_by_servekit() -> bool:
+    """Whether the running task is being cancelled (its caller went away), as opposed to
+    user code raising ``CancelledError`` of its own."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)  # Python 3.11+
+    return task is not None and cancelling is not None and cancelling() > 0
+
+
+@contextlib.contextmanager
+def user_code(backend_tag: str) -> Iterator[None]:
+    """Turn what user code raises beyond ``Exception`` (``SystemExit``, ``KeyboardInterrupt``,
+    its own ``CancelledError``) into a ``ServeError`` naming it: that request fails, the
+    replica keeps serving."""
+    try:
+        yield
+    except Exception:
+        raise
+    except BaseException as exc:
+        if isinstance(exc, asyncio.CancelledError) and _cancelled_by_servekit():
+            raise
+        raise ServeError(f"Backend '{backend_tag}' raised {type(exc).__name__}({exc}) while "
+                         "handling this request; servekit failed the request and the replica "
+                         "keeps serving. Raise an Exception subclass instead.") from exc
+
+
+class CallGate:
+    """User calls run together; an exclusive section (``reconfigure``) runs alone.
+
+    The exclusive section waits for running calls to end and holds back new ones until it
+    is done; it is served before calls that arrive after it, so load cannot starve it.
+    """
+
+    def __init__(self) -> None:
+        self._running = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._open = asyncio.Event()  # cleared while an exclusive section waits or runs
+        self._open.set()
+        self._exclusive_waiting = 0
+        self._exclusive = asyncio.Lock()
+
+    @contextlib.asynccontextmanager
+    async def shared(self) -> AsyncIterator[None]:
+        while not self._open.is_set():
+            await self._open.wait()
+        self._running += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._running -= 1
+            if self._running == 0:
+                self._idle.set()
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        self._exclusive_waiting += 1
+        self._open.clear()
+        try:
+            async with self._exclusive:
+                await self._idle.wait()
+                yield
+        finally:
+            self._exclusive_waiting -= 1
+            if self._exclusive_waiting == 0:
+                self._open.set()
+
+
 class Replica:
     """The user's callable plus the bookkeeping that serving it needs.
 
@@ -50,22 +121,30 @@ class Replica:
 
     def __init__(self, spec: ReplicaSpec) -> None:
         self.spec = spec
+        self.tag = spec.backend_tag
         self.config: BackendConfig = spec.config
         self.metadata: Optional[BackendMetadata] = spec.metadata
         self._callable: Any = None
         self._constructed: Optional[asyncio.Future] = None
-        # Constructor and reconfigure run here, so they never wait behind user requests.
+        # Constructor and reconfigure run here, never behind user requests; check_health
+        # has a thread of its own, so a long reconfigure does not fail health pings.
         self._control_pool = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"servekit-{spec.replica_tag}-control")
-        self._pool = ThreadPoolExecutor(max_workers=1,
-                                        thread_name_prefix=f"servekit-{spec.replica_tag}")
-        self._pool_size = 1
+        self._health_pool = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"servekit-{spec.replica_tag}-health")
+        self._pool = self._new_pool(self.config.sync_threads)
+        self._gate = CallGate()
         self._in_flight = 0
         self._cap = 1
         self._refused: set = set()
         self._idle = asyncio.Event()
         self._idle.set()
         self._targets: Dict[str, _Target] = {}
+
+    def _new_pool(self, threads: int) -> ThreadPoolExecutor:
+        self._pool_threads = threads
+        return ThreadPoolExecutor(max_workers=threads,
+                                  thread_name_prefix=f"servekit-{self.spec.replica_tag}")
 
     # ------------------------------------------------------------- construction
 
@@ -80,7 +159,8 @@ class Replica:
             target = import_attribute(target)
         metadata = BackendMetadata.inspect(target)
         validate_backend_against_config(metadata, self.config)
-        self._callable = target(*init_args) if metadata.is_class else target
+        with user_code(self.tag):
+            self._callable = target(*init_args) if metadata.is_class else target
         self.metadata = metadata
         if self.config.user_config is not None:
             self._reconfigure_blocking(self.config.user_config)
@@ -96,53 +176,61 @@ class Replica:
     # ------------------------------------------------------------- config
 
     async def update_config(self, config: BackendConfig) -> None:
-        """Apply a new config in place; call ``reconfigure`` only if ``user_config`` changed."""
+        """Apply a new config in place; call ``reconfigure`` only if ``user_config`` changed.
+
+        A new ``user_config`` or ``sync_threads`` is applied while no user call runs.
+        """
         old, self.config = self.config, config
         self._apply_limits()
-        if config.user_config != old.user_config and config.user_config is not None:
-            await asyncio.get_running_loop().run_in_executor(
-                self._control_pool, self._reconfigure_blocking, config.user_config)
+        reconfigure = config.user_config != old.user_config and config.user_config is not None
+        if not reconfigure and config.sync_threads == self._pool_threads:
+            return
+        async with self._gate.exclusive():
+            if config.sync_threads != self._pool_threads:
+                old_pool, self._pool = self._pool, self._new_pool(config.sync_threads)
+                old_pool.shutdown(wait=False)
+            if reconfigure:
+                await asyncio.get_running_loop().run_in_executor(
+                    self._control_pool, self._reconfigure_blocking, config.user_config)
 
     def _apply_limits(self) -> None:
         assert self.metadata is not None
         self._cap = self.config.effective_max_concurrent_queries(self.metadata.is_async)
-        if self._cap > self._pool_size:
-            # Sync calls run in these threads; a larger cap needs more of them.
-            old, self._pool = self._pool, ThreadPoolExecutor(
-                max_workers=self._cap, thread_name_prefix=f"servekit-{self.spec.replica_tag}")
-            self._pool_size = self._cap
-            old.shutdown(wait=False)
         self._notify_refused()
 
     def _reconfigure_blocking(self, user_config: Any) -> None:
         reconfigure = getattr(self._callable, "reconfigure", None)
         if reconfigure is None:
-            raise ValueError(f"user_config is set but backend '{self.spec.backend_tag}' has "
-                             "no reconfigure(user_config) method.")
-        result = reconfigure(user_config)
-        if inspect.isawaitable(result):
-            asyncio.run(_await(result))
+            raise ValueError(f"user_config is set but backend '{self.tag}' has no "
+                             "reconfigure(user_config) method.")
+        with user_code(self.tag):
+            result = reconfigure(user_config)
+            if inspect.isawaitable(result):
+                asyncio.run(_await(result))
 
     # ------------------------------------------------------------- requests
 
     def _resolve(self, method_name: Optional[str]) -> _Target:
-        key = method_name or "__call__"
+        """The method a request names; ``MethodNotFoundError`` listing the callable ones.
+
+        A function backend answers every method name with the function itself.
+        """
+        assert self.metadata is not None
+        key = (method_name or "__call__") if self.metadata.is_class else "__call__"
         target = self._targets.get(key)
         if target is not None:
             return target
-        assert self.metadata is not None
         if self.metadata.is_class:
-            public = key == "__call__" or not key.startswith("_")
-            method = getattr(self._callable, key, None) if public else None
-            if method is None or not callable(method):
-                raise ServeError(f"Backend '{self.spec.backend_tag}' has no method '{key}'. "
-                                 f"Available methods: {list(self.metadata.methods)}.")
-            name = key
+            if key not in self.metadata.methods:
+                raise MethodNotFoundError(
+                    f"Backend '{self.tag}' has no method {key!r} that requests may call. "
+                    f"Methods it serves: {list(self.metadata.methods)}.")
+            method = getattr(self._callable, key)
         else:
-            method, name = self._callable, "__call__"  # a function answers every method name
+            method = self._callable
         is_async = inspect.iscoroutinefunction(method)
         queue = None
-        if name in self.metadata.batch_methods:
+        if key in self.metadata.batch_methods:
             queue = BatchQueue(functools.partial(self._call, method, is_async),
                                self._batch_limits, concurrent=is_async)
         target = self._targets[key] = (method, is_async, queue)
@@ -152,12 +240,16 @@ class Replica:
         return self.config.max_batch_size or 1, self.config.batch_wait_timeout
 
     async def _call(self, method: Callable, is_async: bool, argument: Any) -> Any:
-        if is_async:
-            return await method(argument)
-        result = await asyncio.get_running_loop().run_in_executor(self._pool, method, argument)
-        if inspect.isawaitable(result):
-            result = await result
-        return result
+        """Run user code once, behind the gate that lets ``reconfigure`` run alone."""
+        async with self._gate.shared():
+            with user_code(self.tag):
+                if is_async:
+                    return await method(argument)
+                result = await asyncio.get_running_loop().run_in_executor(
+                    self._pool, method, argument)
+                if inspect.isawaitable(result):
+                    result = await result
+                return result
 
     def _admit(self) -> None:
         if self._in_flight >= self._cap:
@@ -178,20 +270,25 @@ class Replica:
             for peer in refused:
                 notify(peer)
 
-    async def _run(self, method_name: Optional[str], argument: Any) -> Any:
-        method, is_async, queue = self._resolve(method_name)
+    async def _run(self, target: _Target, argument: Any) -> Any:
+        method, is_async, queue = target
         if queue is not None:
             return await queue.submit(argument)
         return await self._call(method, is_async, argument)
 
     async def handle_http(self, method_name: Optional[str],
                           wire: HTTPRequestWire) -> HTTPResponseWire:
+        try:
+            target = self._resolve(method_name)
+        except MethodNotFoundError as exc:
+            return error_response(exc, status=404)
         self._admit()
         try:
-            result = await self._run(method_name, request_from_wire(wire))
-            return await to_http_response(result)
+            result = await self._run(target, request_from_wire(wire))
+            with user_code(self.tag):
+                return await to_http_response(result)
         except Exception as exc:
-            logger.exception("Backend %s raised while handling %s %s", self.spec.backend_tag,
+            logger.exception("Backend %s raised while handling %s %s", self.tag,
                              wire.method, wire.path)
             return error_response(exc)
         finally:
@@ -199,6 +296,7 @@ class Replica:
 
     async def handle_call(self, method_name: Optional[str], args: tuple, kwargs: dict,
                           http_method: str, headers: Dict[str, str]) -> Any:
+        target = self._resolve(method_name)
         self._admit()
         try:
             argument: Any
@@ -206,7 +304,7 @@ class Replica:
                 argument = args[0]
             else:
                 argument = ServeRequest(args[0] if args else None, kwargs, headers, http_method)
-            return await self._run(method_name, argument)
+            return await self._run(target, argument)
         finally:
             self._finish()
 
@@ -220,6 +318,14 @@ class Replica:
                 return
 
     async def ping(self) -> str:
+        """Answer from the event loop, after the class's ``check_health()`` if it has one."""
+        check = getattr(self._callable, "check_health", None)
+        if self.metadata is not None and self.metadata.is_class and callable(check):
+            with user_code(self.tag):
+                if inspect.iscoroutinefunction(check):
+                    await check()
+                else:
+                    await asyncio.get_running_loop().run_in_executor(self._health_pool, check)
         return self.spec.replica_tag
 
 

@@ -9,48 +9,79 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import hashlib
 import logging
 import math
 import random
+import time
 import uuid
-from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
+from typing import Any, Awaitable, Callable, Deque, Dict, List, Optional, Tuple
 
 from servekit._private import constants
 from servekit._private.specs import EndpointInfo
-from servekit._private.transport import Busy, RpcClient
-from servekit.exceptions import BackendUnavailableError
+from servekit._private.transport import (
+    Busy,
+    ConnectFailed,
+    RpcClient,
+    encode_call,
+    is_remote_error,
+)
+from servekit.exceptions import BackendUnavailableError, EndpointNotFoundError
 
 logger = logging.getLogger("servekit.router")
 
 
+ConnectReplica = Callable[[str, str], Awaitable[RpcClient]]
+
+# What became of a request sent to a replica (see ``ReplicaSet.settle``).
+ANSWERED, REFUSED, UNSENT, LOST = "answered", "refused", "unsent", "lost"
+
+
 class ReplicaSlot:
-    """One replica as a router sees it: its connection and requests this router has on it."""
+    """One replica as a router sees it: its connection and requests this router has on it.
 
-    __slots__ = ("tag", "address", "in_flight", "connection", "_connecting", "removed", "full",
-                 "on_room")
+    A replica this router could not connect to, or whose connection was lost, is ``dead``:
+    it is never picked again, even while the controller still lists it.
+    """
 
-    def __init__(self, tag: str, address: str, on_room: Callable[[], None]) -> None:
+    __slots__ = ("tag", "address", "in_flight", "connection", "_connecting", "_connect",
+                 "removed", "full", "dead", "on_room", "on_lost")
+
+    def __init__(self, tag: str, address: str, connect: ConnectReplica,
+                 on_room: Callable[[], None], on_lost: Callable[["ReplicaSlot"], None]) -> None:
         self.tag = tag
         self.address = address
         self.in_flight = 0
         self.connection: Optional[RpcClient] = None
         self._connecting: Optional[asyncio.Future] = None
+        self._connect = connect
         self.removed = False
         self.full = False  # the replica refused a request; wait for it to say it has room
+        self.dead = False
         self.on_room = on_room
+        self.on_lost = on_lost
 
     async def connected(self) -> RpcClient:
-        if self.connection is not None and not self.connection.is_closed:
+        """The connection, opened once; ``ConnectFailed`` if the replica cannot be reached."""
+        if self.connection is not None:
+            if self.connection.is_closed:
+                raise ConnectFailed(f"The connection to replica {self.tag} is closed.")
             return self.connection
         connecting = self._connecting
-        if connecting is None or connecting.done():
-            connecting = self._connecting = asyncio.ensure_future(self._connect())
+        if connecting is None:
+            connecting = self._connecting = asyncio.ensure_future(self._open())
         return await asyncio.shield(connecting)
 
-    async def _connect(self) -> RpcClient:
-        connection = await RpcClient.connect(self.address)
+    async def _open(self) -> RpcClient:
+        try:
+            connection = await self._connect(self.address, f"replica {self.tag}")
+        except ConnectFailed:
+            self.on_lost(self)
+            raise
         connection.on_notify = self._room
+        assert connection.closed is not None
+        connection.closed.add_done_callback(lambda _: self.on_lost(self))
         self.connection = connection
         return connection
 
@@ -59,17 +90,23 @@ class ReplicaSlot:
         self.on_room()
 
     def close(self) -> None:
+        """Close the connection on purpose: the slot is not used again."""
+        self.dead = True
         if self.connection is not None:
             self.connection.close()
+        elif self._connecting is not None:
+            self._connecting.add_done_callback(
+                lambda f: None if f.cancelled() or f.exception() else f.result().close())
 
 
 class ReplicaSet:
-    """The replicas of one backend; requests wait here, in order, when all are at the cap."""
+    """The replicas of one backend; requests wait here, in order, when none has room."""
 
-    def __init__(self, backend: str) -> None:
+    def __init__(self, backend: str, connect: ConnectReplica) -> None:
         self.backend = backend
         self.cap = 8
         self.slots: Dict[str, ReplicaSlot] = {}
+        self._connect = connect
         self._order: List[ReplicaSlot] = []
         self._turn = 0
         self._waiters: Deque[asyncio.Future] = collections.deque()
@@ -84,13 +121,23 @@ class ReplicaSet:
                     slot.close()
         for tag, address in current.items():
             if tag not in self.slots:
-                self.slots[tag] = ReplicaSlot(tag, address, self._wake)
-        self._order = list(self.slots.values())
+                self.slots[tag] = ReplicaSlot(tag, address, self._connect, self._wake,
+                                              self._lost)
+        self._order = [slot for slot in self.slots.values() if not slot.dead]
         self._wake()
 
     def set_cap(self, cap: int) -> None:
         self.cap = cap
         self._wake()
+
+    def _lost(self, slot: ReplicaSlot) -> None:
+        """The replica cannot be reached: never pick it again."""
+        if slot.dead:
+            return  # closed on purpose, or already known
+        logger.warning("Replica %s of backend %s is unreachable; no longer sending to it.",
+                       slot.tag, self.backend)
+        self._order = [s for s in self._order if s is not slot]
+        slot.close()
 
     def _pick(self) -> Optional[ReplicaSlot]:
         """The least busy replica with room; ties go round-robin so idle replicas share."""
@@ -132,10 +179,11 @@ class ReplicaSet:
             return await waiter
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
-                self.release(waiter.result())
+                self.release(waiter.result(), completed=False)
             raise
 
-    def release(self, slot: ReplicaSlot, completed: bool = True) -> None:
+    def release(self, slot: ReplicaSlot, completed: bool) -> None:
+        """Give back a slot; ``completed``: the replica finished a request of ours."""
         slot.in_flight -= 1
         if completed:
             slot.full = False  # the replica just finished one of ours: it has room
@@ -144,6 +192,28 @@ class ReplicaSet:
                 slot.close()
             return
         self._wake()
+
+    def settle(self, slot: ReplicaSlot, reply: asyncio.Future) -> str:
+        """Account for the reply of a request sent to ``slot``; say what became of it.
+
+        ``REFUSED``: the replica was full (marked so unless it said it has room since);
+        ``UNSENT``: the connection failed before the request was written; both may be sent
+        again. ``LOST``: the replica went away while it held the request. ``ANSWERED``:
+        anything else (a result, an error from the replica, a cancellation).
+        """
+        error = None if reply.cancelled() else reply.exception()
+        if isinstance(error, Busy):
+            connection = slot.connection
+            if connection is not None and connection.notices == error.notices:
+                slot.full = True
+            self.release(slot, completed=False)
+            return REFUSED
+        if isinstance(error, BackendUnavailableError) and not is_remote_error(error):
+            self._lost(slot)
+            self.release(slot, completed=False)
+            return UNSENT if isinstance(error, ConnectFailed) else LOST
+        self.release(slot, completed=True)
+        return ANSWERED
 
     def _wake(self) -> None:
         while self._waiters:
@@ -203,13 +273,22 @@ class ShadowStats:
 
 
 class Router:
-    """Routes the requests of one event loop; created by ``Router.start``."""
+    """Routes the requests of one event loop; created by ``Router.start``.
 
-    def __init__(self, controller_address: str, role: str) -> None:
+    ``send`` ends every request it accepts: its future gets the reply, the replica's error,
+    or a ``BackendUnavailableError`` naming the replica that died with it. A request that
+    provably never reached a replica (refused as full, or its connection failed) is sent to
+    another one; a request that may have started running is never sent twice.
+    """
+
+    def __init__(self, controller_address: str, role: str,
+                 connect_replica: ConnectReplica = RpcClient.connect) -> None:
         self._controller_address = controller_address
         self._role = role
         self._id = f"{role}-{uuid.uuid4().hex[:12]}"
+        self._connect_replica = connect_replica
         self.endpoints: Dict[str, EndpointInfo] = {}
+        self._removed_endpoints: Dict[str, float] = {}  # name -> when it disappeared
         self._replica_sets: Dict[str, ReplicaSet] = {}
         self._caps: Dict[str, int] = {}
         self._versions = {constants.KEY_ENDPOINTS: -1, constants.KEY_BACKENDS: -1,
@@ -217,15 +296,14 @@ class Router:
         self._changed = asyncio.Event()
         self._controller: Optional[RpcClient] = None
         self._poll_task: Optional[asyncio.Task] = None
-        self._shadow_tasks: set = set()
-        self._retries: set = set()
+        self._tasks: set = set()  # shadow copies and re-deliveries in progress
         self.shadow_stats = ShadowStats()
         self.on_update: List[Any] = []
 
     @classmethod
     async def start(cls, controller_address: str, role: str = "router") -> "Router":
         router = cls(controller_address, role)
-        router._controller = await RpcClient.connect(controller_address)
+        router._controller = await RpcClient.connect(controller_address, "servekit controller")
         await router._poll_once()
         router._poll_task = asyncio.ensure_future(router._poll_forever())
         return router
@@ -244,6 +322,10 @@ class Router:
     async def _poll_once(self) -> None:
         assert self._controller is not None
         updates = await self._controller.call("listen", self._id, self._role, self._versions)
+        self.apply(updates)
+
+    def apply(self, updates: Dict[str, Tuple[int, Any]]) -> None:
+        """Take long-poll updates ``{key: (version, value)}`` and wake who waits on them."""
         for key, (version, value) in updates.items():
             self._versions[key] = version
             self._apply(key, value)
@@ -269,6 +351,12 @@ class Router:
 
     def _apply(self, key: str, value: Any) -> None:
         if key == constants.KEY_ENDPOINTS:
+            now = time.monotonic()
+            for name in self.endpoints.keys() - value.keys():
+                self._removed_endpoints[name] = now
+            self._removed_endpoints = {
+                name: at for name, at in self._removed_endpoints.items()
+                if name not in value and now - at < constants.ROUTE_GRACE_S}
             self.endpoints = value
         elif key == constants.KEY_BACKENDS:
             self._caps = value
@@ -283,72 +371,112 @@ class Router:
     def _replica_set(self, backend: str) -> ReplicaSet:
         replica_set = self._replica_sets.get(backend)
         if replica_set is None:
-            replica_set = self._replica_sets[backend] = ReplicaSet(backend)
+            replica_set = ReplicaSet(backend, self._connect_replica)
+            self._replica_sets[backend] = replica_set
             replica_set.cap = self._caps.get(backend, replica_set.cap)
         return replica_set
 
     # ------------------------------------------------------------- requests
 
     async def _endpoint(self, endpoint: str) -> EndpointInfo:
-        while True:
+        """The endpoint's record. One deleted moments ago gets the route grace period to
+        come back; one never seen gets ``MISSING_ENDPOINT_TIMEOUT_S`` to be created."""
+        info = self.endpoints.get(endpoint)
+        if info is not None:
+            return info
+        removed_at = self._removed_endpoints.get(endpoint)
+        if removed_at is not None:
+            deadline = removed_at + constants.ROUTE_GRACE_S
+        else:
+            deadline = time.monotonic() + constants.MISSING_ENDPOINT_TIMEOUT_S
+        while info is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                if removed_at is not None:
+                    raise EndpointNotFoundError(f"Endpoint '{endpoint}' was deleted.")
+                raise EndpointNotFoundError(
+                    f"Endpoint '{endpoint}' does not exist: it was not created within "
+                    f"{constants.MISSING_ENDPOINT_TIMEOUT_S}s "
+                    "(SERVEKIT_MISSING_ENDPOINT_TIMEOUT_S). Create it with create_endpoint().")
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except asyncio.TimeoutError:
+                pass
             info = self.endpoints.get(endpoint)
-            if info is not None:
-                return info
-            await self._changed.wait()
+        return info
 
     async def send(self, endpoint: str, kind: str, shard_key: Optional[str],
                    args: tuple) -> asyncio.Future:
         """Assign the request to a replica and return the future of its reply.
 
         Returns once a replica was chosen and the request written to it; waits while the
-        endpoint is unknown or every replica of the chosen backend is at its cap. A replica
-        that refuses the request (full because of other routers) makes it wait again, first
-        in line, for the next replica with room.
+        endpoint is about to exist or every replica of the chosen backend is at its cap.
+
+        Raises:
+            TypeError: the arguments cannot be pickled (nothing was sent).
+            EndpointNotFoundError: the endpoint was deleted, or never created in time.
         """
+        payload = encode_call(kind, args)
         info = await self._endpoint(endpoint)
         if info.shadows:
-            self._send_shadows(info, kind, args)
+            self._send_shadows(info, kind, payload)
         replica_set = self._replica_set(pick_backend(info.traffic, shard_key))
         result = asyncio.get_running_loop().create_future()
-        await self._deliver(replica_set, kind, args, result, first=False)
+        await self._deliver(replica_set, payload, result)
         return result
 
-    async def _deliver(self, replica_set: ReplicaSet, kind: str, args: tuple,
-                       result: asyncio.Future, first: bool) -> None:
-        slot = await replica_set.acquire(first)
+    async def _deliver(self, replica_set: ReplicaSet, payload: bytes, result: asyncio.Future,
+                       first: bool = False) -> None:
+        """Write the request to a replica with room; its reply will settle ``result``."""
+        while True:
+            slot = await replica_set.acquire(first)
+            try:
+                connection = await slot.connected()
+            except ConnectFailed:
+                replica_set.release(slot, completed=False)  # never reached it: try another
+                first = True
+                continue
+            except BaseException:
+                replica_set.release(slot, completed=False)
+                raise
+            reply = connection.send(payload)
+            reply.add_done_callback(functools.partial(
+                self._on_reply, replica_set, slot, payload, result))
+            return
+
+    def _on_reply(self, replica_set: ReplicaSet, slot: ReplicaSlot, payload: bytes,
+                  result: asyncio.Future, reply: asyncio.Future) -> None:
+        outcome = replica_set.settle(slot, reply)
+        if result.done():
+            return
+        if outcome in (REFUSED, UNSENT):
+            self._spawn(self._redeliver(replica_set, payload, result))
+        elif reply.cancelled():
+            result.cancel()
+        elif reply.exception() is not None:
+            result.set_exception(reply.exception())  # type: ignore[arg-type]
+        else:
+            result.set_result(reply.result())
+
+    async def _redeliver(self, replica_set: ReplicaSet, payload: bytes,
+                         result: asyncio.Future) -> None:
+        """Send a request that never ran again, first in line; its failure ends ``result``."""
         try:
-            connection = await slot.connected()
-        except BaseException:
-            replica_set.release(slot, completed=False)
-            raise
-        reply = connection.call_nowait(kind, *args)
-
-        def on_reply(reply: asyncio.Future) -> None:
-            refused = not reply.cancelled() and isinstance(reply.exception(), Busy)
-            if refused:
-                slot.full = True
-            replica_set.release(slot, completed=not refused)
-            if result.done():
-                return
-            if refused:
-                task = asyncio.ensure_future(self._deliver(replica_set, kind, args, result, True))
-                self._retries.add(task)
-                task.add_done_callback(self._retried)
-            elif reply.cancelled():
+            await self._deliver(replica_set, payload, result, first=True)
+        except asyncio.CancelledError:
+            if not result.done():
                 result.cancel()
-            elif reply.exception() is not None:
-                result.set_exception(reply.exception())  # type: ignore[arg-type]
-            else:
-                result.set_result(reply.result())
+            raise
+        except BaseException as exc:
+            if not result.done():
+                result.set_exception(exc)
 
-        reply.add_done_callback(on_reply)
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
-    def _retried(self, task: asyncio.Task) -> None:
-        self._retries.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.warning("Could not deliver a refused request again: %r", task.exception())
-
-    def _send_shadows(self, info: EndpointInfo, kind: str, args: tuple) -> None:
+    def _send_shadows(self, info: EndpointInfo, kind: str, payload: bytes) -> None:
         for backend, proportion in info.shadows.items():
             if random.random() >= proportion:
                 continue
@@ -357,25 +485,36 @@ class Router:
             if slot is None:
                 self.shadow_stats.add(info.name, backend, "dropped")
                 continue
-            task = asyncio.ensure_future(self._shadow(info.name, replica_set, slot, kind, args))
-            self._shadow_tasks.add(task)
-            task.add_done_callback(self._shadow_tasks.discard)
+            self._spawn(self._shadow(info.name, replica_set, slot, kind, payload))
 
     async def _shadow(self, endpoint: str, replica_set: ReplicaSet, slot: ReplicaSlot,
-                      kind: str, args: tuple) -> None:
+                      kind: str, payload: bytes) -> None:
+        """Send one shadow copy; count it, log its failure, never raise."""
         try:
             connection = await slot.connected()
-            result = await connection.call(kind, *args)
-            error = f"status {result.status}" if kind == "http" and result.status >= 500 else None
-        except Busy:
-            slot.full = True
+        except ConnectFailed:
             replica_set.release(slot, completed=False)
             self.shadow_stats.add(endpoint, replica_set.backend, "dropped")
             return
-        except Exception as exc:
-            error = repr(exc)
-        replica_set.release(slot)
+        reply = connection.send(payload)
+        try:
+            await asyncio.wait([reply])
+        except asyncio.CancelledError:
+            reply.cancel()  # the router is closing; a late reply is ignored
+            replica_set.release(slot, completed=False)
+            raise
+        outcome = replica_set.settle(slot, reply)
+        if outcome in (REFUSED, UNSENT):
+            self.shadow_stats.add(endpoint, replica_set.backend, "dropped")
+            return
         self.shadow_stats.add(endpoint, replica_set.backend, "sent")
+        error = None
+        if reply.cancelled():
+            error = "cancelled"
+        elif reply.exception() is not None:
+            error = repr(reply.exception())
+        elif kind == "http" and reply.result().status >= 500:
+            error = f"status {reply.result().status}"
         if error is not None:
             logger.warning("Shadow copy of a request to endpoint %s failed on backend %s: %s",
                            endpoint, replica_set.backend, error)

@@ -32,9 +32,23 @@ current_peer: contextvars.ContextVar["_FrameProtocol"] = contextvars.ContextVar(
 
 
 class Busy(Exception):
-    """Raised by a handler that refuses a request for now (its server is at capacity).
+    """A refusal for now: the server is at capacity.
 
-    The caller gets a ``Busy`` too, and may retry once the server sends it a notification.
+    A handler raises it to refuse; the caller's future then fails with a ``Busy`` whose
+    ``notices`` is how many room notices that connection had received when the refusal
+    arrived. The server always sends a notice after a refusal, so a caller that has seen more
+    notices than that knows the server has room again, whatever order it handles them in.
+    """
+
+    def __init__(self, notices: int = 0) -> None:
+        super().__init__(notices)
+        self.notices = notices
+
+
+class ConnectFailed(BackendUnavailableError):
+    """A request was not sent because its connection could not be opened or was closed.
+
+    The peer provably never saw the request, so it may be sent elsewhere.
     """
 
 
@@ -45,6 +59,27 @@ def notify(peer: "_FrameProtocol") -> None:
 
 def dumps(value: Any) -> bytes:
     return pickle.dumps(value, protocol=_PICKLE_PROTOCOL)
+
+
+def _unpicklable_part(value: Any, depth: int = 3) -> str:
+    """The type name of the innermost item of ``value`` that cannot be pickled."""
+    if depth and isinstance(value, (tuple, list, dict)):
+        for item in (value.values() if isinstance(value, dict) else value):
+            try:
+                dumps(item)
+            except Exception:
+                return _unpicklable_part(item, depth - 1)
+    return type(value).__name__
+
+
+def encode_call(name: str, args: tuple) -> bytes:
+    """The payload of a request; a ``TypeError`` naming the type that cannot be pickled."""
+    try:
+        return dumps((name, args))
+    except Exception as exc:
+        raise TypeError(f"The request cannot be sent: its arguments hold a "
+                        f"{_unpicklable_part(args)} that cannot be pickled ({exc}). Pass "
+                        "picklable values (plain data, numpy arrays, ...).") from exc
 
 
 def encode_error(exc: BaseException) -> bytes:
@@ -64,6 +99,11 @@ def decode_error(payload: bytes) -> BaseException:
         return ServeError(f"A remote error could not be unpickled here: {load_error!r}")
     exc.__cause__ = RemoteTraceback(tb)
     return exc
+
+
+def is_remote_error(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised in the peer and sent back (not raised by this transport)."""
+    return isinstance(exc.__cause__, RemoteTraceback)
 
 
 class _FrameProtocol(asyncio.Protocol):
@@ -97,9 +137,12 @@ class _FrameProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Optional[Exception]) -> None:
         self._on_lost(exc)
 
-    def send(self, msg_id: int, kind: int, payload: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(_HEADER.pack(len(payload), msg_id, kind) + payload)
+    def send(self, msg_id: int, kind: int, payload: bytes) -> bool:
+        """Write one frame; False if the connection is closing (nothing was written)."""
+        if self.transport is None or self.transport.is_closing():
+            return False
+        self.transport.write(_HEADER.pack(len(payload), msg_id, kind) + payload)
+        return True
 
 
 class RpcServer:
@@ -146,7 +189,12 @@ class RpcServer:
             if handler is None:
                 raise ServeError(f"Unknown RPC method {name!r}.")
             result = await handler(*args)
-            reply = dumps(result)
+            try:
+                reply = dumps(result)
+            except Exception as exc:
+                raise TypeError(f"The return value of {name!r} is a "
+                                f"{_unpicklable_part(result)} that cannot be pickled to send "
+                                f"it back ({exc}). Return picklable values.") from exc
         except Busy:
             protocol.send(msg_id, _REPLY_BUSY, b"")
             return
@@ -157,27 +205,32 @@ class RpcServer:
 
 
 class RpcClient:
-    """One persistent connection to an ``RpcServer``; ``call`` may be used concurrently."""
+    """One persistent connection to an ``RpcServer``; ``call`` may be used concurrently.
 
-    def __init__(self, address: str) -> None:
+    ``name`` says what the peer is ("replica clf#3a2b1c") in the errors of its requests.
+    """
+
+    def __init__(self, address: str, name: Optional[str] = None) -> None:
         self.address = address
+        self.name = name or f"servekit process at {address}"
         self._pending: Dict[int, asyncio.Future] = {}
         self._next_id = 0
         self._protocol: Optional[_FrameProtocol] = None
         self.closed: Optional[asyncio.Future] = None
         self.on_notify: Optional[Callable[[], None]] = None
+        self.notices = 0  # room notices received so far
 
     @classmethod
-    async def connect(cls, address: str) -> "RpcClient":
-        client = cls(address)
+    async def connect(cls, address: str, name: Optional[str] = None) -> "RpcClient":
+        """Connect, or raise ``ConnectFailed`` (the peer provably got nothing)."""
+        client = cls(address, name)
         loop = asyncio.get_running_loop()
         client.closed = loop.create_future()
         try:
             _, protocol = await loop.create_unix_connection(
                 lambda: _FrameProtocol(client._on_frame, client._on_lost), address)
         except OSError as exc:
-            raise BackendUnavailableError(
-                f"Could not connect to servekit process at {address}: {exc}") from exc
+            raise ConnectFailed(f"Could not connect to {client.name}: {exc}") from exc
         client._protocol = protocol
         return client
 
@@ -185,18 +238,21 @@ class RpcClient:
     def is_closed(self) -> bool:
         return self.closed is None or self.closed.done()
 
-    def call_nowait(self, name: str, *args: Any) -> asyncio.Future:
-        """Send a request and return the future of its reply without awaiting it."""
+    def send(self, payload: bytes) -> asyncio.Future:
+        """Send an encoded request (``encode_call``); return the future of its reply."""
         future = asyncio.get_running_loop().create_future()
-        if self.is_closed:
-            future.set_exception(BackendUnavailableError(
-                f"The connection to {self.address} is closed."))
-            return future
         self._next_id += 1
         msg_id = self._next_id
+        if self.is_closed or not self._protocol.send(  # type: ignore[union-attr]
+                msg_id, _REQUEST, payload):
+            future.set_exception(ConnectFailed(f"The connection to {self.name} is closed."))
+            return future
         self._pending[msg_id] = future
-        self._protocol.send(msg_id, _REQUEST, dumps((name, args)))  # type: ignore[union-attr]
         return future
+
+    def call_nowait(self, name: str, *args: Any) -> asyncio.Future:
+        """Send a request and return the future of its reply without awaiting it."""
+        return self.send(encode_call(name, args))
 
     async def call(self, name: str, *args: Any) -> Any:
         return await self.call_nowait(name, *args)
@@ -207,6 +263,7 @@ class RpcClient:
 
     def _on_frame(self, msg_id: int, kind: int, payload: bytes) -> None:
         if kind == _NOTIFY:
+            self.notices += 1
             if self.on_notify is not None:
                 self.on_notify()
             return
@@ -214,7 +271,7 @@ class RpcClient:
         if future is None or future.done():
             return
         if kind == _REPLY_BUSY:
-            future.set_exception(Busy())
+            future.set_exception(Busy(self.notices))
         elif kind == _REPLY_OK:
             try:
                 future.set_result(pickle.loads(payload))
@@ -228,7 +285,7 @@ class RpcClient:
         for future in pending.values():
             if not future.done():
                 future.set_exception(BackendUnavailableError(
-                    f"The servekit process at {self.address} went away while a request was "
-                    "in flight."))
+                    f"The {self.name} went away (its process exited or was killed) while a "
+                    "request was in flight on it."))
         if self.closed is not None and not self.closed.done():
             self.closed.set_result(None)

@@ -14,7 +14,7 @@ import math
 import pickle
 import secrets
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from servekit._private import constants, resources
 from servekit._private.controller.goals import GoalManager
@@ -57,6 +57,7 @@ class Controller:
         self._lock = asyncio.Lock()
         self._proxy: Optional[Any] = None
         self._health_task: Optional[asyncio.Task] = None
+        self._proxy_task: Optional[asyncio.Task] = None
         self._shutting_down = False
 
     # ----------------------------------------------------------------- lifecycle
@@ -68,6 +69,7 @@ class Controller:
             self.http_address = self.runtime.bind_http(
                 self.http_options.host, self.http_options.port)
             await self._start_proxy()
+            self._proxy_task = asyncio.ensure_future(self._supervise_proxy())
         self._health_task = asyncio.ensure_future(self._health_loop())
 
     async def shutdown(self) -> None:
@@ -75,16 +77,17 @@ class Controller:
         if self._shutting_down:
             return
         self._shutting_down = True
-        if self._health_task is not None:
-            self._health_task.cancel()
+        for task in (self._health_task, self._proxy_task):
+            if task is not None:
+                task.cancel()
         for backend in self.backends.values():
             for record in backend.replicas.values():
-                if record.task is not None:
-                    record.task.cancel()
+                record.cancel_tasks()
         self.runtime.store.delete(CHECKPOINT_KEY)
         await self.runtime.shutdown()
 
     async def _start_proxy(self) -> None:
+        await self.runtime.stop(PROXY_NAME, timeout=0)  # what is left of an earlier one
         address = await self.runtime.launch(
             PROXY_NAME, "proxy", ProxySpec(middlewares=self.http_options.middlewares))
         connection = await self.runtime.connect(address)
@@ -94,6 +97,30 @@ class Controller:
             raise ServeError(f"The HTTP proxy {self.runtime.exit_description(PROXY_NAME)} "
                              "while starting; see its output above.") from None
         self._proxy = connection
+
+    async def _supervise_proxy(self) -> None:
+        """Restart the HTTP proxy whenever it dies, retrying with backoff until it is back."""
+        failures = 0
+        while True:
+            await asyncio.sleep(constants.HEALTH_CHECK_PERIOD_S)
+            if self.runtime.is_alive(PROXY_NAME):
+                continue
+            logger.warning("The HTTP proxy %s; starting a new one.",
+                           self.runtime.exit_description(PROXY_NAME))
+            if self._proxy is not None:
+                self._proxy.close()
+                self._proxy = None
+            while True:
+                try:
+                    await self._start_proxy()
+                    failures = 0
+                    break
+                except Exception as exc:
+                    failures += 1
+                    delay = min(constants.MAX_RESTART_BACKOFF_S, 0.5 * 2 ** failures)
+                    logger.warning("The HTTP proxy could not be restarted (%s); retrying in "
+                                   "%.1fs.", exc, delay)
+                    await asyncio.sleep(delay)
 
     # ----------------------------------------------------------------- backends
 
@@ -245,9 +272,23 @@ class Controller:
             connection = await self.runtime.connect(record.address)
             record.connection = connection
             metadata = await connection.call("ready")
+            record.config = spec.config
             if backend.metadata is None:
                 validate_backend_against_config(metadata, backend.config)
                 backend.metadata = metadata
+            while True:
+                # The config may have changed while the replica started: it takes traffic
+                # only once it runs the current one.
+                async with self._lock:
+                    config = backend.config
+                    if record.state != STARTING or _replica_visible_fields(
+                            record.config) == _replica_visible_fields(config):
+                        if record.state == STARTING:
+                            await self._start_serving(backend, record)
+                        self._check_goal(backend)
+                        return
+                await connection.call("update_config", config)
+                record.config = config
         except asyncio.CancelledError:
             raise
         except BackendUnavailableError:
@@ -255,17 +296,62 @@ class Controller:
                 f"Replica {record.tag} {self.runtime.exit_description(record.tag)} before its "
                 "constructor finished; see its output above.")
             await self._start_failed(backend, record, error)
-            return
         except Exception as exc:
             await self._start_failed(backend, record, exc)
+
+    async def _start_serving(self, backend: BackendState, record: ReplicaRecord) -> None:
+        """Put a started replica into routing and begin its health pings (under the lock)."""
+        record.state = RUNNING
+        backend.last_start_error = None
+        await self._publish_replicas()
+        if backend.metadata is not None and self.backends.get(backend.tag) is backend:
+            await self._publish_backends()
+        record.health_task = asyncio.ensure_future(self._watch_health(backend, record))
+
+    async def _watch_health(self, backend: BackendState, record: ReplicaRecord) -> None:
+        """Ping a running replica every period; replace it when ``check_health()`` raises
+        or it misses ``health_check_failure_threshold`` pings in a row."""
+        failures = 0
+        while record.state == RUNNING and record.connection is not None:
+            config = backend.config
+            if failures == 0:
+                await asyncio.sleep(config.health_check_period_s)
+            try:
+                await asyncio.wait_for(record.connection.call("ping"),
+                                       config.health_check_timeout_s)
+                failures = 0
+                continue
+            except asyncio.TimeoutError:
+                failures += 1
+                if failures < config.health_check_failure_threshold:
+                    continue
+                reason = (f"did not answer {failures} health pings in a row within "
+                          f"{config.health_check_timeout_s}s each (is its event loop blocked?)")
+            except BackendUnavailableError:
+                return  # it died: the liveness check replaces it
+            except Exception as exc:
+                reason = f"failed its health check: {type(exc).__name__}: {exc}"
+            async with self._lock:
+                if record.state == RUNNING and backend.replicas.get(record.tag) is record:
+                    await self._replace(backend, [(record, reason)])
             return
-        async with self._lock:
-            if record.state == STARTING:
-                record.state = RUNNING
-                await self._publish_replicas()
-                if backend.metadata is not None and self.backends.get(backend.tag) is backend:
-                    await self._publish_backends()
-            self._check_goal(backend)
+
+    async def _replace(self, backend: BackendState,
+                       failed: List[Tuple[ReplicaRecord, str]]) -> None:
+        """Take replicas out of routing at once, kill them, and start new ones (under the
+        lock); each comes with why. Requests in flight on them fail naming the replica."""
+        records = [record for record, _ in failed]
+        for record, reason in failed:
+            logger.warning("Replica %s %s; replacing it.", record.tag, reason)
+            backend.replicas.pop(record.tag, None)
+            record.state = STOPPING
+            record.cancel_tasks()
+        await self._publish_replicas()
+        for record in records:
+            if record.connection is not None:
+                record.connection.close()
+            await self.runtime.stop(record.tag, timeout=0)
+        self._reconcile(backend)
 
     async def _start_failed(self, backend: BackendState, record: ReplicaRecord,
                             error: Exception) -> None:
@@ -276,6 +362,7 @@ class Controller:
                 self._check_goal(backend)
                 return
             logger.warning("Replica %s failed to start: %r", record.tag, error)
+            backend.last_start_error = f"{type(error).__name__}: {error}"
             backend.start_failures += 1
             backend.retry_at = time.monotonic() + min(
                 constants.MAX_RESTART_BACKOFF_S, 0.5 * 2 ** backend.start_failures)
@@ -293,8 +380,13 @@ class Controller:
                 self.goals.fail(backend.goal, error)
                 backend.goal = None
                 if backend.config_before_update is not None:
+                    # Running replicas may have applied the new config: give the old back.
+                    pushed = backend.config
                     backend.config = backend.config_before_update
                     backend.config_before_update = None
+                    if _replica_visible_fields(pushed) != _replica_visible_fields(
+                            backend.config):
+                        await self._push_config(backend, raise_errors=False)
                 self._checkpoint()
                 await self._publish_backends()
                 self._reconcile(backend)
@@ -302,6 +394,8 @@ class Controller:
     def _begin_stop(self, backend: BackendState, record: ReplicaRecord) -> None:
         was_running = record.state == RUNNING
         record.state = STOPPING
+        if record.health_task is not None:
+            record.health_task.cancel()
         if not was_running and record.task is not None:
             record.task.cancel()
         asyncio.ensure_future(self._run_stop(backend, record, graceful=was_running))
@@ -368,27 +462,13 @@ class Controller:
             for backend in list(self.backends.values()):
                 dead = [r for r in backend.in_state(RUNNING)
                         if not self.runtime.is_alive(r.tag)]
-                for record in dead:
-                    logger.warning("Replica %s %s; starting a new one.", record.tag,
-                                   self.runtime.exit_description(record.tag))
-                    backend.replicas.pop(record.tag, None)
-                    if record.connection is not None:
-                        record.connection.close()
-                    await self.runtime.stop(record.tag, timeout=0)
                 if dead:
-                    await self._publish_replicas()
-                    self._reconcile(backend)
+                    await self._replace(backend, [
+                        (r, self.runtime.exit_description(r.tag)) for r in dead])
                 elif backend.created and not backend.deleting and backend.goal is None and \
                         time.monotonic() >= backend.retry_at and \
                         len(backend.in_state(STARTING, RUNNING)) < backend.target_replicas:
                     self._reconcile(backend)  # retry replacements that failed to start
-            if self._proxy is not None and not self.runtime.is_alive(PROXY_NAME):
-                logger.warning("The HTTP proxy %s; starting a new one.",
-                               self.runtime.exit_description(PROXY_NAME))
-                self._proxy.close()
-                self._proxy = None
-                await self.runtime.stop(PROXY_NAME, timeout=0)
-                await self._start_proxy()
 
     # ----------------------------------------------------------------- endpoints
 

@@ -21,7 +21,15 @@ class ReplicaRecord:
     state: str = STARTING
     address: Optional[str] = None
     connection: Optional[Connection] = None
-    task: Optional[asyncio.Task] = None
+    config: Optional[BackendConfig] = None  # the config the replica process runs
+    task: Optional[asyncio.Task] = None  # its start
+    health_task: Optional[asyncio.Task] = None  # its health pings, while it runs
+
+    def cancel_tasks(self) -> None:
+        """Cancel its start and health tasks, except the one calling this."""
+        for task in (self.task, self.health_task):
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
 
 
 @dataclasses.dataclass
@@ -40,6 +48,7 @@ class BackendState:
     config_before_update: Optional[BackendConfig] = None
     start_failures: int = 0  # consecutive replica starts that failed
     retry_at: float = 0.0  # monotonic time before which failed replacements are not retried
+    last_start_error: Optional[str] = None  # why the last replica start failed, until one starts
 
     @property
     def target_replicas(self) -> int:
