@@ -77,6 +77,15 @@ class FlakyModel:
         return None
 
 
+class FlakyConfigurable(Model):
+    """A ``Model`` whose constructor raises while ``FLAKY["fail"]`` is set."""
+
+    def __init__(self) -> None:
+        if FLAKY["fail"]:
+            raise ModelLoadError("out of memory")
+        super().__init__()
+
+
 class PickyModel:
     """Its reconfigure refuses a user_config without "v"."""
 
@@ -793,6 +802,158 @@ def test_health_check_retries_a_replacement_that_failed_to_start() -> None:
             await controller._check_health()
             await eventually(lambda: len(replica_tags(controller, "m", RUNNING)) == 2,
                              "the backend back at 2 running replicas", timeout=2.0)
+
+    run(main)
+
+
+FAST_HEALTH = {"health_check_period_s": 0.01, "health_check_timeout_s": 0.05,
+               "health_check_failure_threshold": 2}
+
+
+def published_replicas(controller: Controller, backend: str) -> List[str]:
+    """The replica tags routers are told about for ``backend``."""
+    _, view = controller.long_poll._values[constants.KEY_REPLICAS]
+    return [tag for tag, _ in view.get(backend, [])]
+
+
+def test_frozen_replica_is_taken_out_of_routing_and_replaced() -> None:
+    """A replica whose pings hang (a blocked event loop, SIGSTOP) is unpublished, killed
+    and replaced once it missed ``health_check_failure_threshold`` pings in a row."""
+
+    async def main() -> None:
+        async with running_controller() as (controller, runtime):
+            await start_backend(controller, "m", num_replicas=2, **FAST_HEALTH)
+            victim, survivor = replica_tags(controller, "m")
+            runtime.freeze(victim)
+            await eventually(lambda: victim not in published_replicas(controller, "m"),
+                             "the frozen replica out of routing")
+            assert not runtime.is_alive(victim)
+            assert survivor in published_replicas(controller, "m")
+            await eventually(lambda: len(replica_tags(controller, "m", RUNNING)) == 2,
+                             "a replacement running")
+            assert victim not in replica_tags(controller, "m")
+
+    run(main)
+
+
+def test_slow_pings_below_the_threshold_keep_the_replica() -> None:
+    async def main() -> None:
+        async with running_controller() as (controller, runtime):
+            await start_backend(controller, "m", health_check_period_s=0.01,
+                                health_check_timeout_s=0.05,
+                                health_check_failure_threshold=1000)
+            [tag] = replica_tags(controller, "m")
+            runtime.freeze(tag)
+            await eventually(lambda: runtime.calls(tag).count("ping") >= 5, "5 pings sent")
+            runtime.thaw(tag)
+            await eventually(lambda: runtime.calls(tag).count("ping") >= 10, "pings answered")
+            assert replica_tags(controller, "m", RUNNING) == [tag]
+            assert runtime.is_alive(tag)
+
+    run(main)
+
+
+def test_replica_whose_check_health_raises_is_replaced_at_once() -> None:
+    async def main() -> None:
+        async with running_controller() as (controller, runtime):
+            await start_backend(controller, "m", health_check_period_s=0.01,
+                                health_check_timeout_s=1.0,
+                                health_check_failure_threshold=1000)
+            [tag] = replica_tags(controller, "m")
+            runtime.fail_health(tag, RuntimeError("GPU lost"))
+            await eventually(lambda: tag not in published_replicas(controller, "m"),
+                             "the unhealthy replica out of routing")
+            assert runtime.calls(tag).count("ping") >= 1
+            await eventually(lambda: len(replica_tags(controller, "m", RUNNING)) == 1 and
+                             replica_tags(controller, "m") != [tag], "a replacement running")
+
+    run(main)
+
+
+def test_config_push_does_not_wait_for_a_frozen_replica() -> None:
+    """update_backend_config ends even if a replica froze: the frozen one is replaced, and
+    its replacement starts with the new config."""
+
+    async def main() -> None:
+        async with running_controller() as (controller, runtime):
+            await start_backend(controller, "m", num_replicas=2, user_config={"v": 1},
+                                **FAST_HEALTH)
+            victim, survivor = replica_tags(controller, "m")
+            runtime.freeze(victim)
+            goal = await asyncio.wait_for(controller.update_backend_config(
+                "m", BackendConfig(user_config={"v": 2})), TIMEOUT_S)
+            await wait_goal(controller, goal)
+            running = replica_tags(controller, "m", RUNNING)
+            assert victim not in running and survivor in running and len(running) == 2
+            for tag in running:
+                assert runtime.workers[tag].instance.user_configs[-1] == {"v": 2}
+
+    run(main)
+
+
+def test_replica_starting_during_a_config_change_gets_it_before_traffic() -> None:
+    async def main() -> None:
+        async with running_controller() as (controller, runtime):
+            await start_backend(controller, "m", user_config={"v": 1})
+            [original] = replica_tags(controller, "m")
+            runtime.hold_launches()
+            scale_up = await controller.update_backend_config("m", BackendConfig(num_replicas=2))
+            [starting] = await eventually(lambda: runtime.held(), "a held launch")
+            update = await controller.update_backend_config(
+                "m", BackendConfig(user_config={"v": 2}))
+            assert starting not in published_replicas(controller, "m")
+            runtime.release(starting)
+            await wait_goal(controller, scale_up)
+            await wait_goal(controller, update)
+            assert runtime.calls(starting)[:2] == ["ready", "update_config"]
+            assert sorted(published_replicas(controller, "m")) == sorted([original, starting])
+            for tag in (original, starting):
+                assert runtime.workers[tag].instance.user_configs[-1] == {"v": 2}
+                assert runtime.workers[tag].config.user_config == {"v": 2}
+
+    run(main)
+
+
+def test_failed_scale_up_pushes_the_old_config_back_to_running_replicas() -> None:
+    async def main() -> None:
+        async with running_controller() as (controller, runtime):
+            await start_backend(controller, "m", FlakyConfigurable, user_config={"v": 1})
+            [original] = replica_tags(controller, "m")
+            FLAKY["fail"] = True
+            goal = await controller.update_backend_config(
+                "m", BackendConfig(num_replicas=2, user_config={"v": 2}))
+            with pytest.raises(ModelLoadError, match="out of memory"):
+                await wait_goal(controller, goal)
+            assert controller.get_backend_config("m").user_config == {"v": 1}
+            instance = runtime.workers[original].instance
+            assert instance.user_configs == [{"v": 1}, {"v": 2}, {"v": 1}]
+            assert runtime.workers[original].config.user_config == {"v": 1}
+
+    run(main)
+
+
+def test_proxy_restart_is_retried_until_it_comes_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A proxy that fails to restart is retried with backoff; one failure never leaves
+    HTTP down for good."""
+    monkeypatch.setattr(constants, "HEALTH_CHECK_PERIOD_S", 0.01)
+    monkeypatch.setattr(constants, "MAX_RESTART_BACKOFF_S", 0.02)
+
+    async def main() -> None:
+        runtime = FakeRuntime()
+        controller = Controller(runtime, HTTPOptions(host="127.0.0.1", port=8000))
+        await controller.start()
+        try:
+            assert runtime.alive(role="proxy") == ["proxy"]
+            runtime.fail_launches("proxy", OSError("address in use"))
+            runtime.kill("proxy")
+            await eventually(lambda: runtime.launch_order.count("proxy") >= 4,
+                             "three failed restarts")
+            assert runtime.alive(role="proxy") == []
+            runtime.fail_launches("proxy", None)
+            await eventually(lambda: runtime.alive(role="proxy") == ["proxy"],
+                             "the proxy back")
+        finally:
+            await controller.shutdown()
 
     run(main)
 

@@ -233,15 +233,38 @@ class Controller:
                 "declare more resources in serve.start(resources=...).")
 
     async def _push_config(self, backend: BackendState, raise_errors: bool = True) -> None:
-        """Send the new config to every running replica and wait until each applied it."""
-        connections = [r.connection for r in backend.in_state(RUNNING) if r.connection]
+        """Send the new config to every running replica and wait until each applied it.
+
+        A replica found unhealthy meanwhile is not waited for: it is being replaced, and
+        its replacement starts with the new config.
+        """
+        config = backend.config
+        records = [r for r in backend.in_state(RUNNING) if r.connection]
         results = await asyncio.gather(
-            *(connection.call("update_config", backend.config) for connection in connections),
+            *(self._apply_config(record, config) for record in records),
             return_exceptions=True)
+        for record, result in zip(records, results, strict=True):
+            if result is None:
+                record.config = config
         errors = [e for e in results if isinstance(e, Exception)
                   and not isinstance(e, BackendUnavailableError)]
         if errors and raise_errors:
             raise errors[0]
+
+    async def _apply_config(self, record: ReplicaRecord, config: BackendConfig) -> None:
+        """``update_config`` on one replica, given up if the replica turns unhealthy."""
+        assert record.connection is not None
+        call = asyncio.ensure_future(record.connection.call("update_config", config))
+        unhealthy = asyncio.ensure_future(record.unhealthy.wait())
+        try:
+            await asyncio.wait([call, unhealthy], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            unhealthy.cancel()
+        if not call.done():
+            call.cancel()
+            raise BackendUnavailableError(f"Replica {record.tag} became unhealthy before it "
+                                          "applied the config.")
+        call.result()
 
     # ----------------------------------------------------------------- reconciliation
 
@@ -331,6 +354,7 @@ class Controller:
                 return  # it died: the liveness check replaces it
             except Exception as exc:
                 reason = f"failed its health check: {type(exc).__name__}: {exc}"
+            record.unhealthy.set()  # a config push stops waiting for it
             async with self._lock:
                 if record.state == RUNNING and backend.replicas.get(record.tag) is record:
                     await self._replace(backend, [(record, reason)])

@@ -24,6 +24,7 @@ class ReplicaRecord:
     config: Optional[BackendConfig] = None  # the config the replica process runs
     task: Optional[asyncio.Task] = None  # its start
     health_task: Optional[asyncio.Task] = None  # its health pings, while it runs
+    unhealthy: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
     def cancel_tasks(self) -> None:
         """Cancel its start and health tasks, except the one calling this."""

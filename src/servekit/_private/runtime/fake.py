@@ -10,6 +10,9 @@ release it, kill a worker, and read which workers live and which calls each one 
     ...
     runtime.release()                  # let them all go
     runtime.kill(name)                 # is_alive(name) is now False; its calls fail
+    runtime.freeze(name)               # its calls hang until thaw(name), as under SIGSTOP
+    runtime.fail_health(name, error)   # its pings raise error, as a failing check_health()
+    runtime.fail_launches(name, error) # launches of name raise error until given None
     runtime.calls(name)                # ["ready", "update_config", "drain", ...]
 """
 
@@ -47,6 +50,8 @@ class FakeWorker:
     instance: Any = None  # the constructed backend class (or the function itself)
     metadata: Optional[BackendMetadata] = None
     config: Optional[BackendConfig] = None  # the last config the replica applied
+    frozen: Optional[asyncio.Event] = None  # set while frozen: calls wait until it is thawed
+    health_error: Optional[Exception] = None  # what its pings raise, if anything
 
     @property
     def address(self) -> str:
@@ -77,7 +82,13 @@ class FakeConnection:
         worker.calls.append((name, args))
         if self.is_closed:
             raise BackendUnavailableError(f"The connection to {worker.address} is closed.")
+        if worker.frozen is not None:
+            await worker.frozen.wait()
+            if self.is_closed:
+                raise BackendUnavailableError(f"{worker.address} was killed while frozen.")
         if name == "ping":
+            if worker.health_error is not None:
+                raise worker.health_error
             return worker.name
         if worker.role == "proxy":
             if name == "ready":
@@ -151,6 +162,7 @@ class FakeRuntime(Runtime):
         self._holds: Dict[str, asyncio.Event] = {}
         self._hold_all = False
         self._held: Set[str] = set()
+        self._launch_errors: Dict[str, Exception] = {}
         self.is_shut_down = False
 
     # ------------------------------------------------------------- test controls
@@ -180,6 +192,29 @@ class FakeRuntime(Runtime):
         worker = self.workers[name]
         worker.alive = False
         worker.exit = "was killed by signal SIGKILL"
+        self.thaw(name)
+
+    def freeze(self, name: str) -> None:
+        """Make every call to worker ``name`` hang, as if it were SIGSTOPped."""
+        self.workers[name].frozen = asyncio.Event()
+
+    def thaw(self, name: str) -> None:
+        """Let the calls of a frozen worker go on."""
+        worker = self.workers[name]
+        if worker.frozen is not None:
+            worker.frozen.set()
+            worker.frozen = None
+
+    def fail_health(self, name: str, error: Optional[Exception]) -> None:
+        """Make the pings of worker ``name`` raise ``error`` (None: answer again)."""
+        self.workers[name].health_error = error
+
+    def fail_launches(self, name: str, error: Optional[Exception]) -> None:
+        """Make every launch of ``name`` raise ``error`` (None: launch again)."""
+        if error is None:
+            self._launch_errors.pop(name, None)
+        else:
+            self._launch_errors[name] = error
 
     def alive(self, role: Optional[str] = None) -> List[str]:
         """Names of living workers (of ``role``, if given), in launch order."""
@@ -202,9 +237,11 @@ class FakeRuntime(Runtime):
 
     async def launch(self, name: str, role: str, payload: Any, *,
                      resources: Optional[dict] = None, python: Optional[str] = None) -> str:
+        self.launch_order.append(name)
+        if name in self._launch_errors:
+            raise self._launch_errors[name]
         worker = FakeWorker(name, role, payload, resources=resources, python=python)
         self.workers[name] = worker
-        self.launch_order.append(name)
         if self._hold_all:
             self.hold(name)
         event = self._holds.get(name)
@@ -231,6 +268,7 @@ class FakeRuntime(Runtime):
             worker.alive = False
             worker.stop_timeout = timeout
             worker.exit = "exited with code 0"
+            self.thaw(name)  # a frozen process dies too (its calls fail)
 
     def is_alive(self, name: str) -> bool:
         worker = self.workers.get(name)
