@@ -123,7 +123,7 @@ class BackendConfig(BaseModel):
         health_check_period_s: Seconds between the controller's pings of each replica,
             default 1.0. A ping also calls the class's ``check_health()`` if it has one.
         health_check_timeout_s: Seconds a ping may take before it counts as failed,
-            default 2.0.
+            default 1.0. With the defaults a frozen replica is replaced within about 4 s.
         health_check_failure_threshold: Failed pings in a row after which a replica is
             taken out of routing and replaced, default 3. A ``check_health()`` that raises
             replaces it at once.
@@ -178,7 +178,7 @@ class BackendConfig(BaseModel):
         description="Seconds between the controller's health pings of each replica.",
     )
     health_check_timeout_s: float = Field(
-        default=2.0,
+        default=1.0,
         gt=0,
         strict=True,
         allow_inf_nan=False,
