@@ -125,6 +125,7 @@ class ReplicaSet:
                                               self._lost)
         self._order = [slot for slot in self.slots.values() if not slot.dead]
         self._wake()
+        self._arm_expiry()
 
     def set_cap(self, cap: int) -> None:
         self.cap = cap
@@ -138,6 +139,7 @@ class ReplicaSet:
                        slot.tag, self.backend)
         self._order = [s for s in self._order if s is not slot]
         slot.close()
+        self._arm_expiry()
 
     def _pick(self) -> Optional[ReplicaSlot]:
         """The least busy replica with room; ties go round-robin so idle replicas share."""
@@ -175,12 +177,31 @@ class ReplicaSet:
             self._waiters.appendleft(waiter)
         else:
             self._waiters.append(waiter)
+        if not self._order:
+            self._arm_expiry([waiter])
         try:
             return await waiter
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
                 self.release(waiter.result(), completed=False)
             raise
+
+    def _arm_expiry(self, waiters: Optional[List[asyncio.Future]] = None) -> None:
+        """While no replica is routable, waiting requests fail after NO_REPLICA_TIMEOUT_S."""
+        waiters = list(self._waiters) if waiters is None else waiters
+        if self._order or not waiters:
+            return
+        loop = asyncio.get_running_loop()
+        for waiter in waiters:
+            if not waiter.done():
+                loop.call_later(constants.NO_REPLICA_TIMEOUT_S, self._expire, waiter)
+
+    def _expire(self, waiter: asyncio.Future) -> None:
+        if not waiter.done() and not self._order:
+            waiter.set_exception(BackendUnavailableError(
+                f"No replica of backend '{self.backend}' could take the request within "
+                f"{constants.NO_REPLICA_TIMEOUT_S}s (SERVEKIT_NO_REPLICA_TIMEOUT_S): its "
+                "replicas died or are being replaced. Try again later."))
 
     def release(self, slot: ReplicaSlot, completed: bool) -> None:
         """Give back a slot; ``completed``: the replica finished a request of ours."""
