@@ -202,6 +202,14 @@ class Controller:
     def list_backends(self) -> Dict[str, BackendConfig]:
         return {tag: b.config for tag, b in self.backends.items() if not b.deleting}
 
+    def backend_status(self) -> Dict[str, dict]:
+        """Per backend: replicas running and wanted, each replica's state, and why the last
+        replica start failed (None once a replica started since)."""
+        return {tag: {"running": len(b.in_state(RUNNING)), "target": b.target_replicas,
+                      "replicas": {r.tag: r.state for r in b.replicas.values()},
+                      "last_start_error": b.last_start_error}
+                for tag, b in self.backends.items() if not b.deleting}
+
     def _backend(self, tag: str) -> BackendState:
         backend = self.backends.get(tag)
         if backend is None or backend.deleting:

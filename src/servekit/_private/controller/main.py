@@ -54,6 +54,7 @@ def controller_handlers(controller: Controller, started: asyncio.Future,
         "listen": controller.listen,
         "get_backend_config": plain(controller.get_backend_config),
         "list_backends": plain(controller.list_backends),
+        "backend_status": plain(controller.backend_status),
         "list_endpoints": plain(controller.list_endpoints),
         "endpoint_exists": plain(controller.endpoint_exists),
     }
