@@ -46,7 +46,10 @@ _Target = Tuple[Callable, bool, Optional[BatchQueue]]
 def _cancelled_by_servekit() -> bool:
     """Whether the running task is being cancelled (its caller went away), as opposed to
     user code raising ``CancelledError`` of its own."""
-    task = asyncio.current_task()
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:
+        return False  # a worker thread (constructor, reconfigure): no task to cancel
     cancelling = getattr(task, "cancelling", None)  # Python 3.11+
     return task is not None and cancelling is not None and cancelling() > 0
 
