@@ -25,12 +25,12 @@ class LongPollHost:
         self._values: Dict[str, Snapshot] = {}
         self._changed = asyncio.Condition()
         self._seen: Dict[str, Tuple[str, Dict[str, int]]] = {}
+        self._wakers: set = set()
 
     async def publish(self, key: str, value: Any) -> int:
         version = self._values.get(key, (self._epoch, None))[0] + 1
         self._values[key] = (version, value)
-        async with self._changed:
-            self._changed.notify_all()
+        await self._wake()
         return version
 
     def version(self, key: str) -> int:
@@ -50,7 +50,15 @@ class LongPollHost:
                 await self._changed.wait()
 
     def forget(self, subscriber_id: str) -> None:
-        self._seen.pop(subscriber_id, None)
+        """Stop counting a subscriber that went away; waits for its acknowledgement end."""
+        if self._seen.pop(subscriber_id, None) is not None:
+            task = asyncio.ensure_future(self._wake())
+            self._wakers.add(task)
+            task.add_done_callback(self._wakers.discard)
+
+    async def _wake(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
 
     async def wait_until_applied(self, role: str, key: str, version: int,
                                  timeout: Optional[float]) -> bool:

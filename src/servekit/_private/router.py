@@ -110,6 +110,7 @@ class ReplicaSet:
         self._order: List[ReplicaSlot] = []
         self._turn = 0
         self._waiters: Deque[asyncio.Future] = collections.deque()
+        self._expiries: Dict[asyncio.Future, asyncio.TimerHandle] = {}
 
     def update(self, replicas: List[Tuple[str, str]]) -> None:
         current = dict(replicas)
@@ -187,16 +188,25 @@ class ReplicaSet:
             raise
 
     def _arm_expiry(self, waiters: Optional[List[asyncio.Future]] = None) -> None:
-        """While no replica is routable, waiting requests fail after NO_REPLICA_TIMEOUT_S."""
+        """While no replica is routable, waiting requests fail NO_REPLICA_TIMEOUT_S after
+        the last one was lost (or after they arrived, if later); a replica coming back
+        disarms them."""
+        if self._order:
+            for handle in self._expiries.values():
+                handle.cancel()
+            self._expiries.clear()
+            return
         waiters = list(self._waiters) if waiters is None else waiters
-        if self._order or not waiters:
+        if not waiters:
             return
         loop = asyncio.get_running_loop()
         for waiter in waiters:
-            if not waiter.done():
-                loop.call_later(constants.NO_REPLICA_TIMEOUT_S, self._expire, waiter)
+            if not waiter.done() and waiter not in self._expiries:
+                self._expiries[waiter] = loop.call_later(
+                    constants.NO_REPLICA_TIMEOUT_S, self._expire, waiter)
 
     def _expire(self, waiter: asyncio.Future) -> None:
+        self._expiries.pop(waiter, None)
         if not waiter.done() and not self._order:
             waiter.set_exception(BackendUnavailableError(
                 f"No replica of backend '{self.backend}' could take the request within "
@@ -451,6 +461,9 @@ class Router:
         """Write the request to a replica with room; its reply will settle ``result``."""
         while True:
             slot = await replica_set.acquire(first)
+            if result.done():  # the caller gave up while it waited: send nothing
+                replica_set.release(slot, completed=False)
+                return
             try:
                 connection = await slot.connected()
             except ConnectFailed:

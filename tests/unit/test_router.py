@@ -1,0 +1,844 @@
+"""Unit tests of the router (``servekit._private.router``): replica choice, refusals, room
+notices, dead replicas, endpoint deadlines and shadow copies.
+
+No processes, no sockets: the router gets ``Cluster.connect`` as its ``connect_replica``,
+which hands it a real ``RpcClient`` wired to a recording transport. A ``FakeReplica`` plays
+the server side by feeding raw frames (replies, refusals, room notices) into that client, so
+the router sees exactly what a real connection would deliver, in the order a test chooses.
+Long-poll updates go in through ``Router.apply``. Each test runs one event loop; ``spin``
+lets ready callbacks and tasks run without letting time pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+import threading
+import time
+from typing import Any, Callable, Coroutine, Dict, List, Optional, Tuple
+
+import pytest
+
+from servekit._private import constants
+from servekit._private.router import Router
+from servekit._private.specs import EndpointInfo
+from servekit._private.transport import (
+    _HEADER,
+    _NOTIFY,
+    _REPLY_BUSY,
+    _REPLY_ERROR,
+    _REPLY_OK,
+    _REQUEST,
+    ConnectFailed,
+    RpcClient,
+    _FrameProtocol,
+    dumps,
+    encode_error,
+)
+from servekit.exceptions import BackendUnavailableError, EndpointNotFoundError
+
+# --------------------------------------------------------------------------- fakes
+
+
+def frame(msg_id: int, kind: int, payload: bytes = b"") -> bytes:
+    return _HEADER.pack(len(payload), msg_id, kind) + payload
+
+
+class FakeTransport:
+    """The socket of one connection: records writes; closing it loses it on the next loop
+    iteration, as an asyncio transport does."""
+
+    def __init__(self, protocol: _FrameProtocol) -> None:
+        self.protocol = protocol
+        self.data = bytearray()
+        self.closing = False
+        self.lost = False
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        if not self.closing:
+            self.closing = True
+            asyncio.get_running_loop().call_soon(self.lose)
+
+    def lose(self) -> None:
+        """The peer went away: the protocol learns it now."""
+        self.closing = True
+        if not self.lost:
+            self.lost = True
+            self.protocol.connection_lost(None)
+
+
+class FakeReplica:
+    """The server end of a replica's connections: what it received, and frames to answer."""
+
+    def __init__(self, tag: str) -> None:
+        self.tag = tag
+        self.address = f"/run/servekit/sock-{len(tag)}-{id(self):x}"  # does not name the tag
+        self.refuse_connections = False
+        self.connects = 0
+        self.transports: List[FakeTransport] = []
+
+    @property
+    def transport(self) -> FakeTransport:
+        assert self.transports, f"nothing connected to {self.tag}"
+        return self.transports[-1]
+
+    def requests(self) -> List[Tuple[int, Any]]:
+        """(message id, first argument) of every request written to this replica."""
+        found = []
+        for transport in self.transports:
+            data, offset = bytes(transport.data), 0
+            while offset < len(data):
+                length, msg_id, kind = _HEADER.unpack_from(data, offset)
+                start = offset + _HEADER.size
+                assert kind == _REQUEST
+                _, args = pickle.loads(data[start:start + length])
+                found.append((msg_id, args[0] if args else None))
+                offset = start + length
+        return found
+
+    def received(self) -> List[Any]:
+        return [value for _, value in self.requests()]
+
+    def _id(self, value: Any) -> int:
+        ids = [msg_id for msg_id, got in self.requests() if got == value]
+        assert ids, f"{self.tag} never received {value!r}: {self.received()}"
+        return ids[-1]
+
+    def feed(self, *frames: bytes) -> None:
+        """Frames arriving at the router in one read."""
+        self.transport.protocol.data_received(b"".join(frames))
+
+    def answer_frame(self, value: Any, result: Any) -> bytes:
+        return frame(self._id(value), _REPLY_OK, dumps(result))
+
+    def busy_frame(self, value: Any) -> bytes:
+        return frame(self._id(value), _REPLY_BUSY)
+
+    def answer(self, value: Any, result: Any) -> None:
+        self.feed(self.answer_frame(value, result))
+
+    def refuse(self, value: Any) -> None:
+        self.feed(self.busy_frame(value))
+
+    def notice(self) -> None:
+        self.feed(NOTICE)
+
+    def fail(self, value: Any, exc: BaseException) -> None:
+        self.feed(frame(self._id(value), _REPLY_ERROR, encode_error(exc)))
+
+    def drop(self) -> None:
+        """The replica's process died: its connection is lost."""
+        self.transport.lose()
+
+
+NOTICE = frame(0, _NOTIFY)
+
+
+class Cluster:
+    """The replicas the router may connect to; ``connect`` is its ``connect_replica``."""
+
+    def __init__(self) -> None:
+        self.by_address: Dict[str, FakeReplica] = {}
+
+    def replica(self, tag: str) -> FakeReplica:
+        replica = FakeReplica(tag)
+        self.by_address[replica.address] = replica
+        return replica
+
+    async def connect(self, address: str, name: str) -> RpcClient:
+        replica = self.by_address[address]
+        replica.connects += 1
+        await asyncio.sleep(0)  # connecting takes a loop iteration
+        if replica.refuse_connections:
+            raise ConnectFailed(f"Could not connect to {name}: [Errno 111] Connection refused")
+        client = RpcClient(address, name)
+        client.closed = asyncio.get_running_loop().create_future()
+        protocol = _FrameProtocol(client._on_frame, client._on_lost)
+        transport = FakeTransport(protocol)
+        protocol.connection_made(transport)  # type: ignore[arg-type]
+        client._protocol = protocol
+        replica.transports.append(transport)
+        return client
+
+
+def endpoint(name: str = "ep", traffic: Optional[Dict[str, float]] = None,
+             shadows: Optional[Dict[str, float]] = None) -> EndpointInfo:
+    return EndpointInfo(name, None, ["__call__"], traffic or {"b": 1.0}, shadows or {})
+
+
+class Feed:
+    """The long poll as the router sees it: versioned updates pushed through ``apply``."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self.version = 0
+
+    def push(self, key: str, value: Any) -> None:
+        self.version += 1
+        self.router.apply({key: (self.version, value)})
+
+    def endpoints(self, *infos: EndpointInfo) -> None:
+        self.push(constants.KEY_ENDPOINTS, {info.name: info for info in infos})
+
+    def caps(self, **caps: int) -> None:
+        self.push(constants.KEY_BACKENDS, caps)
+
+    def replicas(self, **replicas: List[FakeReplica]) -> None:
+        self.push(constants.KEY_REPLICAS,
+                  {backend: [(r.tag, r.address) for r in rs] for backend, rs in replicas.items()})
+
+
+def make_router(cluster: Cluster, cap: int = 1,
+                **replicas: List[FakeReplica]) -> Tuple[Router, Feed]:
+    """A router knowing endpoint ``ep`` (traffic all to backend ``b``), the caps and
+    replicas given (default: backend ``b``)."""
+    router = Router("/run/servekit/controller.sock", "router", connect_replica=cluster.connect)
+    feed = Feed(router)
+    feed.endpoints(endpoint())
+    feed.caps(**{backend: cap for backend in replicas})
+    feed.replicas(**replicas)
+    return router, feed
+
+
+async def spin(times: int = 30) -> None:
+    """Run every ready callback and task, a few rounds deep (no time passes)."""
+    for _ in range(times):
+        await asyncio.sleep(0)
+
+
+def start_send(router: Router, value: Any, name: str = "ep") -> asyncio.Task:
+    """``router.send`` of a request whose argument is ``value``, as a task."""
+    return asyncio.ensure_future(router.send(name, "call", None, (value,)))
+
+
+async def sent(router: Router, value: Any, name: str = "ep") -> asyncio.Future:
+    """Send a request that must be written to a replica at once; the future of its reply."""
+    task = start_send(router, value, name)
+    await spin()
+    assert task.done(), f"request {value!r} was not sent"
+    return task.result()
+
+
+def slot(router: Router, tag: str, backend: str = "b") -> Any:
+    return router._replica_sets[backend].slots[tag]
+
+
+def run(test: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    asyncio.run(test())
+
+
+# --------------------------------------------------------------------------- basics
+
+
+def test_reply_reaches_the_caller() -> None:
+    """A request is written to a replica and its reply ends the caller's future."""
+
+    async def main() -> None:
+        cluster = Cluster()
+        r1 = cluster.replica("b#1")
+        router, _ = make_router(cluster, b=[r1])
+        reply = await sent(router, "A")
+        assert r1.received() == ["A"]
+        r1.answer("A", "a")
+        await spin()
+        assert reply.result() == "a"
+
+    run(main)
+
+
+def test_requests_wait_in_order_for_room_under_the_cap() -> None:
+    """With every replica at its cap, requests wait and go out in arrival order as room
+    frees, never more than the cap at once."""
+
+    async def main() -> None:
+        cluster = Cluster()
+        r1 = cluster.replica("b#1")
+        router, _ = make_router(cluster, cap=2, b=[r1])
+        first = [await sent(router, v) for v in ("A", "B")]
+        waiting = [start_send(router, v) for v in ("C", "D", "E")]
+        await spin()
+        assert r1.received() == ["A", "B"]
+        assert not any(task.done() for task in waiting)
+        r1.answer("B", "b")
+        await spin()
+        assert r1.received() == ["A", "B", "C"]
+        r1.answer("A", "a")
+        r1.answer("C", "c")
+        await spin()
+        assert r1.received() == ["A", "B", "C", "D", "E"]
+        assert [f.result() for f in first] == ["a", "b"]
+        assert [t.done() for t in waiting] == [True, True, True]
+
+    run(main)
+
+
+def test_idle_replicas_share_the_load() -> None:
+    """Requests go to the least busy replica: two replicas with cap 2 get two each."""
+
+    async def main() -> None:
+        cluster = Cluster()
+        r1, r2 = cluster.replica("b#1"), cluster.replica("b#2")
+        router, _ = make_router(cluster, cap=2, b=[r1, r2])
+        for value in "ABCD":
+            await sent(router, value)
+        assert len(r1.received()) == len(r2.received()) == 2
+
+    run(main)
+
+
+# --------------------------------------------------------------------------- 1. refusals
+
+
+def test_refusal_and_room_notice_read_together_do_not_leave_the_replica_full() -> None:
+    """The replica refuses A (full because of another router) and says it has room again;
+    both frames are read in one chunk, so the notice is handled before the refusal's
+    callback. The queued request B must then be delivered to the replica, and A after it.
+
+    Old behaviour caught: the refusal's callback marked the replica full after the notice had
+    cleared it, so nothing was ever sent to that replica again (B and A's retry hung)."""
+
+    async def main() -> None:
+        cluster = Cluster()
+        r1 = cluster.replica("b#1")
+        router, _ = make_router(cluster, cap=1, b=[r1])
+        reply_a = await sent(router, "A")
+        send_b = start_send(router, "B")
+        await spin()
+        assert r1.received() == ["A"] and not send_b.done()
+
+        r1.feed(r1.busy_frame("A"), NOTICE)
+        await spin()
+        assert r1.received() == ["A", "B"], "B was not delivered after the room notice"
+        assert send_b.done()
+        r1.answer("B", "b")
+        await spin()
+        assert send_b.result().result() == "b"
+        assert r1.received() == ["A", "B", "A"], "the refused A was not sent again"
+        r1.answer("A", "a")
+        await spin()
+        assert reply_a.result() == "a"
+
+    run(main)
+
+
+def test_notice_before_refusal_keeps_the_replica_full_until_the_next_notice() -> None:
+    """A notice counted before a refusal is older than it: the replica stays full, nothing
+    is re-sent, until a later notice; then the refused request goes first, ahead of B.
+
+    Catches the opposite mistake: ignoring refusals (re-sending to a full replica at once)."""
+
+    async def main() -> None:
+        cluster = Cluster()
+        r1 = cluster.replica("b#1")
+        router, _ = make_router(cluster, cap=1, b=[r1])
+        reply_a = await sent(router, "A")
+        send_b = start_send(router, "B")
+        await spin()
+        r1.notice()  # room notice for an earlier refusal, read while A is in flight
+        await spin()
+        r1.refuse("A")
+        await spin()
+        assert r1.received() == ["A"], "a full replica got requests before its notice"
+        assert not reply_a.done() and not send_b.done()
+
+        r1.notice()
+        await spin()
+        assert r1.received() == ["A", "A"], "the refused request must go first"
+        r1.answer("A", "a")
+        await spin()
+        assert reply_a.result() == "a"
+        assert r1.received() == ["A", "A", "B"]
+
+    run(main)
+
+
+def test_refused_request_goes_to_another_replica_with_room() -> None:
+    """A request refused by one replica is delivered to another that has room, once, and
+    its reply reaches the caller."""
+
+    async def main() -> None:
+        cluster = Cluster()
+        r1, r2 = cluster.replica("b#1"), cluster.replica("b#2")
+        router, _ = make_router(cluster, cap=1, b=[r1, r2])
+        reply = await sent(router, "A")
+        [first] = [r for r in (r1, r2) if r.received()]
+        other = r2 if first is r1 else r1
+        first.refuse("A")
+        await spin()
+        assert other.received() == ["A"] and first.received() == ["A"]
+        other.answer("A", "a")
+        await spin()
+        assert reply.result() == "a"
+
+    run(main)
+
+
+def test_refused_request_whose_caller_gave_up_is_not_sent_again() -> None:
+    """A caller cancels the reply of a request that was refused and waits for room (e.g.
+    ``asyncio.wait_for`` on a handle call timed out). The request never ran and nobody
+    waits for it: when room comes it must not be sent, and the room goes to the next request.
+
+    Fails on the current code (see the report): the redelivery ignores the cancellation,
+    so the abandoned request runs anyway and B waits behind it."""
+
+    async def main() -> None:
+        cluster = Cluster()
+        r1 = cluster.replica("b#1")
+        router, _ = make_router(cluster, cap=1, b=[r1])
+        reply = await sent(router, "A")
+        r1.refuse("A")
+        await spin()
+        reply.cancel()  # the caller gave up while A waited for room
+        send_b = start_send(router, "B")
+        await spin()
+        r1.notice()
+        await spin()
+        assert r1.received() == ["A", "B"], "an abandoned request was sent again"
+        assert send_b.done()
+
+    run(main)
+
+
+# --------------------------------------------------------------------------- 2. pickling
+
+
+def test_unpicklable_argument_fails_alone_and_uses_no_slot() -> None:
+    """An argument that cannot be pickled raises a TypeError naming its type before
+    anything is sent; no replica slot is taken, so with cap 1 the next request is delivered
+    at once.
+
+    Old behaviour caught: the payload was pickled after a slot was taken and the slot was
+    never given back, so every later request to the backend waited forever."""
+
+    async def main() -> None:
+        cluster = Cluster()
+        r1 = cluster.replica("b#1")
+        router, _ = make_router(cluster, cap=1, b=[r1])
+        with pytest.raises(TypeError, match="lock that cannot be pickled"):
+            await router.send("ep", "call", None, (threading.Lock(),))
+        assert slot(router, "b#1").in_flight == 0
+        assert r1.received() == []
+        reply = await sent(router, "A")
+        assert r1.received() == ["A"]
+        r1.answer("A", "a")
+        await spin()
+        assert reply.result() == "a"
+        assert slot(router, "b#1").in_flight == 0
+
+    run(main)
+
+
+# --------------------------------------------------------------------------- 3. retries
+
+
+def test_refused_request_whose_retry_cannot_connect_is_still_delivered() -> None:
+    """Replica 1 refuses A; the retry picks replica 2, whose connect is refused. A must not
+    be lost: it waits for replica 1's room notice and is delivered there.
+
+    Old behaviour caught: the retry's connect error killed the retry task (only logged), so
+    the caller's future stayed pending forever."""
+
+    async def main() -> None:
+        cluster = Cluster()
+        r1, r2 = cluster.replica("b#1"), cluster.replica("b#2")
+        r2.refuse_connections = True
+        router, feed = make_router(cluster, cap=1, b=[r1])
+        reply = await sent(router, "A")
+        feed.replicas(b=[r1, r2])  # a second replica appears while A is in flight
+        r1.refuse("A")
+        await spin()
+        assert r2.connects == 1 and not reply.done()
+
+        r1.notice()
+        await spin()
+        assert r1.received() == ["A", "A"]
+        r1.answer("A", "a")
+        await spin()
+        assert reply.result() == "a"
+
+    run(main)
+
+
+def test_refused_request_with_no_live_replica_left_waits_for_a_replacement() -> None:
+    """Replica 1 refuses A, replica 2's connect is refused, then replica 1's connection is
+    lost: A (which never ran) waits, and is delivered to the replacement replica that the
+    long poll lists next."""
+
+    async def main() -> None:
+        cluster = Cluster()
+        r1, r2, r3 = (cluster.replica(f"b#{i}") for i in (1, 2, 3))
+        r2.refuse_connections = True
+        router, feed = make_router(cluster, cap=1, b=[r1])
+        reply = await sent(router, "A")
+        feed.replicas(b=[r1, r2])
+        r1.refuse("A")
+        await spin()
+        r1.drop()
+        await spin()
+        assert not reply.done()
+
+        feed.replicas(b=[r1, r2, r3])
+        await spin()
+        assert r3.received() == ["A"]
+        assert r1.received() == ["A"], "A was sent again on a lost connection"
+        r3.answer("A", "a")
+        await spin()
+        assert reply.result() == "a"
+
+    run(main)
+
+
+@pytest.fixture
+def short_no_replica_timeout(monkeypatch: pytest.MonkeyPatch) -> float:
+    monkeypatch.setattr(constants, "NO_REPLICA_TIMEOUT_S", 0.1)
+    return 0.1
+
+
+def test_refused_request_ends_when_no_listed_replica_can_be_reached(
+        short_no_replica_timeout: float) -> None:
+    """Replica 1 refuses A, replica 2's connect is refused, replica 1's connection is lost,
+    and the long poll keeps listing just those two (nothing replaces them). A never ran and
+    this router will not send to either replica again, so A ends with a
+    BackendUnavailableError after ``NO_REPLICA_TIMEOUT_S`` instead of waiting forever; so
+    does a new request to the backend.
+
+    Old behaviour caught: the retry died on the connect error and A hung forever. (On
+    4b86c1b A still hung: it waited in the queue with no deadline.)"""
+
+    async def main() -> None:
+        cluster = Cluster()
+        r1, r2 = cluster.replica("b#1"), cluster.replica("b#2")
+        r2.refuse_connections = True
+        router, feed = make_router(cluster, cap=1, b=[r1])
+        reply = await sent(router, "A")
+        feed.replicas(b=[r1, r2])
+        r1.refuse("A")
+        await spin()
+        r1.drop()
+        await spin()
+        feed.replicas(b=[r1, r2])  # the controller republishes: the same two replicas
+        began = time.monotonic()
+        later = start_send(router, "B")
+        await spin()
+        assert not reply.done() and not later.done(), "failed before the deadline"
+
+        with pytest.raises(BackendUnavailableError, match="No replica of backend 'b'"):
+            await asyncio.wait_for(reply, 5.0)
+        with pytest.raises(BackendUnavailableError, match="No replica of backend 'b'"):
+            await asyncio.wait_for(later, 5.0)
+        assert time.monotonic() - began >= short_no_replica_timeout * 0.9
+        assert r1.received() == ["A"] and r2.received() == []
+
+    run(main)
+
+
+def test_requests_waiting_for_room_do_not_expire(short_no_replica_timeout: float) -> None:
+    """The no-replica deadline is only for backends with no reachable replica: a request
+    waiting because the replicas are busy waits as long as it takes (here three deadlines),
+    then is delivered."""
+
+    async def main() -> None:
+        cluster = Cluster()
+        r1 = cluster.replica("b#1")
+        router, _ = make_router(cluster, cap=1, b=[r1])
+        first = await sent(router, "A")
+        waiting = start_send(router, "B")
+        await asyncio.sleep(3 * short_no_replica_timeout)
+        assert not waiting.done()
+        r1.answer("A", "a")
+        await spin()
+        assert first.result() == "a"
+        assert waiting.done() and r1.received() == ["A", "B"]
+
+    run(main)
+
+
+def test_request_written_to_a_closing_connection_goes_to_another_replica() -> None:
+    """A request that could not be written because its connection was already closing
+    (the replica closed it, the loss not yet read) provably never reached the replica: it
+    is sent to another replica, and the closing one is not used again.
+
+    Old behaviour caught: the frame was silently dropped, so the request was never sent and
+    only failed, with BackendUnavailableError, once the connection loss was read."""
+
+    async def main() -> None:
+        cluster = Cluster()
+        r1, r2 = cluster.replica("b#1"), cluster.replica("b#2")
+        router, feed = make_router(cluster, cap=8, b=[r1])
+        in_flight = await sent(router, "A")
+        r1.transport.closing = True
+        reply = await router.send("ep", "call", None, ("B",))  # written nowhere
+        feed.replicas(b=[r1, r2])  # listed before the router learns B was not sent
+        await spin()
+        assert r1.received() == ["A"]
+        assert r2.received() == ["B"]
+        r2.answer("B", "b")
+        await spin()
+        assert reply.result() == "b"
+
+        r1.drop()
+        await spin()
+        assert isinstance(in_flight.exception(), BackendUnavailableError)
+        await sent(router, "C")
+        assert r2.received() == ["B", "C"] and r1.received() == ["A"]
+
+    run(main)
+
+
+# --------------------------------------------------------------------------- 4. dead replicas
+
+
+def test_replica_refusing_connections_is_skipped_and_never_tried_again() -> None:
+    """A replica whose connect is refused is marked dead: requests go to the other replica,
+    and the dead one is not tried again, even after the long poll lists it again.
+
+    Old behaviour caught: the connect error reached the caller (``send`` raised
+    BackendUnavailableError) instead of the request going to the healthy replica."""
+
+    async def main() -> None:
+        cluster = Cluster()
+        good, bad = cluster.replica("b#1"), cluster.replica("b#2")
+        bad.refuse_connections = True
+        router, feed = make_router(cluster, cap=8, b=[good, bad])
+        replies = [await sent(router, value) for value in "ABCD"]
+        assert good.received() == list("ABCD")
+        assert bad.connects == 1
+        feed.replicas(b=[good, bad])
+        replies += [await sent(router, value) for value in "EF"]
+        assert good.received() == list("ABCDEF")
+        assert bad.connects == 1
+        for value in "ABCDEF":
+            good.answer(value, value.lower())
+        await spin()
+        assert [r.result() for r in replies] == list("abcdef")
+
+    run(main)
+
+
+def test_request_in_flight_on_a_lost_connection_fails_and_is_not_resent() -> None:
+    """A request in flight when its replica's connection is lost fails with a
+    BackendUnavailableError naming that replica's tag; it may have run, so it is not sent to
+    another replica. Later requests go to the other replica, without reconnecting.
+
+    Old behaviour caught: the error named only the socket address, not the replica."""
+
+    async def main() -> None:
+        cluster = Cluster()
+        r1, r2 = cluster.replica("b#1aa2"), cluster.replica("b#3bb4")
+        router, _ = make_router(cluster, cap=1, b=[r1, r2])
+        reply = await sent(router, "A")
+        [holder] = [r for r in (r1, r2) if r.received()]
+        other = r2 if holder is r1 else r1
+        holder.drop()
+        await spin()
+        error = reply.exception()
+        assert isinstance(error, BackendUnavailableError)
+        assert holder.tag in str(error)
+        assert other.received() == []
+        assert holder.received() == ["A"]
+
+        for value in "BC":
+            later = await sent(router, value)
+            other.answer(value, value.lower())
+            await spin()
+            assert later.result() == value.lower()
+        assert other.received() == ["B", "C"]
+        assert holder.connects == 1
+
+    run(main)
+
+
+# --------------------------------------------------------------------------- 5. remote errors
+
+
+def test_remote_backend_unavailable_error_does_not_mark_the_replica_dead() -> None:
+    """A replica whose user code called another endpoint that died answers with a
+    BackendUnavailableError of its own. The caller gets that error, but the replica is
+    healthy: it keeps getting requests on the same connection.
+
+    Guards the dead-replica rule (new since ef152d1, which never marked replicas dead) from
+    treating a remote error like a lost connection."""
+
+    async def main() -> None:
+        cluster = Cluster()
+        r1 = cluster.replica("b#1")
+        router, _ = make_router(cluster, cap=1, b=[r1])
+        reply = await sent(router, "A")
+        r1.fail("A", BackendUnavailableError("replica other#9 went away"))
+        await spin()
+        error = reply.exception()
+        assert isinstance(error, BackendUnavailableError)
+        assert "other#9" in str(error)
+        assert not slot(router, "b#1").dead
+
+        later = await sent(router, "B")
+        assert r1.received() == ["A", "B"]
+        assert r1.connects == 1
+        r1.answer("B", "b")
+        await spin()
+        assert later.result() == "b"
+
+    run(main)
+
+
+# --------------------------------------------------------------------------- 6. deadlines
+
+
+@pytest.fixture
+def short_deadlines(monkeypatch: pytest.MonkeyPatch) -> float:
+    monkeypatch.setattr(constants, "ROUTE_GRACE_S", 0.1)
+    monkeypatch.setattr(constants, "MISSING_ENDPOINT_TIMEOUT_S", 0.1)
+    return 0.1
+
+
+def test_deleted_endpoint_fails_after_the_route_grace(short_deadlines: float) -> None:
+    """A request to an endpoint the long poll removed waits out the grace period, then
+    raises EndpointNotFoundError saying it was deleted."""
+
+    async def main() -> None:
+        cluster = Cluster()
+        r1 = cluster.replica("b#1")
+        router, feed = make_router(cluster, b=[r1])
+        feed.endpoints()
+        began = time.monotonic()
+        task = start_send(router, "A")
+        await spin()
+        assert not task.done()
+        with pytest.raises(EndpointNotFoundError, match="was deleted"):
+            await task
+        assert time.monotonic() - began >= short_deadlines * 0.9
+        assert r1.received() == []
+
+    run(main)
+
+
+def test_endpoint_recreated_within_the_grace_gets_the_request(short_deadlines: float) -> None:
+    """An endpoint removed and created again within the grace period serves a request
+    that arrived in between."""
+
+    async def main() -> None:
+        cluster = Cluster()
+        r1 = cluster.replica("b#1")
+        router, feed = make_router(cluster, b=[r1])
+        feed.endpoints()
+        task = start_send(router, "A")
+        await spin()
+        feed.endpoints(endpoint())
+        await spin()
+        assert task.done()
+        assert r1.received() == ["A"]
+
+    run(main)
+
+
+def test_missing_endpoint_fails_after_its_timeout(short_deadlines: float) -> None:
+    """A request to an endpoint never seen waits ``MISSING_ENDPOINT_TIMEOUT_S``, then
+    raises EndpointNotFoundError saying it does not exist."""
+
+    async def main() -> None:
+        cluster = Cluster()
+        router, _ = make_router(cluster, b=[cluster.replica("b#1")])
+        began = time.monotonic()
+        with pytest.raises(EndpointNotFoundError, match="does not exist"):
+            await router.send("nowhere", "call", None, ("A",))
+        assert time.monotonic() - began >= short_deadlines * 0.9
+
+    run(main)
+
+
+def test_missing_endpoint_created_meanwhile_gets_the_request(short_deadlines: float) -> None:
+    """A request to an endpoint that is created while it waits is delivered."""
+
+    async def main() -> None:
+        cluster = Cluster()
+        r1 = cluster.replica("b#1")
+        router, feed = make_router(cluster, b=[r1])
+        task = start_send(router, "A", name="late")
+        await spin()
+        assert not task.done()
+        feed.endpoints(endpoint(), endpoint("late"))
+        await spin()
+        assert task.done()
+        assert r1.received() == ["A"]
+
+    run(main)
+
+
+# --------------------------------------------------------------------------- 7. shadows
+
+
+def shadow_router(cluster: Cluster, main_replica: FakeReplica,
+                  shadow_replica: FakeReplica) -> Router:
+    router, feed = make_router(cluster, cap=1, main=[main_replica], shadow=[shadow_replica])
+    feed.endpoints(endpoint(traffic={"main": 1.0}, shadows={"shadow": 1.0}))
+    return router
+
+
+def test_refused_shadow_copy_is_dropped_and_the_primary_unaffected() -> None:
+    """A shadow copy the shadow replica refuses is counted dropped (not sent, not re-sent);
+    the primary request is delivered and answered as usual."""
+
+    async def main() -> None:
+        cluster = Cluster()
+        primary, shadow = cluster.replica("main#1"), cluster.replica("shadow#1")
+        router = shadow_router(cluster, primary, shadow)
+        reply = await sent(router, "A")
+        assert shadow.received() == ["A"]
+        shadow.refuse("A")
+        primary.answer("A", "a")
+        await spin()
+        assert reply.result() == "a"
+        assert primary.received() == ["A"]
+        assert shadow.received() == ["A"]
+        assert router.shadow_stats.counts[("ep", "shadow")] == {
+            "sent": 0, "dropped": 1, "failed": 0}
+
+    run(main)
+
+
+def test_shadow_copy_to_an_unreachable_replica_is_dropped() -> None:
+    """Shadow copies to a replica refusing connections are dropped, and once it is marked
+    dead it is not tried again; the primary requests are unaffected.
+
+    Old behaviour caught: the connect error counted the copy as sent and failed."""
+
+    async def main() -> None:
+        cluster = Cluster()
+        primary, shadow = cluster.replica("main#1"), cluster.replica("shadow#1")
+        shadow.refuse_connections = True
+        router = shadow_router(cluster, primary, shadow)
+        for value in "AB":
+            reply = await sent(router, value)
+            primary.answer(value, value.lower())
+            await spin()
+            assert reply.result() == value.lower()
+        assert shadow.connects == 1
+        assert router.shadow_stats.counts[("ep", "shadow")] == {
+            "sent": 0, "dropped": 2, "failed": 0}
+
+    run(main)
+
+
+def test_shadow_copy_that_raises_counts_as_sent_and_failed() -> None:
+    """A shadow copy that reaches its replica and raises is counted sent and failed; the
+    caller only sees the primary's reply."""
+
+    async def main() -> None:
+        cluster = Cluster()
+        primary, shadow = cluster.replica("main#1"), cluster.replica("shadow#1")
+        router = shadow_router(cluster, primary, shadow)
+        reply = await sent(router, "A")
+        shadow.fail("A", ValueError("shadow model broke"))
+        primary.answer("A", "a")
+        await spin()
+        assert reply.result() == "a"
+        assert router.shadow_stats.counts[("ep", "shadow")] == {
+            "sent": 1, "dropped": 0, "failed": 1}
+
+    run(main)

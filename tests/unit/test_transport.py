@@ -1,0 +1,407 @@
+"""Unit tests of the framed RPC transport (``servekit._private.transport``).
+
+No sockets: an ``RpcClient`` or ``RpcServer`` is wired to a ``_FrameProtocol`` whose
+transport is a recorder, and server frames are fed to ``data_received`` as raw bytes, in
+whatever chunking the test needs. Each test runs one event loop with ``asyncio.run``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+import threading
+from typing import Any, Callable, Coroutine, List, Optional, Tuple
+
+import pytest
+
+from servekit._private.transport import (
+    _HEADER,
+    _NOTIFY,
+    _REPLY_BUSY,
+    _REPLY_ERROR,
+    _REPLY_OK,
+    _REQUEST,
+    Busy,
+    ConnectFailed,
+    RpcClient,
+    RpcServer,
+    _FrameProtocol,
+    current_peer,
+    decode_error,
+    dumps,
+    encode_call,
+    encode_error,
+    is_remote_error,
+)
+from servekit.exceptions import BackendUnavailableError, RemoteTraceback, ServeError
+
+# --------------------------------------------------------------------------- helpers
+
+Frame = Tuple[int, int, bytes]
+
+
+def frame(msg_id: int, kind: int, payload: bytes = b"") -> bytes:
+    return _HEADER.pack(len(payload), msg_id, kind) + payload
+
+
+def split_frames(data: bytes) -> List[Frame]:
+    """The (msg_id, kind, payload) frames of a byte stream made only of whole frames."""
+    frames, offset = [], 0
+    while offset < len(data):
+        length, msg_id, kind = _HEADER.unpack_from(data, offset)
+        start = offset + _HEADER.size
+        frames.append((msg_id, kind, data[start:start + length]))
+        offset = start + length
+    return frames
+
+
+class RecordingTransport:
+    """Stands in for a socket transport: records what is written, can be made to close."""
+
+    def __init__(self) -> None:
+        self.writes: List[bytes] = []
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def frames(self) -> List[Frame]:
+        return split_frames(b"".join(self.writes))
+
+
+def wired_client(name: str = "replica b#1") -> Tuple[RpcClient, _FrameProtocol,
+                                                      RecordingTransport]:
+    """An ``RpcClient`` as ``RpcClient.connect`` leaves it, over a recording transport."""
+    client = RpcClient("/run/servekit/b-1.sock", name)
+    client.closed = asyncio.get_running_loop().create_future()
+    protocol = _FrameProtocol(client._on_frame, client._on_lost)
+    transport = RecordingTransport()
+    protocol.connection_made(transport)  # type: ignore[arg-type]
+    client._protocol = protocol
+    return client, protocol, transport
+
+
+def request_ids(transport: RecordingTransport) -> List[int]:
+    return [msg_id for msg_id, kind, _ in transport.frames() if kind == _REQUEST]
+
+
+def run(test: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    asyncio.run(test())
+
+
+# --------------------------------------------------------------------------- framing
+
+
+def test_frames_are_rebuilt_however_the_stream_is_chunked() -> None:
+    """Frames cut mid-header or mid-payload, or several in one read, each arrive once, whole
+    and in order."""
+    received: List[Frame] = []
+    protocol = _FrameProtocol(lambda *f: received.append(f), lambda exc: None)
+    stream = (frame(1, _REPLY_OK, b"first") + frame(2, _NOTIFY) + frame(3, _REPLY_OK, b"x" * 300)
+              + frame(4, _REPLY_ERROR, b"last"))
+    expected = [(1, _REPLY_OK, b"first"), (2, _NOTIFY, b""), (3, _REPLY_OK, b"x" * 300),
+                (4, _REPLY_ERROR, b"last")]
+    for cut in (1, 5, _HEADER.size, _HEADER.size + 2, 40, len(stream)):
+        received.clear()
+        for start in range(0, len(stream), cut):
+            protocol.data_received(stream[start:start + cut])
+        assert received == expected, f"chunks of {cut} bytes"
+        assert protocol._buffer == bytearray()
+
+
+def test_a_partial_frame_waits_for_the_rest() -> None:
+    """A frame is not handed on until its last payload byte has arrived."""
+    received: List[Frame] = []
+    protocol = _FrameProtocol(lambda *f: received.append(f), lambda exc: None)
+    data = frame(9, _REPLY_OK, b"payload")
+    protocol.data_received(data[:-1])
+    assert received == []
+    protocol.data_received(data[-1:])
+    assert received == [(9, _REPLY_OK, b"payload")]
+
+
+def test_send_writes_nothing_once_the_transport_is_closing() -> None:
+    """A frame written to a closing transport is reported as not sent."""
+    protocol = _FrameProtocol(lambda *f: None, lambda exc: None)
+    transport = RecordingTransport()
+    protocol.connection_made(transport)  # type: ignore[arg-type]
+    assert protocol.send(1, _REQUEST, b"a") is True
+    transport.closing = True
+    assert protocol.send(2, _REQUEST, b"b") is False
+    assert transport.frames() == [(1, _REQUEST, b"a")]
+
+
+# --------------------------------------------------------------------------- client
+
+
+def test_replies_reach_their_request_in_any_order() -> None:
+    """Replies are matched to requests by message id, not by arrival order."""
+
+    async def main() -> None:
+        client, protocol, transport = wired_client()
+        first = client.send(encode_call("call", ("a",)))
+        second = client.send(encode_call("call", ("b",)))
+        id_a, id_b = request_ids(transport)
+        assert id_a != id_b
+        assert [pickle.loads(p) for _, _, p in transport.frames()] == [
+            ("call", ("a",)), ("call", ("b",))]
+        protocol.data_received(frame(id_b, _REPLY_OK, dumps("B")))
+        assert second.result() == "B" and not first.done()
+        protocol.data_received(frame(id_a, _REPLY_OK, dumps("A")))
+        assert first.result() == "A"
+
+    run(main)
+
+
+def test_busy_then_notice_in_one_read_counts_the_notice_after_the_refusal() -> None:
+    """A refusal and the room notice the server sent right after it, read in one chunk: the
+    ``Busy`` carries the notices seen before it (0), the connection has counted 1, so a
+    router can tell the notice is newer than the refusal.
+
+    Old behaviour caught: ``Busy`` carried no count, so the router could not tell that the
+    notice it had already handled came after the refusal (and marked the replica full
+    forever)."""
+
+    async def main() -> None:
+        client, protocol, transport = wired_client()
+        woken: List[int] = []
+        client.on_notify = lambda: woken.append(client.notices)
+        reply = client.send(encode_call("call", ("a",)))
+        [msg_id] = request_ids(transport)
+        protocol.data_received(frame(msg_id, _REPLY_BUSY) + frame(0, _NOTIFY))
+        error = reply.exception()
+        assert isinstance(error, Busy)
+        assert error.notices == 0
+        assert client.notices == 1
+        assert woken == [1]  # on_notify ran after the count went up
+
+    run(main)
+
+
+def test_notice_before_busy_is_counted_in_the_refusal() -> None:
+    """A notice read before a refusal is included in that refusal's count: it says nothing
+    about room after the refusal."""
+
+    async def main() -> None:
+        client, protocol, transport = wired_client()
+        reply = client.send(encode_call("call", ("a",)))
+        [msg_id] = request_ids(transport)
+        protocol.data_received(frame(0, _NOTIFY) + frame(msg_id, _REPLY_BUSY))
+        error = reply.exception()
+        assert isinstance(error, Busy)
+        assert error.notices == 1 == client.notices
+
+    run(main)
+
+
+def test_remote_error_keeps_its_type_and_remote_traceback() -> None:
+    """An exception raised in the server reaches the caller with its own type and message,
+    the server's traceback attached as its ``__cause__``."""
+
+    async def main() -> None:
+        client, protocol, transport = wired_client()
+        reply = client.send(encode_call("call", ()))
+        [msg_id] = request_ids(transport)
+        try:
+            raise KeyError("no such user")
+        except KeyError as exc:
+            payload = encode_error(exc)
+        protocol.data_received(frame(msg_id, _REPLY_ERROR, payload))
+        error = reply.exception()
+        assert isinstance(error, KeyError)
+        assert error.args == ("no such user",)
+        assert isinstance(error.__cause__, RemoteTraceback)
+        assert "raise KeyError" in str(error.__cause__)
+        assert is_remote_error(error)
+
+    run(main)
+
+
+def test_unreadable_reply_fails_only_its_own_request() -> None:
+    """A reply whose payload cannot be unpickled fails that request with a ServeError; the
+    other requests on the connection still get their replies."""
+
+    async def main() -> None:
+        client, protocol, transport = wired_client()
+        bad = client.send(encode_call("call", ("a",)))
+        good = client.send(encode_call("call", ("b",)))
+        id_bad, id_good = request_ids(transport)
+        protocol.data_received(frame(id_bad, _REPLY_OK, b"not a pickle")
+                               + frame(id_good, _REPLY_OK, dumps("fine")))
+        with pytest.raises(ServeError, match="could not be unpickled"):
+            bad.result()
+        assert good.result() == "fine"
+
+    run(main)
+
+
+def test_send_on_a_closing_connection_fails_unsent() -> None:
+    """A request on a connection that is closing is not written and fails with
+    ``ConnectFailed`` (so it may be sent elsewhere), naming the peer."""
+
+    async def main() -> None:
+        client, protocol, transport = wired_client("replica b#7")
+        transport.closing = True
+        reply = client.send(encode_call("call", ()))
+        assert transport.writes == []
+        with pytest.raises(ConnectFailed, match="replica b#7"):
+            reply.result()
+
+    run(main)
+
+
+def test_lost_connection_fails_requests_in_flight_naming_the_peer() -> None:
+    """When the connection drops, every request in flight fails with a
+    BackendUnavailableError (not ``ConnectFailed``: it may have run) naming the peer; the
+    connection counts as closed and later requests fail unsent."""
+
+    async def main() -> None:
+        client, protocol, transport = wired_client("replica b#7")
+        in_flight = [client.send(encode_call("call", (i,))) for i in range(2)]
+        protocol.connection_lost(None)
+        for reply in in_flight:
+            error = reply.exception()
+            assert isinstance(error, BackendUnavailableError)
+            assert not isinstance(error, ConnectFailed)
+            assert "replica b#7" in str(error)
+            assert not is_remote_error(error)
+        assert client.closed is not None and client.closed.done()
+        assert client.is_closed
+        with pytest.raises(ConnectFailed):
+            client.send(encode_call("call", ())).result()
+
+    run(main)
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+@pytest.mark.parametrize("args, type_name", [
+    ((threading.Lock(),), "lock"),
+    ((1, [2, threading.Lock()]), "lock"),
+    (({"ok": 1, "bad": threading.Lock()},), "lock"),
+    ((lambda x: x,), "function"),
+])
+def test_encode_call_names_the_type_that_cannot_be_pickled(args: tuple,
+                                                           type_name: str) -> None:
+    """An unpicklable argument, even nested in a list or dict, gives a TypeError that names
+    its type."""
+    with pytest.raises(TypeError, match=f"hold a {type_name} that cannot be pickled"):
+        encode_call("call", args)
+
+
+def test_encode_call_round_trips_plain_data() -> None:
+    """A picklable request decodes back to its method name and arguments."""
+    payload = encode_call("call", (1, {"a": [2.5]}, None))
+    assert pickle.loads(payload) == ("call", (1, {"a": [2.5]}, None))
+
+
+def test_encode_error_of_an_unpicklable_exception_names_it() -> None:
+    """An exception that cannot be pickled reaches the caller as a ServeError naming its
+    type and message, with the remote traceback."""
+
+    class LockedError(Exception):
+        def __init__(self) -> None:
+            super().__init__("holding a lock")
+            self.lock = threading.Lock()
+
+    error = decode_error(encode_error(LockedError()))
+    assert isinstance(error, ServeError)
+    assert "LockedError: holding a lock" in str(error)
+    assert is_remote_error(error)
+
+
+def test_decode_error_of_garbage_is_a_serve_error() -> None:
+    """An error payload that cannot be unpickled becomes a ServeError saying so."""
+    error = decode_error(b"garbage")
+    assert isinstance(error, ServeError)
+    assert "could not be unpickled" in str(error)
+
+
+def test_local_errors_are_not_remote() -> None:
+    """``is_remote_error`` tells an error sent by the peer from one raised locally."""
+    assert not is_remote_error(BackendUnavailableError("went away"))
+    assert is_remote_error(decode_error(encode_error(BackendUnavailableError("went away"))))
+
+
+# --------------------------------------------------------------------------- server
+
+
+def dispatch(handlers: dict, msg_id: int, payload: bytes) -> List[Frame]:
+    """Run one request through ``RpcServer._dispatch``; the frames it wrote back."""
+    transport = RecordingTransport()
+
+    async def main() -> None:
+        protocol = _FrameProtocol(lambda *f: None, lambda exc: None)
+        protocol.connection_made(transport)  # type: ignore[arg-type]
+        await RpcServer(handlers)._dispatch(protocol, msg_id, payload)
+
+    asyncio.run(main())
+    return transport.frames()
+
+
+def test_unpicklable_return_value_is_an_error_reply_naming_its_type() -> None:
+    """A handler returning something that cannot be pickled gets an error reply: a
+    TypeError naming the method and the type, instead of no reply at all.
+
+    Old behaviour caught: the error reply carried only pickle's own message, without the
+    method or any advice."""
+
+    async def handler() -> Any:
+        return {"model": "ok", "state": threading.Lock()}
+
+    [(msg_id, kind, payload)] = dispatch({"predict": handler}, 7, encode_call("predict", ()))
+    assert (msg_id, kind) == (7, _REPLY_ERROR)
+    error = decode_error(payload)
+    assert isinstance(error, TypeError)
+    assert "return value of 'predict' is a lock that cannot be pickled" in str(error)
+    assert is_remote_error(error)
+
+
+def test_handler_result_is_an_ok_reply_and_sees_its_peer() -> None:
+    """A handler's return value goes back as an OK reply with the request's id; the handler
+    can see which connection it serves."""
+    seen: List[Optional[_FrameProtocol]] = []
+
+    async def handler(x: int, y: int) -> int:
+        seen.append(current_peer.get(None))
+        return x + y
+
+    assert dispatch({"add": handler}, 3, encode_call("add", (2, 5))) == [
+        (3, _REPLY_OK, dumps(7))]
+    assert len(seen) == 1 and isinstance(seen[0], _FrameProtocol)
+
+
+def test_handler_raising_busy_sends_a_busy_reply() -> None:
+    """A handler that refuses with ``Busy`` sends a BUSY frame, not an error."""
+
+    async def handler() -> None:
+        raise Busy()
+
+    assert dispatch({"call": handler}, 4, encode_call("call", ())) == [(4, _REPLY_BUSY, b"")]
+
+
+def test_handler_exception_is_an_error_reply() -> None:
+    """An exception raised by a handler goes back with its type, for that request only."""
+
+    async def handler() -> None:
+        raise ValueError("bad input")
+
+    [(msg_id, kind, payload)] = dispatch({"call": handler}, 5, encode_call("call", ()))
+    assert (msg_id, kind) == (5, _REPLY_ERROR)
+    error = decode_error(payload)
+    assert isinstance(error, ValueError) and str(error) == "bad input"
+
+
+def test_unknown_method_is_an_error_reply() -> None:
+    """A request naming no handler gets a ServeError naming the method."""
+    [(msg_id, kind, payload)] = dispatch({}, 6, encode_call("nope", ()))
+    assert (msg_id, kind) == (6, _REPLY_ERROR)
+    error = decode_error(payload)
+    assert isinstance(error, ServeError) and "'nope'" in str(error)
