@@ -30,7 +30,7 @@ from servekit.config import (
 )
 from servekit.env import Environment
 from servekit.exceptions import BackendUnavailableError, ServeError
-from servekit.handle import ServeHandle, ServeSyncHandle, routers
+from servekit.handle import HandleOptions, ServeHandle, ServeSyncHandle, routers
 from servekit.types import BackendTag, EndpointTag, TrafficDict
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -284,7 +284,8 @@ class Client:
 
         Args:
             endpoint_name: the endpoint to call.
-            missing_ok: skip the check that the endpoint exists (requests then wait for it).
+            missing_ok: skip the check that the endpoint exists; calls then wait up to
+                ``SERVEKIT_MISSING_ENDPOINT_TIMEOUT_S`` (30 s) for it to be created.
             sync: a ``ServeSyncHandle`` (default) or, with False, a ``ServeHandle`` for async
                 code.
 
@@ -299,7 +300,8 @@ class Client:
             raise KeyError(f"Endpoint '{endpoint_name}' does not exist. Create it with "
                            "create_endpoint(), or pass missing_ok=True.")
         handle_type = ServeSyncHandle if sync else ServeHandle
-        return handle_type(self._controller_address, endpoint_name)
+        return handle_type(self._controller_address, endpoint_name,
+                           HandleOptions(missing_ok=missing_ok))
 
     # ------------------------------------------------------------- shutdown
 

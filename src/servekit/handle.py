@@ -28,6 +28,7 @@ class HandleOptions:
     shard_key: Optional[str] = None
     http_method: str = "GET"
     http_headers: Tuple[Tuple[str, str], ...] = ()
+    missing_ok: bool = False  # made by get_handle(missing_ok=True): calls wait for it
 
 
 class ServeResponse:
@@ -200,7 +201,8 @@ class ServeSyncHandle(_HandleBase):
     async def _send(self, call: tuple) -> asyncio.Future:
         call = await _resolved(call)
         router = await routers.get(self._controller_address)
-        return await router.send(self.endpoint_name, "call", self._options.shard_key, call)
+        return await router.send(self.endpoint_name, "call", self._options.shard_key, call,
+                                 self._options.missing_ok)
 
 
 class ServeHandle(_HandleBase):
@@ -213,5 +215,6 @@ class ServeHandle(_HandleBase):
         """
         call = await _resolved(self._request_args(args, kwargs))
         router = await routers.get(self._controller_address)
-        reply = await router.send(self.endpoint_name, "call", self._options.shard_key, call)
+        reply = await router.send(self.endpoint_name, "call", self._options.shard_key, call,
+                                  self._options.missing_ok)
         return ServeResponse(reply, asyncio.get_running_loop())

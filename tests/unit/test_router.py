@@ -212,9 +212,10 @@ async def spin(times: int = 30) -> None:
         await asyncio.sleep(0)
 
 
-def start_send(router: Router, value: Any, name: str = "ep") -> asyncio.Task:
+def start_send(router: Router, value: Any, name: str = "ep",
+               missing_ok: bool = False) -> asyncio.Task:
     """``router.send`` of a request whose argument is ``value``, as a task."""
-    return asyncio.ensure_future(router.send(name, "call", None, (value,)))
+    return asyncio.ensure_future(router.send(name, "call", None, (value,), missing_ok))
 
 
 async def sent(router: Router, value: Any, name: str = "ep") -> asyncio.Future:
@@ -692,8 +693,9 @@ def test_remote_backend_unavailable_error_does_not_mark_the_replica_dead() -> No
 
 @pytest.fixture
 def short_deadlines(monkeypatch: pytest.MonkeyPatch) -> float:
+    """The route grace period, 0.1 s; the missing-endpoint timeout is 0.3 s."""
     monkeypatch.setattr(constants, "ROUTE_GRACE_S", 0.1)
-    monkeypatch.setattr(constants, "MISSING_ENDPOINT_TIMEOUT_S", 0.1)
+    monkeypatch.setattr(constants, "MISSING_ENDPOINT_TIMEOUT_S", 0.3)
     return 0.1
 
 
@@ -714,6 +716,43 @@ def test_deleted_endpoint_fails_after_the_route_grace(short_deadlines: float) ->
             await task
         assert time.monotonic() - began >= short_deadlines * 0.9
         assert r1.received() == []
+
+    run(main)
+
+
+def test_endpoint_deleted_long_ago_fails_at_once_after_other_changes(
+        short_deadlines: float) -> None:
+    """Once the grace period of a deleted endpoint is over, calls to it fail at once, even
+    after updates about other endpoints (the router keeps remembering the deletion)."""
+
+    async def main() -> None:
+        cluster = Cluster()
+        router, feed = make_router(cluster, b=[cluster.replica("b#1")])
+        feed.endpoints()
+        with pytest.raises(EndpointNotFoundError):
+            await start_send(router, "A")
+        feed.endpoints(endpoint("bystander"))
+        task = start_send(router, "B")
+        await spin()
+        assert task.done()
+        with pytest.raises(EndpointNotFoundError, match="was deleted"):
+            task.result()
+
+    run(main)
+
+
+def test_unknown_endpoint_without_missing_ok_fails_after_the_grace(
+        short_deadlines: float) -> None:
+    """A handle checked at creation (missing_ok False) whose endpoint this router never saw
+    waits only the grace period for it (it may have just been created), not the 30 s."""
+
+    async def main() -> None:
+        cluster = Cluster()
+        router, _ = make_router(cluster, b=[cluster.replica("b#1")])
+        began = time.monotonic()
+        with pytest.raises(EndpointNotFoundError, match="does not exist"):
+            await start_send(router, "A", name="nowhere")
+        assert short_deadlines * 0.9 <= time.monotonic() - began < 0.3
 
     run(main)
 
@@ -745,9 +784,9 @@ def test_missing_endpoint_fails_after_its_timeout(short_deadlines: float) -> Non
         cluster = Cluster()
         router, _ = make_router(cluster, b=[cluster.replica("b#1")])
         began = time.monotonic()
-        with pytest.raises(EndpointNotFoundError, match="does not exist"):
-            await router.send("nowhere", "call", None, ("A",))
-        assert time.monotonic() - began >= short_deadlines * 0.9
+        with pytest.raises(EndpointNotFoundError, match="not created within 0.3s"):
+            await start_send(router, "A", name="nowhere", missing_ok=True)
+        assert time.monotonic() - began >= 0.3 * 0.9
 
     run(main)
 
@@ -759,7 +798,7 @@ def test_missing_endpoint_created_meanwhile_gets_the_request(short_deadlines: fl
         cluster = Cluster()
         r1 = cluster.replica("b#1")
         router, feed = make_router(cluster, b=[r1])
-        task = start_send(router, "A", name="late")
+        task = start_send(router, "A", name="late", missing_ok=True)
         await spin()
         assert not task.done()
         feed.endpoints(endpoint(), endpoint("late"))

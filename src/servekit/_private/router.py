@@ -34,6 +34,9 @@ logger = logging.getLogger("servekit.router")
 
 ConnectReplica = Callable[[str, str], Awaitable[RpcClient]]
 
+# Deleted endpoint names a router remembers (the oldest are forgotten first).
+_MAX_REMOVED_ENDPOINTS = 10_000
+
 # What became of a request sent to a replica (see ``ReplicaSet.settle``).
 ANSWERED, REFUSED, UNSENT, LOST = "answered", "refused", "unsent", "lost"
 
@@ -319,7 +322,8 @@ class Router:
         self._id = f"{role}-{uuid.uuid4().hex[:12]}"
         self._connect_replica = connect_replica
         self.endpoints: Dict[str, EndpointInfo] = {}
-        self._removed_endpoints: Dict[str, float] = {}  # name -> when it disappeared
+        # Deleted endpoints (name -> when), so later calls to them fail at once.
+        self._removed_endpoints: Dict[str, float] = {}
         self._replica_sets: Dict[str, ReplicaSet] = {}
         self._caps: Dict[str, int] = {}
         self._versions = {constants.KEY_ENDPOINTS: -1, constants.KEY_BACKENDS: -1,
@@ -385,9 +389,10 @@ class Router:
             now = time.monotonic()
             for name in self.endpoints.keys() - value.keys():
                 self._removed_endpoints[name] = now
-            self._removed_endpoints = {
-                name: at for name, at in self._removed_endpoints.items()
-                if name not in value and now - at < constants.ROUTE_GRACE_S}
+            for name in value.keys() & self._removed_endpoints.keys():
+                del self._removed_endpoints[name]  # re-created
+            while len(self._removed_endpoints) > _MAX_REMOVED_ENDPOINTS:
+                del self._removed_endpoints[next(iter(self._removed_endpoints))]  # oldest
             self.endpoints = value
         elif key == constants.KEY_BACKENDS:
             self._caps = value
@@ -409,26 +414,35 @@ class Router:
 
     # ------------------------------------------------------------- requests
 
-    async def _endpoint(self, endpoint: str) -> EndpointInfo:
-        """The endpoint's record. One deleted moments ago gets the route grace period to
-        come back; one never seen gets ``MISSING_ENDPOINT_TIMEOUT_S`` to be created."""
+    async def _endpoint(self, endpoint: str, missing_ok: bool) -> EndpointInfo:
+        """The endpoint's record, waiting a bounded time for one this router lacks.
+
+        One deleted moments ago gets the route grace period to come back (it is being
+        re-created); one deleted longer ago fails at once. An unknown one gets the grace
+        period to reach this router (it may have just been created), or with
+        ``missing_ok`` (a handle made before its endpoint) ``MISSING_ENDPOINT_TIMEOUT_S``.
+        """
         info = self.endpoints.get(endpoint)
         if info is not None:
             return info
         removed_at = self._removed_endpoints.get(endpoint)
         if removed_at is not None:
             deadline = removed_at + constants.ROUTE_GRACE_S
-        else:
+            problem = "was deleted"
+        elif missing_ok:
             deadline = time.monotonic() + constants.MISSING_ENDPOINT_TIMEOUT_S
+            problem = (f"does not exist: it was not created within "
+                       f"{constants.MISSING_ENDPOINT_TIMEOUT_S}s "
+                       "(SERVEKIT_MISSING_ENDPOINT_TIMEOUT_S)")
+        else:
+            deadline = time.monotonic() + constants.ROUTE_GRACE_S
+            problem = "does not exist (it was deleted)"
         while info is None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                if removed_at is not None:
-                    raise EndpointNotFoundError(f"Endpoint '{endpoint}' was deleted.")
                 raise EndpointNotFoundError(
-                    f"Endpoint '{endpoint}' does not exist: it was not created within "
-                    f"{constants.MISSING_ENDPOINT_TIMEOUT_S}s "
-                    "(SERVEKIT_MISSING_ENDPOINT_TIMEOUT_S). Create it with create_endpoint().")
+                    f"Endpoint '{endpoint}' {problem}. Registered endpoints: "
+                    f"{sorted(self.endpoints)}.")
             try:
                 await asyncio.wait_for(self._changed.wait(), remaining)
             except asyncio.TimeoutError:
@@ -437,18 +451,19 @@ class Router:
         return info
 
     async def send(self, endpoint: str, kind: str, shard_key: Optional[str],
-                   args: tuple) -> asyncio.Future:
+                   args: tuple, missing_ok: bool = False) -> asyncio.Future:
         """Assign the request to a replica and return the future of its reply.
 
         Returns once a replica was chosen and the request written to it; waits while the
         endpoint is about to exist or every replica of the chosen backend is at its cap.
+        ``missing_ok``: the endpoint may not have been created yet (see ``_endpoint``).
 
         Raises:
             TypeError: the arguments cannot be pickled (nothing was sent).
             EndpointNotFoundError: the endpoint was deleted, or never created in time.
         """
         payload = encode_call(kind, args)
-        info = await self._endpoint(endpoint)
+        info = await self._endpoint(endpoint, missing_ok)
         if info.shadows:
             self._send_shadows(info, kind, payload)
         replica_set = self._replica_set(pick_backend(info.traffic, shard_key))

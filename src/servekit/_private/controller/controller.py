@@ -408,9 +408,9 @@ class Controller:
                 await self._publish_backends()
                 self._reconcile(backend)
             elif backend.goal is not None:
-                # A scale-up or update failed: go back to the config before it.
-                self.goals.fail(backend.goal, error)
-                backend.goal = None
+                # A scale-up or update failed: go back to the config before it, and only
+                # then fail the call, so it returns with the old config in force.
+                goal, backend.goal = backend.goal, None
                 if backend.config_before_update is not None:
                     # Running replicas may have applied the new config: give the old back.
                     pushed = backend.config
@@ -422,6 +422,7 @@ class Controller:
                 self._checkpoint()
                 await self._publish_backends()
                 self._reconcile(backend)
+                self.goals.fail(goal, error)
 
     def _begin_stop(self, backend: BackendState, record: ReplicaRecord) -> None:
         was_running = record.state == RUNNING
