@@ -7,22 +7,13 @@ The batch function is a coroutine the test controls; each test runs one event lo
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Callable, Coroutine, List, Tuple
+from typing import Any, Callable, List, Tuple
 
 import pytest
+from loop_helpers import run, spin
 
 from servekit._private.batching import BatchQueue
 from servekit.exceptions import BatchOutputError
-
-
-async def spin(times: int = 30) -> None:
-    """Run every ready callback and task, a few rounds deep (no time passes)."""
-    for _ in range(times):
-        await asyncio.sleep(0)
-
-
-def run(test: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    asyncio.run(test())
 
 
 class Recorder:

@@ -13,7 +13,6 @@ import pickle
 from typing import (
     Any,
     AsyncIterator,
-    Awaitable,
     Callable,
     Dict,
     List,
@@ -24,6 +23,7 @@ from typing import (
 
 import cloudpickle
 import pytest
+from loop_helpers import run
 
 from servekit._private import constants
 from servekit._private.controller.controller import CHECKPOINT_KEY, Controller
@@ -176,8 +176,6 @@ def checkpoint(runtime: FakeRuntime) -> Dict[str, Any]:
     return pickle.loads(raw)
 
 
-def run(test: Callable[[], Awaitable[None]]) -> None:
-    asyncio.run(test())
 
 
 # --------------------------------------------------------------------------- create_backend
@@ -812,7 +810,7 @@ def test_health_check_retries_a_replacement_that_failed_to_start() -> None:
     run(main)
 
 
-FAST_HEALTH = {"health_check_period_s": 0.01, "health_check_timeout_s": 0.05,
+FAST_HEALTH: Dict[str, Any] = {"health_check_period_s": 0.01, "health_check_timeout_s": 0.05,
                "health_check_failure_threshold": 2}
 
 

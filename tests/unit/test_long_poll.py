@@ -8,21 +8,17 @@ change. Each test runs one event loop; ``spin`` lets tasks run without letting t
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Callable, Coroutine, Dict
+from typing import Dict
+
+from loop_helpers import run, spin
 
 from servekit._private.long_poll import LongPollHost
 
 KEY = "endpoints"
 
 
-async def spin(times: int = 30) -> None:
-    """Run every ready callback and task, a few rounds deep (no time passes)."""
-    for _ in range(times):
-        await asyncio.sleep(0)
 
 
-def run(test: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    asyncio.run(test())
 
 
 def listen(host: LongPollHost, subscriber: str, role: str,

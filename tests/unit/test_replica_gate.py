@@ -9,22 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Any, Callable, Coroutine, Dict, List
+from typing import Any, Callable, Dict, List
 
 import pytest
+from loop_helpers import run, spin
 
 from servekit._private.replica import CallGate, user_code
 from servekit.exceptions import ServeError
-
-
-async def spin(times: int = 30) -> None:
-    """Run every ready callback and task, a few rounds deep (no time passes)."""
-    for _ in range(times):
-        await asyncio.sleep(0)
-
-
-def run(test: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    asyncio.run(test())
 
 
 class Sections:

@@ -15,9 +15,10 @@ import asyncio
 import pickle
 import threading
 import time
-from typing import Any, Callable, Coroutine, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
+from loop_helpers import run, spin
 
 from servekit._private import constants
 from servekit._private.router import Router
@@ -206,10 +207,6 @@ def make_router(cluster: Cluster, cap: int = 1,
     return router, feed
 
 
-async def spin(times: int = 30) -> None:
-    """Run every ready callback and task, a few rounds deep (no time passes)."""
-    for _ in range(times):
-        await asyncio.sleep(0)
 
 
 def start_send(router: Router, value: Any, name: str = "ep",
@@ -230,8 +227,6 @@ def slot(router: Router, tag: str, backend: str = "b") -> Any:
     return router._replica_sets[backend].slots[tag]
 
 
-def run(test: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    asyncio.run(test())
 
 
 # --------------------------------------------------------------------------- basics

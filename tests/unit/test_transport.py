@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import pickle
 import threading
-from typing import Any, Callable, Coroutine, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import pytest
+from loop_helpers import run
 
 from servekit._private.transport import (
     _HEADER,
@@ -91,8 +92,6 @@ def request_ids(transport: RecordingTransport) -> List[int]:
     return [msg_id for msg_id, kind, _ in transport.frames() if kind == _REQUEST]
 
 
-def run(test: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    asyncio.run(test())
 
 
 # --------------------------------------------------------------------------- framing
