@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import atexit
 import inspect
-import json
 import os
 import signal
 import warnings
-import weakref
 from typing import Any, Callable, Dict, List, Optional, TypeVar, Union
 
 import cloudpickle
 
-from servekit._private import constants
+from servekit._private import constants, home
 from servekit._private.context import ReplicaContext, current_replica_context
 from servekit._private.event_loop import run_sync
 from servekit._private.instance import LocalInstance
@@ -67,20 +65,10 @@ class Client:
         self._detached = detached
         self._shut_down = False
         self._controller: Optional[RpcClient] = None
-        if instance is not None and not detached:
-            atexit.register(_shutdown_at_exit, weakref.ref(self))
 
     def __reduce__(self) -> Any:
         raise ServeError("A servekit Client cannot be pickled. Inside a backend, call "
                          "serve.connect() to get a client of the same instance.")
-
-    def __del__(self) -> None:
-        if getattr(self, "_instance", None) is not None and not self._detached \
-                and not self._shut_down:
-            try:
-                self.shutdown()
-            except Exception:
-                pass
 
     # ------------------------------------------------------------- plumbing
 
@@ -316,48 +304,26 @@ class Client:
             pass  # already gone
         finally:
             if self._instance is not None:
+                _running.pop(self._controller_address, None)
                 self._instance.stop(constants.SHUTDOWN_TIMEOUT_S)
             elif self._detached:
-                _stop_detached(self._controller_address)
+                pid = home.remove_record(self._controller_address)
+                if pid is not None:
+                    try:
+                        os.kill(pid, signal.SIGTERM)
+                    except ProcessLookupError:
+                        pass
 
 
-def _shutdown_at_exit(ref: "weakref.ReferenceType[Client]") -> None:
-    client = ref()
-    if client is not None and not client._shut_down:
-        client.shutdown()
+# The non-detached instances this process started and has not shut down, oldest first. They
+# live until shutdown() or the end of the script, whether or not a Client still refers to them.
+_running: Dict[str, LocalInstance] = {}
 
 
-def _detached_record() -> str:
-    return os.path.join(constants.SERVEKIT_HOME, _DETACHED_RECORD)
-
-
-def _read_detached() -> Optional[dict]:
-    try:
-        with open(_detached_record()) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-def _stop_detached(controller_address: str) -> None:
-    record = _read_detached()
-    if record is not None and record.get("address") == controller_address:
-        try:
-            os.kill(record["pid"], signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        os.unlink(_detached_record())
-
-
-def _detached_alive() -> Optional[str]:
-    record = _read_detached()
-    if record is None:
-        return None
-    try:
-        os.kill(record["pid"], 0)
-    except (ProcessLookupError, KeyError, TypeError):
-        return None
-    return record.get("address")
+@atexit.register
+def _shutdown_at_exit() -> None:
+    for address, instance in list(_running.items()):
+        Client(address, instance=instance, detached=False).shutdown()
 
 
 def start(detached: bool = False, http_host: Any = _UNSET, http_port: Any = _UNSET,
@@ -396,7 +362,7 @@ def start(detached: bool = False, http_host: Any = _UNSET, http_port: Any = _UNS
         http_options = {key.replace("http_", ""): value for key, value in deprecated.items()}
     options = parse_http_options(http_options)
     custom = validate_actor_options({"resources": resources})["resources"] if resources else {}
-    if detached and _detached_alive():
+    if detached and home.read_record() is not None:
         raise ServeError("Called serve.start(detached=True) but a detached instance is "
                          "already running. Use serve.connect() to reach it, or shut it down "
                          "first.")
@@ -404,32 +370,42 @@ def start(detached: bool = False, http_host: Any = _UNSET, http_port: Any = _UNS
     client = Client(instance.controller_address, instance=None if detached else instance,
                     detached=detached)
     try:
-        run_sync(client._call_async("ready"), timeout=constants.STARTUP_TIMEOUT_S)
+        pid = run_sync(client._call_async("ready"), timeout=constants.STARTUP_TIMEOUT_S)
     except BaseException:
         client._shut_down = True
+        if detached:  # not our child: ask it to go
+            try:
+                run_sync(client._call_async("shutdown"), timeout=constants.PROCESS_STOP_TIMEOUT_S)
+            except Exception:
+                pass
         instance.stop(timeout=constants.PROCESS_STOP_TIMEOUT_S)
         raise
     if detached:
-        os.makedirs(constants.SERVEKIT_HOME, mode=0o700, exist_ok=True)
-        with open(_detached_record(), "w") as f:
-            json.dump({"address": instance.controller_address, "pid": instance.pid}, f)
+        home.write_record(instance.controller_address, pid)
+    else:
+        _running[instance.controller_address] = instance
     return client
 
 
 def connect() -> Client:
-    """A client of the instance this code runs in (inside a backend) or the detached one.
+    """A client of the instance this code runs in: inside a backend, its instance; else the
+    latest instance this script started and did not shut down; else the detached one.
 
     Raises:
-        ServeError: outside a backend, when no detached instance is running.
+        ServeError: none of those is running, or ``$SERVEKIT_HOME`` is not private.
     """
     context = current_replica_context()
     if context is not None:
         return Client(context.controller_address)
-    address = _detached_alive()
-    if address is None:
+    if _running:
+        address, instance = list(_running.items())[-1]
+        return Client(address, instance=instance, detached=False)
+    record = home.read_record()
+    if record is None:
         raise ServeError("Called `serve.connect()` but there is no instance running on this "
-                         "machine. Call `serve.start(detached=True)` to start one.")
-    return Client(address)
+                         "machine. Call `serve.start(detached=True)` (or `servekit start`) "
+                         "to start one.")
+    return Client(record["address"])
 
 
 def _replica_context(getter: str) -> ReplicaContext:

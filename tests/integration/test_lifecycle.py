@@ -334,3 +334,99 @@ def test_detached_instance_outlives_its_script_until_shut_down(tmp_path):
         "detached ok", "second start refused: True", "['hello']", "gone"]
     with socket.socket() as sock:  # the port is free again: the proxy is gone
         sock.bind(("127.0.0.1", port))
+
+
+# ---------------------------------------------------------------- the client is not the instance
+
+
+DROPPED_CLIENT = """
+import gc
+import json
+import sys
+
+sys.path.insert(0, {integration_dir!r})
+import httpx
+import servekit as serve
+from processes import descendants, snapshot
+
+
+def hello(request):
+    return "hello"
+
+
+serve.start(http_options={{"port": {port}}})  # the returned client is dropped at once
+gc.collect()
+client = serve.connect()
+client.create_backend("hello", hello)
+client.create_endpoint("hello", backend="hello", route="/hello")
+print(httpx.get("http://127.0.0.1:{port}/hello", timeout=30).text, flush=True)
+controller = client._instance.pid
+del client
+gc.collect()
+print(httpx.get("http://127.0.0.1:{port}/hello", timeout=30).text, flush=True)
+print(json.dumps(snapshot([controller, *descendants(controller)])), flush=True)
+"""
+
+
+def test_instance_outlives_its_dropped_client_until_the_script_ends(tmp_path: Any) -> None:
+    """As in 1.x, a non-detached instance lives until the script exits, not until the
+    Client returned by start() is garbage-collected; serve.connect() reaches it."""
+    port = free_port()
+    script = tmp_path / "dropped_client.py"
+    script.write_text(textwrap.dedent(DROPPED_CLIENT).format(
+        integration_dir=INTEGRATION_DIR, port=port))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                            timeout=90, cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    first, second, report = result.stdout.strip().splitlines()[-3:]
+    assert (first, second) == ("hello", "hello")
+    processes = {int(pid): started for pid, started in json.loads(report).items()}
+    try:
+        assert len(processes) >= 3, processes  # controller, proxy, replica
+        wait_for(lambda: still_alive(processes) == [], timeout=5,
+                 message="every process of the instance to exit with the script")
+    finally:
+        kill_leftovers(processes)
+
+
+# ---------------------------------------------------------------- SERVEKIT_HOME is private
+
+
+@pytest.fixture
+def servekit_home(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    from servekit._private import constants
+
+    home = tmp_path / "home"
+    monkeypatch.setattr(constants, "SERVEKIT_HOME", str(home))
+    return home
+
+
+def test_detached_start_refuses_a_home_others_can_write(servekit_home: Any) -> None:
+    servekit_home.mkdir()
+    servekit_home.chmod(0o777)
+    with pytest.raises(serve.ServeError, match="other users can write") as info:
+        serve.start(detached=True, http_options={"port": free_port()})
+    assert str(servekit_home) in str(info.value)
+    assert list(servekit_home.iterdir()) == []  # nothing was started or written
+
+
+def test_connect_refuses_a_record_others_can_write(servekit_home: Any) -> None:
+    servekit_home.mkdir(mode=0o700)
+    record = servekit_home / "detached-instance.json"
+    # A record naming this very process: connecting to it would be obeying a stranger.
+    record.write_text(json.dumps({"address": "/tmp/elsewhere.sock", "pid": os.getpid()}))
+    record.chmod(0o666)
+    with pytest.raises(serve.ServeError, match="other users can write"):
+        serve.connect()
+    record.chmod(0o600)
+    assert serve.connect()._controller_address == "/tmp/elsewhere.sock"
+
+
+def test_home_is_created_owner_only(servekit_home: Any) -> None:
+    client = serve.start(detached=True, http_options={"port": free_port()})
+    try:
+        assert servekit_home.stat().st_mode & 0o777 == 0o700
+        for path in servekit_home.iterdir():
+            assert path.stat().st_mode & 0o077 == 0, (path, oct(path.stat().st_mode))
+    finally:
+        client.shutdown()

@@ -11,7 +11,7 @@ from typing import Dict, Optional
 
 import cloudpickle
 
-from servekit._private.constants import SERVEKIT_HOME
+from servekit._private import home
 from servekit._private.process import (
     WorkerProcess,
     WorkerSpec,
@@ -36,13 +36,10 @@ class LocalInstance:
                 role="controller", name="controller", instance_dir=self.instance_dir,
                 rpc_fd=sock.fileno(), controller_address=None,
                 payload=cloudpickle.dumps(ControllerSpec(http_options, detached, custom_resources)),
-                sys_path=importable_sys_path(), watch_parent=not detached)
+                sys_path=importable_sys_path(), watch_parent=not detached, daemonize=detached)
             # A detached instance outlives this script, so it must not hold its terminal
             # or pipes: its processes write to a log file instead.
-            log_path = None
-            if detached:
-                os.makedirs(SERVEKIT_HOME, mode=0o700, exist_ok=True)
-                log_path = os.path.join(SERVEKIT_HOME, "detached.log")
+            log_path = home.log_path() if detached else None
             self.process: Optional[WorkerProcess] = WorkerProcess(
                 spec, new_session=detached, log_path=log_path)
         except BaseException:

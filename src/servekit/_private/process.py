@@ -41,6 +41,7 @@ class WorkerSpec:
     payload: bytes  # cloudpickled role-specific spec, loaded after sys_path is in place
     sys_path: Sequence[str] = ()
     watch_parent: bool = True
+    daemonize: bool = False  # fork once more so the parent does not keep it as its child
     extra_fds: Dict[str, int] = dataclasses.field(default_factory=dict)
 
     def load_payload(self) -> Any:
@@ -86,6 +87,8 @@ class WorkerProcess:
         self.popen.stdin.flush()
         if not spec.watch_parent:
             self.popen.stdin.close()
+        if spec.daemonize:
+            self.popen.wait()  # the first process exits once it has forked the worker
 
     @property
     def pid(self) -> int:

@@ -35,6 +35,8 @@ def _watch_parent(stdin_fd: int) -> None:
 
 def main() -> None:
     spec: WorkerSpec = read_spec(sys.stdin.buffer)
+    if spec.daemonize and os.fork() > 0:
+        os._exit(0)  # the worker goes on in the child, which init adopts
     for path in reversed(spec.sys_path):
         if path not in sys.path:
             sys.path.insert(0, path)

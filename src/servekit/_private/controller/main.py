@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import socket
-from typing import Any, Optional
+from typing import Any
 
 from servekit._private.controller.controller import Controller
 from servekit._private.process import WorkerSpec, parent_exit_hooks
@@ -32,13 +33,14 @@ def controller_handlers(controller: Controller, started: asyncio.Future,
             return method(*args)
         return call
 
-    async def ready() -> Optional[tuple]:
+    async def ready() -> int:
+        """Wait until the controller runs; its pid (a detached one is not our child)."""
         await asyncio.shield(started)
-        return controller.http_address
+        return os.getpid()
 
     async def shutdown() -> None:
-        # The process itself exits when its parent closes the lifeline (or on SIGTERM).
         await controller.shutdown()
+        stop.set()  # the process exits once this reply is sent
 
     return {
         "ready": ready,

@@ -1,0 +1,96 @@
+"""``$SERVEKIT_HOME`` (default ``~/.servekit``): the record of the detached instance, and its log.
+
+Everything in it is owner-only. servekit refuses to use a home, record or log that another
+user could have written, rather than connect to or signal a process such a file names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from typing import Optional
+
+from servekit._private import constants
+from servekit.exceptions import ServeError
+
+_RECORD = "detached-instance.json"
+_LOG = "detached.log"
+
+
+def _check_private(path: str) -> None:
+    """Raise a ServeError if ``path`` is not ours alone (owned by us, writable by no one else)."""
+    info = os.lstat(path)
+    if stat.S_ISLNK(info.st_mode):
+        raise ServeError(f"Refusing to use {path}: it is a symbolic link. Remove it.")
+    if info.st_uid != os.getuid():
+        raise ServeError(f"Refusing to use {path}: it belongs to uid {info.st_uid}, not to "
+                         f"you (uid {os.getuid()}). Set SERVEKIT_HOME to a directory of "
+                         "your own.")
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ServeError(f"Refusing to use {path}: other users can write to it (mode "
+                         f"{stat.S_IMODE(info.st_mode):o}). Run `chmod go-w {path}` or "
+                         "remove it.")
+
+
+def home() -> str:
+    """The home directory, created owner-only if missing and checked to be private."""
+    path = constants.SERVEKIT_HOME
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    _check_private(path)
+    return path
+
+
+def log_path() -> str:
+    """The log file of detached instances (created owner-only)."""
+    path = os.path.join(home(), _LOG)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600))
+    _check_private(path)
+    return path
+
+
+def write_record(address: str, pid: int) -> None:
+    """Record the detached instance's controller address and pid (owner-only, atomic)."""
+    path = os.path.join(home(), _RECORD)
+    temporary = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"address": address, "pid": pid}, f)
+    os.replace(temporary, path)
+
+
+def read_record() -> Optional[dict]:
+    """The detached instance's record if there is one and its process lives, else None.
+
+    Raises:
+        ServeError: the home or the record can be written by another user.
+    """
+    path = os.path.join(constants.SERVEKIT_HOME, _RECORD)
+    if not os.path.exists(constants.SERVEKIT_HOME) or not os.path.lexists(path):
+        return None
+    _check_private(constants.SERVEKIT_HOME)
+    _check_private(path)
+    try:
+        with open(path) as f:
+            record = json.load(f)
+        pid, address = record["pid"], record["address"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(pid, int) or not isinstance(address, str):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return None  # a recycled pid of another user's process: not ours
+    return record
+
+
+def remove_record(address: str) -> Optional[int]:
+    """Remove the record if it names ``address``; return the pid it named."""
+    record = read_record()
+    if record is None or record["address"] != address:
+        return None
+    os.unlink(os.path.join(constants.SERVEKIT_HOME, _RECORD))
+    return record["pid"]
