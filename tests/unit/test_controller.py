@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import pickle
 from typing import (
     Any,
     AsyncIterator,
@@ -26,7 +25,8 @@ import pytest
 from loop_helpers import run
 
 from servekit._private import constants
-from servekit._private.controller.controller import CHECKPOINT_KEY, Controller
+from servekit._private.controller.controller import Controller
+from servekit._private.controller.durable import LoadedState, load
 from servekit._private.controller.state import RUNNING, STARTING
 from servekit._private.runtime.fake import FakeRuntime
 from servekit.config import BackendConfig, BackendMetadata, HTTPOptions, ReplicaConfig
@@ -170,10 +170,11 @@ def live_replicas(runtime: FakeRuntime) -> List[str]:
     return runtime.alive(role="replica")
 
 
-def checkpoint(runtime: FakeRuntime) -> Dict[str, Any]:
-    raw = runtime.store.get(CHECKPOINT_KEY)
-    assert raw is not None, "no checkpoint was written"
-    return pickle.loads(raw)
+def saved(runtime: FakeRuntime) -> LoadedState:
+    """What the controller saved in the store (backends being deleted left out)."""
+    state = load(runtime.store.read_all(), "the test store")
+    state.backends = {tag: b for tag, b in state.backends.items() if not b.deleting}
+    return state
 
 
 
@@ -246,7 +247,7 @@ def test_raising_constructor_fails_goal_and_frees_the_tag() -> None:
             await eventually(lambda: "m" not in controller.backends, "the backend removed")
             assert controller.list_backends() == {}
             assert live_replicas(runtime) == []
-            assert "m" not in checkpoint(runtime)["backends"]
+            assert "m" not in saved(runtime).backends
             # The tag is free: the fixed version can be created under it.
             await start_backend(controller, "m", Model, num_replicas=2)
             assert len(replica_tags(controller, "m", RUNNING)) == 2
@@ -382,7 +383,7 @@ def test_update_backend_config_scales_up() -> None:
             assert len(running) == 3 and original in running
             assert sorted(live_replicas(runtime)) == sorted(running)
             assert controller.get_backend_config("m").num_replicas == 3
-            assert checkpoint(runtime)["backends"]["m"][1].num_replicas == 3
+            assert saved(runtime).backends["m"].config.num_replicas == 3
             # A scale-only change does not reconfigure running replicas.
             assert runtime.calls(original) == ["ready"]
 
@@ -455,7 +456,7 @@ def test_update_backend_config_that_fails_to_apply_leaves_the_config_unchanged()
             with pytest.raises(KeyError, match="needs 'v'"):
                 await controller.update_backend_config("m", BackendConfig(user_config={}))
             assert controller.get_backend_config("m").user_config == {"v": 1}
-            assert checkpoint(runtime)["backends"]["m"][1].user_config == {"v": 1}
+            assert saved(runtime).backends["m"].config.user_config == {"v": 1}
 
     run(main)
 
@@ -486,7 +487,7 @@ def test_failed_scale_up_reverts_the_config() -> None:
             await eventually(lambda: replica_tags(controller, "m") == [original],
                              "only the original replica left")
             assert live_replicas(runtime) == [original]
-            assert checkpoint(runtime)["backends"]["m"][1].num_replicas == 1
+            assert saved(runtime).backends["m"].config.num_replicas == 1
 
     run(main)
 
@@ -507,7 +508,7 @@ def test_delete_backend_removes_all_replicas_gracefully() -> None:
             for tag in tags:
                 assert runtime.calls(tag)[-1] == "drain"
                 assert runtime.workers[tag].stop_timeout == constants.PROCESS_STOP_TIMEOUT_S
-            assert "m" not in checkpoint(runtime)["backends"]
+            assert "m" not in saved(runtime).backends
             with pytest.raises(ValueError, match="not registered"):
                 controller.get_backend_config("m")
 
@@ -590,7 +591,7 @@ def test_create_endpoint_and_list_endpoints() -> None:
             }
             assert controller.endpoint_exists("e")
             assert not controller.endpoint_exists("nope")
-            endpoints = checkpoint(runtime)["endpoints"]
+            endpoints = saved(runtime).endpoints
             assert sorted(endpoints) == ["e", "headless"]
             assert endpoints["e"].traffic == {"a": 1.0}
 
@@ -633,7 +634,7 @@ def test_delete_endpoint() -> None:
             await controller.delete_endpoint("e")
             await controller.delete_endpoint("e")  # unknown: a no-op
             assert controller.list_endpoints() == {}
-            assert checkpoint(runtime)["endpoints"] == {}
+            assert saved(runtime).endpoints == {}
             # The route is free again.
             await controller.create_endpoint("f", "a", "/e", ["GET"])
 
@@ -666,7 +667,7 @@ def test_set_traffic_validation() -> None:
             weights = {"a": 1 / 3, "b": 1 / 3, "c": 1 / 3}
             await controller.set_traffic("e", weights)
             assert controller.list_endpoints()["e"]["traffic"] == weights
-            assert checkpoint(runtime)["endpoints"]["e"].traffic == weights
+            assert saved(runtime).endpoints["e"].traffic == weights
 
     run(main)
 
@@ -694,12 +695,12 @@ def test_shadow_traffic_add_and_remove() -> None:
             await controller.create_endpoint("e", "a", "/e", ["GET"])
             await controller.shadow_traffic("e", "b", 0.3)
             assert controller.list_endpoints()["e"]["shadows"] == {"b": 0.3}
-            assert checkpoint(runtime)["endpoints"]["e"].shadows == {"b": 0.3}
+            assert saved(runtime).endpoints["e"].shadows == {"b": 0.3}
             await controller.shadow_traffic("e", "b", 0.6)
             assert controller.list_endpoints()["e"]["shadows"] == {"b": 0.6}
             await controller.shadow_traffic("e", "b", 0)
             assert controller.list_endpoints()["e"]["shadows"] == {}
-            assert checkpoint(runtime)["endpoints"]["e"].shadows == {}
+            assert saved(runtime).endpoints["e"].shadows == {}
             assert controller.list_endpoints()["e"]["traffic"] == {"a": 1.0}
             with pytest.raises(ValueError, match="backend 'nope' that is not registered"):
                 await controller.shadow_traffic("e", "nope", 0.1)
@@ -716,16 +717,17 @@ def test_checkpoint_written_after_mutations_and_removed_on_shutdown() -> None:
     async def main() -> None:
         runtime = FakeRuntime()
         async with running_controller(runtime) as (controller, _):
-            assert runtime.store.get(CHECKPOINT_KEY) is None
+            assert runtime.store.read_all() == {}
             await start_backend(controller, "a", Model, "x", num_replicas=2)
-            replica_cfg, config, metadata = checkpoint(runtime)["backends"]["a"]
-            assert replica_cfg == replica_config(Model, "x")
-            assert config == BackendConfig(num_replicas=2)
-            assert metadata == BackendMetadata.inspect(Model)
+            backend = saved(runtime).backends["a"]
+            assert backend.replica_config == replica_config(Model, "x")
+            assert backend.config == BackendConfig(num_replicas=2)
+            assert backend.metadata == BackendMetadata.inspect(Model)
+            assert sorted(backend.replicas) == sorted(replica_tags(controller, "a"))
             await controller.create_endpoint("e", "a", "/e", ["GET"])
-            assert checkpoint(runtime)["endpoints"]["e"].route == "/e"
+            assert saved(runtime).endpoints["e"].route == "/e"
         assert runtime.is_shut_down
-        assert runtime.store.get(CHECKPOINT_KEY) is None
+        assert runtime.store.read_all() == {}
 
     run(main)
 
@@ -737,8 +739,7 @@ def test_checkpoint_is_written_before_the_change_is_published() -> None:
             publish = controller.long_poll.publish
 
             async def recording_publish(key: str, value: Any) -> int:
-                raw = runtime.store.get(CHECKPOINT_KEY)
-                seen.append((key, None if raw is None else pickle.loads(raw)))
+                seen.append((key, saved(runtime)))
                 return await publish(key, value)
 
             controller.long_poll.publish = recording_publish  # type: ignore[method-assign]
@@ -747,10 +748,114 @@ def test_checkpoint_is_written_before_the_change_is_published() -> None:
             await controller.create_endpoint("e", "a", "/e", ["GET"])
             await controller.set_traffic("e", {"a": 0.25, "b": 0.75})
             endpoint_states = [state for key, state in seen if key == constants.KEY_ENDPOINTS]
-            assert [s["endpoints"]["e"].traffic for s in endpoint_states] == [
+            assert [s.endpoints["e"].traffic for s in endpoint_states] == [
                 {"a": 1.0}, {"a": 0.25, "b": 0.75}]
             first_backends = next(s for k, s in seen if k == constants.KEY_BACKENDS)
-            assert "a" in first_backends["backends"]
+            assert "a" in first_backends.backends
+
+    run(main)
+
+
+def abandon(controller: Controller) -> None:
+    """Make ``controller`` vanish as if its process were killed: its tasks stop, its
+    workers (in the runtime) and its saved state stay."""
+    for task in (controller._health_task, controller._proxy_task):
+        if task is not None:
+            task.cancel()
+    for backend in controller.backends.values():
+        for record in backend.replicas.values():
+            record.cancel_tasks()
+
+
+def test_restarted_controller_adopts_replicas_and_keeps_the_state() -> None:
+    async def main() -> None:
+        runtime = FakeRuntime()
+        first = Controller(runtime, HTTPOptions(host=None))
+        await first.start()
+        await start_backend(first, "m", Model, "x", num_replicas=2, user_config={"v": 1})
+        await first.create_endpoint("e", "m", "/e", ["GET"])
+        await first.shadow_traffic("e", "m", 0.5)
+        tags = replica_tags(first, "m")
+        launched = list(runtime.launch_order)
+        abandon(first)
+
+        second = Controller(runtime, HTTPOptions(host=None))
+        await second.start()
+        try:
+            assert sorted(replica_tags(second, "m", RUNNING)) == sorted(tags)
+            assert runtime.launch_order == launched  # nothing started again
+            assert second.get_backend_config("m") == BackendConfig(
+                num_replicas=2, user_config={"v": 1})
+            assert second.list_endpoints() == {"e": {
+                "route": "/e", "methods": ["GET"], "traffic": {"m": 1.0},
+                "shadows": {"m": 0.5}}}
+            _, view = second.long_poll._values[constants.KEY_REPLICAS]
+            assert sorted(tag for tag, _ in view["m"]) == sorted(tags)
+            for tag in tags:  # reconfigure is not called again for the same user_config
+                assert runtime.workers[tag].instance.user_configs == [{"v": 1}]
+        finally:
+            await second.shutdown()
+
+    run(main)
+
+
+def test_restarted_controller_finishes_a_scale_up_in_progress() -> None:
+    async def main() -> None:
+        runtime = FakeRuntime()
+        first = Controller(runtime, HTTPOptions(host=None))
+        await first.start()
+        await start_backend(first, "m", num_replicas=1)
+        [original] = replica_tags(first, "m")
+        runtime.hold_launches()
+        goal = await first.update_backend_config("m", BackendConfig(num_replicas=3))
+        await eventually(lambda: len(runtime.held()) == 2, "2 held launches")
+        abandon(first)  # while two replicas start
+        runtime.hold_launches(False)
+        runtime.release()
+
+        second = Controller(runtime, HTTPOptions(host=None))
+        await second.start()
+        try:
+            await wait_goal(second, goal)  # the caller's goal, waited on again
+            running = replica_tags(second, "m", RUNNING)
+            assert len(running) == 3 and original in running
+            assert all(runtime.is_alive(tag) for tag in running)
+        finally:
+            await second.shutdown()
+
+    run(main)
+
+
+def test_replicas_that_died_with_the_controller_are_started_anew() -> None:
+    async def main() -> None:
+        runtime = FakeRuntime()
+        first = Controller(runtime, HTTPOptions(host=None))
+        await first.start()
+        await start_backend(first, "m", num_replicas=2)
+        victim, survivor = replica_tags(first, "m")
+        abandon(first)
+        runtime.kill(victim)
+
+        second = Controller(runtime, HTTPOptions(host=None))
+        await second.start()
+        try:
+            await eventually(lambda: len(replica_tags(second, "m", RUNNING)) == 2,
+                             "two running replicas")
+            assert survivor in replica_tags(second, "m") and victim not in replica_tags(
+                second, "m")
+        finally:
+            await second.shutdown()
+
+    run(main)
+
+
+def test_damaged_saved_state_is_a_clear_error_at_start() -> None:
+    async def main() -> None:
+        runtime = FakeRuntime()
+        runtime.store.write({"backend/m": b"{not json", "endpoint/e": b"[]"})
+        controller = Controller(runtime, HTTPOptions(host=None))
+        with pytest.raises(ServeError, match="saved state in the in-memory store is damaged"):
+            await controller.start()
 
     run(main)
 

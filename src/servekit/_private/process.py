@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import os
 import pickle
+import select
 import signal
 import socket
 import struct
@@ -128,6 +129,62 @@ class WorkerProcess:
                 self.popen.stdin.close()
             except OSError:
                 pass
+
+
+def process_start_time(pid: int) -> Optional[int]:
+    """When ``pid`` started (clock ticks after boot), or None if it is gone or a zombie.
+
+    With the pid it identifies a process for good: a recycled pid starts at another time.
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
+
+
+class AdoptedProcess:
+    """A worker that an earlier controller started: not our child, watched through a pidfd.
+
+    Signals go through the pidfd too, so they can never reach a recycled pid.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._pidfd = os.pidfd_open(pid)
+
+    def is_alive(self) -> bool:
+        readable, _, _ = select.select([self._pidfd], [], [], 0)
+        return not readable  # a pidfd turns readable when its process exits
+
+    @property
+    def returncode(self) -> Optional[int]:
+        return None if self.is_alive() else 0  # not our child: its status is not ours to read
+
+    def _signal(self, sig: int) -> None:
+        try:
+            signal.pidfd_send_signal(self._pidfd, sig)
+        except ProcessLookupError:
+            pass
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+        select.select([self._pidfd], [], [], PROCESS_STOP_TIMEOUT_S)
+        os.close(self._pidfd)
+
+    async def stop(self, timeout: float = PROCESS_STOP_TIMEOUT_S) -> None:
+        """SIGTERM, wait up to ``timeout`` seconds, then SIGKILL."""
+        loop = asyncio.get_running_loop()
+        self._signal(signal.SIGTERM)
+        readable, _, _ = await loop.run_in_executor(
+            None, select.select, [self._pidfd], [], [], timeout)
+        if not readable:
+            await loop.run_in_executor(None, self.kill)
+        else:
+            os.close(self._pidfd)
 
 
 def read_spec(stream: Any) -> WorkerSpec:

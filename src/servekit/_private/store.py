@@ -1,28 +1,52 @@
-"""Durable key-value storage for the controller's checkpoints (SQLite)."""
+"""Durable key-value storage of the controller's desired state.
+
+A store holds ``key -> bytes``; ``write`` applies a set of puts and deletes as one
+transaction, so a change is on disk whole or not at all. ``SQLiteStore`` keeps it in one
+owner-only SQLite file; ``MemoryStore`` is the same interface in memory, for tests.
+"""
 
 from __future__ import annotations
 
+import os
 import sqlite3
-from typing import Optional
+from typing import Dict, Iterable, Mapping
+
+from servekit.exceptions import ServeError
 
 
 class SQLiteStore:
-    """A tiny key -> bytes table in one SQLite file; every write is committed at once."""
+    """A ``kv`` table in one SQLite file, created owner-only; every write is one transaction.
+
+    Raises:
+        ServeError: the file exists but is not a readable servekit state file.
+    """
 
     def __init__(self, path: str) -> None:
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value BLOB)")
+        self.path = path
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        os.close(fd)
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value BLOB)")
+            self._db.execute("SELECT count(*) FROM kv").fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise ServeError(f"The state file {path} cannot be read ({exc}). Move it away to "
+                             "start without the saved state, or restore it from a backup.") \
+                from None
+        for suffix in ("-wal", "-shm"):  # SQLite creates these with the umask's mode
+            if os.path.exists(path + suffix):
+                os.chmod(path + suffix, 0o600)
 
-    def put(self, key: str, value: bytes) -> None:
-        self._db.execute("INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)", (key, value))
+    def read_all(self) -> Dict[str, bytes]:
+        return {key: bytes(value) for key, value in self._db.execute("SELECT key, value FROM kv")}
 
-    def get(self, key: str) -> Optional[bytes]:
-        row = self._db.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
-        return None if row is None else row[0]
-
-    def delete(self, key: str) -> None:
-        self._db.execute("DELETE FROM kv WHERE key = ?", (key,))
+    def write(self, puts: Mapping[str, bytes], deletes: Iterable[str] = ()) -> None:
+        with self._db:  # one transaction
+            self._db.execute("BEGIN")
+            self._db.executemany("DELETE FROM kv WHERE key = ?", [(key,) for key in deletes])
+            self._db.executemany("INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)",
+                                 list(puts.items()))
 
     def close(self) -> None:
         self._db.close()
@@ -32,16 +56,15 @@ class MemoryStore:
     """The same interface in memory, for tests and the fake runtime."""
 
     def __init__(self) -> None:
-        self._data: dict = {}
+        self._data: Dict[str, bytes] = {}
 
-    def put(self, key: str, value: bytes) -> None:
-        self._data[key] = value
+    def read_all(self) -> Dict[str, bytes]:
+        return dict(self._data)
 
-    def get(self, key: str) -> Optional[bytes]:
-        return self._data.get(key)
-
-    def delete(self, key: str) -> None:
-        self._data.pop(key, None)
+    def write(self, puts: Mapping[str, bytes], deletes: Iterable[str] = ()) -> None:
+        for key in deletes:
+            self._data.pop(key, None)
+        self._data.update(puts)
 
     def close(self) -> None:
-        self._data.clear()
+        pass

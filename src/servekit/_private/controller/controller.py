@@ -11,12 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import pickle
 import secrets
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
 from servekit._private import constants, resources
+from servekit._private.controller.durable import DurableState, LoadedState, load, snapshot
 from servekit._private.controller.goals import GoalManager
 from servekit._private.controller.state import (
     RUNNING,
@@ -26,7 +26,7 @@ from servekit._private.controller.state import (
     ReplicaRecord,
 )
 from servekit._private.long_poll import LongPollHost
-from servekit._private.runtime.base import Runtime
+from servekit._private.runtime.base import Connection, Runtime
 from servekit._private.specs import EndpointInfo, ProxySpec, ReplicaSpec
 from servekit.config import (
     BackendConfig,
@@ -39,7 +39,6 @@ from servekit.exceptions import BackendUnavailableError, ServeError
 
 logger = logging.getLogger("servekit.controller")
 
-CHECKPOINT_KEY = "controller-state"
 PROXY_NAME = "proxy"
 
 
@@ -56,6 +55,9 @@ class Controller:
         self.endpoints: Dict[str, EndpointInfo] = {}
         self._lock = asyncio.Lock()
         self._proxy: Optional[Any] = None
+        self._proxy_address: Optional[str] = None
+        self._proxy_process: Optional[dict] = None  # the runtime's identity of its process
+        self._durable = DurableState(runtime.store)
         self._health_task: Optional[asyncio.Task] = None
         self._proxy_task: Optional[asyncio.Task] = None
         self._shutting_down = False
@@ -63,14 +65,76 @@ class Controller:
     # ----------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
-        """Publish the (empty) state, start the HTTP proxy, begin health checks."""
+        """Load the saved state (adopting the processes that still run it), publish it,
+        start the HTTP proxy if none runs, begin health checks, finish what was under way.
+
+        Raises:
+            ServeError: the saved state cannot be read, or the HTTP proxy cannot start.
+        """
+        records = await asyncio.get_running_loop().run_in_executor(None, self._durable.read)
+        state = load(records, self.runtime.store_description()) if records else None
+        if state is not None:
+            await self._adopt(state)
         await self._publish_all()
         if self.http_options.location != "NoServer" and self.http_options.host is not None:
             self.http_address = self.runtime.bind_http(
                 self.http_options.host, self.http_options.port)
-            await self._start_proxy()
+            if self._proxy is None:
+                await self._start_proxy()
             self._proxy_task = asyncio.ensure_future(self._supervise_proxy())
+        for backend in list(self.backends.values()):
+            self._reconcile(backend)
+        await self._save()
         self._health_task = asyncio.ensure_future(self._health_loop())
+
+    async def _adopt(self, state: LoadedState) -> None:
+        """Take over the state a previous controller saved, and the processes it left
+        running: same replica tags, same processes. What no longer runs is started anew."""
+        self.backends, self.endpoints = state.backends, state.endpoints
+        for backend in self.backends.values():
+            if backend.goal is not None:
+                self.goals.restore(backend.goal)
+            for record in list(backend.replicas.values()):
+                connection = await self._reattach(record.tag, "replica", record.address,
+                                                  record.process)
+                if connection is None:
+                    logger.warning("Replica %s did not survive; starting a new one.",
+                                   record.tag)
+                    backend.replicas.pop(record.tag)
+                    continue
+                record.connection = connection
+                if record.state == STARTING:
+                    record.task = asyncio.ensure_future(
+                        self._run_start(backend, record, launched=True))
+                elif record.state == RUNNING:
+                    record.config = backend.config
+                    record.health_task = asyncio.ensure_future(
+                        self._watch_health(backend, record))
+                    asyncio.ensure_future(self._apply_config(record, backend.config))
+                else:  # it was being stopped: finish that
+                    asyncio.ensure_future(self._run_stop(backend, record, graceful=True))
+        if state.proxy is not None:
+            self._proxy = await self._reattach(PROXY_NAME, "proxy", state.proxy["address"],
+                                               state.proxy["process"])
+            if self._proxy is not None:
+                self._proxy_address = state.proxy["address"]
+                self._proxy_process = state.proxy["process"]
+        logger.warning("Recovered the saved state: %d backends, %d endpoints.",
+                       len(self.backends), len(self.endpoints))
+
+    async def _reattach(self, name: str, role: str, address: Optional[str],
+                        process: Optional[dict]) -> Optional[Connection]:
+        """A connection to a worker an earlier controller started, if it still answers."""
+        if address is None or process is None or not self.runtime.adopt(
+                name, role, address, process):
+            return None
+        try:
+            connection = await self.runtime.connect(address)
+            await asyncio.wait_for(connection.call("ping"), constants.STARTUP_TIMEOUT_S)
+            return connection
+        except (Exception, asyncio.TimeoutError):
+            await self.runtime.stop(name, timeout=0)
+            return None
 
     async def shutdown(self) -> None:
         """Stop every replica and proxy; the controller process exits afterwards. Idempotent."""
@@ -83,7 +147,8 @@ class Controller:
         for backend in self.backends.values():
             for record in backend.replicas.values():
                 record.cancel_tasks()
-        self.runtime.store.delete(CHECKPOINT_KEY)
+        await self._durable.save({})
+        self._durable.close()
         await self.runtime.shutdown()
 
     async def _start_proxy(self) -> None:
@@ -97,6 +162,9 @@ class Controller:
             raise ServeError(f"The HTTP proxy {self.runtime.exit_description(PROXY_NAME)} "
                              "while starting; see its output above.") from None
         self._proxy = connection
+        self._proxy_address = address
+        self._proxy_process = self.runtime.identity(PROXY_NAME)
+        await self._save()
 
     async def _supervise_proxy(self) -> None:
         """Restart the HTTP proxy whenever it dies, retrying with backoff until it is back."""
@@ -141,7 +209,7 @@ class Controller:
             backend = BackendState(tag, replica_config, config, metadata)
             backend.goal = self.goals.create()
             self.backends[tag] = backend
-            self._checkpoint()
+            await self._save()
             await self._publish_backends()
             self._reconcile(backend)
             return backend.goal
@@ -160,7 +228,7 @@ class Controller:
             backend.config = new_config
             self._replace_goal(backend)
             backend.config_before_update = old_config
-            self._checkpoint()
+            await self._save()
             await self._publish_backends()
             if _replica_visible_fields(old_config) != _replica_visible_fields(new_config):
                 try:
@@ -169,7 +237,7 @@ class Controller:
                     # A replica refused the change (reconfigure raised): undo it everywhere.
                     backend.config = old_config
                     backend.config_before_update = None
-                    self._checkpoint()
+                    await self._save()
                     await self._publish_backends()
                     await self._push_config(backend, raise_errors=False)
                     self.goals.complete(backend.goal)
@@ -192,7 +260,7 @@ class Controller:
             backend.deleting = True
             backend.force_delete = backend.force_delete or force
             self._replace_goal(backend)
-            self._checkpoint()
+            await self._save()
             self._reconcile(backend)
             return backend.goal
 
@@ -293,17 +361,25 @@ class Controller:
                 self._begin_stop(backend, record)
         self._check_goal(backend)
 
-    async def _run_start(self, backend: BackendState, record: ReplicaRecord) -> None:
+    async def _run_start(self, backend: BackendState, record: ReplicaRecord,
+                         launched: bool = False) -> None:
+        """Launch a replica (unless ``launched``: adopted while it started), wait for its
+        constructor, give it the current config, then put it into routing."""
         spec = ReplicaSpec(backend.tag, record.tag, backend.replica_config, backend.config,
                            backend.metadata)
         try:
-            record.address = await self.runtime.launch(
-                record.tag, "replica", spec, resources=backend.replica_config.actor_options,
-                python=backend.replica_config.python)
-            connection = await self.runtime.connect(record.address)
-            record.connection = connection
+            if not launched:
+                record.address = await self.runtime.launch(
+                    record.tag, "replica", spec,
+                    resources=backend.replica_config.actor_options,
+                    python=backend.replica_config.python)
+                record.process = self.runtime.identity(record.tag)
+                await self._save()  # a restarted controller can adopt it from now on
+                record.connection = await self.runtime.connect(record.address)
+            connection = record.connection
+            assert connection is not None
             metadata = await connection.call("ready")
-            record.config = spec.config
+            record.config = spec.config if not launched else None
             if backend.metadata is None:
                 validate_backend_against_config(metadata, backend.config)
                 backend.metadata = metadata
@@ -312,8 +388,9 @@ class Controller:
                 # only once it runs the current one.
                 async with self._lock:
                     config = backend.config
-                    if record.state != STARTING or _replica_visible_fields(
-                            record.config) == _replica_visible_fields(config):
+                    if record.state != STARTING or record.config is not None and \
+                            _replica_visible_fields(record.config) == \
+                            _replica_visible_fields(config):
                         if record.state == STARTING:
                             await self._start_serving(backend, record)
                         self._check_goal(backend)
@@ -404,7 +481,7 @@ class Controller:
                 backend.goal = None
                 backend.deleting = True
                 backend.force_delete = True
-                self._checkpoint()
+                await self._save()
                 await self._publish_backends()
                 self._reconcile(backend)
             elif backend.goal is not None:
@@ -419,7 +496,7 @@ class Controller:
                     if _replica_visible_fields(pushed) != _replica_visible_fields(
                             backend.config):
                         await self._push_config(backend, raise_errors=False)
-                self._checkpoint()
+                await self._save()
                 await self._publish_backends()
                 self._reconcile(backend)
                 self.goals.fail(goal, error)
@@ -468,11 +545,11 @@ class Controller:
         if backend.deleting:
             if not backend.replicas and self.backends.get(backend.tag) is backend:
                 del self.backends[backend.tag]
-                self._checkpoint()
+                self._save()
                 asyncio.ensure_future(self._publish_backends())
                 self.goals.complete(backend.goal)
             return
-        running = backend.in_state(RUNNING)
+        running = [r for r in backend.in_state(RUNNING) if not r.unhealthy.is_set()]
         if len(running) == backend.target_replicas == len(backend.replicas):
             backend.created = True
             backend.start_failures = 0
@@ -577,7 +654,7 @@ class Controller:
                                  f"registered. Registered backends: {sorted(registered)}.")
 
     async def _commit_endpoints(self, wait_for_proxy: bool) -> None:
-        self._checkpoint()
+        await self._save()
         version = await self.long_poll.publish(constants.KEY_ENDPOINTS, self._endpoints_view())
         if wait_for_proxy and self._proxy is not None:
             applied = await self.long_poll.wait_until_applied(
@@ -616,15 +693,20 @@ class Controller:
             self.long_poll.forget(subscriber_id)
             raise
 
-    # ----------------------------------------------------------------- checkpoint
+    # ----------------------------------------------------------------- durable state
 
-    def _checkpoint(self) -> None:
-        state = {
-            "backends": {tag: (b.replica_config, b.config, b.metadata)
-                         for tag, b in self.backends.items() if not b.deleting},
-            "endpoints": self._endpoints_view(),
-        }
-        self.runtime.store.put(CHECKPOINT_KEY, pickle.dumps(state, protocol=5))
+    def _save(self) -> "asyncio.Future[None]":
+        """Write the desired state (what changed of it) to the store; await to be sure."""
+        proxy = None if self._proxy_process is None else {
+            "address": self._proxy_address, "process": self._proxy_process}
+        future = self._durable.save(snapshot(self.backends, self.endpoints, proxy))
+        future.add_done_callback(_log_save_failure)
+        return future
+
+
+def _log_save_failure(future: "asyncio.Future[None]") -> None:
+    if not future.cancelled() and future.exception() is not None:
+        logger.error("Could not save the controller's state: %r", future.exception())
 
 
 def _replica_visible_fields(config: BackendConfig) -> tuple:

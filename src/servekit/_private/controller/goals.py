@@ -18,6 +18,10 @@ class GoalManager:
         self._goals[goal_id] = asyncio.get_running_loop().create_future()
         return goal_id
 
+    def restore(self, goal_id: str) -> None:
+        """Wait again on a goal a previous controller created (it is still under way)."""
+        self._goals[goal_id] = asyncio.get_running_loop().create_future()
+
     def complete(self, goal_id: Optional[str]) -> None:
         future = self._goals.get(goal_id) if goal_id else None
         if future is not None and not future.done():

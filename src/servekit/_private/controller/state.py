@@ -20,6 +20,7 @@ class ReplicaRecord:
     backend: str
     state: str = STARTING
     address: Optional[str] = None
+    process: Optional[dict] = None  # the runtime's identity of its process, for adoption
     connection: Optional[Connection] = None
     config: Optional[BackendConfig] = None  # the config the replica process runs
     task: Optional[asyncio.Task] = None  # its start

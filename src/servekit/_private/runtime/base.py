@@ -8,13 +8,14 @@ makes the controller's logic testable without processes.
 from __future__ import annotations
 
 import abc
-from typing import Any, Dict, Optional, Protocol, Tuple
+from typing import Any, Dict, Iterable, Mapping, Optional, Protocol, Tuple
 
 
 class Store(Protocol):
-    def put(self, key: str, value: bytes) -> None: ...
-    def get(self, key: str) -> Optional[bytes]: ...
-    def delete(self, key: str) -> None: ...
+    """Durable ``key -> bytes``; ``write`` is one transaction (see ``servekit._private.store``)."""
+
+    def read_all(self) -> Dict[str, bytes]: ...
+    def write(self, puts: Mapping[str, bytes], deletes: Iterable[str] = ()) -> None: ...
     def close(self) -> None: ...
 
 
@@ -51,6 +52,19 @@ class Runtime(abc.ABC):
     @abc.abstractmethod
     def is_alive(self, name: str) -> bool:
         """Whether worker ``name`` is still running."""
+
+    @abc.abstractmethod
+    def identity(self, name: str) -> Optional[dict]:
+        """What identifies worker ``name``'s process for ``adopt`` (JSON-encodable)."""
+
+    @abc.abstractmethod
+    def adopt(self, name: str, role: str, address: str, identity: dict) -> bool:
+        """Take over a worker an earlier controller launched, if that very process still
+        runs; from then on it is stopped and watched like the workers launched here."""
+
+    @abc.abstractmethod
+    def store_description(self) -> str:
+        """Where ``store`` keeps its data, for error messages."""
 
     @abc.abstractmethod
     def exit_description(self, name: str) -> str:

@@ -274,6 +274,18 @@ class FakeRuntime(Runtime):
         worker = self.workers.get(name)
         return worker is not None and worker.alive
 
+    def identity(self, name: str) -> Optional[dict]:
+        worker = self.workers.get(name)
+        return None if worker is None else {"fake": id(worker)}
+
+    def adopt(self, name: str, role: str, address: str, identity: dict) -> bool:
+        """Adopt a worker a previous controller over this runtime launched, if it lives."""
+        worker = self.workers.get(name)
+        return worker is not None and worker.alive and identity == {"fake": id(worker)}
+
+    def store_description(self) -> str:
+        return "the in-memory store"
+
     def exit_description(self, name: str) -> str:
         worker = self.workers.get(name)
         return "is not running" if worker is None or worker.alive else worker.exit

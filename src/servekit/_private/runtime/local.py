@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import os
+import secrets
 import signal
 import socket
 import sys
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import cloudpickle
 
-from servekit._private.process import WorkerProcess, WorkerSpec, bind_unix_socket
+from servekit._private.process import (
+    AdoptedProcess,
+    WorkerProcess,
+    WorkerSpec,
+    bind_unix_socket,
+    process_start_time,
+)
 from servekit._private.resources import GPUAllocator, detect_gpus, machine_capacity
 from servekit._private.runtime.base import Connection, Runtime
 from servekit._private.store import SQLiteStore
@@ -48,11 +54,11 @@ class LocalRuntime(Runtime):
                  sys_path: Sequence[str],
                  custom_resources: Optional[Dict[str, float]] = None) -> None:
         self.instance_dir = instance_dir
-        self.store = SQLiteStore(os.path.join(instance_dir, "state.db"))
+        self.store_path = os.path.join(instance_dir, "state.db")
+        self.store = SQLiteStore(self.store_path)
         self._controller_address = controller_address
         self._sys_path = list(sys_path)
-        self._workers: Dict[str, WorkerProcess] = {}
-        self._socket_ids = itertools.count()
+        self._workers: Dict[str, Union[WorkerProcess, AdoptedProcess]] = {}
         self._http_socket: Optional[socket.socket] = None
         gpus = detect_gpus()
         self._capacity = machine_capacity(gpus, custom_resources)
@@ -71,7 +77,8 @@ class LocalRuntime(Runtime):
 
     async def launch(self, name: str, role: str, payload: Any, *,
                      resources: Optional[dict] = None, python: Optional[str] = None) -> str:
-        path = os.path.join(self.instance_dir, f"{role[0]}{next(self._socket_ids)}.sock")
+        # Random, so a restarted controller never reuses the socket of a worker it adopts.
+        path = os.path.join(self.instance_dir, f"{role[0]}-{secrets.token_hex(6)}.sock")
         sock = bind_unix_socket(path)
         extra_fds = {}
         if role == "proxy":
@@ -109,10 +116,32 @@ class LocalRuntime(Runtime):
         worker = self._workers.get(name)
         return worker is not None and worker.is_alive()
 
+    def identity(self, name: str) -> Optional[dict]:
+        """``{"pid", "start_time"}`` of worker ``name``'s process."""
+        worker = self._workers.get(name)
+        if worker is None:
+            return None
+        return {"pid": worker.pid, "start_time": process_start_time(worker.pid)}
+
+    def adopt(self, name: str, role: str, address: str, identity: dict) -> bool:
+        pid, started = identity.get("pid"), identity.get("start_time")
+        if not isinstance(pid, int) or started is None or process_start_time(pid) != started:
+            return False  # gone, or the pid now names another process
+        try:
+            self._workers[name] = AdoptedProcess(pid)
+        except OSError:
+            return False
+        return True
+
+    def store_description(self) -> str:
+        return self.store_path
+
     def exit_description(self, name: str) -> str:
         worker = self._workers.get(name)
         if worker is None or worker.returncode is None:
             return "is not running"
+        if isinstance(worker, AdoptedProcess):
+            return "exited"
         code = worker.returncode
         if code < 0:
             return f"was killed by signal {signal.Signals(-code).name}"

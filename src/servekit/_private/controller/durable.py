@@ -1,0 +1,194 @@
+"""The controller's desired state as store records: JSON documents, one key each.
+
+Keys: ``backend/<tag>`` (config, options, goal in progress), ``definition/<tag>`` (the
+cloudpickled function or class with its init args: the only pickle in the store),
+``endpoint/<name>``, ``replica/<tag>`` (which process runs it, so a restarted controller can
+adopt it) and ``proxy``. A ``user_config`` that JSON cannot carry exactly is stored pickled,
+as part of the backend's definition.
+
+``DurableState.save`` writes what changed since the last save as one transaction, on a
+thread of its own (so the event loop never waits on the disk), in the order of the calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import json
+import pickle
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Dict, List, Optional, Tuple
+
+from servekit._private.controller.state import BackendState, ReplicaRecord
+from servekit._private.runtime.base import Store
+from servekit._private.specs import EndpointInfo
+from servekit.config import BackendConfig, BackendMetadata, ReplicaConfig
+from servekit.exceptions import ServeError
+
+Records = Dict[str, bytes]
+
+
+def _value(value: Any) -> Any:
+    """A JSON form of ``value``: itself if JSON keeps it exactly, else its pickle."""
+    try:
+        if json.loads(json.dumps(value)) == value:
+            return {"json": value}
+    except (TypeError, ValueError):
+        pass
+    return {"pickle": base64.b64encode(pickle.dumps(value, protocol=5)).decode()}
+
+
+def _unvalue(doc: Any) -> Any:
+    if "json" in doc:
+        return doc["json"]
+    return pickle.loads(base64.b64decode(doc["pickle"]))
+
+
+def _config(config: BackendConfig) -> dict:
+    """The fields set explicitly (so a merge after a restart behaves as before it)."""
+    fields = {name: getattr(config, name) for name in config.model_fields_set}
+    if "user_config" in fields:
+        fields["user_config"] = _value(fields["user_config"])
+    return fields
+
+
+def _unconfig(doc: dict) -> BackendConfig:
+    if "user_config" in doc:
+        doc = {**doc, "user_config": _unvalue(doc["user_config"])}
+    return BackendConfig.model_validate(doc)
+
+
+def _metadata(metadata: Optional[BackendMetadata]) -> Optional[dict]:
+    if metadata is None:
+        return None
+    doc = dataclasses.asdict(metadata)
+    doc["batch_methods"] = sorted(metadata.batch_methods)
+    doc["methods"] = list(metadata.methods)
+    return doc
+
+
+def _unmetadata(doc: Optional[dict]) -> Optional[BackendMetadata]:
+    if doc is None:
+        return None
+    return BackendMetadata(**{**doc, "batch_methods": frozenset(doc["batch_methods"]),
+                              "methods": tuple(doc["methods"])})
+
+
+def _json(doc: Any) -> bytes:
+    return json.dumps(doc, sort_keys=True).encode()
+
+
+def snapshot(backends: Dict[str, BackendState], endpoints: Dict[str, EndpointInfo],
+             proxy: Optional[dict]) -> Records:
+    """Every record of the desired state (and of the processes that run it)."""
+    records: Records = {}
+    for tag, backend in backends.items():
+        replica_config = backend.replica_config
+        records[f"definition/{tag}"] = replica_config.serialized
+        records[f"backend/{tag}"] = _json({
+            "actor_options": replica_config.actor_options,
+            "description": replica_config.description,
+            "python": replica_config.python,
+            "config": _config(backend.config),
+            "config_before_update": None if backend.config_before_update is None
+            else _config(backend.config_before_update),
+            "metadata": _metadata(backend.metadata),
+            "goal": backend.goal,
+            "created": backend.created,
+            "deleting": backend.deleting,
+            "force_delete": backend.force_delete,
+        })
+        for record in backend.replicas.values():
+            records[f"replica/{record.tag}"] = _json({
+                "backend": tag, "state": record.state, "address": record.address,
+                "process": record.process})
+    for name, endpoint in endpoints.items():
+        records[f"endpoint/{name}"] = _json(
+            {"name": name, **endpoint.describe()})
+    if proxy is not None:
+        records["proxy"] = _json(proxy)
+    return records
+
+
+@dataclasses.dataclass
+class LoadedState:
+    """What a store held: backends (with the replica records to adopt), endpoints, proxy."""
+
+    backends: Dict[str, BackendState]
+    endpoints: Dict[str, EndpointInfo]
+    proxy: Optional[dict]
+
+
+def load(records: Records, where: str) -> LoadedState:
+    """Rebuild the state from ``records``; a ServeError naming ``where`` if they are bad."""
+    try:
+        return _load(records)
+    except (KeyError, TypeError, ValueError, pickle.UnpicklingError) as exc:
+        raise ServeError(f"The saved state in {where} is damaged ({type(exc).__name__}: "
+                         f"{exc}). Move it away to start without it.") from None
+
+
+def _load(records: Records) -> LoadedState:
+    backends: Dict[str, BackendState] = {}
+    endpoints: Dict[str, EndpointInfo] = {}
+    replicas: List[Tuple[str, dict]] = []
+    proxy = None
+    for key, raw in sorted(records.items()):
+        kind, _, name = key.partition("/")
+        if kind == "backend":
+            doc = json.loads(raw)
+            replica_config = ReplicaConfig(records[f"definition/{name}"],
+                                           doc["actor_options"], doc["description"],
+                                           doc["python"])
+            before = doc["config_before_update"]
+            backends[name] = BackendState(
+                name, replica_config, _unconfig(doc["config"]), _unmetadata(doc["metadata"]),
+                goal=doc["goal"], created=doc["created"], deleting=doc["deleting"],
+                force_delete=doc["force_delete"],
+                config_before_update=None if before is None else _unconfig(before))
+        elif kind == "replica":
+            replicas.append((name, json.loads(raw)))
+        elif kind == "endpoint":
+            doc = json.loads(raw)
+            endpoints[name] = EndpointInfo(name, doc["route"], doc["methods"], doc["traffic"],
+                                           doc["shadows"])
+        elif kind == "proxy":
+            proxy = json.loads(raw)
+        elif kind != "definition":
+            raise ValueError(f"unknown record {key!r}")
+    for tag, doc in replicas:
+        backend = backends[doc["backend"]]
+        backend.replicas[tag] = ReplicaRecord(tag=tag, backend=backend.tag, state=doc["state"],
+                                              address=doc["address"], process=doc["process"])
+    return LoadedState(backends, endpoints, proxy)
+
+
+class DurableState:
+    """Saves snapshots to a store: only what changed, one transaction each, in call order."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._written: Records = {}
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="servekit-store")
+
+    def read(self) -> Records:
+        self._written = self._store.read_all()
+        return dict(self._written)
+
+    def save(self, records: Records) -> "asyncio.Future[None]":
+        """Write the difference between ``records`` and the last save; await to be sure
+        it is on disk."""
+        puts = {key: value for key, value in records.items()
+                if self._written.get(key) != value}
+        deletes = [key for key in self._written if key not in records]
+        self._written = dict(records)
+        loop = asyncio.get_running_loop()
+        if not puts and not deletes:
+            future: asyncio.Future[None] = loop.create_future()
+            future.set_result(None)
+            return future
+        return loop.run_in_executor(self._writer, self._store.write, puts, deletes)
+
+    def close(self) -> None:
+        self._writer.shutdown(wait=True)
