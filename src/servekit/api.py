@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import inspect
+import logging
 import os
 import signal
 import warnings
@@ -15,7 +16,7 @@ from servekit._private import constants, home
 from servekit._private.context import ReplicaContext, current_replica_context
 from servekit._private.event_loop import run_sync
 from servekit._private.instance import LocalInstance
-from servekit._private.transport import RpcClient
+from servekit._private.transport import ConnectFailed, RpcClient, is_remote_error
 from servekit.config import (
     BackendConfig,
     BackendMetadata,
@@ -34,6 +35,9 @@ from servekit.types import BackendTag, EndpointTag, TrafficDict
 F = TypeVar("F", bound=Callable[..., Any])
 
 _UNSET: Any = object()
+# Tries of a controller call whose controller died under it (each restart is one).
+_CALL_ATTEMPTS = 5
+logger = logging.getLogger("servekit")
 _DETACHED_RECORD = "detached-instance.json"
 
 
@@ -76,9 +80,25 @@ class Client:
         return run_sync(self._call_async(name, *args))
 
     async def _call_async(self, name: str, *args: Any) -> Any:
-        if self._controller is None or self._controller.is_closed:
-            self._controller = await RpcClient.connect(self._controller_address)
-        return await self._controller.call(name, *args)
+        """Call the controller. If it dies with the call in flight, the call is made again
+        once a new controller serves the same socket (every call is idempotent); if
+        nothing serves it, the instance is gone and this raises ``ServeError``."""
+        for attempt in range(_CALL_ATTEMPTS):
+            try:
+                if self._controller is None or self._controller.is_closed:
+                    self._controller = await RpcClient.connect(
+                        self._controller_address, "servekit controller")
+                return await self._controller.call(name, *args)
+            except ConnectFailed:
+                raise ServeError(f"The servekit instance at {self._controller_address} is "
+                                 "not running (it was shut down, or its processes died).") \
+                    from None
+            except BackendUnavailableError as exc:
+                if is_remote_error(exc) or attempt == _CALL_ATTEMPTS - 1:
+                    raise
+                logger.warning("The servekit controller went away during %s; calling "
+                               "again once it is back.", name)
+        raise AssertionError("unreachable")
 
     def _wait_for_goal(self, goal_id: Optional[str]) -> None:
         if goal_id is not None:
@@ -300,7 +320,7 @@ class Client:
         routers.close(self._controller_address)
         try:
             self._call("shutdown")
-        except (BackendUnavailableError, ConnectionError):
+        except (ServeError, ConnectionError):
             pass  # already gone
         finally:
             if self._instance is not None:

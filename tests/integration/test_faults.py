@@ -497,14 +497,15 @@ def judge(failure: Failure, harmful: Dict[str, Fault]) -> str:
 def check_replicas(client: serve.Client, controller: int, configs: Dict[str, dict],
                    chaos: Chaos) -> List[str]:
     """Each backend runs its target number of replicas, none of them harmed; nothing else
-    runs besides them and the proxy."""
+    runs besides them, the controller and the proxy (``controller`` is the instance's pid:
+    its supervisor's, the root of its process tree)."""
     target = sum(config["num_replicas"] for config in configs.values())
     harmed = {(f.pid, f.started) for f in chaos.faults if f.harmful}
     seen: Dict[str, set] = {}
 
     def ready() -> bool:
         workers = [pid for pid in descendants(controller) if is_worker(pid)]
-        if len(workers) != 1 + target:  # the proxy and the replicas
+        if len(workers) != 2 + target:  # the controller, the proxy and the replicas
             return False
         for backend, config in configs.items():
             # Requests sent together go to distinct replicas while one has none of ours.
@@ -529,7 +530,8 @@ def check_replicas(client: serve.Client, controller: int, configs: Dict[str, dic
     workers = [pid for pid in descendants(controller) if is_worker(pid)]
     return [f"within {RECOVERY_S}s of the chaos the backends did not run their target "
             f"numbers of live, unharmed replicas ({configs}); the instance runs "
-            f"{len(workers)} workers (expected {1 + target} with the proxy); the last "
+            f"{len(workers)} workers (expected {2 + target} with the controller and the "
+            "proxy); the last "
             f"replicas answering: {seen}"]
 
 

@@ -13,11 +13,11 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Set
+from typing import Any, Dict, Iterator, List, Optional
 
 import httpx
 import pytest
-from processes import children, start_time
+from processes import start_time
 from robustness_backends import (
     Concurrency,
     FlakyMiddleware,
@@ -210,41 +210,11 @@ def test_replica_whose_check_health_raises_is_replaced_at_once(serve_instance, t
 # --------------------------------------------------------------------------- 2. the proxy
 
 
-def _listening_inodes(port: int) -> Set[str]:
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                lines = f.read().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                inodes.add(fields[9])
-    return inodes
-
-
-def proxy_pid(controller: int, port: int) -> Optional[int]:
-    """The child of the controller that holds the listening HTTP socket: the proxy (the
-    controller itself holds it too, and replicas never get it)."""
-    inodes = _listening_inodes(port)
-    found = []
-    for pid in children(controller):
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
-            if target.startswith("socket:[") and target[8:-1] in inodes:
-                found.append(pid)
-                break
-    assert len(found) <= 1, found
-    return found[0] if found else None
+def proxy_pid(client: serve.Client) -> Optional[int]:
+    """The pid of the instance's HTTP proxy, as its controller reports it."""
+    processes = client._call("status")["processes"]
+    pids = [p["pid"] for p in processes if p["role"] == "proxy"]
+    return pids[0] if pids else None
 
 
 def test_failed_proxy_restart_is_retried_until_the_proxy_is_back(tmp_path, monkeypatch,
@@ -265,9 +235,7 @@ def test_failed_proxy_restart_is_retried_until_the_proxy_is_back(tmp_path, monke
         client.create_backend("echo", echo_function)
         client.create_endpoint("echo", backend="echo", route="/echo")
         assert httpx.get(f"{url}/echo", params={"x": 1}, timeout=TIMEOUT).text == "fn:1"
-        assert client._instance is not None
-        controller = client._instance.pid
-        first = proxy_pid(controller, port)
+        first = proxy_pid(client)
         assert first is not None
 
         flag.touch()
@@ -286,7 +254,7 @@ def test_failed_proxy_restart_is_retried_until_the_proxy_is_back(tmp_path, monke
                 return False
 
         wait_for(healthy, TIMEOUT, "the HTTP proxy to come back once it can start")
-        second = proxy_pid(controller, port)
+        second = proxy_pid(client)
         assert second is not None and second != first
         assert httpx.get(f"{url}/echo", params={"x": 2}, timeout=TIMEOUT).text == "fn:2"
         assert client.get_handle("echo").remote(3).result(timeout=TIMEOUT) == "fn:3"

@@ -901,16 +901,16 @@ def test_health_check_retries_a_replacement_that_failed_to_start() -> None:
                 "a replacement launched")
             await eventually(lambda: not runtime.is_alive(first_try[0]),
                              "the failed replacement stopped")
-            error = await eventually(lambda: controller.backend_status()["m"][
+            error = await eventually(lambda: controller.status()["backends"]["m"][
                 "last_start_error"], "the start error kept for the status view")
             assert error == "ModelLoadError: out of memory"
-            status = controller.backend_status()["m"]
+            status = controller.status()["backends"]["m"]
             assert status["running"] == 1 and status["target"] == 2
             FLAKY["fail"] = False
             await controller._check_health()
             await eventually(lambda: len(replica_tags(controller, "m", RUNNING)) == 2,
                              "the backend back at 2 running replicas", timeout=2.0)
-            assert controller.backend_status()["m"]["last_start_error"] is None
+            assert controller.status()["backends"]["m"]["last_start_error"] is None
 
     run(main)
 

@@ -1,4 +1,4 @@
-"""Starting an instance's controller process from the user's script, and ending it."""
+"""Starting an embedded instance from the user's script, and ending it."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import cloudpickle
 
@@ -15,6 +15,7 @@ from servekit._private import home
 from servekit._private.process import (
     WorkerProcess,
     WorkerSpec,
+    bind_http_socket,
     bind_unix_socket,
     importable_sys_path,
 )
@@ -23,20 +24,30 @@ from servekit.config import HTTPOptions
 
 
 class LocalInstance:
-    """The controller process of an embedded instance and its private directory."""
+    """An embedded instance as its script sees it: its private directory, the sockets it
+    bound, and its supervisor process (which runs the controller, see ``supervisor``)."""
 
     def __init__(self, http_options: HTTPOptions, detached: bool,
                  custom_resources: Dict[str, float]) -> None:
         self.instance_dir = tempfile.mkdtemp(prefix="servekit-")  # mode 0700
         self.controller_address = os.path.join(self.instance_dir, "controller.sock")
-        sock: Optional[socket.socket] = None
+        sockets: List[socket.socket] = []
         try:
+            extra_fds = {}
+            if http_options.location != "NoServer" and http_options.host is not None:
+                # Bound here, so a busy port fails start() before any process runs, and
+                # held by the supervisor, so every controller and proxy serves this socket.
+                http = bind_http_socket(http_options.host, http_options.port)
+                sockets.append(http)
+                extra_fds["http"] = http.fileno()
             sock = bind_unix_socket(self.controller_address)
+            sockets.append(sock)
             spec = WorkerSpec(
-                role="controller", name="controller", instance_dir=self.instance_dir,
+                role="supervisor", name="supervisor", instance_dir=self.instance_dir,
                 rpc_fd=sock.fileno(), controller_address=None,
                 payload=cloudpickle.dumps(ControllerSpec(http_options, detached, custom_resources)),
-                sys_path=importable_sys_path(), watch_parent=not detached, daemonize=detached)
+                sys_path=importable_sys_path(), watch_parent=not detached, daemonize=detached,
+                extra_fds=extra_fds)
             # A detached instance outlives this script, so it must not hold its terminal
             # or pipes: its processes write to a log file instead.
             log_path = home.log_path() if detached else None
@@ -46,8 +57,8 @@ class LocalInstance:
             shutil.rmtree(self.instance_dir, ignore_errors=True)
             raise
         finally:
-            if sock is not None:
-                sock.close()
+            for held in sockets:
+                held.close()
 
     @property
     def pid(self) -> int:

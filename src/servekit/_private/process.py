@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import cloudpickle
 
 from servekit._private.constants import PROCESS_STOP_TIMEOUT_S
+from servekit.exceptions import ServeError
 
 _LENGTH = struct.Struct("!Q")
 
@@ -41,7 +42,8 @@ class WorkerSpec:
     controller_address: Optional[str]
     payload: bytes  # cloudpickled role-specific spec, loaded after sys_path is in place
     sys_path: Sequence[str] = ()
-    watch_parent: bool = True
+    watch_parent: bool = True  # exit when stdin (the pipe from the parent) closes
+    lifeline_fd: Optional[int] = None  # else: exit when this inherited pipe closes
     daemonize: bool = False  # fork once more so the parent does not keep it as its child
     extra_fds: Dict[str, int] = dataclasses.field(default_factory=dict)
 
@@ -54,6 +56,27 @@ def bind_unix_socket(path: str) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(path)
     sock.listen(4096)
+    return sock
+
+
+def bind_http_socket(host: str, port: int) -> socket.socket:
+    """Bind and listen on ``host:port``, or raise a ServeError that says how to fix it."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as exc:
+        raise ServeError(f"Cannot serve HTTP on host {host!r}: it does not resolve ({exc}). "
+                         "Pass a valid address in http_options['host'].") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(4096)
+    except OSError as exc:
+        sock.close()
+        raise ServeError(f"Cannot serve HTTP on {host}:{port}: {exc.strerror}. Stop whatever "
+                         "listens there, or choose another port with "
+                         "http_options={'port': ...}.") from None
+    sock.set_inheritable(True)
     return sock
 
 
@@ -74,6 +97,8 @@ class WorkerProcess:
                  env: Optional[Dict[str, str]] = None, new_session: bool = False,
                  log_path: Optional[str] = None) -> None:
         fds = [spec.rpc_fd, *spec.extra_fds.values()]
+        if spec.lifeline_fd is not None:
+            fds.append(spec.lifeline_fd)
         log = open(log_path, "ab") if log_path else None  # else: share this process's output
         try:
             self.popen = subprocess.Popen(

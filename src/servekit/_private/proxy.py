@@ -187,7 +187,7 @@ async def run_proxy(worker: WorkerSpec, sock: socket.socket, stop: asyncio.Event
             await asyncio.sleep(0.01)
         return True
 
-    rpc = RpcServer({"ready": ready, "routes": _async(proxy.route_table)})
+    rpc = RpcServer({"ready": ready, "ping": ready, "routes": _async(proxy.route_table)})
     await rpc.start(sock)
     await stop.wait()
     server.should_exit = True

@@ -378,8 +378,17 @@ class Router:
                 # task): release the sockets while the loop still runs.
                 self.close()
                 raise
+            except ConnectFailed:
+                return  # nothing serves the controller's socket: the instance is gone
             except BackendUnavailableError:
-                return  # the controller is gone: the instance shut down
+                # The controller died; a new one will serve the same socket. Meanwhile
+                # requests go on with the routes and replicas this router knows.
+                logger.warning("Lost the servekit controller; waiting for it to come back.")
+                try:
+                    self._controller = await RpcClient.connect(self._controller_address,
+                                                               "servekit controller")
+                except ConnectFailed:
+                    return
             except Exception:
                 logger.exception("Long poll failed; retrying")
                 await asyncio.sleep(0.5)

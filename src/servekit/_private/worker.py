@@ -19,9 +19,9 @@ from servekit._private.event_loop import new_event_loop
 from servekit._private.process import WorkerSpec, parent_exit_hooks, read_spec
 
 
-def _watch_parent(stdin_fd: int) -> None:
+def _watch_lifeline(fd: int) -> None:
     try:
-        while os.read(stdin_fd, 4096):
+        while os.read(fd, 4096):
             pass
     except OSError:
         pass
@@ -40,8 +40,11 @@ def main() -> None:
     for path in reversed(spec.sys_path):
         if path not in sys.path:
             sys.path.insert(0, path)
-    if spec.watch_parent:
-        threading.Thread(target=_watch_parent, args=(sys.stdin.fileno(),),
+    lifeline = spec.lifeline_fd
+    if lifeline is None and spec.watch_parent:
+        lifeline = sys.stdin.fileno()
+    if lifeline is not None:
+        threading.Thread(target=_watch_lifeline, args=(lifeline,),
                          name="servekit-lifeline", daemon=True).start()
     logging.basicConfig(level=os.environ.get("SERVEKIT_LOG_LEVEL", "WARNING"),
                         format=f"(servekit {spec.role} pid={os.getpid()}) %(levelname)s "
@@ -52,7 +55,9 @@ def main() -> None:
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, lambda: None)  # the parent decides when we stop
-    if spec.role == "controller":
+    if spec.role == "supervisor":
+        from servekit._private.supervisor import run_supervisor as run
+    elif spec.role == "controller":
         from servekit._private.controller.main import run_controller as run
     elif spec.role == "proxy":
         from servekit._private.proxy import run_proxy as run

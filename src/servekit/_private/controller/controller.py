@@ -270,13 +270,24 @@ class Controller:
     def list_backends(self) -> Dict[str, BackendConfig]:
         return {tag: b.config for tag, b in self.backends.items() if not b.deleting}
 
-    def backend_status(self) -> Dict[str, dict]:
-        """Per backend: replicas running and wanted, each replica's state, and why the last
-        replica start failed (None once a replica started since)."""
-        return {tag: {"running": len(b.in_state(RUNNING)), "target": b.target_replicas,
-                      "replicas": {r.tag: r.state for r in b.replicas.values()},
-                      "last_start_error": b.last_start_error}
-                for tag, b in self.backends.items() if not b.deleting}
+    def status(self) -> dict:
+        """What runs: per backend its config, replicas running and wanted, and why the last
+        replica start failed (None once one started since); the endpoints; and the processes
+        (role, name, pid, state) of the proxy and the replicas."""
+        backends = {tag: {"config": b.config.model_dump(mode="json", exclude={"user_config"}),
+                          "running": len(b.in_state(RUNNING)), "target": b.target_replicas,
+                          "last_start_error": b.last_start_error}
+                    for tag, b in self.backends.items() if not b.deleting}
+        processes = []
+        if self._proxy is not None:
+            processes.append({"role": "proxy", "name": PROXY_NAME, "state": RUNNING,
+                              "pid": (self._proxy_process or {}).get("pid")})
+        for backend in self.backends.values():
+            for record in backend.replicas.values():
+                processes.append({"role": "replica", "name": record.tag, "state": record.state,
+                                  "pid": (record.process or {}).get("pid")})
+        return {"backends": backends, "endpoints": self.list_endpoints(),
+                "processes": processes}
 
     def _backend(self, tag: str) -> BackendState:
         backend = self.backends.get(tag)

@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import shutil
 import socket
 from typing import Any
 
 from servekit._private.controller.controller import Controller
-from servekit._private.process import WorkerSpec, parent_exit_hooks
+from servekit._private.process import WorkerSpec
 from servekit._private.runtime.local import LocalRuntime
 from servekit._private.specs import ControllerSpec
 from servekit._private.transport import RpcServer
@@ -20,27 +19,50 @@ logger = logging.getLogger("servekit.controller")
 
 def controller_handlers(controller: Controller, started: asyncio.Future,
                         stop: asyncio.Event) -> dict:
-    """The RPC API of the controller: name -> coroutine function."""
+    """The RPC API of the controller: name -> coroutine function.
+
+    Every call but ``listen`` waits until the controller has started (and taken over any
+    saved state).
+    """
 
     def shielded(method: Any) -> Any:
         # A mutation runs to the end even if the caller disconnects half-way.
         async def call(*args: Any) -> Any:
+            await asyncio.shield(started)
             return await asyncio.shield(method(*args))
+        return call
+
+    def waiting(method: Any) -> Any:
+        async def call(*args: Any) -> Any:
+            await asyncio.shield(started)
+            return await method(*args)
         return call
 
     def plain(method: Any) -> Any:
         async def call(*args: Any) -> Any:
+            await asyncio.shield(started)
             return method(*args)
         return call
 
     async def ready() -> int:
-        """Wait until the controller runs; its pid (a detached one is not our child)."""
+        """Wait until the controller runs; return the instance's pid: its supervisor's,
+        which outlives controller restarts (a detached one is not the caller's child)."""
         await asyncio.shield(started)
-        return os.getpid()
+        return os.getppid()
 
     async def shutdown() -> None:
         await controller.shutdown()
         stop.set()  # the process exits once this reply is sent
+
+    def status() -> dict:
+        status = controller.status()
+        status["processes"] = [
+            {"role": "supervisor", "name": "supervisor", "pid": os.getppid(),
+             "state": "RUNNING"},
+            {"role": "controller", "name": "controller", "pid": os.getpid(),
+             "state": "RUNNING"},
+            *status["processes"]]
+        return status
 
     return {
         "ready": ready,
@@ -52,11 +74,13 @@ def controller_handlers(controller: Controller, started: asyncio.Future,
         "delete_endpoint": shielded(controller.delete_endpoint),
         "set_traffic": shielded(controller.set_traffic),
         "shadow_traffic": shielded(controller.shadow_traffic),
-        "wait_for_goal": controller.goals.wait,
+        "wait_for_goal": waiting(controller.goals.wait),
+        # Not held back: the proxy the controller starts listens before start() ends, and
+        # nothing is published before the saved state has been taken over.
         "listen": controller.listen,
         "get_backend_config": plain(controller.get_backend_config),
         "list_backends": plain(controller.list_backends),
-        "backend_status": plain(controller.backend_status),
+        "status": plain(status),
         "list_endpoints": plain(controller.list_endpoints),
         "endpoint_exists": plain(controller.endpoint_exists),
     }
@@ -64,16 +88,14 @@ def controller_handlers(controller: Controller, started: asyncio.Future,
 
 async def run_controller(worker: WorkerSpec, sock: socket.socket, stop: asyncio.Event) -> None:
     spec: ControllerSpec = worker.load_payload()
+    http_fd = worker.extra_fds.get("http")
     runtime = LocalRuntime(worker.instance_dir, controller_address=sock.getsockname(),
-                           sys_path=worker.sys_path, custom_resources=spec.custom_resources)
+                           sys_path=worker.sys_path, custom_resources=spec.custom_resources,
+                           http_socket=None if http_fd is None else socket.socket(fileno=http_fd),
+                           lifeline_fd=worker.lifeline_fd)
     controller = Controller(runtime, spec.http_options)
-
-    def exit_now() -> None:
-        # The driver died: take every worker down and leave no directory behind.
-        runtime.kill_all_now()
-        shutil.rmtree(worker.instance_dir, ignore_errors=True)
-
-    parent_exit_hooks.append(exit_now)
+    # The instance's other processes watch the same lifeline as this one: when it closes,
+    # they all exit by themselves, and the supervisor removes the directory.
     started: asyncio.Future = asyncio.get_running_loop().create_future()
     server = RpcServer(controller_handlers(controller, started, stop))
     await server.start(sock)
@@ -88,4 +110,3 @@ async def run_controller(worker: WorkerSpec, sock: socket.socket, stop: asyncio.
     await stop.wait()
     server.close()
     await controller.shutdown()
-    shutil.rmtree(worker.instance_dir, ignore_errors=True)

@@ -16,6 +16,7 @@ from servekit._private.process import (
     AdoptedProcess,
     WorkerProcess,
     WorkerSpec,
+    bind_http_socket,
     bind_unix_socket,
     process_start_time,
 )
@@ -26,40 +27,24 @@ from servekit._private.transport import RpcClient
 from servekit.exceptions import ServeError
 
 
-def bind_http_socket(host: str, port: int) -> socket.socket:
-    """Bind and listen on ``host:port``, or raise a ServeError that says how to fix it."""
-    try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-    except socket.gaierror as exc:
-        raise ServeError(f"Cannot serve HTTP on host {host!r}: it does not resolve ({exc}). "
-                         "Pass a valid address in http_options['host'].") from None
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-        sock.listen(4096)
-    except OSError as exc:
-        sock.close()
-        raise ServeError(f"Cannot serve HTTP on {host}:{port}: {exc.strerror}. Stop whatever "
-                         "listens there, or choose another port with "
-                         "http_options={'port': ...}.") from None
-    sock.set_inheritable(True)
-    return sock
-
-
 class LocalRuntime(Runtime):
     """Runs workers as child processes; state lives in SQLite in the instance directory."""
 
     def __init__(self, instance_dir: str, controller_address: str,
                  sys_path: Sequence[str],
-                 custom_resources: Optional[Dict[str, float]] = None) -> None:
+                 custom_resources: Optional[Dict[str, float]] = None,
+                 http_socket: Optional[socket.socket] = None,
+                 lifeline_fd: Optional[int] = None) -> None:
+        """``http_socket``: the bound HTTP socket proxies serve (None: bind on demand).
+        ``lifeline_fd``: the pipe workers watch (None: each watches this process)."""
         self.instance_dir = instance_dir
         self.store_path = os.path.join(instance_dir, "state.db")
         self.store = SQLiteStore(self.store_path)
         self._controller_address = controller_address
         self._sys_path = list(sys_path)
         self._workers: Dict[str, Union[WorkerProcess, AdoptedProcess]] = {}
-        self._http_socket: Optional[socket.socket] = None
+        self._http_socket = http_socket
+        self._lifeline_fd = lifeline_fd
         gpus = detect_gpus()
         self._capacity = machine_capacity(gpus, custom_resources)
         self._gpus = GPUAllocator(gpus)
@@ -96,7 +81,8 @@ class LocalRuntime(Runtime):
                           payload=cloudpickle.dumps(payload),
                           sys_path=self._sys_path if python is None else
                           [p for p in self._sys_path if "-packages" not in p],
-                          extra_fds=extra_fds)
+                          extra_fds=extra_fds, watch_parent=self._lifeline_fd is None,
+                          lifeline_fd=self._lifeline_fd)
         try:
             self._workers[name] = WorkerProcess(spec, python=python or sys.executable, env=env)
         finally:
@@ -146,11 +132,6 @@ class LocalRuntime(Runtime):
         if code < 0:
             return f"was killed by signal {signal.Signals(-code).name}"
         return f"exited with code {code}"
-
-    def kill_all_now(self) -> None:
-        """Kill every worker at once (used when the controller itself must exit now)."""
-        for worker in self._workers.values():
-            worker.kill()
 
     async def shutdown(self) -> None:
         workers, self._workers = list(self._workers.values()), {}

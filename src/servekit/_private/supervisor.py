@@ -1,0 +1,103 @@
+"""The instance supervisor: keeps an instance's controller running, and its processes alive.
+
+Every instance has one (``python -m servekit._private.worker`` in the "supervisor" role). It
+holds what must outlive a controller — the controller's listening socket, the HTTP socket and
+the write end of the instance's lifeline pipe — and restarts the controller whenever it dies
+without having been asked to stop. Every other process of the instance (controller, proxy,
+replicas) watches the lifeline's read end and exits when it closes, so they all survive a
+controller crash (a new controller adopts them) and all end with the supervisor, which ends
+with the user's script (or, for a detached instance, on ``shutdown``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import socket
+import time
+
+from servekit._private import constants
+from servekit._private.process import WorkerProcess, WorkerSpec, parent_exit_hooks
+
+logger = logging.getLogger("servekit.supervisor")
+
+_PR_SET_CHILD_SUBREAPER = 36
+# A controller that ran this long before it died is restarted at once, not after a backoff.
+_STABLE_S = 10.0
+
+
+def _become_subreaper() -> None:
+    """Orphans of the instance (replicas of a dead controller) become our children, so
+    they stay in this process tree and we reap them when they exit."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux: orphans go to init, which reaps them
+
+
+def _reap_orphans(controller: WorkerProcess) -> None:
+    """Collect exited children other than the controller (its Popen reaps it)."""
+    while True:
+        try:
+            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return
+        if info is None or info.si_pid == controller.pid:
+            return
+        os.waitpid(info.si_pid, 0)
+
+
+async def _reap_periodically(controller: WorkerProcess) -> None:
+    # uvloop keeps SIGCHLD for itself; a zombie here lingers a second at most (the
+    # controller learns of the exit at once through its pidfd).
+    while True:
+        await asyncio.sleep(1.0)
+        _reap_orphans(controller)
+
+
+async def run_supervisor(worker: WorkerSpec, sock: socket.socket, stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    _become_subreaper()
+    lifeline_read, lifeline_write = os.pipe()
+    os.set_inheritable(lifeline_read, True)
+
+    def exit_now() -> None:
+        # The script that started a non-detached instance is gone: so is the instance.
+        os.close(lifeline_write)
+        shutil.rmtree(worker.instance_dir, ignore_errors=True)
+
+    parent_exit_hooks.append(exit_now)
+    spec = WorkerSpec(role="controller", name="controller", instance_dir=worker.instance_dir,
+                      rpc_fd=sock.fileno(), controller_address=None, payload=worker.payload,
+                      sys_path=worker.sys_path, watch_parent=False,
+                      lifeline_fd=lifeline_read, extra_fds=dict(worker.extra_fds))
+    failures = 0
+    while True:
+        started = time.monotonic()
+        controller = WorkerProcess(spec)
+        reaper = asyncio.ensure_future(_reap_periodically(controller))
+        exited: asyncio.Future = loop.run_in_executor(None, controller.popen.wait)
+        stopping: asyncio.Future = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([exited, stopping], return_when=asyncio.FIRST_COMPLETED)
+        reaper.cancel()
+        if stopping.done():  # SIGTERM: let the controller stop everything, then go
+            await controller.stop(constants.SHUTDOWN_TIMEOUT_S)
+            break
+        stopping.cancel()
+        code = controller.popen.returncode
+        if code == 0:
+            break  # it was shut down
+        failures = 0 if time.monotonic() - started > _STABLE_S else failures + 1
+        delay = 0.0 if failures == 0 else min(constants.MAX_RESTART_BACKOFF_S,
+                                              0.1 * 2 ** failures)
+        logger.warning("The controller %s; starting it again%s.",
+                       f"was killed by signal {signal.Signals(-code).name}" if code < 0
+                       else f"exited with code {code}",
+                       f" in {delay:.1f}s" if delay else "")
+        await asyncio.sleep(delay)
+    os.close(lifeline_write)  # every process still running ends now
+    shutil.rmtree(worker.instance_dir, ignore_errors=True)
