@@ -315,11 +315,19 @@ class Client:
 
     @_guarded
     def shutdown(self) -> None:
-        """Stop every process of this instance and remove its directory."""
+        """Stop this instance gracefully and remove its files.
+
+        The proxy stops taking requests and finishes those it holds, replicas finish
+        theirs (up to their graceful shutdown timeout), then every process stops.
+        """
+        self._shutdown(keep_state=False)
+
+    def _shutdown(self, keep_state: bool) -> None:
+        """``shutdown``; with ``keep_state`` the state file stays for the next start."""
         self._shut_down = True
         routers.close(self._controller_address)
         try:
-            self._call("shutdown")
+            self._call("shutdown", keep_state)
         except (ServeError, ConnectionError):
             pass  # already gone
         finally:
@@ -327,12 +335,17 @@ class Client:
                 _running.pop(self._controller_address, None)
                 self._instance.stop(constants.SHUTDOWN_TIMEOUT_S)
             elif self._detached:
-                pid = home.remove_record(self._controller_address)
-                if pid is not None:
+                record = home.read_record()
+                if record is not None and record["address"] == self._controller_address:
+                    if not keep_state:
+                        home.remove_record(self._controller_address)
                     try:
-                        os.kill(pid, signal.SIGTERM)
+                        os.kill(record["pid"], signal.SIGTERM)
                     except ProcessLookupError:
                         pass
+                    # Return once it is gone, so that a new start finds none running.
+                    home.wait_until_gone(record["pid"], record["started"],
+                                         constants.SHUTDOWN_TIMEOUT_S)
 
 
 # The non-detached instances this process started and has not shut down, oldest first. They
@@ -395,13 +408,17 @@ def start(detached: bool = False, http_host: Any = _UNSET, http_port: Any = _UNS
         client._shut_down = True
         if detached:  # not our child: ask it to go
             try:
-                run_sync(client._call_async("shutdown"), timeout=constants.PROCESS_STOP_TIMEOUT_S)
+                run_sync(client._call_async("shutdown", True),  # keep the state it could not load
+                         timeout=constants.PROCESS_STOP_TIMEOUT_S)
             except Exception:
                 pass
         instance.stop(timeout=constants.PROCESS_STOP_TIMEOUT_S)
         raise
     if detached:
-        home.write_record(instance.controller_address, pid)
+        port = instance.http_address[1] if instance.http_address else options.port
+        home.write_record(instance.controller_address, pid, {
+            "host": options.host, "port": port,
+            "location": None if options.location is None else options.location.value})
     else:
         _running[instance.controller_address] = instance
     return client

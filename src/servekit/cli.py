@@ -1,20 +1,127 @@
-"""The ``servekit`` command."""
+"""The ``servekit`` command: start, inspect and stop the detached instance of this user.
+
+A mistake (no instance running, a busy port, a bad option) is one line on stderr and exit
+code 1, never a traceback.
+"""
 
 from __future__ import annotations
 
-import argparse
-from typing import List, Optional
+import json
+from typing import Any, Callable, Dict, List, Optional, Sequence, TypeVar
+
+import click
+
+import servekit as serve
+from servekit._private import home
+from servekit.config import DeploymentMode
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    import servekit
+def _user_errors(command: F) -> F:
+    """Report servekit's own errors as one line (click prints ``Error: ...``, exits 1)."""
 
-    parser = argparse.ArgumentParser(prog="servekit", description=servekit.__doc__)
-    parser.add_argument("--version", action="version", version=f"servekit {servekit.__version__}")
-    parser.parse_args(argv)
-    parser.print_help()
-    return 0
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except (serve.ServeError, ValueError, TypeError) as exc:
+            raise click.ClickException(str(exc).splitlines()[0] if str(exc) else
+                                       type(exc).__name__) from None
+
+    run.__name__ = command.__name__
+    run.__doc__ = command.__doc__
+    return run  # type: ignore[return-value]
+
+
+@click.group()
+@click.version_option(serve.__version__, prog_name="servekit")
+def main() -> None:
+    """servekit: serve machine-learning models and Python code behind HTTP and handles."""
+
+
+@main.command()
+@click.option("--http-host", default=None, help="Interface to serve HTTP on [127.0.0.1].")
+@click.option("--http-port", type=click.IntRange(0, 65535), default=None,
+              help="Port to serve HTTP on [8000, or the port the instance had].")
+@click.option("--http-location", type=click.Choice([m.value for m in DeploymentMode]),
+              default=None, help="Where HTTP proxies run [HeadOnly].")
+@_user_errors
+def start(http_host: Optional[str], http_port: Optional[int],
+          http_location: Optional[str]) -> None:
+    """Start a detached instance (it runs until `servekit shutdown`).
+
+    If the previous instance's processes are gone (a reboot) but its state file is still
+    there, its backends and endpoints come back, on the port it had unless told otherwise.
+    """
+    options: Dict[str, Any] = dict(home.saved_http_options() or {})
+    for key, value in (("host", http_host), ("port", http_port), ("location", http_location)):
+        if value is not None:
+            options[key] = value
+    client = serve.start(detached=True, http_options=options or None)
+    state = client._call("status")
+    record = home.read_record() or {}
+    http = record.get("http") or {}
+    where = "no HTTP" if http.get("location") == DeploymentMode.NoServer.value else \
+        f"HTTP on http://{http.get('host')}:{http.get('port')}"
+    restored = (f"; restored {len(state['backends'])} backends and "
+                f"{len(state['endpoints'])} endpoints") if state["backends"] else ""
+    click.echo(f"Started a detached servekit instance ({where}){restored}.")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@_user_errors
+def status(as_json: bool) -> None:
+    """Show the backends, endpoints and processes of the running instance."""
+    state = serve.connect()._call("status")
+    if as_json:
+        click.echo(json.dumps(state, indent=2, sort_keys=True))
+        return
+    backend_rows = [[tag, f"{b['running']}/{b['target']}",
+                     ", ".join(f"{k}={v}" for k, v in sorted(b["config"].items())
+                               if k in ("max_concurrent_queries", "max_batch_size",
+                                        "sync_threads")),
+                     b["last_start_error"] or ""]
+                    for tag, b in sorted(state["backends"].items())]
+    endpoint_rows = [[name, e["route"] or "(handle only)", ",".join(e["methods"]),
+                      _weights(e["traffic"]), _weights(e["shadows"])]
+                     for name, e in sorted(state["endpoints"].items())]
+    process_rows = [[p["role"], p["name"], str(p["pid"]), p["state"]]
+                    for p in state["processes"]]
+    click.echo(_table("BACKENDS", ["backend", "replicas", "config", "last start error"],
+                      backend_rows))
+    click.echo(_table("ENDPOINTS", ["endpoint", "route", "methods", "traffic", "shadows"],
+                      endpoint_rows))
+    click.echo(_table("PROCESSES", ["role", "name", "pid", "state"], process_rows), nl=False)
+
+
+@main.command()
+@click.option("--keep-state", is_flag=True,
+              help="Keep the state file, so that the next `servekit start` restores it.")
+@_user_errors
+def shutdown(keep_state: bool) -> None:
+    """Stop the running instance: requests in flight finish, then every process stops."""
+    serve.connect()._shutdown(keep_state)
+    click.echo("The servekit instance was shut down" +
+               ("; its state file was kept." if keep_state else "."))
+
+
+def _weights(weights: Dict[str, float]) -> str:
+    return ", ".join(f"{backend}:{weight:g}" for backend, weight in sorted(weights.items()))
+
+
+def _table(title: str, header: Sequence[str], rows: List[List[str]]) -> str:
+    """A titled plain-text table, columns padded to their widest cell."""
+    cells = [list(header), *rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = [title]
+    for row in cells:
+        lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths,
+                                                                         strict=True)).rstrip())
+    if not rows:
+        lines.append("(none)")
+    return "\n".join(lines) + "\n\n"
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()

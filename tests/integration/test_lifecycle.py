@@ -29,6 +29,7 @@ from starlette.middleware.gzip import GZipMiddleware
 
 import servekit as serve
 from conftest import free_port, wait_for
+from servekit._private.process import process_start_time
 
 pytestmark = pytest.mark.integration
 
@@ -414,7 +415,8 @@ def test_connect_refuses_a_record_others_can_write(servekit_home: Any) -> None:
     servekit_home.mkdir(mode=0o700)
     record = servekit_home / "detached-instance.json"
     # A record naming this very process: connecting to it would be obeying a stranger.
-    record.write_text(json.dumps({"address": "/tmp/elsewhere.sock", "pid": os.getpid()}))
+    record.write_text(json.dumps({"address": "/tmp/elsewhere.sock", "pid": os.getpid(),
+                                  "started": process_start_time(os.getpid())}))
     record.chmod(0o666)
     with pytest.raises(serve.ServeError, match="other users can write"):
         serve.connect()

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import stat
 from typing import Optional
 
 from servekit._private import constants
+from servekit._private.process import process_start_time
 from servekit.exceptions import ServeError
 
 _RECORD = "detached-instance.json"
 _LOG = "detached.log"
+_INSTANCE = "instance"
 
 
 def _check_private(path: str) -> None:
@@ -49,14 +52,41 @@ def log_path() -> str:
     return path
 
 
-def write_record(address: str, pid: int) -> None:
-    """Record the detached instance's controller address and pid (owner-only, atomic)."""
+def instance_dir() -> str:
+    """The directory of the detached instance: its sockets, and its state file, which
+    stays when every process is gone (a reboot) so that the next start brings it back."""
+    path = os.path.join(home(), _INSTANCE)
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    _check_private(path)
+    return path
+
+
+def write_record(address: str, pid: int, http: dict) -> None:
+    """Record the detached instance's controller address, pid and HTTP options (host,
+    port, location), owner-only and atomically."""
     path = os.path.join(home(), _RECORD)
     temporary = f"{path}.{os.getpid()}.tmp"
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w") as f:
-        json.dump({"address": address, "pid": pid}, f)
+        json.dump({"address": address, "pid": pid, "started": process_start_time(pid),
+                   "http": http}, f)
     os.replace(temporary, path)
+
+
+def saved_http_options() -> Optional[dict]:
+    """The HTTP options of the last detached instance, if its state file is still there
+    (its processes may be gone); None otherwise."""
+    path = os.path.join(constants.SERVEKIT_HOME, _RECORD)
+    state = os.path.join(constants.SERVEKIT_HOME, _INSTANCE, "state.db")
+    if not os.path.exists(state) or not os.path.lexists(path):
+        return None
+    _check_private(path)
+    try:
+        with open(path) as f:
+            http = json.load(f).get("http")
+    except (OSError, ValueError):
+        return None
+    return http if isinstance(http, dict) else None
 
 
 def read_record() -> Optional[dict]:
@@ -78,19 +108,27 @@ def read_record() -> Optional[dict]:
         return None
     if not isinstance(pid, int) or not isinstance(address, str):
         return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        return None  # a recycled pid of another user's process: not ours
+    if process_start_time(pid) != record.get("started"):
+        return None  # gone, or its pid now names another process
     return record
 
 
-def remove_record(address: str) -> Optional[int]:
-    """Remove the record if it names ``address``; return the pid it named."""
+def wait_until_gone(pid: int, started: Optional[int], timeout: float) -> bool:
+    """Wait up to ``timeout`` s for process ``pid`` (started at ``started``) to exit."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return True
+    try:
+        if process_start_time(pid) != started:
+            return True
+        return bool(select.select([pidfd], [], [], timeout)[0])
+    finally:
+        os.close(pidfd)
+
+
+def remove_record(address: str) -> None:
+    """Remove the record if it names ``address``."""
     record = read_record()
-    if record is None or record["address"] != address:
-        return None
-    os.unlink(os.path.join(constants.SERVEKIT_HOME, _RECORD))
-    return record["pid"]
+    if record is not None and record["address"] == address:
+        os.unlink(os.path.join(constants.SERVEKIT_HOME, _RECORD))

@@ -7,7 +7,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import cloudpickle
 
@@ -29,8 +29,15 @@ class LocalInstance:
 
     def __init__(self, http_options: HTTPOptions, detached: bool,
                  custom_resources: Dict[str, float]) -> None:
-        self.instance_dir = tempfile.mkdtemp(prefix="servekit-")  # mode 0700
+        self.detached = detached
+        self.http_address: Optional[Tuple[str, int]] = None
+        # A detached instance keeps its place (and state file) in $SERVEKIT_HOME; the caller
+        # checked that none runs, so a socket file there is a dead instance's.
+        self.instance_dir = home.instance_dir() if detached else \
+            tempfile.mkdtemp(prefix="servekit-")  # mode 0700
         self.controller_address = os.path.join(self.instance_dir, "controller.sock")
+        if detached and os.path.lexists(self.controller_address):
+            os.unlink(self.controller_address)
         sockets: List[socket.socket] = []
         try:
             extra_fds = {}
@@ -38,6 +45,7 @@ class LocalInstance:
                 # Bound here, so a busy port fails start() before any process runs, and
                 # held by the supervisor, so every controller and proxy serves this socket.
                 http = bind_http_socket(http_options.host, http_options.port)
+                self.http_address = http.getsockname()[:2]
                 sockets.append(http)
                 extra_fds["http"] = http.fileno()
             sock = bind_unix_socket(self.controller_address)
@@ -54,7 +62,8 @@ class LocalInstance:
             self.process: Optional[WorkerProcess] = WorkerProcess(
                 spec, new_session=detached, log_path=log_path)
         except BaseException:
-            shutil.rmtree(self.instance_dir, ignore_errors=True)
+            if not detached:
+                shutil.rmtree(self.instance_dir, ignore_errors=True)
             raise
         finally:
             for held in sockets:
@@ -66,7 +75,8 @@ class LocalInstance:
         return self.process.pid
 
     def stop(self, timeout: float) -> None:
-        """Close the lifeline, wait up to ``timeout`` s for the exit, kill, remove the dir."""
+        """Close the lifeline, wait up to ``timeout`` s for the exit, kill, remove the dir
+        (a detached instance's directory, which may hold its state, is its own to clean)."""
         process, self.process = self.process, None
         if process is not None:
             process.popen.stdin.close()  # type: ignore[union-attr]
@@ -74,4 +84,5 @@ class LocalInstance:
                 process.popen.wait(timeout)
             except subprocess.TimeoutExpired:
                 process.kill()
-        shutil.rmtree(self.instance_dir, ignore_errors=True)
+        if not self.detached:
+            shutil.rmtree(self.instance_dir, ignore_errors=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from typing import Dict, Iterable, Mapping
+from typing import Dict, Iterable, Mapping, Optional
 
 from servekit.exceptions import ServeError
 
@@ -23,33 +23,49 @@ class SQLiteStore:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-        os.close(fd)
+        self._db: Optional[sqlite3.Connection] = None  # opened on first use
+
+    def _open(self) -> sqlite3.Connection:
+        if self._db is not None:
+            return self._db
         try:
-            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value BLOB)")
-            self._db.execute("SELECT count(*) FROM kv").fetchone()
-        except sqlite3.DatabaseError as exc:
-            raise ServeError(f"The state file {path} cannot be read ({exc}). Move it away to "
-                             "start without the saved state, or restore it from a backup.") \
-                from None
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            os.close(fd)
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value BLOB)")
+            db.execute("SELECT count(*) FROM kv").fetchone()
+        except (OSError, sqlite3.DatabaseError) as exc:
+            raise ServeError(f"The state file {self.path} cannot be read ({exc}). Move it "
+                             "away to start without the saved state, or restore it from a "
+                             "backup.") from None
         for suffix in ("-wal", "-shm"):  # SQLite creates these with the umask's mode
-            if os.path.exists(path + suffix):
-                os.chmod(path + suffix, 0o600)
+            if os.path.exists(self.path + suffix):
+                os.chmod(self.path + suffix, 0o600)
+        self._db = db
+        return db
 
     def read_all(self) -> Dict[str, bytes]:
-        return {key: bytes(value) for key, value in self._db.execute("SELECT key, value FROM kv")}
+        try:
+            rows = self._open().execute("SELECT key, value FROM kv").fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise ServeError(f"The state file {self.path} cannot be read ({exc}). Move it "
+                             "away to start without the saved state, or restore it from a "
+                             "backup.") from None
+        return {key: bytes(value) for key, value in rows}
 
     def write(self, puts: Mapping[str, bytes], deletes: Iterable[str] = ()) -> None:
-        with self._db:  # one transaction
-            self._db.execute("BEGIN")
-            self._db.executemany("DELETE FROM kv WHERE key = ?", [(key,) for key in deletes])
-            self._db.executemany("INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)",
-                                 list(puts.items()))
+        db = self._open()
+        with db:  # one transaction
+            db.execute("BEGIN")
+            db.executemany("DELETE FROM kv WHERE key = ?", [(key,) for key in deletes])
+            db.executemany("INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)",
+                           list(puts.items()))
 
     def close(self) -> None:
-        self._db.close()
+        if self._db is not None:
+            self._db.close()
+            self._db = None
 
 
 class MemoryStore:

@@ -15,9 +15,11 @@ import asyncio
 import ctypes
 import logging
 import os
+import select
 import shutil
 import signal
 import socket
+import threading
 import time
 
 from servekit._private import constants
@@ -26,6 +28,7 @@ from servekit._private.process import WorkerProcess, WorkerSpec, parent_exit_hoo
 logger = logging.getLogger("servekit.supervisor")
 
 _PR_SET_CHILD_SUBREAPER = 36
+_STATE_FILE = "state.db"
 # A controller that ran this long before it died is restarted at once, not after a backoff.
 _STABLE_S = 10.0
 
@@ -65,12 +68,34 @@ async def run_supervisor(worker: WorkerSpec, sock: socket.socket, stop: asyncio.
     lifeline_read, lifeline_write = os.pipe()
     os.set_inheritable(lifeline_read, True)
 
-    def exit_now() -> None:
-        # The script that started a non-detached instance is gone: so is the instance.
-        os.close(lifeline_write)
-        shutil.rmtree(worker.instance_dir, ignore_errors=True)
+    running: list = []  # the controller running now
+    finishing = threading.Lock()
+    finished: list = []
 
-    parent_exit_hooks.append(exit_now)
+    def finish(everything: bool) -> None:
+        """Close the lifeline (every process of the instance exits), wait for the
+        controller so it writes nothing more, then clean the directory. Runs once, from
+        the main thread or from the lifeline thread when the script is gone."""
+        with finishing:
+            if finished:
+                return
+            finished.append(True)
+            os.close(lifeline_write)
+            for controller in running:  # (its Popen may be waited on by another thread)
+                try:
+                    pidfd = os.pidfd_open(controller.pid)
+                except OSError:
+                    continue  # already gone
+                if not select.select([pidfd], [], [], constants.PROCESS_STOP_TIMEOUT_S)[0]:
+                    os.kill(controller.pid, signal.SIGKILL)
+                os.close(pidfd)
+            if everything:
+                shutil.rmtree(worker.instance_dir, ignore_errors=True)
+            else:
+                _clean(worker.instance_dir)
+
+    # The script that started a non-detached instance is gone: so is the instance.
+    parent_exit_hooks.append(lambda: finish(everything=True))
     spec = WorkerSpec(role="controller", name="controller", instance_dir=worker.instance_dir,
                       rpc_fd=sock.fileno(), controller_address=None, payload=worker.payload,
                       sys_path=worker.sys_path, watch_parent=False,
@@ -79,6 +104,7 @@ async def run_supervisor(worker: WorkerSpec, sock: socket.socket, stop: asyncio.
     while True:
         started = time.monotonic()
         controller = WorkerProcess(spec)
+        running[:] = [controller]
         reaper = asyncio.ensure_future(_reap_periodically(controller))
         exited: asyncio.Future = loop.run_in_executor(None, controller.popen.wait)
         stopping: asyncio.Future = asyncio.ensure_future(stop.wait())
@@ -99,5 +125,19 @@ async def run_supervisor(worker: WorkerSpec, sock: socket.socket, stop: asyncio.
                        else f"exited with code {code}",
                        f" in {delay:.1f}s" if delay else "")
         await asyncio.sleep(delay)
-    os.close(lifeline_write)  # every process still running ends now
-    shutil.rmtree(worker.instance_dir, ignore_errors=True)
+    await loop.run_in_executor(None, finish, False)
+
+
+def _clean(instance_dir: str) -> None:
+    """Remove the instance's files but a state file kept on purpose (``state.db``)."""
+    for entry in os.listdir(instance_dir):
+        if not entry.startswith(_STATE_FILE):
+            path = os.path.join(instance_dir, entry)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.unlink(path)
+    try:
+        os.rmdir(instance_dir)
+    except OSError:
+        pass  # the state file stays

@@ -148,12 +148,14 @@ class _FrameProtocol(asyncio.Protocol):
 class RpcServer:
     """Serves ``handlers[name](*args)`` to every peer that connects to ``sock``.
 
-    When a peer disconnects, the calls still running for it are cancelled; a handler whose
-    work must finish regardless shields it.
+    When a peer disconnects, the calls still running for it are cancelled (a handler whose
+    work must finish regardless shields it) and ``on_disconnect(peer)`` is called.
     """
 
-    def __init__(self, handlers: Dict[str, Handler]) -> None:
+    def __init__(self, handlers: Dict[str, Handler],
+                 on_disconnect: Optional[Callable[["_FrameProtocol"], None]] = None) -> None:
         self._handlers = handlers
+        self._on_disconnect = on_disconnect
         self._server: Optional[asyncio.AbstractServer] = None
 
     async def start(self, sock: socket.socket) -> None:
@@ -177,6 +179,8 @@ class RpcServer:
             # Nobody is left to read the replies: stop the work done for this peer.
             for task in list(tasks):
                 task.cancel()
+            if self._on_disconnect is not None:
+                self._on_disconnect(protocol)
 
         protocol = _FrameProtocol(on_frame, on_lost)
         return protocol

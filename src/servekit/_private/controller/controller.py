@@ -28,6 +28,7 @@ from servekit._private.controller.state import (
 from servekit._private.long_poll import LongPollHost
 from servekit._private.runtime.base import Connection, Runtime
 from servekit._private.specs import EndpointInfo, ProxySpec, ReplicaSpec
+from servekit._private.transport import current_peer
 from servekit.config import (
     BackendConfig,
     BackendMetadata,
@@ -58,6 +59,7 @@ class Controller:
         self._proxy_address: Optional[str] = None
         self._proxy_process: Optional[dict] = None  # the runtime's identity of its process
         self._durable = DurableState(runtime.store)
+        self._subscribers: Dict[Any, set] = {}  # connection -> long-poll subscriber ids
         self._health_task: Optional[asyncio.Task] = None
         self._proxy_task: Optional[asyncio.Task] = None
         self._shutting_down = False
@@ -136,8 +138,14 @@ class Controller:
             await self.runtime.stop(name, timeout=0)
             return None
 
-    async def shutdown(self) -> None:
-        """Stop every replica and proxy; the controller process exits afterwards. Idempotent."""
+    async def shutdown(self, keep_state: bool = False) -> None:
+        """Stop gracefully; the controller process exits afterwards. Idempotent.
+
+        The proxy stops taking connections and finishes the requests it holds; routers are
+        told the replicas are gone; each replica finishes what it holds (up to its
+        ``experimental_graceful_shutdown_timeout_s``); then every process stops. The saved
+        state is removed unless ``keep_state`` (a later start then brings it back).
+        """
         if self._shutting_down:
             return
         self._shutting_down = True
@@ -147,9 +155,25 @@ class Controller:
         for backend in self.backends.values():
             for record in backend.replicas.values():
                 record.cancel_tasks()
-        await self._durable.save({})
+        if self._proxy is not None:
+            await self.runtime.stop(PROXY_NAME, timeout=constants.SHUTDOWN_TIMEOUT_S)
+        await self.long_poll.publish(constants.KEY_REPLICAS, {})
+        await asyncio.gather(*(
+            self._drain(backend, record) for backend in self.backends.values()
+            for record in backend.in_state(RUNNING)))
         self._durable.close()
-        await self.runtime.shutdown()
+        await self.runtime.shutdown(discard_state=not keep_state)
+
+    async def _drain(self, backend: BackendState, record: ReplicaRecord) -> None:
+        """Let a replica finish the requests it holds, up to its graceful timeout."""
+        timeout = backend.config.experimental_graceful_shutdown_timeout_s
+        if record.connection is None or backend.force_delete:
+            return
+        try:
+            await asyncio.wait_for(record.connection.call("drain"), timeout)
+        except (asyncio.TimeoutError, BackendUnavailableError):
+            logger.warning("Replica %s did not finish its requests within %ss; stopping it.",
+                           record.tag, timeout)
 
     async def _start_proxy(self) -> None:
         await self.runtime.stop(PROXY_NAME, timeout=0)  # what is left of an earlier one
@@ -532,15 +556,7 @@ class Controller:
                     await self.long_poll.wait_until_applied(
                         role, constants.KEY_REPLICAS, version,
                         timeout=config.experimental_graceful_shutdown_wait_loop_s)
-                if record.connection is not None:
-                    try:
-                        await asyncio.wait_for(
-                            record.connection.call("drain"),
-                            config.experimental_graceful_shutdown_timeout_s)
-                    except (asyncio.TimeoutError, BackendUnavailableError):
-                        logger.warning("Replica %s did not drain within %ss; killing it.",
-                                       record.tag,
-                                       config.experimental_graceful_shutdown_timeout_s)
+                await self._drain(backend, record)
             else:
                 await self._publish_replicas()
             await self.runtime.stop(record.tag, timeout=0 if backend.force_delete else
@@ -612,12 +628,16 @@ class Controller:
                             f"Cannot create endpoint. Route '{route}' is already registered "
                             f"to endpoint '{other.name}'.")
             self.endpoints[name] = EndpointInfo(name, route, methods, {backend: 1.0})
-            await self._commit_endpoints(wait_for_proxy=route is not None)
+            version = await self._commit_endpoints()
+        if route is not None:
+            await self._wait_for_proxy(version)
 
     async def delete_endpoint(self, name: str) -> None:
         async with self._lock:
-            if self.endpoints.pop(name, None) is not None:
-                await self._commit_endpoints(wait_for_proxy=True)
+            if self.endpoints.pop(name, None) is None:
+                return
+            version = await self._commit_endpoints()
+        await self._wait_for_proxy(version)
 
     def list_endpoints(self) -> Dict[str, dict]:
         return {name: info.describe() for name, info in self.endpoints.items()}
@@ -638,7 +658,8 @@ class Controller:
                 raise ValueError(f"Traffic dictionary weights must sum to 1, currently they "
                                  f"sum to {total}. Got {traffic}.")
             endpoint.traffic = dict(traffic)
-            await self._commit_endpoints(wait_for_proxy=True)
+            version = await self._commit_endpoints()
+        await self._wait_for_proxy(version)
 
     async def shadow_traffic(self, name: str, backend: str, proportion: float) -> None:
         async with self._lock:
@@ -648,7 +669,8 @@ class Controller:
                 endpoint.shadows.pop(backend, None)
             else:
                 endpoint.shadows[backend] = float(proportion)
-            await self._commit_endpoints(wait_for_proxy=True)
+            version = await self._commit_endpoints()
+        await self._wait_for_proxy(version)
 
     def _endpoint(self, name: str, action: str) -> EndpointInfo:
         endpoint = self.endpoints.get(name)
@@ -664,15 +686,20 @@ class Controller:
                 raise ValueError(f"Attempted to {action} a backend '{tag}' that is not "
                                  f"registered. Registered backends: {sorted(registered)}.")
 
-    async def _commit_endpoints(self, wait_for_proxy: bool) -> None:
+    async def _commit_endpoints(self) -> int:
+        """Save and publish the endpoints (under the lock); the version published."""
         await self._save()
-        version = await self.long_poll.publish(constants.KEY_ENDPOINTS, self._endpoints_view())
-        if wait_for_proxy and self._proxy is not None:
-            applied = await self.long_poll.wait_until_applied(
-                "proxy", constants.KEY_ENDPOINTS, version, timeout=constants.STARTUP_TIMEOUT_S)
-            if not applied:
-                raise TimeoutError(f"The HTTP proxy did not apply the change within "
-                                   f"{constants.STARTUP_TIMEOUT_S}s.")
+        return await self.long_poll.publish(constants.KEY_ENDPOINTS, self._endpoints_view())
+
+    async def _wait_for_proxy(self, version: int) -> None:
+        """Wait (not under the lock) until the proxies that are connected serve ``version``
+        of the endpoints. A proxy that is gone is not waited for; one that starts later
+        reads the whole route table before it serves."""
+        applied = await self.long_poll.wait_until_applied(
+            "proxy", constants.KEY_ENDPOINTS, version, timeout=constants.STARTUP_TIMEOUT_S)
+        if not applied:
+            raise TimeoutError(f"The HTTP proxy did not apply the change within "
+                               f"{constants.STARTUP_TIMEOUT_S}s.")
 
     # ----------------------------------------------------------------- long poll
 
@@ -698,11 +725,19 @@ class Controller:
         await self._publish_replicas()
 
     async def listen(self, subscriber_id: str, role: str, known: Dict[str, int]) -> dict:
+        peer = current_peer.get(None)
+        if peer is not None:
+            self._subscribers.setdefault(peer, set()).add(subscriber_id)
         try:
             return await self.long_poll.listen(subscriber_id, role, known)
         except asyncio.CancelledError:
             self.long_poll.forget(subscriber_id)
             raise
+
+    def disconnected(self, peer: Any) -> None:
+        """A connection closed: its subscribers are gone, never wait for them again."""
+        for subscriber_id in self._subscribers.pop(peer, ()):
+            self.long_poll.forget(subscriber_id)
 
     # ----------------------------------------------------------------- durable state
 

@@ -50,8 +50,8 @@ def controller_handlers(controller: Controller, started: asyncio.Future,
         await asyncio.shield(started)
         return os.getppid()
 
-    async def shutdown() -> None:
-        await controller.shutdown()
+    async def shutdown(keep_state: bool = False) -> None:
+        await controller.shutdown(keep_state)
         stop.set()  # the process exits once this reply is sent
 
     def status() -> dict:
@@ -97,13 +97,14 @@ async def run_controller(worker: WorkerSpec, sock: socket.socket, stop: asyncio.
     # The instance's other processes watch the same lifeline as this one: when it closes,
     # they all exit by themselves, and the supervisor removes the directory.
     started: asyncio.Future = asyncio.get_running_loop().create_future()
-    server = RpcServer(controller_handlers(controller, started, stop))
+    server = RpcServer(controller_handlers(controller, started, stop),
+                       on_disconnect=controller.disconnected)
     await server.start(sock)
     try:
         await controller.start()
     except Exception as exc:
         started.set_exception(exc)
-        await runtime.shutdown()
+        await runtime.shutdown(discard_state=False)  # it may be the user's to repair
         await stop.wait()
         return
     started.set_result(None)

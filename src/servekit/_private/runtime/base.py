@@ -79,5 +79,6 @@ class Runtime(abc.ABC):
         """Resources replicas can reserve: "CPU", "GPU" and custom ones."""
 
     @abc.abstractmethod
-    async def shutdown(self) -> None:
-        """Stop every worker this runtime started and release what it holds."""
+    async def shutdown(self, discard_state: bool = True) -> None:
+        """Stop every worker this runtime started and release what it holds; with
+        ``discard_state``, delete what ``store`` holds too."""

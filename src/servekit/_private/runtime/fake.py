@@ -290,13 +290,11 @@ class FakeRuntime(Runtime):
         worker = self.workers.get(name)
         return "is not running" if worker is None or worker.alive else worker.exit
 
-    async def shutdown(self) -> None:
-        """Stop every worker and let held launches go.
-
-        The store is left open and filled, like the SQLite file a real runtime leaves on
-        disk, so a test can read what the controller left behind.
-        """
+    async def shutdown(self, discard_state: bool = True) -> None:
+        """Stop every worker and let held launches go; empty the store if asked."""
         for name in self.alive():
             await self.stop(name, timeout=0)
         self.release()
+        if discard_state:
+            self.store.write({}, list(self.store.read_all()))
         self.is_shut_down = True

@@ -133,10 +133,16 @@ class LocalRuntime(Runtime):
             return f"was killed by signal {signal.Signals(-code).name}"
         return f"exited with code {code}"
 
-    async def shutdown(self) -> None:
+    async def shutdown(self, discard_state: bool = True) -> None:
         workers, self._workers = list(self._workers.values()), {}
         await asyncio.gather(*(worker.stop(timeout=2.0) for worker in workers))
         if self._http_socket is not None:
             self._http_socket.close()
             self._http_socket = None
         self.store.close()
+        if discard_state:
+            for suffix in ("", "-wal", "-shm"):
+                try:
+                    os.unlink(self.store_path + suffix)
+                except FileNotFoundError:
+                    pass
