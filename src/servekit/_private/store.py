@@ -14,6 +14,11 @@ from typing import Dict, Iterable, Mapping, Optional
 from servekit.exceptions import ServeError
 
 
+def _unreadable(path: str, exc: Exception) -> ServeError:
+    return ServeError(f"The state file {path} cannot be read ({exc}). Move it away to start "
+                      "without the saved state, or restore it from a backup.")
+
+
 class SQLiteStore:
     """A ``kv`` table in one SQLite file, created owner-only; every write is one transaction.
 
@@ -36,9 +41,7 @@ class SQLiteStore:
             db.execute("CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value BLOB)")
             db.execute("SELECT count(*) FROM kv").fetchone()
         except (OSError, sqlite3.DatabaseError) as exc:
-            raise ServeError(f"The state file {self.path} cannot be read ({exc}). Move it "
-                             "away to start without the saved state, or restore it from a "
-                             "backup.") from None
+            raise _unreadable(self.path, exc) from None
         for suffix in ("-wal", "-shm"):  # SQLite creates these with the umask's mode
             if os.path.exists(self.path + suffix):
                 os.chmod(self.path + suffix, 0o600)
@@ -49,9 +52,7 @@ class SQLiteStore:
         try:
             rows = self._open().execute("SELECT key, value FROM kv").fetchall()
         except sqlite3.DatabaseError as exc:
-            raise ServeError(f"The state file {self.path} cannot be read ({exc}). Move it "
-                             "away to start without the saved state, or restore it from a "
-                             "backup.") from None
+            raise _unreadable(self.path, exc) from None
         return {key: bytes(value) for key, value in rows}
 
     def write(self, puts: Mapping[str, bytes], deletes: Iterable[str] = ()) -> None:
