@@ -41,6 +41,8 @@ from servekit.exceptions import BackendUnavailableError, ServeError
 logger = logging.getLogger("servekit.controller")
 
 PROXY_NAME = "proxy"
+# Seconds a worker left by an earlier controller has to answer a ping to be adopted.
+_ADOPT_TIMEOUT_S = 5.0
 
 
 class Controller:
@@ -63,6 +65,12 @@ class Controller:
         self._health_task: Optional[asyncio.Task] = None
         self._proxy_task: Optional[asyncio.Task] = None
         self._shutting_down = False
+        self._background: set = set()  # tasks nobody awaits, kept from the GC
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -93,28 +101,31 @@ class Controller:
         """Take over the state a previous controller saved, and the processes it left
         running: same replica tags, same processes. What no longer runs is started anew."""
         self.backends, self.endpoints = state.backends, state.endpoints
+        records = [(backend, record) for backend in self.backends.values()
+                   for record in backend.replicas.values()]
+        connections = await asyncio.gather(*(
+            self._reattach(record.tag, "replica", record.address, record.process)
+            for _, record in records))
         for backend in self.backends.values():
             if backend.goal is not None:
                 self.goals.restore(backend.goal)
-            for record in list(backend.replicas.values()):
-                connection = await self._reattach(record.tag, "replica", record.address,
-                                                  record.process)
-                if connection is None:
-                    logger.warning("Replica %s did not survive; starting a new one.",
-                                   record.tag)
-                    backend.replicas.pop(record.tag)
-                    continue
-                record.connection = connection
-                if record.state == STARTING:
-                    record.task = asyncio.ensure_future(
-                        self._run_start(backend, record, launched=True))
-                elif record.state == RUNNING:
-                    record.config = backend.config
-                    record.health_task = asyncio.ensure_future(
-                        self._watch_health(backend, record))
-                    asyncio.ensure_future(self._apply_config(record, backend.config))
-                else:  # it was being stopped: finish that
-                    asyncio.ensure_future(self._run_stop(backend, record, graceful=True))
+        for (backend, record), connection in zip(records, connections, strict=True):
+            if connection is None:
+                logger.warning("Replica %s did not survive; starting a new one.",
+                               record.tag)
+                backend.replicas.pop(record.tag)
+                continue
+            record.connection = connection
+            if record.state == STARTING:
+                record.task = asyncio.ensure_future(
+                    self._run_start(backend, record, launched=True))
+            elif record.state == RUNNING:
+                record.config = backend.config
+                record.health_task = asyncio.ensure_future(
+                    self._watch_health(backend, record))
+                self._spawn(self._apply_config(record, backend.config))
+            else:  # it was being stopped: finish that
+                self._spawn(self._run_stop(backend, record, graceful=True))
         if state.proxy is not None:
             self._proxy = await self._reattach(PROXY_NAME, "proxy", state.proxy["address"],
                                                state.proxy["process"])
@@ -132,7 +143,7 @@ class Controller:
             return None
         try:
             connection = await self.runtime.connect(address)
-            await asyncio.wait_for(connection.call("ping"), constants.STARTUP_TIMEOUT_S)
+            await asyncio.wait_for(connection.call("ping"), _ADOPT_TIMEOUT_S)
             return connection
         except (Exception, asyncio.TimeoutError):
             await self.runtime.stop(name, timeout=0)
@@ -543,7 +554,7 @@ class Controller:
             record.health_task.cancel()
         if not was_running and record.task is not None:
             record.task.cancel()
-        asyncio.ensure_future(self._run_stop(backend, record, graceful=was_running))
+        self._spawn(self._run_stop(backend, record, graceful=was_running))
 
     async def _run_stop(self, backend: BackendState, record: ReplicaRecord,
                         graceful: bool) -> None:
@@ -573,7 +584,7 @@ class Controller:
             if not backend.replicas and self.backends.get(backend.tag) is backend:
                 del self.backends[backend.tag]
                 self._save()
-                asyncio.ensure_future(self._publish_backends())
+                self._spawn(self._publish_backends())
                 self.goals.complete(backend.goal)
             return
         running = [r for r in backend.in_state(RUNNING) if not r.unhealthy.is_set()]
