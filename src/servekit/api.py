@@ -336,9 +336,9 @@ class Client:
                 self._instance.stop(constants.SHUTDOWN_TIMEOUT_S)
             elif self._detached:
                 record = home.read_record()
+                if not keep_state:
+                    home.remove_record(self._controller_address)
                 if record is not None and record["address"] == self._controller_address:
-                    if not keep_state:
-                        home.remove_record(self._controller_address)
                     try:
                         os.kill(record["pid"], signal.SIGTERM)
                     except ProcessLookupError:

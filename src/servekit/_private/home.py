@@ -128,7 +128,15 @@ def wait_until_gone(pid: int, started: Optional[int], timeout: float) -> bool:
 
 
 def remove_record(address: str) -> None:
-    """Remove the record if it names ``address``."""
-    record = read_record()
-    if record is not None and record["address"] == address:
-        os.unlink(os.path.join(constants.SERVEKIT_HOME, _RECORD))
+    """Remove the record if it names ``address`` (whether or not its process still runs)."""
+    path = os.path.join(constants.SERVEKIT_HOME, _RECORD)
+    if not os.path.lexists(path):
+        return
+    _check_private(path)
+    try:
+        with open(path) as f:
+            named = json.load(f).get("address")
+    except (OSError, ValueError, AttributeError):
+        return
+    if named == address:
+        os.unlink(path)

@@ -51,8 +51,18 @@ def controller_handlers(controller: Controller, started: asyncio.Future,
         return os.getppid()
 
     async def shutdown(keep_state: bool = False) -> None:
-        await controller.shutdown(keep_state)
-        stop.set()  # the process exits once this reply is sent
+        async def stop_everything() -> None:
+            # Also after a failed start (e.g. a damaged state file): then nothing runs to
+            # stop, and the state is the user's to repair, so it is kept.
+            try:
+                await asyncio.shield(started)
+            except Exception:
+                stop.set()
+                return
+            await controller.shutdown(keep_state)
+            stop.set()  # the process exits once the reply is sent
+
+        await asyncio.shield(stop_everything())  # to the end, even if the caller leaves
 
     def status() -> dict:
         status = controller.status()
@@ -66,7 +76,7 @@ def controller_handlers(controller: Controller, started: asyncio.Future,
 
     return {
         "ready": ready,
-        "shutdown": shielded(shutdown),
+        "shutdown": shutdown,
         "create_backend": shielded(controller.create_backend),
         "update_backend_config": shielded(controller.update_backend_config),
         "delete_backend": shielded(controller.delete_backend),
