@@ -43,9 +43,13 @@ class Sections:
     def shared(self, name: str) -> asyncio.Task:
         event = self._hold(name)
 
-        async def section() -> None:
-            async with self.gate.shared():
+        async def section() -> None:  # as Replica._call runs a user call
+            if not self.gate.enter():
+                await self.gate.enter_when_open()
+            try:
                 await self._body(name, event)
+            finally:
+                self.gate.leave()
 
         return asyncio.ensure_future(section())
 

@@ -54,21 +54,29 @@ def _cancelled_by_servekit() -> bool:
     return task is not None and cancelling is not None and cancelling() > 0
 
 
+def contained(backend_tag: str, exc: BaseException) -> BaseException:
+    """What to raise for ``exc``, raised by user code beyond ``Exception``
+    (``SystemExit``, ``KeyboardInterrupt``, its own ``CancelledError``): a ``ServeError``
+    naming it, so that request fails and the replica keeps serving. A real cancellation of
+    the task (its caller went away) stays itself."""
+    if isinstance(exc, asyncio.CancelledError) and _cancelled_by_servekit():
+        return exc
+    error = ServeError(f"Backend '{backend_tag}' raised {type(exc).__name__}({exc}) while "
+                       "handling this request; servekit failed the request and the replica "
+                       "keeps serving. Raise an Exception subclass instead.")
+    error.__cause__ = exc
+    return error
+
+
 @contextlib.contextmanager
 def user_code(backend_tag: str) -> Iterator[None]:
-    """Turn what user code raises beyond ``Exception`` (``SystemExit``, ``KeyboardInterrupt``,
-    its own ``CancelledError``) into a ``ServeError`` naming it: that request fails, the
-    replica keeps serving."""
+    """Run user code with ``contained`` applied to what it raises."""
     try:
         yield
     except Exception:
         raise
     except BaseException as exc:
-        if isinstance(exc, asyncio.CancelledError) and _cancelled_by_servekit():
-            raise
-        raise ServeError(f"Backend '{backend_tag}' raised {type(exc).__name__}({exc}) while "
-                         "handling this request; servekit failed the request and the replica "
-                         "keeps serving. Raise an Exception subclass instead.") from exc
+        raise contained(backend_tag, exc) from exc
 
 
 class CallGate:
@@ -87,18 +95,24 @@ class CallGate:
         self._exclusive_waiting = 0
         self._exclusive = asyncio.Lock()
 
-    @contextlib.asynccontextmanager
-    async def shared(self) -> AsyncIterator[None]:
-        while not self._open.is_set():
-            await self._open.wait()
+    def enter(self) -> bool:
+        """Start a user call if no exclusive section waits or runs (then ``leave`` after)."""
+        if not self._open.is_set():
+            return False
         self._running += 1
-        self._idle.clear()
-        try:
-            yield
-        finally:
-            self._running -= 1
-            if self._running == 0:
-                self._idle.set()
+        if self._running == 1:
+            self._idle.clear()
+        return True
+
+    async def enter_when_open(self) -> None:
+        """Start a user call once the gate is open (then ``leave`` after)."""
+        while not self.enter():
+            await self._open.wait()
+
+    def leave(self) -> None:
+        self._running -= 1
+        if self._running == 0:
+            self._idle.set()
 
     @contextlib.asynccontextmanager
     async def exclusive(self) -> AsyncIterator[None]:
@@ -243,16 +257,27 @@ class Replica:
         return self.config.max_batch_size or 1, self.config.batch_wait_timeout
 
     async def _call(self, method: Callable, is_async: bool, argument: Any) -> Any:
-        """Run user code once, behind the gate that lets ``reconfigure`` run alone."""
-        async with self._gate.shared():
-            with user_code(self.tag):
-                if is_async:
-                    return await method(argument)
-                result = await asyncio.get_running_loop().run_in_executor(
-                    self._pool, method, argument)
-                if inspect.isawaitable(result):
-                    result = await result
-                return result
+        """Run user code once, behind the gate that lets ``reconfigure`` run alone.
+
+        (The hot path of every request: the gate and ``contained`` are inlined here.)
+        """
+        gate = self._gate
+        if not gate.enter():
+            await gate.enter_when_open()
+        try:
+            if is_async:
+                return await method(argument)
+            result = await asyncio.get_running_loop().run_in_executor(
+                self._pool, method, argument)
+            if inspect.isawaitable(result):
+                result = await result
+            return result
+        except Exception:
+            raise
+        except BaseException as exc:
+            raise contained(self.tag, exc) from exc
+        finally:
+            gate.leave()
 
     def _admit(self) -> None:
         if self._in_flight >= self._cap:
@@ -288,12 +313,14 @@ class Replica:
         self._admit()
         try:
             result = await self._run(target, request_from_wire(wire))
-            with user_code(self.tag):
-                return await to_http_response(result)
-        except Exception as exc:
-            logger.exception("Backend %s raised while handling %s %s", self.tag,
-                             wire.method, wire.path)
-            return error_response(exc)
+            return await to_http_response(result)  # may run user code (streaming bodies)
+        except BaseException as raised:
+            error = raised if isinstance(raised, Exception) else contained(self.tag, raised)
+            if not isinstance(error, Exception):
+                raise error from None  # a real cancellation
+            logger.error("Backend %s raised while handling %s %s", self.tag, wire.method,
+                         wire.path, exc_info=error)
+            return error_response(error)
         finally:
             self._finish()
 
