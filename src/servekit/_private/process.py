@@ -1,9 +1,10 @@
-"""Starting servekit worker processes and tying their lives to their parent's.
+"""Starting servekit worker processes and tying their lives to their instance's.
 
-A worker reads its ``WorkerSpec`` from stdin. The parent keeps the write end of that pipe
-open for the worker's whole life: when the parent exits for any reason, even SIGKILL, the
-worker reads end-of-file and exits too (its own children follow the same way), so no
-process outlives the script that started it.
+A worker reads its ``WorkerSpec`` from stdin, then watches a lifeline: its stdin (the
+supervisor watches the user's script this way), or the instance's lifeline pipe, whose write
+end only the supervisor holds (the controller, proxy and replicas, which so survive a
+controller crash). When the holder exits for any reason, even SIGKILL, the worker reads
+end-of-file and exits too, so no process outlives the instance.
 """
 
 from __future__ import annotations

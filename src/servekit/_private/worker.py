@@ -1,7 +1,7 @@
 """Entry point of every servekit process: ``python -m servekit._private.worker``.
 
-The parent writes a ``WorkerSpec`` to stdin and keeps the pipe open; end-of-file on stdin
-means the parent is gone, and the worker exits at once.
+The parent writes a ``WorkerSpec`` to stdin. The worker then watches its lifeline — stdin
+itself, or the instance's lifeline pipe — and exits at once when it reads end-of-file.
 """
 
 from __future__ import annotations

@@ -16,7 +16,6 @@ from servekit._private.process import (
     AdoptedProcess,
     WorkerProcess,
     WorkerSpec,
-    bind_http_socket,
     bind_unix_socket,
     process_start_time,
 )
@@ -35,7 +34,7 @@ class LocalRuntime(Runtime):
                  custom_resources: Optional[Dict[str, float]] = None,
                  http_socket: Optional[socket.socket] = None,
                  lifeline_fd: Optional[int] = None) -> None:
-        """``http_socket``: the bound HTTP socket proxies serve (None: bind on demand).
+        """``http_socket``: the bound HTTP socket proxies serve (None: no HTTP).
         ``lifeline_fd``: the pipe workers watch (None: each watches this process)."""
         self.instance_dir = instance_dir
         self.store_path = os.path.join(instance_dir, "state.db")
@@ -55,9 +54,9 @@ class LocalRuntime(Runtime):
         return dict(self._capacity)
 
     def bind_http(self, host: str, port: int) -> Tuple[str, int]:
-        """Bind the HTTP port once; every proxy this runtime starts serves that socket."""
+        """The address of the HTTP socket the instance bound (see ``LocalInstance``)."""
         if self._http_socket is None:
-            self._http_socket = bind_http_socket(host, port)
+            raise ServeError("This instance was started without an HTTP socket.")
         return self._http_socket.getsockname()[:2]
 
     async def launch(self, name: str, role: str, payload: Any, *,
