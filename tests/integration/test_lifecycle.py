@@ -432,3 +432,20 @@ def test_home_is_created_owner_only(servekit_home: Any) -> None:
             assert path.stat().st_mode & 0o077 == 0, (path, oct(path.stat().st_mode))
     finally:
         client.shutdown()
+
+
+def test_non_detached_instances_run_side_by_side(start_instance: Callable) -> None:
+    ports = free_port(), free_port()
+    first = start_instance(http_options={"port": ports[0]})
+    second = start_instance(http_options={"port": ports[1]})
+    for client, prefix in ((first, "one"), (second, "two")):
+        client.create_backend("echo", Echo, prefix)
+        client.create_endpoint("echo", backend="echo", route="/echo")
+    assert serve.connect()._controller_address == second._controller_address  # the latest
+    answers = [httpx.get(f"http://127.0.0.1:{port}/echo", params={"x": 1}, timeout=10).text
+               for port in ports]
+    assert answers == ["one:1", "two:1"]
+    first.shutdown()
+    with pytest.raises(httpx.TransportError):
+        healthz(ports[0])
+    assert second.get_handle("echo").remote(2).result(timeout=10) == "two:2"
