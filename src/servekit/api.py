@@ -38,7 +38,6 @@ _UNSET: Any = object()
 # Tries of a controller call whose controller died under it (each restart is one).
 _CALL_ATTEMPTS = 5
 logger = logging.getLogger("servekit")
-_DETACHED_RECORD = "detached-instance.json"
 
 
 def _check_tag(value: Any, what: str) -> None:
