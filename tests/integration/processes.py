@@ -7,6 +7,8 @@ original; a zombie counts as gone (it has exited, only its exit status is left).
 from __future__ import annotations
 
 import glob
+import os
+import signal
 from typing import Dict, Iterable, List, Optional
 
 
@@ -62,6 +64,15 @@ def snapshot(pids: Iterable[int]) -> Dict[int, int]:
 def still_alive(processes: Dict[int, int]) -> List[int]:
     """The pids of a ``snapshot`` that still run as the same process."""
     return [pid for pid, started in processes.items() if start_time(pid) == started]
+
+
+def kill_leftovers(processes: Dict[int, int]) -> None:
+    """SIGKILL the processes of a snapshot that still run (only ever ones a test started)."""
+    for pid in still_alive(processes):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def cmdline(pid: int) -> str:

@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, Iterator, List
 import httpx
 import pytest
 from backends_for_tests import Echo
-from processes import descendants, is_worker, snapshot, still_alive
+from processes import descendants, is_worker, kill_leftovers, snapshot, still_alive
 from pydantic import ValidationError
 from starlette.middleware import Middleware
 from starlette.middleware.gzip import GZipMiddleware
@@ -59,14 +59,6 @@ def healthz(port: int) -> httpx.Response:
 def my_children() -> List[int]:
     return descendants(os.getpid())
 
-
-def kill_leftovers(processes: Dict[int, int]) -> None:
-    """SIGKILL the processes of a snapshot that still run (only ever ones a test started)."""
-    for pid in still_alive(processes):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 # ---------------------------------------------------------------- start options

@@ -32,7 +32,15 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import httpx
 import pytest
-from processes import cmdline, descendants, is_worker, snapshot, start_time, still_alive
+from processes import (
+    cmdline,
+    descendants,
+    is_worker,
+    kill_leftovers,
+    snapshot,
+    start_time,
+    still_alive,
+)
 from recovery_backends import GatedStart, Whoami
 
 import servekit as serve
@@ -107,14 +115,6 @@ def parent(pid: int) -> Optional[int]:
     except (OSError, IndexError, ValueError):
         return None
 
-
-def kill_leftovers(processes: Dict[int, int]) -> None:
-    """SIGKILL the processes of a snapshot that still run (only ever ones a test started)."""
-    for pid in still_alive(processes):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def within(seconds: float, function: Callable, *args: Any) -> Any:

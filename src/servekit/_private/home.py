@@ -73,19 +73,35 @@ def write_record(address: str, pid: int, http: dict) -> None:
     os.replace(temporary, path)
 
 
-def saved_http_options() -> Optional[dict]:
-    """The HTTP options of the last detached instance, if its state file is still there
-    (its processes may be gone); None otherwise."""
+def _stored_record() -> Optional[dict]:
+    """The record file's contents, whether or not its process still runs; None if there
+    is no readable record.
+
+    Raises:
+        ServeError: the home or the record can be written by another user.
+    """
     path = os.path.join(constants.SERVEKIT_HOME, _RECORD)
-    state = os.path.join(constants.SERVEKIT_HOME, _INSTANCE, "state.db")
-    if not os.path.exists(state) or not os.path.lexists(path):
+    if not os.path.lexists(path):
         return None
+    _check_private(constants.SERVEKIT_HOME)
     _check_private(path)
     try:
         with open(path) as f:
-            http = json.load(f).get("http")
+            record = json.load(f)
     except (OSError, ValueError):
         return None
+    if not isinstance(record, dict) or not isinstance(record.get("pid"), int) or \
+            not isinstance(record.get("address"), str):
+        return None
+    return record
+
+
+def saved_http_options() -> Optional[dict]:
+    """The HTTP options of the last detached instance, if its state file is still there
+    (its processes may be gone); None otherwise."""
+    if not os.path.exists(os.path.join(constants.SERVEKIT_HOME, _INSTANCE, "state.db")):
+        return None
+    http = (_stored_record() or {}).get("http")
     return http if isinstance(http, dict) else None
 
 
@@ -95,21 +111,9 @@ def read_record() -> Optional[dict]:
     Raises:
         ServeError: the home or the record can be written by another user.
     """
-    path = os.path.join(constants.SERVEKIT_HOME, _RECORD)
-    if not os.path.exists(constants.SERVEKIT_HOME) or not os.path.lexists(path):
-        return None
-    _check_private(constants.SERVEKIT_HOME)
-    _check_private(path)
-    try:
-        with open(path) as f:
-            record = json.load(f)
-        pid, address = record["pid"], record["address"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if not isinstance(pid, int) or not isinstance(address, str):
-        return None
-    if process_start_time(pid) != record.get("started"):
-        return None  # gone, or its pid now names another process
+    record = _stored_record()
+    if record is None or process_start_time(record["pid"]) != record.get("started"):
+        return None  # none, gone, or its pid now names another process
     return record
 
 
@@ -129,14 +133,6 @@ def wait_until_gone(pid: int, started: Optional[int], timeout: float) -> bool:
 
 def remove_record(address: str) -> None:
     """Remove the record if it names ``address`` (whether or not its process still runs)."""
-    path = os.path.join(constants.SERVEKIT_HOME, _RECORD)
-    if not os.path.lexists(path):
-        return
-    _check_private(path)
-    try:
-        with open(path) as f:
-            named = json.load(f).get("address")
-    except (OSError, ValueError, AttributeError):
-        return
-    if named == address:
-        os.unlink(path)
+    record = _stored_record()
+    if record is not None and record["address"] == address:
+        os.unlink(os.path.join(constants.SERVEKIT_HOME, _RECORD))
