@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import inspect
 import logging
-import os
-import signal
 import warnings
 from typing import Any, Callable, Dict, List, Optional, TypeVar, Union
 
 import cloudpickle
 
-from servekit._private import constants, home
+from servekit._private import constants
 from servekit._private.context import ReplicaContext, current_replica_context
 from servekit._private.event_loop import run_sync
-from servekit._private.instance import LocalInstance
+from servekit._private.instance import Instance
+from servekit._private.runtime import choice
 from servekit._private.transport import ConnectFailed, RpcClient, is_remote_error
 from servekit.config import (
     BackendConfig,
@@ -61,11 +61,10 @@ def _guarded(method: F) -> F:
 class Client:
     """A connection to one servekit instance; returned by ``start`` and ``connect``."""
 
-    def __init__(self, controller_address: str, instance: Optional[LocalInstance] = None,
-                 detached: bool = True) -> None:
+    def __init__(self, controller_address: str, instance: Optional[Instance] = None) -> None:
+        """``instance``: what the runtime needs to end it; None inside a backend."""
         self._controller_address = controller_address
         self._instance = instance
-        self._detached = detached
         self._shut_down = False
         self._controller: Optional[RpcClient] = None
 
@@ -89,6 +88,11 @@ class Client:
                         self._controller_address, "servekit controller")
                 return await self._controller.call(name, *args)
             except ConnectFailed:
+                instance = self._instance
+                if attempt < _CALL_ATTEMPTS - 1 and instance is not None and \
+                        await asyncio.get_running_loop().run_in_executor(
+                            None, instance.controller_returns):
+                    continue
                 raise ServeError(f"The servekit instance at {self._controller_address} is "
                                  "not running (it was shut down, or its processes died).") \
                     from None
@@ -330,39 +334,31 @@ class Client:
         except (ServeError, ConnectionError):
             pass  # already gone
         finally:
+            _running.pop(self._controller_address, None)
             if self._instance is not None:
-                _running.pop(self._controller_address, None)
-                self._instance.stop(constants.SHUTDOWN_TIMEOUT_S)
-            elif self._detached:
-                record = home.read_record()
-                if not keep_state:
-                    home.remove_record(self._controller_address)
-                if record is not None and record["address"] == self._controller_address:
-                    try:
-                        os.kill(record["pid"], signal.SIGTERM)
-                    except ProcessLookupError:
-                        pass
-                    # Return once it is gone, so that a new start finds none running.
-                    home.wait_until_gone(record["pid"], record["started"],
-                                         constants.SHUTDOWN_TIMEOUT_S)
+                self._instance.stop(keep_state)
 
 
 # The non-detached instances this process started and has not shut down, oldest first. They
 # live until shutdown() or the end of the script, whether or not a Client still refers to them.
-_running: Dict[str, LocalInstance] = {}
+_running: Dict[str, Instance] = {}
 
 
 @atexit.register
 def _shutdown_at_exit() -> None:
     for address, instance in list(_running.items()):
-        Client(address, instance=instance, detached=False).shutdown()
+        Client(address, instance=instance).shutdown()
 
 
 def start(detached: bool = False, http_host: Any = _UNSET, http_port: Any = _UNSET,
           http_middlewares: Any = _UNSET,
           http_options: Union[HTTPOptions, Dict[str, Any], None] = None,
-          resources: Optional[Dict[str, float]] = None) -> Client:
-    """Start a servekit instance on this machine and return a ``Client`` for it.
+          resources: Optional[Dict[str, float]] = None,
+          address: Optional[str] = None) -> Client:
+    """Start a servekit instance and return a ``Client`` for it.
+
+    It runs embedded on this machine, or on Ray when the script has initialized Ray
+    (``ray.init(...)``) or gives ``address``.
 
     Args:
         detached: keep the instance running after this script exits; reach it later with
@@ -372,7 +368,10 @@ def start(detached: bool = False, http_host: Any = _UNSET, http_port: Any = _UNS
         http_host, http_port, http_middlewares: deprecated; use ``http_options``.
         resources: custom resources this machine offers, e.g. ``{"accelerator": 2}``;
             backends reserve them with ``ray_actor_options={"resources": {...}}``. CPUs
-            and GPUs are detected.
+            and GPUs are detected. (On Ray, the nodes declare their resources.)
+        address: the Ray cluster to run on, passed to ``ray.init``: "auto",
+            "ray://host:port" or "host:port". Default: Ray if it is initialized, else
+            embedded.
 
     Raises:
         ValueError: deprecated arguments combined with ``http_options``.
@@ -394,13 +393,15 @@ def start(detached: bool = False, http_host: Any = _UNSET, http_port: Any = _UNS
         http_options = {key.replace("http_", ""): value for key, value in deprecated.items()}
     options = parse_http_options(http_options)
     custom = validate_actor_options({"resources": resources})["resources"] if resources else {}
-    if detached and home.read_record() is not None:
+    if address is not None and not isinstance(address, str):
+        raise TypeError(f"address must be a str such as 'auto' or 'ray://host:10001', got "
+                        f"{address!r}.")
+    if detached and choice.detached_running(address):
         raise ServeError("Called serve.start(detached=True) but a detached instance is "
                          "already running. Use serve.connect() to reach it, or shut it down "
                          "first.")
-    instance = LocalInstance(options, detached, custom)
-    client = Client(instance.controller_address, instance=None if detached else instance,
-                    detached=detached)
+    instance = choice.start_instance(options, detached, custom, address)
+    client = Client(instance.controller_address, instance=instance)
     try:
         pid = run_sync(client._call_async("ready"), timeout=constants.STARTUP_TIMEOUT_S)
     except BaseException:
@@ -411,37 +412,40 @@ def start(detached: bool = False, http_host: Any = _UNSET, http_port: Any = _UNS
                          timeout=constants.PROCESS_STOP_TIMEOUT_S)
             except Exception:
                 pass
-        instance.stop(timeout=constants.PROCESS_STOP_TIMEOUT_S)
+        instance.stop(keep_state=True)
         raise
-    if detached:
-        port = instance.http_address[1] if instance.http_address else options.port
-        home.write_record(instance.controller_address, pid, {
-            "host": options.host, "port": port,
-            "location": None if options.location is None else options.location.value})
-    else:
+    instance.started(pid)
+    if not detached:
         _running[instance.controller_address] = instance
+        # Run before the exit hooks registered since (Ray's among them), while the runtime
+        # can still stop what it started.
+        atexit.unregister(_shutdown_at_exit)
+        atexit.register(_shutdown_at_exit)
     return client
 
 
-def connect() -> Client:
+def connect(address: Optional[str] = None) -> Client:
     """A client of the instance this code runs in: inside a backend, its instance; else the
-    latest instance this script started and did not shut down; else the detached one.
+    latest instance this script started and did not shut down; else the detached one (of
+    the Ray cluster, when Ray is initialized or ``address`` is given).
 
     Raises:
         ServeError: none of those is running, or ``$SERVEKIT_HOME`` is not private.
     """
     context = current_replica_context()
     if context is not None:
-        return Client(context.controller_address)
-    if _running:
-        address, instance = list(_running.items())[-1]
-        return Client(address, instance=instance, detached=False)
-    record = home.read_record()
-    if record is None:
-        raise ServeError("Called `serve.connect()` but there is no instance running on this "
-                         "machine. Call `serve.start(detached=True)` (or `servekit start`) "
-                         "to start one.")
-    return Client(record["address"])
+        return Client(context.controller_address,
+                      instance=choice.instance_at(context.controller_address))
+    if _running and address is None:
+        controller_address, instance = list(_running.items())[-1]
+        return Client(controller_address, instance=instance)
+    found = choice.find_detached(address)
+    if found is None:
+        where = "on this Ray cluster" if choice.uses_ray(address) else "on this machine"
+        raise ServeError(f"Called `serve.connect()` but there is no instance running {where}. "
+                         "Call `serve.start(detached=True)` (or `servekit start`) to start "
+                         "one.")
+    return Client(found.controller_address, instance=found)
 
 
 def _replica_context(getter: str) -> ReplicaContext:

@@ -40,7 +40,8 @@ def backend(user_config: Any = None) -> BackendState:
 
 def test_state_loads_back_as_it_was() -> None:
     endpoints = {"e": EndpointInfo("e", "/e", ["GET"], {"m": 1.0}, {"m": 0.5})}
-    records = snapshot({"m": backend({"v": 1})}, endpoints, {"address": "/p", "process": {}})
+    proxies = {"proxy-a": {"address": "/p", "process": {}, "node": "a"}}
+    records = snapshot({"m": backend({"v": 1})}, endpoints, proxies)
     state = load(records, "test")
     loaded = state.backends["m"]
     assert loaded.config == BackendConfig(num_replicas=2, user_config={"v": 1})
@@ -53,11 +54,17 @@ def test_state_loads_back_as_it_was() -> None:
     assert loaded.replicas["m#1"].process == {"pid": 7}
     assert loaded.replicas["m#1"].address == "/tmp/r.sock"
     assert state.endpoints == endpoints
-    assert state.proxy == {"address": "/p", "process": {}}
+    assert state.proxies == proxies
+
+
+def test_the_single_proxy_record_of_an_older_state_file_loads() -> None:
+    records = snapshot({}, {}, {})
+    records["proxy"] = json.dumps({"address": "/p", "process": {"pid": 3}}).encode()
+    assert load(records, "test").proxies == {"proxy": {"address": "/p", "process": {"pid": 3}}}
 
 
 def test_records_are_json_but_the_definition() -> None:
-    records = snapshot({"m": backend({"v": 1})}, {}, None)
+    records = snapshot({"m": backend({"v": 1})}, {}, {})
     for key, value in records.items():
         if key.startswith("definition/"):
             continue
@@ -66,13 +73,13 @@ def test_records_are_json_but_the_definition() -> None:
 
 @pytest.mark.parametrize("user_config", [(1, 2), {1: "a"}, {"when": b"bytes"}])
 def test_user_config_json_cannot_carry_is_kept_exactly(user_config: Any) -> None:
-    state = load(snapshot({"m": backend(user_config)}, {}, None), "test")
+    state = load(snapshot({"m": backend(user_config)}, {}, {}), "test")
     assert state.backends["m"].config.user_config == user_config
     assert type(state.backends["m"].config.user_config) is type(user_config)
 
 
 def test_damaged_records_are_a_serve_error_naming_the_place() -> None:
-    records = snapshot({"m": backend()}, {}, None)
+    records = snapshot({"m": backend()}, {}, {})
     records["backend/m"] = b"{not json"
     with pytest.raises(ServeError, match="saved state in /x/state.db is damaged"):
         load(records, "/x/state.db")
@@ -94,7 +101,7 @@ def test_each_save_writes_only_what_changed_in_one_transaction() -> None:
     async def main() -> None:
         store = RecordingStore()
         durable = DurableState(store)
-        first = snapshot({"m": backend()}, {}, None)
+        first = snapshot({"m": backend()}, {}, {})
         await durable.save(first)
         second = dict(first)
         second["endpoint/e"] = b"{}"

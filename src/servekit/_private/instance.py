@@ -1,9 +1,17 @@
-"""Starting an embedded instance from the user's script, and ending it."""
+"""An instance as the user's script sees it, and the embedded (local) kind of it.
+
+``Instance`` is what ``Client`` needs of the runtime it talks to: the controller's address,
+what to do once the instance has started, how to make sure it is gone after a shutdown,
+and whether a lost controller may come back. ``LocalInstance`` starts an embedded instance;
+``DetachedLocalInstance`` is the detached one this user runs, found by its record.
+"""
 
 from __future__ import annotations
 
+import abc
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -11,7 +19,7 @@ from typing import Dict, List, Optional, Tuple
 
 import cloudpickle
 
-from servekit._private import home
+from servekit._private import constants, home
 from servekit._private.process import (
     WorkerProcess,
     WorkerSpec,
@@ -23,13 +31,34 @@ from servekit._private.specs import ControllerSpec
 from servekit.config import HTTPOptions
 
 
-class LocalInstance:
+class Instance(abc.ABC):
+    """A running instance of some runtime, as a ``Client`` of it needs it."""
+
+    controller_address: str
+    detached: bool
+
+    def started(self, pid: int) -> None:
+        """The instance answered ``ready`` with ``pid`` (its first process)."""
+
+    @abc.abstractmethod
+    def stop(self, keep_state: bool) -> None:
+        """After the controller was asked to shut down (or could not start): make sure the
+        instance's processes are gone, and its state too unless ``keep_state``."""
+
+    def controller_returns(self) -> bool:
+        """The controller's socket refused a connection: whether a controller will serve
+        it again (waiting for it, if it is restarting)."""
+        return False
+
+
+class LocalInstance(Instance):
     """An embedded instance as its script sees it: its private directory, the sockets it
     bound, and its supervisor process (which runs the controller, see ``supervisor``)."""
 
     def __init__(self, http_options: HTTPOptions, detached: bool,
                  custom_resources: Dict[str, float]) -> None:
         self.detached = detached
+        self.http_options = http_options
         self.http_address: Optional[Tuple[str, int]] = None
         # A detached instance keeps its place (and state file) in $SERVEKIT_HOME; the caller
         # checked that none runs, so a socket file there is a dead instance's.
@@ -69,20 +98,48 @@ class LocalInstance:
             for held in sockets:
                 held.close()
 
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
+    def started(self, pid: int) -> None:
+        if self.detached:
+            port = self.http_address[1] if self.http_address else self.http_options.port
+            location = self.http_options.location
+            home.write_record(self.controller_address, pid, {
+                "host": self.http_options.host, "port": port,
+                "location": None if location is None else location.value})
 
-    def stop(self, timeout: float) -> None:
-        """Close the lifeline, wait up to ``timeout`` s for the exit, kill, remove the dir
-        (a detached instance's directory, which may hold its state, is its own to clean)."""
+    def stop(self, keep_state: bool) -> None:
+        """Close the lifeline, wait for the exit (killing it if it is late), remove the dir;
+        a detached instance is stopped by its record, and its directory is its own."""
+        if self.detached and home.read_record() is not None:
+            DetachedLocalInstance(self.controller_address).stop(keep_state)
         process, self.process = self.process, None
         if process is not None:
             process.popen.stdin.close()  # type: ignore[union-attr]
             try:
-                process.popen.wait(timeout)
+                process.popen.wait(constants.SHUTDOWN_TIMEOUT_S)
             except subprocess.TimeoutExpired:
                 process.kill()
         if not self.detached:
             shutil.rmtree(self.instance_dir, ignore_errors=True)
+
+
+class DetachedLocalInstance(Instance):
+    """The detached embedded instance of this user, found by its record in $SERVEKIT_HOME."""
+
+    detached = True
+
+    def __init__(self, controller_address: str) -> None:
+        self.controller_address = controller_address
+
+    def stop(self, keep_state: bool) -> None:
+        """SIGTERM the supervisor the record names; return once it is gone, so that a new
+        start finds none running."""
+        record = home.read_record()
+        if not keep_state:
+            home.remove_record(self.controller_address)
+        if record is None or record["address"] != self.controller_address:
+            return
+        try:
+            os.kill(record["pid"], signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        home.wait_until_gone(record["pid"], record["started"], constants.SHUTDOWN_TIMEOUT_S)

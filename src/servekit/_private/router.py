@@ -381,17 +381,30 @@ class Router:
             except ConnectFailed:
                 return  # nothing serves the controller's socket: the instance is gone
             except BackendUnavailableError:
-                # The controller died; a new one will serve the same socket. Meanwhile
+                # The controller died; a new one will serve the same address. Meanwhile
                 # requests go on with the routes and replicas this router knows.
                 logger.warning("Lost the servekit controller; waiting for it to come back.")
-                try:
-                    self._controller = await RpcClient.connect(self._controller_address,
-                                                               "servekit controller")
-                except ConnectFailed:
-                    return
+                controller = await self._reconnect()
+                if controller is None:
+                    return  # nothing served the address for the whole startup timeout
+                self._controller = controller
             except Exception:
                 logger.exception("Long poll failed; retrying")
                 await asyncio.sleep(0.5)
+
+    async def _reconnect(self) -> Optional[RpcClient]:
+        """Connect to the controller again, retrying while it restarts (locally its socket
+        stays bound meanwhile; on Ray nothing listens until the new actor does)."""
+        deadline = time.monotonic() + constants.STARTUP_TIMEOUT_S
+        delay = 0.05
+        while True:
+            try:
+                return await RpcClient.connect(self._controller_address, "servekit controller")
+            except ConnectFailed:
+                if time.monotonic() + delay > deadline:
+                    return None
+                await asyncio.sleep(delay)
+                delay = min(1.0, delay * 2)
 
     def _apply(self, key: str, value: Any) -> None:
         if key == constants.KEY_ENDPOINTS:

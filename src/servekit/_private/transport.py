@@ -2,8 +2,11 @@
 
 One connection carries many requests at once. Every frame is a fixed header
 ``(payload length, message id, kind)`` followed by a pickle (protocol 5) payload, so a reply
-can be matched to its request even when its payload cannot be unpickled. Peers are trusted:
-the sockets live in a directory only the instance's owner can enter.
+can be matched to its request even when its payload cannot be unpickled.
+
+An address is a Unix socket path (the embedded runtime: the socket lives in a directory only
+the instance's owner can enter) or ``tcp://host:port`` (the Ray runtime: both sides prove
+they hold the instance's secret, see ``auth``, before either reads a frame).
 """
 
 from __future__ import annotations
@@ -15,8 +18,14 @@ import pickle
 import socket
 import struct
 import traceback
-from typing import Any, Awaitable, Callable, Dict, Optional
+from typing import Any, Awaitable, Callable, Dict, Optional, Tuple
 
+from servekit._private.auth import (
+    HANDSHAKE_TIMEOUT_S,
+    AuthenticationFailed,
+    Handshake,
+    get_secret,
+)
 from servekit.exceptions import BackendUnavailableError, RemoteTraceback, ServeError
 
 logger = logging.getLogger("servekit")
@@ -50,6 +59,18 @@ class ConnectFailed(BackendUnavailableError):
 
     The peer provably never saw the request, so it may be sent elsewhere.
     """
+
+
+def tcp_address(host: str, port: int) -> str:
+    return f"tcp://{host}:{port}"
+
+
+def parse_tcp_address(address: str) -> Optional[Tuple[str, int]]:
+    """``(host, port)`` of a ``tcp://`` address; None for a Unix socket path."""
+    if not address.startswith("tcp://"):
+        return None
+    host, _, port = address[len("tcp://"):].rpartition(":")
+    return host.strip("[]"), int(port)
 
 
 def notify(peer: "_FrameProtocol") -> None:
@@ -107,21 +128,67 @@ def is_remote_error(exc: BaseException) -> bool:
 
 
 class _FrameProtocol(asyncio.Protocol):
-    """Splits the byte stream into frames and hands each one to ``on_frame``."""
+    """Splits the byte stream into frames and hands each one to ``on_frame``.
+
+    With a ``handshake``, nothing is read as a frame until the handshake is done; a peer that
+    fails it, or takes longer than ``HANDSHAKE_TIMEOUT_S``, is dropped and logged.
+    """
 
     def __init__(self, on_frame: Callable[[int, int, bytes], None],
-                 on_lost: Callable[[Optional[Exception]], None]) -> None:
+                 on_lost: Callable[[Optional[Exception]], None],
+                 handshake: Optional[Handshake] = None) -> None:
         self._on_frame = on_frame
         self._on_lost = on_lost
         self._buffer = bytearray()
         self.transport: Optional[asyncio.Transport] = None
+        self.handshake = handshake
+        self.authenticated: Optional[asyncio.Future] = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        if self.handshake is not None:
+            loop = asyncio.get_running_loop()
+            if not self.handshake.server:  # the client awaits it before it sends anything
+                self.authenticated = loop.create_future()
+            loop.call_later(HANDSHAKE_TIMEOUT_S, self._fail_handshake,
+                            AuthenticationFailed("the peer did not authenticate in time"))
+            opening = self.handshake.opening()
+            if opening:
+                self.transport.write(opening)
+
+    def _fail_handshake(self, exc: AuthenticationFailed) -> None:
+        if self.handshake is None or self.handshake.done or self.transport is None:
+            return
+        if self.handshake.server:
+            logger.warning("Dropped a connection from %s: %s.",
+                           self.transport.get_extra_info("peername"), exc)
+        if self.authenticated is not None and not self.authenticated.done():
+            self.authenticated.set_exception(exc)
+        self.transport.abort()
+
+    def _shake(self) -> bool:
+        """Feed the handshake; True once it is done (and the buffer holds only frames)."""
+        assert self.handshake is not None and self.transport is not None
+        try:
+            used, reply = self.handshake.receive(bytes(self._buffer))
+        except AuthenticationFailed as exc:
+            self._buffer.clear()
+            self._fail_handshake(exc)
+            return False
+        del self._buffer[:used]
+        if reply:
+            self.transport.write(reply)
+        if not self.handshake.done:
+            return False
+        if self.authenticated is not None and not self.authenticated.done():
+            self.authenticated.set_result(None)
+        return True
 
     def data_received(self, data: bytes) -> None:
         buffer = self._buffer
         buffer += data
+        if self.handshake is not None and not self.handshake.done and not self._shake():
+            return
         offset, size = 0, len(buffer)
         header_size = _HEADER.size
         while size - offset >= header_size:
@@ -135,6 +202,9 @@ class _FrameProtocol(asyncio.Protocol):
             del buffer[:offset]
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
+        if self.authenticated is not None and not self.authenticated.done():
+            self.authenticated.set_exception(AuthenticationFailed(
+                "the peer closed the connection; it may hold another instance's secret"))
         self._on_lost(exc)
 
     def send(self, msg_id: int, kind: int, payload: bytes) -> bool:
@@ -159,14 +229,20 @@ class RpcServer:
         self._server: Optional[asyncio.AbstractServer] = None
 
     async def start(self, sock: socket.socket) -> None:
+        """Serve the listening ``sock``: a Unix socket, or a TCP one (peers authenticate)."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_unix_server(self._new_connection, sock=sock)
+        if sock.family == socket.AF_UNIX:
+            self._server = await loop.create_unix_server(self._new_connection, sock=sock)
+        else:
+            secret = get_secret()  # fails here, not per connection, if this process has none
+            self._server = await loop.create_server(
+                lambda: self._new_connection(Handshake(server=True, secret=secret)), sock=sock)
 
     def close(self) -> None:
         if self._server is not None:
             self._server.close()
 
-    def _new_connection(self) -> _FrameProtocol:
+    def _new_connection(self, handshake: Optional[Handshake] = None) -> _FrameProtocol:
         protocol: _FrameProtocol
         tasks: set = set()
 
@@ -182,7 +258,7 @@ class RpcServer:
             if self._on_disconnect is not None:
                 self._on_disconnect(protocol)
 
-        protocol = _FrameProtocol(on_frame, on_lost)
+        protocol = _FrameProtocol(on_frame, on_lost, handshake)
         return protocol
 
     async def _dispatch(self, protocol: _FrameProtocol, msg_id: int, payload: bytes) -> None:
@@ -230,9 +306,19 @@ class RpcClient:
         client = cls(address, name)
         loop = asyncio.get_running_loop()
         client.closed = loop.create_future()
+        tcp = parse_tcp_address(address)
         try:
-            _, protocol = await loop.create_unix_connection(
-                lambda: _FrameProtocol(client._on_frame, client._on_lost), address)
+            if tcp is None:
+                _, protocol = await loop.create_unix_connection(
+                    lambda: _FrameProtocol(client._on_frame, client._on_lost), address)
+            else:
+                handshake = Handshake(server=False)
+                _, protocol = await loop.create_connection(
+                    lambda: _FrameProtocol(client._on_frame, client._on_lost, handshake), *tcp)
+                await asyncio.shield(protocol.authenticated)
+        except AuthenticationFailed as exc:
+            raise ConnectFailed(f"Could not connect to {client.name}: authentication "
+                                f"failed ({exc}).") from None
         except OSError as exc:
             raise ConnectFailed(f"Could not connect to {client.name}: {exc}") from exc
         client._protocol = protocol

@@ -14,6 +14,7 @@ import socket
 import sys
 import threading
 import traceback
+from typing import Any, Callable
 
 from servekit._private.event_loop import new_event_loop
 from servekit._private.process import WorkerSpec, parent_exit_hooks, read_spec
@@ -31,6 +32,21 @@ def _watch_lifeline(fd: int) -> None:
         except Exception:
             pass
     os._exit(0)
+
+
+def role_main(role: str) -> Callable[[WorkerSpec, socket.socket, asyncio.Event], Any]:
+    """The coroutine function that runs a worker of ``role`` until its stop event is set."""
+    if role == "supervisor":
+        from servekit._private.supervisor import run_supervisor as run
+    elif role == "controller":
+        from servekit._private.runtime.local import run_local_controller as run
+    elif role == "proxy":
+        from servekit._private.proxy import run_proxy as run
+    elif role == "replica":
+        from servekit._private.replica import run_replica as run
+    else:
+        raise SystemExit(f"servekit worker: unknown role {role!r}")
+    return run
 
 
 def main() -> None:
@@ -55,16 +71,7 @@ def main() -> None:
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, lambda: None)  # the parent decides when we stop
-    if spec.role == "supervisor":
-        from servekit._private.supervisor import run_supervisor as run
-    elif spec.role == "controller":
-        from servekit._private.controller.main import run_controller as run
-    elif spec.role == "proxy":
-        from servekit._private.proxy import run_proxy as run
-    elif spec.role == "replica":
-        from servekit._private.replica import run_replica as run
-    else:
-        raise SystemExit(f"servekit worker: unknown role {spec.role!r}")
+    run = role_main(spec.role)
     code = 0
     try:
         loop.run_until_complete(run(spec, sock, stop))

@@ -9,6 +9,7 @@ goal fails (a constructor raised), in which case nothing the call created is lef
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import secrets
@@ -40,7 +41,6 @@ from servekit.exceptions import BackendUnavailableError, ServeError
 
 logger = logging.getLogger("servekit.controller")
 
-PROXY_NAME = "proxy"
 # Seconds a worker left by an earlier controller has to answer a ping to be adopted.
 _ADOPT_TIMEOUT_S = 5.0
 
@@ -57,9 +57,7 @@ class Controller:
         self.backends: Dict[str, BackendState] = {}
         self.endpoints: Dict[str, EndpointInfo] = {}
         self._lock = asyncio.Lock()
-        self._proxy: Optional[Any] = None
-        self._proxy_address: Optional[str] = None
-        self._proxy_process: Optional[dict] = None  # the runtime's identity of its process
+        self._proxies: Dict[str, ProxyRecord] = {}  # by worker name
         self._durable = DurableState(runtime.store)
         self._subscribers: Dict[Any, set] = {}  # connection -> long-poll subscriber ids
         self._health_task: Optional[asyncio.Task] = None
@@ -86,12 +84,11 @@ class Controller:
         if state is not None:
             await self._adopt(state)
         await self._publish_all()
-        if self.http_options.location != "NoServer" and self.http_options.host is not None:
+        if self._serves_http:
             self.http_address = self.runtime.bind_http(
-                self.http_options.host, self.http_options.port)
-            if self._proxy is None:
-                await self._start_proxy()
-            self._proxy_task = asyncio.ensure_future(self._supervise_proxy())
+                self.http_options.host, self.http_options.port)  # type: ignore[arg-type]
+            await self._reconcile_proxies()
+            self._proxy_task = asyncio.ensure_future(self._supervise_proxies())
         for backend in list(self.backends.values()):
             self._reconcile(backend)
         await self._save()
@@ -126,12 +123,14 @@ class Controller:
                 self._spawn(self._apply_config(record, backend.config))
             else:  # it was being stopped: finish that
                 self._spawn(self._run_stop(backend, record, graceful=True))
-        if state.proxy is not None:
-            self._proxy = await self._reattach(PROXY_NAME, "proxy", state.proxy["address"],
-                                               state.proxy["process"])
-            if self._proxy is not None:
-                self._proxy_address = state.proxy["address"]
-                self._proxy_process = state.proxy["process"]
+        proxies = list(state.proxies.items())
+        proxy_connections = await asyncio.gather(*(
+            self._reattach(name, "proxy", doc["address"], doc["process"])
+            for name, doc in proxies))
+        for (name, doc), connection in zip(proxies, proxy_connections, strict=True):
+            if connection is not None:
+                self._proxies[name] = ProxyRecord(name, doc.get("node"), doc["address"],
+                                                  doc["process"], connection)
         logger.warning("Recovered the saved state: %d backends, %d endpoints.",
                        len(self.backends), len(self.endpoints))
 
@@ -166,8 +165,8 @@ class Controller:
         for backend in self.backends.values():
             for record in backend.replicas.values():
                 record.cancel_tasks()
-        if self._proxy is not None:
-            await self.runtime.stop(PROXY_NAME, timeout=constants.SHUTDOWN_TIMEOUT_S)
+        await asyncio.gather(*(self.runtime.stop(name, timeout=constants.SHUTDOWN_TIMEOUT_S)
+                               for name in self._proxies))
         await self.long_poll.publish(constants.KEY_REPLICAS, {})
         await asyncio.gather(*(
             self._drain(backend, record) for backend in self.backends.values()
@@ -186,44 +185,63 @@ class Controller:
             logger.warning("Replica %s did not finish its requests within %ss; stopping it.",
                            record.tag, timeout)
 
-    async def _start_proxy(self) -> None:
-        await self.runtime.stop(PROXY_NAME, timeout=0)  # what is left of an earlier one
+    @property
+    def _serves_http(self) -> bool:
+        return self.http_options.location != "NoServer" and self.http_options.host is not None
+
+    async def _reconcile_proxies(self) -> None:
+        """Run one HTTP proxy at each place the runtime names for the location (HeadOnly:
+        one; EveryNode: one per node): start the missing ones, stop those of places that
+        are gone, forget the dead ones (the next round starts them again).
+
+        Raises:
+            ServeError: a proxy could not start (the others are still started).
+        """
+        wanted = await self.runtime.proxy_nodes(self.http_options.location.value)
+        for name, record in list(self._proxies.items()):
+            if name not in wanted or not self.runtime.is_alive(name):
+                self._proxies.pop(name)
+                if record.connection is not None:
+                    record.connection.close()
+                if name in wanted:
+                    logger.warning("The HTTP proxy %s %s; starting a new one.", name,
+                                   self.runtime.exit_description(name))
+                await self.runtime.stop(name, timeout=0)
+                await self._save()
+        results = await asyncio.gather(*(
+            self._start_proxy(name, node) for name, node in wanted.items()
+            if name not in self._proxies), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    async def _start_proxy(self, name: str, node: Optional[str]) -> None:
+        await self.runtime.stop(name, timeout=0)  # what is left of an earlier one
         address = await self.runtime.launch(
-            PROXY_NAME, "proxy", ProxySpec(middlewares=self.http_options.middlewares))
+            name, "proxy", ProxySpec(middlewares=self.http_options.middlewares), node=node)
         connection = await self.runtime.connect(address)
         try:
             await connection.call("ready")
         except BackendUnavailableError:
-            raise ServeError(f"The HTTP proxy {self.runtime.exit_description(PROXY_NAME)} "
+            raise ServeError(f"The HTTP proxy {name} {self.runtime.exit_description(name)} "
                              "while starting; see its output above.") from None
-        self._proxy = connection
-        self._proxy_address = address
-        self._proxy_process = self.runtime.identity(PROXY_NAME)
+        self._proxies[name] = ProxyRecord(name, node, address, self.runtime.identity(name),
+                                          connection)
         await self._save()
 
-    async def _supervise_proxy(self) -> None:
-        """Restart the HTTP proxy whenever it dies, retrying with backoff until it is back."""
+    async def _supervise_proxies(self) -> None:
+        """Keep the proxies reconciled: restart dead ones, follow nodes as they join and
+        leave; a failed start is retried with backoff until it succeeds."""
         failures = 0
         while True:
-            await asyncio.sleep(constants.HEALTH_CHECK_PERIOD_S)
-            if self.runtime.is_alive(PROXY_NAME):
-                continue
-            logger.warning("The HTTP proxy %s; starting a new one.",
-                           self.runtime.exit_description(PROXY_NAME))
-            if self._proxy is not None:
-                self._proxy.close()
-                self._proxy = None
-            while True:
-                try:
-                    await self._start_proxy()
-                    failures = 0
-                    break
-                except Exception as exc:
-                    failures += 1
-                    delay = min(constants.MAX_RESTART_BACKOFF_S, 0.5 * 2 ** failures)
-                    logger.warning("The HTTP proxy could not be restarted (%s); retrying in "
-                                   "%.1fs.", exc, delay)
-                    await asyncio.sleep(delay)
+            await asyncio.sleep(constants.HEALTH_CHECK_PERIOD_S if not failures else
+                                min(constants.MAX_RESTART_BACKOFF_S, 0.5 * 2 ** failures))
+            try:
+                await self._reconcile_proxies()
+                failures = 0
+            except Exception as exc:
+                failures += 1
+                logger.warning("An HTTP proxy could not be started (%s); retrying.", exc)
 
     # ----------------------------------------------------------------- backends
 
@@ -314,13 +332,16 @@ class Controller:
                           "last_start_error": b.last_start_error}
                     for tag, b in self.backends.items() if not b.deleting}
         processes = []
-        if self._proxy is not None:
-            processes.append({"role": "proxy", "name": PROXY_NAME, "state": RUNNING,
-                              "pid": (self._proxy_process or {}).get("pid")})
+        for proxy in self._proxies.values():
+            process = proxy.process or {}
+            processes.append({"role": "proxy", "name": proxy.name, "state": RUNNING,
+                              "pid": process.get("pid"), "node": process.get("node"),
+                              "http": process.get("http")})
         for backend in self.backends.values():
             for record in backend.replicas.values():
+                process = record.process or {}
                 processes.append({"role": "replica", "name": record.tag, "state": record.state,
-                                  "pid": (record.process or {}).get("pid")})
+                                  "pid": process.get("pid"), "node": process.get("node")})
         return {"backends": backends, "endpoints": self.list_endpoints(),
                 "processes": processes}
 
@@ -754,11 +775,22 @@ class Controller:
 
     def _save(self) -> "asyncio.Future[None]":
         """Write the desired state (what changed of it) to the store; await to be sure."""
-        proxy = None if self._proxy_process is None else {
-            "address": self._proxy_address, "process": self._proxy_process}
-        future = self._durable.save(snapshot(self.backends, self.endpoints, proxy))
+        proxies = {name: {"address": p.address, "process": p.process, "node": p.node}
+                   for name, p in self._proxies.items()}
+        future = self._durable.save(snapshot(self.backends, self.endpoints, proxies))
         future.add_done_callback(_log_save_failure)
         return future
+
+
+@dataclasses.dataclass
+class ProxyRecord:
+    """An HTTP proxy the controller runs: where (the runtime's node), and how to reach it."""
+
+    name: str
+    node: Optional[str]
+    address: Optional[str]
+    process: Optional[dict]  # the runtime's identity of its process
+    connection: Optional[Connection]
 
 
 def _log_save_failure(future: "asyncio.Future[None]") -> None:

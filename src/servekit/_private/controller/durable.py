@@ -80,7 +80,7 @@ def _json(doc: Any) -> bytes:
 
 
 def snapshot(backends: Dict[str, BackendState], endpoints: Dict[str, EndpointInfo],
-             proxy: Optional[dict]) -> Records:
+             proxies: Dict[str, dict]) -> Records:
     """Every record of the desired state (and of the processes that run it)."""
     records: Records = {}
     for tag, backend in backends.items():
@@ -106,18 +106,19 @@ def snapshot(backends: Dict[str, BackendState], endpoints: Dict[str, EndpointInf
     for name, endpoint in endpoints.items():
         records[f"endpoint/{name}"] = _json(
             {"name": name, **endpoint.describe()})
-    if proxy is not None:
-        records["proxy"] = _json(proxy)
+    for name, proxy in proxies.items():
+        records[f"proxy/{name}"] = _json(proxy)
     return records
 
 
 @dataclasses.dataclass
 class LoadedState:
-    """What a store held: backends (with the replica records to adopt), endpoints, proxy."""
+    """What a store held: backends (with the replica records to adopt), endpoints, and the
+    HTTP proxies by name."""
 
     backends: Dict[str, BackendState]
     endpoints: Dict[str, EndpointInfo]
-    proxy: Optional[dict]
+    proxies: Dict[str, dict]
 
 
 def load(records: Records, where: str) -> LoadedState:
@@ -133,7 +134,7 @@ def _load(records: Records) -> LoadedState:
     backends: Dict[str, BackendState] = {}
     endpoints: Dict[str, EndpointInfo] = {}
     replicas: List[Tuple[str, dict]] = []
-    proxy = None
+    proxies: Dict[str, dict] = {}
     for key, raw in sorted(records.items()):
         kind, _, name = key.partition("/")
         if kind == "backend":
@@ -154,14 +155,15 @@ def _load(records: Records) -> LoadedState:
             endpoints[name] = EndpointInfo(name, doc["route"], doc["methods"], doc["traffic"],
                                            doc["shadows"])
         elif kind == "proxy":
-            proxy = json.loads(raw)
+            proxies[name or "proxy"] = json.loads(raw)  # "proxy": the one of a state file
+            # written before there could be several
         elif kind != "definition":
             raise ValueError(f"unknown record {key!r}")
     for tag, doc in replicas:
         backend = backends[doc["backend"]]
         backend.replicas[tag] = ReplicaRecord(tag=tag, backend=backend.tag, state=doc["state"],
                                               address=doc["address"], process=doc["process"])
-    return LoadedState(backends, endpoints, proxy)
+    return LoadedState(backends, endpoints, proxies)
 
 
 class DurableState:

@@ -1,18 +1,16 @@
-"""The controller process: serves the controller's RPC API on its socket."""
+"""The controller's RPC API, served on its socket by whichever runtime runs it."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
 from typing import Any
 
 from servekit._private.controller.controller import Controller
-from servekit._private.process import WorkerSpec
-from servekit._private.runtime.local import LocalRuntime
-from servekit._private.specs import ControllerSpec
+from servekit._private.runtime.base import Runtime
 from servekit._private.transport import RpcServer
+from servekit.config import HTTPOptions
 
 logger = logging.getLogger("servekit.controller")
 
@@ -45,10 +43,10 @@ def controller_handlers(controller: Controller, started: asyncio.Future,
         return call
 
     async def ready() -> int:
-        """Wait until the controller runs; return the instance's pid: its supervisor's,
-        which outlives controller restarts (a detached one is not the caller's child)."""
+        """Wait until the controller runs; return the pid of the instance's first process
+        (locally its supervisor, which outlives controller restarts)."""
         await asyncio.shield(started)
-        return os.getppid()
+        return controller.runtime.instance_processes()[0]["pid"]
 
     async def shutdown(keep_state: bool = False) -> None:
         async def stop_everything() -> None:
@@ -66,12 +64,8 @@ def controller_handlers(controller: Controller, started: asyncio.Future,
 
     def status() -> dict:
         status = controller.status()
-        status["processes"] = [
-            {"role": "supervisor", "name": "supervisor", "pid": os.getppid(),
-             "state": "RUNNING"},
-            {"role": "controller", "name": "controller", "pid": os.getpid(),
-             "state": "RUNNING"},
-            *status["processes"]]
+        status["processes"] = [*controller.runtime.instance_processes(),
+                               *status["processes"]]
         return status
 
     return {
@@ -96,16 +90,10 @@ def controller_handlers(controller: Controller, started: asyncio.Future,
     }
 
 
-async def run_controller(worker: WorkerSpec, sock: socket.socket, stop: asyncio.Event) -> None:
-    spec: ControllerSpec = worker.load_payload()
-    http_fd = worker.extra_fds.get("http")
-    runtime = LocalRuntime(worker.instance_dir, controller_address=sock.getsockname(),
-                           sys_path=worker.sys_path, custom_resources=spec.custom_resources,
-                           http_socket=None if http_fd is None else socket.socket(fileno=http_fd),
-                           lifeline_fd=worker.lifeline_fd)
-    controller = Controller(runtime, spec.http_options)
-    # The instance's other processes watch the same lifeline as this one: when it closes,
-    # they all exit by themselves, and the supervisor removes the directory.
+async def serve_controller(runtime: Runtime, http_options: HTTPOptions, sock: socket.socket,
+                           stop: asyncio.Event) -> None:
+    """Run a controller over ``runtime`` and serve its API on ``sock`` until ``stop``."""
+    controller = Controller(runtime, http_options)
     started: asyncio.Future = asyncio.get_running_loop().create_future()
     server = RpcServer(controller_handlers(controller, started, stop),
                        on_disconnect=controller.disconnected)

@@ -1,14 +1,15 @@
 """The seam between servekit's logic and where its processes run.
 
 The controller starts, stops and watches replicas and proxies only through a ``Runtime``.
-``LocalRuntime`` runs them as child processes of the controller; a fake in-memory runtime
-makes the controller's logic testable without processes.
+``LocalRuntime`` runs them as child processes of the controller; ``RayRuntime`` as Ray
+actors; a fake in-memory runtime makes the controller's logic testable without processes.
+Which one runs is decided in ``runtime.choice``.
 """
 
 from __future__ import annotations
 
 import abc
-from typing import Any, Dict, Iterable, Mapping, Optional, Protocol, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Protocol, Tuple
 
 
 class Store(Protocol):
@@ -35,11 +36,23 @@ class Runtime(abc.ABC):
 
     @abc.abstractmethod
     async def launch(self, name: str, role: str, payload: Any, *,
-                     resources: Optional[dict] = None, python: Optional[str] = None) -> str:
+                     resources: Optional[dict] = None, python: Optional[str] = None,
+                     node: Optional[str] = None) -> str:
         """Start worker ``name`` and return the address its RPC server listens on.
 
-        The worker may still be initialising; callers ``connect`` and call ``ready``.
+        ``node``: where it must run (one of the places ``proxy_nodes`` names), else the
+        runtime picks. The worker may still be initialising; callers ``connect`` and call
+        ``ready``.
         """
+
+    @abc.abstractmethod
+    async def proxy_nodes(self, location: str) -> Dict[str, Optional[str]]:
+        """The HTTP proxies ``location`` ("HeadOnly", "EveryNode") asks for now: worker name
+        -> the node it runs on."""
+
+    @abc.abstractmethod
+    def instance_processes(self) -> List[dict]:
+        """The instance's own processes, for the status view: role, name, pid, state."""
 
     @abc.abstractmethod
     async def connect(self, address: str) -> Connection:

@@ -150,6 +150,9 @@ class FakeRuntime(Runtime):
         launch_order: Names in the order ``launch`` was called.
         http_bound: The ``(host, port)`` ``bind_http`` was called with, if it was.
         is_shut_down: Whether ``shutdown`` ran.
+        nodes: The nodes an EveryNode location puts a proxy on (change it to add or
+            remove nodes).
+        launched_on: The node each worker was launched on (None: the runtime's pick).
     """
 
     def __init__(self, capacity: Optional[Dict[str, float]] = None) -> None:
@@ -164,6 +167,8 @@ class FakeRuntime(Runtime):
         self._held: Set[str] = set()
         self._launch_errors: Dict[str, Exception] = {}
         self.is_shut_down = False
+        self.nodes: List[str] = ["head"]
+        self.launched_on: Dict[str, Optional[str]] = {}
 
     # ------------------------------------------------------------- test controls
 
@@ -235,9 +240,20 @@ class FakeRuntime(Runtime):
         self.http_bound = (host, port)
         return host, port
 
+    async def proxy_nodes(self, location: str) -> Dict[str, Optional[str]]:
+        """HeadOnly: one proxy "proxy"; EveryNode: "proxy-<node>" on each of ``nodes``."""
+        if location == "EveryNode":
+            return {f"proxy-{node}": node for node in self.nodes}
+        return {"proxy": None}
+
+    def instance_processes(self) -> List[dict]:
+        return []
+
     async def launch(self, name: str, role: str, payload: Any, *,
-                     resources: Optional[dict] = None, python: Optional[str] = None) -> str:
+                     resources: Optional[dict] = None, python: Optional[str] = None,
+                     node: Optional[str] = None) -> str:
         self.launch_order.append(name)
+        self.launched_on[name] = node
         if name in self._launch_errors:
             raise self._launch_errors[name]
         worker = FakeWorker(name, role, payload, resources=resources, python=python)

@@ -8,7 +8,7 @@ import secrets
 import signal
 import socket
 import sys
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import cloudpickle
 
@@ -21,6 +21,7 @@ from servekit._private.process import (
 )
 from servekit._private.resources import GPUAllocator, detect_gpus, machine_capacity
 from servekit._private.runtime.base import Connection, Runtime
+from servekit._private.specs import ControllerSpec
 from servekit._private.store import SQLiteStore
 from servekit._private.transport import RpcClient
 from servekit.exceptions import ServeError
@@ -59,8 +60,20 @@ class LocalRuntime(Runtime):
             raise ServeError("This instance was started without an HTTP socket.")
         return self._http_socket.getsockname()[:2]
 
+    async def proxy_nodes(self, location: str) -> Dict[str, Optional[str]]:
+        """One proxy, whatever the location: this machine is the only node."""
+        return {"proxy": None}
+
+    def instance_processes(self) -> List[dict]:
+        """The supervisor (which outlives controller restarts) and this controller."""
+        return [{"role": "supervisor", "name": "supervisor", "pid": os.getppid(),
+                 "state": "RUNNING"},
+                {"role": "controller", "name": "controller", "pid": os.getpid(),
+                 "state": "RUNNING"}]
+
     async def launch(self, name: str, role: str, payload: Any, *,
-                     resources: Optional[dict] = None, python: Optional[str] = None) -> str:
+                     resources: Optional[dict] = None, python: Optional[str] = None,
+                     node: Optional[str] = None) -> str:
         # Random, so a restarted controller never reuses the socket of a worker it adopts.
         path = os.path.join(self.instance_dir, f"{role[0]}-{secrets.token_hex(6)}.sock")
         sock = bind_unix_socket(path)
@@ -106,7 +119,10 @@ class LocalRuntime(Runtime):
         worker = self._workers.get(name)
         if worker is None:
             return None
-        return {"pid": worker.pid, "start_time": process_start_time(worker.pid)}
+        identity = {"pid": worker.pid, "start_time": process_start_time(worker.pid)}
+        if name == "proxy" and self._http_socket is not None:
+            identity["http"] = list(self._http_socket.getsockname()[:2])
+        return identity
 
     def adopt(self, name: str, role: str, address: str, identity: dict) -> bool:
         pid, started = identity.get("pid"), identity.get("start_time")
@@ -145,3 +161,19 @@ class LocalRuntime(Runtime):
                     os.unlink(self.store_path + suffix)
                 except FileNotFoundError:
                     pass
+
+
+async def run_local_controller(worker: WorkerSpec, sock: socket.socket,
+                               stop: asyncio.Event) -> None:
+    """The controller process of an embedded instance (role "controller" of the worker)."""
+    from servekit._private.controller.main import serve_controller
+
+    spec: ControllerSpec = worker.load_payload()
+    http_fd = worker.extra_fds.get("http")
+    runtime = LocalRuntime(worker.instance_dir, controller_address=sock.getsockname(),
+                           sys_path=worker.sys_path, custom_resources=spec.custom_resources,
+                           http_socket=None if http_fd is None else socket.socket(fileno=http_fd),
+                           lifeline_fd=worker.lifeline_fd)
+    # The instance's other processes watch the same lifeline as this one: when it closes,
+    # they all exit by themselves, and the supervisor removes the directory.
+    await serve_controller(runtime, spec.http_options, sock, stop)
