@@ -1,14 +1,23 @@
-"""Shared fixtures: free ports, and a servekit instance that is always shut down."""
+"""Shared fixtures: free ports, a Ray cluster, and a servekit instance that is always shut down.
+
+A test module runs its ``instance`` tests on both runtimes by declaring
+``RUNTIMES = BOTH_RUNTIMES``; the default is the embedded runtime only. The Ray runs share
+one ``ray.cluster_utils.Cluster`` per session; each module connects to it and disconnects
+afterwards, so the modules after it run embedded again.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
 import servekit as serve
+
+BOTH_RUNTIMES = ["local", pytest.param("ray", marks=pytest.mark.ray)]
 
 
 def free_port() -> int:
@@ -30,8 +39,48 @@ def wait_for(condition: Callable[[], object], timeout: float = 10.0,
         time.sleep(0.02)
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "runtime" in metafunc.fixturenames:
+        runtimes = getattr(metafunc.module, "RUNTIMES", ["local"])
+        metafunc.parametrize("runtime", runtimes, indirect=True, scope="module")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[Any]:
+    """A one-machine Ray cluster (its head node only; tests may add nodes and must remove
+    them), shut down at the end of the session."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 4, "include_dashboard": False, "resources": {"head": 1}})
+    yield cluster
+    cluster.shutdown()
+
+
+@contextlib.contextmanager
+def ray_connected(cluster: Any) -> Iterator[None]:
+    """This process as a Ray driver of ``cluster`` (so servekit runs on Ray) meanwhile."""
+    import ray
+
+    ray.init(address=cluster.address, logging_level="WARNING")
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
 @pytest.fixture(scope="module")
-def instance() -> Iterator[tuple]:
+def runtime(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The runtime the module's instance runs on: "local", or "ray" (connected meanwhile)."""
+    if request.param == "ray":
+        with ray_connected(request.getfixturevalue("ray_cluster")):
+            yield "ray"
+    else:
+        yield "local"
+
+
+@pytest.fixture(scope="module")
+def instance(runtime: str) -> Iterator[tuple]:
     """A running instance shared by one test module: (client, base_url)."""
     port = free_port()
     client = serve.start(http_options={"port": port})

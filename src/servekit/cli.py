@@ -1,4 +1,5 @@
-"""The ``servekit`` command: start, inspect and stop the detached instance of this user.
+"""The ``servekit`` command: start, inspect and stop the detached instance of this user, or
+the one of a Ray cluster (``--address``).
 
 A mistake (no instance running, a busy port, a bad option) is one line on stderr and exit
 code 1, never a traceback.
@@ -16,6 +17,11 @@ from servekit._private import home
 from servekit.config import DeploymentMode
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+_address = click.option(
+    "--address", default=None,
+    help="Use the instance of this Ray cluster (passed to ray.init: auto, host:port or "
+         "ray://host:port) instead of this user's embedded one.")
 
 
 def _user_errors(command: F) -> F:
@@ -45,24 +51,24 @@ def main() -> None:
               help="Port to serve HTTP on [8000, or the port the instance had].")
 @click.option("--http-location", type=click.Choice([m.value for m in DeploymentMode]),
               default=None, help="Where HTTP proxies run [HeadOnly].")
+@_address
 @_user_errors
 def start(http_host: Optional[str], http_port: Optional[int],
-          http_location: Optional[str]) -> None:
+          http_location: Optional[str], address: Optional[str]) -> None:
     """Start a detached instance (it runs until `servekit shutdown`).
 
-    If the previous instance's processes are gone (a reboot) but its state file is still
-    there, its backends and endpoints come back, on the port it had unless told otherwise.
+    If the previous instance's processes are gone (a reboot) but its state is still there,
+    its backends and endpoints come back, on the port it had unless told otherwise.
     """
-    options: Dict[str, Any] = dict(home.saved_http_options() or {})
+    options: Dict[str, Any] = dict(home.saved_http_options() or {}) if address is None else {}
     for key, value in (("host", http_host), ("port", http_port), ("location", http_location)):
         if value is not None:
             options[key] = value
-    client = serve.start(detached=True, http_options=options or None)
+    client = serve.start(detached=True, http_options=options or None, address=address)
     state = client._call("status")
-    record = home.read_record() or {}
-    http = record.get("http") or {}
-    where = "no HTTP" if http.get("location") == DeploymentMode.NoServer.value else \
-        f"HTTP on http://{http.get('host')}:{http.get('port')}"
+    served = [f"http://{p['http'][0]}:{p['http'][1]}" for p in state["processes"]
+              if p["role"] == "proxy" and p.get("http")]
+    where = f"HTTP on {', '.join(served)}" if served else "no HTTP"
     restored = (f"; restored {len(state['backends'])} backends and "
                 f"{len(state['endpoints'])} endpoints") if state["backends"] else ""
     click.echo(f"Started a detached servekit instance ({where}){restored}.")
@@ -70,10 +76,11 @@ def start(http_host: Optional[str], http_port: Optional[int],
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@_address
 @_user_errors
-def status(as_json: bool) -> None:
+def status(as_json: bool, address: Optional[str]) -> None:
     """Show the backends, endpoints and processes of the running instance."""
-    state = serve.connect()._call("status")
+    state = serve.connect(address)._call("status")
     if as_json:
         click.echo(json.dumps(state, indent=2, sort_keys=True))
         return
@@ -86,24 +93,26 @@ def status(as_json: bool) -> None:
     endpoint_rows = [[name, e["route"] or "(handle only)", ",".join(e["methods"]),
                       _weights(e["traffic"]), _weights(e["shadows"])]
                      for name, e in sorted(state["endpoints"].items())]
-    process_rows = [[p["role"], p["name"], str(p["pid"]), p["state"]]
-                    for p in state["processes"]]
+    process_rows = [[p["role"], p["name"], str(p["pid"]), p["state"],
+                     (p.get("node") or "")[:12]] for p in state["processes"]]
     click.echo(_table("BACKENDS", ["backend", "replicas", "config", "last start error"],
                       backend_rows))
     click.echo(_table("ENDPOINTS", ["endpoint", "route", "methods", "traffic", "shadows"],
                       endpoint_rows))
-    click.echo(_table("PROCESSES", ["role", "name", "pid", "state"], process_rows), nl=False)
+    click.echo(_table("PROCESSES", ["role", "name", "pid", "state", "node"], process_rows),
+               nl=False)
 
 
 @main.command()
 @click.option("--keep-state", is_flag=True,
-              help="Keep the state file, so that the next `servekit start` restores it.")
+              help="Keep the saved state, so that the next `servekit start` restores it.")
+@_address
 @_user_errors
-def shutdown(keep_state: bool) -> None:
+def shutdown(keep_state: bool, address: Optional[str]) -> None:
     """Stop the running instance: requests in flight finish, then every process stops."""
-    serve.connect()._shutdown(keep_state)
+    serve.connect(address)._shutdown(keep_state)
     click.echo("The servekit instance was shut down" +
-               ("; its state file was kept." if keep_state else "."))
+               ("; its state was kept." if keep_state else "."))
 
 
 def _weights(weights: Dict[str, float]) -> str:

@@ -31,19 +31,26 @@ from processes import descendants, start_time
 from pydantic import ValidationError
 
 import servekit as serve
-from conftest import free_port, wait_for
+from conftest import BOTH_RUNTIMES, free_port, wait_for
 from servekit.exceptions import RemoteTraceback
 
 pytestmark = pytest.mark.integration
+RUNTIMES = BOTH_RUNTIMES
 
 
 # ---------------------------------------------------------------- helpers
 
 
 def instance_processes(client: serve.Client) -> List[int]:
-    """The pids of the instance's workers other than the controller (proxy and replicas)."""
-    assert client._instance is not None
-    return sorted(descendants(client._instance.pid))
+    """The pids of the instance's live workers other than the controller (proxy and
+    replicas): the supervisor's descendants when embedded; on Ray, whose raylets are their
+    parents, those the status lists."""
+    supervisor = getattr(client._instance, "pid", None)
+    if supervisor is not None:
+        return sorted(descendants(supervisor))
+    pids = [p["pid"] for p in client._call("status")["processes"]
+            if p["role"] in ("proxy", "replica")]
+    return sorted(pid for pid in pids if start_time(pid) is not None)
 
 
 def assert_names(error: BaseException, fragments: Sequence[str]) -> None:

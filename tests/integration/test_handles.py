@@ -13,10 +13,11 @@ import pytest
 from starlette.requests import Request
 
 import servekit as serve
-from conftest import wait_for
+from conftest import BOTH_RUNTIMES, wait_for
 from servekit.request import ServeRequest
 
 pytestmark = pytest.mark.integration
+RUNTIMES = BOTH_RUNTIMES
 
 TIMEOUT = 10.0
 

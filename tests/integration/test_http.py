@@ -21,9 +21,10 @@ from starlette.responses import (
 )
 
 import servekit as serve
-from conftest import free_port, wait_for
+from conftest import BOTH_RUNTIMES, free_port, wait_for
 
 pytestmark = pytest.mark.integration
+RUNTIMES = BOTH_RUNTIMES
 
 TIMEOUT = 10.0
 

@@ -22,10 +22,11 @@ import pytest
 from starlette.requests import Request
 
 import servekit as serve
-from conftest import free_port, wait_for
+from conftest import BOTH_RUNTIMES, free_port, wait_for
 from servekit.exceptions import BackendUnavailableError, BatchOutputError
 
 pytestmark = pytest.mark.integration
+RUNTIMES = BOTH_RUNTIMES
 
 TIMEOUT = 15.0
 VENV_MODULE = "servekit_venv_only_probe"

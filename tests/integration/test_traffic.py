@@ -22,9 +22,10 @@ import pytest
 from processes import is_worker, start_time
 
 import servekit as serve
-from conftest import wait_for
+from conftest import BOTH_RUNTIMES, wait_for
 
 pytestmark = pytest.mark.integration
+RUNTIMES = BOTH_RUNTIMES
 
 TIMEOUT = 10.0
 

@@ -98,6 +98,12 @@ class LocalInstance(Instance):
             for held in sockets:
                 held.close()
 
+    @property
+    def pid(self) -> int:
+        """The supervisor's pid (the daemonizing parent's, for a detached instance)."""
+        assert self.process is not None
+        return self.process.pid
+
     def started(self, pid: int) -> None:
         if self.detached:
             port = self.http_address[1] if self.http_address else self.http_options.port

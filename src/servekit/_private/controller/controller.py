@@ -241,7 +241,7 @@ class Controller:
                 failures = 0
             except Exception as exc:
                 failures += 1
-                logger.warning("An HTTP proxy could not be started (%s); retrying.", exc)
+                logger.warning("An HTTP proxy could not be restarted (%s); retrying.", exc)
 
     # ----------------------------------------------------------------- backends
 

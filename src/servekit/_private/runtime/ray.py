@@ -30,7 +30,12 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from servekit._private import auth, constants
 from servekit._private.event_loop import new_event_loop
 from servekit._private.instance import Instance
-from servekit._private.process import WorkerSpec, bind_http_socket, importable_sys_path
+from servekit._private.process import (
+    WorkerSpec,
+    bind_http_socket,
+    importable_sys_path,
+    process_start_time,
+)
 from servekit._private.runtime.base import Connection, Runtime
 from servekit._private.transport import RpcClient, tcp_address
 from servekit.config import HTTPOptions
@@ -149,10 +154,11 @@ class ServekitActor:
         """Where this process serves RPC (and HTTP), its pid and its node."""
         return self._info
 
-    def wait_for_exit(self) -> bool:
-        """Return once the role has ended (the actor ends with it)."""
-        self._ended.wait()
-        return True
+    def wait_for_exit(self) -> None:
+        """Never returns: the call fails when the actor's process is gone, which is how
+        the controller learns that it is (the role ending is not enough: the process may
+        still be exiting)."""
+        threading.Event().wait()
 
     def stop(self, timeout: float) -> None:
         """Ask the role to stop, as SIGTERM does to a local worker; wait up to ``timeout``."""
@@ -218,7 +224,8 @@ class RayRuntime(Runtime):
         self.store = RayKVStore()
         self._controller_address = controller_address
         self._sys_path = list(sys_path)
-        self._head_node = head_node or ray.get_runtime_context().get_node_id()
+        self._node = ray.get_runtime_context().get_node_id()
+        self._head_node = head_node or self._node
         self._actors: Dict[str, Any] = {}
         self._identities: Dict[str, dict] = {}
         self._watches: Dict[str, asyncio.Future] = {}
@@ -290,7 +297,9 @@ class RayRuntime(Runtime):
             self._forget(name)
             raise ServeError(f"{name} could not start on Ray: "
                              f"{_first_line(exc)}") from None
-        self._identities[name] = {"actor": actor_name, **info}
+        self._identities[name] = {"actor": actor_name, **info,
+                                  "start_time": process_start_time(info["pid"])
+                                  if info["node"] == self._node else None}
         self._watch(name, actor)
         return info["address"]
 
@@ -298,11 +307,8 @@ class RayRuntime(Runtime):
         watch = asyncio.wrap_future(actor.wait_for_exit.remote().future())
 
         def ended(future: asyncio.Future) -> None:
-            if self._actors.get(name) is not actor:
-                return
-            error = None if future.cancelled() else future.exception()
-            self._endings[name] = "exited" if error is None else \
-                f"was lost by Ray ({_first_line(error)})"
+            if self._actors.get(name) is actor and not future.cancelled():
+                self._endings[name] = f"ended ({_first_line(future.exception())})"
 
         watch.add_done_callback(ended)
         self._watches[name] = watch
@@ -315,6 +321,7 @@ class RayRuntime(Runtime):
         return await RpcClient.connect(address)
 
     async def stop(self, name: str, timeout: float) -> None:
+        identity = self._identities.get(name)
         actor, watch = self._forget(name)
         if actor is None:
             return
@@ -329,6 +336,10 @@ class RayRuntime(Runtime):
                 await asyncio.wait_for(asyncio.shield(watch), constants.PROCESS_STOP_TIMEOUT_S)
             except (asyncio.TimeoutError, ray.exceptions.RayError):
                 pass
+        if identity is not None and identity.get("node") == self._node:
+            # Ray reports the actor dead a moment before its process is gone; wait for
+            # that here, so what the process held (a GPU's memory, a port) is free again.
+            await _wait_until_gone(identity["pid"], identity.get("start_time"))
 
     def is_alive(self, name: str) -> bool:
         return name in self._actors and name not in self._endings
@@ -358,6 +369,13 @@ class RayRuntime(Runtime):
         await asyncio.gather(*(self.stop(name, timeout=2.0) for name in list(self._actors)))
         if discard_state:
             await asyncio.get_running_loop().run_in_executor(None, _kv_discard)
+
+
+async def _wait_until_gone(pid: int, start_time: Optional[int]) -> None:
+    deadline = asyncio.get_running_loop().time() + constants.PROCESS_STOP_TIMEOUT_S
+    while start_time is not None and process_start_time(pid) == start_time and \
+            asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.01)
 
 
 def _first_line(error: BaseException) -> str:
