@@ -84,6 +84,8 @@ def cmdline(pid: int) -> str:
 
 
 def is_worker(pid: int) -> bool:
-    """Whether ``pid`` runs ``python -m servekit._private.worker`` (to check what we found)."""
-    return "servekit._private.worker" in cmdline(pid)
+    """Whether ``pid`` runs ``python -m servekit._private.worker``, or is the Ray actor of a
+    servekit process (to check what we found)."""
+    command = cmdline(pid)
+    return "servekit._private.worker" in command or "ServekitActor" in command
 

@@ -18,6 +18,7 @@ import pytest
 
 import servekit as serve
 from conftest import free_port, ray_connected, wait_for
+from processes import start_time
 
 ray = pytest.importorskip("ray")
 
@@ -150,6 +151,7 @@ def test_the_controller_actor_killed_recovers_its_state_and_adopts_the_replicas(
     controller = ray.get_actor("servekit-controller", namespace="servekit")
     old_pid = client._call("status")["processes"][0]["pid"]
     ray.kill(controller, no_restart=False)  # Ray restarts it
+    wait_for(lambda: start_time(old_pid) is None, TIMEOUT, "the controller's process to end")
     # Requests go on meanwhile, on the replicas the routers know.
     for _ in range(5):
         assert handle.remote().result(timeout=TIMEOUT) >= 1

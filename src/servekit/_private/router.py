@@ -26,6 +26,7 @@ from servekit._private.transport import (
     RpcClient,
     encode_call,
     is_remote_error,
+    parse_tcp_address,
 )
 from servekit.exceptions import BackendUnavailableError, EndpointNotFoundError
 
@@ -338,7 +339,7 @@ class Router:
     @classmethod
     async def start(cls, controller_address: str, role: str = "router") -> "Router":
         router = cls(controller_address, role)
-        router._controller = await RpcClient.connect(controller_address, "servekit controller")
+        router._controller = await router._connect_controller()
         await router._poll_once()
         router._poll_task = asyncio.ensure_future(router._poll_forever())
         return router
@@ -384,25 +385,32 @@ class Router:
                 # The controller died; a new one will serve the same address. Meanwhile
                 # requests go on with the routes and replicas this router knows.
                 logger.warning("Lost the servekit controller; waiting for it to come back.")
-                controller = await self._reconnect()
-                if controller is None:
-                    return  # nothing served the address for the whole startup timeout
-                self._controller = controller
+                try:
+                    self._controller = await self._connect_controller()
+                except ConnectFailed:
+                    return  # the instance is gone
             except Exception:
                 logger.exception("Long poll failed; retrying")
                 await asyncio.sleep(0.5)
 
-    async def _reconnect(self) -> Optional[RpcClient]:
-        """Connect to the controller again, retrying while it restarts (locally its socket
-        stays bound meanwhile; on Ray nothing listens until the new actor does)."""
+    async def _connect_controller(self) -> RpcClient:
+        """Connect to the controller. A Unix socket stays bound while its controller
+        restarts, so a refusal means the instance is gone; on TCP (Ray) nothing listens
+        until the restarted controller does, so refusals are retried for the startup
+        timeout.
+
+        Raises:
+            ConnectFailed: nothing serves the address (for that long, on TCP).
+        """
         deadline = time.monotonic() + constants.STARTUP_TIMEOUT_S
         delay = 0.05
         while True:
             try:
                 return await RpcClient.connect(self._controller_address, "servekit controller")
             except ConnectFailed:
-                if time.monotonic() + delay > deadline:
-                    return None
+                if parse_tcp_address(self._controller_address) is None or \
+                        time.monotonic() + delay > deadline:
+                    raise
                 await asyncio.sleep(delay)
                 delay = min(1.0, delay * 2)
 

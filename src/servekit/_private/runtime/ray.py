@@ -19,6 +19,7 @@ import pickle
 import secrets
 import socket
 import threading
+import time
 import traceback
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
@@ -458,8 +459,15 @@ class RayInstance(Instance):
 
     def controller_returns(self) -> bool:
         """Wait (up to the startup timeout) for Ray to restart a dead controller."""
-        try:
-            ray.get(self._controller.info.remote(), timeout=constants.STARTUP_TIMEOUT_S)
-            return True
-        except Exception:
-            return False
+        deadline = time.monotonic() + constants.STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if _controller() is None:
+                return False  # gone for good
+            try:
+                ray.get(self._controller.info.remote(), timeout=deadline - time.monotonic())
+                return True
+            except ray.exceptions.GetTimeoutError:
+                return False
+            except ray.exceptions.RayError:
+                time.sleep(0.1)  # called while it was being restarted
+        return False
