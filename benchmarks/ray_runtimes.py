@@ -17,42 +17,18 @@ import _thread
 import argparse
 import logging
 import os
-import socket
 import statistics
 import threading
 import time
 from typing import Callable, Dict, List, Optional
 
-import httpx
+from http_overhead import _free_port, _time_http, _wait_http, noop
 
 import servekit as serve
 
 WARMUP = 50
-TIMEOUT_S = 30.0  # for any one request, and for an HTTP server to come up
+TIMEOUT_S = 30.0  # for any one request
 QUIET = {"log_level": "WARNING", "enable_access_log": False}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def noop(request: object) -> str:
-    return "ok"
-
-
-def _time_http(url: str, n: int) -> List[float]:
-    samples = []
-    with httpx.Client(timeout=TIMEOUT_S) as client:
-        for _ in range(WARMUP):
-            client.get(url)
-        for _ in range(n):
-            start = time.perf_counter()
-            response = client.get(url)
-            samples.append(time.perf_counter() - start)
-            assert response.text == "ok", response.text
-    return samples
 
 
 def _time_calls(call: Callable[[], object], n: int) -> List[float]:
@@ -64,18 +40,6 @@ def _time_calls(call: Callable[[], object], n: int) -> List[float]:
         call()
         samples.append(time.perf_counter() - start)
     return samples
-
-
-def _wait_http(url: str) -> None:
-    deadline = time.monotonic() + TIMEOUT_S
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=TIMEOUT_S).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError(f"{url} did not come up")
 
 
 def _servekit(n: int, on_ray: bool) -> Dict[str, List[float]]:

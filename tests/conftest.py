@@ -45,6 +45,22 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("runtime", runtimes, indirect=True, scope="module")
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list) -> None:
+    """Within each module, the tests on Ray last: this process is a Ray driver from the
+    first of them to the end of the module, and a test that starts an instance of its own
+    must not find Ray initialized (it would run there)."""
+    modules: dict = {}
+    for item in items:
+        modules.setdefault(item.module, len(modules))
+
+    def on_ray(item: Any) -> bool:
+        callspec = getattr(item, "callspec", None)
+        return callspec is not None and callspec.params.get("runtime") == "ray"
+
+    items.sort(key=lambda item: (modules[item.module], on_ray(item)))
+
+
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[Any]:
     """A one-machine Ray cluster (its head node only; tests may add nodes and must remove

@@ -15,10 +15,10 @@ from typing import Any, Dict, Iterator, List
 
 import httpx
 import pytest
+from processes import start_time
 
 import servekit as serve
 from conftest import free_port, ray_connected, wait_for
-from processes import start_time
 
 ray = pytest.importorskip("ray")
 
@@ -85,6 +85,25 @@ def test_every_node_runs_a_proxy_that_answers(client: serve.Client) -> None:
         reply = httpx.get(f"http://{host}:{port}/who", timeout=TIMEOUT)
         assert reply.status_code == 200, reply.text
         assert reply.json()["replica"].startswith("who#")
+
+
+@pytest.mark.parametrize("location, proxies", [("HeadOnly", 1), ("NoServer", 0)])
+def test_head_only_runs_one_proxy_on_the_driver_node_and_no_server_none(
+        cluster: Any, location: str, proxies: int) -> None:
+    client = serve.start(http_options={"port": 0, "location": location})
+    try:
+        client.create_backend("who", whoami, config={"num_replicas": 2})
+        client.create_endpoint("who", backend="who", route="/who")  # waits for no other node
+        found = processes(client, "proxy")
+        assert len(found) == proxies
+        if proxies:
+            assert found[0]["node"] == ray.get_runtime_context().get_node_id()
+            host, port = found[0]["http"]
+            assert httpx.get(f"http://{host}:{port}/who", timeout=TIMEOUT).status_code == 200
+        assert client.get_handle("who").remote().result(timeout=TIMEOUT)["replica"] \
+            .startswith("who#")
+    finally:
+        client.shutdown()
 
 
 def test_replicas_are_placed_by_their_resources(cluster: Any, client: serve.Client) -> None:

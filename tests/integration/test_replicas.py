@@ -19,11 +19,11 @@ from typing import Any, Dict, List
 import httpx
 import numpy as np
 import pytest
+from processes import start_time
 from starlette.requests import Request
 
 import servekit as serve
 from conftest import BOTH_RUNTIMES, free_port, wait_for
-from processes import start_time
 from servekit.exceptions import BackendUnavailableError, BatchOutputError
 
 pytestmark = pytest.mark.integration

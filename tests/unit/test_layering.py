@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 from typing import Dict, List, Set
 
@@ -77,3 +79,15 @@ def test_data_plane_module_does_not_import_the_controller(module: str) -> None:
 def test_the_check_finds_a_real_import_of_the_controller() -> None:
     """The walk itself works: the controller's entry point does reach the controller."""
     assert _path_to_control_plane("servekit._private.controller.main")
+
+
+def test_servekit_never_imports_ray_unless_the_ray_runtime_is_used() -> None:
+    """Importing servekit, and choosing the runtime for a script that has not initialized
+    Ray, leave Ray unimported (the core install does not need it)."""
+    probe = ("import sys, servekit\n"
+             "from servekit._private.runtime import choice\n"
+             "assert not choice.uses_ray(None)\n"
+             "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         timeout=60, check=True)
+    assert out.stdout.strip() == "[]"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import pickle
+import socket
 import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
@@ -876,3 +877,73 @@ def test_shadow_copy_that_raises_counts_as_sent_and_failed() -> None:
             "sent": 1, "dropped": 0, "failed": 1}
 
     run(main)
+
+
+# --------------------------------------------------------------------------- controller address
+
+
+def test_a_tcp_controller_that_is_restarting_is_waited_for(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """On Ray the controller's TCP port is unserved while Ray restarts it: a router starting
+    then retries until the new controller listens, instead of failing."""
+    from servekit._private import auth
+    from servekit._private.transport import RpcServer
+
+    monkeypatch.setattr(auth, "_secret", b"k" * 32)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    attempts: List[str] = []
+    real_connect = RpcClient.connect.__func__  # type: ignore[attr-defined]
+
+    async def main() -> None:
+        disconnected = asyncio.Event()
+        server = RpcServer({"listen": listen_nothing},
+                           on_disconnect=lambda peer: disconnected.set())
+        restarted = asyncio.Event()
+
+        async def counting_connect(cls: Any, address: str, name: Any = None) -> RpcClient:
+            attempts.append(address)
+            if len(attempts) == 2:
+                restarted.set()  # the new controller comes up after two refusals
+            return await real_connect(cls, address, name)
+
+        monkeypatch.setattr(RpcClient, "connect", classmethod(counting_connect))
+
+        async def bring_back() -> None:
+            await restarted.wait()
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", port))
+            sock.listen()
+            await server.start(sock)
+
+        helper = asyncio.ensure_future(bring_back())
+        router = await asyncio.wait_for(Router.start(f"tcp://127.0.0.1:{port}"), 10)
+        try:
+            assert len(attempts) >= 3  # two refused, then served
+        finally:
+            router.close()
+            server.close()
+            await helper
+            await asyncio.wait_for(disconnected.wait(), 5)
+
+    run(main)
+
+
+def test_a_unix_controller_socket_that_refuses_means_the_instance_is_gone(
+        tmp_path: Any) -> None:
+    """Locally the supervisor keeps the controller's socket bound across restarts, so a
+    refusal is final: the router fails at once."""
+    async def main() -> None:
+        with pytest.raises(ConnectFailed):
+            await asyncio.wait_for(Router.start(str(tmp_path / "gone.sock")), 1.0)
+
+    run(main)
+
+
+async def listen_nothing(subscriber_id: str, role: str, known: Dict[str, int]) -> dict:
+    """The first poll gets an empty route table; later ones wait, as on a quiet instance."""
+    if known.get(constants.KEY_ENDPOINTS, -1) >= 1:
+        await asyncio.Event().wait()
+    return {constants.KEY_ENDPOINTS: (1, {})}

@@ -37,7 +37,7 @@ class Instance(abc.ABC):
     controller_address: str
     detached: bool
 
-    def started(self, pid: int) -> None:
+    def started(self, pid: int) -> None:  # noqa: B027 (most instances need nothing)
         """The instance answered ``ready`` with ``pid`` (its first process)."""
 
     @abc.abstractmethod

@@ -143,6 +143,7 @@ class _FrameProtocol(asyncio.Protocol):
         self.transport: Optional[asyncio.Transport] = None
         self.handshake = handshake
         self.authenticated: Optional[asyncio.Future] = None
+        self._deadline: Optional[asyncio.TimerHandle] = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -150,15 +151,19 @@ class _FrameProtocol(asyncio.Protocol):
             loop = asyncio.get_running_loop()
             if not self.handshake.server:  # the client awaits it before it sends anything
                 self.authenticated = loop.create_future()
-            loop.call_later(HANDSHAKE_TIMEOUT_S, self._fail_handshake,
-                            AuthenticationFailed("the peer did not authenticate in time"))
+            self._deadline = loop.call_later(
+                HANDSHAKE_TIMEOUT_S, self._fail_handshake,
+                AuthenticationFailed("the peer did not authenticate in time"))
             opening = self.handshake.opening()
             if opening:
-                self.transport.write(opening)
+                transport.write(opening)  # type: ignore[attr-defined]
 
     def _fail_handshake(self, exc: AuthenticationFailed) -> None:
-        if self.handshake is None or self.handshake.done or self.transport is None:
+        if self.handshake is None or self.handshake.done or self.transport is None or \
+                self.transport.is_closing():
             return
+        if self._deadline is not None:
+            self._deadline.cancel()
         if self.handshake.server:
             logger.warning("Dropped a connection from %s: %s.",
                            self.transport.get_extra_info("peername"), exc)
@@ -180,6 +185,8 @@ class _FrameProtocol(asyncio.Protocol):
             self.transport.write(reply)
         if not self.handshake.done:
             return False
+        if self._deadline is not None:
+            self._deadline.cancel()
         if self.authenticated is not None and not self.authenticated.done():
             self.authenticated.set_result(None)
         return True
@@ -202,6 +209,8 @@ class _FrameProtocol(asyncio.Protocol):
             del buffer[:offset]
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
         if self.authenticated is not None and not self.authenticated.done():
             self.authenticated.set_exception(AuthenticationFailed(
                 "the peer closed the connection; it may hold another instance's secret"))
@@ -315,6 +324,7 @@ class RpcClient:
                 handshake = Handshake(server=False)
                 _, protocol = await loop.create_connection(
                     lambda: _FrameProtocol(client._on_frame, client._on_lost, handshake), *tcp)
+                assert protocol.authenticated is not None
                 await asyncio.shield(protocol.authenticated)
         except AuthenticationFailed as exc:
             raise ConnectFailed(f"Could not connect to {client.name}: authentication "

@@ -197,7 +197,9 @@ class Controller:
         Raises:
             ServeError: a proxy could not start (the others are still started).
         """
-        wanted = await self.runtime.proxy_nodes(self.http_options.location.value)
+        location = self.http_options.location
+        assert location is not None  # HTTPOptions sets NoServer for None
+        wanted = await self.runtime.proxy_nodes(location.value)
         for name, record in list(self._proxies.items()):
             if name not in wanted or not self.runtime.is_alive(name):
                 self._proxies.pop(name)

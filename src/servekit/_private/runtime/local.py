@@ -119,7 +119,8 @@ class LocalRuntime(Runtime):
         worker = self._workers.get(name)
         if worker is None:
             return None
-        identity = {"pid": worker.pid, "start_time": process_start_time(worker.pid)}
+        identity: Dict[str, Any] = {"pid": worker.pid,
+                                    "start_time": process_start_time(worker.pid)}
         if name == "proxy" and self._http_socket is not None:
             identity["http"] = list(self._http_socket.getsockname()[:2])
         return identity

@@ -13,10 +13,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import pickle
 import secrets
+import select
 import socket
 import threading
 import time
@@ -136,8 +138,9 @@ class ServekitActor:
             extra_fds["http"] = self._http_socket.fileno()
             self._http = list(self._http_socket.getsockname()[:2])
         self._role = role
-        self._info = {"address": tcp_address(host, sock.getsockname()[1]), "pid": os.getpid(),
-                      "node": ray.get_runtime_context().get_node_id(), "http": self._http}
+        self._info: Dict[str, Any] = {
+            "address": tcp_address(host, sock.getsockname()[1]), "pid": os.getpid(),
+            "node": ray.get_runtime_context().get_node_id(), "http": self._http}
         spec = WorkerSpec(role=role, name=name, instance_dir="", rpc_fd=sock.fileno(),
                           controller_address=controller_address or self._info["address"],
                           payload=payload, sys_path=sys_path, watch_parent=False,
@@ -192,14 +195,14 @@ class ServekitActor:
                 pass  # the GCS is unreachable for now: not a reason to exit
 
 
+@dataclasses.dataclass
 class RayControllerSpec:
-    """What the controller actor is told: the HTTP options and the driver's node."""
+    """What the controller actor is told: the HTTP options, the driver's ``sys.path`` (for
+    its workers) and the driver's node (where a HeadOnly proxy runs)."""
 
-    def __init__(self, http_options: HTTPOptions, sys_path: Sequence[str],
-                 driver_node: Optional[str]) -> None:
-        self.http_options = http_options
-        self.sys_path = list(sys_path)
-        self.driver_node = driver_node
+    http_options: HTTPOptions
+    sys_path: List[str]
+    driver_node: Optional[str]
 
 
 async def run_ray_controller(worker: WorkerSpec, sock: socket.socket,
@@ -308,8 +311,9 @@ class RayRuntime(Runtime):
         watch = asyncio.wrap_future(actor.wait_for_exit.remote().future())
 
         def ended(future: asyncio.Future) -> None:
-            if self._actors.get(name) is actor and not future.cancelled():
-                self._endings[name] = f"ended ({_first_line(future.exception())})"
+            error = None if future.cancelled() else future.exception()
+            if self._actors.get(name) is actor and error is not None:
+                self._endings[name] = f"ended ({_first_line(error)})"
 
         watch.add_done_callback(ended)
         self._watches[name] = watch
@@ -373,10 +377,18 @@ class RayRuntime(Runtime):
 
 
 async def _wait_until_gone(pid: int, start_time: Optional[int]) -> None:
-    deadline = asyncio.get_running_loop().time() + constants.PROCESS_STOP_TIMEOUT_S
-    while start_time is not None and process_start_time(pid) == start_time and \
-            asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(0.01)
+    """Wait (up to the process stop timeout) until process ``pid`` of ``start_time`` exits."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return  # already gone
+    try:
+        if start_time is not None and process_start_time(pid) == start_time:
+            # A pidfd turns readable when its process exits.
+            await asyncio.get_running_loop().run_in_executor(
+                None, select.select, [pidfd], [], [], constants.PROCESS_STOP_TIMEOUT_S)
+    finally:
+        os.close(pidfd)
 
 
 def _first_line(error: BaseException) -> str:
@@ -425,7 +437,7 @@ class RayInstance(Instance):
             _kv_discard()  # what a non-detached instance left behind is no one's
         _instance_secret()
         node = ray.get_runtime_context().get_node_id()
-        payload = RayControllerSpec(http_options, importable_sys_path(), node)
+        payload = RayControllerSpec(http_options, list(importable_sys_path()), node)
         controller = ServekitActor.options(  # type: ignore[attr-defined]
             name=CONTROLLER_NAME, namespace=NAMESPACE,
             lifetime="detached" if detached else None, max_restarts=-1, max_concurrency=4,
