@@ -14,8 +14,8 @@ import cloudpickle
 from servekit._private import constants
 from servekit._private.context import ReplicaContext, current_replica_context
 from servekit._private.event_loop import run_sync
-from servekit._private.instance import Instance
 from servekit._private.runtime import choice
+from servekit._private.runtime.base import Instance
 from servekit._private.transport import ConnectFailed, RpcClient, is_remote_error
 from servekit.config import (
     BackendConfig,

@@ -219,3 +219,27 @@ def test_detached_instance_is_reached_from_another_driver_and_shut_down(
     assert internal_kv._internal_kv_list(b"", namespace="servekit") == []
     with pytest.raises(serve.ServeError, match="no instance running on this Ray cluster"):
         serve.connect()
+
+
+def test_the_servekit_command_starts_and_shuts_down_a_ray_instance(cluster: Any) -> None:
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+
+    def servekit(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "servekit.cli", *args, "--address",
+                               cluster.address], capture_output=True, text=True, timeout=120,
+                              env=env)
+
+    started = servekit("start", "--http-port", str(port))
+    assert started.returncode == 0, started.stderr
+    assert f"http://127.0.0.1:{port}" in started.stdout
+    # The command's driver has exited; the detached instance serves on.
+    assert httpx.get(f"http://127.0.0.1:{port}/-/healthz", timeout=TIMEOUT).text == "success"
+    again = servekit("start")
+    assert again.returncode == 1 and "already runs on this Ray cluster" in again.stderr
+    stopped = servekit("shutdown")
+    assert stopped.returncode == 0, stopped.stderr
+    wait_for(lambda: servekit_actors() == [], TIMEOUT, "every servekit actor gone")
+    missing = servekit("status")
+    assert missing.returncode == 1
+    assert "no instance running on this Ray cluster" in missing.stderr

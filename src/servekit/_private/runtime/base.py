@@ -3,7 +3,8 @@
 The controller starts, stops and watches replicas and proxies only through a ``Runtime``.
 ``LocalRuntime`` runs them as child processes of the controller; ``RayRuntime`` as Ray
 actors; a fake in-memory runtime makes the controller's logic testable without processes.
-Which one runs is decided in ``runtime.choice``.
+On the script's side, an ``Instance`` is what a ``Client`` needs of the runtime it talks to.
+Which runtime runs is decided in ``runtime.choice``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,26 @@ class Connection(Protocol):
     def is_closed(self) -> bool: ...
     async def call(self, name: str, *args: Any) -> Any: ...
     def close(self) -> None: ...
+
+
+class Instance(abc.ABC):
+    """A running instance of some runtime, as a ``Client`` of it needs it."""
+
+    controller_address: str
+    detached: bool
+
+    def started(self, pid: int) -> None:  # noqa: B027 (most instances need nothing)
+        """The instance answered ``ready`` with ``pid`` (its first process)."""
+
+    @abc.abstractmethod
+    def stop(self, keep_state: bool) -> None:
+        """After the controller was asked to shut down (or could not start): make sure the
+        instance's processes are gone, and its state too unless ``keep_state``."""
+
+    def controller_returns(self) -> bool:
+        """The controller's socket refused a connection: whether a controller will serve
+        it again (waiting for it, if it is restarting)."""
+        return False
 
 
 class Runtime(abc.ABC):

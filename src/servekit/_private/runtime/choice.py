@@ -11,7 +11,8 @@ import sys
 from typing import Dict, Optional
 
 from servekit._private import home
-from servekit._private.instance import DetachedLocalInstance, Instance, LocalInstance
+from servekit._private.runtime.base import Instance
+from servekit._private.runtime.local_instance import DetachedLocalInstance, LocalInstance
 from servekit._private.transport import parse_tcp_address
 from servekit.config import HTTPOptions
 

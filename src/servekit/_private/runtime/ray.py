@@ -32,14 +32,13 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from servekit._private import auth, constants
 from servekit._private.event_loop import new_event_loop
-from servekit._private.instance import Instance
 from servekit._private.process import (
     WorkerSpec,
     bind_http_socket,
     importable_sys_path,
     process_start_time,
 )
-from servekit._private.runtime.base import Connection, Runtime
+from servekit._private.runtime.base import Connection, Instance, Runtime
 from servekit._private.transport import RpcClient, tcp_address
 from servekit.config import HTTPOptions
 from servekit.exceptions import ServeError

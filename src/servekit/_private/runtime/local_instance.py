@@ -1,14 +1,11 @@
-"""An instance as the user's script sees it, and the embedded (local) kind of it.
+"""The embedded instance as the user's script sees it.
 
-``Instance`` is what ``Client`` needs of the runtime it talks to: the controller's address,
-what to do once the instance has started, how to make sure it is gone after a shutdown,
-and whether a lost controller may come back. ``LocalInstance`` starts an embedded instance;
-``DetachedLocalInstance`` is the detached one this user runs, found by its record.
+``LocalInstance`` starts one; ``DetachedLocalInstance`` is the detached one this user runs,
+found by its record in ``$SERVEKIT_HOME``.
 """
 
 from __future__ import annotations
 
-import abc
 import os
 import shutil
 import signal
@@ -27,28 +24,9 @@ from servekit._private.process import (
     bind_unix_socket,
     importable_sys_path,
 )
+from servekit._private.runtime.base import Instance
 from servekit._private.specs import ControllerSpec
 from servekit.config import HTTPOptions
-
-
-class Instance(abc.ABC):
-    """A running instance of some runtime, as a ``Client`` of it needs it."""
-
-    controller_address: str
-    detached: bool
-
-    def started(self, pid: int) -> None:  # noqa: B027 (most instances need nothing)
-        """The instance answered ``ready`` with ``pid`` (its first process)."""
-
-    @abc.abstractmethod
-    def stop(self, keep_state: bool) -> None:
-        """After the controller was asked to shut down (or could not start): make sure the
-        instance's processes are gone, and its state too unless ``keep_state``."""
-
-    def controller_returns(self) -> bool:
-        """The controller's socket refused a connection: whether a controller will serve
-        it again (waiting for it, if it is restarting)."""
-        return False
 
 
 class LocalInstance(Instance):
