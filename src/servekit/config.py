@@ -18,6 +18,8 @@ from starlette.middleware import Middleware
 
 _ModelT = TypeVar("_ModelT", bound=BaseModel)
 
+# Requests a router holds for a backend whose replicas are all full, unless configured.
+DEFAULT_MAX_QUEUED_REQUESTS = 100
 # Defaults for max_concurrent_queries when the user leaves it unset.
 _ASYNC_MAX_CONCURRENT_QUERIES = 100
 _SYNC_MAX_CONCURRENT_QUERIES = 8
@@ -61,10 +63,18 @@ class HTTPOptions(BaseModel):
             outermost first. Default none.
         location: Where proxies run, default ``DeploymentMode.HeadOnly``. ``None`` means
             ``NoServer``.
+        max_body_bytes: Largest request body a proxy accepts, default 100 MiB. A larger one
+            gets 413 without being read whole (a Content-Length over it, at once).
+        max_header_bytes: Largest request line plus headers, default 32 KiB; beyond it 431
+            and the connection is closed.
+        max_header_count: Most headers in a request, default 100; beyond it 431.
+        limit_concurrency: Connections plus requests in progress a proxy holds at once,
+            default 4096 (uvicorn's ``limit_concurrency``); beyond it 503.
+        keep_alive_timeout_s: Seconds an idle keep-alive connection stays open, default 5.
 
     Raises:
-        pydantic.ValidationError: an unknown key, a port outside 0..65535, or a middleware
-            that is not a ``Middleware`` instance.
+        pydantic.ValidationError: an unknown key, a port outside 0..65535, a limit below 1,
+            or a middleware that is not a ``Middleware`` instance.
     """
 
     model_config = ConfigDict(
@@ -83,6 +93,25 @@ class HTTPOptions(BaseModel):
     )
     location: DeploymentMode | None = Field(
         default=DeploymentMode.HeadOnly, description="Where HTTP proxies run."
+    )
+    max_body_bytes: int = Field(
+        default=100 * 1024 * 1024, ge=1, strict=True,
+        description="Largest request body accepted; larger ones get 413.",
+    )
+    max_header_bytes: int = Field(
+        default=32 * 1024, ge=1, strict=True,
+        description="Largest request line plus headers; beyond it 431.",
+    )
+    max_header_count: int = Field(
+        default=100, ge=1, strict=True, description="Most headers in a request; beyond it 431."
+    )
+    limit_concurrency: int = Field(
+        default=4096, ge=1, strict=True,
+        description="Connections plus requests in progress a proxy holds; beyond it 503.",
+    )
+    keep_alive_timeout_s: float = Field(
+        default=5.0, gt=0, strict=True, allow_inf_nan=False,
+        description="Seconds an idle keep-alive connection stays open.",
     )
 
     @field_validator("middlewares")
@@ -116,6 +145,11 @@ class BackendConfig(BaseModel):
         max_concurrent_queries: Queries in flight per replica, default ``None``: 100 for
             async callables, 8 for sync ones (``2 * max_batch_size`` when batching).
         user_config: Any value passed to the backend class's ``reconfigure`` method.
+        max_queued_requests: Requests each router (the HTTP proxy, each process with
+            handles) holds while every replica is at ``max_concurrent_queries``, default
+            100; -1 for no bound. A request beyond it fails at once with
+            ``BackendOverloadedError`` (HTTP 503 with ``Retry-After``), so overload sheds
+            load instead of growing a queue and its latency without bound.
         sync_threads: Sync calls one replica runs at once, each on its own thread; default
             1, so a sync method never runs twice at once (as in Ray Serve 1.x). Raise it
             only for thread-safe code that releases the GIL (numpy, torch). Requests beyond
@@ -160,6 +194,12 @@ class BackendConfig(BaseModel):
         ge=1,
         strict=True,
         description="Queries in flight per replica; None picks a default from the callable.",
+    )
+    max_queued_requests: int = Field(
+        default=DEFAULT_MAX_QUEUED_REQUESTS,
+        ge=-1,
+        strict=True,
+        description="Requests a router holds while every replica is full; -1: no bound.",
     )
     user_config: Any = Field(
         default=None, description="Value passed to the backend class's reconfigure method."

@@ -7,6 +7,8 @@ The tree::
      │    │                                      used after shutdown, a replica that died, ...
      │    ├── BackendUnavailableError           a request could not reach any replica, or
      │    │                                      the replica running it died
+     │    ├── BackendOverloadedError            shed at once: every replica was full and the
+     │    │                                      router's queue for the backend too (HTTP 503)
      │    ├── EndpointNotFoundError             a handle call to an endpoint that was deleted
      │    │                                      or not created in time
      │    ├── MethodNotFoundError               a method name the backend does not serve
@@ -32,6 +34,11 @@ RayServeException = ServeError
 
 class BackendUnavailableError(ServeError):
     """A request could not be delivered: the replica it was sent to died or was force-stopped."""
+
+
+class BackendOverloadedError(ServeError):
+    """A request was refused at once: every replica of its backend was at its cap and the
+    router already held ``max_queued_requests`` for it. Nothing ran; retry later."""
 
 
 class EndpointNotFoundError(ServeError):

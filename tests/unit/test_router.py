@@ -23,7 +23,7 @@ from loop_helpers import run, spin
 
 from servekit._private import constants
 from servekit._private.router import Router
-from servekit._private.specs import EndpointInfo
+from servekit._private.specs import BackendLimits, EndpointInfo
 from servekit._private.transport import (
     _HEADER,
     _NOTIFY,
@@ -37,7 +37,11 @@ from servekit._private.transport import (
     dumps,
     encode_error,
 )
-from servekit.exceptions import BackendUnavailableError, EndpointNotFoundError
+from servekit.exceptions import (
+    BackendOverloadedError,
+    BackendUnavailableError,
+    EndpointNotFoundError,
+)
 
 # --------------------------------------------------------------------------- fakes
 
@@ -188,8 +192,9 @@ class Feed:
     def endpoints(self, *infos: EndpointInfo) -> None:
         self.push(constants.KEY_ENDPOINTS, {info.name: info for info in infos})
 
-    def caps(self, **caps: int) -> None:
-        self.push(constants.KEY_BACKENDS, caps)
+    def caps(self, max_queued: int = -1, **caps: int) -> None:
+        self.push(constants.KEY_BACKENDS,
+                  {backend: BackendLimits(cap, max_queued) for backend, cap in caps.items()})
 
     def replicas(self, **replicas: List[FakeReplica]) -> None:
         self.push(constants.KEY_REPLICAS,
@@ -947,3 +952,110 @@ async def listen_nothing(subscriber_id: str, role: str, known: Dict[str, int]) -
     if known.get(constants.KEY_ENDPOINTS, -1) >= 1:
         await asyncio.Event().wait()
     return {constants.KEY_ENDPOINTS: (1, {})}
+
+
+# --------------------------------------------------------------------------- overload
+
+
+def test_beyond_max_queued_a_request_is_shed_at_once_and_nothing_is_sent() -> None:
+    """Cap 1, queue of 2: the third waiting request fails at once with
+    BackendOverloadedError; the queued ones go out, in order, as room frees; then the
+    queue takes requests again."""
+
+    async def main() -> None:
+        cluster = Cluster()
+        r1 = cluster.replica("b#1")
+        router, feed = make_router(cluster, b=[r1])
+        feed.caps(max_queued=2, b=1)
+        first = await sent(router, "A")
+        queued = [start_send(router, v) for v in ("B", "C")]
+        await spin()
+        shed = start_send(router, "D")
+        await spin()
+        assert shed.done() and isinstance(shed.exception(), BackendOverloadedError)
+        assert "max_queued_requests=2" in str(shed.exception())
+        assert r1.received() == ["A"]
+        r1.answer("A", "a")
+        await spin()
+        assert r1.received() == ["A", "B"]
+        again = start_send(router, "E")  # a place in the queue is free again
+        await spin()
+        assert not again.done()
+        r1.answer("B", "b")
+        await spin()
+        r1.answer("C", "c")
+        await spin()
+        assert r1.received() == ["A", "B", "C", "E"]
+        assert first.result() == "a"
+        assert [t.done() and t.exception() is None for t in queued] == [True, True]
+
+    run(main)
+
+
+@pytest.mark.parametrize("max_queued, waiting", [(0, 0), (-1, 50)])
+def test_a_queue_of_zero_sheds_whenever_every_replica_is_full_and_minus_one_never(
+        max_queued: int, waiting: int) -> None:
+    async def main() -> None:
+        cluster = Cluster()
+        r1 = cluster.replica("b#1")
+        router, feed = make_router(cluster, b=[r1])
+        feed.caps(max_queued=max_queued, b=1)
+        await sent(router, "A")
+        tasks = [start_send(router, i) for i in range(50)]
+        await spin()
+        assert sum(not task.done() for task in tasks) == waiting
+        assert all(isinstance(task.exception(), BackendOverloadedError)
+                   for task in tasks if task.done())
+        for task in tasks:
+            task.cancel()
+        await spin()
+
+    run(main)
+
+
+def test_a_refused_request_put_back_first_in_line_is_never_shed() -> None:
+    """A request the replica refused was accepted before: it goes back to the head of the
+    queue even when the queue is full, and is delivered before the queued ones."""
+
+    async def main() -> None:
+        cluster = Cluster()
+        r1 = cluster.replica("b#1")
+        router, feed = make_router(cluster, b=[r1])
+        feed.caps(max_queued=1, b=1)
+        refused = await sent(router, "A")
+        queued = start_send(router, "B")
+        await spin()
+        r1.refuse("A")  # full because of another router; the queue is full too
+        await spin()
+        assert not refused.done()
+        r1.notice()
+        await spin()
+        assert r1.received() == ["A", "A"]
+        r1.answer("A", "a")
+        await spin()
+        assert refused.result() == "a"
+        assert r1.received() == ["A", "A", "B"]
+        assert not queued.done() or queued.exception() is None
+
+    run(main)
+
+
+def test_a_caller_that_gives_up_frees_its_place_in_the_queue() -> None:
+    async def main() -> None:
+        cluster = Cluster()
+        r1 = cluster.replica("b#1")
+        router, feed = make_router(cluster, b=[r1])
+        feed.caps(max_queued=1, b=1)
+        await sent(router, "A")
+        waiting = start_send(router, "B")
+        await spin()
+        waiting.cancel()
+        await spin()
+        later = start_send(router, "C")
+        await spin()
+        assert not later.done()  # queued, not shed
+        r1.answer("A", "a")
+        await spin()
+        assert r1.received() == ["A", "C"]  # B was never sent
+
+    run(main)

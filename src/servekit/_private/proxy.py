@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 import time
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from servekit._private import constants
 from servekit._private.process import WorkerSpec
 from servekit._private.router import Router
 from servekit._private.specs import ProxySpec
 from servekit._private.transport import RpcServer
-from servekit.exceptions import BackendUnavailableError
+from servekit.exceptions import BackendOverloadedError, BackendUnavailableError
 from servekit.request import (
     HTTPResponseWire,
     error_response,
@@ -28,13 +30,19 @@ from servekit.request import (
 logger = logging.getLogger("servekit.proxy")
 
 RouteTable = Dict[str, Tuple[str, List[str]]]
+# Seconds a client shed for overload is told to wait before it retries.
+_RETRY_AFTER_S = b"1"
 
 
 class HTTPProxy:
-    """Routes by exact path to an endpoint, checks the method, forwards over the data plane."""
+    """Routes by exact path to an endpoint, checks the method, forwards over the data plane.
 
-    def __init__(self, router: Router) -> None:
+    A body over ``max_body_bytes`` gets 413 without being read whole.
+    """
+
+    def __init__(self, router: Router, max_body_bytes: int = 100 * 1024 * 1024) -> None:
         self.router = router
+        self.max_body_bytes = max_body_bytes
         self.routes: RouteTable = {}
         self._routes_changed = asyncio.Event()
         self._removed_at: Dict[str, float] = {}
@@ -100,22 +108,42 @@ class HTTPProxy:
         if method not in methods:
             return text_response(405, f"Method {method} is not allowed for {path}. Allowed "
                                       f"methods: {', '.join(methods)}.")
-        body = await _read_body(receive)
         method_name: Optional[str] = None
         shard_key: Optional[str] = None
+        length: Optional[bytes] = None
         for name, value in scope["headers"]:
             if name == b"x-serve-call-method":
                 method_name = value.decode("latin-1")
             elif name == b"x-serve-shard-key":
                 shard_key = value.decode("latin-1")
+            elif name == b"content-length":
+                length = value
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            return self._too_large()
+        try:
+            body = await _read_body(receive, self.max_body_bytes)
+        except BodyTooLarge:
+            return self._too_large()
         wire = wire_from_scope(scope, body)
         try:
             reply = await self.router.send(endpoint, "http", shard_key, (method_name, wire))
             return await reply
+        except BackendOverloadedError as exc:
+            # Shed at once, without a log line each: under overload there are many.
+            response = error_response(exc, status=503)
+            response.headers.append((b"retry-after", _RETRY_AFTER_S))
+            return response
         except Exception as exc:
             logger.warning("Request to %s failed: %r", path, exc)
             status = 503 if isinstance(exc, BackendUnavailableError) else 500
             return error_response(exc, status=status)
+
+    def _too_large(self) -> HTTPResponseWire:
+        response = text_response(413, f"The request body is larger than the "
+                                      f"{self.max_body_bytes} bytes this server accepts "
+                                      "(HTTPOptions.max_body_bytes).")
+        response.headers.append((b"connection", b"close"))  # the rest is never read
+        return response
 
     def _system_path(self, path: str) -> HTTPResponseWire:
         if path == "/-/routes":
@@ -139,16 +167,73 @@ class ClientDisconnected(Exception):
     """The HTTP client went away before its request body was complete."""
 
 
-async def _read_body(receive: Any) -> bytes:
-    """The whole request body; ``ClientDisconnected`` if the client left before its end."""
+class BodyTooLarge(Exception):
+    """The request body grew past the limit while it was read."""
+
+
+async def _read_body(receive: Any, limit: int) -> bytes:
+    """The whole request body, up to ``limit`` bytes (else ``BodyTooLarge``, with the
+    rest left unread); ``ClientDisconnected`` if the client left before its end."""
     chunks = []
+    size = 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientDisconnected()
-        chunks.append(message.get("body", b""))
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge()
+        chunks.append(chunk)
         if not message.get("more_body", False):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+class LimitedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with bounded request heads: past ``max_header_bytes``
+    (request line and headers) or ``max_header_count`` headers the parser stops, the client
+    gets 431 and the connection is closed."""
+
+    def __init__(self, *args: Any, max_header_bytes: int, max_header_count: int,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._max_header_bytes = max_header_bytes
+        self._max_header_count = max_header_count
+        self._head_bytes = 0
+        self._too_large = False
+
+    def on_message_begin(self) -> None:
+        self._head_bytes = 0
+        super().on_message_begin()
+
+    def _count(self, size: int) -> None:
+        self._head_bytes += size
+        if self._head_bytes > self._max_header_bytes or \
+                len(self.headers) >= self._max_header_count:
+            self._too_large = True
+            raise ValueError("request head too large")  # stops the parser
+
+    def on_url(self, url: bytes) -> None:
+        self._count(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value))
+        super().on_header(name, value)
+
+    def send_400_response(self, msg: str) -> None:
+        if not self._too_large:
+            super().send_400_response(msg)
+            return
+        body = (f"The request head is larger than this server accepts (at most "
+                f"{self._max_header_count} headers and {self._max_header_bytes} bytes; "
+                "HTTPOptions.max_header_count / max_header_bytes).").encode()
+        self.transport.write(b"".join([
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\n",
+            b"content-type: text/plain; charset=utf-8\r\n",
+            b"content-length: ", str(len(body)).encode(), b"\r\n",
+            b"connection: close\r\n\r\n", body]))
+        self.transport.close()
 
 
 def build_app(proxy: HTTPProxy, middlewares: list) -> Any:
@@ -171,12 +256,20 @@ class _Server(uvicorn.Server):
 async def run_proxy(worker: WorkerSpec, sock: socket.socket, stop: asyncio.Event) -> None:
     spec: ProxySpec = worker.load_payload()
     assert worker.controller_address is not None
+    options = spec.http_options
     router = await Router.start(worker.controller_address, role="proxy")
-    proxy = HTTPProxy(router)
+    proxy = HTTPProxy(router, options.max_body_bytes)
     http_socket = socket.socket(fileno=worker.extra_fds["http"])
-    config = uvicorn.Config(build_app(proxy, spec.middlewares), loop="none", http="httptools",
+    protocol = functools.partial(LimitedHttpToolsProtocol,
+                                 max_header_bytes=options.max_header_bytes,
+                                 max_header_count=options.max_header_count)
+    config = uvicorn.Config(build_app(proxy, options.middlewares), loop="none",
+                            http=protocol,  # type: ignore[arg-type]
                             lifespan="off", log_level="warning", access_log=False,
-                            server_header=False, date_header=False)
+                            server_header=False, date_header=False,
+                            limit_concurrency=options.limit_concurrency,
+                            # a call_later delay: a float works
+                            timeout_keep_alive=options.keep_alive_timeout_s)  # type: ignore[arg-type]
     server = _Server(config)
     serving = asyncio.ensure_future(server.serve(sockets=[http_socket]))
 

@@ -19,7 +19,7 @@ import uuid
 from typing import Any, Awaitable, Callable, Deque, Dict, List, Optional, Tuple
 
 from servekit._private import constants
-from servekit._private.specs import EndpointInfo
+from servekit._private.specs import BackendLimits, EndpointInfo
 from servekit._private.transport import (
     Busy,
     ConnectFailed,
@@ -28,7 +28,11 @@ from servekit._private.transport import (
     is_remote_error,
     parse_tcp_address,
 )
-from servekit.exceptions import BackendUnavailableError, EndpointNotFoundError
+from servekit.exceptions import (
+    BackendOverloadedError,
+    BackendUnavailableError,
+    EndpointNotFoundError,
+)
 
 logger = logging.getLogger("servekit.router")
 
@@ -109,6 +113,8 @@ class ReplicaSet:
     def __init__(self, backend: str, connect: ConnectReplica) -> None:
         self.backend = backend
         self.cap = 8
+        self.max_queued = -1
+        self.queued = 0  # requests waiting in acquire() (not those put back first in line)
         self.slots: Dict[str, ReplicaSlot] = {}
         self._connect = connect
         self._order: List[ReplicaSlot] = []
@@ -132,8 +138,9 @@ class ReplicaSet:
         self._wake()
         self._arm_expiry()
 
-    def set_cap(self, cap: int) -> None:
-        self.cap = cap
+    def set_limits(self, limits: BackendLimits) -> None:
+        self.cap = limits.cap
+        self.max_queued = limits.max_queued
         self._wake()
 
     def _lost(self, slot: ReplicaSlot) -> None:
@@ -171,17 +178,28 @@ class ReplicaSet:
         return slot
 
     async def acquire(self, first: bool = False) -> ReplicaSlot:
-        """A replica with room, waiting in arrival order (``first``: ahead of the queue)."""
+        """A replica with room, waiting in arrival order (``first``: ahead of the queue, for
+        a request accepted before, which is never shed).
+
+        Raises:
+            BackendOverloadedError: every replica is full and ``max_queued`` requests wait.
+        """
         if not self._waiters:
             slot = self._pick()
             if slot is not None:
                 slot.in_flight += 1
                 return slot
+        if not first and 0 <= self.max_queued <= self.queued:
+            raise BackendOverloadedError(
+                f"Backend '{self.backend}' is overloaded: every replica is at its "
+                f"max_concurrent_queries and {self.queued} requests already wait for one here "
+                f"(max_queued_requests={self.max_queued}). Retry later, or add replicas.")
         waiter = asyncio.get_running_loop().create_future()
         if first:
             self._waiters.appendleft(waiter)
         else:
             self._waiters.append(waiter)
+            self.queued += 1
         if not self._order:
             self._arm_expiry([waiter])
         try:
@@ -190,6 +208,9 @@ class ReplicaSet:
             if waiter.done() and not waiter.cancelled():
                 self.release(waiter.result(), completed=False)
             raise
+        finally:
+            if not first:
+                self.queued -= 1
 
     def _arm_expiry(self, waiters: Optional[List[asyncio.Future]] = None) -> None:
         """While no replica is routable, waiting requests fail NO_REPLICA_TIMEOUT_S after
@@ -326,7 +347,7 @@ class Router:
         # Deleted endpoints (name -> when), so later calls to them fail at once.
         self._removed_endpoints: Dict[str, float] = {}
         self._replica_sets: Dict[str, ReplicaSet] = {}
-        self._caps: Dict[str, int] = {}
+        self._limits: Dict[str, BackendLimits] = {}
         self._versions = {constants.KEY_ENDPOINTS: -1, constants.KEY_BACKENDS: -1,
                           constants.KEY_REPLICAS: -1}
         self._changed = asyncio.Event()
@@ -425,9 +446,9 @@ class Router:
                 del self._removed_endpoints[next(iter(self._removed_endpoints))]  # oldest
             self.endpoints = value
         elif key == constants.KEY_BACKENDS:
-            self._caps = value
-            for backend, cap in value.items():
-                self._replica_set(backend).set_cap(cap)
+            self._limits = value
+            for backend, limits in value.items():
+                self._replica_set(backend).set_limits(limits)
         elif key == constants.KEY_REPLICAS:
             for backend, replicas in value.items():
                 self._replica_set(backend).update(replicas)
@@ -439,7 +460,9 @@ class Router:
         if replica_set is None:
             replica_set = ReplicaSet(backend, self._connect_replica)
             self._replica_sets[backend] = replica_set
-            replica_set.cap = self._caps.get(backend, replica_set.cap)
+            limits = self._limits.get(backend)
+            if limits is not None:
+                replica_set.set_limits(limits)
         return replica_set
 
     # ------------------------------------------------------------- requests

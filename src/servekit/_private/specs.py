@@ -30,6 +30,15 @@ class EndpointInfo:
                 "traffic": dict(self.traffic), "shadows": dict(self.shadows)}
 
 
+@dataclasses.dataclass(frozen=True)
+class BackendLimits:
+    """What routers enforce for a backend: requests in flight per replica, and requests
+    held while every replica is full (-1: no bound)."""
+
+    cap: int
+    max_queued: int
+
+
 @dataclasses.dataclass
 class ReplicaSpec:
     """What a replica process is told when it starts."""
@@ -43,9 +52,9 @@ class ReplicaSpec:
 
 @dataclasses.dataclass
 class ProxySpec:
-    """What the HTTP proxy process is told when it starts."""
+    """What the HTTP proxy process is told when it starts: the instance's HTTP options."""
 
-    middlewares: list
+    http_options: HTTPOptions
 
 
 @dataclasses.dataclass

@@ -28,7 +28,7 @@ from servekit._private.controller.state import (
 )
 from servekit._private.long_poll import LongPollHost
 from servekit._private.runtime.base import Connection, Runtime
-from servekit._private.specs import EndpointInfo, ProxySpec, ReplicaSpec
+from servekit._private.specs import BackendLimits, EndpointInfo, ProxySpec, ReplicaSpec
 from servekit._private.transport import current_peer
 from servekit.config import (
     BackendConfig,
@@ -220,7 +220,7 @@ class Controller:
     async def _start_proxy(self, name: str, node: Optional[str]) -> None:
         await self.runtime.stop(name, timeout=0)  # what is left of an earlier one
         address = await self.runtime.launch(
-            name, "proxy", ProxySpec(middlewares=self.http_options.middlewares), node=node)
+            name, "proxy", ProxySpec(self.http_options), node=node)
         connection = await self.runtime.connect(address)
         try:
             await connection.call("ready")
@@ -744,8 +744,9 @@ class Controller:
         view = {}
         for tag, backend in self.backends.items():
             if backend.metadata is not None and not backend.deleting:
-                view[tag] = backend.config.effective_max_concurrent_queries(
-                    backend.metadata.is_async)
+                view[tag] = BackendLimits(
+                    backend.config.effective_max_concurrent_queries(backend.metadata.is_async),
+                    backend.config.max_queued_requests)
         return await self.long_poll.publish(constants.KEY_BACKENDS, view)
 
     async def _publish_replicas(self) -> int:

@@ -1,0 +1,252 @@
+"""Overload and input limits against real processes: requests beyond a backend's queue are
+shed at once (503 + Retry-After over HTTP, BackendOverloadedError through handles); bodies,
+heads and malformed requests past the proxy's limits never reach a replica."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from typing import Any, Iterator, List
+
+import httpx
+import pytest
+from robustness_backends import async_wait_for_file
+
+import servekit as serve
+from conftest import free_port, wait_for
+from servekit.exceptions import BackendOverloadedError
+
+pytestmark = pytest.mark.integration
+
+TIMEOUT = 30.0
+
+
+class Gate:
+    """Requests that block until the file ``release`` exists; each returns how many had
+    started before it ended."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.ran = 0
+
+    async def __call__(self, request: Any) -> int:
+        self.ran += 1
+        assert await async_wait_for_file(os.path.join(self.directory, "release"))
+        return self.ran
+
+
+class Counted:
+    """Answers "ran" and counts the requests that reached it (``calls`` tells)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, request: Any) -> str:
+        self.count += 1
+        return "ran"
+
+    def calls(self, request: Any) -> int:
+        return self.count
+
+
+def reached(client: serve.Client) -> int:
+    return client.get_handle("counted").options(method_name="calls").remote() \
+        .result(timeout=TIMEOUT)
+
+
+@pytest.fixture(scope="module")
+def limited() -> Iterator[tuple]:
+    port = free_port()
+    client = serve.start(http_options={
+        "port": port, "max_body_bytes": 1000, "max_header_bytes": 4096,
+        "max_header_count": 20})
+    client.create_backend("counted", Counted)
+    client.create_endpoint("counted", backend="counted", route="/counted",
+                           methods=["GET", "POST"])
+    yield client, f"http://127.0.0.1:{port}", port
+    client.shutdown()
+
+
+def proxy_rss_kib(client: serve.Client) -> int:
+    [proxy] = [p for p in client._call("status")["processes"] if p["role"] == "proxy"]
+    with open(f"/proc/{proxy['pid']}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def raw_exchange(port: int, request: bytes) -> bytes:
+    """Send ``request`` on a new connection; everything the server sends before it closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+        sock.sendall(request)
+        received = b""
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                return received  # the server closed the connection
+            received += data
+
+
+# --------------------------------------------------------------------------- overload
+
+
+def test_requests_beyond_the_queue_are_shed_at_once_and_the_accepted_ones_succeed(
+        tmp_path: Any) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    client = serve.start(http_options={"port": port})
+    try:
+        client.create_backend("gate", Gate, str(tmp_path),
+                              config={"max_concurrent_queries": 1, "max_queued_requests": 2})
+        client.create_endpoint("gate", backend="gate", route="/gate")
+        results: List[httpx.Response] = []
+        lock = threading.Lock()
+
+        def call() -> None:
+            response = httpx.get(f"{url}/gate", timeout=TIMEOUT)
+            with lock:
+                results.append(response)
+
+        threads = [threading.Thread(target=call) for _ in range(10)]
+        for thread in threads:
+            thread.start()
+        # One runs, two wait in the proxy's router, seven are shed without waiting.
+        wait_for(lambda: len(results) == 7, TIMEOUT, "seven requests shed")
+        assert {r.status_code for r in results} == {503}
+        assert all(r.headers["retry-after"] == "1" for r in results)
+        assert "BackendOverloadedError" in results[0].text
+        assert "max_queued_requests=2" in results[0].text
+        (tmp_path / "release").touch()
+        for thread in threads:
+            thread.join(TIMEOUT)
+        accepted = [r for r in results if r.status_code == 200]
+        assert sorted(r.json() for r in accepted) == [1, 2, 3]
+    finally:
+        client.shutdown()
+
+
+def test_a_handle_call_beyond_the_queue_raises_backend_overloaded_error(
+        tmp_path: Any) -> None:
+    client = serve.start(http_options={"port": free_port()})
+    try:
+        client.create_backend("gate", Gate, str(tmp_path),
+                              config={"max_concurrent_queries": 1, "max_queued_requests": 1})
+        client.create_endpoint("gate", backend="gate")
+        handle = client.get_handle("gate")
+        outcomes: List[Any] = []
+        lock = threading.Lock()
+
+        def call() -> None:
+            try:
+                outcome: Any = handle.remote().result(timeout=TIMEOUT)
+            except BackendOverloadedError as exc:
+                outcome = exc
+            with lock:
+                outcomes.append(outcome)
+
+        threads = [threading.Thread(target=call) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        # One runs, one waits, four are refused at once (before anything is released).
+        wait_for(lambda: len(outcomes) == 4, TIMEOUT, "four calls refused")
+        assert all(isinstance(o, BackendOverloadedError) for o in outcomes)
+        assert "'gate'" in str(outcomes[0])
+        (tmp_path / "release").touch()
+        for thread in threads:
+            thread.join(TIMEOUT)
+        assert sorted(o for o in outcomes if isinstance(o, int)) == [1, 2]
+        # -1: no bound, as it was before this option existed.
+        client.update_backend_config("gate", {"max_queued_requests": -1})
+        assert client.get_backend_config("gate").max_queued_requests == -1
+    finally:
+        client.shutdown()
+
+
+def test_the_proxy_caps_the_connections_it_holds() -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    # uvicorn's limit counts the connection of the request being admitted too.
+    client = serve.start(http_options={"port": port, "limit_concurrency": 3})
+    try:
+        client.create_backend("counted", Counted)
+        client.create_endpoint("counted", backend="counted", route="/counted")
+        with httpx.Client(timeout=TIMEOUT) as first, httpx.Client(timeout=TIMEOUT) as second, \
+                httpx.Client(timeout=TIMEOUT) as third:
+            assert first.get(f"{url}/counted").status_code == 200  # kept alive
+            assert second.get(f"{url}/counted").status_code == 200
+            assert third.get(f"{url}/counted").status_code == 503
+    finally:
+        client.shutdown()
+
+
+@pytest.mark.parametrize("value", [0, -2, "10", 1.5])
+def test_bad_limits_are_validation_errors(value: Any) -> None:
+    import pydantic
+
+    with pytest.raises(pydantic.ValidationError):
+        serve.start(http_options={"max_body_bytes": value})
+    with pytest.raises(pydantic.ValidationError):
+        serve.BackendConfig(max_queued_requests=-5 if value == 0 else value)
+
+
+# --------------------------------------------------------------------------- input limits
+
+
+def test_a_body_over_the_limit_gets_413_and_never_reaches_a_replica(limited: tuple) -> None:
+    client, url, _ = limited
+    before = reached(client)
+    with httpx.Client(timeout=TIMEOUT) as session:
+        small = session.post(f"{url}/counted", content=b"x" * 1000)
+        assert small.status_code == 200
+        big = session.post(f"{url}/counted", content=b"x" * 1001)
+        assert big.status_code == 413
+        assert "max_body_bytes" in big.text
+        assert big.headers["connection"] == "close"
+
+        def chunks() -> Iterator[bytes]:  # no Content-Length: chunked transfer
+            for _ in range(10):
+                yield b"y" * 500
+
+        chunked = session.post(f"{url}/counted", content=chunks())
+        assert chunked.status_code == 413
+    assert reached(client) == before + 1  # only the small one
+
+
+def test_a_huge_declared_body_is_refused_before_it_is_read(limited: tuple) -> None:
+    client, _, port = limited
+    calls = reached(client)
+    before = proxy_rss_kib(client)
+    for _ in range(3):
+        head = (b"POST /counted HTTP/1.1\r\nHost: x\r\nContent-Length: 209715200\r\n\r\n" +
+                b"z" * 65536)  # declares 200 MiB, sends 64 KiB of it
+        reply = raw_exchange(port, head)
+        assert reply.startswith(b"HTTP/1.1 413")
+    # Nothing of the 200 MiB was buffered: the proxy's memory is where it was.
+    assert proxy_rss_kib(client) < before + 8 * 1024
+    assert reached(client) == calls
+
+
+def test_too_many_or_too_large_headers_get_431_and_the_connection_closes(
+        limited: tuple) -> None:
+    client, _, port = limited
+    calls = reached(client)
+    many = b"".join(b"X-H%d: v\r\n" % i for i in range(30))
+    reply = raw_exchange(port, b"GET /counted HTTP/1.1\r\nHost: x\r\n" + many + b"\r\n")
+    assert reply.startswith(b"HTTP/1.1 431"), reply[:100]
+    assert b"max_header_count" in reply
+    large = b"X-Big: " + b"a" * 5000 + b"\r\n"
+    reply = raw_exchange(port, b"GET /counted HTTP/1.1\r\nHost: x\r\n" + large + b"\r\n")
+    assert reply.startswith(b"HTTP/1.1 431"), reply[:100]
+    long_url = b"GET /counted?" + b"q" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+    assert raw_exchange(port, long_url).startswith(b"HTTP/1.1 431")
+    assert reached(client) == calls
+
+
+def test_malformed_http_gets_400_and_the_connection_closes(limited: tuple) -> None:
+    client, url, port = limited
+    reply = raw_exchange(port, b"THIS IS NOT HTTP\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 400"), reply[:100]
+    # The proxy still serves everyone else.
+    assert httpx.get(f"{url}/counted", timeout=TIMEOUT).text == "ran"
