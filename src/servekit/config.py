@@ -71,6 +71,11 @@ class HTTPOptions(BaseModel):
         limit_concurrency: Connections plus requests in progress a proxy holds at once,
             default 4096 (uvicorn's ``limit_concurrency``); beyond it 503.
         keep_alive_timeout_s: Seconds an idle keep-alive connection stays open, default 5.
+        request_timeout_s: Seconds a request may take from its arrival to its response,
+            default ``None`` (no limit). Past it the client gets 504 (408 if its body had
+            not arrived yet) and the request is cancelled: taken out of the queue if it
+            still waits, its coroutine cancelled in the replica if the backend is async (a
+            sync call already running finishes, and its result is dropped).
 
     Raises:
         pydantic.ValidationError: an unknown key, a port outside 0..65535, a limit below 1,
@@ -112,6 +117,10 @@ class HTTPOptions(BaseModel):
     keep_alive_timeout_s: float = Field(
         default=5.0, gt=0, strict=True, allow_inf_nan=False,
         description="Seconds an idle keep-alive connection stays open.",
+    )
+    request_timeout_s: float | None = Field(
+        default=None, gt=0, strict=True, allow_inf_nan=False,
+        description="Seconds from a request's arrival to its response; None: no limit.",
     )
 
     @field_validator("middlewares")

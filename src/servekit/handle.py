@@ -35,6 +35,9 @@ class ServeResponse:
     """The reply to one request: ``await`` it, or block on ``.result(timeout)``.
 
     Works from any thread and any event loop. A backend exception is re-raised with its type.
+    ``cancel()``, or cancelling the task that awaits it, cancels the request: an async
+    backend's coroutine is cancelled in the replica; a sync call already running finishes
+    and its result is dropped.
     """
 
     __slots__ = ("_future", "_loop")
@@ -43,8 +46,16 @@ class ServeResponse:
         self._future = future
         self._loop = loop
 
+    def cancel(self) -> None:
+        """Cancel the request (a no-op once it is answered); awaiting it then raises
+        ``CancelledError`` and ``result()`` raises ``concurrent.futures.CancelledError``."""
+        self._loop.call_soon_threadsafe(self._future.cancel)
+
     def _concurrent(self) -> concurrent.futures.Future:
         result: concurrent.futures.Future = concurrent.futures.Future()
+        # Cancelling the waiter (a task awaiting this from another loop) cancels the request.
+        result.add_done_callback(
+            lambda done: self.cancel() if done.cancelled() else None)
 
         def copy(future: asyncio.Future) -> None:
             if future.cancelled():

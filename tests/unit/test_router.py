@@ -25,6 +25,7 @@ from servekit._private import constants
 from servekit._private.router import Router
 from servekit._private.specs import BackendLimits, EndpointInfo
 from servekit._private.transport import (
+    _CANCEL,
     _HEADER,
     _NOTIFY,
     _REPLY_BUSY,
@@ -94,19 +95,31 @@ class FakeReplica:
         assert self.transports, f"nothing connected to {self.tag}"
         return self.transports[-1]
 
-    def requests(self) -> List[Tuple[int, Any]]:
-        """(message id, first argument) of every request written to this replica."""
+    def _frames(self) -> List[Tuple[int, int, bytes]]:
         found = []
         for transport in self.transports:
             data, offset = bytes(transport.data), 0
             while offset < len(data):
                 length, msg_id, kind = _HEADER.unpack_from(data, offset)
                 start = offset + _HEADER.size
-                assert kind == _REQUEST
-                _, args = pickle.loads(data[start:start + length])
-                found.append((msg_id, args[0] if args else None))
+                found.append((msg_id, kind, data[start:start + length]))
                 offset = start + length
         return found
+
+    def requests(self) -> List[Tuple[int, Any]]:
+        """(message id, first argument) of every request written to this replica."""
+        found = []
+        for msg_id, kind, payload in self._frames():
+            assert kind in (_REQUEST, _CANCEL)
+            if kind == _REQUEST:
+                _, args = pickle.loads(payload)
+                found.append((msg_id, args[0] if args else None))
+        return found
+
+    def cancelled(self) -> List[Any]:
+        """The first arguments of the requests the router told this replica to cancel."""
+        by_id = dict(self.requests())
+        return [by_id[msg_id] for msg_id, kind, _ in self._frames() if kind == _CANCEL]
 
     def received(self) -> List[Any]:
         return [value for _, value in self.requests()]
@@ -1057,5 +1070,29 @@ def test_a_caller_that_gives_up_frees_its_place_in_the_queue() -> None:
         r1.answer("A", "a")
         await spin()
         assert r1.received() == ["A", "C"]  # B was never sent
+
+    run(main)
+
+
+# --------------------------------------------------------------------------- cancellation
+
+
+def test_a_caller_that_cancels_a_delivered_request_has_the_replica_told_to_stop_it() -> None:
+    async def main() -> None:
+        cluster = Cluster()
+        r1 = cluster.replica("b#1")
+        router, _ = make_router(cluster, cap=2, b=[r1])
+        kept = await sent(router, "A")
+        given_up = await sent(router, "B")
+        given_up.cancel()
+        await spin()
+        assert r1.cancelled() == ["B"]
+        r1.answer("A", "a")
+        await spin()
+        assert kept.result() == "a"
+        assert r1.cancelled() == ["B"]  # an answered request is never cancelled
+        # The cancelled request's place is free again: two more go out at once.
+        await sent(router, "C")
+        await sent(router, "D")
 
     run(main)

@@ -16,6 +16,7 @@ import pytest
 from loop_helpers import run
 
 from servekit._private.transport import (
+    _CANCEL,
     _HEADER,
     _NOTIFY,
     _REPLY_BUSY,
@@ -404,3 +405,55 @@ def test_unknown_method_is_an_error_reply() -> None:
     assert (msg_id, kind) == (6, _REPLY_ERROR)
     error = decode_error(payload)
     assert isinstance(error, ServeError) and "'nope'" in str(error)
+
+
+# --------------------------------------------------------------------------- cancellation
+
+
+def test_a_request_cancelled_by_its_caller_sends_a_cancel_and_ignores_a_late_reply() -> None:
+    async def main() -> None:
+        client, protocol, transport = wired_client()
+        kept = client.call_nowait("call", "kept")
+        given_up = client.call_nowait("call", "given up")
+        given_up.cancel()
+        await asyncio.sleep(0)  # done callbacks run on the next loop iteration
+        [_, cancelled_id] = request_ids(transport)
+        assert [(i, k) for i, k, _ in transport.frames() if k == _CANCEL] == \
+            [(cancelled_id, _CANCEL)]
+        protocol.data_received(frame(cancelled_id, _REPLY_OK, dumps("late")))  # ignored
+        protocol.data_received(frame(request_ids(transport)[0], _REPLY_OK, dumps("ok")))
+        assert await kept == "ok"
+        # An answered request never sends a cancel.
+        assert [k for _, k, _ in transport.frames()].count(_CANCEL) == 1
+
+    run(main)
+
+
+def test_a_cancel_frame_stops_the_call_and_no_reply_is_sent() -> None:
+    async def main() -> None:
+        started, stopped = asyncio.Event(), asyncio.Event()
+
+        async def slow() -> str:
+            started.set()
+            try:
+                await asyncio.Event().wait()
+            finally:
+                stopped.set()
+            return "never"
+
+        async def quick() -> str:
+            return "quick"
+
+        server = RpcServer({"slow": slow, "quick": quick})
+        protocol = server._new_connection()
+        transport = RecordingTransport()
+        protocol.connection_made(transport)  # type: ignore[arg-type]
+        protocol.data_received(frame(1, _REQUEST, encode_call("slow", ())))
+        await asyncio.wait_for(started.wait(), 5)
+        protocol.data_received(frame(1, _CANCEL) + frame(2, _REQUEST, encode_call("quick", ())))
+        await asyncio.wait_for(stopped.wait(), 5)
+        await asyncio.sleep(0)
+        assert [(i, k) for i, k, _ in transport.frames()] == [(2, _REPLY_OK)]
+        protocol.data_received(frame(7, _CANCEL))  # for no call: ignored
+
+    run(main)

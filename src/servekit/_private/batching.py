@@ -70,6 +70,9 @@ class BatchQueue:
                     except asyncio.TimeoutError:
                         break
             batch = [self._queue.popleft() for _ in range(min(max_size, len(self._queue)))]
+            batch = [entry for entry in batch if not entry[2].done()]  # callers gone: skip
+            if not batch:
+                continue
             if self._concurrent:
                 task = asyncio.ensure_future(self._execute(batch))
                 self._running.add(task)

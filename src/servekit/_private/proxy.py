@@ -37,12 +37,15 @@ _RETRY_AFTER_S = b"1"
 class HTTPProxy:
     """Routes by exact path to an endpoint, checks the method, forwards over the data plane.
 
-    A body over ``max_body_bytes`` gets 413 without being read whole.
+    A body over ``max_body_bytes`` gets 413 without being read whole. A request that
+    outlives ``request_timeout_s``, or whose client disconnects, is cancelled.
     """
 
-    def __init__(self, router: Router, max_body_bytes: int = 100 * 1024 * 1024) -> None:
+    def __init__(self, router: Router, max_body_bytes: int = 100 * 1024 * 1024,
+                 request_timeout_s: Optional[float] = None) -> None:
         self.router = router
         self.max_body_bytes = max_body_bytes
+        self.request_timeout_s = request_timeout_s
         self.routes: RouteTable = {}
         self._routes_changed = asyncio.Event()
         self._removed_at: Dict[str, float] = {}
@@ -87,15 +90,37 @@ class HTTPProxy:
     async def __call__(self, scope: Dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
+        watch = _RequestWatch(self.request_timeout_s)
         try:
-            response = await self._respond(scope, receive)
+            response = await self._respond(scope, receive, watch)
         except ClientDisconnected:
             return  # nobody to answer; the truncated request was never sent on
+        except asyncio.CancelledError:
+            if watch.ended is None:
+                raise  # the server is stopping
+            watch.uncancel()
+            if watch.ended == _DISCONNECTED:
+                return  # the client left; its request was cancelled wherever it was
+            response = self._timed_out(watch)
+        finally:
+            watch.close()
         await send({"type": "http.response.start", "status": response.status,
                     "headers": response.headers})
         await send({"type": "http.response.body", "body": response.body})
 
-    async def _respond(self, scope: Dict[str, Any], receive: Any) -> HTTPResponseWire:
+    def _timed_out(self, watch: "_RequestWatch") -> HTTPResponseWire:
+        if watch.reading_body:
+            response = text_response(408, f"The request body did not arrive within "
+                                          f"{self.request_timeout_s}s "
+                                          "(HTTPOptions.request_timeout_s).")
+            response.headers.append((b"connection", b"close"))
+            return response
+        return text_response(504, f"No response within {self.request_timeout_s}s "
+                                  "(HTTPOptions.request_timeout_s); the request was "
+                                  "cancelled.")
+
+    async def _respond(self, scope: Dict[str, Any], receive: Any,
+                       watch: "_RequestWatch") -> HTTPResponseWire:
         path: str = scope["path"]
         if path.startswith("/-/"):
             return self._system_path(path)
@@ -120,10 +145,13 @@ class HTTPProxy:
                 length = value
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
             return self._too_large()
+        watch.reading_body = True
         try:
             body = await _read_body(receive, self.max_body_bytes)
         except BodyTooLarge:
             return self._too_large()
+        watch.reading_body = False
+        watch.until_disconnect(receive)
         wire = wire_from_scope(scope, body)
         try:
             reply = await self.router.send(endpoint, "http", shard_key, (method_name, wire))
@@ -161,6 +189,50 @@ class HTTPProxy:
         for (endpoint, backend), counts in self.router.shadow_stats.counts.items():
             table.setdefault(endpoint, {})[backend] = dict(counts)
         return table
+
+
+_TIMED_OUT, _DISCONNECTED = "timed out", "disconnected"
+
+
+class _RequestWatch:
+    """Cancels the task serving a request when its deadline passes or, once its body is
+    read, when its client disconnects; ``ended`` says which (None: neither)."""
+
+    def __init__(self, timeout: Optional[float]) -> None:
+        self._task = asyncio.current_task()
+        self.ended: Optional[str] = None
+        self.reading_body = False
+        loop = asyncio.get_running_loop()
+        self._deadline = None if timeout is None else \
+            loop.call_later(timeout, self._end, _TIMED_OUT)
+        self._disconnect: Optional[asyncio.Future] = None
+
+    def until_disconnect(self, receive: Any) -> None:
+        """Watch for the client leaving (the next ASGI message after the body is its
+        disconnect)."""
+        self._disconnect = asyncio.ensure_future(receive())
+        self._disconnect.add_done_callback(self._disconnected)
+
+    def _disconnected(self, future: asyncio.Future) -> None:
+        if not future.cancelled() and future.exception() is None:
+            self._end(_DISCONNECTED)
+
+    def _end(self, why: str) -> None:
+        if self.ended is None and self._task is not None:
+            self.ended = why
+            self._task.cancel()
+
+    def uncancel(self) -> None:
+        """The cancellation was ours and is handled: the task goes on (to answer)."""
+        uncancel = getattr(self._task, "uncancel", None)  # Python 3.11+
+        if uncancel is not None:
+            uncancel()
+
+    def close(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        if self._disconnect is not None and not self._disconnect.done():
+            self._disconnect.cancel()
 
 
 class ClientDisconnected(Exception):
@@ -258,7 +330,7 @@ async def run_proxy(worker: WorkerSpec, sock: socket.socket, stop: asyncio.Event
     assert worker.controller_address is not None
     options = spec.http_options
     router = await Router.start(worker.controller_address, role="proxy")
-    proxy = HTTPProxy(router, options.max_body_bytes)
+    proxy = HTTPProxy(router, options.max_body_bytes, options.request_timeout_s)
     http_socket = socket.socket(fileno=worker.extra_fds["http"])
     protocol = functools.partial(LimitedHttpToolsProtocol,
                                  max_header_bytes=options.max_header_bytes,

@@ -54,6 +54,13 @@ def _cancelled_by_servekit() -> bool:
     return task is not None and cancelling is not None and cancelling() > 0
 
 
+def _left_after(gate: CallGate, call: asyncio.Future) -> None:
+    """A sync call whose caller left has ended: its outcome is dropped, its place freed."""
+    if not call.cancelled():
+        call.exception()  # retrieved, so that asyncio does not log it
+    gate.leave()
+
+
 def contained(backend_tag: str, exc: BaseException) -> BaseException:
     """What to raise for ``exc``, raised by user code beyond ``Exception``
     (``SystemExit``, ``KeyboardInterrupt``, its own ``CancelledError``): a ``ServeError``
@@ -264,11 +271,19 @@ class Replica:
         gate = self._gate
         if not gate.enter():
             await gate.enter_when_open()
+        leave = True
         try:
             if is_async:
                 return await method(argument)
-            result = await asyncio.get_running_loop().run_in_executor(
-                self._pool, method, argument)
+            running = asyncio.get_running_loop().run_in_executor(self._pool, method, argument)
+            try:
+                result = await asyncio.shield(running)
+            except asyncio.CancelledError:
+                # The caller left: its result is dropped, but the thread runs on, and the
+                # gate counts it until it ends (reconfigure must not run beside it).
+                leave = False
+                running.add_done_callback(functools.partial(_left_after, gate))
+                raise
             if inspect.isawaitable(result):
                 result = await result
             return result
@@ -277,7 +292,8 @@ class Replica:
         except BaseException as exc:
             raise contained(self.tag, exc) from exc
         finally:
-            gate.leave()
+            if leave:
+                gate.leave()
 
     def _admit(self) -> None:
         if self._in_flight >= self._cap:

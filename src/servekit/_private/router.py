@@ -283,6 +283,13 @@ class ReplicaSet:
             self._waiters.popleft().set_result(slot)
 
 
+def _cancel_with(reply: asyncio.Future, result: asyncio.Future) -> None:
+    """The caller cancelled ``result``: cancel the request it waits for (the replica stops
+    it)."""
+    if result.cancelled():
+        reply.cancel()
+
+
 def pick_backend(traffic: Dict[str, float], shard_key: Optional[str]) -> str:
     """Weighted random choice, or weighted rendezvous hashing of ``shard_key``.
 
@@ -544,6 +551,7 @@ class Router:
             reply = connection.send(payload)
             reply.add_done_callback(functools.partial(
                 self._on_reply, replica_set, slot, payload, result))
+            result.add_done_callback(functools.partial(_cancel_with, reply))
             return
 
     def _on_reply(self, replica_set: ReplicaSet, slot: ReplicaSlot, payload: bytes,

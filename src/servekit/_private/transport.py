@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import logging
 import pickle
 import socket
@@ -31,7 +32,7 @@ from servekit.exceptions import BackendUnavailableError, RemoteTraceback, ServeE
 logger = logging.getLogger("servekit")
 
 _HEADER = struct.Struct("!IQB")
-_REQUEST, _REPLY_OK, _REPLY_ERROR, _REPLY_BUSY, _NOTIFY = 0, 1, 2, 3, 4
+_REQUEST, _REPLY_OK, _REPLY_ERROR, _REPLY_BUSY, _NOTIFY, _CANCEL = 0, 1, 2, 3, 4, 5
 _PICKLE_PROTOCOL = 5
 
 Handler = Callable[..., Awaitable[Any]]
@@ -253,16 +254,21 @@ class RpcServer:
 
     def _new_connection(self, handshake: Optional[Handshake] = None) -> _FrameProtocol:
         protocol: _FrameProtocol
-        tasks: set = set()
+        tasks: Dict[int, asyncio.Future] = {}  # message id -> the call serving it
 
         def on_frame(msg_id: int, kind: int, payload: bytes) -> None:
+            if kind == _CANCEL:  # the caller gave up: stop its call (it sends no reply)
+                running = tasks.get(msg_id)
+                if running is not None:
+                    running.cancel()
+                return
             task = asyncio.ensure_future(self._dispatch(protocol, msg_id, payload))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
+            tasks[msg_id] = task
+            task.add_done_callback(lambda _: tasks.pop(msg_id, None))
 
         def on_lost(exc: Optional[Exception]) -> None:
             # Nobody is left to read the replies: stop the work done for this peer.
-            for task in list(tasks):
+            for task in list(tasks.values()):
                 task.cancel()
             if self._on_disconnect is not None:
                 self._on_disconnect(protocol)
@@ -348,7 +354,13 @@ class RpcClient:
             future.set_exception(ConnectFailed(f"The connection to {self.name} is closed."))
             return future
         self._pending[msg_id] = future
+        future.add_done_callback(functools.partial(self._cancel_if_cancelled, msg_id))
         return future
+
+    def _cancel_if_cancelled(self, msg_id: int, future: asyncio.Future) -> None:
+        """A caller cancelled the future of a request in flight: tell the peer to stop it."""
+        if future.cancelled() and self._pending.pop(msg_id, None) is not None:
+            self._protocol.send(msg_id, _CANCEL, b"")  # type: ignore[union-attr]
 
     def call_nowait(self, name: str, *args: Any) -> asyncio.Future:
         """Send a request and return the future of its reply without awaiting it."""
