@@ -6,10 +6,11 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import threading
-from typing import Any, Dict, Generator, Optional, Tuple
+from typing import Any, AsyncIterator, Dict, Generator, Iterator, Optional, Tuple
 
 from servekit._private.event_loop import background_loop, run_sync
 from servekit._private.router import Router
+from servekit._private.transport import ReplyStream
 
 
 class _Default:
@@ -28,6 +29,7 @@ class HandleOptions:
     shard_key: Optional[str] = None
     http_method: str = "GET"
     http_headers: Tuple[Tuple[str, str], ...] = ()
+    stream: bool = False
     missing_ok: bool = False  # made by get_handle(missing_ok=True): calls wait for it
 
 
@@ -88,19 +90,78 @@ class ServeResponse:
         return (yield from asyncio.wrap_future(self._concurrent()).__await__())
 
 
+class ServeStream:
+    """What a streaming method yields, chunk by chunk as it yields them, from
+    ``handle.options(stream=True).remote()``: ``for chunk in stream`` (sync handles) or
+    ``async for chunk in stream`` (async handles, in their loop).
+
+    The backend produces at most a few chunks ahead of the reader (a slow reader slows
+    it); ``cancel()``, or stopping early and dropping the iterator, stops it.
+    """
+
+    __slots__ = ("_future", "_loop", "_stream")
+
+    def __init__(self, future: asyncio.Future, loop: asyncio.AbstractEventLoop) -> None:
+        self._future = future  # of the ReplyStream
+        self._loop = loop
+        self._stream: Optional[ReplyStream] = None
+
+    async def _next(self) -> Any:
+        if self._stream is None:
+            self._stream = await self._future
+        return await self._stream.__anext__()
+
+    def __iter__(self) -> Iterator[Any]:
+        try:
+            while True:
+                try:
+                    yield asyncio.run_coroutine_threadsafe(self._next(), self._loop).result()
+                except StopAsyncIteration:
+                    return
+        finally:
+            self.cancel()
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._aiterate()
+
+    async def _aiterate(self) -> AsyncIterator[Any]:
+        if asyncio.get_running_loop() is not self._loop:
+            raise RuntimeError("Iterate a ServeStream with async for in the event loop of "
+                               "the handle that made it.")
+        try:
+            while True:
+                try:
+                    yield await self._next()
+                except StopAsyncIteration:
+                    return
+        finally:
+            self.cancel()
+
+    def cancel(self) -> None:
+        """Stop the stream (a no-op once it has ended)."""
+        def stop() -> None:
+            if self._stream is not None:
+                self._stream.cancel()
+            elif not self._future.done():
+                self._future.cancel()
+            elif not self._future.cancelled() and self._future.exception() is None:
+                self._future.result().cancel()
+        self._loop.call_soon_threadsafe(stop)
+
+
 async def _resolved(call: tuple) -> tuple:
     """The call with every ``ServeResponse`` among its arguments replaced by its value.
 
     This is what lets one handle call feed another (a pipeline): the upstream reply is
     awaited here, and its error, if any, fails the downstream call.
     """
-    method_name, args, kwargs, http_method, headers = call
+    method_name, args, kwargs, http_method, headers, stream = call
     if any(isinstance(value, ServeResponse) for value in (*args, *kwargs.values())):
         args = tuple([await value if isinstance(value, ServeResponse) else value
                       for value in args])
         kwargs = {key: await value if isinstance(value, ServeResponse) else value
                   for key, value in kwargs.items()}
-    return (method_name, args, kwargs, http_method, headers)
+    return (method_name, args, kwargs, http_method, headers, stream)
 
 
 class _Routers:
@@ -146,7 +207,8 @@ class _HandleBase:
         self._options = options
 
     def options(self, *, method_name: Any = DEFAULT, shard_key: Any = DEFAULT,
-                http_method: Any = DEFAULT, http_headers: Any = DEFAULT) -> Any:
+                http_method: Any = DEFAULT, http_headers: Any = DEFAULT,
+                stream: Any = DEFAULT) -> Any:
         """A new handle with the given options changed; the others carry over.
 
         Args:
@@ -154,8 +216,14 @@ class _HandleBase:
             shard_key: requests with the same key go to the same backend of a split.
             http_method: what ``request.method`` says in the backend (default "GET").
             http_headers: a dict of headers the backend sees in ``request.headers``.
+            stream: the method returns a generator (sync or async); ``remote()`` then gives
+                a ``ServeStream`` of what it yields, as it yields it (default False).
         """
         changes: Dict[str, Any] = {}
+        if stream is not DEFAULT:
+            if not isinstance(stream, bool):
+                raise TypeError(f"stream must be a bool, got {stream!r}.")
+            changes["stream"] = stream
         if method_name is not DEFAULT:
             if method_name is not None and not isinstance(method_name, str):
                 raise TypeError(f"method_name must be a str, got {method_name!r}.")
@@ -183,7 +251,8 @@ class _HandleBase:
                             f"data), got {len(args)}. Pass the rest as keyword arguments.")
         options = self._options
         headers = dict(options.http_headers)
-        return (options.method_name, args, kwargs, options.http_method, headers)
+        return (options.method_name, args, kwargs, options.http_method, headers,
+                options.stream)
 
     def __reduce__(self) -> Any:
         return (type(self), (self._controller_address, self.endpoint_name, self._options))
@@ -207,6 +276,8 @@ class ServeSyncHandle(_HandleBase):
         """
         call = self._request_args(args, kwargs)
         reply = run_sync(self._send(call))
+        if self._options.stream:
+            return ServeStream(reply, background_loop())  # type: ignore[return-value]
         return ServeResponse(reply, background_loop())
 
     async def _send(self, call: tuple) -> asyncio.Future:
@@ -228,4 +299,6 @@ class ServeHandle(_HandleBase):
         router = await routers.get(self._controller_address)
         reply = await router.send(self.endpoint_name, "call", self._options.shard_key, call,
                                   self._options.missing_ok)
+        if self._options.stream:
+            return ServeStream(reply, asyncio.get_running_loop())  # type: ignore[return-value]
         return ServeResponse(reply, asyncio.get_running_loop())

@@ -12,9 +12,10 @@ the parts of the ``Request`` API that make sense without HTTP.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 from urllib.parse import quote
 
@@ -303,27 +304,42 @@ def _with_length(status: int, headers: list[Header], length: int) -> list[Header
     return kept
 
 
-async def _consume_stream(response: Response) -> HTTPResponseWire:
-    """Read a ``StreamingResponse``'s iterator to the end and return it as one body."""
-    iterator: Any = response.body_iterator  # type: ignore[attr-defined]
-    charset = response.charset
-    chunks: list[Any] = []
-    if hasattr(iterator, "__aiter__"):
-        async for chunk in iterator:
-            chunks.append(chunk.encode(charset) if isinstance(chunk, str) else chunk)
-    else:
-        for chunk in iterator:
-            chunks.append(chunk.encode(charset) if isinstance(chunk, str) else chunk)
-    body = b"".join(chunks)
-    # The body now goes out in one piece: a chunked transfer-encoding no longer applies.
-    headers = [
-        (name, value)
-        for name, value in response.raw_headers
-        if name != _CONTENT_LENGTH and name != _TRANSFER_ENCODING
-    ]
-    if _may_have_length(response.status_code):
-        headers.append(_length_header(len(body)))
-    return HTTPResponseWire(response.status_code, headers, body)
+def http_stream(value: Any,
+                chunks_of: Callable[[Any], AsyncIterator[Any]]) -> AsyncIterator[Any] | None:
+    """A streamed response for what a backend returned, or None if it is not one.
+
+    A ``StreamingResponse`` keeps its status and headers; a generator or async generator
+    (iterated by ``chunks_of``) is 200 ``text/plain; charset=utf-8``. The iterator yields
+    ``(status, headers)`` first, then each chunk as bytes: ``str`` encoded with the charset,
+    bytes as they are, anything else as a line of JSON. No content-length: the proxy sends
+    it with chunked transfer encoding.
+    """
+    if isinstance(value, Response) and hasattr(value, "body_iterator"):
+        headers = [(name, header) for name, header in value.raw_headers
+                   if name != _CONTENT_LENGTH and name != _TRANSFER_ENCODING]
+        return _http_chunks(value.status_code, headers,
+                            chunks_of(value.body_iterator),  # type: ignore[attr-defined]
+                            value.charset)
+    if inspect.isgenerator(value) or inspect.isasyncgen(value):
+        return _http_chunks(200, [_TEXT_TYPE], chunks_of(value), "utf-8")
+    return None
+
+
+async def _http_chunks(status: int, headers: list[Header], chunks: AsyncIterator[Any],
+                       charset: str) -> AsyncIterator[Any]:
+    yield status, headers
+    try:
+        async for chunk in chunks:
+            if isinstance(chunk, str):
+                yield chunk.encode(charset)
+            elif isinstance(chunk, (bytes, bytearray, memoryview)):
+                yield bytes(chunk)
+            else:
+                yield json_dumps(chunk) + b"\n"
+    finally:
+        close = getattr(chunks, "aclose", None)
+        if close is not None:
+            await close()
 
 
 async def _run_response(response: Response) -> HTTPResponseWire:
@@ -361,9 +377,9 @@ async def _run_response(response: Response) -> HTTPResponseWire:
 async def to_http_response(value: Any) -> HTTPResponseWire:
     """Convert what a backend returned into an :class:`HTTPResponseWire`.
 
-    - a starlette ``Response`` keeps its status, headers and body; a ``StreamingResponse`` is
-      read to the end first (str chunks encoded with its charset). Background tasks attached
-      to a response are not run.
+    - a starlette ``Response`` keeps its status, headers and body (a ``StreamingResponse``
+      is streamed instead, see ``http_stream``). Background tasks attached to a response
+      are not run.
     - ``str`` -> ``text/plain; charset=utf-8``; ``bytes``/``bytearray``/``memoryview`` ->
       ``application/octet-stream``; ``None`` -> an empty body; anything else -> JSON through
       :func:`json_dumps`. These get status 200.
@@ -374,8 +390,6 @@ async def to_http_response(value: Any) -> HTTPResponseWire:
         TypeError: ``value`` cannot be encoded as JSON.
     """
     if isinstance(value, Response):
-        if hasattr(value, "body_iterator"):
-            return await _consume_stream(value)
         body = getattr(value, "body", None)
         if body is None:
             return await _run_response(value)

@@ -8,7 +8,7 @@ import functools
 import logging
 import socket
 import time
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -17,7 +17,7 @@ from servekit._private import constants
 from servekit._private.process import WorkerSpec
 from servekit._private.router import Router
 from servekit._private.specs import ProxySpec
-from servekit._private.transport import RpcServer
+from servekit._private.transport import ReplyStream, RpcServer
 from servekit.exceptions import BackendOverloadedError, BackendUnavailableError
 from servekit.request import (
     HTTPResponseWire,
@@ -93,6 +93,10 @@ class HTTPProxy:
         watch = _RequestWatch(self.request_timeout_s)
         try:
             response = await self._respond(scope, receive, watch)
+            if isinstance(response, ReplyStream):
+                watch.responding()  # the timeout is for the response to start
+                await _send_stream(response, send)
+                return
         except ClientDisconnected:
             return  # nobody to answer; the truncated request was never sent on
         except asyncio.CancelledError:
@@ -120,7 +124,7 @@ class HTTPProxy:
                                   "cancelled.")
 
     async def _respond(self, scope: Dict[str, Any], receive: Any,
-                       watch: "_RequestWatch") -> HTTPResponseWire:
+                       watch: "_RequestWatch") -> Union[HTTPResponseWire, ReplyStream]:
         path: str = scope["path"]
         if path.startswith("/-/"):
             return self._system_path(path)
@@ -222,6 +226,11 @@ class _RequestWatch:
             self.ended = why
             self._task.cancel()
 
+    def responding(self) -> None:
+        """The response has started: no deadline any more (a client leaving still counts)."""
+        if self._deadline is not None:
+            self._deadline.cancel()
+
     def uncancel(self) -> None:
         """The cancellation was ours and is handled: the task goes on (to answer)."""
         uncancel = getattr(self._task, "uncancel", None)  # Python 3.11+
@@ -233,6 +242,21 @@ class _RequestWatch:
             self._deadline.cancel()
         if self._disconnect is not None and not self._disconnect.done():
             self._disconnect.cancel()
+
+
+async def _send_stream(stream: ReplyStream, send: Any) -> None:
+    """Send a streamed response chunk by chunk, as the replica produces them. ``send``
+    waits while the client reads slower than the chunks come, and so the replica's
+    generator waits too; if anything stops it, the replica is told to stop."""
+    try:
+        status, headers = await stream.__anext__()
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        async for chunk in stream:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+    except BaseException:
+        stream.cancel()
+        raise
 
 
 class ClientDisconnected(Exception):

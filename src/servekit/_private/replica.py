@@ -15,7 +15,7 @@ import inspect
 import logging
 import socket
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, AsyncIterator, Callable, Dict, Iterator, Optional, Tuple
+from typing import Any, AsyncIterator, Callable, Dict, Iterator, Optional, Tuple, Union
 
 import cloudpickle
 from starlette.requests import Request
@@ -25,7 +25,7 @@ from servekit._private.context import ReplicaContext, set_replica_context
 from servekit._private.import_path import import_attribute
 from servekit._private.process import WorkerSpec
 from servekit._private.specs import ReplicaSpec
-from servekit._private.transport import Busy, RpcServer, current_peer, notify
+from servekit._private.transport import Busy, RpcServer, Stream, current_peer, notify
 from servekit.config import BackendConfig, BackendMetadata, validate_backend_against_config
 from servekit.exceptions import MethodNotFoundError, ServeError
 from servekit.request import (
@@ -33,12 +33,14 @@ from servekit.request import (
     HTTPResponseWire,
     ServeRequest,
     error_response,
+    http_stream,
     request_from_wire,
     to_http_response,
 )
 
 logger = logging.getLogger("servekit.replica")
 
+_DONE = object()  # what next() returns for a generator that is exhausted
 # A resolved method: the callable, whether it is async, and its batch queue if batched.
 _Target = Tuple[Callable, bool, Optional[BatchQueue]]
 
@@ -321,15 +323,22 @@ class Replica:
         return await self._call(method, is_async, argument)
 
     async def handle_http(self, method_name: Optional[str],
-                          wire: HTTPRequestWire) -> HTTPResponseWire:
+                          wire: HTTPRequestWire) -> Union[HTTPResponseWire, Stream]:
+        """The response; a generator, async generator or ``StreamingResponse`` becomes a
+        ``Stream``: ``(status, headers)``, then the body's chunks as they are produced."""
         try:
             target = self._resolve(method_name)
         except MethodNotFoundError as exc:
             return error_response(exc, status=404)
         self._admit()
+        finish = True
         try:
             result = await self._run(target, request_from_wire(wire))
-            return await to_http_response(result)  # may run user code (streaming bodies)
+            streamed = http_stream(result, self._chunks_of)
+            if streamed is not None:
+                finish = False  # the request is in flight until its stream ends
+                return Stream(self._finishing(streamed))
+            return await to_http_response(result)  # may run user code (response bodies)
         except BaseException as raised:
             error = raised if isinstance(raised, Exception) else contained(self.tag, raised)
             if not isinstance(error, Exception):
@@ -338,20 +347,73 @@ class Replica:
                          wire.path, exc_info=error)
             return error_response(error)
         finally:
-            self._finish()
+            if finish:
+                self._finish()
 
     async def handle_call(self, method_name: Optional[str], args: tuple, kwargs: dict,
-                          http_method: str, headers: Dict[str, str]) -> Any:
+                          http_method: str, headers: Dict[str, str],
+                          stream: bool = False) -> Any:
+        """The result; with ``stream``, a ``Stream`` of what the method's generator yields."""
         target = self._resolve(method_name)
         self._admit()
+        finish = True
         try:
             argument: Any
             if len(args) == 1 and isinstance(args[0], Request):
                 argument = args[0]
             else:
                 argument = ServeRequest(args[0] if args else None, kwargs, headers, http_method)
-            return await self._run(target, argument)
+            result = await self._run(target, argument)
+            generated = inspect.isgenerator(result) or inspect.isasyncgen(result)
+            if stream and not generated:
+                raise TypeError(f"options(stream=True) needs a method that returns a "
+                                f"generator; backend '{self.tag}' returned a "
+                                f"{type(result).__name__}.")
+            if generated and not stream:
+                raise TypeError(f"Backend '{self.tag}' returned a generator: call it with "
+                                "handle.options(stream=True) to iterate what it yields.")
+            if stream:
+                finish = False
+                return Stream(self._finishing(self._chunks_of(result)))
+            return result
         finally:
+            if finish:
+                self._finish()
+
+    async def _chunks_of(self, chunks: Any) -> AsyncIterator[Any]:
+        """Iterate chunks user code produces: an async iterator on the loop, a sync one on
+        the replica's threads (one ``next`` at a time); closed when the reader goes away."""
+        if hasattr(chunks, "__aiter__"):
+            try:
+                async for chunk in chunks:
+                    yield chunk
+            finally:
+                close = getattr(chunks, "aclose", None)
+                if close is not None:
+                    await close()
+            return
+        loop = asyncio.get_running_loop()
+        iterator = iter(chunks)
+        try:
+            while True:
+                chunk = await loop.run_in_executor(self._pool, next, iterator, _DONE)
+                if chunk is _DONE:
+                    return
+                yield chunk
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                await loop.run_in_executor(self._pool, close)
+
+    async def _finishing(self, chunks: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        """The chunks; the request leaves the replica's count when they end."""
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            close = getattr(chunks, "aclose", None)
+            if close is not None:
+                await close()
             self._finish()
 
     async def drain(self) -> None:

@@ -23,6 +23,7 @@ from servekit._private.specs import BackendLimits, EndpointInfo
 from servekit._private.transport import (
     Busy,
     ConnectFailed,
+    ReplyStream,
     RpcClient,
     encode_call,
     is_remote_error,
@@ -556,6 +557,16 @@ class Router:
 
     def _on_reply(self, replica_set: ReplicaSet, slot: ReplicaSlot, payload: bytes,
                   result: asyncio.Future, reply: asyncio.Future) -> None:
+        if not reply.cancelled() and reply.exception() is None and \
+                isinstance(reply.result(), ReplyStream):
+            # A streamed reply: the request holds its place on the replica until it ends.
+            stream: ReplyStream = reply.result()
+            stream.on_end(functools.partial(replica_set.release, slot, True))
+            if result.done():
+                stream.cancel()
+            else:
+                result.set_result(stream)
+            return
         outcome = replica_set.settle(slot, reply)
         if result.done():
             return

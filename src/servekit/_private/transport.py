@@ -12,6 +12,7 @@ they hold the instance's secret, see ``auth``, before either reads a frame).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
 import functools
 import logging
@@ -19,7 +20,7 @@ import pickle
 import socket
 import struct
 import traceback
-from typing import Any, Awaitable, Callable, Dict, Optional, Tuple
+from typing import Any, AsyncIterator, Awaitable, Callable, Deque, Dict, List, Optional, Tuple
 
 from servekit._private.auth import (
     HANDSHAKE_TIMEOUT_S,
@@ -33,6 +34,10 @@ logger = logging.getLogger("servekit")
 
 _HEADER = struct.Struct("!IQB")
 _REQUEST, _REPLY_OK, _REPLY_ERROR, _REPLY_BUSY, _NOTIFY, _CANCEL = 0, 1, 2, 3, 4, 5
+# A streamed reply: chunks, then its end (or an error); the reader grants room by credits.
+_STREAM_CHUNK, _STREAM_END, _CREDIT = 6, 7, 8
+# Chunks a server sends ahead of what the reader has taken: the buffer a stream may grow.
+STREAM_WINDOW = 8
 _PICKLE_PROTOCOL = 5
 
 Handler = Callable[..., Awaitable[Any]]
@@ -53,6 +58,90 @@ class Busy(Exception):
     def __init__(self, notices: int = 0) -> None:
         super().__init__(notices)
         self.notices = notices
+
+
+class Stream:
+    """What a handler returns to reply with a stream: the items of ``chunks`` (an async
+    iterator), each sent as the reader takes the earlier ones, at most ``STREAM_WINDOW``
+    ahead. The iterator is closed when the reader goes away."""
+
+    __slots__ = ("chunks",)
+
+    def __init__(self, chunks: AsyncIterator[Any]) -> None:
+        self.chunks = chunks
+
+
+class _Window:
+    """How many chunks a stream may still send before its reader grants more."""
+
+    def __init__(self) -> None:
+        self.room = STREAM_WINDOW
+        self._granted = asyncio.Event()
+
+    def grant(self) -> None:
+        self.room += 1
+        self._granted.set()
+
+    async def take(self) -> None:
+        while self.room <= 0:
+            self._granted.clear()
+            await self._granted.wait()
+        self.room -= 1
+
+
+class ReplyStream:
+    """A streamed reply as its reader sees it: ``async for chunk in stream``. Taking a
+    chunk lets the sender send one more; ``cancel()`` stops the sender."""
+
+    def __init__(self, client: "RpcClient", msg_id: int) -> None:
+        self._client = client
+        self._msg_id = msg_id
+        self._chunks: Deque[bytes] = collections.deque()
+        self._arrived = asyncio.Event()
+        self._ended = False
+        self._error: Optional[BaseException] = None
+        self._on_end: List[Callable[[], None]] = []
+
+    def __aiter__(self) -> "ReplyStream":
+        return self
+
+    async def __anext__(self) -> Any:
+        while not self._chunks:
+            if self._error is not None:
+                raise self._error
+            if self._ended:
+                raise StopAsyncIteration
+            self._arrived.clear()
+            await self._arrived.wait()
+        chunk = self._chunks.popleft()
+        self._client._grant(self._msg_id)
+        return pickle.loads(chunk)
+
+    def on_end(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once the stream has ended, failed or been cancelled."""
+        if self._ended:
+            callback()
+        else:
+            self._on_end.append(callback)
+
+    def cancel(self) -> None:
+        """Stop reading: the sender is told to stop; a later read ends the iteration."""
+        if not self._ended:
+            self._client._cancel_stream(self._msg_id)
+            self._finish(None)
+
+    def _push(self, chunk: bytes) -> None:
+        self._chunks.append(chunk)
+        self._arrived.set()
+
+    def _finish(self, error: Optional[BaseException]) -> None:
+        if self._ended:
+            return
+        self._ended, self._error = True, error
+        self._arrived.set()
+        callbacks, self._on_end = self._on_end, []
+        for callback in callbacks:
+            callback()
 
 
 class ConnectFailed(BackendUnavailableError):
@@ -255,14 +344,20 @@ class RpcServer:
     def _new_connection(self, handshake: Optional[Handshake] = None) -> _FrameProtocol:
         protocol: _FrameProtocol
         tasks: Dict[int, asyncio.Future] = {}  # message id -> the call serving it
+        windows: Dict[int, _Window] = {}  # message id -> the room of its streamed reply
 
         def on_frame(msg_id: int, kind: int, payload: bytes) -> None:
+            if kind == _CREDIT:
+                window = windows.get(msg_id)
+                if window is not None:
+                    window.grant()
+                return
             if kind == _CANCEL:  # the caller gave up: stop its call (it sends no reply)
                 running = tasks.get(msg_id)
                 if running is not None:
                     running.cancel()
                 return
-            task = asyncio.ensure_future(self._dispatch(protocol, msg_id, payload))
+            task = asyncio.ensure_future(self._dispatch(protocol, msg_id, payload, windows))
             tasks[msg_id] = task
             task.add_done_callback(lambda _: tasks.pop(msg_id, None))
 
@@ -276,7 +371,8 @@ class RpcServer:
         protocol = _FrameProtocol(on_frame, on_lost, handshake)
         return protocol
 
-    async def _dispatch(self, protocol: _FrameProtocol, msg_id: int, payload: bytes) -> None:
+    async def _dispatch(self, protocol: _FrameProtocol, msg_id: int, payload: bytes,
+                        windows: Optional[Dict[int, _Window]] = None) -> None:
         current_peer.set(protocol)
         try:
             name, args = pickle.loads(payload)
@@ -284,6 +380,10 @@ class RpcServer:
             if handler is None:
                 raise ServeError(f"Unknown RPC method {name!r}.")
             result = await handler(*args)
+            if isinstance(result, Stream):
+                await _send_stream(protocol, msg_id, result,
+                                   windows if windows is not None else {})
+                return
             try:
                 reply = dumps(result)
             except Exception as exc:
@@ -297,6 +397,29 @@ class RpcServer:
             protocol.send(msg_id, _REPLY_ERROR, encode_error(exc))
             return
         protocol.send(msg_id, _REPLY_OK, reply)
+
+
+async def _send_stream(protocol: _FrameProtocol, msg_id: int, stream: Stream,
+                       windows: Dict[int, _Window]) -> None:
+    """Send the chunks of ``stream`` as the reader grants room, then its end. An error
+    raised while iterating ends the stream with that error (by the caller)."""
+    window = windows[msg_id] = _Window()
+    try:
+        async for chunk in stream.chunks:
+            await window.take()
+            try:
+                data = dumps(chunk)
+            except Exception as exc:
+                raise TypeError(f"A chunk of the stream is a {_unpicklable_part(chunk)} that "
+                                f"cannot be pickled ({exc}). Yield picklable values.") from exc
+            if not protocol.send(msg_id, _STREAM_CHUNK, data):
+                return  # the reader is gone
+        protocol.send(msg_id, _STREAM_END, b"")
+    finally:
+        windows.pop(msg_id, None)
+        close = getattr(stream.chunks, "aclose", None)
+        if close is not None:
+            await close()
 
 
 class RpcClient:
@@ -314,6 +437,7 @@ class RpcClient:
         self.closed: Optional[asyncio.Future] = None
         self.on_notify: Optional[Callable[[], None]] = None
         self.notices = 0  # room notices received so far
+        self._streams: Dict[int, ReplyStream] = {}  # streamed replies being read
 
     @classmethod
     async def connect(cls, address: str, name: Optional[str] = None) -> "RpcClient":
@@ -357,6 +481,14 @@ class RpcClient:
         future.add_done_callback(functools.partial(self._cancel_if_cancelled, msg_id))
         return future
 
+    def _grant(self, msg_id: int) -> None:
+        if msg_id in self._streams and self._protocol is not None:
+            self._protocol.send(msg_id, _CREDIT, b"")
+
+    def _cancel_stream(self, msg_id: int) -> None:
+        if self._streams.pop(msg_id, None) is not None and self._protocol is not None:
+            self._protocol.send(msg_id, _CANCEL, b"")
+
     def _cancel_if_cancelled(self, msg_id: int, future: asyncio.Future) -> None:
         """A caller cancelled the future of a request in flight: tell the peer to stop it."""
         if future.cancelled() and self._pending.pop(msg_id, None) is not None:
@@ -379,6 +511,9 @@ class RpcClient:
             if self.on_notify is not None:
                 self.on_notify()
             return
+        if kind in (_STREAM_CHUNK, _STREAM_END) or msg_id in self._streams:
+            self._on_stream_frame(msg_id, kind, payload)
+            return
         future = self._pending.pop(msg_id, None)
         if future is None or future.done():
             return
@@ -392,7 +527,26 @@ class RpcClient:
         else:
             future.set_exception(decode_error(payload))
 
+    def _on_stream_frame(self, msg_id: int, kind: int, payload: bytes) -> None:
+        stream = self._streams.get(msg_id)
+        if stream is None:
+            future = self._pending.pop(msg_id, None)
+            if future is None or future.done():
+                return  # cancelled meanwhile
+            stream = self._streams[msg_id] = ReplyStream(self, msg_id)
+            future.set_result(stream)  # the reply is the stream, read as it arrives
+        if kind == _STREAM_CHUNK:
+            stream._push(payload)
+            return
+        del self._streams[msg_id]
+        stream._finish(None if kind == _STREAM_END else decode_error(payload))
+
     def _on_lost(self, exc: Optional[Exception]) -> None:
+        streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            stream._finish(BackendUnavailableError(
+                f"The {self.name} went away (its process exited or was killed) in the middle "
+                "of a streamed reply."))
         pending, self._pending = self._pending, {}
         for future in pending.values():
             if not future.done():
