@@ -11,11 +11,11 @@ from typing import Any, Iterator
 
 import httpx
 import pytest
+from robustness_backends import async_wait_for_file, wait_for_file
 from starlette.responses import StreamingResponse
 
 import servekit as serve
 from conftest import free_port, wait_for
-from robustness_backends import async_wait_for_file, wait_for_file
 from servekit._private.transport import STREAM_WINDOW
 
 pytestmark = pytest.mark.integration
