@@ -8,6 +8,7 @@ from servekit.api import (
     connect,
     get_current_backend_tag,
     get_current_replica_tag,
+    get_request_id,
     start,
 )
 from servekit.config import BackendConfig, DeploymentMode, HTTPOptions
@@ -36,5 +37,6 @@ __all__ = [
     "connect",
     "get_current_backend_tag",
     "get_current_replica_tag",
+    "get_request_id",
     "start",
 ]

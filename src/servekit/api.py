@@ -12,7 +12,11 @@ from typing import Any, Callable, Dict, List, Optional, TypeVar, Union
 import cloudpickle
 
 from servekit._private import constants
-from servekit._private.context import ReplicaContext, current_replica_context
+from servekit._private.context import (
+    ReplicaContext,
+    current_replica_context,
+    current_request_id,
+)
 from servekit._private.event_loop import run_sync
 from servekit._private.runtime import choice
 from servekit._private.runtime.base import Instance
@@ -459,6 +463,16 @@ def _replica_context(getter: str) -> ReplicaContext:
 def get_current_backend_tag() -> BackendTag:
     """The tag of the backend this code runs in; ServeError outside a backend."""
     return _replica_context("get_current_backend_tag").backend_tag
+
+
+def get_request_id() -> str:
+    """The id of the request this code serves: the client's ``X-Request-ID`` header, else
+    one servekit made (also sent back as ``X-Request-ID``). ServeError outside a request."""
+    request_id = current_request_id.get()
+    if request_id is None:
+        raise ServeError("`serve.get_request_id()` may only be called while a servekit "
+                         "backend serves a request.")
+    return request_id
 
 
 def get_current_replica_tag() -> str:

@@ -7,13 +7,16 @@ code 1, never a traceback.
 
 from __future__ import annotations
 
+import collections
 import json
+import os
 from typing import Any, Callable, Dict, List, Optional, Sequence, TypeVar
 
 import click
 
 import servekit as serve
 from servekit._private import home
+from servekit._private.worker import LOG_DIR
 from servekit.config import DeploymentMode
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -113,6 +116,33 @@ def shutdown(keep_state: bool, address: Optional[str]) -> None:
     serve.connect(address)._shutdown(keep_state)
     click.echo("The servekit instance was shut down" +
                ("; its state was kept." if keep_state else "."))
+
+
+@main.command()
+@click.option("--lines", "-n", type=click.IntRange(1), default=50, show_default=True,
+              help="How many of the last lines of each log to show.")
+@click.option("--process", default=None,
+              help="Only the logs whose name contains this (e.g. proxy, access, a replica "
+                   "tag).")
+@_user_errors
+def logs(lines: int, process: Optional[str]) -> None:
+    """Show the logs of the detached instance: every process's, and the access log.
+
+    (On Ray, the actors' output is in Ray's logs: `ray logs`.)
+    """
+    directory = os.path.join(home.instance_dir(), LOG_DIR)
+    if not os.path.isdir(directory):
+        raise click.ClickException(f"No logs in {directory}: no detached instance has run "
+                                   "here (`servekit start` starts one).")
+    names = sorted(name for name in os.listdir(directory) if name.endswith(".log")
+                   and (process is None or process in name))
+    if not names:
+        raise click.ClickException(f"No log in {directory} matches {process!r}.")
+    for name in names:
+        with open(os.path.join(directory, name), errors="replace") as f:
+            tail = collections.deque(f, maxlen=lines)
+        click.echo(f"==> {name} <==")
+        click.echo("".join(tail), nl=False)
 
 
 def _weights(weights: Dict[str, float]) -> str:

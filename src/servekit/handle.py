@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import threading
+import uuid
 from typing import Any, AsyncIterator, Dict, Generator, Iterator, Optional, Tuple
 
 from servekit._private.event_loop import background_loop, run_sync
@@ -251,6 +252,8 @@ class _HandleBase:
                             f"data), got {len(args)}. Pass the rest as keyword arguments.")
         options = self._options
         headers = dict(options.http_headers)
+        if not any(name.lower() == "x-request-id" for name in headers):
+            headers["x-request-id"] = uuid.uuid4().hex
         return (options.method_name, args, kwargs, options.http_method, headers,
                 options.stream)
 

@@ -27,6 +27,7 @@ EXPECTED_ALL = sorted([
     "connect",
     "get_current_backend_tag",
     "get_current_replica_tag",
+    "get_request_id",
     "start",
 ])
 

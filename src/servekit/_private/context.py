@@ -1,9 +1,15 @@
-"""The replica context: which backend and replica this process runs, set before user code."""
+"""The replica context: which backend and replica this process runs, set before user code,
+and the id of the request being served (per task)."""
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 from typing import Optional
+
+# The id of the request the current task (or the thread running its sync call) serves.
+current_request_id: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
+    "servekit_request_id", default=None)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,6 +8,7 @@ import functools
 import logging
 import socket
 import time
+import uuid
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import uvicorn
@@ -28,6 +29,8 @@ from servekit.request import (
 )
 
 logger = logging.getLogger("servekit.proxy")
+# One line per request: method, path, status, latency, endpoint, backend, replica, id.
+access_log = logging.getLogger("servekit.access")
 
 RouteTable = Dict[str, Tuple[str, List[str]]]
 # Seconds a client shed for overload is told to wait before it retries.
@@ -90,27 +93,41 @@ class HTTPProxy:
     async def __call__(self, scope: Dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
+        started = time.perf_counter()
+        request_id = _request_id(scope)
+        trace: Dict[str, str] = {}
+        status = await self._serve(scope, receive, send, request_id, trace)
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info("%s %s %s %.1fms endpoint=%s backend=%s replica=%s request_id=%s",
+                            scope["method"], scope["path"], status,
+                            (time.perf_counter() - started) * 1e3, trace.get("endpoint", "-"),
+                            trace.get("backend", "-"), trace.get("replica", "-"), request_id)
+
+    async def _serve(self, scope: Dict[str, Any], receive: Any, send: Any, request_id: str,
+                     trace: Dict[str, str]) -> str:
+        """Answer one request; the status sent ("-": none, the client left)."""
         watch = _RequestWatch(self.request_timeout_s)
+        id_header = (b"x-request-id", request_id.encode("latin-1"))
         try:
-            response = await self._respond(scope, receive, watch)
+            response = await self._respond(scope, receive, watch, trace)
             if isinstance(response, ReplyStream):
                 watch.responding()  # the timeout is for the response to start
-                await _send_stream(response, send)
-                return
+                return str(await _send_stream(response, send, id_header))
         except ClientDisconnected:
-            return  # nobody to answer; the truncated request was never sent on
+            return "-"  # nobody to answer; the truncated request was never sent on
         except asyncio.CancelledError:
             if watch.ended is None:
                 raise  # the server is stopping
             watch.uncancel()
             if watch.ended == _DISCONNECTED:
-                return  # the client left; its request was cancelled wherever it was
+                return "-"  # the client left; its request was cancelled wherever it was
             response = self._timed_out(watch)
         finally:
             watch.close()
         await send({"type": "http.response.start", "status": response.status,
-                    "headers": response.headers})
+                    "headers": [*response.headers, id_header]})
         await send({"type": "http.response.body", "body": response.body})
+        return str(response.status)
 
     def _timed_out(self, watch: "_RequestWatch") -> HTTPResponseWire:
         if watch.reading_body:
@@ -123,8 +140,8 @@ class HTTPProxy:
                                   "(HTTPOptions.request_timeout_s); the request was "
                                   "cancelled.")
 
-    async def _respond(self, scope: Dict[str, Any], receive: Any,
-                       watch: "_RequestWatch") -> Union[HTTPResponseWire, ReplyStream]:
+    async def _respond(self, scope: Dict[str, Any], receive: Any, watch: "_RequestWatch",
+                       trace: Dict[str, str]) -> Union[HTTPResponseWire, ReplyStream]:
         path: str = scope["path"]
         if path.startswith("/-/"):
             return self._system_path(path)
@@ -133,6 +150,7 @@ class HTTPProxy:
             return text_response(404, f"Path '{path}' not found. The route table is at "
                                       "/-/routes.")
         endpoint, methods = match
+        trace["endpoint"] = endpoint
         method = scope["method"]
         if method not in methods:
             return text_response(405, f"Method {method} is not allowed for {path}. Allowed "
@@ -158,7 +176,8 @@ class HTTPProxy:
         watch.until_disconnect(receive)
         wire = wire_from_scope(scope, body)
         try:
-            reply = await self.router.send(endpoint, "http", shard_key, (method_name, wire))
+            reply = await self.router.send(endpoint, "http", shard_key, (method_name, wire),
+                                           trace=trace)
             return await reply
         except BackendOverloadedError as exc:
             # Shed at once, without a log line each: under overload there are many.
@@ -244,19 +263,38 @@ class _RequestWatch:
             self._disconnect.cancel()
 
 
-async def _send_stream(stream: ReplyStream, send: Any) -> None:
-    """Send a streamed response chunk by chunk, as the replica produces them. ``send``
-    waits while the client reads slower than the chunks come, and so the replica's
-    generator waits too; if anything stops it, the replica is told to stop."""
+async def _send_stream(stream: ReplyStream, send: Any, *extra_headers: Any) -> int:
+    """Send a streamed response chunk by chunk, as the replica produces them; its status.
+    ``send`` waits while the client reads slower than the chunks come, and so the
+    replica's generator waits too; if anything stops it, the replica is told to stop."""
     try:
         status, headers = await stream.__anext__()
-        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [*headers, *extra_headers]})
         async for chunk in stream:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b""})
+        return status
     except BaseException:
         stream.cancel()
         raise
+
+
+# Client-given request ids longer than this are replaced by one of ours.
+_MAX_REQUEST_ID = 128
+
+
+def _request_id(scope: Dict[str, Any]) -> str:
+    """The client's X-Request-ID, else a new one, added to the request's headers (so the
+    replica, and the backend in ``request.headers``, see it)."""
+    headers = scope["headers"]
+    for name, value in headers:
+        if name == b"x-request-id" and 0 < len(value) <= _MAX_REQUEST_ID:
+            return value.decode("latin-1")
+    request_id = uuid.uuid4().hex
+    scope["headers"] = [*(h for h in headers if h[0] != b"x-request-id"),
+                        (b"x-request-id", request_id.encode())]
+    return request_id
 
 
 class ClientDisconnected(Exception):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import inspect
 import logging
@@ -21,7 +22,7 @@ import cloudpickle
 from starlette.requests import Request
 
 from servekit._private.batching import BatchQueue
-from servekit._private.context import ReplicaContext, set_replica_context
+from servekit._private.context import ReplicaContext, current_request_id, set_replica_context
 from servekit._private.import_path import import_attribute
 from servekit._private.process import WorkerSpec
 from servekit._private.specs import ReplicaSpec
@@ -277,7 +278,9 @@ class Replica:
         try:
             if is_async:
                 return await method(argument)
-            running = asyncio.get_running_loop().run_in_executor(self._pool, method, argument)
+            # In the request's context, so serve.get_request_id() and logs know the request.
+            running = asyncio.get_running_loop().run_in_executor(
+                self._pool, contextvars.copy_context().run, method, argument)
             try:
                 result = await asyncio.shield(running)
             except asyncio.CancelledError:
@@ -332,6 +335,10 @@ class Replica:
             return error_response(exc, status=404)
         self._admit()
         finish = True
+        for name, value in wire.headers:
+            if name == b"x-request-id":
+                current_request_id.set(value.decode("latin-1"))
+                break
         try:
             result = await self._run(target, request_from_wire(wire))
             streamed = http_stream(result, self._chunks_of)
@@ -357,6 +364,8 @@ class Replica:
         target = self._resolve(method_name)
         self._admit()
         finish = True
+        current_request_id.set(next(
+            (value for name, value in headers.items() if name.lower() == "x-request-id"), None))
         try:
             argument: Any
             if len(args) == 1 and isinstance(args[0], Request):

@@ -512,12 +512,14 @@ class Router:
         return info
 
     async def send(self, endpoint: str, kind: str, shard_key: Optional[str],
-                   args: tuple, missing_ok: bool = False) -> asyncio.Future:
+                   args: tuple, missing_ok: bool = False,
+                   trace: Optional[Dict[str, str]] = None) -> asyncio.Future:
         """Assign the request to a replica and return the future of its reply.
 
         Returns once a replica was chosen and the request written to it; waits while the
         endpoint is about to exist or every replica of the chosen backend is at its cap.
         ``missing_ok``: the endpoint may not have been created yet (see ``_endpoint``).
+        ``trace``: filled with the "backend" and "replica" the request went to.
 
         Raises:
             TypeError: the arguments cannot be pickled (nothing was sent).
@@ -529,11 +531,13 @@ class Router:
             self._send_shadows(info, kind, payload)
         replica_set = self._replica_set(pick_backend(info.traffic, shard_key))
         result = asyncio.get_running_loop().create_future()
-        await self._deliver(replica_set, payload, result)
+        if trace is not None:
+            trace["backend"] = replica_set.backend
+        await self._deliver(replica_set, payload, result, trace=trace)
         return result
 
     async def _deliver(self, replica_set: ReplicaSet, payload: bytes, result: asyncio.Future,
-                       first: bool = False) -> None:
+                       first: bool = False, trace: Optional[Dict[str, str]] = None) -> None:
         """Write the request to a replica with room; its reply will settle ``result``."""
         while True:
             slot = await replica_set.acquire(first)
@@ -550,6 +554,8 @@ class Router:
                 replica_set.release(slot, completed=False)
                 raise
             reply = connection.send(payload)
+            if trace is not None:
+                trace["replica"] = slot.tag
             reply.add_done_callback(functools.partial(
                 self._on_reply, replica_set, slot, payload, result))
             result.add_done_callback(functools.partial(_cancel_with, reply))

@@ -40,6 +40,7 @@ from servekit._private.process import (
 )
 from servekit._private.runtime.base import Connection, Instance, Runtime
 from servekit._private.transport import RpcClient, tcp_address
+from servekit._private.worker import configure_logging
 from servekit.config import HTTPOptions
 from servekit.exceptions import ServeError
 
@@ -121,9 +122,7 @@ class ServekitActor:
         for path in reversed(sys_path):
             if path not in sys.path and os.path.isdir(path):
                 sys.path.insert(0, path)
-        logging.basicConfig(level=os.environ.get("SERVEKIT_LOG_LEVEL", "WARNING"),
-                            format=f"(servekit {role} pid={os.getpid()}) %(levelname)s "
-                                   "%(name)s: %(message)s")
+        configure_logging(role, name, None)  # Ray keeps the actors' output in its logs
         auth.set_secret(_instance_secret())
         host = ray.util.get_node_ip_address()
         port = int(_kv_get(_PORT_KEY) or 0) if role == "controller" else 0
