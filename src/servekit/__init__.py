@@ -9,6 +9,7 @@ from servekit.api import (
     get_current_backend_tag,
     get_current_replica_tag,
     get_request_id,
+    metrics_text,
     start,
 )
 from servekit.config import BackendConfig, DeploymentMode, HTTPOptions
@@ -38,5 +39,6 @@ __all__ = [
     "get_current_backend_tag",
     "get_current_replica_tag",
     "get_request_id",
+    "metrics_text",
     "start",
 ]

@@ -11,7 +11,7 @@ from typing import Any, Callable, Dict, List, Optional, TypeVar, Union
 
 import cloudpickle
 
-from servekit._private import constants
+from servekit._private import constants, metrics
 from servekit._private.context import (
     ReplicaContext,
     current_replica_context,
@@ -450,6 +450,14 @@ def connect(address: Optional[str] = None) -> Client:
                          "Call `serve.start(detached=True)` (or `servekit start`) to start "
                          "one.")
     return Client(found.controller_address, instance=found)
+
+
+def metrics_text(address: Optional[str] = None) -> str:
+    """The Prometheus metrics of the running instance (as ``serve.connect`` finds it): its
+    controller, proxies and replicas, and the routers of this process — what the proxy's
+    ``/-/metrics`` serves, for instances without HTTP too."""
+    texts = connect(address)._call("metrics_of_every_process")
+    return metrics.merge([metrics.exposition(), *texts])
 
 
 def _replica_context(getter: str) -> ReplicaContext:

@@ -28,6 +28,7 @@ EXPECTED_ALL = sorted([
     "get_current_backend_tag",
     "get_current_replica_tag",
     "get_request_id",
+    "metrics_text",
     "start",
 ])
 

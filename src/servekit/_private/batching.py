@@ -35,8 +35,10 @@ class BatchQueue:
     """
 
     def __init__(self, run_batch: RunBatch, limits: Callable[[], Tuple[int, float]],
-                 concurrent: bool) -> None:
+                 concurrent: bool, on_batch: Callable[[int], None] = lambda size: None) -> None:
+        """``on_batch(size)`` is told the size of each batch as it starts."""
         self._run_batch = run_batch
+        self._on_batch = on_batch
         self._limits = limits
         self._concurrent = concurrent
         self._queue: Deque[Tuple[float, Any, asyncio.Future]] = collections.deque()
@@ -73,6 +75,7 @@ class BatchQueue:
             batch = [entry for entry in batch if not entry[2].done()]  # callers gone: skip
             if not batch:
                 continue
+            self._on_batch(len(batch))
             if self._concurrent:
                 task = asyncio.ensure_future(self._execute(batch))
                 self._running.add(task)

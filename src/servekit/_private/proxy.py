@@ -12,9 +12,10 @@ import uuid
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from servekit._private import constants
+from servekit._private import constants, metrics
 from servekit._private.process import WorkerSpec
 from servekit._private.router import Router
 from servekit._private.specs import ProxySpec
@@ -33,6 +34,7 @@ logger = logging.getLogger("servekit.proxy")
 access_log = logging.getLogger("servekit.access")
 
 RouteTable = Dict[str, Tuple[str, List[str]]]
+_SYSTEM_PATHS = ("/-/routes", "/-/healthz", "/-/shadows", "/-/metrics")
 # Seconds a client shed for overload is told to wait before it retries.
 _RETRY_AFTER_S = b"1"
 
@@ -97,10 +99,15 @@ class HTTPProxy:
         request_id = _request_id(scope)
         trace: Dict[str, str] = {}
         status = await self._serve(scope, receive, send, request_id, trace)
+        took_ms = (time.perf_counter() - started) * 1e3
+        route, method = trace.get("route", "-"), scope["method"]
+        metrics.HTTP_REQUESTS.labels(route, method, status).inc()
+        metrics.HTTP_LATENCY.labels(route).observe(took_ms)
+        if status >= "400":  # three digits, or "-" (the client left): both sort as wanted
+            metrics.HTTP_ERRORS.labels(route, method, status).inc()
         if access_log.isEnabledFor(logging.INFO):
             access_log.info("%s %s %s %.1fms endpoint=%s backend=%s replica=%s request_id=%s",
-                            scope["method"], scope["path"], status,
-                            (time.perf_counter() - started) * 1e3, trace.get("endpoint", "-"),
+                            method, scope["path"], status, took_ms, trace.get("endpoint", "-"),
                             trace.get("backend", "-"), trace.get("replica", "-"), request_id)
 
     async def _serve(self, scope: Dict[str, Any], receive: Any, send: Any, request_id: str,
@@ -144,13 +151,17 @@ class HTTPProxy:
                        trace: Dict[str, str]) -> Union[HTTPResponseWire, ReplyStream]:
         path: str = scope["path"]
         if path.startswith("/-/"):
+            if path in _SYSTEM_PATHS:
+                trace["route"] = path
+            if path == "/-/metrics":
+                return await self._metrics()
             return self._system_path(path)
         match = self.routes.get(path) or await self._match(path)
         if match is None:
             return text_response(404, f"Path '{path}' not found. The route table is at "
                                       "/-/routes.")
         endpoint, methods = match
-        trace["endpoint"] = endpoint
+        trace["endpoint"], trace["route"] = endpoint, path
         method = scope["method"]
         if method not in methods:
             return text_response(405, f"Method {method} is not allowed for {path}. Allowed "
@@ -203,8 +214,18 @@ class HTTPProxy:
             return text_response(200, "success")
         if path == "/-/shadows":
             return json_response(200, self.shadow_table())
-        return text_response(404, f"System path '{path}' not found. System paths: /-/routes, "
-                                  "/-/healthz, /-/shadows.")
+        return text_response(404, f"System path '{path}' not found. System paths: "
+                                  f"{', '.join(_SYSTEM_PATHS)}.")
+
+    async def _metrics(self) -> HTTPResponseWire:
+        """Prometheus metrics of this proxy, its routers, the replicas and the controller."""
+        replicas, controller = await asyncio.gather(self.router.replica_metrics(),
+                                                    self.router.controller_metrics())
+        texts = [metrics.exposition(), *replicas]
+        if controller is not None:
+            texts.append(controller)
+        return HTTPResponseWire(200, [(b"content-type", CONTENT_TYPE_LATEST.encode())],
+                                metrics.merge(texts).encode())
 
     def shadow_table(self) -> Dict[str, Dict[str, Dict[str, int]]]:
         """Shadow copies of HTTP requests: {endpoint: {backend: {sent, dropped, failed}}}."""
@@ -414,7 +435,8 @@ async def run_proxy(worker: WorkerSpec, sock: socket.socket, stop: asyncio.Event
             await asyncio.sleep(0.01)
         return True
 
-    rpc = RpcServer({"ready": ready, "ping": ready, "routes": _async(proxy.route_table)})
+    rpc = RpcServer({"ready": ready, "ping": ready, "routes": _async(proxy.route_table),
+                     "metrics": _async(metrics.exposition)})
     await rpc.start(sock)
     await stop.wait()
     server.should_exit = True

@@ -15,12 +15,14 @@ import functools
 import inspect
 import logging
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Callable, Dict, Iterator, Optional, Tuple, Union
 
 import cloudpickle
 from starlette.requests import Request
 
+from servekit._private import metrics
 from servekit._private.batching import BatchQueue
 from servekit._private.context import ReplicaContext, current_request_id, set_replica_context
 from servekit._private.import_path import import_attribute
@@ -167,6 +169,12 @@ class Replica:
         self._idle = asyncio.Event()
         self._idle.set()
         self._targets: Dict[str, _Target] = {}
+        labels = (spec.backend_tag, spec.replica_tag)
+        self._running = metrics.RUNNING.labels(*labels)
+        self._processing = metrics.PROCESSING.labels(*labels)
+        self._requests = metrics.REPLICA_REQUESTS.labels(*labels)
+        self._errors = metrics.REPLICA_ERRORS.labels(*labels)
+        self._batch_sizes = metrics.BATCH_SIZE.labels(*labels)
 
     def _new_pool(self, threads: int) -> ThreadPoolExecutor:
         self._pool_threads = threads
@@ -259,7 +267,8 @@ class Replica:
         queue = None
         if key in self.metadata.batch_methods:
             queue = BatchQueue(functools.partial(self._call, method, is_async),
-                               self._batch_limits, concurrent=is_async)
+                               self._batch_limits, concurrent=is_async,
+                               on_batch=self._batch_sizes.observe)
         target = self._targets[key] = (method, is_async, queue)
         return target
 
@@ -300,14 +309,22 @@ class Replica:
             if leave:
                 gate.leave()
 
-    def _admit(self) -> None:
+    def _admit(self) -> float:
+        """Take the request in (``Busy`` at the cap); when it came in."""
         if self._in_flight >= self._cap:
             self._refused.add(current_peer.get())
             raise Busy()
         self._in_flight += 1
         self._idle.clear()
+        self._running.inc()
+        return time.perf_counter()
 
-    def _finish(self) -> None:
+    def _finish(self, admitted: float, failed: bool = False) -> None:
+        self._running.dec()
+        self._processing.observe((time.perf_counter() - admitted) * 1e3)
+        self._requests.inc()
+        if failed:
+            self._errors.inc()
         self._in_flight -= 1
         if self._in_flight == 0:
             self._idle.set()
@@ -333,8 +350,8 @@ class Replica:
             target = self._resolve(method_name)
         except MethodNotFoundError as exc:
             return error_response(exc, status=404)
-        self._admit()
-        finish = True
+        admitted = self._admit()
+        finish, failed = True, False
         for name, value in wire.headers:
             if name == b"x-request-id":
                 current_request_id.set(value.decode("latin-1"))
@@ -344,26 +361,27 @@ class Replica:
             streamed = http_stream(result, self._chunks_of)
             if streamed is not None:
                 finish = False  # the request is in flight until its stream ends
-                return Stream(self._finishing(streamed))
+                return Stream(self._finishing(streamed, admitted))
             return await to_http_response(result)  # may run user code (response bodies)
         except BaseException as raised:
             error = raised if isinstance(raised, Exception) else contained(self.tag, raised)
             if not isinstance(error, Exception):
                 raise error from None  # a real cancellation
+            failed = True
             logger.error("Backend %s raised while handling %s %s", self.tag, wire.method,
                          wire.path, exc_info=error)
             return error_response(error)
         finally:
             if finish:
-                self._finish()
+                self._finish(admitted, failed)
 
     async def handle_call(self, method_name: Optional[str], args: tuple, kwargs: dict,
                           http_method: str, headers: Dict[str, str],
                           stream: bool = False) -> Any:
         """The result; with ``stream``, a ``Stream`` of what the method's generator yields."""
         target = self._resolve(method_name)
-        self._admit()
-        finish = True
+        admitted = self._admit()
+        finish, failed = True, True
         current_request_id.set(next(
             (value for name, value in headers.items() if name.lower() == "x-request-id"), None))
         try:
@@ -381,13 +399,14 @@ class Replica:
             if generated and not stream:
                 raise TypeError(f"Backend '{self.tag}' returned a generator: call it with "
                                 "handle.options(stream=True) to iterate what it yields.")
+            failed = False
             if stream:
                 finish = False
-                return Stream(self._finishing(self._chunks_of(result)))
+                return Stream(self._finishing(self._chunks_of(result), admitted))
             return result
         finally:
             if finish:
-                self._finish()
+                self._finish(admitted, failed)
 
     async def _chunks_of(self, chunks: Any) -> AsyncIterator[Any]:
         """Iterate chunks user code produces: an async iterator on the loop, a sync one on
@@ -414,16 +433,19 @@ class Replica:
             if close is not None:
                 await loop.run_in_executor(self._pool, close)
 
-    async def _finishing(self, chunks: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async def _finishing(self, chunks: AsyncIterator[Any],
+                         admitted: float) -> AsyncIterator[Any]:
         """The chunks; the request leaves the replica's count when they end."""
+        failed = True
         try:
             async for chunk in chunks:
                 yield chunk
+            failed = False
         finally:
             close = getattr(chunks, "aclose", None)
             if close is not None:
                 await close()
-            self._finish()
+            self._finish(admitted, failed)
 
     async def drain(self) -> None:
         """Wait until no request is in flight (the controller stopped new ones first)."""
@@ -450,6 +472,10 @@ async def _await(awaitable: Any) -> Any:
     return await awaitable
 
 
+async def _metrics() -> str:
+    return metrics.exposition()
+
+
 async def run_replica(worker: WorkerSpec, sock: socket.socket, stop: asyncio.Event) -> None:
     spec: ReplicaSpec = worker.load_payload()
     assert worker.controller_address is not None
@@ -459,6 +485,7 @@ async def run_replica(worker: WorkerSpec, sock: socket.socket, stop: asyncio.Eve
     server = RpcServer({
         "ready": replica.ready, "http": replica.handle_http, "call": replica.handle_call,
         "update_config": replica.update_config, "drain": replica.drain, "ping": replica.ping,
+        "metrics": _metrics,
     })
     replica.start()
     await server.start(sock)

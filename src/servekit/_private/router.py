@@ -18,7 +18,7 @@ import time
 import uuid
 from typing import Any, Awaitable, Callable, Deque, Dict, List, Optional, Tuple
 
-from servekit._private import constants
+from servekit._private import constants, metrics
 from servekit._private.specs import BackendLimits, EndpointInfo
 from servekit._private.transport import (
     Busy,
@@ -45,6 +45,10 @@ _MAX_REMOVED_ENDPOINTS = 10_000
 
 # What became of a request sent to a replica (see ``ReplicaSet.settle``).
 ANSWERED, REFUSED, UNSENT, LOST = "answered", "refused", "unsent", "lost"
+
+
+# Seconds a process has to send its metrics for a scrape.
+_METRICS_TIMEOUT_S = 2.0
 
 
 class ReplicaSlot:
@@ -111,8 +115,13 @@ class ReplicaSlot:
 class ReplicaSet:
     """The replicas of one backend; requests wait here, in order, when none has room."""
 
-    def __init__(self, backend: str, connect: ConnectReplica) -> None:
+    def __init__(self, backend: str, connect: ConnectReplica,
+                 process: str = "router") -> None:
+        """``process``: the label of this process in the metrics."""
         self.backend = backend
+        self._queued_gauge = metrics.QUEUED.labels(backend, process)
+        self._shed = metrics.SHED.labels(backend, process)
+        self.requests = metrics.ROUTER_REQUESTS.labels(backend, process)
         self.cap = 8
         self.max_queued = -1
         self.queued = 0  # requests waiting in acquire() (not those put back first in line)
@@ -191,6 +200,7 @@ class ReplicaSet:
                 slot.in_flight += 1
                 return slot
         if not first and 0 <= self.max_queued <= self.queued:
+            self._shed.inc()
             raise BackendOverloadedError(
                 f"Backend '{self.backend}' is overloaded: every replica is at its "
                 f"max_concurrent_queries and {self.queued} requests already wait for one here "
@@ -201,6 +211,7 @@ class ReplicaSet:
         else:
             self._waiters.append(waiter)
             self.queued += 1
+            self._queued_gauge.inc()
         if not self._order:
             self._arm_expiry([waiter])
         try:
@@ -212,6 +223,7 @@ class ReplicaSet:
         finally:
             if not first:
                 self.queued -= 1
+                self._queued_gauge.dec()
 
     def _arm_expiry(self, waiters: Optional[List[asyncio.Future]] = None) -> None:
         """While no replica is routable, waiting requests fail NO_REPLICA_TIMEOUT_S after
@@ -328,12 +340,14 @@ class ShadowStats:
     ``dropped``: not sent because every replica of the shadow backend was full.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, process: str = "router") -> None:
         self.counts: Dict[Tuple[str, str], Dict[str, int]] = collections.defaultdict(
             lambda: {"sent": 0, "dropped": 0, "failed": 0})
+        self._process = process
 
     def add(self, endpoint: str, backend: str, outcome: str) -> None:
         self.counts[(endpoint, backend)][outcome] += 1
+        metrics.SHADOWS.labels(endpoint, backend, outcome, self._process).inc()
 
 
 class Router:
@@ -349,6 +363,7 @@ class Router:
                  connect_replica: ConnectReplica = RpcClient.connect) -> None:
         self._controller_address = controller_address
         self._role = role
+        self.process = metrics.process_label(role)
         self._id = f"{role}-{uuid.uuid4().hex[:12]}"
         self._connect_replica = connect_replica
         self.endpoints: Dict[str, EndpointInfo] = {}
@@ -381,6 +396,28 @@ class Router:
         for replica_set in self._replica_sets.values():
             for slot in replica_set.slots.values():
                 slot.close()
+
+    async def replica_metrics(self) -> List[str]:
+        """The metrics of every replica this router knows that answers within 2 s."""
+        async def of(slot: ReplicaSlot) -> Optional[str]:
+            try:
+                connection = await slot.connected()
+                return await asyncio.wait_for(connection.call("metrics"), _METRICS_TIMEOUT_S)
+            except (Exception, asyncio.TimeoutError):
+                return None  # gone or frozen: its metrics are missing from this scrape
+
+        texts = await asyncio.gather(*(of(slot) for replica_set in self._replica_sets.values()
+                                       for slot in replica_set.slots.values() if not slot.dead))
+        return [text for text in texts if text is not None]
+
+    async def controller_metrics(self) -> Optional[str]:
+        """The controller's own metrics (replica starts, restarts, failed health checks)."""
+        if self._controller is None:
+            return None
+        try:
+            return await asyncio.wait_for(self._controller.call("metrics"), _METRICS_TIMEOUT_S)
+        except (Exception, asyncio.TimeoutError):
+            return None
 
     # ------------------------------------------------------------- long poll
 
@@ -466,7 +503,7 @@ class Router:
     def _replica_set(self, backend: str) -> ReplicaSet:
         replica_set = self._replica_sets.get(backend)
         if replica_set is None:
-            replica_set = ReplicaSet(backend, self._connect_replica)
+            replica_set = ReplicaSet(backend, self._connect_replica, self.process)
             self._replica_sets[backend] = replica_set
             limits = self._limits.get(backend)
             if limits is not None:
@@ -554,6 +591,7 @@ class Router:
                 replica_set.release(slot, completed=False)
                 raise
             reply = connection.send(payload)
+            replica_set.requests.inc()
             if trace is not None:
                 trace["replica"] = slot.tag
             reply.add_done_callback(functools.partial(

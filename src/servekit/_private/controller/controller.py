@@ -16,7 +16,7 @@ import secrets
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
-from servekit._private import constants, resources
+from servekit._private import constants, metrics, resources
 from servekit._private.controller.durable import DurableState, LoadedState, load, snapshot
 from servekit._private.controller.goals import GoalManager
 from servekit._private.controller.state import (
@@ -41,6 +41,8 @@ from servekit.exceptions import BackendUnavailableError, ServeError
 
 logger = logging.getLogger("servekit.controller")
 
+# Seconds a process has to send its metrics for a scrape.
+_METRICS_TIMEOUT_S = 2.0
 # Seconds a worker left by an earlier controller has to answer a ping to be adopted.
 _ADOPT_TIMEOUT_S = 5.0
 
@@ -347,6 +349,23 @@ class Controller:
         return {"backends": backends, "endpoints": self.list_endpoints(),
                 "processes": processes}
 
+    async def metrics_of_every_process(self) -> List[str]:
+        """The metrics of this controller, its proxies and every running replica (those
+        that answer within 2 s)."""
+        async def of(connection: Optional[Connection]) -> Optional[str]:
+            if connection is None:
+                return None
+            try:
+                return await asyncio.wait_for(connection.call("metrics"), _METRICS_TIMEOUT_S)
+            except (Exception, asyncio.TimeoutError):
+                return None
+
+        connections = [proxy.connection for proxy in self._proxies.values()] + [
+            record.connection for backend in self.backends.values()
+            for record in backend.in_state(RUNNING)]
+        texts = await asyncio.gather(*(of(connection) for connection in connections))
+        return [metrics.exposition(), *(text for text in texts if text is not None)]
+
     def _backend(self, tag: str) -> BackendState:
         backend = self.backends.get(tag)
         if backend is None or backend.deleting:
@@ -479,6 +498,7 @@ class Controller:
     async def _start_serving(self, backend: BackendState, record: ReplicaRecord) -> None:
         """Put a started replica into routing and begin its health pings (under the lock)."""
         record.state = RUNNING
+        metrics.REPLICA_STARTS.labels(backend.tag).inc()
         backend.last_start_error = None
         await self._publish_replicas()
         if backend.metadata is not None and self.backends.get(backend.tag) is backend:
@@ -500,6 +520,7 @@ class Controller:
                 continue
             except asyncio.TimeoutError:
                 failures += 1
+                metrics.HEALTH_CHECK_FAILURES.labels(backend.tag).inc()
                 if failures < config.health_check_failure_threshold:
                     continue
                 reason = (f"did not answer {failures} health pings in a row within "
@@ -507,6 +528,7 @@ class Controller:
             except BackendUnavailableError:
                 return  # it died: the liveness check replaces it
             except Exception as exc:
+                metrics.HEALTH_CHECK_FAILURES.labels(backend.tag).inc()
                 reason = f"failed its health check: {type(exc).__name__}: {exc}"
             record.unhealthy.set()  # a config push stops waiting for it
             async with self._lock:
@@ -519,6 +541,7 @@ class Controller:
         """Take replicas out of routing at once, kill them, and start new ones (under the
         lock); each comes with why. Requests in flight on them fail naming the replica."""
         records = [record for record, _ in failed]
+        metrics.REPLICA_RESTARTS.labels(backend.tag).inc(len(failed))
         for record, reason in failed:
             logger.warning("Replica %s %s; replacing it.", record.tag, reason)
             backend.replicas.pop(record.tag, None)

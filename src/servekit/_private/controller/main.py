@@ -7,6 +7,7 @@ import logging
 import socket
 from typing import Any
 
+from servekit._private import metrics
 from servekit._private.controller.controller import Controller
 from servekit._private.runtime.base import Runtime
 from servekit._private.transport import RpcServer
@@ -85,6 +86,8 @@ def controller_handlers(controller: Controller, started: asyncio.Future,
         "get_backend_config": plain(controller.get_backend_config),
         "list_backends": plain(controller.list_backends),
         "status": plain(status),
+        "metrics": plain(metrics.exposition),
+        "metrics_of_every_process": waiting(controller.metrics_of_every_process),
         "list_endpoints": plain(controller.list_endpoints),
         "endpoint_exists": plain(controller.endpoint_exists),
     }
