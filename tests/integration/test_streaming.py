@@ -47,6 +47,11 @@ class Streams:
             yield "data: two\n\n"
         return StreamingResponse(produce(), media_type="text/event-stream")
 
+    def short(self, request: Any) -> Iterator[str]:
+        """Three chunks, then a note naming the replica that produced them."""
+        yield from ("a", "b", "c")
+        self._note(f"short-done-{serve.get_current_replica_tag()}")
+
     async def endless(self, request: Any) -> Any:
         """Counts the chunks it produced (in ``<dir>/produced``) and notes when closed."""
         produced = 0
@@ -165,3 +170,20 @@ def test_a_non_generator_method_called_with_stream_is_a_type_error(tmp_path: Any
             client.get_handle("plain").options(stream="yes")
     finally:
         client.shutdown()
+
+
+def test_a_shadow_copy_of_a_stream_is_read_to_its_end(streams: tuple) -> None:
+    client, url, _, directory = streams
+    client.create_backend("shadow", Streams, str(directory))
+    client.create_endpoint("short", backend="streams", route="/short")
+    client.shadow_traffic("short", "shadow", 1.0)
+    response = httpx.get(f"{url}/short", **on("short"))
+    assert response.text == "abc"
+    wait_for(lambda: any(name.startswith("short-done-shadow#")
+                         for name in os.listdir(directory)), TIMEOUT,
+             "the shadow's generator run to its end")
+    wait_for(lambda: httpx.get(f"{url}/-/shadows", timeout=TIMEOUT).json()
+             .get("short", {}).get("shadow", {}).get("sent") == 1, TIMEOUT,
+             "the shadow copy counted as sent")
+    assert httpx.get(f"{url}/-/shadows", timeout=TIMEOUT).json()["short"]["shadow"][
+        "failed"] == 0

@@ -296,6 +296,22 @@ class ReplicaSet:
             self._waiters.popleft().set_result(slot)
 
 
+async def _drain(stream: ReplyStream, kind: str) -> Optional[str]:
+    """Read a shadow copy's streamed reply to its end and drop it, as a client that reads
+    everything would; what went wrong, if anything."""
+    status = None
+    try:
+        async for item in stream:
+            if kind == "http" and status is None:
+                status = item[0]  # an HTTP stream starts with (status, headers)
+    except asyncio.CancelledError:
+        stream.cancel()
+        raise
+    except Exception as exc:
+        return repr(exc)
+    return f"status {status}" if status is not None and status >= 500 else None
+
+
 def _cancel_with(reply: asyncio.Future, result: asyncio.Future) -> None:
     """The caller cancelled ``result``: cancel the request it waits for (the replica stops
     it)."""
@@ -678,6 +694,8 @@ class Router:
             error = "cancelled"
         elif reply.exception() is not None:
             error = repr(reply.exception())
+        elif isinstance(reply.result(), ReplyStream):
+            error = await _drain(reply.result(), kind)
         elif kind == "http" and reply.result().status >= 500:
             error = f"status {reply.result().status}"
         if error is not None:
