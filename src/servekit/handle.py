@@ -156,13 +156,13 @@ async def _resolved(call: tuple) -> tuple:
     This is what lets one handle call feed another (a pipeline): the upstream reply is
     awaited here, and its error, if any, fails the downstream call.
     """
-    method_name, args, kwargs, http_method, headers, stream = call
+    method_name, args, kwargs, http_method, headers, stream, request_id = call
     if any(isinstance(value, ServeResponse) for value in (*args, *kwargs.values())):
         args = tuple([await value if isinstance(value, ServeResponse) else value
                       for value in args])
         kwargs = {key: await value if isinstance(value, ServeResponse) else value
                   for key, value in kwargs.items()}
-    return (method_name, args, kwargs, http_method, headers, stream)
+    return (method_name, args, kwargs, http_method, headers, stream, request_id)
 
 
 class _Routers:
@@ -252,10 +252,10 @@ class _HandleBase:
                             f"data), got {len(args)}. Pass the rest as keyword arguments.")
         options = self._options
         headers = dict(options.http_headers)
-        if not any(name.lower() == "x-request-id" for name in headers):
-            headers["x-request-id"] = uuid.uuid4().hex
+        request_id = next((value for name, value in headers.items()
+                           if name.lower() == "x-request-id"), None) or uuid.uuid4().hex
         return (options.method_name, args, kwargs, options.http_method, headers,
-                options.stream)
+                options.stream, request_id)
 
     def __reduce__(self) -> Any:
         return (type(self), (self._controller_address, self.endpoint_name, self._options))

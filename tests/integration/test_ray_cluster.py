@@ -44,13 +44,14 @@ class Counter:
 @pytest.fixture(scope="module")
 def cluster(ray_cluster: Any) -> Iterator[Any]:
     """The session's cluster with two worker nodes; this process is its driver meanwhile."""
-    added = [ray_cluster.add_node(num_cpus=1, resources={"worker": 1}) for _ in range(2)]
+    for _ in range(2):
+        ray_cluster.add_node(num_cpus=1, resources={"worker": 1})
     ray_cluster.wait_for_nodes()
     with ray_connected(ray_cluster):
         yield ray_cluster
-    for node in added:
-        if node in ray_cluster.worker_nodes:
-            ray_cluster.remove_node(node)
+    # Every node this module added (tests add spares), so later modules find the head only.
+    for node in list(ray_cluster.worker_nodes):
+        ray_cluster.remove_node(node)
 
 
 @pytest.fixture

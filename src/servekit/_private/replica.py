@@ -377,13 +377,13 @@ class Replica:
 
     async def handle_call(self, method_name: Optional[str], args: tuple, kwargs: dict,
                           http_method: str, headers: Dict[str, str],
-                          stream: bool = False) -> Any:
-        """The result; with ``stream``, a ``Stream`` of what the method's generator yields."""
+                          stream: bool = False, request_id: Optional[str] = None) -> Any:
+        """The result; with ``stream``, a ``Stream`` of what the method's generator yields.
+        ``request_id``: what ``serve.get_request_id()`` gives the backend."""
         target = self._resolve(method_name)
         admitted = self._admit()
         finish, failed = True, True
-        current_request_id.set(next(
-            (value for name, value in headers.items() if name.lower() == "x-request-id"), None))
+        current_request_id.set(request_id)
         try:
             argument: Any
             if len(args) == 1 and isinstance(args[0], Request):
