@@ -63,12 +63,10 @@ def configure_logging(role: str, name: str, log_dir: Optional[str]) -> None:
                         format=f"%(asctime)s {where} %(levelname)s %(name)s{request}: "
                                "%(message)s", handlers=handlers, force=True)
     if role == "proxy" and log_dir is not None:
-        access = logging.getLogger("servekit.access")
+        access = logging.getLogger("servekit.access")  # lines come in batches, stamped
         access.setLevel(logging.INFO)
         access.propagate = False
-        handler = _rotating(os.path.join(log_dir, "access.log"))
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-        access.addHandler(handler)
+        access.addHandler(_rotating(os.path.join(log_dir, "access.log")))
 
 
 def _rotating(path: str) -> logging.Handler:
