@@ -138,6 +138,13 @@ class ServeStream:
         finally:
             self.cancel()
 
+    def __del__(self) -> None:
+        # A stream nobody reads any more must not hold its replica's place for good.
+        try:
+            self.cancel()
+        except RuntimeError:
+            pass  # its event loop is closed: so is the connection
+
     def cancel(self) -> None:
         """Stop the stream (a no-op once it has ended)."""
         def stop() -> None:

@@ -187,3 +187,12 @@ def test_a_shadow_copy_of_a_stream_is_read_to_its_end(streams: tuple) -> None:
              "the shadow copy counted as sent")
     assert httpx.get(f"{url}/-/shadows", timeout=TIMEOUT).json()["short"]["shadow"][
         "failed"] == 0
+
+
+def test_a_stream_dropped_unread_frees_its_replica(streams: tuple) -> None:
+    client, _, _, directory = streams
+    handle = client.get_handle("endless").options(method_name="endless", stream=True)
+    stream = handle.remote()
+    wait_for(lambda: produced(directory) > 0, TIMEOUT, "the generator to start")
+    del stream  # never read, never cancelled by hand
+    wait_for(lambda: (directory / "closed").exists(), TIMEOUT, "the generator closed")
