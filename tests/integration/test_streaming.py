@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 from typing import Any, Iterator
 
@@ -196,3 +197,18 @@ def test_a_stream_dropped_unread_frees_its_replica(streams: tuple) -> None:
     wait_for(lambda: produced(directory) > 0, TIMEOUT, "the generator to start")
     del stream  # never read, never cancelled by hand
     wait_for(lambda: (directory / "closed").exists(), TIMEOUT, "the generator closed")
+
+
+def test_a_replica_that_dies_mid_stream_ends_the_stream_with_a_clear_error(
+        streams: tuple) -> None:
+    client, _, _, directory = streams
+    from servekit.exceptions import BackendUnavailableError
+
+    handle = client.get_handle("endless").options(method_name="endless", stream=True)
+    chunks = iter(handle.remote())
+    next(chunks)
+    [replica] = [p for p in client._call("status")["processes"] if p["role"] == "replica"]
+    os.kill(replica["pid"], signal.SIGKILL)
+    with pytest.raises(BackendUnavailableError, match="went away"):
+        for _ in range(100_000):  # the chunks already sent, then the error
+            next(chunks)
