@@ -606,6 +606,60 @@ def test_request_written_to_a_closing_connection_goes_to_another_replica() -> No
     run(main)
 
 
+def run_bounded(test: Any, timeout: float = 10.0) -> None:
+    """``run(test)`` on a thread of its own: a router that spins without ever yielding to
+    its event loop fails the test instead of hanging the suite (the thread spins on)."""
+    failure: List[BaseException] = []
+
+    def target() -> None:
+        try:
+            run(test)
+        except BaseException as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), "the router's event loop never got control back"
+    if failure:
+        raise failure[0]
+
+
+def test_request_that_meets_a_lost_connection_before_its_loss_is_handled_waits() -> None:
+    """A request picks a replica whose connection was just lost, before the router has
+    handled the loss (its callbacks still wait on the loop): the replica is dropped then and
+    there, and the request waits for the replica that has room next.
+
+    Old behaviour caught: the request picked the same replica again and again without ever
+    yielding, so the router's event loop spun forever and every request on it hung (a
+    proxy stopped answering after a replica was killed)."""
+
+    async def main() -> None:
+        cluster = Cluster()
+        r1, r2 = cluster.replica("b#1"), cluster.replica("b#2")
+        router, _ = make_router(cluster, cap=1, b=[r1, r2])
+        first, second = await sent(router, "A"), await sent(router, "B")
+        idle, busy = (r1, r2) if r1.received() == ["A"] else (r2, r1)
+        idle.answer("A", "a")
+        await spin()
+        assert first.result() == "a"
+
+        task = start_send(router, "C")  # it runs before the loss is handled
+        idle.transport.lose()
+        await spin()
+        assert not task.done()  # waiting: the live replica is at its cap
+        assert idle.received() == ["A"]
+        busy.answer("B", "b")
+        await spin()
+        assert second.result() == "b"
+        assert task.done() and busy.received() == ["B", "C"]
+        busy.answer("C", "c")
+        await spin()
+        assert task.result().result() == "c"
+
+    run_bounded(main)
+
+
 # --------------------------------------------------------------------------- 4. dead replicas
 
 

@@ -79,6 +79,9 @@ class ReplicaSlot:
         """The connection, opened once; ``ConnectFailed`` if the replica cannot be reached."""
         if self.connection is not None:
             if self.connection.is_closed:
+                # Its loss may not have been handled yet: never pick it again from here on
+                # (a caller that retries at once would otherwise pick it forever).
+                self.on_lost(self)
                 raise ConnectFailed(f"The connection to replica {self.tag} is closed.")
             return self.connection
         connecting = self._connecting
