@@ -302,6 +302,39 @@ def test_controller_killed_three_times_between_api_calls(local_instance):
     assert port_is_free(port)
 
 
+@pytest.fixture
+def quick_controller_pings(monkeypatch: pytest.MonkeyPatch) -> float:
+    """The supervisor gives up on a silent controller after 3 pings of 0.3 s (about 4 s)."""
+    monkeypatch.setenv("SERVEKIT_CONTROLLER_PING_TIMEOUT_S", "0.3")
+    return 0.3
+
+
+def test_frozen_controller_is_killed_and_replaced(quick_controller_pings, local_instance):
+    """A controller that stops answering (SIGSTOP) is killed by the supervisor and a new
+    one adopts the replicas; HTTP serves meanwhile, and a client call made to the frozen
+    controller returns once the new one is up."""
+    client, port = local_instance
+    client.create_backend("base", Whoami, "base", config={"num_replicas": 2})
+    client.create_endpoint("base", backend="base", route="/base")
+    before = status(client)
+    controller = only_pid(before, "controller")
+    base_replicas = replicas(before, "base", "RUNNING")
+    started = start_time(controller)
+    signal_process(controller, signal.SIGSTOP, started)
+    try:
+        assert get(port, "/base", x="frozen").json()["name"] == "base"
+        config = within(TIMEOUT, client.get_backend_config, "base")  # waits, then succeeds
+    finally:
+        if start_time(controller) == started:
+            signal_process(controller, signal.SIGCONT, started)
+    assert config.num_replicas == 2
+    assert start_time(controller) != started, "the frozen controller still runs"
+    after = status(client)
+    assert only_pid(after, "controller") != controller
+    assert replicas(after, "base", "RUNNING") == base_replicas, after["processes"]
+    assert get(port, "/base", x="after").json()["name"] == "base"
+
+
 def test_controller_killed_during_a_scale_up(local_instance, tmp_path):
     client, port = local_instance
     directory = str(tmp_path)

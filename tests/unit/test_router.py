@@ -375,18 +375,21 @@ def test_notice_before_refusal_keeps_the_replica_full_until_the_next_notice() ->
 
 def test_refused_request_goes_to_another_replica_with_room() -> None:
     """A request refused by one replica is delivered to another that has room, once, and
-    its reply reaches the caller."""
+    its reply reaches the caller; its trace (for the access log) names the second."""
 
     async def main() -> None:
         cluster = Cluster()
         r1, r2 = cluster.replica("b#1"), cluster.replica("b#2")
         router, _ = make_router(cluster, cap=1, b=[r1, r2])
-        reply = await sent(router, "A")
+        trace: Dict[str, str] = {}
+        reply = await router.send("ep", "call", None, ("A",), trace=trace)
         [first] = [r for r in (r1, r2) if r.received()]
         other = r2 if first is r1 else r1
+        assert trace == {"backend": "b", "replica": first.tag}
         first.refuse("A")
         await spin()
         assert other.received() == ["A"] and first.received() == ["A"]
+        assert trace["replica"] == other.tag  # the access log names the one that ran it
         other.answer("A", "a")
         await spin()
         assert reply.result() == "a"

@@ -22,6 +22,10 @@ def _env_float(name: str, default: float, minimum: float = 0.0) -> float:
 STARTUP_TIMEOUT_S = _env_float("SERVEKIT_STARTUP_TIMEOUT_S", 60.0)
 # Seconds between the controller's health checks of its child processes.
 HEALTH_CHECK_PERIOD_S = _env_float("SERVEKIT_HEALTH_CHECK_PERIOD_S", 0.5, minimum=0.01)
+# Seconds the controller has to answer each of the supervisor's pings; after three missed
+# in a row (its event loop is blocked, or it is stopped) it is killed and started again.
+CONTROLLER_PING_TIMEOUT_S = _env_float("SERVEKIT_CONTROLLER_PING_TIMEOUT_S", 5.0,
+                                       minimum=0.01)
 # Seconds a process gets to exit after SIGTERM before it is killed.
 PROCESS_STOP_TIMEOUT_S = _env_float("SERVEKIT_PROCESS_STOP_TIMEOUT_S", 5.0)
 # Longest wait, in seconds, before retrying a replacement replica that failed to start.

@@ -9,7 +9,7 @@ import logging
 import socket
 import time
 import uuid
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -196,7 +196,7 @@ class HTTPProxy:
         except BodyTooLarge:
             return self._too_large()
         watch.reading_body = False
-        watch.until_disconnect(receive)
+        watch.until_disconnect(scope)
         wire = wire_from_scope(scope, body)
         try:
             reply = await self.router.send(endpoint, "http", shard_key, (method_name, wire),
@@ -288,17 +288,14 @@ class _RequestWatch:
         loop = asyncio.get_running_loop()
         self._deadline = None if timeout is None else \
             loop.call_later(timeout, self._end, _TIMED_OUT)
-        self._disconnect: Optional[asyncio.Future] = None
 
-    def until_disconnect(self, receive: Any) -> None:
-        """Watch for the client leaving (the next ASGI message after the body is its
-        disconnect)."""
-        self._disconnect = asyncio.ensure_future(receive())
-        self._disconnect.add_done_callback(self._disconnected)
+    def until_disconnect(self, scope: Dict[str, Any]) -> None:
+        """From now on, the client leaving cancels the request (``ProxyHttpProtocol`` calls
+        what is in the scope's ``ON_DISCONNECT`` list)."""
+        scope[ON_DISCONNECT].append(self._disconnected)
 
-    def _disconnected(self, future: asyncio.Future) -> None:
-        if not future.cancelled() and future.exception() is None:
-            self._end(_DISCONNECTED)
+    def _disconnected(self) -> None:
+        self._end(_DISCONNECTED)
 
     def _end(self, why: str) -> None:
         if self.ended is None and self._task is not None:
@@ -317,8 +314,7 @@ class _RequestWatch:
             uncancel()
 
     def close(self) -> None:
-        """The request is answered: nothing cancels its task any more. (The disconnect
-        watch ends by itself once the response is complete.)"""
+        """The request is answered: nothing cancels its task any more."""
         self._task = None
         if self._deadline is not None:
             self._deadline.cancel()
@@ -384,10 +380,18 @@ async def _read_body(receive: Any, limit: int) -> bytes:
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-class LimitedHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with bounded request heads: past ``max_header_bytes``
-    (request line and headers) or ``max_header_count`` headers the parser stops, the client
-    gets 431 and the connection is closed."""
+# A scope key: callbacks the protocol calls if the client leaves before its response ends.
+ON_DISCONNECT = "servekit.on_disconnect"
+
+
+class ProxyHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with bounded request heads and a disconnect hook.
+
+    Past ``max_header_bytes`` (request line and headers) or ``max_header_count`` headers the
+    parser stops, the client gets 431 and the connection is closed. A client that goes away
+    before its response is complete has the callbacks in its scope's ``ON_DISCONNECT`` list
+    called (no task per request waits for the disconnect).
+    """
 
     def __init__(self, *args: Any, max_header_bytes: int, max_header_count: int,
                  **kwargs: Any) -> None:
@@ -400,6 +404,16 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         self._head_bytes = 0
         super().on_message_begin()
+        self.scope[ON_DISCONNECT] = []  # type: ignore[literal-required]
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        cycle = self.cycle
+        super().connection_lost(exc)
+        if cycle is not None and not cycle.response_complete:
+            callbacks: List[Callable[[], None]] = cycle.scope.get(  # type: ignore[assignment]
+                ON_DISCONNECT, [])
+            for callback in callbacks:
+                callback()
 
     def _count(self, size: int) -> None:
         self._head_bytes += size
@@ -455,7 +469,7 @@ async def run_proxy(worker: WorkerSpec, sock: socket.socket, stop: asyncio.Event
     router = await Router.start(worker.controller_address, role="proxy")
     proxy = HTTPProxy(router, options.max_body_bytes, options.request_timeout_s)
     http_socket = socket.socket(fileno=worker.extra_fds["http"])
-    protocol = functools.partial(LimitedHttpToolsProtocol,
+    protocol = functools.partial(ProxyHttpProtocol,
                                  max_header_bytes=options.max_header_bytes,
                                  max_header_count=options.max_header_count)
     config = uvicorn.Config(build_app(proxy, options.middlewares), loop="none",

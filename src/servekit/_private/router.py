@@ -614,12 +614,13 @@ class Router:
             if trace is not None:
                 trace["replica"] = slot.tag
             reply.add_done_callback(functools.partial(
-                self._on_reply, replica_set, slot, payload, result))
+                self._on_reply, replica_set, slot, payload, result, trace))
             result.add_done_callback(functools.partial(_cancel_with, reply))
             return
 
     def _on_reply(self, replica_set: ReplicaSet, slot: ReplicaSlot, payload: bytes,
-                  result: asyncio.Future, reply: asyncio.Future) -> None:
+                  result: asyncio.Future, trace: Optional[Dict[str, str]],
+                  reply: asyncio.Future) -> None:
         if not reply.cancelled() and reply.exception() is None and \
                 isinstance(reply.result(), ReplyStream):
             # A streamed reply: the request holds its place on the replica until it ends.
@@ -634,7 +635,7 @@ class Router:
         if result.done():
             return
         if outcome in (REFUSED, UNSENT):
-            self._spawn(self._redeliver(replica_set, payload, result))
+            self._spawn(self._redeliver(replica_set, payload, result, trace))
         elif reply.cancelled():
             result.cancel()
         elif reply.exception() is not None:
@@ -643,10 +644,10 @@ class Router:
             result.set_result(reply.result())
 
     async def _redeliver(self, replica_set: ReplicaSet, payload: bytes,
-                         result: asyncio.Future) -> None:
+                         result: asyncio.Future, trace: Optional[Dict[str, str]]) -> None:
         """Send a request that never ran again, first in line; its failure ends ``result``."""
         try:
-            await self._deliver(replica_set, payload, result, first=True)
+            await self._deliver(replica_set, payload, result, first=True, trace=trace)
         except asyncio.CancelledError:
             if not result.done():
                 result.cancel()

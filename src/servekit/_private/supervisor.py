@@ -24,6 +24,8 @@ import time
 
 from servekit._private import constants
 from servekit._private.process import WorkerProcess, WorkerSpec, parent_exit_hooks
+from servekit._private.transport import RpcClient
+from servekit.exceptions import BackendUnavailableError
 
 logger = logging.getLogger("servekit.supervisor")
 
@@ -31,6 +33,9 @@ _PR_SET_CHILD_SUBREAPER = 36
 _STATE_FILE = "state.db"
 # A controller that ran this long before it died is restarted at once, not after a backoff.
 _STABLE_S = 10.0
+# The supervisor pings the controller this often; this many missed in a row and it is killed.
+_PING_PERIOD_S = 1.0
+_PINGS_MISSED = 3
 
 
 def _become_subreaper() -> None:
@@ -60,6 +65,37 @@ async def _reap_periodically(controller: WorkerProcess) -> None:
     while True:
         await asyncio.sleep(1.0)
         _reap_orphans(controller)
+
+
+async def _kill_when_frozen(address: str, controller: WorkerProcess) -> None:
+    """SIGKILL the controller once it misses ``_PINGS_MISSED`` pings in a row (its event
+    loop is blocked, or the process is stopped), so that a new one is started. The first
+    answer may take as long as a start; an exit is the caller's to see."""
+    timeout = constants.STARTUP_TIMEOUT_S
+    missed = 0
+    connection = None
+    try:
+        while True:
+            try:
+                if connection is None or connection.is_closed:
+                    connection = await RpcClient.connect(address, "servekit controller")
+                await asyncio.wait_for(connection.call("ping"), timeout)
+                missed, timeout = 0, constants.CONTROLLER_PING_TIMEOUT_S
+            except asyncio.TimeoutError:
+                missed += 1
+                if missed >= _PINGS_MISSED:
+                    logger.warning(
+                        "The controller (pid %d) did not answer %d pings in a row within "
+                        "%.1fs each (is its event loop blocked, or the process stopped?); "
+                        "killing it to start a new one.", controller.pid, missed, timeout)
+                    controller.popen.kill()
+                    return
+            except BackendUnavailableError:
+                pass  # it is exiting: the caller sees the exit
+            await asyncio.sleep(_PING_PERIOD_S)
+    finally:
+        if connection is not None:
+            connection.close()
 
 
 async def run_supervisor(worker: WorkerSpec, sock: socket.socket, stop: asyncio.Event) -> None:
@@ -100,16 +136,19 @@ async def run_supervisor(worker: WorkerSpec, sock: socket.socket, stop: asyncio.
                       rpc_fd=sock.fileno(), controller_address=None, payload=worker.payload,
                       sys_path=worker.sys_path, watch_parent=False,
                       lifeline_fd=lifeline_read, extra_fds=dict(worker.extra_fds))
+    address = sock.getsockname()
     failures = 0
     while True:
         started = time.monotonic()
         controller = WorkerProcess(spec)
         running[:] = [controller]
         reaper = asyncio.ensure_future(_reap_periodically(controller))
+        watchdog = asyncio.ensure_future(_kill_when_frozen(address, controller))
         exited: asyncio.Future = loop.run_in_executor(None, controller.popen.wait)
         stopping: asyncio.Future = asyncio.ensure_future(stop.wait())
         await asyncio.wait([exited, stopping], return_when=asyncio.FIRST_COMPLETED)
         reaper.cancel()
+        watchdog.cancel()
         if stopping.done():  # SIGTERM: let the controller stop everything, then go
             await controller.stop(constants.SHUTDOWN_TIMEOUT_S)
             break

@@ -49,6 +49,11 @@ def controller_handlers(controller: Controller, started: asyncio.Future,
         await asyncio.shield(started)
         return controller.runtime.instance_processes()[0]["pid"]
 
+    async def ping() -> bool:
+        """Answer from the event loop (before the start too: the supervisor's liveness
+        check)."""
+        return True
+
     async def shutdown(keep_state: bool = False) -> None:
         async def stop_everything() -> None:
             # Also after a failed start (e.g. a damaged state file): then nothing runs to
@@ -71,6 +76,7 @@ def controller_handlers(controller: Controller, started: asyncio.Future,
 
     return {
         "ready": ready,
+        "ping": ping,
         "shutdown": shutdown,
         "create_backend": shielded(controller.create_backend),
         "update_backend_config": shielded(controller.update_backend_config),
