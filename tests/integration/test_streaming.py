@@ -5,9 +5,11 @@ stops it."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import signal
 import socket
+import time
 from typing import Any, Iterator
 
 import httpx
@@ -18,6 +20,7 @@ from starlette.responses import StreamingResponse
 import servekit as serve
 from conftest import free_port, wait_for
 from servekit._private.transport import STREAM_WINDOW
+from servekit.exceptions import ServeError
 
 pytestmark = pytest.mark.integration
 
@@ -29,10 +32,39 @@ class Streams:
 
     def __init__(self, directory: str) -> None:
         self.directory = directory
+        self.config: Any = None
 
     def _note(self, name: str, value: Any = "") -> None:
         with open(os.path.join(self.directory, name), "w") as f:
             f.write(str(value))
+
+    def _log(self, line: str) -> None:
+        with open(os.path.join(self.directory, "log"), "a") as f:
+            f.write(line + "\n")
+
+    def reconfigure(self, config: Any) -> None:
+        self._log(f"reconfigure {config}")
+        self.config = config
+
+    def pid(self, request: Any) -> int:
+        return os.getpid()
+
+    def configured(self, request: Any) -> Iterator[str]:
+        """Three chunks of the user_config and request id it sees, logging its steps; the
+        second step waits for ``<dir>/release``."""
+        self._log("step-1")
+        yield f"{self.config} {serve.get_request_id()}"
+        self._log("step-2-start")
+        wait_for_file(os.path.join(self.directory, "release"))
+        self._log("step-2-end")
+        yield f"{self.config} {serve.get_request_id()}"
+        self._log("step-3")
+        yield f"{self.config} {serve.get_request_id()}"
+
+    def exits(self, request: Any) -> Iterator[str]:
+        """A chunk, then ``SystemExit`` from the generator."""
+        yield "before"
+        raise SystemExit(3)
 
     def held(self, request: Any) -> Iterator[str]:
         """A sync generator: its first chunk, then it waits for ``<dir>/release``."""
@@ -212,3 +244,54 @@ def test_a_replica_that_dies_mid_stream_ends_the_stream_with_a_clear_error(
     with pytest.raises(BackendUnavailableError, match="went away"):
         for _ in range(100_000):  # the chunks already sent, then the error
             next(chunks)
+
+
+def test_reconfigure_runs_between_two_chunks_of_a_stream_never_during_one(
+        tmp_path: Any) -> None:
+    """A user_config change waits for the chunk being produced, then runs before the next
+    one; every chunk of a sync generator sees the request's id."""
+    client = serve.start(http_options={"port": free_port()})
+    log = tmp_path / "log"
+    try:
+        client.create_backend("configured", Streams, str(tmp_path), config={"user_config": 1})
+        client.create_endpoint("configured", backend="configured")
+        handle = client.get_handle("configured").options(method_name="configured",
+                                                          stream=True)
+        chunks = iter(handle.remote())
+        first = next(chunks)
+        wait_for(lambda: "step-2-start" in log.read_text(), TIMEOUT,
+                 "the generator to be inside its second step")
+        with concurrent.futures.ThreadPoolExecutor(1) as executor:
+            update = executor.submit(client.update_backend_config, "configured",
+                                     {"user_config": 2})
+            wait_for(lambda: client.get_backend_config("configured").user_config == 2,
+                     TIMEOUT, "the controller to take the update")
+            time.sleep(0.5)  # not synchronisation: a window for reconfigure to start in
+            assert not update.done(), "reconfigure ran while the generator produced a chunk"
+            (tmp_path / "release").touch()
+            update.result(timeout=TIMEOUT)
+        rest = list(chunks)
+    finally:
+        client.shutdown()
+    assert log.read_text().splitlines() == [
+        "reconfigure 1", "step-1", "step-2-start", "step-2-end", "reconfigure 2", "step-3"]
+    configs = [chunk.split()[0] for chunk in [first, *rest]]
+    ids = {chunk.split()[1] for chunk in [first, *rest]}
+    assert configs == ["1", "1", "2"]
+    assert len(ids) == 1 and ids != {"None"}, ids
+
+
+def test_a_generator_that_raises_system_exit_fails_its_stream_only(tmp_path: Any) -> None:
+    client = serve.start(http_options={"port": free_port()})
+    try:
+        client.create_backend("exits", Streams, str(tmp_path))
+        client.create_endpoint("exits", backend="exits")
+        handle = client.get_handle("exits")
+        pid = handle.options(method_name="pid").remote().result(timeout=TIMEOUT)
+        chunks = iter(handle.options(method_name="exits", stream=True).remote())
+        assert next(chunks) == "before"
+        with pytest.raises(ServeError, match="SystemExit"):
+            next(chunks)
+        assert handle.options(method_name="pid").remote().result(timeout=TIMEOUT) == pid
+    finally:
+        client.shutdown()

@@ -17,7 +17,17 @@ import logging
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, AsyncIterator, Callable, Dict, Iterator, Optional, Tuple, Union
+from typing import (
+    Any,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Dict,
+    Iterator,
+    Optional,
+    Tuple,
+    Union,
+)
 
 import cloudpickle
 from starlette.requests import Request
@@ -276,31 +286,49 @@ class Replica:
         return self.config.max_batch_size or 1, self.config.batch_wait_timeout
 
     async def _call(self, method: Callable, is_async: bool, argument: Any) -> Any:
-        """Run user code once, behind the gate that lets ``reconfigure`` run alone.
+        """Run user code once, behind the gate that lets ``reconfigure`` run alone."""
+        if is_async:
+            return await self._on_loop(functools.partial(method, argument))
+        result = await self._on_pool(method, argument)
+        if inspect.isawaitable(result):
+            result = await self._on_loop(functools.partial(_await, result))
+        return result
 
-        (The hot path of every request: the gate and ``contained`` are inlined here.)
-        """
+    async def _on_loop(self, step: Callable[[], Awaitable[Any]]) -> Any:
+        """``await step()``: user code on the event loop, behind the gate; what it raises
+        beyond ``Exception`` is ``contained``. (The hot path of every async request: the
+        gate and ``contained`` are inlined.)"""
+        gate = self._gate
+        if not gate.enter():
+            await gate.enter_when_open()
+        try:
+            return await step()
+        except Exception:
+            raise
+        except BaseException as exc:
+            raise contained(self.tag, exc) from exc
+        finally:
+            gate.leave()
+
+    async def _on_pool(self, function: Callable, *args: Any) -> Any:
+        """``function(*args)``: user code on the replica's threads, behind the gate, in the
+        request's context (so ``serve.get_request_id()`` and logs know the request); what
+        it raises beyond ``Exception`` is ``contained``."""
         gate = self._gate
         if not gate.enter():
             await gate.enter_when_open()
         leave = True
         try:
-            if is_async:
-                return await method(argument)
-            # In the request's context, so serve.get_request_id() and logs know the request.
             running = asyncio.get_running_loop().run_in_executor(
-                self._pool, contextvars.copy_context().run, method, argument)
+                self._pool, contextvars.copy_context().run, function, *args)
             try:
-                result = await asyncio.shield(running)
+                return await asyncio.shield(running)
             except asyncio.CancelledError:
                 # The caller left: its result is dropped, but the thread runs on, and the
                 # gate counts it until it ends (reconfigure must not run beside it).
                 leave = False
                 running.add_done_callback(functools.partial(_left_after, gate))
                 raise
-            if inspect.isawaitable(result):
-                result = await result
-            return result
         except Exception:
             raise
         except BaseException as exc:
@@ -410,28 +438,33 @@ class Replica:
 
     async def _chunks_of(self, chunks: Any) -> AsyncIterator[Any]:
         """Iterate chunks user code produces: an async iterator on the loop, a sync one on
-        the replica's threads (one ``next`` at a time); closed when the reader goes away."""
+        the replica's threads. Each step is user code behind the gate, so ``reconfigure``
+        runs between two chunks, never during one. Closed when the reader goes away."""
         if hasattr(chunks, "__aiter__"):
+            steps = chunks.__aiter__()
             try:
-                async for chunk in chunks:
+                while True:
+                    try:
+                        chunk = await self._on_loop(steps.__anext__)
+                    except StopAsyncIteration:
+                        return
                     yield chunk
             finally:
-                close = getattr(chunks, "aclose", None)
+                aclose = getattr(steps, "aclose", None)
+                if aclose is not None:
+                    await self._on_loop(aclose)
+        else:
+            iterator = iter(chunks)
+            try:
+                while True:
+                    chunk = await self._on_pool(next, iterator, _DONE)
+                    if chunk is _DONE:
+                        return
+                    yield chunk
+            finally:
+                close = getattr(iterator, "close", None)
                 if close is not None:
-                    await close()
-            return
-        loop = asyncio.get_running_loop()
-        iterator = iter(chunks)
-        try:
-            while True:
-                chunk = await loop.run_in_executor(self._pool, next, iterator, _DONE)
-                if chunk is _DONE:
-                    return
-                yield chunk
-        finally:
-            close = getattr(iterator, "close", None)
-            if close is not None:
-                await loop.run_in_executor(self._pool, close)
+                    await self._on_pool(close)
 
     async def _finishing(self, chunks: AsyncIterator[Any],
                          admitted: float) -> AsyncIterator[Any]:

@@ -3,10 +3,11 @@
 Every instance has one (``python -m servekit._private.worker`` in the "supervisor" role). It
 holds what must outlive a controller — the controller's listening socket, the HTTP socket and
 the write end of the instance's lifeline pipe — and restarts the controller whenever it dies
-without having been asked to stop. Every other process of the instance (controller, proxy,
-replicas) watches the lifeline's read end and exits when it closes, so they all survive a
-controller crash (a new controller adopts them) and all end with the supervisor, which ends
-with the user's script (or, for a detached instance, on ``shutdown``).
+without having been asked to stop (or is killed for not answering pings). Every other
+process of the instance (controller, proxy, replicas) watches the lifeline's read end and
+exits when it closes, so they all survive a controller crash (a new controller adopts them)
+and all end with the supervisor, which ends with the user's script (or, for a detached
+instance, on ``shutdown``).
 """
 
 from __future__ import annotations
