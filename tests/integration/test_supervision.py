@@ -329,6 +329,46 @@ def test_reconfigure_waits_for_the_running_request(serve_instance, signals):
     assert handle.remote().result(timeout=TIMEOUT) == {"v": 2}
 
 
+def replica_pids(client: serve.Client, backend: str) -> Dict[str, int]:
+    """{tag: pid} of the backend's running replicas, as the controller reports them."""
+    return {p["name"]: p["pid"] for p in client._call("status")["processes"]
+            if p["role"] == "replica" and p["name"].startswith(f"{backend}#")
+            and p["state"] == "RUNNING"}
+
+
+def test_a_reconfigure_waiting_for_a_request_holds_up_nothing_else(serve_instance, signals):
+    """While one backend's replicas wait to apply a user_config (a request still runs),
+    other API calls return and a dead replica of another backend is replaced."""
+    client, _ = serve_instance
+    client.create_backend("gated-config", GatedConfig, str(signals),
+                          config={"user_config": {"v": 1}})
+    client.create_endpoint("gated-config", backend="gated-config")
+    client.create_backend("bystander", lambda request: os.getpid())
+    client.create_endpoint("bystander", backend="bystander")
+    events = signals / "events"
+    blocked = client.get_handle("gated-config").remote("block")
+    wait_for(lambda: events.exists() and "call-start" in events.read_text(), TIMEOUT,
+             "the request to start")
+    with pool(1) as executor:
+        update = executor.submit(client.update_backend_config, "gated-config",
+                                 {"user_config": {"v": 2}})
+        wait_for(lambda: client.get_backend_config("gated-config").user_config == {"v": 2},
+                 TIMEOUT, "the controller to take the update")
+        [(tag, pid)] = replica_pids(client, "bystander").items()
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: len(replica_pids(client, "bystander")) == 1 and
+                 tag not in replica_pids(client, "bystander"), TIMEOUT,
+                 "the dead bystander replica to be replaced")
+        client.update_backend_config("bystander", {"num_replicas": 2})
+        assert len(replica_pids(client, "bystander")) == 2
+        assert client.get_handle("bystander").remote().result(timeout=TIMEOUT) != pid
+        assert not update.done(), "the update returned while a request ran"
+        (signals / "release").touch()
+        update.result(timeout=TIMEOUT)
+    assert blocked.result(timeout=TIMEOUT) == {"v": 1}
+    assert client.get_handle("gated-config").remote().result(timeout=TIMEOUT) == {"v": 2}
+
+
 # --------------------------------------------------------------------------- 4. config
 
 

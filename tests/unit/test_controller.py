@@ -101,6 +101,25 @@ class PickyModel:
         return self.user_config
 
 
+# The event a SlowReconfigure's reconfigure waits for (created by the test, on its loop).
+RECONFIGURE_RELEASE: Dict[str, asyncio.Event] = {}
+
+
+class SlowReconfigure:
+    """Its reconfigure waits for ``RECONFIGURE_RELEASE["event"]`` when asked to."""
+
+    def __init__(self) -> None:
+        self.user_config: Any = None
+
+    async def reconfigure(self, user_config: Any) -> None:
+        if user_config.get("slow"):
+            await RECONFIGURE_RELEASE["event"].wait()
+        self.user_config = user_config
+
+    def __call__(self, request: Any) -> Any:
+        return self.user_config
+
+
 def echo(request: Any) -> Any:
     return request
 
@@ -443,6 +462,42 @@ def test_scale_down_stops_starting_replicas_before_running_ones() -> None:
             assert replica_tags(controller, "m") == [original]
             assert live_replicas(runtime) == [original]
             assert "drain" not in runtime.calls(original)
+
+    run(main)
+
+
+def test_a_slow_reconfigure_holds_up_neither_other_calls_nor_replacements() -> None:
+    """While one backend's replicas apply a config, the controller serves other calls and
+    replaces a dead replica of another backend; a second update of the same backend waits
+    for the first."""
+
+    async def main() -> None:
+        RECONFIGURE_RELEASE["event"] = asyncio.Event()
+        async with running_controller() as (controller, runtime):
+            await start_backend(controller, "slow", SlowReconfigure, user_config={"v": 1})
+            await start_backend(controller, "other", echo)
+            update = asyncio.ensure_future(controller.update_backend_config(
+                "slow", BackendConfig(user_config={"v": 2, "slow": True})))
+            [slow] = replica_tags(controller, "slow")
+            await eventually(lambda: runtime.calls(slow).count("update_config") == 1,
+                             "the slow replica to get the new config")
+            second = asyncio.ensure_future(controller.update_backend_config(
+                "slow", BackendConfig(user_config={"v": 3})))
+            try:
+                await asyncio.wait_for(start_backend(controller, "third", echo), TIMEOUT_S)
+                [victim] = replica_tags(controller, "other")
+                runtime.kill(victim)
+                await asyncio.wait_for(controller._check_health(), TIMEOUT_S)
+                await eventually(lambda: [t for t in replica_tags(controller, "other", RUNNING)
+                                          if t != victim], "the dead replica replaced")
+                assert not update.done() and not second.done()
+                assert runtime.calls(slow).count("update_config") == 1  # the second waits
+            finally:
+                RECONFIGURE_RELEASE["event"].set()
+            await wait_goal(controller, await asyncio.wait_for(update, TIMEOUT_S))
+            await wait_goal(controller, await asyncio.wait_for(second, TIMEOUT_S))
+            assert runtime.workers[slow].instance.user_config == {"v": 3}
+            assert controller.get_backend_config("slow").user_config == {"v": 3}
 
     run(main)
 

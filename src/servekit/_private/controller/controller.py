@@ -272,36 +272,55 @@ class Controller:
             return backend.goal
 
     async def update_backend_config(self, tag: str, update: BackendConfig) -> Optional[str]:
-        async with self._lock:
+        """Change a backend's config; return the goal to wait on.
+
+        The replicas apply a new config (``reconfigure`` waits for the requests they run)
+        without the controller's lock held, so a slow one holds up neither other calls nor
+        the replacement of dead replicas; updates of one backend are applied one at a time.
+        """
+        while True:
             backend = self._backend(tag)
+            async with backend.updating:
+                if self._backend(tag) is backend:
+                    return await self._update_backend_config(backend, update)
+            # Deleted and created again while this waited: update the new one.
+
+    async def _update_backend_config(self, backend: BackendState,
+                                     update: BackendConfig) -> Optional[str]:
+        async with self._lock:
             new_config = backend.config.merged(update)
             if backend.metadata is not None:
                 validate_backend_against_config(backend.metadata, new_config)
             self._check_resources(
-                tag, backend.replica_config,
+                backend.tag, backend.replica_config,
                 new_config.num_replicas - len(backend.in_state(STARTING, RUNNING)),
                 new_config.num_replicas)
             old_config = backend.config
             backend.config = new_config
             self._replace_goal(backend)
+            goal = backend.goal
             backend.config_before_update = old_config
             await self._save()
             await self._publish_backends()
-            if _replica_visible_fields(old_config) != _replica_visible_fields(new_config):
-                try:
-                    await self._push_config(backend)
-                except Exception:
-                    # A replica refused the change (reconfigure raised): undo it everywhere.
+        if _replica_visible_fields(old_config) != _replica_visible_fields(new_config):
+            try:
+                await self._push_config(backend)
+            except Exception:
+                # A replica refused the change (reconfigure raised): undo it everywhere.
+                async with self._lock:
                     backend.config = old_config
                     backend.config_before_update = None
                     await self._save()
                     await self._publish_backends()
-                    await self._push_config(backend, raise_errors=False)
-                    self.goals.complete(backend.goal)
-                    backend.goal = None
-                    raise
+                await self._push_config(backend, raise_errors=False)
+                async with self._lock:
+                    if backend.goal == goal:
+                        self.goals.complete(goal)
+                        backend.goal = None
+                raise
+        async with self._lock:
             self._reconcile(backend)
-            return backend.goal
+        return goal
 
     async def delete_backend(self, tag: str, force: bool) -> Optional[str]:
         async with self._lock:

@@ -51,6 +51,8 @@ class BackendState:
     start_failures: int = 0  # consecutive replica starts that failed
     retry_at: float = 0.0  # monotonic time before which failed replacements are not retried
     last_start_error: Optional[str] = None  # why the last replica start failed, until one starts
+    # Held while config updates reach the replicas: one at a time per backend.
+    updating: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
 
     @property
     def target_replicas(self) -> int:
