@@ -595,22 +595,32 @@ class Controller:
                 await self._save()
                 await self._publish_backends()
                 self._reconcile(backend)
-            elif backend.goal is not None:
-                # A scale-up or update failed: go back to the config before it, and only
-                # then fail the call, so it returns with the old config in force.
-                goal, backend.goal = backend.goal, None
-                if backend.config_before_update is not None:
-                    # Running replicas may have applied the new config: give the old back.
-                    pushed = backend.config
-                    backend.config = backend.config_before_update
-                    backend.config_before_update = None
-                    if _replica_visible_fields(pushed) != _replica_visible_fields(
-                            backend.config):
-                        await self._push_config(backend, raise_errors=False)
-                await self._save()
-                await self._publish_backends()
-                self._reconcile(backend)
+                return
+            if backend.goal is None:
+                return  # a replacement failed: it is retried with backoff
+            # A scale-up or update failed: go back to the config before it, and only then
+            # fail the call, so it returns with the old config in force.
+            goal, backend.goal = backend.goal, None
+            push = False
+            if backend.config_before_update is not None:
+                pushed = backend.config
+                backend.config = backend.config_before_update
+                backend.config_before_update = None
+                push = _replica_visible_fields(pushed) != _replica_visible_fields(
+                    backend.config)
+            await self._save()
+            await self._publish_backends()
+            self._reconcile(backend)
+            if not push:
                 self.goals.fail(goal, error)
+                return
+        # Running replicas may have applied the new config: give them the old one back
+        # (without the lock: reconfigure may wait for the requests they run).
+        try:
+            async with backend.updating:
+                await self._push_config(backend, raise_errors=False)
+        finally:
+            self.goals.fail(goal, error)
 
     def _begin_stop(self, backend: BackendState, record: ReplicaRecord) -> None:
         was_running = record.state == RUNNING
