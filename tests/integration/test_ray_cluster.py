@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -105,6 +106,23 @@ def test_head_only_runs_one_proxy_on_the_driver_node_and_no_server_none(
             .startswith("who#")
     finally:
         client.shutdown()
+
+
+def test_a_busy_http_port_is_a_serve_error_naming_it_and_leaves_no_actor(
+        cluster: Any) -> None:
+    blocker = socket.socket()
+    try:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen(1)
+        port = blocker.getsockname()[1]
+        with pytest.raises(serve.ServeError) as excinfo:
+            serve.start(http_options={"port": port})
+    finally:
+        blocker.close()
+    message = str(excinfo.value)
+    assert f"127.0.0.1:{port}" in message and "Address already in use" in message, message
+    assert "Traceback" not in message and "actor_id" not in message, message
+    wait_for(lambda: servekit_actors() == [], TIMEOUT, "no servekit actor left")
 
 
 def test_replicas_are_placed_by_their_resources(cluster: Any, client: serve.Client) -> None:

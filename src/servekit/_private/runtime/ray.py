@@ -298,7 +298,7 @@ class RayRuntime(Runtime):
         except ray.exceptions.RayError as exc:
             self._forget(name)
             raise ServeError(f"{name} could not start on Ray: "
-                             f"{_first_line(exc)}") from None
+                             f"{_start_error(exc)}") from None
         self._identities[name] = {"actor": actor_name, **info,
                                   "start_time": process_start_time(info["pid"])
                                   if info["node"] == self._node else None}
@@ -394,6 +394,17 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def _start_error(error: BaseException) -> str:
+    """What Ray's error says went wrong: for an actor whose constructor raised, the line
+    of that exception (the last of the traceback Ray quotes), else the first line."""
+    if getattr(error, "actor_init_failed", False):
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        if lines:
+            name, colon, message = lines[-1].partition(": ")
+            return f"{name.rsplit('.', 1)[-1]}: {message}" if colon else lines[-1]
+    return _first_line(error)
+
+
 def _init_ray(address: Optional[str]) -> None:
     if not ray.is_initialized():
         ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING)
@@ -447,7 +458,7 @@ class RayInstance(Instance):
         except Exception as exc:
             ray.kill(controller, no_restart=True)
             raise ServeError(f"The servekit controller could not start on Ray: "
-                             f"{_first_line(exc)}") from None
+                             f"{_start_error(exc)}") from None
         return cls(controller, info, detached)
 
     @classmethod
