@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from typing import (
     Any,
     AsyncIterator,
@@ -25,6 +26,7 @@ import pytest
 from loop_helpers import run
 
 from servekit._private import constants
+from servekit._private.controller import controller as controller_module
 from servekit._private.controller.controller import Controller
 from servekit._private.controller.durable import LoadedState, load
 from servekit._private.controller.state import RUNNING, STARTING
@@ -978,6 +980,32 @@ def published_replicas(controller: Controller, backend: str) -> List[str]:
     """The replica tags routers are told about for ``backend``."""
     _, view = controller.long_poll._values[constants.KEY_REPLICAS]
     return [tag for tag, _ in view.get(backend, [])]
+
+
+def test_a_replica_whose_constructor_does_not_return_is_warned_about(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """create_backend waits for the constructor however long it takes, and says so."""
+    monkeypatch.setattr(controller_module, "_SLOW_START_WARNING_S", 0.05)
+
+    async def main() -> None:
+        async with running_controller() as (controller, runtime):
+            runtime.hold_launches()
+            goal = await start_backend(controller, "m", wait=False)
+            [name] = await eventually(runtime.held, "a held launch")
+            runtime.freeze(name)  # its ready call hangs, as a constructor that never ends
+            runtime.hold_launches(False)
+            runtime.release()
+            await eventually(lambda: len([r for r in caplog.records
+                                          if name in r.getMessage()]) >= 2,
+                             "two warnings naming the replica")
+            assert "has been starting for" in caplog.records[-1].getMessage()
+            assert goal in controller.goals.pending()
+            runtime.thaw(name)
+            await wait_goal(controller, goal)
+            assert replica_tags(controller, "m", RUNNING) == [name]
+
+    with caplog.at_level(logging.WARNING, logger="servekit.controller"):
+        run(main)
 
 
 def test_frozen_replica_is_taken_out_of_routing_and_replaced() -> None:

@@ -45,6 +45,8 @@ logger = logging.getLogger("servekit.controller")
 _METRICS_TIMEOUT_S = 2.0
 # Seconds a worker left by an earlier controller has to answer a ping to be adopted.
 _ADOPT_TIMEOUT_S = 5.0
+# A replica whose constructor runs this long gets a warning, and again each time as long.
+_SLOW_START_WARNING_S = 30.0
 
 
 class Controller:
@@ -485,7 +487,8 @@ class Controller:
                 record.connection = await self.runtime.connect(record.address)
             connection = record.connection
             assert connection is not None
-            metadata = await connection.call("ready")
+            metadata = await self._constructed(
+                record, asyncio.ensure_future(connection.call("ready")))
             record.config = spec.config if not launched else None
             if backend.metadata is None:
                 validate_backend_against_config(metadata, backend.config)
@@ -513,6 +516,21 @@ class Controller:
             await self._start_failed(backend, record, error)
         except Exception as exc:
             await self._start_failed(backend, record, exc)
+
+    async def _constructed(self, record: ReplicaRecord,
+                           ready: "asyncio.Future[Any]") -> BackendMetadata:
+        """The replica's answer to ``ready`` (its constructor has returned); a warning every
+        ``_SLOW_START_WARNING_S`` until then, so a start that hangs is seen."""
+        started = time.monotonic()
+        while True:
+            try:
+                return await asyncio.wait_for(asyncio.shield(ready), _SLOW_START_WARNING_S)
+            except asyncio.TimeoutError:
+                logger.warning("Replica %s has been starting for %.0fs: its constructor has "
+                               "not returned yet.", record.tag, time.monotonic() - started)
+            except asyncio.CancelledError:
+                ready.cancel()
+                raise
 
     async def _start_serving(self, backend: BackendState, record: ReplicaRecord) -> None:
         """Put a started replica into routing and begin its health pings (under the lock)."""
