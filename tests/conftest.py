@@ -26,6 +26,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@contextlib.contextmanager
+def busy_port() -> Iterator[int]:
+    """A port of 127.0.0.1 that something listens on while the block runs."""
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen(1)
+        yield blocker.getsockname()[1]
+
+
 def wait_for(condition: Callable[[], object], timeout: float = 10.0,
              message: str = "condition") -> object:
     """Poll ``condition`` until it is truthy or ``timeout`` passes (then fail the test)."""

@@ -28,7 +28,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.gzip import GZipMiddleware
 
 import servekit as serve
-from conftest import free_port, wait_for
+from conftest import busy_port, free_port, wait_for
 from servekit._private.process import process_start_time
 
 pytestmark = pytest.mark.integration
@@ -138,19 +138,11 @@ def test_start_rejects_bad_arguments(kwargs: dict, error: type, fragments: List[
 def test_port_in_use_is_a_serve_error_and_leaves_nothing_running(
         start_instance: Callable) -> None:
     before = my_children()
-    blocker = socket.socket()
-    try:
-        blocker.bind(("127.0.0.1", 0))
-        blocker.listen(1)
-        port = blocker.getsockname()[1]
-
+    with busy_port() as port:
         with pytest.raises(serve.ServeError) as excinfo:
             serve.start(http_options={"port": port})
-
         assert str(port) in str(excinfo.value)
         assert my_children() == before
-    finally:
-        blocker.close()
     # Nothing of the failed start holds the port: an instance can use it now.
     start_instance(http_options={"port": port})
     assert healthz(port).status_code == 200

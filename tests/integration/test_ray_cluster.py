@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -19,7 +18,7 @@ import pytest
 from processes import start_time
 
 import servekit as serve
-from conftest import free_port, ray_connected, wait_for
+from conftest import busy_port, free_port, ray_connected, wait_for
 
 ray = pytest.importorskip("ray")
 
@@ -110,15 +109,8 @@ def test_head_only_runs_one_proxy_on_the_driver_node_and_no_server_none(
 
 def test_a_busy_http_port_is_a_serve_error_naming_it_and_leaves_no_actor(
         cluster: Any) -> None:
-    blocker = socket.socket()
-    try:
-        blocker.bind(("127.0.0.1", 0))
-        blocker.listen(1)
-        port = blocker.getsockname()[1]
-        with pytest.raises(serve.ServeError) as excinfo:
-            serve.start(http_options={"port": port})
-    finally:
-        blocker.close()
+    with busy_port() as port, pytest.raises(serve.ServeError) as excinfo:
+        serve.start(http_options={"port": port})
     message = str(excinfo.value)
     assert f"127.0.0.1:{port}" in message and "Address already in use" in message, message
     assert "Traceback" not in message and "actor_id" not in message, message
