@@ -17,6 +17,7 @@ from servekit._private.context import (
     current_replica_context,
     current_request_id,
 )
+from servekit._private.discovery import current_controller
 from servekit._private.event_loop import run_sync
 from servekit._private.runtime import choice
 from servekit._private.runtime.base import Instance
@@ -89,7 +90,8 @@ class Client:
             try:
                 if self._controller is None or self._controller.is_closed:
                     self._controller = await RpcClient.connect(
-                        self._controller_address, "servekit controller")
+                        await current_controller(self._controller_address),
+                        "servekit controller")
                 return await self._controller.call(name, *args)
             except ConnectFailed:
                 instance = self._instance

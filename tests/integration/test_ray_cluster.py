@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -192,6 +193,50 @@ def test_the_controller_actor_killed_recovers_its_state_and_adopts_the_replicas(
     assert client.list_endpoints()["count"]["route"] == "/count"
     client.update_backend_config("count", {"num_replicas": 1})
     assert len(processes(client, "replica")) == 1
+
+
+def test_a_controller_restarted_at_a_new_address_is_found_again(
+        client: serve.Client) -> None:
+    """A controller that Ray restarts where its earlier port cannot be had (on another
+    node, or, here, a port something else holds) serves on a new one. The proxies, the
+    driver's routers and the client find it there, and it adopts every process."""
+    from ray.experimental import internal_kv
+
+    client.create_backend("who", whoami)
+    client.create_endpoint("who", backend="who", route="/who")
+    before = {p["name"]: p["pid"] for p in client._call("status")["processes"]
+              if p["role"] in ("proxy", "replica")}
+    [url, *_] = [f"http://{p['http'][0]}:{p['http'][1]}" for p in processes(client, "proxy")]
+    old_pid = client._call("status")["processes"][0]["pid"]
+    host = ray.util.get_node_ip_address()
+    with socket.socket() as holder:  # bound, not listening: taken, and refusing
+        holder.bind((host, 0))
+        taken = f"tcp://{host}:{holder.getsockname()[1]}"
+        internal_kv._internal_kv_put(b"controller_address", taken.encode(), overwrite=True,
+                                     namespace="servekit")
+        ray.kill(ray.get_actor("servekit-controller", namespace="servekit"),
+                 no_restart=False)
+        wait_for(lambda: start_time(old_pid) is None, TIMEOUT, "the old controller to end")
+        wait_for(lambda: internal_kv._internal_kv_get(b"controller_address",
+                                                      namespace="servekit") != taken.encode(),
+                 TIMEOUT, "the restarted controller to record a new address")
+        client.create_endpoint("who2", backend="who", route="/who2")  # the client follows
+
+        def served_by_the_proxy() -> bool:
+            return httpx.get(f"{url}/who2", timeout=TIMEOUT).status_code == 200
+
+        wait_for(served_by_the_proxy, TIMEOUT, "the proxy to learn the new route")
+
+        def served_by_a_handle() -> bool:
+            try:
+                return bool(client.get_handle("who2").remote().result(timeout=TIMEOUT))
+            except serve.ServeError:  # EndpointNotFoundError until the router has it
+                return False
+
+        wait_for(served_by_a_handle, TIMEOUT, "the driver's router to learn the new route")
+    after = {p["name"]: p["pid"] for p in client._call("status")["processes"]
+             if p["role"] in ("proxy", "replica")}
+    assert after == before
 
 
 def test_detached_instance_is_reached_from_another_driver_and_shut_down(

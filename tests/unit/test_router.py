@@ -1006,6 +1006,46 @@ def test_a_tcp_controller_that_is_restarting_is_waited_for(
     run(main)
 
 
+def test_a_tcp_controller_that_moved_is_found_at_its_new_address(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A controller restarted where its old port could not be had serves elsewhere: the
+    router, given the old address, connects where the registered resolver says it is now
+    (and looks again while the resolver does not know yet)."""
+    from servekit._private import auth, discovery
+    from servekit._private.transport import RpcServer
+
+    monkeypatch.setattr(auth, "_secret", b"k" * 32)
+    monkeypatch.setattr(discovery, "_resolvers", {})
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        old = f"tcp://127.0.0.1:{probe.getsockname()[1]}"  # nothing serves it any more
+    lookups: List[str] = []
+
+    async def main() -> None:
+        listening = socket.socket()
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        new = f"tcp://127.0.0.1:{listening.getsockname()[1]}"
+        server = RpcServer({"listen": listen_nothing})
+        await server.start(listening)
+
+        def where_now() -> Optional[str]:
+            lookups.append("lookup")
+            return new if len(lookups) >= 2 else None  # the first look finds nothing yet
+
+        discovery.register_controller_resolver(old, where_now)
+        router = await asyncio.wait_for(Router.start(old), 10)
+        try:
+            assert router._controller is not None
+            assert router._controller.address == new
+            assert len(lookups) >= 2
+        finally:
+            router.close()
+            server.close()
+
+    run(main)
+
+
 def test_a_unix_controller_socket_that_refuses_means_the_instance_is_gone(
         tmp_path: Any) -> None:
     """Locally the supervisor keeps the controller's socket bound across restarts, so a

@@ -19,6 +19,7 @@ import uuid
 from typing import Any, Awaitable, Callable, Deque, Dict, List, Optional, Tuple
 
 from servekit._private import constants, metrics
+from servekit._private.discovery import current_controller
 from servekit._private.specs import BackendLimits, EndpointInfo
 from servekit._private.transport import (
     Busy,
@@ -481,8 +482,8 @@ class Router:
     async def _connect_controller(self) -> RpcClient:
         """Connect to the controller. A Unix socket stays bound while its controller
         restarts, so a refusal means the instance is gone; on TCP (Ray) nothing listens
-        until the restarted controller does, so refusals are retried for the startup
-        timeout.
+        until the restarted controller does, perhaps at another address, so the address is
+        looked up again and refusals are retried for the startup timeout.
 
         Raises:
             ConnectFailed: nothing serves the address (for that long, on TCP).
@@ -490,8 +491,9 @@ class Router:
         deadline = time.monotonic() + constants.STARTUP_TIMEOUT_S
         delay = 0.05
         while True:
+            address = await current_controller(self._controller_address)
             try:
-                return await RpcClient.connect(self._controller_address, "servekit controller")
+                return await RpcClient.connect(address, "servekit controller")
             except ConnectFailed:
                 if parse_tcp_address(self._controller_address) is None or \
                         time.monotonic() + delay > deadline:

@@ -1,8 +1,9 @@
 """``RayRuntime``: every servekit process is a Ray actor; Ray places, restarts and finds them.
 
 - The controller is the named actor ``servekit-controller`` (namespace ``servekit``),
-  detached when the instance is, restarted by Ray when it dies. It keeps its TCP port
-  across restarts, so routers and clients reconnect to the same address.
+  detached when the instance is, restarted by Ray when it dies. It records its address in
+  the KV store and keeps it across restarts where it can; where it cannot (another node, or
+  the port taken), routers and clients look the new one up (``discovery``).
 - Proxies and replicas are detached actors with the resources of their options, created
   by the controller. They survive a controller restart (a new controller adopts them by
   name) and exit by themselves once the controller's actor is gone for good.
@@ -31,6 +32,7 @@ from ray.experimental import internal_kv
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from servekit._private import auth, constants
+from servekit._private.discovery import register_controller_resolver
 from servekit._private.event_loop import new_event_loop
 from servekit._private.process import (
     WorkerSpec,
@@ -39,7 +41,7 @@ from servekit._private.process import (
     process_start_time,
 )
 from servekit._private.runtime.base import Connection, Instance, Runtime
-from servekit._private.transport import RpcClient, tcp_address
+from servekit._private.transport import RpcClient, parse_tcp_address, tcp_address
 from servekit._private.worker import configure_logging
 from servekit.config import HTTPOptions
 from servekit.exceptions import ServeError
@@ -48,7 +50,7 @@ logger = logging.getLogger("servekit")
 
 NAMESPACE = "servekit"
 CONTROLLER_NAME = "servekit-controller"
-_STATE_KEY, _SECRET_KEY, _PORT_KEY = b"state", b"secret", b"controller_port"
+_STATE_KEY, _SECRET_KEY, _ADDRESS_KEY = b"state", b"secret", b"controller_address"
 # Options of ray_actor_options passed to Ray as they are (the numbers are checked before).
 _PASSED_OPTIONS = ("memory", "object_store_memory", "resources", "accelerator_type",
                    "runtime_env")
@@ -65,7 +67,7 @@ def _kv_put(key: bytes, value: bytes) -> None:
 
 
 def _kv_discard() -> None:
-    for key in (_STATE_KEY, _SECRET_KEY, _PORT_KEY):
+    for key in (_STATE_KEY, _SECRET_KEY, _ADDRESS_KEY):
         internal_kv._internal_kv_del(key, namespace=NAMESPACE)
 
 
@@ -104,9 +106,33 @@ class RayKVStore:
 def _bind_tcp(host: str, port: int) -> socket.socket:
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
     sock.listen(4096)
     return sock
+
+
+def _controller_address() -> Optional[str]:
+    """Where the controller serves now, as it last recorded it (None: nowhere yet)."""
+    raw = _kv_get(_ADDRESS_KEY)
+    return raw.decode() if raw else None
+
+
+def _bind_controller(host: str) -> socket.socket:
+    """The controller's socket: at its earlier address when that is on this node and free
+    (routers and clients find it where they left it), else at a new port (they look the
+    address up again, see ``discovery``)."""
+    earlier = parse_tcp_address(_controller_address() or "")
+    if earlier is not None and earlier[0] == host:
+        try:
+            return _bind_tcp(host, earlier[1])
+        except OSError as exc:
+            logger.warning("The servekit controller cannot serve on its earlier port %d "
+                           "(%s); it serves on a new one.", earlier[1], exc.strerror)
+    return _bind_tcp(host, 0)
 
 
 @ray.remote
@@ -125,10 +151,13 @@ class ServekitActor:
         configure_logging(role, name, None)  # Ray keeps the actors' output in its logs
         auth.set_secret(_instance_secret())
         host = ray.util.get_node_ip_address()
-        port = int(_kv_get(_PORT_KEY) or 0) if role == "controller" else 0
-        sock = _bind_tcp(host, port)
         if role == "controller":
-            _kv_put(_PORT_KEY, str(sock.getsockname()[1]).encode())
+            sock = _bind_controller(host)
+            _kv_put(_ADDRESS_KEY, tcp_address(host, sock.getsockname()[1]).encode())
+        else:
+            sock = _bind_tcp(host, 0)
+            assert controller_address is not None
+            register_controller_resolver(controller_address, _controller_address)
         extra_fds = {}
         self._http: Optional[List[Any]] = None
         if http is not None:
@@ -425,6 +454,7 @@ class RayInstance(Instance):
         self.controller_address = info["address"]
         self.detached = detached
         auth.set_secret(_instance_secret())
+        register_controller_resolver(self.controller_address, _controller_address)
 
     @classmethod
     def start(cls, http_options: HTTPOptions, detached: bool,
