@@ -292,7 +292,9 @@ class _RequestWatch:
     def until_disconnect(self, scope: Dict[str, Any]) -> None:
         """From now on, the client leaving cancels the request (``ProxyHttpProtocol`` calls
         what is in the scope's ``ON_DISCONNECT`` list)."""
-        scope[ON_DISCONNECT].append(self._disconnected)
+        callbacks = scope.get(ON_DISCONNECT)
+        if callbacks is not None:  # (None: a middleware handed on a scope of its own)
+            callbacks.append(self._disconnected)
 
     def _disconnected(self) -> None:
         self._end(_DISCONNECTED)
