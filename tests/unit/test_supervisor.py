@@ -7,7 +7,6 @@ handler the test holds or releases; the process is a fake whose ``kill`` is reco
 from __future__ import annotations
 
 import asyncio
-import socket
 from pathlib import Path
 from typing import Any, Tuple
 
@@ -15,6 +14,7 @@ import pytest
 from loop_helpers import run
 
 from servekit._private import constants, supervisor
+from servekit._private.process import bind_unix_socket
 from servekit._private.transport import RpcServer
 
 
@@ -38,11 +38,8 @@ def quick_pings(monkeypatch: pytest.MonkeyPatch) -> None:
 
 async def serving(tmp_path: Path, ping: Any) -> Tuple[str, RpcServer]:
     path = str(tmp_path / "controller.sock")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(path)
-    sock.listen()
     server = RpcServer({"ping": ping})
-    await server.start(sock)
+    await server.start(bind_unix_socket(path))
     return path, server
 
 
