@@ -115,6 +115,16 @@ def test_a_body_that_does_not_arrive_in_time_gets_408(timed: tuple) -> None:
     assert not marked(directory, "body", "started")
 
 
+def _queued_in_proxy(port: int, backend: str) -> float:
+    """Requests to ``backend`` waiting in the proxy's router, from its metrics."""
+    text = httpx.get(f"http://127.0.0.1:{port}/-/metrics", timeout=TIMEOUT).text
+    for line in text.splitlines():
+        if line.startswith("serve_deployment_queued_queries{") and \
+                f'backend="{backend}"' in line and 'process="proxy' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def test_a_client_that_disconnects_cancels_its_request(tmp_path: Any) -> None:
     port = free_port()
     client = serve.start(http_options={"port": port})
@@ -130,8 +140,12 @@ def test_a_client_that_disconnects_cancels_its_request(tmp_path: Any) -> None:
 
         running = open_and_leave("running")
         wait_for(lambda: marked(tmp_path, "running", "started"), TIMEOUT, "it to run")
-        queued = open_and_leave("queued")  # waits in the proxy's router behind it
+        queued = open_and_leave("queued")
+        wait_for(lambda: _queued_in_proxy(port, "rec") == 1, TIMEOUT,
+                 "the request to wait in the proxy's router behind it")
         queued.close()
+        wait_for(lambda: _queued_in_proxy(port, "rec") == 0, TIMEOUT,
+                 "the proxy to see the client leave")
         running.close()
         wait_for(lambda: marked(tmp_path, "running", "cancelled"), TIMEOUT,
                  "the running coroutine cancelled")

@@ -32,6 +32,7 @@ from servekit._private.transport import (
     _REPLY_ERROR,
     _REPLY_OK,
     _REQUEST,
+    _STOPPED,
     ConnectFailed,
     RpcClient,
     _FrameProtocol,
@@ -147,6 +148,10 @@ class FakeReplica:
 
     def notice(self) -> None:
         self.feed(NOTICE)
+
+    def stopped(self, value: Any) -> None:
+        """The replica says the work of a cancelled request has stopped."""
+        self.feed(frame(self._id(value), _STOPPED))
 
     def fail(self, value: Any, exc: BaseException) -> None:
         self.feed(frame(self._id(value), _REPLY_ERROR, encode_error(exc)))
@@ -312,8 +317,8 @@ def test_idle_replicas_share_the_load() -> None:
 
 def test_refusal_and_room_notice_read_together_do_not_leave_the_replica_full() -> None:
     """The replica refuses A (full because of another router) and says it has room again;
-    both frames are read in one chunk, so the notice is handled before the refusal's
-    callback. The queued request B must then be delivered to the replica, and A after it.
+    both frames are read in one chunk. The refused A must then be sent again, first in
+    line, and the queued B after it.
 
     Old behaviour caught: the refusal's callback marked the replica full after the notice had
     cleared it, so nothing was ever sent to that replica again (B and A's retry hung)."""
@@ -329,15 +334,15 @@ def test_refusal_and_room_notice_read_together_do_not_leave_the_replica_full() -
 
         r1.feed(r1.busy_frame("A"), NOTICE)
         await spin()
-        assert r1.received() == ["A", "B"], "B was not delivered after the room notice"
+        assert r1.received() == ["A", "A"], "the refused A was not sent again after the notice"
+        r1.answer("A", "a")
+        await spin()
+        assert reply_a.result() == "a"
+        assert r1.received() == ["A", "A", "B"], "B was not delivered after A's answer"
         assert send_b.done()
         r1.answer("B", "b")
         await spin()
         assert send_b.result().result() == "b"
-        assert r1.received() == ["A", "B", "A"], "the refused A was not sent again"
-        r1.answer("A", "a")
-        await spin()
-        assert reply_a.result() == "a"
 
     run(main)
 
@@ -591,14 +596,16 @@ def test_request_written_to_a_closing_connection_goes_to_another_replica() -> No
         router, feed = make_router(cluster, cap=8, b=[r1])
         in_flight = await sent(router, "A")
         r1.transport.closing = True
-        reply = await router.send("ep", "call", None, ("B",))  # written nowhere
-        feed.replicas(b=[r1, r2])  # listed before the router learns B was not sent
+        send_b = start_send(router, "B")  # written nowhere: it waits for another replica
+        await spin()
+        assert not send_b.done() and r1.received() == ["A"]
+        feed.replicas(b=[r1, r2])  # r1 still listed: the router must not pick it again
         await spin()
         assert r1.received() == ["A"]
         assert r2.received() == ["B"]
         r2.answer("B", "b")
         await spin()
-        assert reply.result() == "b"
+        assert send_b.result().result() == "b"
 
         r1.drop()
         await spin()
@@ -1188,8 +1195,14 @@ def test_a_caller_that_cancels_a_delivered_request_has_the_replica_told_to_stop_
         await spin()
         assert kept.result() == "a"
         assert r1.cancelled() == ["B"]  # an answered request is never cancelled
-        # The cancelled request's place is free again: two more go out at once.
+        # B's work may still run on the replica: its place is held until the replica says
+        # it stopped, so only one more request goes out meanwhile.
         await sent(router, "C")
-        await sent(router, "D")
+        send_d = start_send(router, "D")
+        await spin()
+        assert not send_d.done() and "D" not in r1.received()
+        r1.stopped("B")
+        await spin()
+        assert send_d.done() and r1.received()[-1] == "D"
 
     run(main)

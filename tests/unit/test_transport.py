@@ -23,8 +23,11 @@ from servekit._private.transport import (
     _REPLY_ERROR,
     _REPLY_OK,
     _REQUEST,
+    _STOPPED,
     Busy,
     ConnectFailed,
+    ConnectionClosed,
+    NotSent,
     RpcClient,
     RpcServer,
     _FrameProtocol,
@@ -243,15 +246,18 @@ def test_unreadable_reply_fails_only_its_own_request() -> None:
 
 def test_send_on_a_closing_connection_fails_unsent() -> None:
     """A request on a connection that is closing is not written and fails with
-    ``ConnectFailed`` (so it may be sent elsewhere), naming the peer."""
+    ``ConnectionClosed`` (a ``NotSent``: it may be sent elsewhere), naming the peer; not
+    with ``ConnectFailed``, which would say the peer cannot be reached at all."""
 
     async def main() -> None:
         client, protocol, transport = wired_client("replica b#7")
         transport.closing = True
         reply = client.send(encode_call("call", ()))
         assert transport.writes == []
-        with pytest.raises(ConnectFailed, match="replica b#7"):
+        with pytest.raises(ConnectionClosed, match="replica b#7"):
             reply.result()
+        assert isinstance(reply.exception(), NotSent)
+        assert not isinstance(reply.exception(), ConnectFailed)
 
     run(main)
 
@@ -268,12 +274,12 @@ def test_lost_connection_fails_requests_in_flight_naming_the_peer() -> None:
         for reply in in_flight:
             error = reply.exception()
             assert isinstance(error, BackendUnavailableError)
-            assert not isinstance(error, ConnectFailed)
+            assert not isinstance(error, NotSent)
             assert "replica b#7" in str(error)
             assert not is_remote_error(error)
         assert client.closed is not None and client.closed.done()
         assert client.is_closed
-        with pytest.raises(ConnectFailed):
+        with pytest.raises(ConnectionClosed):
             client.send(encode_call("call", ())).result()
 
     run(main)
@@ -429,7 +435,10 @@ def test_a_request_cancelled_by_its_caller_sends_a_cancel_and_ignores_a_late_rep
     run(main)
 
 
-def test_a_cancel_frame_stops_the_call_and_no_reply_is_sent() -> None:
+def test_a_cancel_frame_stops_the_call_and_says_when_it_stopped() -> None:
+    """A cancelled call is stopped; once it has really ended the server sends STOPPED (and
+    no reply), so the caller knows the capacity it held is free."""
+
     async def main() -> None:
         started, stopped = asyncio.Event(), asyncio.Event()
 
@@ -453,7 +462,7 @@ def test_a_cancel_frame_stops_the_call_and_no_reply_is_sent() -> None:
         protocol.data_received(frame(1, _CANCEL) + frame(2, _REQUEST, encode_call("quick", ())))
         await asyncio.wait_for(stopped.wait(), 5)
         await asyncio.sleep(0)
-        assert [(i, k) for i, k, _ in transport.frames()] == [(2, _REPLY_OK)]
+        assert [(i, k) for i, k, _ in transport.frames()] == [(2, _REPLY_OK), (1, _STOPPED)]
         protocol.data_received(frame(7, _CANCEL))  # for no call: ignored
 
     run(main)

@@ -20,7 +20,7 @@ import pickle
 import socket
 import struct
 import traceback
-from typing import Any, AsyncIterator, Awaitable, Callable, Deque, Dict, List, Optional, Tuple
+from typing import Any, AsyncIterator, Awaitable, Callable, Deque, Dict, Optional, Tuple
 
 from servekit._private.auth import (
     HANDSHAKE_TIMEOUT_S,
@@ -36,6 +36,8 @@ _HEADER = struct.Struct("!IQB")
 _REQUEST, _REPLY_OK, _REPLY_ERROR, _REPLY_BUSY, _NOTIFY, _CANCEL = 0, 1, 2, 3, 4, 5
 # A streamed reply: chunks, then its end (or an error); the reader grants room by credits.
 _STREAM_CHUNK, _STREAM_END, _CREDIT = 6, 7, 8
+# The last frame of a request its caller cancelled: the server's work for it has stopped.
+_STOPPED = 9
 # Chunks a server sends ahead of what the reader has taken: the buffer a stream may grow.
 STREAM_WINDOW = 8
 _PICKLE_PROTOCOL = 5
@@ -90,17 +92,21 @@ class _Window:
 
 
 class ReplyStream:
-    """A streamed reply as its reader sees it: ``async for chunk in stream``. Taking a
-    chunk lets the sender send one more; ``cancel()`` stops the sender."""
+    """A streamed reply as its reader sees it: ``async for chunk in stream``.
 
-    def __init__(self, client: "RpcClient", msg_id: int) -> None:
-        self._client = client
-        self._msg_id = msg_id
+    Its owner (what waits for the reply) pushes chunks in and ends it; taking a chunk calls
+    ``grant`` (the sender may send one more), and ``cancel()`` calls ``stop`` once (the
+    sender is told to stop)."""
+
+    __slots__ = ("_grant", "_stop", "_chunks", "_arrived", "_ended", "_error")
+
+    def __init__(self, grant: Callable[[], None], stop: Callable[[], None]) -> None:
+        self._grant = grant
+        self._stop = stop
         self._chunks: Deque[bytes] = collections.deque()
-        self._arrived = asyncio.Event()
+        self._arrived: Optional[asyncio.Event] = None
         self._ended = False
         self._error: Optional[BaseException] = None
-        self._on_end: List[Callable[[], None]] = []
 
     def __aiter__(self) -> "ReplyStream":
         return self
@@ -111,44 +117,76 @@ class ReplyStream:
                 raise self._error
             if self._ended:
                 raise StopAsyncIteration
+            if self._arrived is None:
+                self._arrived = asyncio.Event()
             self._arrived.clear()
             await self._arrived.wait()
         chunk = self._chunks.popleft()
-        self._client._grant(self._msg_id)
+        if not self._ended:
+            self._grant()
         return pickle.loads(chunk)
 
-    def on_end(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` once the stream has ended, failed or been cancelled."""
-        if self._ended:
-            callback()
-        else:
-            self._on_end.append(callback)
+    @property
+    def ended(self) -> bool:
+        """No more chunks will arrive (some may still wait to be read)."""
+        return self._ended
 
     def cancel(self) -> None:
         """Stop reading: the sender is told to stop; a later read ends the iteration."""
         if not self._ended:
-            self._client._cancel_stream(self._msg_id)
-            self._finish(None)
+            self.finish(None)
+            self._stop()
 
-    def _push(self, chunk: bytes) -> None:
+    def push(self, chunk: bytes) -> None:
         self._chunks.append(chunk)
-        self._arrived.set()
+        if self._arrived is not None:
+            self._arrived.set()
 
-    def _finish(self, error: Optional[BaseException]) -> None:
+    def finish(self, error: Optional[BaseException]) -> None:
+        """No more chunks; a read past the last one raises ``error``, if given."""
         if self._ended:
             return
         self._ended, self._error = True, error
-        self._arrived.set()
-        callbacks, self._on_end = self._on_end, []
-        for callback in callbacks:
-            callback()
+        if self._arrived is not None:
+            self._arrived.set()
 
 
-class ConnectFailed(BackendUnavailableError):
-    """A request was not sent because its connection could not be opened or was closed.
+class Exchange:
+    """What waits for the reply to one request sent on an ``RpcClient``: the connection hands
+    it each frame of the reply, in order, and tells it if the connection is lost first."""
 
-    The peer provably never saw the request, so it may be sent elsewhere.
-    """
+    __slots__ = ()
+
+    def on_reply(self, kind: int, payload: bytes) -> bool:
+        """Take one frame of the reply; True if it was the last (the connection then
+        forgets the request)."""
+        raise NotImplementedError
+
+    def on_lost(self, peer: str) -> None:
+        """The connection to ``peer`` (its name) was lost before the last frame of the
+        reply arrived; ``peer_lost`` makes the error to report."""
+        raise NotImplementedError
+
+
+def peer_lost(peer: str, streaming: bool = False) -> BackendUnavailableError:
+    """The error of a request whose connection to ``peer`` was lost before its reply ended."""
+    during = "in the middle of a streamed reply" if streaming else \
+        "while a request was in flight on it"
+    return BackendUnavailableError(
+        f"The {peer} went away (its process exited or was killed) {during}.")
+
+
+class NotSent(BackendUnavailableError):
+    """A request was not sent: the peer provably never saw it, so it may be sent elsewhere."""
+
+
+class ConnectFailed(NotSent):
+    """A connection could not be opened (nothing listens, or the peer refused it)."""
+
+
+class ConnectionClosed(NotSent):
+    """A request was not written because its connection was already closed. Unlike
+    ``ConnectFailed``, this says nothing about whether the peer can be reached again."""
 
 
 def tcp_address(host: str, port: int) -> str:
@@ -345,6 +383,16 @@ class RpcServer:
         protocol: _FrameProtocol
         tasks: Dict[int, asyncio.Future] = {}  # message id -> the call serving it
         windows: Dict[int, _Window] = {}  # message id -> the room of its streamed reply
+        cancelled: set = set()  # message ids whose caller cancelled them, still running
+
+        def ended(msg_id: int, task: asyncio.Future) -> None:
+            tasks.pop(msg_id, None)
+            if msg_id in cancelled:
+                cancelled.discard(msg_id)
+                if task.cancelled() or task.exception() is not None or not task.result():
+                    # Its work has stopped and it sent no reply: say so, so the caller can
+                    # count the capacity it held as free.
+                    protocol.send(msg_id, _STOPPED, b"")
 
         def on_frame(msg_id: int, kind: int, payload: bytes) -> None:
             if kind == _CREDIT:
@@ -352,14 +400,15 @@ class RpcServer:
                 if window is not None:
                     window.grant()
                 return
-            if kind == _CANCEL:  # the caller gave up: stop its call (it sends no reply)
+            if kind == _CANCEL:  # the caller gave up: stop its call
                 running = tasks.get(msg_id)
                 if running is not None:
+                    cancelled.add(msg_id)
                     running.cancel()
                 return
             task = asyncio.ensure_future(self._dispatch(protocol, msg_id, payload, windows))
             tasks[msg_id] = task
-            task.add_done_callback(lambda _: tasks.pop(msg_id, None))
+            task.add_done_callback(functools.partial(ended, msg_id))
 
         def on_lost(exc: Optional[Exception]) -> None:
             # Nobody is left to read the replies: stop the work done for this peer.
@@ -372,7 +421,8 @@ class RpcServer:
         return protocol
 
     async def _dispatch(self, protocol: _FrameProtocol, msg_id: int, payload: bytes,
-                        windows: Optional[Dict[int, _Window]] = None) -> None:
+                        windows: Optional[Dict[int, _Window]] = None) -> bool:
+        """Serve one request; whether a last frame of its reply was sent."""
         current_peer.set(protocol)
         try:
             name, args = pickle.loads(payload)
@@ -381,9 +431,8 @@ class RpcServer:
                 raise ServeError(f"Unknown RPC method {name!r}.")
             result = await handler(*args)
             if isinstance(result, Stream):
-                await _send_stream(protocol, msg_id, result,
-                                   windows if windows is not None else {})
-                return
+                return await _send_stream(protocol, msg_id, result,
+                                          windows if windows is not None else {})
             try:
                 reply = dumps(result)
             except Exception as exc:
@@ -391,18 +440,17 @@ class RpcServer:
                                 f"{_unpicklable_part(result)} that cannot be pickled to send "
                                 f"it back ({exc}). Return picklable values.") from exc
         except Busy:
-            protocol.send(msg_id, _REPLY_BUSY, b"")
-            return
+            return protocol.send(msg_id, _REPLY_BUSY, b"")
         except Exception as exc:
-            protocol.send(msg_id, _REPLY_ERROR, encode_error(exc))
-            return
-        protocol.send(msg_id, _REPLY_OK, reply)
+            return protocol.send(msg_id, _REPLY_ERROR, encode_error(exc))
+        return protocol.send(msg_id, _REPLY_OK, reply)
 
 
 async def _send_stream(protocol: _FrameProtocol, msg_id: int, stream: Stream,
-                       windows: Dict[int, _Window]) -> None:
-    """Send the chunks of ``stream`` as the reader grants room, then its end. An error
-    raised while iterating ends the stream with that error (by the caller)."""
+                       windows: Dict[int, _Window]) -> bool:
+    """Send the chunks of ``stream`` as the reader grants room, then its end; whether the
+    end was sent. An error raised while iterating (or closing) ends the stream with that
+    error (by the caller)."""
     window = windows[msg_id] = _Window()
     try:
         async for chunk in stream.chunks:
@@ -413,31 +461,65 @@ async def _send_stream(protocol: _FrameProtocol, msg_id: int, stream: Stream,
                 raise TypeError(f"A chunk of the stream is a {_unpicklable_part(chunk)} that "
                                 f"cannot be pickled ({exc}). Yield picklable values.") from exc
             if not protocol.send(msg_id, _STREAM_CHUNK, data):
-                return  # the reader is gone
-        protocol.send(msg_id, _STREAM_END, b"")
+                return False  # the reader is gone
     finally:
         windows.pop(msg_id, None)
         close = getattr(stream.chunks, "aclose", None)
         if close is not None:
             await close()
+    return protocol.send(msg_id, _STREAM_END, b"")
+
+
+class _CallReply(Exchange):
+    """The reply to a plain call (``RpcClient.send``): settles one future."""
+
+    __slots__ = ("future", "client")
+
+    def __init__(self, future: asyncio.Future, client: "RpcClient") -> None:
+        self.future = future
+        self.client = client
+
+    def on_reply(self, kind: int, payload: bytes) -> bool:
+        future = self.future
+        if future.done():
+            return True
+        if kind == _REPLY_OK:
+            try:
+                future.set_result(pickle.loads(payload))
+            except Exception as exc:
+                future.set_exception(ServeError(f"A reply could not be unpickled here: {exc!r}"))
+        elif kind == _REPLY_BUSY:
+            future.set_exception(Busy(self.client.notices))
+        elif kind == _REPLY_ERROR:
+            future.set_exception(decode_error(payload))
+        else:
+            future.set_exception(ServeError(
+                f"{self.client.name} sent a frame of kind {kind} for a plain call; only "
+                "routed requests read streamed replies."))
+        return True
+
+    def on_lost(self, peer: str) -> None:
+        if not self.future.done():
+            self.future.set_exception(peer_lost(peer))
 
 
 class RpcClient:
-    """One persistent connection to an ``RpcServer``; ``call`` may be used concurrently.
+    """One persistent connection to an ``RpcServer``; requests may be sent concurrently.
 
+    ``send`` (and ``call``) reply through a future; ``start`` hands every frame of a reply
+    to an ``Exchange`` of the caller's, which can read streamed replies and cancel.
     ``name`` says what the peer is ("replica clf#3a2b1c") in the errors of its requests.
     """
 
     def __init__(self, address: str, name: Optional[str] = None) -> None:
         self.address = address
         self.name = name or f"servekit process at {address}"
-        self._pending: Dict[int, asyncio.Future] = {}
+        self._pending: Dict[int, Exchange] = {}
         self._next_id = 0
         self._protocol: Optional[_FrameProtocol] = None
         self.closed: Optional[asyncio.Future] = None
         self.on_notify: Optional[Callable[[], None]] = None
         self.notices = 0  # room notices received so far
-        self._streams: Dict[int, ReplyStream] = {}  # streamed replies being read
 
     @classmethod
     async def connect(cls, address: str, name: Optional[str] = None) -> "RpcClient":
@@ -468,31 +550,43 @@ class RpcClient:
     def is_closed(self) -> bool:
         return self.closed is None or self.closed.done()
 
-    def send(self, payload: bytes) -> asyncio.Future:
-        """Send an encoded request (``encode_call``); return the future of its reply."""
-        future = asyncio.get_running_loop().create_future()
+    def start(self, payload: bytes, exchange: Exchange) -> int:
+        """Write an encoded request (``encode_call``) whose reply ``exchange`` takes; its
+        message id, or 0 if the connection is closed (nothing was written)."""
+        if self.is_closed:
+            return 0
         self._next_id += 1
         msg_id = self._next_id
-        if self.is_closed or not self._protocol.send(  # type: ignore[union-attr]
-                msg_id, _REQUEST, payload):
-            future.set_exception(ConnectFailed(f"The connection to {self.name} is closed."))
+        if not self._protocol.send(msg_id, _REQUEST, payload):  # type: ignore[union-attr]
+            return 0
+        self._pending[msg_id] = exchange
+        return msg_id
+
+    def cancel(self, msg_id: int) -> None:
+        """Tell the peer to stop a request; its exchange still gets the reply's last frame
+        (``_STOPPED`` if the work stopped before it replied)."""
+        if msg_id in self._pending and self._protocol is not None:
+            self._protocol.send(msg_id, _CANCEL, b"")
+
+    def grant(self, msg_id: int) -> None:
+        """Let the peer send one more chunk of a streamed reply."""
+        if msg_id in self._pending and self._protocol is not None:
+            self._protocol.send(msg_id, _CREDIT, b"")
+
+    def send(self, payload: bytes) -> asyncio.Future:
+        """Send an encoded request (``encode_call``); return the future of its reply.
+        Cancelling the future tells the peer to stop the request."""
+        future = asyncio.get_running_loop().create_future()
+        msg_id = self.start(payload, _CallReply(future, self))
+        if not msg_id:
+            future.set_exception(ConnectionClosed(f"The connection to {self.name} is closed."))
             return future
-        self._pending[msg_id] = future
         future.add_done_callback(functools.partial(self._cancel_if_cancelled, msg_id))
         return future
 
-    def _grant(self, msg_id: int) -> None:
-        if msg_id in self._streams and self._protocol is not None:
-            self._protocol.send(msg_id, _CREDIT, b"")
-
-    def _cancel_stream(self, msg_id: int) -> None:
-        if self._streams.pop(msg_id, None) is not None and self._protocol is not None:
-            self._protocol.send(msg_id, _CANCEL, b"")
-
     def _cancel_if_cancelled(self, msg_id: int, future: asyncio.Future) -> None:
-        """A caller cancelled the future of a request in flight: tell the peer to stop it."""
-        if future.cancelled() and self._pending.pop(msg_id, None) is not None:
-            self._protocol.send(msg_id, _CANCEL, b"")  # type: ignore[union-attr]
+        if future.cancelled():
+            self.cancel(msg_id)
 
     def call_nowait(self, name: str, *args: Any) -> asyncio.Future:
         """Send a request and return the future of its reply without awaiting it."""
@@ -511,47 +605,13 @@ class RpcClient:
             if self.on_notify is not None:
                 self.on_notify()
             return
-        if kind in (_STREAM_CHUNK, _STREAM_END) or msg_id in self._streams:
-            self._on_stream_frame(msg_id, kind, payload)
-            return
-        future = self._pending.pop(msg_id, None)
-        if future is None or future.done():
-            return
-        if kind == _REPLY_BUSY:
-            future.set_exception(Busy(self.notices))
-        elif kind == _REPLY_OK:
-            try:
-                future.set_result(pickle.loads(payload))
-            except Exception as exc:
-                future.set_exception(ServeError(f"A reply could not be unpickled here: {exc!r}"))
-        else:
-            future.set_exception(decode_error(payload))
-
-    def _on_stream_frame(self, msg_id: int, kind: int, payload: bytes) -> None:
-        stream = self._streams.get(msg_id)
-        if stream is None:
-            future = self._pending.pop(msg_id, None)
-            if future is None or future.done():
-                return  # cancelled meanwhile
-            stream = self._streams[msg_id] = ReplyStream(self, msg_id)
-            future.set_result(stream)  # the reply is the stream, read as it arrives
-        if kind == _STREAM_CHUNK:
-            stream._push(payload)
-            return
-        del self._streams[msg_id]
-        stream._finish(None if kind == _STREAM_END else decode_error(payload))
+        exchange = self._pending.get(msg_id)
+        if exchange is not None and exchange.on_reply(kind, payload):
+            self._pending.pop(msg_id, None)
 
     def _on_lost(self, exc: Optional[Exception]) -> None:
-        streams, self._streams = self._streams, {}
-        for stream in streams.values():
-            stream._finish(BackendUnavailableError(
-                f"The {self.name} went away (its process exited or was killed) in the middle "
-                "of a streamed reply."))
         pending, self._pending = self._pending, {}
-        for future in pending.values():
-            if not future.done():
-                future.set_exception(BackendUnavailableError(
-                    f"The {self.name} went away (its process exited or was killed) while a "
-                    "request was in flight on it."))
+        for exchange in pending.values():
+            exchange.on_lost(self.name)
         if self.closed is not None and not self.closed.done():
             self.closed.set_result(None)

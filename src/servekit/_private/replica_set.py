@@ -1,0 +1,300 @@
+"""The replicas of one backend as a router sees them, and the queue of its requests.
+
+A ``ReplicaSet`` hands each ``RoutedRequest`` a replica with room under the backend's cap
+(``max_concurrent_queries``), least busy first, in arrival order; when none has room the
+request waits in a bounded queue. The places requests hold are counted here and given back
+only by the requests themselves (``routed_request``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from typing import Callable, Deque, Dict, List, Optional, Tuple
+
+from servekit._private import constants, metrics
+from servekit._private.routed_request import QUEUED, RoutedRequest
+from servekit._private.specs import BackendLimits
+from servekit._private.transport import ConnectFailed, RpcClient
+from servekit.exceptions import BackendOverloadedError, BackendUnavailableError
+
+logger = logging.getLogger("servekit.router")
+
+ConnectReplica = Callable[[str, str], "asyncio.Future[RpcClient]"]
+
+
+class ReplicaSlot:
+    """One replica as a router sees it: its connection and the places this router's
+    requests hold on it.
+
+    A replica this router could not connect to, or whose connection was lost, is ``dead``:
+    it is never picked again, even while the controller still lists it.
+    """
+
+    __slots__ = ("tag", "address", "in_flight", "connection", "_connecting", "_connect",
+                 "removed", "full", "dead", "_on_room", "_on_lost")
+
+    def __init__(self, tag: str, address: str, connect: ConnectReplica,
+                 on_room: Callable[[], None], on_lost: Callable[["ReplicaSlot"], None]) -> None:
+        self.tag = tag
+        self.address = address
+        self.in_flight = 0
+        self.connection: Optional[RpcClient] = None
+        self._connecting: Optional[asyncio.Future] = None
+        self._connect = connect
+        self.removed = False
+        self.full = False  # the replica refused a request; wait for it to say it has room
+        self.dead = False
+        self._on_room = on_room
+        self._on_lost = on_lost
+
+    def connecting(self) -> asyncio.Future:
+        """The future of the connection, opened once; it fails with ``ConnectFailed`` (and
+        the replica is dead) if the replica cannot be reached."""
+        if self._connecting is None:
+            self._connecting = asyncio.ensure_future(self._open())
+        return self._connecting
+
+    async def connected(self) -> RpcClient:
+        """The open connection; ``ConnectFailed`` if the replica cannot be reached."""
+        connection = self.connection
+        if connection is not None and not connection.is_closed:
+            return connection
+        if connection is not None:
+            self.lost()
+            raise ConnectFailed(f"The connection to replica {self.tag} is closed.")
+        return await asyncio.shield(self.connecting())
+
+    async def _open(self) -> RpcClient:
+        try:
+            connection = await self._connect(self.address, f"replica {self.tag}")
+        except ConnectFailed:
+            self.lost()
+            raise
+        connection.on_notify = self._room
+        assert connection.closed is not None
+        connection.closed.add_done_callback(lambda _: self.lost())
+        self.connection = connection
+        return connection
+
+    def _room(self) -> None:
+        self.full = False
+        self._on_room()
+
+    def refused(self) -> None:
+        """The replica refused a request as full: skip it until it says it has room."""
+        self.full = True
+
+    def lost(self) -> None:
+        """The replica cannot be reached (its connection failed or closed)."""
+        self._on_lost(self)
+
+    def close(self) -> None:
+        """Close the connection on purpose: the slot is not used again."""
+        self.dead = True
+        if self.connection is not None:
+            self.connection.close()
+        elif self._connecting is not None:
+            self._connecting.add_done_callback(
+                lambda f: None if f.cancelled() or f.exception() else f.result().close())
+
+
+class ReplicaSet:
+    """The replicas of one backend; requests wait here, in order, when none has room."""
+
+    def __init__(self, backend: str, connect: ConnectReplica,
+                 process: str = "router") -> None:
+        """``process``: the label of this process in the metrics."""
+        self.backend = backend
+        self._labels = (backend, process)
+        self._queued_gauge = metrics.QUEUED.labels(backend, process)
+        self._shed = metrics.SHED.labels(backend, process)
+        self.requests = metrics.ROUTER_REQUESTS.labels(backend, process)
+        self.cap = 8
+        self.max_queued = -1
+        self.queued = 0  # requests waiting for a first placement (not those put back)
+        self.slots: Dict[str, ReplicaSlot] = {}
+        self._connect = connect
+        self._order: List[ReplicaSlot] = []
+        self._turn = 0
+        self._waiting: Deque[RoutedRequest] = collections.deque()
+        self._waking = False
+
+    def update(self, replicas: List[Tuple[str, str]]) -> None:
+        current = dict(replicas)
+        for tag in list(self.slots):
+            if tag not in current:
+                slot = self.slots.pop(tag)
+                slot.removed = True
+                if slot.in_flight == 0:
+                    slot.close()
+        for tag, address in current.items():
+            if tag not in self.slots:
+                self.slots[tag] = ReplicaSlot(tag, address, self._connect, self._wake,
+                                              self._lost)
+        self._order = [slot for slot in self.slots.values() if not slot.dead]
+        self._wake()
+        self._arm_expiry()
+
+    def set_limits(self, limits: BackendLimits) -> None:
+        self.cap = limits.cap
+        self.max_queued = limits.max_queued
+        self._wake()
+
+    @property
+    def idle(self) -> bool:
+        """No request of this router waits here or holds a place on a replica."""
+        return not self._waiting and all(slot.in_flight == 0 for slot in self.slots.values())
+
+    def forget(self) -> None:
+        """The backend was deleted: close its connections and drop its metric series."""
+        for slot in self.slots.values():
+            slot.close()
+        for family in (metrics.QUEUED, metrics.SHED, metrics.ROUTER_REQUESTS):
+            try:
+                family.remove(*self._labels)
+            except KeyError:
+                pass  # never used
+
+    def _lost(self, slot: ReplicaSlot) -> None:
+        """The replica cannot be reached: never pick it again."""
+        if slot.dead:
+            return  # closed on purpose, or already known
+        logger.warning("Replica %s of backend %s is unreachable; no longer sending to it.",
+                       slot.tag, self.backend)
+        self._order = [s for s in self._order if s is not slot]
+        slot.close()
+        self._arm_expiry()
+
+    def _pick(self) -> Optional[ReplicaSlot]:
+        """The least busy replica with room; ties go round-robin so idle replicas share."""
+        order = self._order
+        count = len(order)
+        if not count:
+            return None
+        self._turn = start = (self._turn + 1) % count
+        best: Optional[ReplicaSlot] = None
+        cap = self.cap
+        for i in range(count):
+            slot = order[(start + i) % count]
+            if slot.in_flight < cap and not slot.full and (
+                    best is None or slot.in_flight < best.in_flight):
+                best = slot
+        return best
+
+    # ------------------------------------------------------------- placing requests
+
+    def submit(self, request: RoutedRequest) -> None:
+        """Place a new request on a replica with room, or queue it.
+
+        Raises:
+            BackendOverloadedError: every replica is full and ``max_queued`` requests wait
+                (nothing is held).
+        """
+        if not self._waiting:
+            slot = self._pick()
+            if slot is not None:
+                slot.in_flight += 1
+                request.granted(slot)
+                return
+        if 0 <= self.max_queued <= self.queued:
+            self._shed.inc()
+            raise BackendOverloadedError(
+                f"Backend '{self.backend}' is overloaded: every replica is at its "
+                f"max_concurrent_queries and {self.queued} requests already wait for one here "
+                f"(max_queued_requests={self.max_queued}). Retry later, or add replicas.")
+        request.counted = True
+        self.queued += 1
+        self._queued_gauge.inc()
+        self._waiting.append(request)
+        if not self._order:
+            self._arm_expiry()
+
+    def try_submit(self, request: RoutedRequest) -> bool:
+        """Place a request on a replica with room now, without queueing behind anyone (for
+        shadow copies); False if none has room."""
+        if self._waiting:
+            return False
+        slot = self._pick()
+        if slot is None:
+            return False
+        slot.in_flight += 1
+        request.granted(slot)
+        return True
+
+    def requeue(self, request: RoutedRequest) -> None:
+        """A request that never ran goes back, first in line (it is never shed)."""
+        self._waiting.appendleft(request)
+        self._wake()
+        if not self._order:
+            self._arm_expiry()
+
+    def dequeued(self, request: RoutedRequest) -> None:
+        """``request`` left the queue (placed, cancelled or failed)."""
+        if request.counted:
+            request.counted = False
+            self.queued -= 1
+            self._queued_gauge.dec()
+        if request.expiry is not None:
+            request.expiry.cancel()
+            request.expiry = None
+
+    def release(self, slot: ReplicaSlot, completed: bool) -> None:
+        """A request gives its place on ``slot`` back; ``completed``: the replica finished
+        it (so it has room, whatever it said before)."""
+        slot.in_flight -= 1
+        if completed:
+            slot.full = False
+        if slot.removed:
+            if slot.in_flight == 0:
+                slot.close()
+            return
+        self._wake()
+
+    def _wake(self) -> None:
+        """Place waiting requests, in order, while replicas have room."""
+        if self._waking:
+            return  # a request placed below was put back: the loop below takes it
+        self._waking = True
+        try:
+            waiting = self._waiting
+            while waiting:
+                request = waiting[0]
+                if request.state != QUEUED:
+                    waiting.popleft()  # cancelled or failed while it waited
+                    continue
+                slot = self._pick()
+                if slot is None:
+                    return
+                waiting.popleft()
+                slot.in_flight += 1
+                request.granted(slot)
+        finally:
+            self._waking = False
+
+    # ------------------------------------------------------------- no replica at all
+
+    def _arm_expiry(self) -> None:
+        """While no replica is routable, waiting requests fail NO_REPLICA_TIMEOUT_S after
+        the last one was lost (or after they arrived, if later); a replica coming back
+        disarms them."""
+        if self._order:
+            for request in self._waiting:
+                if request.expiry is not None:
+                    request.expiry.cancel()
+                    request.expiry = None
+            return
+        loop = asyncio.get_running_loop()
+        for request in self._waiting:
+            if request.state == QUEUED and request.expiry is None:
+                request.expiry = loop.call_later(constants.NO_REPLICA_TIMEOUT_S,
+                                                 self._expire, request)
+
+    def _expire(self, request: RoutedRequest) -> None:
+        request.expiry = None
+        if request.state == QUEUED and not self._order:
+            request.fail(BackendUnavailableError(
+                f"No replica of backend '{self.backend}' could take the request within "
+                f"{constants.NO_REPLICA_TIMEOUT_S}s (SERVEKIT_NO_REPLICA_TIMEOUT_S): its "
+                "replicas died or are being replaced. Try again later."))
