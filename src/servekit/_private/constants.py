@@ -36,6 +36,9 @@ SHUTDOWN_TIMEOUT_S = _env_float("SERVEKIT_SHUTDOWN_TIMEOUT_S", 30.0)
 ROUTE_GRACE_S = _env_float("SERVEKIT_ROUTE_GRACE_S", 1.0)
 # Seconds a request to an endpoint that does not exist yet waits for it to be created.
 MISSING_ENDPOINT_TIMEOUT_S = _env_float("SERVEKIT_MISSING_ENDPOINT_TIMEOUT_S", 30.0)
+# Seconds the controller keeps the outcome of a finished goal for a client to wait on; a
+# goal nobody waited on is forgotten after that.
+GOAL_RETENTION_S = _env_float("SERVEKIT_GOAL_RETENTION_S", 600.0)
 # Seconds a request waits in a router while its backend has no replica it can reach.
 NO_REPLICA_TIMEOUT_S = _env_float("SERVEKIT_NO_REPLICA_TIMEOUT_S", 30.0)
 # Directory where detached instances record their address.
