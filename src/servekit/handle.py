@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import itertools
+import os
 import threading
-import uuid
 from typing import Any, AsyncIterator, Dict, Generator, Iterator, Optional, Tuple
 
-from servekit._private.event_loop import background_loop, run_sync
+from servekit._private.event_loop import background_loop, in_background_thread, run_sync
+from servekit._private.routed_request import CONNECTING, QUEUED
 from servekit._private.router import Router
-from servekit._private.transport import ReplyStream
+from servekit._private.transport import ReplyStream, encode_call
 
 
 class _Default:
@@ -43,11 +45,14 @@ class ServeResponse:
     and its result is dropped.
     """
 
-    __slots__ = ("_future", "_loop")
+    __slots__ = ("_future", "_loop", "_mirror")
 
-    def __init__(self, future: asyncio.Future, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, future: asyncio.Future, loop: asyncio.AbstractEventLoop,
+                 mirror: Optional[concurrent.futures.Future] = None) -> None:
+        """``mirror``: a concurrent future already settled with ``future``'s outcome."""
         self._future = future
         self._loop = loop
+        self._mirror = mirror
 
     def cancel(self) -> None:
         """Cancel the request (a no-op once it is answered); awaiting it then raises
@@ -55,21 +60,11 @@ class ServeResponse:
         self._loop.call_soon_threadsafe(self._future.cancel)
 
     def _concurrent(self) -> concurrent.futures.Future:
-        result: concurrent.futures.Future = concurrent.futures.Future()
-        # Cancelling the waiter (a task awaiting this from another loop) cancels the request.
-        result.add_done_callback(
-            lambda done: self.cancel() if done.cancelled() else None)
-
-        def copy(future: asyncio.Future) -> None:
-            if future.cancelled():
-                result.cancel()
-            elif future.exception() is not None:
-                result.set_exception(future.exception())
-            else:
-                result.set_result(future.result())
-
-        self._loop.call_soon_threadsafe(self._future.add_done_callback, copy)
-        return result
+        mirror = self._mirror
+        if mirror is None:
+            mirror = _mirror_of(self._future, self._loop)
+            self._mirror = mirror
+        return mirror
 
     def result(self, timeout: Optional[float] = None) -> Any:
         """Block until the backend answered; raise ``TimeoutError`` after ``timeout`` s."""
@@ -89,6 +84,29 @@ class ServeResponse:
         if asyncio.get_running_loop() is self._loop:
             return (yield from self._future.__await__())
         return (yield from asyncio.wrap_future(self._concurrent()).__await__())
+
+
+def _mirror_of(future: asyncio.Future, loop: asyncio.AbstractEventLoop,
+               on_loop: bool = False) -> concurrent.futures.Future:
+    """A concurrent future that gets ``future``'s outcome (for threads and other loops);
+    cancelling it cancels ``future``. ``on_loop``: called from ``loop``'s own thread."""
+    mirror: concurrent.futures.Future = concurrent.futures.Future()
+    mirror.add_done_callback(
+        lambda done: loop.call_soon_threadsafe(future.cancel) if done.cancelled() else None)
+
+    def copy(source: asyncio.Future) -> None:
+        if source.cancelled():
+            mirror.cancel()
+        elif source.exception() is not None:
+            mirror.set_exception(source.exception())
+        elif mirror.set_running_or_notify_cancel():
+            mirror.set_result(source.result())
+
+    if on_loop:
+        future.add_done_callback(copy)
+    else:
+        loop.call_soon_threadsafe(future.add_done_callback, copy)
+    return mirror
 
 
 class ServeStream:
@@ -164,7 +182,7 @@ async def _resolved(call: tuple) -> tuple:
     awaited here, and its error, if any, fails the downstream call.
     """
     method_name, args, kwargs, http_method, headers, stream, request_id = call
-    if any(isinstance(value, ServeResponse) for value in (*args, *kwargs.values())):
+    if _has_responses(call):
         args = tuple([await value if isinstance(value, ServeResponse) else value
                       for value in args])
         kwargs = {key: await value if isinstance(value, ServeResponse) else value
@@ -179,8 +197,20 @@ class _Routers:
         self._routers: Dict[Tuple[str, int], "asyncio.Future[Router]"] = {}
         self._lock = threading.Lock()
 
+    def ready(self, controller_address: str,
+              loop: asyncio.AbstractEventLoop) -> Optional[Router]:
+        """The started router of ``loop``, if there is one (from that loop's thread)."""
+        future = self._routers.get((controller_address, id(loop)))
+        if future is None or not future.done() or future.cancelled() or \
+                future.exception() is not None or future.get_loop() is not loop:
+            return None
+        return future.result()
+
     async def get(self, controller_address: str) -> Router:
         loop = asyncio.get_running_loop()
+        router = self.ready(controller_address, loop)
+        if router is not None:
+            return router
         key = (controller_address, id(loop))
         with self._lock:
             for stale in [k for k, f in self._routers.items() if f.get_loop().is_closed()]:
@@ -260,7 +290,7 @@ class _HandleBase:
         options = self._options
         headers = dict(options.http_headers)
         request_id = next((value for name, value in headers.items()
-                           if name.lower() == "x-request-id"), None) or uuid.uuid4().hex
+                           if name.lower() == "x-request-id"), None) or new_request_id()
         return (options.method_name, args, kwargs, options.http_method, headers,
                 options.stream, request_id)
 
@@ -285,16 +315,109 @@ class ServeSyncHandle(_HandleBase):
             EndpointNotFoundError: the endpoint was deleted, or not created in time.
         """
         call = self._request_args(args, kwargs)
-        reply = run_sync(self._send(call))
-        if self._options.stream:
-            return ServeStream(reply, background_loop())  # type: ignore[return-value]
-        return ServeResponse(reply, background_loop())
+        loop = background_loop()
+        if self._options.stream or _has_responses(call) or in_background_thread():
+            reply = run_sync(self._send(call))  # (run_sync refuses the loop's own thread)
+            if self._options.stream:
+                return ServeStream(reply, loop)  # type: ignore[return-value]
+            return ServeResponse(reply, loop)
+        # The common case, in one hop to the loop: encoded here, placed there, and its
+        # reply mirrored for this thread as soon as it is placed.
+        placing = _SyncCall(self, encode_call("call", call), loop)
+        loop.call_soon_threadsafe(placing.start)
+        return placing.wait()
 
-    async def _send(self, call: tuple) -> asyncio.Future:
-        call = await _resolved(call)
+    async def _send(self, call: tuple, payload: Optional[bytes] = None) -> asyncio.Future:
+        if payload is None:
+            call = await _resolved(call)
         router = await routers.get(self._controller_address)
         return await router.send(self.endpoint_name, "call", self._options.shard_key, call,
-                                 self._options.missing_ok)
+                                 self._options.missing_ok, payload=payload)
+
+
+class _SyncCall:
+    """One call of a sync handle: placed on the background loop, while the calling thread
+    waits (``wait``) until it is written to a replica or has failed."""
+
+    __slots__ = ("handle", "payload", "loop", "placed", "reply", "mirror", "error")
+
+    def __init__(self, handle: ServeSyncHandle, payload: bytes,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.handle = handle
+        self.payload = payload
+        self.loop = loop
+        self.placed = threading.Lock()
+        self.placed.acquire()
+        self.reply: Optional[asyncio.Future] = None
+        self.mirror: Optional[concurrent.futures.Future] = None
+        self.error: Optional[BaseException] = None
+
+    def start(self) -> None:
+        """On the loop: place the request now if its router and endpoint are known, else
+        (or while it waits for room) finish in a task."""
+        handle = self.handle
+        router = routers.ready(handle._controller_address, self.loop)
+        try:
+            request = None if router is None else router.place(
+                handle.endpoint_name, "call", handle._options.shard_key, self.payload)
+        except BaseException as exc:
+            self._done(None, exc)
+            return
+        if request is None or request.state in (QUEUED, CONNECTING):
+            asyncio.ensure_future(self._finish(request))
+        else:
+            self._done(request.reply, None)
+
+    async def _finish(self, request: Any) -> None:
+        try:
+            if request is None:
+                reply = await self.handle._send((), self.payload)
+            else:
+                await request.written()
+                reply = request.reply
+        except BaseException as exc:
+            self._done(None, exc)
+        else:
+            self._done(reply, None)
+
+    def _done(self, reply: Optional[asyncio.Future], error: Optional[BaseException]) -> None:
+        if reply is not None:
+            self.reply = reply
+            self.mirror = _mirror_of(reply, self.loop, on_loop=True)
+        self.error = error
+        self.placed.release()
+
+    def wait(self) -> ServeResponse:
+        self.placed.acquire()
+        if self.error is not None:
+            raise self.error
+        assert self.reply is not None
+        return ServeResponse(self.reply, self.loop, self.mirror)
+
+
+def _has_responses(call: tuple) -> bool:
+    """Whether a call's arguments hold replies of other calls (they are awaited first)."""
+    _, args, kwargs = call[:3]
+    return any(isinstance(value, ServeResponse) for value in (*args, *kwargs.values()))
+
+
+# Request ids of handle calls: unique to this process, then counted (cheaper than a uuid).
+_ID_PREFIX = os.urandom(8).hex()
+_ids = itertools.count(1)
+
+
+def _new_id_prefix() -> None:
+    global _ID_PREFIX, _ids
+    _ID_PREFIX, _ids = os.urandom(8).hex(), itertools.count(1)
+
+
+os.register_at_fork(after_in_child=_new_id_prefix)  # a forked child counts on its own
+
+
+def new_request_id() -> str:
+    """A request id no other call of this process, or of another, has: 32 hex digits,
+    as long as a uuid's."""
+    return f"{_ID_PREFIX}{next(_ids):016x}"
 
 
 class ServeHandle(_HandleBase):

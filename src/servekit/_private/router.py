@@ -317,14 +317,16 @@ class Router:
 
     async def send(self, endpoint: str, kind: str, shard_key: Optional[str],
                    args: tuple, missing_ok: bool = False,
-                   trace: Optional[Dict[str, str]] = None) -> asyncio.Future:
+                   trace: Optional[Dict[str, str]] = None,
+                   payload: Optional[bytes] = None) -> asyncio.Future:
         """Assign the request to a replica and return the future of its reply.
 
         Returns once a replica was chosen and the request written to it; waits while the
         endpoint is about to exist or every replica of the chosen backend is at its cap.
         Cancelling the future stops the request wherever it is. ``missing_ok``: the
         endpoint may not have been created yet (see ``_endpoint``). ``trace``: filled with
-        the "backend" and "replica" the request went to.
+        the "backend" and "replica" the request went to. ``payload``: the request already
+        encoded (``encode_call(kind, args)``; ``args`` is then not read).
 
         Raises:
             TypeError: the arguments cannot be pickled (nothing was sent).
@@ -332,10 +334,28 @@ class Router:
             BackendOverloadedError: the backend's queue here is full (nothing was sent).
             BackendUnavailableError: no replica of the backend came back in time.
         """
-        payload = encode_call(kind, args)
+        if payload is None:
+            payload = encode_call(kind, args)
+        request = self.place(endpoint, kind, shard_key, payload, trace)
+        if request is None:
+            await self._endpoint(endpoint, missing_ok)
+            request = self.place(endpoint, kind, shard_key, payload, trace)
+            assert request is not None  # known now, and nothing ran in between
+        await request.written()
+        return request.reply
+
+    def place(self, endpoint: str, kind: str, shard_key: Optional[str], payload: bytes,
+              trace: Optional[Dict[str, str]] = None) -> Optional[RoutedRequest]:
+        """Route an encoded request to an endpoint this router knows, without waiting: it is
+        written to a replica now, or waits in its backend's queue (``written()`` says
+        when). None if the endpoint is not known here (``send`` waits for it).
+
+        Raises:
+            BackendOverloadedError: the backend's queue here is full (nothing was sent).
+        """
         info = self.endpoints.get(endpoint)
         if info is None:
-            info = await self._endpoint(endpoint, missing_ok)
+            return None
         if info.shadows:
             self._send_shadows(info, kind, payload)
         replica_set = self._replica_set(pick_backend(info.traffic, shard_key))
@@ -343,8 +363,7 @@ class Router:
             trace["backend"] = replica_set.backend
         request = RoutedRequest(replica_set, payload, trace)
         replica_set.submit(request)
-        await request.written()
-        return request.reply
+        return request
 
     def _send_shadows(self, info: EndpointInfo, kind: str, payload: bytes) -> None:
         for backend, proportion in info.shadows.items():
