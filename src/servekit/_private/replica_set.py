@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from typing import Callable, Deque, Dict, List, Optional, Tuple
+from typing import Awaitable, Callable, Deque, Dict, List, Optional, Tuple
 
 from servekit._private import constants, metrics
 from servekit._private.routed_request import QUEUED, RoutedRequest
@@ -21,7 +21,7 @@ from servekit.exceptions import BackendOverloadedError, BackendUnavailableError
 
 logger = logging.getLogger("servekit.router")
 
-ConnectReplica = Callable[[str, str], "asyncio.Future[RpcClient]"]
+ConnectReplica = Callable[[str, str], Awaitable[RpcClient]]
 
 
 class ReplicaSlot:

@@ -100,6 +100,7 @@ class Reply(asyncio.Future):
     in the same loop turn (no callback in between in which a reply could slip past)."""
 
     __slots__ = ("request",)
+    request: "RoutedRequest"
 
     def cancel(self, msg: Optional[object] = None) -> bool:
         if not super().cancel(msg):

@@ -321,20 +321,36 @@ class _FrameProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         buffer = self._buffer
+        if not buffer and (self.handshake is None or self.handshake.done):
+            # The common case: the read starts with a frame. Payloads are views of ``data``
+            # (immutable), not copies; only a partial frame at the end is buffered.
+            view = memoryview(data)
+            offset = self._frames(view, len(data))
+            if offset < len(data):
+                buffer += view[offset:]
+            return
         buffer += data
         if self.handshake is not None and not self.handshake.done and not self._shake():
             return
-        offset, size = 0, len(buffer)
+        size = len(buffer)
+        if size < _HEADER.size or _HEADER.size + _HEADER.unpack_from(buffer)[0] > size:
+            return  # the first frame is not whole yet: nothing to copy
+        offset = self._frames(memoryview(bytes(buffer)), size)
+        del buffer[:offset]
+
+    def _frames(self, view: memoryview, size: int) -> int:
+        """Hand each whole frame of ``view`` to ``on_frame``; the offset after the last."""
+        offset = 0
         header_size = _HEADER.size
+        on_frame = self._on_frame
         while size - offset >= header_size:
-            length, msg_id, kind = _HEADER.unpack_from(buffer, offset)
+            length, msg_id, kind = _HEADER.unpack_from(view, offset)
             end = offset + header_size + length
             if end > size:
                 break
-            self._on_frame(msg_id, kind, bytes(buffer[offset + header_size:end]))
+            on_frame(msg_id, kind, view[offset + header_size:end])  # type: ignore[arg-type]
             offset = end
-        if offset:
-            del buffer[:offset]
+        return offset
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
         if self._deadline is not None:
