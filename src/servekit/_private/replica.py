@@ -33,6 +33,7 @@ import cloudpickle
 from starlette.requests import Request
 
 from servekit._private import metrics
+from servekit._private.admission import STREAMING, Admission, current_admission
 from servekit._private.batching import BatchQueue
 from servekit._private.context import ReplicaContext, current_request_id, set_replica_context
 from servekit._private.import_path import import_attribute
@@ -67,13 +68,6 @@ def _cancelled_by_servekit() -> bool:
         return False  # a worker thread (constructor, reconfigure): no task to cancel
     cancelling = getattr(task, "cancelling", None)  # Python 3.11+
     return task is not None and cancelling is not None and cancelling() > 0
-
-
-def _left_after(gate: CallGate, call: asyncio.Future) -> None:
-    """A sync call whose caller left has ended: its outcome is dropped, its place freed."""
-    if not call.cancelled():
-        call.exception()  # retrieved, so that asyncio does not log it
-    gate.leave()
 
 
 def contained(backend_tag: str, exc: BaseException) -> BaseException:
@@ -313,45 +307,51 @@ class Replica:
     async def _on_pool(self, function: Callable, *args: Any) -> Any:
         """``function(*args)``: user code on the replica's threads, behind the gate, in the
         request's context (so ``serve.get_request_id()`` and logs know the request); what
-        it raises beyond ``Exception`` is ``contained``."""
+        it raises beyond ``Exception`` is ``contained``.
+
+        If the caller leaves, a call that has not started on a thread is withdrawn and never
+        runs; one that runs is waited for (a thread cannot be stopped), so the request keeps
+        its place on the replica, and the gate, until its thread returns."""
         gate = self._gate
         if not gate.enter():
             await gate.enter_when_open()
-        leave = True
         try:
-            running = asyncio.get_running_loop().run_in_executor(
-                self._pool, contextvars.copy_context().run, function, *args)
+            work = self._pool.submit(contextvars.copy_context().run, function, *args)
+            running = asyncio.wrap_future(work)
             try:
                 return await asyncio.shield(running)
             except asyncio.CancelledError:
-                # The caller left: its result is dropped, but the thread runs on, and the
-                # gate counts it until it ends (reconfigure must not run beside it).
-                leave = False
-                running.add_done_callback(functools.partial(_left_after, gate))
+                if not work.cancel():  # already on its thread
+                    admission = current_admission.get()
+                    if admission is not None:
+                        admission.cancel()
+                    await _until_done(running)
                 raise
         except Exception:
             raise
         except BaseException as exc:
             raise contained(self.tag, exc) from exc
         finally:
-            if leave:
-                gate.leave()
+            gate.leave()
 
-    def _admit(self) -> float:
-        """Take the request in (``Busy`` at the cap); when it came in."""
+    def _admit(self) -> Admission:
+        """Take the request in (``Busy`` at the cap); its admission, current from now on."""
         if self._in_flight >= self._cap:
             self._refused.add(current_peer.get())
             raise Busy()
         self._in_flight += 1
         self._idle.clear()
         self._running.inc()
-        return time.perf_counter()
+        admission = Admission(self._released)
+        current_admission.set(admission)
+        return admission
 
-    def _finish(self, admitted: float, failed: bool = False) -> None:
+    def _released(self, admission: Admission) -> None:
+        """An admission ended: its place is free (the one place that frees one)."""
         self._running.dec()
-        self._processing.observe((time.perf_counter() - admitted) * 1e3)
+        self._processing.observe((time.perf_counter() - admission.admitted_at) * 1e3)
         self._requests.inc()
-        if failed:
+        if admission.failed:
             self._errors.inc()
         self._in_flight -= 1
         if self._in_flight == 0:
@@ -378,8 +378,7 @@ class Replica:
             target = self._resolve(method_name)
         except MethodNotFoundError as exc:
             return error_response(exc, status=404)
-        admitted = self._admit()
-        finish, failed = True, False
+        admission = self._admit()
         for name, value in wire.headers:
             if name == b"x-request-id":
                 current_request_id.set(value.decode("latin-1"))
@@ -388,20 +387,20 @@ class Replica:
             result = await self._run(target, request_from_wire(wire))
             streamed = http_stream(result, self._chunks_of)
             if streamed is not None:
-                finish = False  # the request is in flight until its stream ends
-                return Stream(self._finishing(streamed, admitted))
+                admission.streaming()  # in flight until its stream is closed
+                return Stream(self._finishing(streamed, admission))
             return await to_http_response(result)  # may run user code (response bodies)
         except BaseException as raised:
             error = raised if isinstance(raised, Exception) else contained(self.tag, raised)
             if not isinstance(error, Exception):
                 raise error from None  # a real cancellation
-            failed = True
+            admission.failed = True
             logger.error("Backend %s raised while handling %s %s", self.tag, wire.method,
                          wire.path, exc_info=error)
             return error_response(error)
         finally:
-            if finish:
-                self._finish(admitted, failed)
+            if admission.state != STREAMING:
+                admission.finish()
 
     async def handle_call(self, method_name: Optional[str], args: tuple, kwargs: dict,
                           http_method: str, headers: Dict[str, str],
@@ -409,8 +408,8 @@ class Replica:
         """The result; with ``stream``, a ``Stream`` of what the method's generator yields.
         ``request_id``: what ``serve.get_request_id()`` gives the backend."""
         target = self._resolve(method_name)
-        admitted = self._admit()
-        finish, failed = True, True
+        admission = self._admit()
+        admission.failed = True  # until it returns what was asked for
         current_request_id.set(request_id)
         try:
             argument: Any
@@ -427,14 +426,14 @@ class Replica:
             if generated and not stream:
                 raise TypeError(f"Backend '{self.tag}' returned a generator: call it with "
                                 "handle.options(stream=True) to iterate what it yields.")
-            failed = False
+            admission.failed = False
             if stream:
-                finish = False
-                return Stream(self._finishing(self._chunks_of(result), admitted))
+                admission.streaming()  # in flight until its stream is closed
+                return Stream(self._finishing(self._chunks_of(result), admission))
             return result
         finally:
-            if finish:
-                self._finish(admitted, failed)
+            if admission.state != STREAMING:
+                admission.finish()
 
     async def _chunks_of(self, chunks: Any) -> AsyncIterator[Any]:
         """Iterate chunks user code produces: an async iterator on the loop, a sync one on
@@ -467,18 +466,23 @@ class Replica:
                     await self._on_pool(close)
 
     async def _finishing(self, chunks: AsyncIterator[Any],
-                         admitted: float) -> AsyncIterator[Any]:
-        """The chunks; the request leaves the replica's count when they end."""
+                         admission: Admission) -> AsyncIterator[Any]:
+        """The chunks; the request keeps its place until the generator is closed, however
+        that ends (its close raising included)."""
         failed = True
         try:
             async for chunk in chunks:
                 yield chunk
             failed = False
         finally:
-            close = getattr(chunks, "aclose", None)
-            if close is not None:
-                await close()
-            self._finish(admitted, failed)
+            admission.failed = failed
+            admission.closing()
+            try:
+                close = getattr(chunks, "aclose", None)
+                if close is not None:
+                    await close()
+            finally:
+                admission.finish()
 
     async def drain(self) -> None:
         """Wait until no request is in flight (the controller stopped new ones first)."""
@@ -503,6 +507,18 @@ class Replica:
 
 async def _await(awaitable: Any) -> Any:
     return await awaitable
+
+
+async def _until_done(running: asyncio.Future) -> None:
+    """Wait for ``running`` to end, through any number of cancellations (its outcome is
+    dropped)."""
+    while not running.done():
+        try:
+            await asyncio.wait([running])
+        except asyncio.CancelledError:
+            continue
+    if not running.cancelled():
+        running.exception()  # retrieved: nobody wants it any more
 
 
 async def _metrics() -> str:
