@@ -5,8 +5,10 @@ backend's coroutine is cancelled in the replica; nothing runs on for a caller th
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import socket
+import threading
 import time
 from typing import Any, Iterator
 
@@ -220,3 +222,66 @@ def test_a_cancelled_sync_call_finishes_and_its_result_is_dropped(handles: tuple
         response.result(timeout=TIMEOUT)
     assert "Cancelled" in type(raised.value).__name__
     assert handle.remote("two").result(timeout=TIMEOUT) == "two"
+
+
+class Concurrency:
+    """A sync backend whose calls take ``seconds`` and count how many run at once."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.lock = threading.Lock()
+        self.running = self.started = self.peak = 0
+
+    def __call__(self, request: Any) -> str:
+        with self.lock:
+            self.started += 1
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+        time.sleep(self.seconds)  # the model's work
+        with self.lock:
+            self.running -= 1
+        return "done"
+
+    def counts(self, request: Any) -> dict:
+        with self.lock:
+            return {"started": self.started, "peak": self.peak, "running": self.running}
+
+
+def _give_up_together(url: str, clients: int, after_s: float) -> None:
+    """``clients`` HTTP requests at once, each abandoned after ``after_s``."""
+    def one(_: int) -> None:
+        with pytest.raises(httpx.TimeoutException):
+            httpx.get(url, timeout=after_s)
+
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        list(pool.map(one, range(clients)))
+
+
+@pytest.mark.parametrize("sync_threads, most_started", [(1, 1), (4, 2)])
+def test_clients_that_give_up_never_make_a_replica_run_past_its_cap(
+        sync_threads: int, most_started: int) -> None:
+    """20 HTTP clients give up after 0.2 s on a sync backend (cap 2, 0.5 s per call). With
+    one thread only the first call ever starts (the second, waiting for the thread, is
+    withdrawn); with four, at most the cap. Calls already running keep their place until
+    they return, so no more than the cap ever run at once.
+
+    Old behaviour caught: a cancelled call gave its place back while its thread ran, so 7 to
+    12 calls started and, with four threads, four ran at once."""
+    port = free_port()
+    client = serve.start(http_options={"port": port})
+    try:
+        client.create_backend("busy", Concurrency, 0.5, config={
+            "max_concurrent_queries": 2, "sync_threads": sync_threads})
+        client.create_endpoint("busy", backend="busy", route="/busy")
+        handle = client.get_handle("busy").options(method_name="counts")
+        _give_up_together(f"http://127.0.0.1:{port}/busy", 20, 0.2)
+        wait_for(lambda: handle.remote().result(timeout=TIMEOUT)["running"] == 0, TIMEOUT,
+                 "the calls already running to return")
+        counts = handle.remote().result(timeout=TIMEOUT)
+        assert 1 <= counts["started"] <= most_started, counts
+        assert counts["peak"] <= 2, counts
+        # Nothing was left queued or counted: the next request is answered at once.
+        assert httpx.get(f"http://127.0.0.1:{port}/busy", timeout=TIMEOUT).text == "done"
+        assert handle.remote().result(timeout=TIMEOUT)["started"] == counts["started"] + 1
+    finally:
+        client.shutdown()
