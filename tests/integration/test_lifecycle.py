@@ -148,6 +148,27 @@ def test_port_in_use_is_a_serve_error_and_leaves_nothing_running(
     assert healthz(port).status_code == 200
 
 
+# ---------------------------------------------------------------- socket files
+
+
+def test_deleted_replicas_leave_no_socket_files_behind(start_instance: Callable) -> None:
+    """Old behaviour caught: after 3 rounds of creating and deleting a 3-replica backend, 9
+    replica socket files were left in the instance directory."""
+    client = start_instance(http_options={"host": None})
+    assert client._instance is not None
+    instance_dir = client._instance.instance_dir
+
+    def sockets() -> List[str]:
+        return sorted(name for name in os.listdir(instance_dir) if name.endswith(".sock"))
+
+    before = sockets()
+    for _ in range(3):
+        client.create_backend("echo", Echo, "e", config={"num_replicas": 3})
+        assert len(sockets()) == len(before) + 3
+        client.delete_backend("echo")
+        wait_for(lambda: sockets() == before, 10, "the replicas' socket files to go")
+
+
 # ---------------------------------------------------------------- shutdown
 
 

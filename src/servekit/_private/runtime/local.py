@@ -43,6 +43,7 @@ class LocalRuntime(Runtime):
         self._controller_address = controller_address
         self._sys_path = list(sys_path)
         self._workers: Dict[str, Union[WorkerProcess, AdoptedProcess]] = {}
+        self._sockets: Dict[str, str] = {}  # worker name -> its socket file
         self._http_socket = http_socket
         self._lifeline_fd = lifeline_fd
         gpus = detect_gpus()
@@ -97,8 +98,12 @@ class LocalRuntime(Runtime):
                           lifeline_fd=self._lifeline_fd)
         try:
             self._workers[name] = WorkerProcess(spec, python=python or sys.executable, env=env)
+        except BaseException:
+            _remove(path)
+            raise
         finally:
             sock.close()
+        self._sockets[name] = path
         return path
 
     async def connect(self, address: str) -> Connection:
@@ -109,6 +114,9 @@ class LocalRuntime(Runtime):
         if worker is not None:
             await worker.stop(timeout)
         self._gpus.release(name, self._gpu_requests.pop(name, 0))
+        path = self._sockets.pop(name, None)
+        if path is not None:
+            _remove(path)  # nothing serves it any more
 
     def is_alive(self, name: str) -> bool:
         worker = self._workers.get(name)
@@ -133,6 +141,7 @@ class LocalRuntime(Runtime):
             self._workers[name] = AdoptedProcess(pid)
         except OSError:
             return False
+        self._sockets[name] = address
         return True
 
     def store_description(self) -> str:
@@ -162,6 +171,13 @@ class LocalRuntime(Runtime):
                     os.unlink(self.store_path + suffix)
                 except FileNotFoundError:
                     pass
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 async def run_local_controller(worker: WorkerSpec, sock: socket.socket,
