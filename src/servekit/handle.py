@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
-import itertools
-import os
 import threading
 from typing import Any, AsyncIterator, Dict, Generator, Iterator, Optional, Tuple
 
+from servekit._private.context import new_request_id
 from servekit._private.event_loop import background_loop, in_background_thread, run_sync
 from servekit._private.routed_request import CONNECTING, QUEUED
 from servekit._private.router import Router
@@ -399,25 +398,6 @@ def _has_responses(call: tuple) -> bool:
     """Whether a call's arguments hold replies of other calls (they are awaited first)."""
     _, args, kwargs = call[:3]
     return any(isinstance(value, ServeResponse) for value in (*args, *kwargs.values()))
-
-
-# Request ids of handle calls: unique to this process, then counted (cheaper than a uuid).
-_ID_PREFIX = os.urandom(8).hex()
-_ids = itertools.count(1)
-
-
-def _new_id_prefix() -> None:
-    global _ID_PREFIX, _ids
-    _ID_PREFIX, _ids = os.urandom(8).hex(), itertools.count(1)
-
-
-os.register_at_fork(after_in_child=_new_id_prefix)  # a forked child counts on its own
-
-
-def new_request_id() -> str:
-    """A request id no other call of this process, or of another, has: 32 hex digits,
-    as long as a uuid's."""
-    return f"{_ID_PREFIX}{next(_ids):016x}"
 
 
 class ServeHandle(_HandleBase):

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import socket
+from typing import List, Tuple
 
 import httpx
 import numpy as np
@@ -473,3 +476,69 @@ def test_user_cors_middleware_wraps_the_app():
             assert missing.headers["access-control-allow-origin"] == "*"
     finally:
         client.shutdown()
+
+
+# --------------------------------------------------------------------------- HTTP/1.1 on the wire
+
+
+def _exchange(url: str, data: bytes, responses: int,
+              head: bool = False) -> List[Tuple[bytes, bytes]]:
+    """Send raw bytes on one connection; the (head, body) of the ``responses`` that come
+    back (bodies by their content-length; ``head``: responses to HEAD have none)."""
+    host, port = url.removeprefix("http://").split(":")
+    parsed: List[Tuple[bytes, bytes]] = []
+    with socket.create_connection((host, int(port)), timeout=TIMEOUT) as sock:
+        sock.sendall(data)
+        buffer = b""
+        while len(parsed) < responses:
+            if b"\r\n\r\n" in buffer:
+                head_part, rest = buffer.split(b"\r\n\r\n", 1)
+                length = 0 if head else int(re.search(
+                    rb"content-length: (\d+)", head_part.lower()).group(1))  # type: ignore[union-attr]
+                if len(rest) >= length:
+                    parsed.append((head_part, rest[:length]))
+                    buffer = rest[length:]
+                    continue
+            chunk = sock.recv(65536)
+            assert chunk, f"the connection closed after {len(parsed)} responses"
+            buffer += chunk
+    return parsed
+
+
+def test_pipelined_requests_are_answered_in_order_on_one_connection(http):
+    client, session = http
+    client.create_backend("greeter", Greeter, "Hi")
+    client.create_endpoint("greeter", backend="greeter", route="/greet", methods=["GET"])
+    head = b"GET /greet HTTP/1.1\r\nHost: x\r\n"
+    received = _exchange(str(session.base_url).rstrip("/"),
+                         head + b"\r\n" + head + b"X-SERVE-CALL-METHOD: shout\r\n\r\n" + head +
+                         b"X-SERVE-CALL-METHOD: whisper\r\n\r\n", 3)
+    assert [body for _, body in received] == [
+        b"Hi from __call__", b"HI from shout", b"hi from whisper"]
+    assert all(b"\r\nx-request-id: " in head for head, _ in received)
+
+
+def test_head_gets_headers_without_a_body_and_connection_close_is_honoured(http):
+    client, session = http
+    client.create_backend("hello", hello)
+    client.create_endpoint("hello", backend="hello", route="/hello", methods=["GET", "HEAD"])
+    url = str(session.base_url).rstrip("/")
+    [(head, body)] = _exchange(
+        url, b"HEAD /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 1, head=True)
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"content-length: 5" in head and b"connection: close" in head.lower()
+    assert body == b""
+    assert session.get("/hello").text == "hello"
+
+
+def bad_header(request: Request) -> PlainTextResponse:
+    return PlainTextResponse("x", headers={"x-split": "a\r\nset-cookie: evil=1"})
+
+
+def test_a_response_header_with_a_line_break_is_a_500_not_a_forged_header(http):
+    client, session = http
+    client.create_backend("bad-header", bad_header)
+    client.create_endpoint("bad-header", backend="bad-header", route="/bad-header")
+    response = session.get("/bad-header")
+    assert response.status_code == 500
+    assert "set-cookie" not in response.headers

@@ -203,6 +203,7 @@ def test_a_stream_dropped_by_its_reader_stops_the_replica_and_holds_the_place_un
         stream = reply.result()
         assert isinstance(stream, ReplyStream)
         assert await stream.__anext__() == 1
+        await spin()
         assert r1.kinds("A").count(_CREDIT) == 1  # taking a chunk lets one more come
         stream.cancel()
         stream.cancel()

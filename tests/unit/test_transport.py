@@ -61,11 +61,13 @@ def split_frames(data: bytes) -> List[Frame]:
 
 
 class RecordingTransport:
-    """Stands in for a socket transport: records what is written, can be made to close."""
+    """Stands in for a socket transport: records what is written, can be made to close.
+    ``frames()`` first flushes what ``protocol`` sent this loop turn, if it is given."""
 
-    def __init__(self) -> None:
+    def __init__(self, protocol: Optional[_FrameProtocol] = None) -> None:
         self.writes: List[bytes] = []
         self.closing = False
+        self.protocol = protocol
 
     def write(self, data: bytes) -> None:
         self.writes.append(bytes(data))
@@ -77,6 +79,8 @@ class RecordingTransport:
         self.closing = True
 
     def frames(self) -> List[Frame]:
+        if self.protocol is not None:
+            self.protocol.flush()
         return split_frames(b"".join(self.writes))
 
 
@@ -86,7 +90,7 @@ def wired_client(name: str = "replica b#1") -> Tuple[RpcClient, _FrameProtocol,
     client = RpcClient("/run/servekit/b-1.sock", name)
     client.closed = asyncio.get_running_loop().create_future()
     protocol = _FrameProtocol(client._on_frame, client._on_lost)
-    transport = RecordingTransport()
+    transport = RecordingTransport(protocol)
     protocol.connection_made(transport)  # type: ignore[arg-type]
     client._protocol = protocol
     return client, protocol, transport
@@ -131,13 +135,36 @@ def test_a_partial_frame_waits_for_the_rest() -> None:
 
 def test_send_writes_nothing_once_the_transport_is_closing() -> None:
     """A frame written to a closing transport is reported as not sent."""
-    protocol = _FrameProtocol(lambda *f: None, lambda exc: None)
-    transport = RecordingTransport()
-    protocol.connection_made(transport)  # type: ignore[arg-type]
-    assert protocol.send(1, _REQUEST, b"a") is True
-    transport.closing = True
-    assert protocol.send(2, _REQUEST, b"b") is False
-    assert transport.frames() == [(1, _REQUEST, b"a")]
+
+    async def main() -> None:
+        protocol = _FrameProtocol(lambda *f: None, lambda exc: None)
+        transport = RecordingTransport(protocol)
+        protocol.connection_made(transport)  # type: ignore[arg-type]
+        assert protocol.send(1, _REQUEST, b"a") is True
+        assert transport.frames() == [(1, _REQUEST, b"a")]
+        transport.closing = True
+        assert protocol.send(2, _REQUEST, b"b") is False
+        assert transport.frames() == [(1, _REQUEST, b"a")]
+
+    run(main)
+
+
+def test_frames_sent_in_one_loop_turn_go_out_in_one_write_at_its_end() -> None:
+    async def main() -> None:
+        protocol = _FrameProtocol(lambda *f: None, lambda exc: None)
+        transport = RecordingTransport()
+        protocol.connection_made(transport)  # type: ignore[arg-type]
+        for msg_id in (1, 2, 3):
+            assert protocol.send(msg_id, _REQUEST, b"x")
+        assert transport.writes == []
+        await asyncio.sleep(0)
+        assert len(transport.writes) == 1
+        assert [i for i, _, _ in split_frames(transport.writes[0])] == [1, 2, 3]
+        protocol.send(4, _REQUEST, b"y")
+        protocol.close()  # what was sent goes out before the close
+        assert [i for i, _, _ in transport.frames()] == [1, 2, 3, 4] and transport.closing
+
+    run(main)
 
 
 # --------------------------------------------------------------------------- client

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import http
 import logging
 import socket
 import time
-import uuid
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import uvicorn
@@ -16,10 +16,11 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from servekit._private import constants, metrics
+from servekit._private.context import new_request_id
 from servekit._private.process import WorkerSpec
 from servekit._private.router import Router
 from servekit._private.specs import ProxySpec
-from servekit._private.transport import ReplyStream, RpcServer
+from servekit._private.transport import ReplyStream, RpcServer, encode_call
 from servekit.exceptions import BackendOverloadedError, BackendUnavailableError
 from servekit.request import (
     HTTPResponseWire,
@@ -102,6 +103,11 @@ class HTTPProxy:
         request_id = _request_id(scope)
         trace: Dict[str, str] = {}
         status = await self._serve(scope, receive, send, request_id, trace)
+        self._account(scope, status, started, trace, request_id)
+
+    def _account(self, scope: Dict[str, Any], status: str, started: float,
+                 trace: Dict[str, str], request_id: str) -> None:
+        """Count an answered request in the metrics and write its access-log line."""
         took_ms = (time.perf_counter() - started) * 1e3
         route, method = trace.get("route", "-"), scope["method"]
         key = (route, method, status)
@@ -155,6 +161,9 @@ class HTTPProxy:
                                           "(HTTPOptions.request_timeout_s).")
             response.headers.append((b"connection", b"close"))
             return response
+        return self._timed_out_response()
+
+    def _timed_out_response(self) -> HTTPResponseWire:
         return text_response(504, f"No response within {self.request_timeout_s}s "
                                   "(HTTPOptions.request_timeout_s); the request was "
                                   "cancelled.")
@@ -202,15 +211,44 @@ class HTTPProxy:
             reply = await self.router.send(endpoint, "http", shard_key, (method_name, wire),
                                            trace=trace)
             return await reply
-        except BackendOverloadedError as exc:
-            # Shed at once, without a log line each: under overload there are many.
-            response = error_response(exc, status=503)
-            response.headers.append((b"retry-after", _RETRY_AFTER_S))
-            return response
         except Exception as exc:
-            logger.warning("Request to %s failed: %r", path, exc)
-            status = 503 if isinstance(exc, BackendUnavailableError) else 500
-            return error_response(exc, status=status)
+            return _failure(exc, path)
+
+    # ------------------------------------------------------------- the fast lane
+
+    def serve_now(self, protocol: "ProxyHttpProtocol", cycle: Any) -> bool:
+        """Serve a request whose body is complete without an ASGI task: route it, place it
+        on a replica, and write the reply from the reply's callback in one write. False
+        (nothing done) for anything the ASGI path must handle: system paths, unknown
+        routes (404, or the grace of a route being re-created), wrong methods."""
+        scope = cycle.scope
+        path: str = scope["path"]
+        match = self.routes.get(path)
+        if match is None:
+            return False
+        endpoint, methods = match
+        if scope["method"] not in methods:
+            return False
+        started = time.perf_counter()
+        request_id = _request_id(scope)
+        method_name: Optional[str] = None
+        shard_key: Optional[str] = None
+        for name, value in scope["headers"]:
+            if name == b"x-serve-call-method":
+                method_name = value.decode("latin-1")
+            elif name == b"x-serve-shard-key":
+                shard_key = value.decode("latin-1")
+        trace = {"endpoint": endpoint, "route": path}
+        served = _Served(self, protocol, cycle, started, trace, request_id)
+        payload = encode_call("http", (method_name, wire_from_scope(scope, bytes(cycle.body))))
+        try:
+            request = self.router.place(endpoint, "http", shard_key, payload, trace)
+        except Exception as exc:
+            served.respond(_failure(exc, path))
+            return True
+        assert request is not None  # the route table is made from the router's endpoints
+        served.watch(request.reply, self.request_timeout_s)
+        return True
 
     def _too_large(self) -> HTTPResponseWire:
         response = text_response(413, f"The request body is larger than the "
@@ -245,6 +283,125 @@ class HTTPProxy:
         for (endpoint, backend), counts in self.router.shadow_stats.counts.items():
             table.setdefault(endpoint, {})[backend] = dict(counts)
         return table
+
+
+def _failure(exc: Exception, path: str) -> HTTPResponseWire:
+    """The response for a request that failed before its backend answered."""
+    if isinstance(exc, BackendOverloadedError):
+        # Shed at once, without a log line each: under overload there are many.
+        response = error_response(exc, status=503)
+        response.headers.append((b"retry-after", _RETRY_AFTER_S))
+        return response
+    logger.warning("Request to %s failed: %r", path, exc)
+    status = 503 if isinstance(exc, BackendUnavailableError) else 500
+    return error_response(exc, status=status)
+
+
+_STATUS_LINES = {status.value: f"HTTP/1.1 {status.value} {status.phrase}\r\n".encode()
+                 for status in http.HTTPStatus}
+
+
+class _Served:
+    """One request of the fast lane, from its placement to the last byte of its response:
+    the reply's callback writes the response, a timeout or the client leaving cancels it,
+    and a streamed reply is sent by a task (the only one the request gets)."""
+
+    __slots__ = ("proxy", "protocol", "cycle", "started", "trace", "request_id", "timer",
+                 "timed_out")
+
+    def __init__(self, proxy: HTTPProxy, protocol: "ProxyHttpProtocol", cycle: Any,
+                 started: float, trace: Dict[str, str], request_id: str) -> None:
+        self.proxy = proxy
+        self.protocol = protocol
+        self.cycle = cycle
+        self.started = started
+        self.trace = trace
+        self.request_id = request_id
+        self.timer: Optional[asyncio.TimerHandle] = None
+        self.timed_out = False
+
+    def watch(self, reply: asyncio.Future, timeout: Optional[float]) -> None:
+        """Wait for ``reply``: counted among the requests in progress (limit_concurrency,
+        graceful shutdown), cancelled by the client leaving or the timeout."""
+        tasks = self.protocol.tasks
+        tasks.add(reply)  # type: ignore[arg-type]
+        reply.add_done_callback(tasks.discard)
+        self.cycle.scope[ON_DISCONNECT].append(reply.cancel)
+        if timeout is not None:
+            self.timer = asyncio.get_running_loop().call_later(timeout, self._time_out, reply)
+        reply.add_done_callback(self._replied)
+
+    def _time_out(self, reply: asyncio.Future) -> None:
+        self.timed_out = True
+        reply.cancel()
+
+    def _replied(self, reply: asyncio.Future) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.cycle.disconnected:
+            if not reply.cancelled() and reply.exception() is None and \
+                    isinstance(reply.result(), ReplyStream):
+                reply.result().cancel()
+            self._done("-")
+        elif reply.cancelled():
+            if self.timed_out:
+                self.respond(self.proxy._timed_out_response())
+            else:
+                self._done("-")  # (the server is stopping)
+        elif reply.exception() is not None:
+            self.respond(_failure(reply.exception(), self.cycle.scope["path"]))  # type: ignore[arg-type]
+        elif isinstance(reply.result(), ReplyStream):
+            task = asyncio.ensure_future(self._stream(reply.result()))
+            self.protocol.tasks.add(task)
+            task.add_done_callback(self.protocol.tasks.discard)
+        else:
+            self.respond(reply.result())
+
+    def respond(self, response: HTTPResponseWire) -> None:
+        """Write ``response`` in one write and end the request's cycle as uvicorn would."""
+        cycle = self.cycle
+        if cycle.disconnected:
+            self._done("-")
+            return
+        parts = [_STATUS_LINES.get(response.status) or
+                 f"HTTP/1.1 {response.status} \r\n".encode()]
+        for name, value in response.headers:
+            if b"\r" in value or b"\n" in value or b"\r" in name or b"\n" in name:
+                logger.error("Backend response header %r has a line break; answering 500.",
+                             name)
+                self.respond(text_response(500, "Internal Server Error"))
+                return
+            if name == b"connection" and b"close" in value.lower():
+                cycle.keep_alive = False
+            parts += (name, b": ", value, b"\r\n")
+        parts += (b"x-request-id: ", self.request_id.encode("latin-1"), b"\r\n")
+        if not cycle.keep_alive:
+            parts.append(b"connection: close\r\n")
+        parts.append(b"\r\n")
+        if cycle.scope["method"] != "HEAD":
+            parts.append(response.body)
+        cycle.response_started = cycle.response_complete = True
+        cycle.transport.write(b"".join(parts))
+        cycle.message_event.set()
+        if not cycle.keep_alive:
+            cycle.transport.close()
+        cycle.on_response()
+        self._done(str(response.status))
+
+    async def _stream(self, stream: ReplyStream) -> None:
+        self.cycle.scope[ON_DISCONNECT].append(stream.cancel)
+        try:
+            status = str(await _send_stream(stream, self.cycle.send, (
+                b"x-request-id", self.request_id.encode("latin-1"))))
+        except Exception:
+            logger.exception("Streaming the response to %s failed", self.cycle.scope["path"])
+            self.cycle.transport.close()
+            status = "-"
+        self._done("-" if self.cycle.disconnected else status)
+
+    def _done(self, status: str) -> None:
+        self.proxy._account(self.cycle.scope, status, self.started, self.trace,
+                            self.request_id)
 
 
 class AccessLog:
@@ -350,7 +507,7 @@ def _request_id(scope: Dict[str, Any]) -> str:
     for name, value in headers:
         if name == b"x-request-id" and 0 < len(value) <= _MAX_REQUEST_ID:
             return value.decode("latin-1")
-    request_id = uuid.uuid4().hex
+    request_id = new_request_id()
     scope["headers"] = [*(h for h in headers if h[0] != b"x-request-id"),
                         (b"x-request-id", request_id.encode())]
     return request_id
@@ -382,6 +539,9 @@ async def _read_body(receive: Any, limit: int) -> bytes:
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
+# Largest request body the fast lane serves (uvicorn stops reading past it until an ASGI
+# app asks for more).
+_FAST_BODY_BYTES = 65536
 # A scope key: callbacks the protocol calls if the client leaves before its response ends.
 ON_DISCONNECT = "servekit.on_disconnect"
 
@@ -396,12 +556,51 @@ class ProxyHttpProtocol(HttpToolsProtocol):
     """
 
     def __init__(self, *args: Any, max_header_bytes: int, max_header_count: int,
-                 **kwargs: Any) -> None:
+                 fast_lane: Optional[HTTPProxy] = None, **kwargs: Any) -> None:
+        """``fast_lane``: the proxy, when no user middleware wraps it: requests it can take
+        are served by ``HTTPProxy.serve_now`` instead of an ASGI task."""
         super().__init__(*args, **kwargs)
         self._max_header_bytes = max_header_bytes
         self._max_header_count = max_header_count
         self._head_bytes = 0
         self._too_large = False
+        self._fast_lane = fast_lane
+        self._waiting_for_body: Optional[Any] = None  # a fast-lane cycle, body incomplete
+
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        proxy = self._fast_lane
+        if proxy is not None and app is self.app and self._fast_lane_takes(cycle, proxy):
+            if cycle.more_body:
+                self._waiting_for_body = cycle  # served once its body is complete
+                return
+            if proxy.serve_now(self, cycle):
+                return
+        super()._start_asgi_task(cycle, app)
+
+    def _fast_lane_takes(self, cycle: Any, proxy: HTTPProxy) -> bool:
+        """Whether the fast lane may serve this request: its body is small and announced
+        (the lane reads no body from a client that stalls while a timeout is set, and
+        grants no 100-continue), or absent."""
+        if cycle.waiting_for_100_continue:
+            return False
+        for name, value in cycle.scope["headers"]:
+            if name == b"content-length":
+                if not value.isdigit() or int(value) > min(_FAST_BODY_BYTES,
+                                                           proxy.max_body_bytes):
+                    return False
+                if int(value) and cycle.more_body and proxy.request_timeout_s is not None:
+                    return False
+            elif name == b"transfer-encoding":
+                return False
+        return True
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        cycle, self._waiting_for_body = self._waiting_for_body, None
+        if cycle is not None and cycle is self.cycle and not cycle.response_complete:
+            assert self._fast_lane is not None
+            if not self._fast_lane.serve_now(self, cycle):
+                super()._start_asgi_task(cycle, self.app)
 
     def on_message_begin(self) -> None:
         self._head_bytes = 0
@@ -473,9 +672,11 @@ async def run_proxy(worker: WorkerSpec, sock: socket.socket, stop: asyncio.Event
     http_socket = socket.socket(fileno=worker.extra_fds["http"])
     protocol = functools.partial(ProxyHttpProtocol,
                                  max_header_bytes=options.max_header_bytes,
-                                 max_header_count=options.max_header_count)
+                                 max_header_count=options.max_header_count,
+                                 fast_lane=None if options.middlewares else proxy)
     config = uvicorn.Config(build_app(proxy, options.middlewares), loop="none",
                             http=protocol,  # type: ignore[arg-type]
+                            proxy_headers=False,  # backends see X-Forwarded-* as sent
                             lifespan="off", log_level="warning", access_log=False,
                             server_header=False, date_header=False,
                             limit_concurrency=options.limit_concurrency,
