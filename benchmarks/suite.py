@@ -1,0 +1,485 @@
+"""servekit's benchmark suite: every scenario side by side in one run, one table.
+
+    python benchmarks/suite.py                 # full run (several minutes on 2 cores)
+    python benchmarks/suite.py --quick         # a few seconds per scenario (what CI runs)
+    python benchmarks/suite.py --only http,handles --runs 5 --json after.json
+    python benchmarks/suite.py --compare before.json after.json
+
+Each metric is measured ``--runs`` times; the table shows the median, min and max, and the
+target of issue 14 beside it (PASS/MISS). Numbers are never asserted: these machines are
+shared and noisy, so compare ratios measured in one run, or two JSON files of runs made on
+the same machine back to back (``--compare``). HTTP load comes from ``wrk`` (127.0.0.1
+only, bounded in time); without ``wrk`` the HTTP scenarios are skipped with a line saying
+so. Ray Serve is measured when ``ray[serve]`` is importable, in full runs only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+import httpx
+
+import servekit as serve
+
+Results = Dict[str, List[float]]
+
+# metric -> (unit, target, "min" if higher is better else "max", what it is)
+METRICS: Dict[str, Tuple[str, Optional[float], str, str]] = {
+    "http.ceiling.rps32": ("req/s", None, "min", "raw ASGI app, 32 connections"),
+    "http.sync.rps32": ("req/s", None, "min", "servekit, sync no-op, 32 connections"),
+    "http.sync.ratio32": ("x", 0.6, "min", "servekit sync no-op / raw ASGI, 32 conns"),
+    "http.async.rps32": ("req/s", None, "min", "servekit, async no-op, 32 connections"),
+    "http.async.ratio32": ("x", 0.6, "min", "servekit async no-op / raw ASGI, 32 conns"),
+    "http.sync.added_p50_ms": ("ms", 0.15, "max", "servekit p50 - raw ASGI p50, 1 conn"),
+    "http.async.added_p50_ms": ("ms", 0.15, "max", "the same, async no-op"),
+    "http.ray.rps32": ("req/s", None, "min", "Ray Serve no-op, 32 connections"),
+    "http.vs_ray32": ("x", 50.0, "min", "servekit sync no-op / Ray Serve, 32 conns"),
+    "handles.sync_seq_p50_us": ("us", 150.0, "max", "sync handle round trip, sync no-op"),
+    "handles.sync_pipelined": ("calls/s", 10_000.0, "min", "sync handle, 1000 in flight"),
+    "handles.async_pipelined": ("calls/s", 30_000.0, "min", "async handle, async no-op"),
+    "cold_start_s": ("s", 0.6, "max", "serve.start() to first HTTP answer"),
+    "rss.supervisor_mb": ("MB", 35.0, "max", "idle resident memory"),
+    "rss.controller_mb": ("MB", 35.0, "max", "idle resident memory"),
+    "rss.proxy_mb": ("MB", 35.0, "max", "idle resident memory"),
+    "rss.replica_mb": ("MB", 35.0, "max", "idle resident memory"),
+    "batching.rps_batch1": ("calls/s", None, "min", "numpy model, max_batch_size 1"),
+    "batching.rps_batch16": ("calls/s", None, "min", "numpy model, max_batch_size 16"),
+    "batching.speedup": ("x", 5.0, "min", "batch 16 / batch 1"),
+    "proxies.rps_1": ("req/s", None, "min", "one proxy, 32 connections"),
+    "proxies.rps_2": ("req/s", None, "min", "two proxies, 32 connections"),
+    "scale.create_endpoints_s": ("s", None, "max", "create the endpoints of the table"),
+    "scale.create_replicas_s": ("s", None, "max", "start the replicas"),
+    "scale.route_update_ms": ("ms", None, "max", "create_endpoint to first HTTP answer"),
+    "scale.p50_ratio": ("x", 1.1, "max", "proxy p50, big table / table of 1"),
+}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_http(url: str, deadline_s: float = 30.0) -> None:
+    deadline = time.monotonic() + deadline_s
+    while True:
+        try:
+            if httpx.get(url, timeout=2).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not answer within {deadline_s}s")
+        time.sleep(0.05)
+
+
+def wrk(url: str, connections: int, seconds: float) -> Tuple[float, float]:
+    """(requests per second, p50 latency in ms) of ``wrk`` against ``url``."""
+    out = subprocess.run(
+        ["wrk", f"-t{min(2, connections)}", f"-c{connections}", f"-d{max(1, round(seconds))}s",
+         "--latency", url], capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    value, unit = re.search(r"50%\s+([\d.]+)(us|ms|s)", out).groups()  # type: ignore[union-attr]
+    return rps, float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+
+
+def _ceiling_app(port: int) -> None:
+    """The raw-ASGI ceiling: uvicorn + httptools + uvloop serving the no-op in-process."""
+    import uvicorn
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await receive()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/plain; charset=utf-8")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    uvicorn.run(app, host="127.0.0.1", port=port, loop="uvloop", http="httptools",
+                log_level="warning", access_log=False)
+
+
+@contextlib.contextmanager
+def ceiling() -> Iterator[str]:
+    port = free_port()
+    process = multiprocessing.get_context("spawn").Process(target=_ceiling_app, args=(port,),
+                                                           daemon=True)
+    process.start()
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        wait_http(url)
+        yield url
+    finally:
+        process.terminate()
+        process.join(10)
+
+
+@contextlib.contextmanager
+def instance(**http_options: Any) -> Iterator[Tuple[serve.Client, str]]:
+    port = free_port()
+    client = serve.start(http_options={"host": "127.0.0.1", "port": port, **http_options})
+    try:
+        yield client, f"http://127.0.0.1:{port}"
+    finally:
+        client.shutdown()
+
+
+def noop(request: Any) -> str:
+    return "ok"
+
+
+async def async_noop(request: Any) -> str:
+    return "ok"
+
+
+# --------------------------------------------------------------------------- scenarios
+
+
+def scenario_http(runs: int, quick: bool) -> Results:
+    seconds = 2 if quick else 5
+    results: Results = {}
+    with ceiling() as bare, instance() as (client, base):
+        client.create_backend("noop", noop)
+        client.create_endpoint("noop", backend="noop", route="/noop")
+        client.create_backend("anoop", async_noop)
+        client.create_endpoint("anoop", backend="anoop", route="/anoop")
+        for url in (bare, f"{base}/noop", f"{base}/anoop"):
+            wait_http(url)
+            wrk(url, 32, 1)  # warm up
+        for _ in range(runs):
+            ceiling32, ceiling1 = wrk(bare, 32, seconds), wrk(bare, 1, seconds)
+            results.setdefault("http.ceiling.rps32", []).append(ceiling32[0])
+            for kind, path in (("sync", "noop"), ("async", "anoop")):
+                at32, at1 = wrk(f"{base}/{path}", 32, seconds), wrk(f"{base}/{path}", 1, seconds)
+                results.setdefault(f"http.{kind}.rps32", []).append(at32[0])
+                results.setdefault(f"http.{kind}.ratio32", []).append(at32[0] / ceiling32[0])
+                results.setdefault(f"http.{kind}.added_p50_ms", []).append(at1[1] - ceiling1[1])
+    if not quick:
+        ray_rps = ray_serve_rps(runs, seconds)
+        if ray_rps:
+            results["http.ray.rps32"] = ray_rps
+            results["http.vs_ray32"] = [s / r for s, r in zip(results["http.sync.rps32"],
+                                                              ray_rps, strict=True)]
+    return results
+
+
+def ray_serve_rps(runs: int, seconds: float) -> List[float]:
+    """Ray Serve 2.x serving the same no-op, with access logs off and room for every
+    connection (its fastest documented settings); [] when Ray Serve is not importable."""
+    try:
+        import ray
+        from ray import serve as ray_serve
+    except ImportError:
+        print("  (Ray Serve is not installed: its column is skipped)")
+        return []
+    port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        ray_serve.start(http_options={"host": "127.0.0.1", "port": port},
+                        logging_config={"enable_access_log": False, "log_level": "WARNING"})
+
+        @ray_serve.deployment(max_ongoing_requests=256)
+        class Noop:
+            def __call__(self, request: Any) -> str:
+                return "ok"
+
+        ray_serve.run(Noop.bind(), route_prefix="/noop")
+        url = f"http://127.0.0.1:{port}/noop"
+        wait_http(url, 120)
+        wrk(url, 32, 1)
+        return [wrk(url, 32, seconds)[0] for _ in range(runs)]
+    finally:
+        ray_serve.shutdown()
+        ray.shutdown()
+
+
+def scenario_handles(runs: int, quick: bool) -> Results:
+    calls = 2_000 if quick else 10_000
+    results: Results = {}
+    with instance(host=None) as (client, _):
+        client.create_backend("noop", noop, config={"max_concurrent_queries": 1000})
+        client.create_endpoint("noop", backend="noop")
+        client.create_backend("anoop", async_noop)
+        client.create_endpoint("anoop", backend="anoop")
+        sync_handle = client.get_handle("noop")
+        for _ in range(200):
+            sync_handle.remote().result()
+
+        async def pipelined_async() -> float:
+            handle = client.get_handle("anoop", sync=False)
+            for _ in range(200):
+                await (await handle.remote())
+            started = time.perf_counter()
+            replies = [await handle.remote() for _ in range(calls)]
+            await asyncio.gather(*replies)
+            return calls / (time.perf_counter() - started)
+
+        for _ in range(runs):
+            samples = []
+            for _ in range(calls // 4):
+                started = time.perf_counter()
+                sync_handle.remote().result()
+                samples.append(time.perf_counter() - started)
+            results.setdefault("handles.sync_seq_p50_us", []).append(
+                statistics.median(samples) * 1e6)
+            started = time.perf_counter()
+            replies = [sync_handle.remote() for _ in range(calls)]
+            for reply in replies:
+                reply.result()
+            results.setdefault("handles.sync_pipelined", []).append(
+                calls / (time.perf_counter() - started))
+            results.setdefault("handles.async_pipelined", []).append(
+                asyncio.run(pipelined_async()))
+    return results
+
+
+def scenario_cold_start(runs: int, quick: bool) -> Results:
+    times = []
+    for _ in range(runs):
+        port = free_port()
+        started = time.perf_counter()
+        client = serve.start(http_options={"host": "127.0.0.1", "port": port})
+        try:
+            client.create_backend("noop", noop)
+            client.create_endpoint("noop", backend="noop", route="/noop")
+            assert httpx.get(f"http://127.0.0.1:{port}/noop", timeout=30).text == "ok"
+            times.append(time.perf_counter() - started)
+        finally:
+            client.shutdown()
+    return {"cold_start_s": times}
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise ValueError(f"no VmRSS for pid {pid}")
+
+
+def scenario_rss(runs: int, quick: bool) -> Results:
+    results: Results = {}
+    for _ in range(runs):
+        with instance() as (client, base):
+            client.create_backend("noop", noop)
+            client.create_endpoint("noop", backend="noop", route="/noop")
+            wait_http(f"{base}/noop")
+            time.sleep(0.5)  # idle: let start-up garbage settle before reading RSS
+            for process in client._call("status")["processes"]:
+                role = process["role"]
+                if role in ("supervisor", "controller", "proxy", "replica"):
+                    results.setdefault(f"rss.{role}_mb", []).append(_rss_mb(process["pid"]))
+    return results
+
+
+class BatchModel:
+    """A batch-friendly numpy model: like a GPU kernel, one forward pass costs the same for
+    1 to 16 inputs (they are padded to a batch of 16)."""
+
+    def __init__(self) -> None:
+        import numpy
+
+        self.weights = numpy.random.default_rng(0).standard_normal((1024, 1024))
+
+    @serve.accept_batch
+    def __call__(self, requests: List[Any]) -> List[float]:
+        import numpy
+
+        inputs = numpy.zeros((16, 1024))
+        for row, request in enumerate(requests):
+            inputs[row] = float(request.data)
+        scores = numpy.tanh(inputs @ self.weights @ self.weights.T)
+        return [float(row.sum()) for row in scores[:len(requests)]]
+
+
+def scenario_batching(runs: int, quick: bool) -> Results:
+    calls = 500 if quick else 3_000
+    results: Results = {}
+    with instance(host=None) as (client, _):
+        for size in (1, 16):
+            client.create_backend(f"model{size}", BatchModel, config={
+                "max_batch_size": size, "batch_wait_timeout": 0.005,
+                "max_concurrent_queries": 64})
+            client.create_endpoint(f"model{size}", backend=f"model{size}")
+
+        async def throughput(endpoint: str) -> float:
+            handle = client.get_handle(endpoint, sync=False)
+            await (await handle.remote(1.0))
+            started = time.perf_counter()
+            replies = [await handle.remote(float(i)) for i in range(calls)]
+            await asyncio.gather(*replies)
+            return calls / (time.perf_counter() - started)
+
+        for _ in range(runs):
+            one, sixteen = asyncio.run(throughput("model1")), asyncio.run(throughput("model16"))
+            results.setdefault("batching.rps_batch1", []).append(one)
+            results.setdefault("batching.rps_batch16", []).append(sixteen)
+            results.setdefault("batching.speedup", []).append(sixteen / one)
+    return results
+
+
+def _proxies_field() -> Optional[str]:
+    fields = serve.HTTPOptions.model_fields
+    return next((name for name in ("num_proxies", "proxies_per_node") if name in fields), None)
+
+
+def scenario_proxies(runs: int, quick: bool) -> Results:
+    field = _proxies_field()
+    if field is None:
+        print("  proxies: n/a (HTTPOptions has no option for several proxies per node)")
+        return {}
+    seconds = 2 if quick else 5
+    results: Results = {}
+    for count in (1, 2):
+        with instance(**{field: count}) as (client, base):
+            client.create_backend("anoop", async_noop, config={"num_replicas": 2})
+            client.create_endpoint("anoop", backend="anoop", route="/anoop")
+            wait_http(f"{base}/anoop")
+            wrk(f"{base}/anoop", 32, 1)
+            results[f"proxies.rps_{count}"] = [wrk(f"{base}/anoop", 32, seconds)[0]
+                                              for _ in range(runs)]
+    return results
+
+
+def scenario_scale(runs: int, quick: bool) -> Results:
+    endpoints, replicas = (100, 10) if quick else (1_000, int(os.environ.get(
+        "SERVEKIT_BENCH_REPLICAS", "200")))
+    seconds = 2 if quick else 5
+    results: Results = {}
+    with instance() as (client, base):
+        client.create_backend("anoop", async_noop)
+        client.create_endpoint("e0", backend="anoop", route="/e0")
+        wait_http(f"{base}/e0")
+        wrk(f"{base}/e0", 1, 1)
+        small = [wrk(f"{base}/e0", 1, seconds)[1] for _ in range(runs)]
+        started = time.perf_counter()
+        for i in range(1, endpoints):
+            client.create_endpoint(f"e{i}", backend="anoop", route=f"/e{i}")
+        results["scale.create_endpoints_s"] = [time.perf_counter() - started]
+        big = [wrk(f"{base}/e0", 1, seconds)[1] for _ in range(runs)]
+        results["scale.p50_ratio"] = [b / s for b, s in zip(big, small, strict=True)]
+        updates = []
+        for i in range(runs):
+            started = time.perf_counter()
+            client.create_endpoint(f"new{i}", backend="anoop", route=f"/new{i}")
+            wait_http(f"{base}/new{i}")
+            updates.append((time.perf_counter() - started) * 1e3)
+        results["scale.route_update_ms"] = updates
+        started = time.perf_counter()
+        client.create_backend("many", noop, config={"num_replicas": replicas})
+        results["scale.create_replicas_s"] = [time.perf_counter() - started]
+    print(f"  scale: {endpoints} endpoints, {replicas} replicas "
+          "(SERVEKIT_BENCH_REPLICAS sets the replica count of a full run)")
+    return results
+
+
+SCENARIOS: Dict[str, Callable[[int, bool], Results]] = {
+    "http": scenario_http, "handles": scenario_handles, "cold_start": scenario_cold_start,
+    "rss": scenario_rss, "batching": scenario_batching, "proxies": scenario_proxies,
+    "scale": scenario_scale,
+}
+NEEDS_WRK = {"http", "proxies", "scale"}
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def verdict(metric: str, value: float) -> str:
+    _, target, direction, _ = METRICS[metric]
+    if target is None:
+        return ""
+    passed = value >= target if direction == "min" else value <= target
+    return "PASS" if passed else "MISS"
+
+
+def table(results: Results) -> str:
+    lines = [f"{'metric':32} {'median':>11} {'min':>11} {'max':>11} {'unit':7} "
+             f"{'target':>10}  verdict  what"]
+    for metric, (unit, target, direction, what) in METRICS.items():
+        values = results.get(metric)
+        if not values:
+            continue
+        median = statistics.median(values)
+        wanted = "" if target is None else f"{'>=' if direction == 'min' else '<='}{target:g}"
+        lines.append(f"{metric:32} {median:11.3f} {min(values):11.3f} {max(values):11.3f} "
+                     f"{unit:7} {wanted:>10}  {verdict(metric, median):7}  {what}")
+    return "\n".join(lines)
+
+
+def compare(before_path: str, after_path: str) -> str:
+    with open(before_path) as before_file, open(after_path) as after_file:
+        before, after = json.load(before_file)["results"], json.load(after_file)["results"]
+    lines = [f"{'metric':32} {'before':>11} {'after':>11} {'after/before':>13}"]
+    for metric in METRICS:
+        if metric in before and metric in after:
+            b, a = statistics.median(before[metric]), statistics.median(after[metric])
+            lines.append(f"{metric:32} {b:11.3f} {a:11.3f} {a / b if b else float('nan'):13.3f}")
+    return "\n".join(lines)
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=os.path.dirname(os.path.abspath(__file__)),
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a few seconds per scenario")
+    parser.add_argument("--runs", type=int, default=None,
+                        help="runs per scenario (default 3, or 1 with --quick)")
+    parser.add_argument("--only", default="", help="comma-separated scenarios: "
+                        + ", ".join(SCENARIOS))
+    parser.add_argument("--json", dest="json_path", help="write the results here")
+    parser.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"),
+                        help="compare two --json files and exit")
+    args = parser.parse_args(argv)
+    if args.compare:
+        print(compare(*args.compare))
+        return 0
+    names = [name for name in args.only.split(",") if name] or list(SCENARIOS)
+    unknown = [name for name in names if name not in SCENARIOS]
+    if unknown:
+        parser.error(f"unknown scenario(s) {unknown}; choose from {list(SCENARIOS)}")
+    runs = args.runs or (1 if args.quick else 3)
+    results: Results = {}
+    have_wrk = shutil.which("wrk") is not None
+    for name in names:
+        if name in NEEDS_WRK and not have_wrk:
+            print(f"  {name}: skipped (wrk is not installed: apt-get install wrk)")
+            continue
+        print(f"running {name} ...", flush=True)
+        started = time.perf_counter()
+        results.update(SCENARIOS[name](runs, args.quick))
+        print(f"  {name}: {time.perf_counter() - started:.1f}s", flush=True)
+    print(f"\nservekit benchmarks at {commit()}, {os.cpu_count()} cores, "
+          f"{'quick' if args.quick else 'full'}, {runs} run(s) each\n")
+    print(table(results))
+    if args.json_path:
+        with open(args.json_path, "w") as out:
+            json.dump({"commit": commit(), "quick": args.quick, "runs": runs,
+                       "cpus": os.cpu_count(), "results": results}, out, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
