@@ -69,8 +69,8 @@ def start(http_host: Optional[str], http_port: Optional[int],
             options[key] = value
     client = serve.start(detached=True, http_options=options or None, address=address)
     state = client._call("status")
-    served = [f"http://{p['http'][0]}:{p['http'][1]}" for p in state["processes"]
-              if p["role"] == "proxy" and p.get("http")]
+    served = sorted({f"http://{p['http'][0]}:{p['http'][1]}" for p in state["processes"]
+                     if p["role"] == "proxy" and p.get("http")})
     where = f"HTTP on {', '.join(served)}" if served else "no HTTP"
     restored = (f"; restored {len(state['backends'])} backends and "
                 f"{len(state['endpoints'])} endpoints") if state["backends"] else ""

@@ -63,6 +63,10 @@ class HTTPOptions(BaseModel):
             outermost first. Default none.
         location: Where proxies run, default ``DeploymentMode.HeadOnly``. ``None`` means
             ``NoServer``.
+        num_proxies: HTTP proxy processes per node, default 1. They share the port and the
+            kernel spreads connections over them: more than one helps when the proxy's core
+            is the bottleneck (each takes about a core at full load). Limits such as
+            ``max_concurrent_queries`` hold across all of them.
         max_body_bytes: Largest request body a proxy accepts, default 100 MiB. A larger one
             gets 413 without being read whole (a Content-Length over it, at once).
         max_header_bytes: Largest request line plus headers, default 32 KiB; beyond it 431
@@ -98,6 +102,10 @@ class HTTPOptions(BaseModel):
     )
     location: DeploymentMode | None = Field(
         default=DeploymentMode.HeadOnly, description="Where HTTP proxies run."
+    )
+    num_proxies: int = Field(
+        default=1, ge=1, le=64, strict=True,
+        description="HTTP proxy processes per node; they share the port.",
     )
     max_body_bytes: int = Field(
         default=100 * 1024 * 1024, ge=1, strict=True,

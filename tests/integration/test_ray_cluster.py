@@ -89,6 +89,27 @@ def test_every_node_runs_a_proxy_that_answers(client: serve.Client) -> None:
         assert reply.json()["replica"].startswith("who#")
 
 
+def test_every_node_on_one_machine_shares_a_fixed_port(cluster: Any) -> None:
+    """Several Ray nodes on one machine each run a proxy on the same fixed port (they bind it
+    with SO_REUSEPORT). Old behaviour caught: the second failed with "Address already in
+    use"."""
+    port = free_port()
+    client = serve.start(http_options={"port": port, "location": "EveryNode"})
+    try:
+        client.create_backend("who", whoami)
+        client.create_endpoint("who", backend="who", route="/who")
+        proxies = wait_for(lambda: (lambda found: found if len(found) == len(live_nodes())
+                                    else None)(processes(client, "proxy")),
+                           TIMEOUT, "a proxy on every node")
+        assert len(proxies) >= 2 and {p["http"][1] for p in proxies} == {port}
+        host = proxies[0]["http"][0]
+        for _ in range(10):  # new connections, spread over the proxies by the kernel
+            reply = httpx.get(f"http://{host}:{port}/who", timeout=TIMEOUT)
+            assert reply.status_code == 200, reply.text
+    finally:
+        client.shutdown()
+
+
 @pytest.mark.parametrize("location, proxies", [("HeadOnly", 1), ("NoServer", 0)])
 def test_head_only_runs_one_proxy_on_the_driver_node_and_no_server_none(
         cluster: Any, location: str, proxies: int) -> None:

@@ -703,3 +703,10 @@ def test_user_config_with_reconfigure_is_fine() -> None:
 def test_no_user_config_needs_no_reconfigure() -> None:
     validate_backend_against_config(BackendMetadata.inspect(_plain), BackendConfig())
     validate_backend_against_config(BackendMetadata.inspect(_Plain), BackendConfig())
+
+
+@pytest.mark.parametrize("value", [0, -1, 65, "2", 1.5])
+def test_num_proxies_is_an_int_from_1_to_64(value: Any) -> None:
+    with pytest.raises(ValidationError, match="num_proxies"):
+        HTTPOptions(num_proxies=value)
+    assert HTTPOptions().num_proxies == 1 and HTTPOptions(num_proxies=4).num_proxies == 4

@@ -60,8 +60,12 @@ def bind_unix_socket(path: str) -> socket.socket:
     return sock
 
 
-def bind_http_socket(host: str, port: int) -> socket.socket:
-    """Bind and listen on ``host:port``, or raise a ServeError that says how to fix it."""
+def bind_http_socket(host: str, port: int, shared: bool = False) -> socket.socket:
+    """Bind and listen on ``host:port``, or raise a ServeError that says how to fix it.
+
+    ``shared``: with ``SO_REUSEPORT``, so every proxy of the instance on this machine (one
+    per Ray node, or ``num_proxies`` of them) can bind the same port, the kernel spreading
+    connections over them; a port another program holds without it still fails."""
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
     except socket.gaierror as exc:
@@ -69,6 +73,8 @@ def bind_http_socket(host: str, port: int) -> socket.socket:
                          "Pass a valid address in http_options['host'].") from None
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if shared:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
         sock.listen(4096)

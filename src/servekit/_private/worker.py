@@ -66,7 +66,10 @@ def configure_logging(role: str, name: str, log_dir: Optional[str]) -> None:
         access = logging.getLogger("servekit.access")  # lines come in batches, stamped
         access.setLevel(logging.INFO)
         access.propagate = False
-        access.addHandler(_rotating(os.path.join(log_dir, "access.log")))
+        # One file per proxy (num_proxies of them share the directory): "access.log" for
+        # the first, "access-proxy-2.log" for the next.
+        file = "access.log" if name == "proxy" else f"access-{_file_safe(name)}.log"
+        access.addHandler(_rotating(os.path.join(log_dir, file)))
 
 
 def _rotating(path: str) -> logging.Handler:

@@ -194,16 +194,18 @@ class Controller:
         return self.http_options.location != "NoServer" and self.http_options.host is not None
 
     async def _reconcile_proxies(self) -> None:
-        """Run one HTTP proxy at each place the runtime names for the location (HeadOnly:
-        one; EveryNode: one per node): start the missing ones, stop those of places that
-        are gone, forget the dead ones (the next round starts them again).
+        """Run ``num_proxies`` HTTP proxies at each place the runtime names for the location
+        (HeadOnly: one; EveryNode: one per node): start the missing ones, stop those of
+        places that are gone, forget the dead ones (the next round starts them again).
 
         Raises:
             ServeError: a proxy could not start (the others are still started).
         """
         location = self.http_options.location
         assert location is not None  # HTTPOptions sets NoServer for None
-        wanted = await self.runtime.proxy_nodes(location.value)
+        places = await self.runtime.proxy_nodes(location.value)
+        wanted = {name if i == 0 else f"{name}-{i + 1}": node for name, node in places.items()
+                  for i in range(self.http_options.num_proxies)}
         for name, record in list(self._proxies.items()):
             if name not in wanted or not self.runtime.is_alive(name):
                 self._proxies.pop(name)

@@ -41,8 +41,9 @@ class GoalManager:
             self._expire_later(goal_id, future)
 
     def _expire_later(self, goal_id: Optional[str], future: asyncio.Future) -> None:
-        asyncio.get_running_loop().call_later(constants.GOAL_RETENTION_S, self._expire,
-                                              goal_id, future)
+        if goal_id is not None:
+            asyncio.get_running_loop().call_later(constants.GOAL_RETENTION_S, self._expire,
+                                                  goal_id, future)
 
     def _expire(self, goal_id: str, future: asyncio.Future) -> None:
         if self._goals.get(goal_id) is future:

@@ -8,7 +8,7 @@ import secrets
 import signal
 import socket
 import sys
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import cloudpickle
 
@@ -44,6 +44,7 @@ class LocalRuntime(Runtime):
         self._sys_path = list(sys_path)
         self._workers: Dict[str, Union[WorkerProcess, AdoptedProcess]] = {}
         self._sockets: Dict[str, str] = {}  # worker name -> its socket file
+        self._proxies: Set[str] = set()  # names of the workers that are HTTP proxies
         self._http_socket = http_socket
         self._lifeline_fd = lifeline_fd
         gpus = detect_gpus()
@@ -82,7 +83,10 @@ class LocalRuntime(Runtime):
         if role == "proxy":
             if self._http_socket is None:
                 raise ServeError("bind_http must be called before a proxy is launched.")
+            # Every proxy serves the one socket the supervisor holds: the kernel hands each
+            # connection to one of them, and it keeps listening while a proxy restarts.
             extra_fds["http"] = self._http_socket.fileno()
+            self._proxies.add(name)
         env = None
         num_gpus = (resources or {}).get("num_gpus") or 0
         devices = self._gpus.assign(name, num_gpus)
@@ -129,7 +133,7 @@ class LocalRuntime(Runtime):
             return None
         identity: Dict[str, Any] = {"pid": worker.pid,
                                     "start_time": process_start_time(worker.pid)}
-        if name == "proxy" and self._http_socket is not None:
+        if name in self._proxies and self._http_socket is not None:
             identity["http"] = list(self._http_socket.getsockname()[:2])
         return identity
 
@@ -142,6 +146,8 @@ class LocalRuntime(Runtime):
         except OSError:
             return False
         self._sockets[name] = address
+        if role == "proxy":
+            self._proxies.add(name)
         return True
 
     def store_description(self) -> str:

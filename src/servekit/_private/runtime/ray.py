@@ -161,7 +161,9 @@ class ServekitActor:
         extra_fds = {}
         self._http: Optional[List[Any]] = None
         if http is not None:
-            self._http_socket = bind_http_socket(*http)  # held: the proxy serves its fd
+            # Shared: proxies of other Ray nodes on this machine, or this node's other
+            # proxies (num_proxies), serve the same port.
+            self._http_socket = bind_http_socket(*http, shared=True)
             extra_fds["http"] = self._http_socket.fileno()
             self._http = list(self._http_socket.getsockname()[:2])
         self._role = role
