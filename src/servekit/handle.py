@@ -40,8 +40,9 @@ class ServeResponse:
 
     Works from any thread and any event loop. A backend exception is re-raised with its type.
     ``cancel()``, or cancelling the task that awaits it, cancels the request: an async
-    backend's coroutine is cancelled in the replica; a sync call already running finishes
-    and its result is dropped.
+    backend's coroutine is cancelled in the replica; a sync call not yet started never
+    runs, one already running finishes (holding its place on the replica until then) and
+    its result is dropped.
     """
 
     __slots__ = ("_future", "_loop", "_mirror")
