@@ -293,3 +293,19 @@ def test_a_refused_caller_is_told_when_the_cancelled_call_ends() -> None:
         assert peer.notices == 1  # type: ignore[attr-defined]
 
     run(main)
+
+
+def stops_iteration(request: Any) -> Any:
+    raise StopIteration("user code ran out of items")
+
+
+def test_a_sync_call_that_raises_stop_iteration_fails_instead_of_hanging() -> None:
+    """Old behaviour caught: an asyncio future cannot hold a StopIteration, so the result
+    never reached the caller and the request waited for good, holding its place."""
+    async def main() -> None:
+        replica = await make_replica(stops_iteration)
+        with pytest.raises(RuntimeError, match="StopIteration"):
+            await asyncio.wait_for(call(replica), DEADLINE_S)
+        assert replica._in_flight == 0
+
+    run(main)

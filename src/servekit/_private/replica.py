@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import functools
 import inspect
 import logging
@@ -39,6 +38,7 @@ from servekit._private.context import ReplicaContext, current_request_id, set_re
 from servekit._private.import_path import import_attribute
 from servekit._private.process import WorkerSpec
 from servekit._private.specs import ReplicaSpec
+from servekit._private.thread_lane import ThreadLane
 from servekit._private.transport import Busy, RpcServer, Stream, current_peer, notify
 from servekit.config import BackendConfig, BackendMetadata, validate_backend_against_config
 from servekit.exceptions import MethodNotFoundError, ServeError
@@ -165,7 +165,7 @@ class Replica:
             max_workers=1, thread_name_prefix=f"servekit-{spec.replica_tag}-control")
         self._health_pool = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"servekit-{spec.replica_tag}-health")
-        self._pool = self._new_pool(self.config.sync_threads)
+        self._lane = self._new_lane(self.config.sync_threads)
         self._gate = CallGate()
         self._in_flight = 0
         self._cap = 1
@@ -180,10 +180,8 @@ class Replica:
         self._errors = metrics.REPLICA_ERRORS.labels(*labels)
         self._batch_sizes = metrics.BATCH_SIZE.labels(*labels)
 
-    def _new_pool(self, threads: int) -> ThreadPoolExecutor:
-        self._pool_threads = threads
-        return ThreadPoolExecutor(max_workers=threads,
-                                  thread_name_prefix=f"servekit-{self.spec.replica_tag}")
+    def _new_lane(self, threads: int) -> ThreadLane:
+        return ThreadLane(asyncio.get_running_loop(), threads, f"servekit-{self.spec.replica_tag}")
 
     # ------------------------------------------------------------- construction
 
@@ -222,12 +220,12 @@ class Replica:
         old, self.config = self.config, config
         self._apply_limits()
         reconfigure = config.user_config != old.user_config and config.user_config is not None
-        if not reconfigure and config.sync_threads == self._pool_threads:
+        if not reconfigure and config.sync_threads == self._lane.threads:
             return
         async with self._gate.exclusive():
-            if config.sync_threads != self._pool_threads:
-                old_pool, self._pool = self._pool, self._new_pool(config.sync_threads)
-                old_pool.shutdown(wait=False)
+            if config.sync_threads != self._lane.threads:
+                old_lane, self._lane = self._lane, self._new_lane(config.sync_threads)
+                old_lane.shutdown()
             if reconfigure:
                 await asyncio.get_running_loop().run_in_executor(
                     self._control_pool, self._reconfigure_blocking, config.user_config)
@@ -316,16 +314,15 @@ class Replica:
         if not gate.enter():
             await gate.enter_when_open()
         try:
-            work = self._pool.submit(contextvars.copy_context().run, function, *args)
-            running = asyncio.wrap_future(work)
+            job = self._lane.submit(function, *args)
             try:
-                return await asyncio.shield(running)
+                return await job.result
             except asyncio.CancelledError:
-                if not work.cancel():  # already on its thread
+                if not job.withdraw():  # already on its thread
                     admission = current_admission.get()
                     if admission is not None:
                         admission.cancel()
-                    await _until_done(running)
+                    await job.finished()
                 raise
         except Exception:
             raise
@@ -507,18 +504,6 @@ class Replica:
 
 async def _await(awaitable: Any) -> Any:
     return await awaitable
-
-
-async def _until_done(running: asyncio.Future) -> None:
-    """Wait for ``running`` to end, through any number of cancellations (its outcome is
-    dropped)."""
-    while not running.done():
-        try:
-            await asyncio.wait([running])
-        except asyncio.CancelledError:
-            continue
-    if not running.cancelled():
-        running.exception()  # retrieved: nobody wants it any more
 
 
 async def _metrics() -> str:
