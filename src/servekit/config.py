@@ -171,6 +171,11 @@ class BackendConfig(BaseModel):
             1, so a sync method never runs twice at once (as in Ray Serve 1.x). Raise it
             only for thread-safe code that releases the GIL (numpy, torch). Requests beyond
             it wait in the replica, up to ``max_concurrent_queries``.
+        request_timeout_s: Seconds a request may take from the moment a router takes it
+            to its reply (a streamed reply: to its first chunk), default ``None`` (no
+            bound). A request past it is cancelled as if its caller had left and fails with
+            ``RequestTimeoutError`` (a ``TimeoutError``; HTTP 504). The bound for code that
+            may never return: deaths and freezes are bounded without it.
         health_check_period_s: Seconds between the controller's pings of each replica,
             default 1.0. A ping also calls the class's ``check_health()`` if it has one.
         health_check_timeout_s: Seconds a ping may take before it counts as failed,
@@ -226,6 +231,13 @@ class BackendConfig(BaseModel):
         ge=1,
         strict=True,
         description="Sync calls one replica runs at once, each on its own thread.",
+    )
+    request_timeout_s: float | None = Field(
+        default=None,
+        gt=0,
+        strict=True,
+        allow_inf_nan=False,
+        description="Seconds a request may take to its reply before it is cancelled.",
     )
     health_check_period_s: float = Field(
         default=1.0,

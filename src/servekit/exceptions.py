@@ -9,6 +9,8 @@ The tree::
      │    │                                      the replica running it died
      │    ├── BackendOverloadedError            shed at once: every replica was full and the
      │    │                                      router's queue for the backend too (HTTP 503)
+     │    ├── RequestTimeoutError               no reply within request_timeout_s (HTTP 504);
+     │    │                                      also a TimeoutError
      │    ├── EndpointNotFoundError             a handle call to an endpoint that was deleted
      │    │                                      or not created in time
      │    ├── MethodNotFoundError               a method name the backend does not serve
@@ -39,6 +41,12 @@ class BackendUnavailableError(ServeError):
 class BackendOverloadedError(ServeError):
     """A request was refused at once: every replica of its backend was at its cap and the
     router already held ``max_queued_requests`` for it. Nothing ran; retry later."""
+
+
+class RequestTimeoutError(ServeError, TimeoutError):
+    """A request did not end within its ``request_timeout_s`` (the backend's, or a handle's
+    ``options(timeout_s=...)``): it was cancelled (HTTP 504). A sync call already running
+    finishes on its thread, holding its place on the replica until then."""
 
 
 class EndpointNotFoundError(ServeError):

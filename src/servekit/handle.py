@@ -32,6 +32,7 @@ class HandleOptions:
     http_method: str = "GET"
     http_headers: Tuple[Tuple[str, str], ...] = ()
     stream: bool = False
+    timeout_s: Optional[float] = None  # None: the backend's request_timeout_s
     missing_ok: bool = False  # made by get_handle(missing_ok=True): calls wait for it
 
 
@@ -246,7 +247,7 @@ class _HandleBase:
 
     def options(self, *, method_name: Any = DEFAULT, shard_key: Any = DEFAULT,
                 http_method: Any = DEFAULT, http_headers: Any = DEFAULT,
-                stream: Any = DEFAULT) -> Any:
+                stream: Any = DEFAULT, timeout_s: Any = DEFAULT) -> Any:
         """A new handle with the given options changed; the others carry over.
 
         Args:
@@ -256,8 +257,19 @@ class _HandleBase:
             http_headers: a dict of headers the backend sees in ``request.headers``.
             stream: the method returns a generator (sync or async); ``remote()`` then gives
                 a ``ServeStream`` of what it yields, as it yields it (default False).
+            timeout_s: seconds each call may wait for its reply (a stream: its first
+                item), instead of the backend's ``request_timeout_s``; past it the call is
+                cancelled and fails with ``RequestTimeoutError``, a ``TimeoutError``
+                (default None: the backend's).
         """
         changes: Dict[str, Any] = {}
+        if timeout_s is not DEFAULT:
+            if timeout_s is not None and (
+                    isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float))
+                    or not 0 < timeout_s < float("inf")):
+                raise ValueError(f"timeout_s must be a positive number of seconds or None, "
+                                 f"got {timeout_s!r}.")
+            changes["timeout_s"] = timeout_s
         if stream is not DEFAULT:
             if not isinstance(stream, bool):
                 raise TypeError(f"stream must be a bool, got {stream!r}.")
@@ -332,7 +344,8 @@ class ServeSyncHandle(_HandleBase):
             call = await _resolved(call)
         router = await routers.get(self._controller_address)
         return await router.send(self.endpoint_name, "call", self._options.shard_key, call,
-                                 self._options.missing_ok, payload=payload)
+                                 self._options.missing_ok, payload=payload,
+                                 timeout_s=self._options.timeout_s)
 
 
 class _SyncCall:
@@ -359,7 +372,8 @@ class _SyncCall:
         router = routers.ready(handle._controller_address, self.loop)
         try:
             request = None if router is None else router.place(
-                handle.endpoint_name, "call", handle._options.shard_key, self.payload)
+                handle.endpoint_name, "call", handle._options.shard_key, self.payload,
+                timeout_s=handle._options.timeout_s)
         except BaseException as exc:
             self._done(None, exc)
             return
@@ -412,7 +426,7 @@ class ServeHandle(_HandleBase):
         call = await _resolved(self._request_args(args, kwargs))
         router = await routers.get(self._controller_address)
         reply = await router.send(self.endpoint_name, "call", self._options.shard_key, call,
-                                  self._options.missing_ok)
+                                  self._options.missing_ok, timeout_s=self._options.timeout_s)
         if self._options.stream:
             return ServeStream(reply, asyncio.get_running_loop())  # type: ignore[return-value]
         return ServeResponse(reply, asyncio.get_running_loop())

@@ -28,7 +28,8 @@ from servekit._private.routed_request import (
 )
 from servekit._private.router import Router
 from servekit._private.transport import _CANCEL, _CREDIT, ConnectionClosed, ReplyStream
-from servekit.exceptions import BackendUnavailableError
+from servekit._private.specs import BackendLimits
+from servekit.exceptions import BackendUnavailableError, RequestTimeoutError
 
 STATES = sorted({state for state, _ in TRANSITIONS} | set(TRANSITIONS.values()))
 EVENTS = sorted({event for _, event in TRANSITIONS})
@@ -426,3 +427,84 @@ def test_a_closed_controller_connection_is_reconnected_not_read_as_the_instance_
 
     run(main)
 
+
+
+# --------------------------------------------------------------------------- deadlines
+
+
+def timed_router(cluster: Cluster, timeout_s: float) -> Any:
+    r1 = cluster.replica("b#1")
+    router, feed = make_router(cluster, cap=1, b=[r1])
+    feed.push(constants.KEY_BACKENDS, {"b": BackendLimits(1, -1, timeout_s)})
+    return router, r1
+
+
+def test_a_request_past_its_backends_timeout_while_queued_fails_and_is_never_sent() -> None:
+    async def main() -> None:
+        router, r1 = timed_router(Cluster(), 0.05)
+        first = await sent(router, "A")
+        waiting = start_send(router, "B")
+        with pytest.raises(RequestTimeoutError, match="backend 'b'.*0.05"):
+            await asyncio.wait_for(waiting, 5)
+        assert router._replica_sets["b"].queued == 0
+        assert isinstance(first.exception(), RequestTimeoutError)  # A, written, also ended
+        assert r1.received() == ["A"] and r1.kinds("A").count(_CANCEL) == 1
+
+    run(main)
+
+
+def test_a_written_request_past_its_timeout_is_stopped_and_holds_its_place_until_then(
+        ) -> None:
+    async def main() -> None:
+        router, r1 = timed_router(Cluster(), 0.05)
+        reply = await sent(router, "A")
+        request: RoutedRequest = reply.request  # type: ignore[attr-defined]
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(reply, 5)
+        assert request.state == CANCELLING and r1.kinds("A").count(_CANCEL) == 1
+        assert in_flight(router) == 1  # the replica has not said the work stopped
+        r1.stopped("A")
+        await spin()
+        assert request.state == ENDED and in_flight(router) == 0
+
+    run(main)
+
+
+def test_a_reply_in_time_disarms_the_timeout() -> None:
+    async def main() -> None:
+        router, r1 = timed_router(Cluster(), 0.05)
+        reply = await sent(router, "A")
+        request: RoutedRequest = reply.request  # type: ignore[attr-defined]
+        r1.answer("A", "a")
+        await spin()
+        assert reply.result() == "a"
+        await asyncio.sleep(0.1)  # past the timeout: nothing happens to an ended request
+        assert request.state == ENDED and r1.kinds("A").count(_CANCEL) == 0
+
+    run(main)
+
+
+def test_a_stream_that_started_in_time_is_not_cut_by_the_timeout() -> None:
+    async def main() -> None:
+        router, r1 = timed_router(Cluster(), 0.05)
+        reply = await sent(router, "A")
+        r1.chunk("A", "first")
+        await spin()
+        stream = reply.result()
+        assert isinstance(stream, ReplyStream)
+        await asyncio.sleep(0.1)
+        r1.end_stream("A")
+        await spin()
+        assert r1.kinds("A").count(_CANCEL) == 0 and in_flight(router) == 0
+
+    run(main)
+
+
+def test_a_per_call_timeout_overrides_the_backends() -> None:
+    async def main() -> None:
+        router, r1 = timed_router(Cluster(), 60)
+        reply = await router.send("ep", "call", None, ("A",), timeout_s=0.05)
+        with pytest.raises(RequestTimeoutError, match="timeout_s=0.05"):
+            await asyncio.wait_for(reply, 5)
+
+    run(main)

@@ -21,7 +21,11 @@ from servekit._private.process import WorkerSpec
 from servekit._private.router import Router
 from servekit._private.specs import ProxySpec
 from servekit._private.transport import ReplyStream, RpcServer, encode_call
-from servekit.exceptions import BackendOverloadedError, BackendUnavailableError
+from servekit.exceptions import (
+    BackendOverloadedError,
+    BackendUnavailableError,
+    RequestTimeoutError,
+)
 from servekit.request import (
     HTTPResponseWire,
     error_response,
@@ -293,6 +297,8 @@ def _failure(exc: Exception, path: str) -> HTTPResponseWire:
         response.headers.append((b"retry-after", _RETRY_AFTER_S))
         return response
     logger.warning("Request to %s failed: %r", path, exc)
+    if isinstance(exc, RequestTimeoutError):
+        return error_response(exc, status=504)
     status = 503 if isinstance(exc, BackendUnavailableError) else 500
     return error_response(exc, status=status)
 

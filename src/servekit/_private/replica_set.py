@@ -113,6 +113,7 @@ class ReplicaSet:
         self.requests = metrics.ROUTER_REQUESTS.labels(backend, process)
         self.cap = 8
         self.max_queued = -1
+        self.request_timeout_s: Optional[float] = None
         self.queued = 0  # requests waiting for a first placement (not those put back)
         self.slots: Dict[str, ReplicaSlot] = {}
         self._connect = connect
@@ -140,6 +141,7 @@ class ReplicaSet:
     def set_limits(self, limits: BackendLimits) -> None:
         self.cap = limits.cap
         self.max_queued = limits.max_queued
+        self.request_timeout_s = limits.request_timeout_s
         self._wake()
 
     @property

@@ -38,7 +38,7 @@ from servekit._private.transport import (
     decode_error,
     peer_lost,
 )
-from servekit.exceptions import ServeError
+from servekit.exceptions import RequestTimeoutError, ServeError
 
 if TYPE_CHECKING:
     from servekit._private.replica_set import ReplicaSet, ReplicaSlot
@@ -227,6 +227,28 @@ class RoutedRequest(Exchange):
             self.cancel()
             raise
 
+    def time_out_after(self, timeout_s: Optional[float]) -> None:
+        """Bound the wait for the reply (for a stream, its first chunk): ``timeout_s``, the
+        caller's, else the backend's ``request_timeout_s``; none if both are None. Past
+        it, the request is cancelled as if its caller had left, and the caller gets
+        ``RequestTimeoutError``."""
+        if timeout_s is not None:
+            bound = f"the handle's timeout_s={timeout_s}"
+        elif self.replica_set.request_timeout_s is not None:
+            timeout_s = self.replica_set.request_timeout_s
+            bound = f"its request_timeout_s={timeout_s}"
+        else:
+            return
+        timer = asyncio.get_running_loop().call_later(timeout_s, self._time_out, bound)
+        self.reply.add_done_callback(lambda _: timer.cancel())
+
+    def _time_out(self, bound: str) -> None:
+        if self.state in (ENDED, CANCELLING) or self.reply.done():
+            return  # (it ended, or its caller left, without settling the reply)
+        self._leave(RequestTimeoutError(
+            f"No reply from backend '{self.replica_set.backend}' within {bound} s: the "
+            f"request was cancelled. Raise the timeout if the backend needs longer."))
+
     def fail(self, error: BaseException) -> None:
         """It could not be placed: it ends with ``error``."""
         self._apply(FAILED)
@@ -319,15 +341,22 @@ class RoutedRequest(Exchange):
     def cancel(self) -> None:
         """The caller gave up: leave the queue, or tell the replica to stop the request
         (its place is held until the replica says the work stopped)."""
+        self._leave(None)
+
+    def _leave(self, error: Optional[BaseException]) -> None:
+        """Cancel the request; its caller sees ``error``, or a cancellation if None."""
         state = self.state
         if state == ENDED:
             return
         self._apply(CANCEL)
         if state in (SENT, STREAMING):
             if self.stream is not None:
-                self.stream.finish(None)
+                self.stream.finish(error)
             assert self.connection is not None
             self.connection.cancel(self.msg_id)
+        if error is not None:
+            self._end_with(error)
+            return
         if not self.reply.done():
             super(Reply, self.reply).cancel()
         written, self._written = self._written, None

@@ -318,7 +318,8 @@ class Router:
     async def send(self, endpoint: str, kind: str, shard_key: Optional[str],
                    args: tuple, missing_ok: bool = False,
                    trace: Optional[Dict[str, str]] = None,
-                   payload: Optional[bytes] = None) -> asyncio.Future:
+                   payload: Optional[bytes] = None,
+                   timeout_s: Optional[float] = None) -> asyncio.Future:
         """Assign the request to a replica and return the future of its reply.
 
         Returns once a replica was chosen and the request written to it; waits while the
@@ -326,7 +327,10 @@ class Router:
         Cancelling the future stops the request wherever it is. ``missing_ok``: the
         endpoint may not have been created yet (see ``_endpoint``). ``trace``: filled with
         the "backend" and "replica" the request went to. ``payload``: the request already
-        encoded (``encode_call(kind, args)``; ``args`` is then not read).
+        encoded (``encode_call(kind, args)``; ``args`` is then not read). ``timeout_s``:
+        the caller's bound on the wait for the reply, instead of the backend's
+        ``request_timeout_s`` (past it the request is cancelled and the future fails with
+        ``RequestTimeoutError``).
 
         Raises:
             TypeError: the arguments cannot be pickled (nothing was sent).
@@ -336,19 +340,21 @@ class Router:
         """
         if payload is None:
             payload = encode_call(kind, args)
-        request = self.place(endpoint, kind, shard_key, payload, trace)
+        request = self.place(endpoint, kind, shard_key, payload, trace, timeout_s)
         if request is None:
             await self._endpoint(endpoint, missing_ok)
-            request = self.place(endpoint, kind, shard_key, payload, trace)
+            request = self.place(endpoint, kind, shard_key, payload, trace, timeout_s)
             assert request is not None  # known now, and nothing ran in between
         await request.written()
         return request.reply
 
     def place(self, endpoint: str, kind: str, shard_key: Optional[str], payload: bytes,
-              trace: Optional[Dict[str, str]] = None) -> Optional[RoutedRequest]:
+              trace: Optional[Dict[str, str]] = None,
+              timeout_s: Optional[float] = None) -> Optional[RoutedRequest]:
         """Route an encoded request to an endpoint this router knows, without waiting: it is
         written to a replica now, or waits in its backend's queue (``written()`` says
         when). None if the endpoint is not known here (``send`` waits for it).
+        ``timeout_s``: as in ``send``.
 
         Raises:
             BackendOverloadedError: the backend's queue here is full (nothing was sent).
@@ -363,6 +369,7 @@ class Router:
             trace["backend"] = replica_set.backend
         request = RoutedRequest(replica_set, payload, trace)
         replica_set.submit(request)
+        request.time_out_after(timeout_s)
         return request
 
     def _send_shadows(self, info: EndpointInfo, kind: str, payload: bytes) -> None:
@@ -374,6 +381,7 @@ class Router:
             if not replica_set.try_submit(request):
                 self.shadow_stats.add(info.name, backend, "dropped")
                 continue
+            request.time_out_after(None)
             request.reply.add_done_callback(
                 functools.partial(self._shadow_replied, info.name, kind, request))
 

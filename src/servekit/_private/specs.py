@@ -32,11 +32,12 @@ class EndpointInfo:
 
 @dataclasses.dataclass(frozen=True)
 class BackendLimits:
-    """What routers enforce for a backend: requests in flight per replica, and requests
-    held while every replica is full (-1: no bound)."""
+    """What routers enforce for a backend: requests in flight per replica, requests held
+    while every replica is full (-1: no bound), and seconds to a reply (None: no bound)."""
 
     cap: int
     max_queued: int
+    request_timeout_s: Optional[float] = None
 
 
 @dataclasses.dataclass

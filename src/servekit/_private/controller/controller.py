@@ -818,7 +818,7 @@ class Controller:
             if backend.metadata is not None and not backend.deleting:
                 view[tag] = BackendLimits(
                     backend.config.effective_max_concurrent_queries(backend.metadata.is_async),
-                    backend.config.max_queued_requests)
+                    backend.config.max_queued_requests, backend.config.request_timeout_s)
         return await self.long_poll.publish(constants.KEY_BACKENDS, view)
 
     async def _publish_replicas(self) -> int:
