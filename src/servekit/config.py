@@ -75,6 +75,14 @@ class HTTPOptions(BaseModel):
         limit_concurrency: Connections plus requests in progress a proxy holds at once,
             default 4096 (uvicorn's ``limit_concurrency``); beyond it 503.
         keep_alive_timeout_s: Seconds an idle keep-alive connection stays open, default 5.
+        client_timeout_s: Seconds a client may take to send a request head (from its
+            connection, or from the request's first byte), and may leave a request body
+            without sending a byte, default 10. Past it the client gets 408 and the
+            connection is closed, so slow clients (slowloris) hold a connection only that
+            long.
+        max_held_body_bytes: Bytes of request bodies a proxy holds at once, across all
+            requests, default 512 MiB (at least ``max_body_bytes``). A request whose body
+            would pass it gets 503 with ``Retry-After`` and its connection is closed.
         request_timeout_s: Seconds a request may take from its arrival to its response,
             default ``None`` (no limit). Past it the client gets 504 (408 if its body had
             not arrived yet) and the request is cancelled: taken out of the queue if it
@@ -126,6 +134,14 @@ class HTTPOptions(BaseModel):
         default=5.0, gt=0, strict=True, allow_inf_nan=False,
         description="Seconds an idle keep-alive connection stays open.",
     )
+    client_timeout_s: float = Field(
+        default=10.0, gt=0, strict=True, allow_inf_nan=False,
+        description="Seconds a client may take to send a request head, or stall a body.",
+    )
+    max_held_body_bytes: int = Field(
+        default=512 * 1024 * 1024, ge=1, strict=True,
+        description="Bytes of request bodies a proxy holds at once; beyond them 503.",
+    )
     request_timeout_s: float | None = Field(
         default=None, gt=0, strict=True, allow_inf_nan=False,
         description="Seconds from a request's arrival to its response; None: no limit.",
@@ -142,6 +158,15 @@ class HTTPOptions(BaseModel):
                     "starlette.middleware.Middleware. Wrap it: Middleware(MyMiddleware, ...)."
                 )
         return value
+
+    @model_validator(mode="after")
+    def _held_bodies_fit_one(self) -> HTTPOptions:
+        if self.max_held_body_bytes < self.max_body_bytes:
+            raise ValueError(
+                f"max_held_body_bytes={self.max_held_body_bytes} is below max_body_bytes="
+                f"{self.max_body_bytes}: a body the proxy accepts must fit in what it holds. "
+                "Raise max_held_body_bytes or lower max_body_bytes.")
+        return self
 
     @model_validator(mode="after")
     def _no_server_without_host(self) -> HTTPOptions:

@@ -76,9 +76,12 @@ class ServeResponse:
         if running is self._loop:
             raise RuntimeError("ServeResponse.result() would block the event loop that "
                                "delivers the reply; use `await response` here instead.")
+        reply = self._concurrent()
         try:
-            return self._concurrent().result(timeout)
+            return reply.result(timeout)
         except concurrent.futures.TimeoutError:
+            if reply.done():
+                raise  # the request's own error (a RequestTimeoutError, or the backend's)
             raise TimeoutError(f"No reply within {timeout}s.") from None
 
     def __await__(self) -> Generator[Any, None, Any]:

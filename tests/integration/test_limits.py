@@ -7,11 +7,12 @@ from __future__ import annotations
 import os
 import socket
 import threading
-from typing import Any, Iterator, List
+import time
+from typing import Any, Iterator, List, Optional
 
 import httpx
 import pytest
-from robustness_backends import async_wait_for_file
+from robustness_backends import async_wait_for_file, touch, wait_for_file
 
 import servekit as serve
 from conftest import free_port, wait_for
@@ -250,3 +251,162 @@ def test_malformed_http_gets_400_and_the_connection_closes(limited: tuple) -> No
     assert reply.startswith(b"HTTP/1.1 400"), reply[:100]
     # The proxy still serves everyone else.
     assert httpx.get(f"{url}/counted", timeout=TIMEOUT).text == "ran"
+
+
+# --------------------------------------------------------------------------- hostile clients
+
+CLIENT_TIMEOUT_S = 1.0
+HELD_BODY_BYTES = 200_000
+
+
+class BodyGate:
+    """Answers the size of the body it got, once the file ``release`` exists."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    async def __call__(self, request: Any) -> int:
+        body = await request.body()
+        touch(os.path.join(self.directory, "started"))
+        assert await async_wait_for_file(os.path.join(self.directory, "release"))
+        return len(body)
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
+    """An instance whose proxy bounds slow clients (1 s) and held bodies (200 kB)."""
+    directory = str(tmp_path_factory.mktemp("gate"))
+    port = free_port()
+    client = serve.start(http_options={
+        "port": port, "client_timeout_s": CLIENT_TIMEOUT_S, "max_header_bytes": 4096,
+        "max_body_bytes": 150_000, "max_held_body_bytes": HELD_BODY_BYTES})
+    client.create_backend("counted", Counted)
+    client.create_endpoint("counted", backend="counted", route="/counted",
+                           methods=["GET", "POST"])
+    client.create_backend("gate", BodyGate, directory)
+    client.create_endpoint("gate", backend="gate", route="/gate", methods=["POST"])
+    yield client, f"http://127.0.0.1:{port}", port, directory
+    client.shutdown()
+
+
+def closed_by_server(sock: socket.socket) -> Optional[bytes]:
+    """What the server sent before closing ``sock`` (non-blocking), or None while open."""
+    received = b""
+    while True:
+        try:
+            data = sock.recv(65536)
+        except BlockingIOError:
+            return None
+        except ConnectionResetError:
+            return received
+        if not data:
+            return received
+        received += data
+
+
+def test_trickling_clients_are_closed_in_time_while_others_are_served(
+        guarded: tuple) -> None:
+    """500 connections send a request head a byte at a time (slowloris): each is closed
+    with 408 once it has owed its head for client_timeout_s, and normal requests are
+    answered all along."""
+    client, url, port, _ = guarded
+    calls = reached(client)
+    slow: List[socket.socket] = []
+    try:
+        for _ in range(500):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+            sock.sendall(b"GET /counted HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            sock.setblocking(False)
+            slow.append(sock)
+        opened = time.monotonic()
+        replies: List[bytes] = []
+        open_ones = list(slow)
+        with httpx.Client(timeout=TIMEOUT) as session:
+            while open_ones:
+                assert time.monotonic() - opened < CLIENT_TIMEOUT_S + 10, \
+                    f"{len(open_ones)} slow connections still open"
+                still_open = []
+                for sock in open_ones:
+                    reply = closed_by_server(sock)
+                    if reply is not None:
+                        replies.append(reply)
+                        continue
+                    try:
+                        sock.send(b"a")  # the next byte of a header that never ends
+                    except OSError:
+                        pass  # closed meanwhile: read on the next round
+                    still_open.append(sock)
+                open_ones = still_open
+                assert session.get(f"{url}/counted").text == "ran"  # others are served
+        assert all(reply.startswith(b"HTTP/1.1 408") for reply in replies if reply)
+        assert sum(1 for reply in replies if reply) > 0
+    finally:
+        for sock in slow:
+            sock.close()
+    assert reached(client) > calls  # the normal requests; no slow one reached a replica
+
+
+def test_a_connection_that_sends_nothing_is_closed_after_the_client_timeout(
+        guarded: tuple) -> None:
+    _, _, port, _ = guarded
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+        opened = time.monotonic()
+        reply = sock.recv(65536)
+        assert reply.startswith(b"HTTP/1.1 408"), reply[:100]
+        assert b"client_timeout_s" in reply
+        assert CLIENT_TIMEOUT_S - 0.1 <= time.monotonic() - opened < CLIENT_TIMEOUT_S + 5
+
+
+def test_a_stalled_body_gets_408_and_never_reaches_a_replica(guarded: tuple) -> None:
+    client, _, port, _ = guarded
+    calls = reached(client)
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+        sock.sendall(b"POST /counted HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" +
+                     b"b" * 10)  # then nothing more
+        reply = sock.recv(65536)
+        assert reply.startswith(b"HTTP/1.1 408"), reply[:100]
+        assert b"request body" in reply
+    assert reached(client) == calls
+
+
+def test_a_header_sent_forever_is_cut_off_near_the_head_limit(guarded: tuple) -> None:
+    """The head limit counts raw bytes: a single header value of 20 MB is refused once it
+    passes max_header_bytes, without the proxy buffering it."""
+    client, _, port, _ = guarded
+    before = proxy_rss_kib(client)
+    sent = 0
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+        sock.sendall(b"GET /counted HTTP/1.1\r\nHost: x\r\nX-Huge: ")
+        try:
+            while sent < 20 * 1024 * 1024:
+                sent += sock.send(b"a" * 65536)
+        except OSError:
+            pass  # the proxy closed the connection: what it sent can still be read
+        reply = b""
+        try:
+            while chunk := sock.recv(65536):
+                reply += chunk
+        except ConnectionResetError:
+            pass
+    assert sent < 20 * 1024 * 1024, "the proxy read the whole 20 MB header"
+    assert reply == b"" or reply.startswith(b"HTTP/1.1 431"), reply[:100]
+    assert proxy_rss_kib(client) < before + 8 * 1024
+
+
+def test_bodies_held_at_once_are_capped_across_requests(guarded: tuple) -> None:
+    client, url, _, directory = guarded
+    results: List[httpx.Response] = []
+    with httpx.Client(timeout=TIMEOUT) as first, httpx.Client(timeout=TIMEOUT) as second:
+        holding = threading.Thread(target=lambda: results.append(
+            first.post(f"{url}/gate", content=b"g" * 150_000)))
+        holding.start()
+        # The proxy holds a body until its response: held while the gate runs.
+        assert wait_for_file(os.path.join(directory, "started"), TIMEOUT)
+        refused = second.post(f"{url}/counted", content=b"c" * 100_000)
+        assert refused.status_code == 503, refused.text
+        assert "max_held_body_bytes" in refused.text and refused.headers["retry-after"]
+        touch(os.path.join(directory, "release"))
+        holding.join(TIMEOUT)
+        assert [r.status_code for r in results] == [200] and results[0].text == "150000"
+    # Given back: the same request now fits.
+    assert httpx.post(f"{url}/counted", content=b"c" * 100_000, timeout=TIMEOUT).text == "ran"

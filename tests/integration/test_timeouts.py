@@ -11,7 +11,6 @@ from typing import Any
 import httpx
 import pytest
 
-import servekit as serve
 from servekit.exceptions import RequestTimeoutError, ServeError
 
 pytestmark = pytest.mark.integration
@@ -73,9 +72,10 @@ def test_a_handle_sets_its_own_timeout_per_call(serve_instance: tuple) -> None:
 
     async def from_async_code() -> None:
         async_handle = client.get_handle("slow", sync=False)
+        response = await async_handle.options(timeout_s=0.3).remote(hang="1")
         with pytest.raises(TimeoutError):
-            await async_handle.options(timeout_s=0.3).remote(hang="1")
-        assert await async_handle.remote() == "answered"  # its option is per handle
+            await response
+        assert await (await async_handle.remote()) == "answered"  # the option is per handle
 
     asyncio.run(from_async_code())
     with pytest.raises(ValueError, match="timeout_s"):
@@ -102,3 +102,18 @@ def test_a_timeout_that_is_not_a_positive_number_is_refused(serve_instance: tupl
     client, _ = serve_instance
     with pytest.raises(ValueError, match="request_timeout_s"):
         client.create_backend("bad", hangs_async, config={"request_timeout_s": -1})
+
+
+def raises_timeout_error(request: Any) -> None:
+    raise TimeoutError("the model's own deadline passed")
+
+
+def test_a_timeout_error_the_backend_raises_reaches_the_caller_as_it_is(
+        serve_instance: tuple) -> None:
+    """Old behaviour caught: result(timeout) read any TimeoutError as its own wait running
+    out, and replaced the backend's error with "No reply within 30.0s"."""
+    client, _ = serve_instance
+    client.create_backend("own-deadline", raises_timeout_error)
+    client.create_endpoint("own-deadline", backend="own-deadline")
+    with pytest.raises(TimeoutError, match="the model's own deadline passed"):
+        client.get_handle("own-deadline").remote().result(timeout=TIMEOUT)

@@ -55,6 +55,29 @@ def test_http_options_default_middlewares_are_not_shared() -> None:
     assert HTTPOptions().middlewares == []
 
 
+def test_http_options_bound_slow_clients_and_held_bodies_by_default() -> None:
+    options = HTTPOptions()
+    assert options.client_timeout_s == 10.0
+    assert options.max_held_body_bytes == 512 * 1024 * 1024
+    with pytest.raises(ValidationError, match="client_timeout_s"):
+        HTTPOptions(client_timeout_s=0)
+
+
+def test_http_options_refuse_a_held_body_budget_below_one_body() -> None:
+    with pytest.raises(ValidationError, match="max_held_body_bytes=1000 is below "
+                                              "max_body_bytes=2000"):
+        HTTPOptions(max_body_bytes=2000, max_held_body_bytes=1000)
+    assert HTTPOptions(max_body_bytes=2000, max_held_body_bytes=2000).max_held_body_bytes == 2000
+
+
+def test_backend_request_timeout_is_a_positive_number_or_none() -> None:
+    assert BackendConfig().request_timeout_s is None
+    assert BackendConfig(request_timeout_s=2.5).request_timeout_s == 2.5
+    for bad in (0, -1, math.inf, True, "5"):
+        with pytest.raises(ValidationError, match="request_timeout_s"):
+            BackendConfig(request_timeout_s=bad)
+
+
 @pytest.mark.parametrize("port", [0, 1, 8000, 65535])
 def test_http_options_accepts_ports_in_range(port: int) -> None:
     assert HTTPOptions(port=port).port == port

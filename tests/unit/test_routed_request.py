@@ -27,8 +27,8 @@ from servekit._private.routed_request import (
     RoutedRequest,
 )
 from servekit._private.router import Router
-from servekit._private.transport import _CANCEL, _CREDIT, ConnectionClosed, ReplyStream
 from servekit._private.specs import BackendLimits
+from servekit._private.transport import _CANCEL, _CREDIT, ConnectionClosed, ReplyStream
 from servekit.exceptions import BackendUnavailableError, RequestTimeoutError
 
 STATES = sorted({state for state, _ in TRANSITIONS} | set(TRANSITIONS.values()))

@@ -9,14 +9,14 @@ import http
 import logging
 import socket
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from servekit._private import constants, metrics
 from servekit._private.context import new_request_id
+from servekit._private.http_protocol import ON_DISCONNECT, BodyBudget, ProxyHttpProtocol
 from servekit._private.process import WorkerSpec
 from servekit._private.router import Router
 from servekit._private.specs import ProxySpec
@@ -545,112 +545,6 @@ async def _read_body(receive: Any, limit: int) -> bytes:
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-# Largest request body the fast lane serves (uvicorn stops reading past it until an ASGI
-# app asks for more).
-_FAST_BODY_BYTES = 65536
-# A scope key: callbacks the protocol calls if the client leaves before its response ends.
-ON_DISCONNECT = "servekit.on_disconnect"
-
-
-class ProxyHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with bounded request heads and a disconnect hook.
-
-    Past ``max_header_bytes`` (request line and headers) or ``max_header_count`` headers the
-    parser stops, the client gets 431 and the connection is closed. A client that goes away
-    before its response is complete has the callbacks in its scope's ``ON_DISCONNECT`` list
-    called (no task per request waits for the disconnect).
-    """
-
-    def __init__(self, *args: Any, max_header_bytes: int, max_header_count: int,
-                 fast_lane: Optional[HTTPProxy] = None, **kwargs: Any) -> None:
-        """``fast_lane``: the proxy, when no user middleware wraps it: requests it can take
-        are served by ``HTTPProxy.serve_now`` instead of an ASGI task."""
-        super().__init__(*args, **kwargs)
-        self._max_header_bytes = max_header_bytes
-        self._max_header_count = max_header_count
-        self._head_bytes = 0
-        self._too_large = False
-        self._fast_lane = fast_lane
-        self._waiting_for_body: Optional[Any] = None  # a fast-lane cycle, body incomplete
-
-    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
-        proxy = self._fast_lane
-        if proxy is not None and app is self.app and self._fast_lane_takes(cycle, proxy):
-            if cycle.more_body:
-                self._waiting_for_body = cycle  # served once its body is complete
-                return
-            if proxy.serve_now(self, cycle):
-                return
-        super()._start_asgi_task(cycle, app)
-
-    def _fast_lane_takes(self, cycle: Any, proxy: HTTPProxy) -> bool:
-        """Whether the fast lane may serve this request: its body is small and announced
-        (the lane reads no body from a client that stalls while a timeout is set, and
-        grants no 100-continue), or absent."""
-        if cycle.waiting_for_100_continue:
-            return False
-        for name, value in cycle.scope["headers"]:
-            if name == b"content-length":
-                if not value.isdigit() or int(value) > min(_FAST_BODY_BYTES,
-                                                           proxy.max_body_bytes):
-                    return False
-                if int(value) and cycle.more_body and proxy.request_timeout_s is not None:
-                    return False
-            elif name == b"transfer-encoding":
-                return False
-        return True
-
-    def on_message_complete(self) -> None:
-        super().on_message_complete()
-        cycle, self._waiting_for_body = self._waiting_for_body, None
-        if cycle is not None and cycle is self.cycle and not cycle.response_complete:
-            assert self._fast_lane is not None
-            if not self._fast_lane.serve_now(self, cycle):
-                super()._start_asgi_task(cycle, self.app)
-
-    def on_message_begin(self) -> None:
-        self._head_bytes = 0
-        super().on_message_begin()
-        self.scope[ON_DISCONNECT] = []  # type: ignore[literal-required]
-
-    def connection_lost(self, exc: Optional[Exception]) -> None:
-        cycle = self.cycle
-        super().connection_lost(exc)
-        if cycle is not None and not cycle.response_complete:
-            callbacks: List[Callable[[], None]] = cycle.scope.get(  # type: ignore[assignment]
-                ON_DISCONNECT, [])
-            for callback in callbacks:
-                callback()
-
-    def _count(self, size: int) -> None:
-        self._head_bytes += size
-        if self._head_bytes > self._max_header_bytes or \
-                len(self.headers) >= self._max_header_count:
-            self._too_large = True
-            raise ValueError("request head too large")  # stops the parser
-
-    def on_url(self, url: bytes) -> None:
-        self._count(len(url))
-        super().on_url(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._count(len(name) + len(value))
-        super().on_header(name, value)
-
-    def send_400_response(self, msg: str) -> None:
-        if not self._too_large:
-            super().send_400_response(msg)
-            return
-        body = (f"The request head is larger than this server accepts (at most "
-                f"{self._max_header_count} headers and {self._max_header_bytes} bytes; "
-                "HTTPOptions.max_header_count / max_header_bytes).").encode()
-        self.transport.write(b"".join([
-            b"HTTP/1.1 431 Request Header Fields Too Large\r\n",
-            b"content-type: text/plain; charset=utf-8\r\n",
-            b"content-length: ", str(len(body)).encode(), b"\r\n",
-            b"connection: close\r\n\r\n", body]))
-        self.transport.close()
-
 
 def build_app(proxy: HTTPProxy, middlewares: list) -> Any:
     """Wrap the proxy in the user's starlette middlewares, the first one outermost."""
@@ -679,6 +573,8 @@ async def run_proxy(worker: WorkerSpec, sock: socket.socket, stop: asyncio.Event
     protocol = functools.partial(ProxyHttpProtocol,
                                  max_header_bytes=options.max_header_bytes,
                                  max_header_count=options.max_header_count,
+                                 client_timeout_s=options.client_timeout_s,
+                                 body_budget=BodyBudget(options.max_held_body_bytes),
                                  fast_lane=None if options.middlewares else proxy)
     config = uvicorn.Config(build_app(proxy, options.middlewares), loop="none",
                             http=protocol,  # type: ignore[arg-type]

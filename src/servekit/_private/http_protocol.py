@@ -1,0 +1,256 @@
+"""The proxy's HTTP connections: uvicorn's httptools protocol, bounded against hostile clients.
+
+What a connection may cost the proxy is bounded before any request reaches the app:
+
+- its request head, in raw bytes as they arrive (``max_header_bytes``; a header value sent
+  forever is cut off after about one read past the limit), and in header fields;
+- its time: a request head must arrive within ``client_timeout_s`` of the connection (or of
+  the request's first byte), and a request body may not stall longer than that between two
+  reads (a slowloris client holds a connection for that long at most);
+- the bytes of request bodies held at once across all connections (``BodyBudget``).
+
+A client that goes away before its response is complete has the callbacks in its scope's
+``ON_DISCONNECT`` list called (no task per request waits for the disconnect).
+"""
+
+from __future__ import annotations
+
+import collections
+import http
+from typing import TYPE_CHECKING, Any, Callable, Deque, List, Optional
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+if TYPE_CHECKING:
+    from servekit._private.proxy import HTTPProxy
+
+# Largest request body the fast lane serves (uvicorn stops reading past it until an ASGI
+# app asks for more).
+_FAST_BODY_BYTES = 65536
+# A scope key: callbacks the protocol calls if the client leaves before its response ends.
+ON_DISCONNECT = "servekit.on_disconnect"
+
+# What a connection owes the proxy, for its clock.
+_IDLE = "idle"  # nothing: between requests (the keep-alive timeout applies), or answering
+_HEAD = "head"  # a request head: the connection is new, or a request has begun
+_BODY = "body"  # the rest of a request body
+
+
+class BodyBudget:
+    """The bytes of request bodies one proxy holds at once, across all its connections."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def take(self, size: int) -> bool:
+        """Hold ``size`` more bytes; False (nothing held) if that would pass the limit."""
+        if self.held + size > self.limit:
+            return False
+        self.held += size
+        return True
+
+    def give_back(self, size: int) -> None:
+        self.held -= size
+
+
+class ProxyHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the bounds of the module docstring.
+
+    Past ``max_header_bytes`` or ``max_header_count`` the client gets 431; past
+    ``client_timeout_s`` 408; past the body budget 503. Each closes the connection.
+    """
+
+    def __init__(self, *args: Any, max_header_bytes: int, max_header_count: int,
+                 client_timeout_s: float, body_budget: BodyBudget,
+                 fast_lane: Optional["HTTPProxy"] = None, **kwargs: Any) -> None:
+        """``fast_lane``: the proxy, when no user middleware wraps it: requests it can take
+        are served by ``HTTPProxy.serve_now`` instead of an ASGI task."""
+        super().__init__(*args, **kwargs)
+        self._max_header_bytes = max_header_bytes
+        self._max_header_count = max_header_count
+        self._client_timeout_s = client_timeout_s
+        self._budget = body_budget
+        self._head_bytes = 0  # the request line and header fields parsed so far
+        self._raw_head = 0  # bytes read while a request head was under way
+        self._head_begun = False
+        self._too_large = False
+        self._owed = _HEAD
+        self._since = 0.0  # when what is owed became owed, or the body last moved
+        self._clock: Optional[Any] = None
+        self._held: Deque[int] = collections.deque()  # body bytes per request, oldest first
+        self._fast_lane = fast_lane
+        self._waiting_for_body: Optional[Any] = None  # a fast-lane cycle, body incomplete
+
+    # ------------------------------------------------------------- the connection
+
+    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._since = self.loop.time()
+        self._clock = self.loop.call_later(self._client_timeout_s, self._check_client)
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        if self._clock is not None:
+            self._clock.cancel()
+            self._clock = None
+        while self._held:
+            self._budget.give_back(self._held.popleft())
+        cycle = self.cycle
+        super().connection_lost(exc)
+        if cycle is not None and not cycle.response_complete:
+            callbacks: List[Callable[[], None]] = cycle.scope.get(  # type: ignore[assignment]
+                ON_DISCONNECT, [])
+            for callback in callbacks:
+                callback()
+
+    def data_received(self, data: bytes) -> None:
+        head_under_way = self._head_begun
+        super().data_received(data)
+        if head_under_way and self._head_begun and not self.transport.is_closing():
+            # The whole read belongs to a head that is still incomplete (httptools keeps a
+            # partial header field to itself, so the field callbacks cannot count it).
+            self._raw_head += len(data)
+            if self._raw_head > self._max_header_bytes:
+                self._refuse_head()
+
+    # ------------------------------------------------------------- the client's clock
+
+    def _check_client(self) -> None:
+        """Close the connection if the client owes a head, or a body that stalled, for
+        ``client_timeout_s``; else look again when it could next be late."""
+        self._clock = None
+        if self.transport.is_closing():
+            return
+        now, timeout = self.loop.time(), self._client_timeout_s
+        if self._owed == _BODY and self.flow.read_paused:
+            self._since = now  # the proxy stopped reading: the client is not late
+        waited = now - self._since
+        if self._owed != _IDLE and waited >= timeout:
+            self._client_too_slow()
+            return
+        delay = timeout - waited if self._owed != _IDLE else timeout
+        self._clock = self.loop.call_later(delay, self._check_client)
+
+    def _client_too_slow(self) -> None:
+        what = "request head" if self._owed == _HEAD else "request body"
+        cycle = self.cycle
+        if self._owed == _HEAD or (cycle is not None and not cycle.response_started):
+            self._refuse(http.HTTPStatus.REQUEST_TIMEOUT,
+                         f"The {what} did not arrive within {self._client_timeout_s} s "
+                         "(HTTPOptions.client_timeout_s).")
+        else:
+            self.transport.close()
+
+    # ------------------------------------------------------------- parser callbacks
+
+    def on_message_begin(self) -> None:
+        self._head_bytes = self._raw_head = 0
+        self._head_begun = True
+        self._held.append(0)
+        if self._owed == _IDLE:
+            self._owed, self._since = _HEAD, self.loop.time()
+        super().on_message_begin()
+        self.scope[ON_DISCONNECT] = []  # type: ignore[literal-required]
+
+    def _count(self, size: int) -> None:
+        self._head_bytes += size
+        if self._head_bytes > self._max_header_bytes or \
+                len(self.headers) >= self._max_header_count:
+            self._too_large = True
+            raise ValueError("request head too large")  # stops the parser
+
+    def on_url(self, url: bytes) -> None:
+        self._count(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value))
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._head_begun = False
+        self._owed, self._since = _BODY, self.loop.time()
+        super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if self.transport.is_closing():
+            return  # refused: the rest of the read is dropped
+        self._since = self.loop.time()
+        if self._held and not self.cycle.response_complete:
+            if not self._budget.take(len(body)):
+                self._refuse(http.HTTPStatus.SERVICE_UNAVAILABLE,
+                             f"The proxy already holds {self._budget.held} bytes of request "
+                             f"bodies, its limit (HTTPOptions.max_held_body_bytes="
+                             f"{self._budget.limit}). Retry later.", b"retry-after: 1\r\n")
+                return
+            self._held[-1] += len(body)
+        super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        self._owed = _IDLE
+        super().on_message_complete()
+        cycle, self._waiting_for_body = self._waiting_for_body, None
+        if cycle is not None and cycle is self.cycle and not cycle.response_complete:
+            assert self._fast_lane is not None
+            if not self._fast_lane.serve_now(self, cycle):
+                super()._start_asgi_task(cycle, self.app)
+
+    def on_response_complete(self) -> None:
+        if self._held:
+            self._budget.give_back(self._held.popleft())
+        super().on_response_complete()
+
+    # ------------------------------------------------------------- the fast lane
+
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        proxy = self._fast_lane
+        if proxy is not None and app is self.app and self._fast_lane_takes(cycle, proxy):
+            if cycle.more_body:
+                self._waiting_for_body = cycle  # served once its body is complete
+                return
+            if proxy.serve_now(self, cycle):
+                return
+        super()._start_asgi_task(cycle, app)
+
+    def _fast_lane_takes(self, cycle: Any, proxy: "HTTPProxy") -> bool:
+        """Whether the fast lane may serve this request: its body is small and announced
+        (the lane reads no body from a client that stalls while a timeout is set, and
+        grants no 100-continue), or absent."""
+        if cycle.waiting_for_100_continue:
+            return False
+        for name, value in cycle.scope["headers"]:
+            if name == b"content-length":
+                if not value.isdigit() or int(value) > min(_FAST_BODY_BYTES,
+                                                           proxy.max_body_bytes):
+                    return False
+                if int(value) and cycle.more_body and proxy.request_timeout_s is not None:
+                    return False
+            elif name == b"transfer-encoding":
+                return False
+        return True
+
+    # ------------------------------------------------------------- refusals
+
+    def send_400_response(self, msg: str) -> None:
+        if not self._too_large:
+            super().send_400_response(msg)
+            return
+        self._refuse_head()
+
+    def _refuse_head(self) -> None:
+        self._refuse(http.HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                     f"The request head is larger than this server accepts (at most "
+                     f"{self._max_header_count} headers and {self._max_header_bytes} bytes; "
+                     "HTTPOptions.max_header_count / max_header_bytes).")
+
+    def _refuse(self, status: http.HTTPStatus, text: str, headers: bytes = b"") -> None:
+        """Answer ``status`` with ``text`` and close the connection."""
+        if self.transport.is_closing():
+            return
+        body = text.encode()
+        self.transport.write(b"".join([
+            f"HTTP/1.1 {status.value} {status.phrase}\r\n".encode(),
+            b"content-type: text/plain; charset=utf-8\r\n", headers,
+            b"content-length: ", str(len(body)).encode(), b"\r\n",
+            b"connection: close\r\n\r\n", body]))
+        self.transport.close()
