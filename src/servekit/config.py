@@ -457,13 +457,23 @@ def _class_attribute(cls: type, name: str) -> Any:
     Looks only at the class's MRO, never its metaclass: every class has a ``__call__``
     through ``type``, which must not count as the class defining one.
     """
+    return _defined(cls, name)[1]
+
+
+def _defined(cls: type, name: str) -> tuple[type | None, Any]:
+    """(the class of ``cls``'s MRO that defines ``name``, its value as ``_class_attribute``
+    gives it); (None, ``_MISSING``) if none does."""
     for klass in cls.__mro__:
         if name in vars(klass):
             value = vars(klass)[name]
             if isinstance(value, (staticmethod, classmethod)):
                 value = value.__func__
-            return value
-    return _MISSING
+            return klass, value
+    return None, _MISSING
+
+
+def _package(cls: type) -> str:
+    return cls.__module__.split(".")[0]
 
 
 def _is_marked_for_batches(func: object) -> bool:
@@ -484,7 +494,9 @@ class BackendMetadata:
         has_reconfigure: The class has a ``reconfigure`` method.
         methods: Sorted names of the methods requests may call: the class's public methods
             other than ``reconfigure`` and ``check_health``, plus ``__call__`` if it has one;
-            empty for a function.
+            empty for a function. Methods a class inherits from another package (a library
+            base class such as ``torch.nn.Module``) count only if listed in the class's
+            ``serve_methods`` attribute.
         name: The function's or class's name, for error messages.
     """
 
@@ -523,12 +535,17 @@ class BackendMetadata:
 
     @classmethod
     def _inspect_class(cls, klass: type) -> BackendMetadata:
+        listed = _listed_methods(klass)
         routines: dict[str, Any] = {}
         for attr in dir(klass):
             if attr.startswith("_") and attr != "__call__":
                 continue
-            value = _class_attribute(klass, attr)
-            if value is not _MISSING and inspect.isroutine(value):
+            owner, value = _defined(klass, attr)
+            if owner is None or not inspect.isroutine(value):
+                continue
+            # Only the user's own methods: those of classes from the backend class's
+            # package, not those it inherits from a library (torch.nn.Module.train).
+            if _package(owner) == _package(klass) or attr in listed:
                 routines[attr] = value
         call = routines.get("__call__")
         return cls(
@@ -540,6 +557,25 @@ class BackendMetadata:
             methods=tuple(sorted(n for n in routines if n not in LIFECYCLE_METHODS)),
             name=klass.__name__,
         )
+
+
+def _listed_methods(klass: type) -> frozenset[str]:
+    """The inherited methods a class exposes on purpose: its ``serve_methods`` attribute.
+
+    Raises:
+        TypeError: ``serve_methods`` is not a list of names of public methods of the class.
+    """
+    listed = getattr(klass, "serve_methods", ())
+    if isinstance(listed, str) or not isinstance(listed, (list, tuple, set, frozenset)):
+        raise TypeError(f"{klass.__name__}.serve_methods must be a list of method names, "
+                        f"got {listed!r}.")
+    for name in listed:
+        if not isinstance(name, str) or name.startswith("_") or \
+                not inspect.isroutine(_class_attribute(klass, name)):
+            raise TypeError(f"{klass.__name__}.serve_methods lists {name!r}, which is not a "
+                            f"public method of the class. List only methods requests may "
+                            f"call, by name.")
+    return frozenset(listed)
 
 
 def validate_backend_against_config(metadata: BackendMetadata, config: BackendConfig) -> None:

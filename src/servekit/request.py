@@ -408,6 +408,15 @@ async def to_http_response(value: Any) -> HTTPResponseWire:
     return _plain(200, _JSON_TYPE, json_dumps(value))
 
 
+def loggable(text: str) -> str:
+    """``text`` (a request path) safe to write in a log line: control characters such as a
+    newline a client sent percent-encoded (``%0A``) are written as escapes, so a request
+    cannot forge a log line."""
+    if text.isprintable():
+        return text
+    return text.encode("unicode_escape").decode("ascii")
+
+
 def error_response(exc: BaseException, status: int = 500) -> HTTPResponseWire:
     """Return ``"<ExcTypeName>: <message>"`` as a plain-text response with ``status``."""
     message = str(exc)

@@ -406,6 +406,24 @@ def test_call_method_header_selects_method(http):
         "hello from whisper"
 
 
+class EncoderModel(json.JSONEncoder):
+    """Built on a library class, as a model built on torch.nn.Module."""
+
+    def __call__(self, request: Request) -> str:
+        return "model"
+
+
+def test_methods_inherited_from_a_library_class_cannot_be_called_over_http(http):
+    client, session = http
+    client.create_backend("encoder", EncoderModel)
+    client.create_endpoint("encoder", backend="encoder", route="/encoder")
+    for inherited in ("encode", "iterencode", "default"):
+        response = session.get("/encoder", headers={"X-SERVE-CALL-METHOD": inherited})
+        assert response.status_code == 404, inherited
+        assert "Methods it serves: ['__call__']" in response.text
+    assert session.get("/encoder").text == "model"
+
+
 def test_call_method_header_unknown_method_is_404_listing_methods(http):
     client, session = http
     client.create_backend("greeter", Greeter, "Hello")

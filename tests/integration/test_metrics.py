@@ -144,3 +144,28 @@ def test_a_metric_redefined_with_other_tag_keys_is_a_value_error() -> None:
         metrics.Counter("test_redefined", tag_keys=("b",))
     with pytest.raises(ValueError, match="do not match the metric's tag keys"):
         metrics.Counter("test_redefined", tag_keys=("a",)).inc(tags={"b": "1"})
+
+
+def test_scrapes_within_the_cache_period_share_one_gathering(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scraping cannot load the proxy and replicas: scrapes within METRICS_CACHE_S (here
+    made long, so that the test does not race the clock) get the same gathering."""
+    monkeypatch.setenv("SERVEKIT_METRICS_CACHE_S", "600")
+    port = free_port()
+    client = serve.start(http_options={"port": port})
+    try:
+        client.create_backend("counted", Counted)
+        client.create_endpoint("counted", backend="counted", route="/counted")
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=TIMEOUT) as session:
+            assert session.get("/counted").status_code == 200
+            first = session.get("/-/metrics").text
+            for _ in range(3):
+                assert session.get("/counted").status_code == 200
+            later = [session.get("/-/metrics").text for _ in range(5)]
+        assert value(samples(first), "serve_num_http_requests_total", route="/counted") == 1
+        assert all(text == first for text in later)
+        # serve.metrics_text() gathers afresh: it is not the proxy's scrape endpoint.
+        assert value(samples(serve.metrics_text()), "serve_num_http_requests_total",
+                     route="/counted") == 4
+    finally:
+        client.shutdown()

@@ -90,6 +90,23 @@ def test_the_access_log_and_the_backends_log_lines_carry_the_request_id(
     assert "scoring a request" in user_line and replica in user_line
 
 
+def test_a_newline_in_a_request_path_cannot_forge_a_log_line(
+        instance_with_logs: tuple) -> None:
+    _, url, logs = instance_with_logs
+    response = httpx.get(f"{url}/nowhere%0AGET%20/ids%20200%20forged", timeout=TIMEOUT)
+    assert response.status_code == 404
+    request_id = response.headers["x-request-id"]
+
+    def access_line() -> str:
+        return next((line for line in read(logs, "access").splitlines()
+                     if f"request_id={request_id}" in line), "")
+
+    line = wait_for(access_line, TIMEOUT, "the access-log line")
+    assert "/nowhere\\nGET /ids 200 forged 404 " in line  # escaped, on its own line
+    assert not any(line.startswith("GET /ids 200 forged")
+                   for line in read(logs, "access").splitlines())
+
+
 def test_handle_calls_have_request_ids_too(instance_with_logs: tuple) -> None:
     client, _, _ = instance_with_logs
     handle = client.get_handle("ids")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from typing import Any
 
@@ -733,3 +734,33 @@ def test_num_proxies_is_an_int_from_1_to_64(value: Any) -> None:
     with pytest.raises(ValidationError, match="num_proxies"):
         HTTPOptions(num_proxies=value)
     assert HTTPOptions().num_proxies == 1 and HTTPOptions(num_proxies=4).num_proxies == 4
+
+
+class LibraryModel(json.JSONEncoder):
+    """A backend built on a class from another package (as models build on
+    torch.nn.Module): its inherited methods are not the user's."""
+
+    def predict(self, request: Any) -> str:
+        return "predicted"
+
+
+class ListedModel(json.JSONEncoder):
+    serve_methods = ("encode",)
+
+    def predict(self, request: Any) -> str:
+        return "predicted"
+
+
+def test_methods_inherited_from_another_package_are_not_callable() -> None:
+    assert BackendMetadata.inspect(LibraryModel).methods == ("predict",)
+
+
+def test_inherited_methods_listed_in_serve_methods_are_callable() -> None:
+    assert BackendMetadata.inspect(ListedModel).methods == ("encode", "predict")
+
+
+@pytest.mark.parametrize("listed", ["encode", ("missing",), ("_private",), (3,)])
+def test_serve_methods_must_name_public_methods(listed: Any) -> None:
+    bad = type("Bad", (json.JSONEncoder,), {"serve_methods": listed})
+    with pytest.raises(TypeError, match="Bad.serve_methods"):
+        BackendMetadata.inspect(bad)

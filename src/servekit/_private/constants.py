@@ -41,6 +41,8 @@ MISSING_ENDPOINT_TIMEOUT_S = _env_float("SERVEKIT_MISSING_ENDPOINT_TIMEOUT_S", 3
 GOAL_RETENTION_S = _env_float("SERVEKIT_GOAL_RETENTION_S", 600.0)
 # Seconds a request waits in a router while its backend has no replica it can reach.
 NO_REPLICA_TIMEOUT_S = _env_float("SERVEKIT_NO_REPLICA_TIMEOUT_S", 30.0)
+# Seconds a proxy serves the same /-/metrics gathering to every scrape.
+METRICS_CACHE_S = _env_float("SERVEKIT_METRICS_CACHE_S", 1.0, minimum=0.0)
 # Directory where detached instances record their address.
 SERVEKIT_HOME = os.path.expanduser(os.environ.get("SERVEKIT_HOME", "~/.servekit"))
 

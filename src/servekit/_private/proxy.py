@@ -30,6 +30,7 @@ from servekit.request import (
     HTTPResponseWire,
     error_response,
     json_response,
+    loggable,
     text_response,
     wire_from_scope,
 )
@@ -59,6 +60,8 @@ class HTTPProxy:
         self.access_log = AccessLog()
         # (route, method, status) -> its metric series, looked up once.
         self._series: Dict[Tuple[str, str, str], Tuple[Any, Any, Any]] = {}
+        self._scrape: Optional[asyncio.Future] = None  # the last gathering of /-/metrics
+        self._scraped_at = 0.0
         self.routes: RouteTable = {}
         self._routes_changed = asyncio.Event()
         self._removed_at: Dict[str, float] = {}
@@ -128,7 +131,7 @@ class HTTPProxy:
             errors.inc()
         if self.access_log.enabled:
             self.access_log.write(
-                f"{method} {scope['path']} {status} {took_ms:.1f}ms "
+                f"{method} {loggable(scope['path'])} {status} {took_ms:.1f}ms "
                 f"endpoint={trace.get('endpoint', '-')} backend={trace.get('backend', '-')} "
                 f"replica={trace.get('replica', '-')} request_id={request_id}")
 
@@ -272,7 +275,16 @@ class HTTPProxy:
                                   f"{', '.join(_SYSTEM_PATHS)}.")
 
     async def _metrics(self) -> HTTPResponseWire:
-        """Prometheus metrics of this proxy, its routers, the replicas and the controller."""
+        """Prometheus metrics of this proxy, its routers, the replicas and the controller,
+        gathered at most once per ``METRICS_CACHE_S``: scrapes in between (concurrent ones
+        too) share one gathering, so scraping cannot load the proxy or the replicas."""
+        now = time.monotonic()
+        if self._scrape is None or now - self._scraped_at >= constants.METRICS_CACHE_S:
+            self._scrape = asyncio.ensure_future(self._gather_metrics())
+            self._scraped_at = now
+        return await asyncio.shield(self._scrape)
+
+    async def _gather_metrics(self) -> HTTPResponseWire:
         replicas, controller = await asyncio.gather(self.router.replica_metrics(),
                                                     self.router.controller_metrics())
         texts = [metrics.exposition(), *replicas]
@@ -296,7 +308,7 @@ def _failure(exc: Exception, path: str) -> HTTPResponseWire:
         response = error_response(exc, status=503)
         response.headers.append((b"retry-after", _RETRY_AFTER_S))
         return response
-    logger.warning("Request to %s failed: %r", path, exc)
+    logger.warning("Request to %s failed: %r", loggable(path), exc)
     if isinstance(exc, RequestTimeoutError):
         return error_response(exc, status=504)
     status = 503 if isinstance(exc, BackendUnavailableError) else 500
@@ -400,7 +412,8 @@ class _Served:
             status = str(await _send_stream(stream, self.cycle.send, (
                 b"x-request-id", self.request_id.encode("latin-1"))))
         except Exception:
-            logger.exception("Streaming the response to %s failed", self.cycle.scope["path"])
+            logger.exception("Streaming the response to %s failed",
+                             loggable(self.cycle.scope["path"]))
             self.cycle.transport.close()
             status = "-"
         self._done("-" if self.cycle.disconnected else status)

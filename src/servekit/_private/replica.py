@@ -48,6 +48,7 @@ from servekit.request import (
     ServeRequest,
     error_response,
     http_stream,
+    loggable,
     request_from_wire,
     to_http_response,
 )
@@ -393,7 +394,7 @@ class Replica:
                 raise error from None  # a real cancellation
             admission.failed = True
             logger.error("Backend %s raised while handling %s %s", self.tag, wire.method,
-                         wire.path, exc_info=error)
+                         loggable(wire.path), exc_info=error)
             return error_response(error)
         finally:
             if admission.state != STREAMING:
