@@ -6,6 +6,7 @@ import asyncio
 import atexit
 import inspect
 import logging
+import uuid
 import warnings
 from typing import Any, Callable, Dict, List, Optional, TypeVar, Union
 
@@ -165,7 +166,7 @@ class Client:
                             f"{exc}") from exc
         replica_config = ReplicaConfig(serialized, actor_options, description, python)
         goal = self._call("create_backend", backend_tag, replica_config, backend_config,
-                          metadata)
+                          metadata, uuid.uuid4().hex)  # the same id if the call is retried
         self._wait_for_goal(goal)
 
     @_guarded
@@ -432,8 +433,9 @@ def start(detached: bool = False, http_host: Any = _UNSET, http_port: Any = _UNS
 
 def connect(address: Optional[str] = None) -> Client:
     """A client of the instance this code runs in: inside a backend, its instance; else the
-    latest instance this script started and did not shut down; else the detached one (of
-    the Ray cluster, when Ray is initialized or ``address`` is given).
+    detached one (of the Ray cluster, when Ray is initialized or ``address`` is given), as
+    in Ray Serve 1.x; else, when none runs, the latest instance this script started and did
+    not shut down.
 
     Raises:
         ServeError: none of those is running, or ``$SERVEKIT_HOME`` is not private.
@@ -442,10 +444,15 @@ def connect(address: Optional[str] = None) -> Client:
     if context is not None:
         return Client(context.controller_address,
                       instance=choice.instance_at(context.controller_address))
-    if _running and address is None:
+    try:
+        found = choice.find_detached(address)
+    except ServeError:
+        if not _running or address is not None:
+            raise
+        found = None  # (a home another user can write: not trusted, not needed)
+    if found is None and _running and address is None:
         controller_address, instance = list(_running.items())[-1]
         return Client(controller_address, instance=instance)
-    found = choice.find_detached(address)
     if found is None:
         where = "on this Ray cluster" if choice.uses_ray(address) else "on this machine"
         raise ServeError(f"Called `serve.connect()` but there is no instance running {where}. "

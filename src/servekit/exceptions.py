@@ -11,6 +11,8 @@ The tree::
      │    │                                      router's queue for the backend too (HTTP 503)
      │    ├── RequestTimeoutError               no reply within request_timeout_s (HTTP 504);
      │    │                                      also a TimeoutError
+     │    ├── HostNotFoundError                 http_options' host does not resolve; also a
+     │    │                                      socket.gaierror
      │    ├── EndpointNotFoundError             a handle call to an endpoint that was deleted
      │    │                                      or not created in time
      │    ├── MethodNotFoundError               a method name the backend does not serve
@@ -25,6 +27,8 @@ own type; the replica-side traceback is attached as its ``__cause__`` (a ``Remot
 """
 
 from __future__ import annotations
+
+import socket
 
 
 class ServeError(Exception):
@@ -47,6 +51,11 @@ class RequestTimeoutError(ServeError, TimeoutError):
     """A request did not end within its ``request_timeout_s`` (the backend's, or a handle's
     ``options(timeout_s=...)``): it was cancelled (HTTP 504). A sync call already running
     finishes on its thread, holding its place on the replica until then."""
+
+
+class HostNotFoundError(ServeError, socket.gaierror):
+    """``http_options['host']`` does not resolve. Also a ``socket.gaierror``, as Ray Serve
+    1.x raised."""
 
 
 class EndpointNotFoundError(ServeError):

@@ -226,6 +226,24 @@ def test_numpy_arrays_pass_through_intact(serve_instance):
 # --------------------------------------------------------------------------- options
 
 
+def apply_it(request: ServeRequest) -> object:
+    return request.data(request.query_params["x"])
+
+
+def test_arguments_plain_pickle_cannot_carry_are_sent_with_cloudpickle(serve_instance):
+    """As Ray sent them: a lambda, a closure, a class of the caller's script."""
+    client, _ = serve_instance
+    client.create_backend("apply", apply_it)
+    client.create_endpoint("apply", backend="apply")
+    handle = client.get_handle("apply")
+    factor = 3
+    assert handle.remote(lambda x: x * factor, x=2).result(timeout=TIMEOUT) == 6
+    scripted = type("Scripted", (), {"__module__": "__main__",
+                                     "__init__": lambda self, x: setattr(self, "x", x)})
+    made = handle.remote(scripted, x=5).result(timeout=TIMEOUT)
+    assert type(made).__name__ == "Scripted" and made.x == 5
+
+
 def test_options_method_name_calls_other_methods(serve_instance):
     client, _ = serve_instance
     client.create_backend("calc", Calculator, 10)

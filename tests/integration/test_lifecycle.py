@@ -148,6 +148,16 @@ def test_port_in_use_is_a_serve_error_and_leaves_nothing_running(
     assert healthz(port).status_code == 200
 
 
+def test_a_host_that_does_not_resolve_is_a_serve_error_and_a_gaierror() -> None:
+    """As Ray Serve 1.x's own test expects: socket.gaierror; and servekit's ServeError."""
+    before = my_children()
+    with pytest.raises(socket.gaierror) as excinfo:
+        serve.start(http_options={"host": "bad.ip.address", "port": free_port()})
+    assert isinstance(excinfo.value, serve.ServeError)
+    assert "bad.ip.address" in str(excinfo.value) and "http_options" in str(excinfo.value)
+    assert my_children() == before
+
+
 # ---------------------------------------------------------------- socket files
 
 
@@ -340,6 +350,28 @@ def test_detached_instance_outlives_its_script_until_shut_down(tmp_path):
         "detached ok", "second start refused: True", "['hello']", "gone"]
     with socket.socket() as sock:  # the port is free again: the proxy is gone
         sock.bind(("127.0.0.1", port))
+
+
+CONNECT_PREFERS_DETACHED = """
+import servekit as serve
+own = serve.start(http_options={{"port": {own_port}}})  # this script's, not detached
+print(sorted(serve.connect().list_endpoints()))  # the detached instance, as in 1.x
+serve.connect().shutdown()
+print(serve.connect()._controller_address == own._controller_address)  # none detached now
+own.shutdown()
+"""
+
+
+def test_connect_reaches_the_detached_instance_before_the_scripts_own(tmp_path):
+    env = {**os.environ, "SERVEKIT_HOME": str(tmp_path / "home")}
+    started = subprocess.run([sys.executable, "-c", DETACHED_START.format(port=free_port())],
+                             env=env, capture_output=True, text=True, timeout=60)
+    assert started.returncode == 0, started.stderr
+    used = subprocess.run(
+        [sys.executable, "-c", CONNECT_PREFERS_DETACHED.format(own_port=free_port())],
+        env=env, capture_output=True, text=True, timeout=60)
+    assert used.returncode == 0, used.stderr
+    assert used.stdout.splitlines() == ["['hello']", "True"]
 
 
 # ---------------------------------------------------------------- the client is not the instance

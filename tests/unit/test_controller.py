@@ -365,6 +365,26 @@ def test_create_backend_refused_beyond_capacity() -> None:
     run(main)
 
 
+def test_create_backend_with_an_identical_definition_is_refused_but_a_retry_is_not() -> None:
+    """As in 1.x, a second create_backend of a tag raises even when it is identical; the
+    same call made again (the client retries after a controller crash) succeeds."""
+    async def main() -> None:
+        async with running_controller() as (controller, runtime):
+            config = replica_config(echo)
+            goal = await controller.create_backend("m", config, BackendConfig(), None, "c-1")
+            await wait_goal(controller, goal)
+            retried = await controller.create_backend("m", config, BackendConfig(), None,
+                                                      "c-1")
+            assert retried in (goal, None)  # its goal, or none left to wait on
+            with pytest.raises(ValueError, match="'m' is already registered"):
+                await controller.create_backend("m", config, BackendConfig(), None, "c-2")
+            with pytest.raises(ValueError, match="'m' is already registered"):
+                await controller.create_backend("m", config, BackendConfig(), None)
+            assert len(live_replicas(runtime)) == 1
+
+    run(main)
+
+
 def test_create_backend_duplicate_tag_is_refused() -> None:
     async def main() -> None:
         async with running_controller() as (controller, runtime):

@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import cloudpickle
 
 from servekit._private.constants import PROCESS_STOP_TIMEOUT_S
-from servekit.exceptions import ServeError
+from servekit.exceptions import HostNotFoundError, ServeError
 
 _LENGTH = struct.Struct("!Q")
 
@@ -69,8 +69,10 @@ def bind_http_socket(host: str, port: int, shared: bool = False) -> socket.socke
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
     except socket.gaierror as exc:
-        raise ServeError(f"Cannot serve HTTP on host {host!r}: it does not resolve ({exc}). "
-                         "Pass a valid address in http_options['host'].") from None
+        raise HostNotFoundError(
+            exc.errno, f"Cannot serve HTTP on host {host!r}: it does not resolve "
+                       f"({exc.strerror}). Pass a valid address in http_options['host'].") \
+            from None
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if shared:

@@ -231,10 +231,28 @@ def _unpicklable_part(value: Any, depth: int = 3) -> str:
     return type(value).__name__
 
 
-def encode_call(name: str, args: tuple) -> bytes:
-    """The payload of a request; a ``TypeError`` naming the type that cannot be pickled."""
+def dumps_by_value(value: Any, main_by_value: bool = False) -> bytes:
+    """``value`` pickled: plain pickle first (fast); what it cannot carry (a lambda, a
+    closure, an instance of a class sent by value) through cloudpickle, as Ray sends
+    values. ``main_by_value``: also send by value what refers to ``__main__`` (the
+    caller's script, which the other process cannot import). Raises what cloudpickle
+    raises for what neither can carry."""
     try:
-        return dumps((name, args))
+        payload = dumps(value)
+    except Exception:
+        payload = None
+    if payload is None or (main_by_value and b"__main__" in payload):
+        import cloudpickle  # only for what plain pickle cannot carry
+
+        return cloudpickle.dumps(value, protocol=_PICKLE_PROTOCOL)
+    return payload
+
+
+def encode_call(name: str, args: tuple) -> bytes:
+    """The payload of a request; a ``TypeError`` naming the type that cannot be pickled.
+    (A string argument holding "__main__" only costs the slower path.)"""
+    try:
+        return dumps_by_value((name, args), main_by_value=True)
     except Exception as exc:
         raise TypeError(f"The request cannot be sent: its arguments hold a "
                         f"{_unpicklable_part(args)} that cannot be pickled ({exc}). Pass "
@@ -484,7 +502,7 @@ class RpcServer:
                 return await _send_stream(protocol, msg_id, result,
                                           windows if windows is not None else {})
             try:
-                reply = dumps(result)
+                reply = dumps_by_value(result)
             except Exception as exc:
                 raise TypeError(f"The return value of {name!r} is a "
                                 f"{_unpicklable_part(result)} that cannot be pickled to send "
@@ -506,7 +524,7 @@ async def _send_stream(protocol: _FrameProtocol, msg_id: int, stream: Stream,
         async for chunk in stream.chunks:
             await window.take()
             try:
-                data = dumps(chunk)
+                data = dumps_by_value(chunk)
             except Exception as exc:
                 raise TypeError(f"A chunk of the stream is a {_unpicklable_part(chunk)} that "
                                 f"cannot be pickled ({exc}). Yield picklable values.") from exc

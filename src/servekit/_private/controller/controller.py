@@ -255,11 +255,15 @@ class Controller:
 
     async def create_backend(self, tag: str, replica_config: ReplicaConfig,
                              config: BackendConfig,
-                             metadata: Optional[BackendMetadata]) -> Optional[str]:
+                             metadata: Optional[BackendMetadata],
+                             call_id: Optional[str] = None) -> Optional[str]:
+        """Create a backend; return the goal to wait on. ``call_id``: the client's id of
+        this call, the same when it calls again after a controller crash (that call then
+        succeeds; any other with an existing tag raises ``ValueError``, as in 1.x)."""
         async with self._lock:
             existing = self.backends.get(tag)
             if existing is not None and not existing.deleting:
-                if existing.replica_config == replica_config and existing.config == config:
+                if call_id is not None and existing.created_by == call_id:
                     return existing.goal  # a retried call
                 raise ValueError(f"Cannot create backend. Backend '{tag}' is already "
                                  "registered. Delete it first, or pick another tag.")
@@ -267,7 +271,7 @@ class Controller:
                 validate_backend_against_config(metadata, config)
             self._check_resources(tag, replica_config, config.num_replicas,
                                   config.num_replicas)
-            backend = BackendState(tag, replica_config, config, metadata)
+            backend = BackendState(tag, replica_config, config, metadata, created_by=call_id)
             backend.goal = self.goals.create()
             self.backends[tag] = backend
             await self._save()

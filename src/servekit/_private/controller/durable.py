@@ -95,6 +95,7 @@ def snapshot(backends: Dict[str, BackendState], endpoints: Dict[str, EndpointInf
             else _config(backend.config_before_update),
             "metadata": _metadata(backend.metadata),
             "goal": backend.goal,
+            "created_by": backend.created_by,
             "created": backend.created,
             "deleting": backend.deleting,
             "force_delete": backend.force_delete,
@@ -145,7 +146,8 @@ def _load(records: Records) -> LoadedState:
             before = doc["config_before_update"]
             backends[name] = BackendState(
                 name, replica_config, _unconfig(doc["config"]), _unmetadata(doc["metadata"]),
-                goal=doc["goal"], created=doc["created"], deleting=doc["deleting"],
+                goal=doc["goal"], created_by=doc.get("created_by"), created=doc["created"],
+                deleting=doc["deleting"],
                 force_delete=doc["force_delete"],
                 config_before_update=None if before is None else _unconfig(before))
         elif kind == "replica":

@@ -44,6 +44,7 @@ class BackendState:
     metadata: Optional[BackendMetadata]
     replicas: Dict[str, ReplicaRecord] = dataclasses.field(default_factory=dict)
     goal: Optional[str] = None
+    created_by: Optional[str] = None  # the id of the create_backend call (retries repeat it)
     created: bool = False  # all replicas once ran; failures no longer undo the backend
     deleting: bool = False
     force_delete: bool = False
