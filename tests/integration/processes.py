@@ -84,8 +84,10 @@ def cmdline(pid: int) -> str:
 
 
 def is_worker(pid: int) -> bool:
-    """Whether ``pid`` runs ``python -m servekit._private.worker``, or is the Ray actor of a
-    servekit process (to check what we found)."""
+    """Whether ``pid`` runs ``python -m servekit._private.worker`` (titled "servekit ROLE
+    NAME" once it runs), or is the Ray actor of a servekit process (to check what we
+    found)."""
     command = cmdline(pid)
-    return "servekit._private.worker" in command or "ServekitActor" in command
+    return command.startswith("servekit ") or "servekit._private.worker" in command or \
+        "ServekitActor" in command
 

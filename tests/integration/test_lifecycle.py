@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, Iterator, List
 import httpx
 import pytest
 from backends_for_tests import Echo
-from processes import descendants, is_worker, kill_leftovers, snapshot, still_alive
+from processes import cmdline, descendants, is_worker, kill_leftovers, snapshot, still_alive
 from pydantic import ValidationError
 from starlette.middleware import Middleware
 from starlette.middleware.gzip import GZipMiddleware
@@ -156,6 +156,19 @@ def test_a_host_that_does_not_resolve_is_a_serve_error_and_a_gaierror() -> None:
     assert isinstance(excinfo.value, serve.ServeError)
     assert "bad.ip.address" in str(excinfo.value) and "http_options" in str(excinfo.value)
     assert my_children() == before
+
+
+def test_processes_say_what_they_are_in_ps(start_instance: Callable) -> None:
+    client = start_instance(http_options={"port": free_port()})
+    client.create_backend("clf:v1", Echo, "x")
+    processes = client._call("status")["processes"]
+    roles = {process["role"] for process in processes}
+    assert {"controller", "proxy", "replica"} <= roles
+    for process in processes:
+        title = cmdline(process["pid"]).strip()
+        assert title == f"servekit {process['role']} {process['name']}", title
+    [replica] = [p["name"] for p in processes if p["role"] == "replica"]
+    assert replica.startswith("clf:v1#")
 
 
 # ---------------------------------------------------------------- socket files

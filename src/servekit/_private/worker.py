@@ -17,6 +17,8 @@ import threading
 import traceback
 from typing import Any, Callable, List, Optional
 
+import setproctitle
+
 from servekit._private.context import current_request_id
 from servekit._private.event_loop import new_event_loop
 from servekit._private.process import WorkerSpec, parent_exit_hooks, read_spec
@@ -111,6 +113,8 @@ def main() -> None:
                          name="servekit-lifeline", daemon=True).start()
     configure_logging(spec.role, spec.name,
                       os.path.join(spec.instance_dir, LOG_DIR) if spec.instance_dir else None)
+    # What ps and top show: the role and name ("servekit replica clf:v1#3a2b1c").
+    setproctitle.setproctitle(f"servekit {spec.role} {spec.name}")
     sock = socket.socket(fileno=spec.rpc_fd)
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
