@@ -1,11 +1,13 @@
-"""Unit tests of the TCP handshake (``servekit._private.auth``) and of how the transport
-(``servekit._private.transport``) uses it.
+"""Unit tests of the TCP handshake (``servekit._private.auth``), of the TLS every TCP
+connection runs in (``servekit._private.tls``), and of how the transport
+(``servekit._private.transport``) uses them.
 
 The ``Handshake`` tests need no sockets: the bytes one side produces are handed to the other,
 in whatever chunking the test needs. The transport tests use real loopback TCP connections
-(an ``RpcServer`` on ``127.0.0.1:0``, an ``RpcClient`` or a raw ``asyncio`` stream as the
-peer). Each test runs one event loop with ``asyncio.run``; waits are on futures or polls
-with a deadline, and every connection is closed before the loop ends.
+(an ``RpcServer`` on ``127.0.0.1:0``, an ``RpcClient`` or a raw ``asyncio`` stream, in TLS
+with the instance's certificate unless a test says otherwise, as the peer). Each test runs
+one event loop with ``asyncio.run``; waits are on futures or polls with a deadline, and
+every connection is closed before the loop ends.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import contextlib
 import logging
 import os
 import pickle
+import shutil
 import socket
 import tempfile
 from typing import Any, AsyncIterator, Callable, List, Optional, Tuple
@@ -22,7 +25,7 @@ from typing import Any, AsyncIterator, Callable, List, Optional, Tuple
 import pytest
 from loop_helpers import run
 
-from servekit._private import auth, transport
+from servekit._private import auth, constants, tls, transport
 from servekit._private.auth import _MAC, _MAGIC, _NONCE, AuthenticationFailed, Handshake
 from servekit._private.transport import (
     _HEADER,
@@ -224,10 +227,16 @@ class TrackedServer(RpcServer):
         self.peers: List[_FrameProtocol] = []
         self.lost: List[_FrameProtocol] = []
 
-    def _new_connection(self, handshake: Optional[Handshake] = None) -> _FrameProtocol:
-        protocol = super()._new_connection(handshake)
+    def _new_connection(self, handshake: Optional[Handshake] = None,
+                        same_user: bool = False) -> _FrameProtocol:
+        protocol = super()._new_connection(handshake, same_user)
         self.peers.append(protocol)
         return protocol
+
+    @property
+    def connected(self) -> List[_FrameProtocol]:
+        """The peers that got past TLS (a connection refused there never reaches them)."""
+        return [peer for peer in self.peers if peer.transport is not None]
 
     def _gone(self, protocol: _FrameProtocol) -> None:
         self.lost.append(protocol)
@@ -258,7 +267,7 @@ async def tcp_server(handlers: dict) -> AsyncIterator[Tuple[TrackedServer, str]]
         for peer in server.peers:
             if peer.transport is not None and not peer.transport.is_closing():
                 peer.transport.close()
-        await until(lambda: len(server.lost) == len(server.peers),
+        await until(lambda: len(server.lost) == len(server.connected),
                     what="the server's connections to close")
 
 
@@ -274,12 +283,17 @@ async def read_to_eof(reader: asyncio.StreamReader, timeout: float = 3.0) -> byt
 
 
 @contextlib.asynccontextmanager
-async def raw_connection(address: str) -> AsyncIterator[Tuple[asyncio.StreamReader,
-                                                              asyncio.StreamWriter]]:
-    """A plain TCP stream to ``address``: a peer that speaks bytes, not servekit."""
+async def raw_connection(address: str, secure: bool = True) -> AsyncIterator[
+        Tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """A stream to ``address``: a peer that speaks bytes, not servekit. ``secure``: in TLS
+    with the instance's certificate (a peer that holds the secret); else plain TCP."""
     host_port = parse_tcp_address(address)
     assert host_port is not None
-    reader, writer = await asyncio.open_connection(*host_port)
+    if secure:
+        reader, writer = await asyncio.open_connection(
+            *host_port, ssl=tls.client_context(SECRET), server_hostname=tls.SERVER_NAME)
+    else:
+        reader, writer = await asyncio.open_connection(*host_port)
     try:
         yield reader, writer
     finally:
@@ -342,12 +356,11 @@ def test_concurrent_calls_on_one_tcp_connection_get_their_own_replies() -> None:
     run(main)
 
 
-def test_client_with_another_secret_is_refused(caplog: pytest.LogCaptureFixture) -> None:
+def test_client_with_another_secret_is_refused() -> None:
     """A client holding another secret (the process secret changed after the server started:
-    the server keeps the one it started with, the client takes the current one): connect
-    fails with ``ConnectFailed`` saying authentication failed, the server runs nothing and
-    logs that it dropped the connection."""
-    caplog.set_level(logging.WARNING, logger="servekit")
+    the server keeps the one it started with, the client takes the current one) has another
+    certificate: connect fails in TLS with ``ConnectFailed`` saying authentication failed,
+    and nothing reaches the server's frames."""
     called: List[Any] = []
 
     async def echo(value: Any) -> Any:
@@ -357,12 +370,96 @@ def test_client_with_another_secret_is_refused(caplog: pytest.LogCaptureFixture)
     async def main() -> None:
         async with tcp_server({"echo": echo}) as (server, address):
             auth.set_secret(OTHER_SECRET)
-            with pytest.raises(ConnectFailed, match="authentication failed"):
+            with pytest.raises(ConnectFailed, match="authentication failed.*TLS"):
                 await asyncio.wait_for(RpcClient.connect(address), 3.0)
-            await until(lambda: server.lost, what="the server to drop the connection")
+            assert server.connected == []
         assert called == []
-        [record] = dropped_records(caplog)
-        assert "proof of the instance secret is wrong" in record.getMessage()
+
+    run(main)
+
+
+def test_a_plaintext_peer_gets_no_servekit_byte() -> None:
+    """Between nodes nothing is plaintext: a peer that speaks plain TCP gets no challenge
+    and no frame, only the TLS layer refusing it, and its request never runs."""
+    called: List[Any] = []
+
+    async def echo(value: Any) -> Any:
+        called.append(value)
+        return value
+
+    async def main() -> None:
+        async with tcp_server({"echo": echo}) as (server, address):
+            async with raw_connection(address, secure=False) as (reader, writer):
+                writer.write(b"\x00" * CLIENT_PROOF_SIZE + request_frame(1, "echo", "hi"))
+                received = await read_to_eof(reader, timeout=5.0)
+            assert _MAGIC not in received
+            assert server.connected == [] and called == []
+
+    run(main)
+
+
+def test_only_so_many_connections_authenticate_at_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past ``MAX_UNAUTHENTICATED`` connections still authenticating, a new one is dropped
+    at once; once they are gone, connections are taken again."""
+    monkeypatch.setattr(transport, "MAX_UNAUTHENTICATED", 2)
+
+    async def echo(value: Any) -> Any:
+        return value
+
+    async def main() -> None:
+        async with tcp_server({"echo": echo}) as (server, address):
+            async with raw_connection(address) as (first, _), \
+                    raw_connection(address) as (second, _):
+                for reader in (first, second):  # both got the challenge, and stay silent
+                    await asyncio.wait_for(reader.readexactly(OPENING_SIZE), 3.0)
+                async with raw_connection(address) as (third, _):
+                    assert await read_to_eof(third) == b""  # dropped, not challenged
+            await until(lambda: len(server.lost) == len(server.connected),
+                        what="the silent connections to close")
+            client = await asyncio.wait_for(RpcClient.connect(address), 3.0)
+            try:
+                assert await asyncio.wait_for(client.call("echo", 1), 3.0) == 1
+            finally:
+                await closed_client(client)
+
+    run(main)
+
+
+def test_a_peer_that_falls_silent_with_a_request_in_flight_is_taken_for_gone(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """No FIN ever comes from a node that lost power: the server stops reading (it answers
+    no ping), and the request in flight fails within two ping intervals. A server that
+    answers pings keeps a long request alive (the control)."""
+    monkeypatch.setattr(constants, "PEER_PING_INTERVAL_S", 0.1)
+
+    async def main() -> None:
+        release = asyncio.Event()
+
+        async def slow(value: Any) -> Any:
+            await release.wait()
+            return value
+
+        async with tcp_server({"slow": slow}) as (server, address):
+            client = await RpcClient.connect(address)
+            try:
+                alive = client.call_nowait("slow", "alive")
+                await asyncio.sleep(0.5)  # five ping intervals, pings answered
+                assert not alive.done()
+                release.set()
+                assert await asyncio.wait_for(alive, 3.0) == "alive"
+                release.clear()
+                silent = client.call_nowait("slow", "lost")
+                [peer] = server.connected
+                assert peer.transport is not None
+                peer.transport.pause_reading()  # it hears no more pings
+                with pytest.raises(transport.BackendUnavailableError):
+                    await asyncio.wait_for(silent, 3.0)
+                assert client.is_closed
+                peer.transport.resume_reading()  # (so that it sees the client gone)
+            finally:
+                await closed_client(client)
+                release.set()
 
     run(main)
 
@@ -550,7 +647,7 @@ def test_unix_socket_needs_no_secret() -> None:
 
 def test_a_refused_peer_is_logged_once(monkeypatch: pytest.MonkeyPatch,
                                        caplog: pytest.LogCaptureFixture) -> None:
-    """A client dropped for a wrong proof is reported once, not again when the handshake
+    """A peer dropped for a wrong proof is reported once, not again when the handshake
     timeout it no longer needs runs out."""
     timeout = 0.2
     monkeypatch.setattr(transport, "HANDSHAKE_TIMEOUT_S", timeout)
@@ -559,14 +656,75 @@ def test_a_refused_peer_is_logged_once(monkeypatch: pytest.MonkeyPatch,
     async def main() -> None:
         loop = asyncio.get_running_loop()
         async with tcp_server({}) as (server, address):
-            auth.set_secret(OTHER_SECRET)
-            with pytest.raises(ConnectFailed, match="authentication failed"):
-                await asyncio.wait_for(RpcClient.connect(address), 3.0)
+            async with raw_connection(address) as (reader, writer):
+                await asyncio.wait_for(reader.readexactly(OPENING_SIZE), 3.0)
+                writer.write(b"\x00" * CLIENT_PROOF_SIZE)
+                assert await read_to_eof(reader) == b""
             assert len(dropped_records(caplog)) == 1
             # A timer set now fires after the server's handshake timer for that connection.
             timeout_passed = loop.create_future()
             loop.call_later(timeout + 0.05, timeout_passed.set_result, None)
             await asyncio.wait_for(timeout_passed, 3.0)
         assert len(dropped_records(caplog)) == 1
+
+    run(main)
+
+
+OTHER_USER_CLIENT = """
+import socket, sys
+sock = socket.socket(socket.AF_UNIX)
+sock.connect(sys.argv[1])
+sock.settimeout(5)
+try:
+    sock.sendall(bytes.fromhex(sys.argv[2]))
+    print(len(sock.recv(65536)))
+except (BrokenPipeError, ConnectionResetError):
+    print(0)  # dropped while sending
+"""
+
+
+# A Python another user may run (this one may live in a home only its owner enters).
+OTHER_USER_PYTHON = shutil.which("python3", path="/usr/local/bin:/usr/bin") or "python3"
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to run a client as another user")
+def test_a_unix_socket_server_drops_peers_of_another_user(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Whatever the mode of its directory, a Unix socket server serves only processes of
+    its own user (``SO_PEERCRED``): another user's request never runs."""
+    caplog.set_level(logging.WARNING, logger="servekit")
+    called: List[Any] = []
+
+    async def echo(value: Any) -> Any:
+        called.append(value)
+        return value
+
+    async def main() -> None:
+        with tempfile.TemporaryDirectory(dir="/tmp") as directory:
+            os.chmod(directory, 0o777)  # a careless mode: the check does not rely on it
+            path = os.path.join(directory, "s.sock")
+            sock = socket.socket(socket.AF_UNIX)
+            sock.bind(path)
+            os.chmod(path, 0o777)
+            sock.listen()
+            server = TrackedServer({"echo": echo})
+            await server.start(sock)
+            try:
+                stranger = await asyncio.create_subprocess_exec(
+                    OTHER_USER_PYTHON, "-c", OTHER_USER_CLIENT, path,
+                    request_frame(1, "echo", "from a stranger").hex(),
+                    user=65534, stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE)
+                out, err = await asyncio.wait_for(stranger.communicate(), 10.0)
+                assert out.strip() == b"0", err  # dropped: not one byte back
+                client = await RpcClient.connect(path)  # the owner is served
+                try:
+                    assert await asyncio.wait_for(client.call("echo", "owner"), 3.0) == "owner"
+                finally:
+                    await closed_client(client)
+            finally:
+                server.close()
+        assert called == ["owner"]
+        assert any("another user" in record.getMessage() for record in caplog.records)
 
     run(main)

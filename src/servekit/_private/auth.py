@@ -57,7 +57,7 @@ class Handshake:
     def __init__(self, server: bool, secret: Optional[bytes] = None) -> None:
         self.server = server
         self.done = False
-        self._secret = secret if secret is not None else get_secret()
+        self.secret = secret if secret is not None else get_secret()
         self._mine = secrets.token_bytes(_NONCE)
         self._theirs = b""
 
@@ -74,10 +74,10 @@ class Handshake:
         if len(data) < needed:
             return 0, b""
         theirs, mac = data[:_NONCE], data[_NONCE:needed]
-        if not hmac.compare_digest(mac, _mac(self._secret, b"client", self._mine, theirs)):
+        if not hmac.compare_digest(mac, _mac(self.secret, b"client", self._mine, theirs)):
             raise AuthenticationFailed("the peer's proof of the instance secret is wrong")
         self.done = True
-        return needed, _mac(self._secret, b"server", theirs, self._mine)
+        return needed, _mac(self.secret, b"server", theirs, self._mine)
 
     def _client_receive(self, data: bytes) -> Tuple[int, bytes]:
         if not self._theirs:
@@ -87,11 +87,11 @@ class Handshake:
             if data[:len(_MAGIC)] != _MAGIC:
                 raise AuthenticationFailed("the peer is not a servekit process")
             self._theirs = data[len(_MAGIC):needed]
-            return needed, self._mine + _mac(self._secret, b"client", self._theirs, self._mine)
+            return needed, self._mine + _mac(self.secret, b"client", self._theirs, self._mine)
         if len(data) < _MAC:
             return 0, b""
         if not hmac.compare_digest(data[:_MAC],
-                                   _mac(self._secret, b"server", self._mine, self._theirs)):
+                                   _mac(self.secret, b"server", self._mine, self._theirs)):
             raise AuthenticationFailed("the peer's proof of the instance secret is wrong")
         self.done = True
         return _MAC, b""

@@ -43,6 +43,11 @@ GOAL_RETENTION_S = _env_float("SERVEKIT_GOAL_RETENTION_S", 600.0)
 NO_REPLICA_TIMEOUT_S = _env_float("SERVEKIT_NO_REPLICA_TIMEOUT_S", 30.0)
 # Seconds a proxy serves the same /-/metrics gathering to every scrape.
 METRICS_CACHE_S = _env_float("SERVEKIT_METRICS_CACHE_S", 1.0, minimum=0.0)
+# Seconds a TCP connection may take to open (TLS and authentication included).
+CONNECT_TIMEOUT_S = _env_float("SERVEKIT_CONNECT_TIMEOUT_S", 10.0, minimum=0.1)
+# Seconds of silence, with requests in flight, after which a TCP peer is pinged; silent for
+# as long again, it is taken for gone and its requests fail.
+PEER_PING_INTERVAL_S = _env_float("SERVEKIT_PEER_PING_INTERVAL_S", 5.0, minimum=0.01)
 # Directory where detached instances record their address.
 SERVEKIT_HOME = os.path.expanduser(os.environ.get("SERVEKIT_HOME", "~/.servekit"))
 

@@ -5,8 +5,12 @@ One connection carries many requests at once. Every frame is a fixed header
 can be matched to its request even when its payload cannot be unpickled.
 
 An address is a Unix socket path (the embedded runtime: the socket lives in a directory only
-the instance's owner can enter) or ``tcp://host:port`` (the Ray runtime: both sides prove
-they hold the instance's secret, see ``auth``, before either reads a frame).
+the instance's owner can enter, and a server accepts only peers of its own user) or
+``tcp://host:port`` (the Ray runtime: every byte is encrypted and authenticated by mutual
+TLS with the instance's certificate, see ``tls``, and both sides prove they hold the
+instance's secret, see ``auth``, before either reads a frame). A TCP peer that vanishes
+without closing (a node powered off, a partition) is found by TCP keepalive and, while
+requests are in flight, by pings: its connection is aborted and its requests fail.
 """
 
 from __future__ import annotations
@@ -16,10 +20,13 @@ import collections
 import contextvars
 import functools
 import logging
+import os
 import pickle
 import socket
+import ssl
 import struct
 import traceback
+import weakref
 from typing import (
     Any,
     AsyncIterator,
@@ -32,6 +39,7 @@ from typing import (
     Tuple,
 )
 
+from servekit._private import constants, tls
 from servekit._private.auth import (
     HANDSHAKE_TIMEOUT_S,
     AuthenticationFailed,
@@ -48,6 +56,13 @@ _REQUEST, _REPLY_OK, _REPLY_ERROR, _REPLY_BUSY, _NOTIFY, _CANCEL = 0, 1, 2, 3, 4
 _STREAM_CHUNK, _STREAM_END, _CREDIT = 6, 7, 8
 # The last frame of a request its caller cancelled: the server's work for it has stopped.
 _STOPPED = 9
+# A client asks whether a silent TCP peer is still there; the peer answers at once.
+_PING, _PONG = 10, 11
+# TCP connections of a listener that may be authenticating at once; more are dropped.
+MAX_UNAUTHENTICATED = 64
+# TCP keepalive: probes after this many idle seconds, then every few seconds, a few times.
+_KEEPALIVE = ((getattr(socket, "TCP_KEEPIDLE", None), 10), (socket.TCP_KEEPINTVL, 5),
+              (socket.TCP_KEEPCNT, 3))
 # Chunks a server sends ahead of what the reader has taken: the buffer a stream may grow.
 STREAM_WINDOW = 8
 _PICKLE_PROTOCOL = 5
@@ -292,9 +307,14 @@ class _FrameProtocol(asyncio.Protocol):
 
     def __init__(self, on_frame: Callable[[int, int, bytes], None],
                  on_lost: Callable[[Optional[Exception]], None],
-                 handshake: Optional[Handshake] = None) -> None:
+                 handshake: Optional[Handshake] = None, same_user: bool = False) -> None:
+        """``same_user``: a Unix socket server's side, which drops a peer of another user
+        (``SO_PEERCRED``), whatever the mode of the socket's directory."""
         self._on_frame = on_frame
         self._on_lost = on_lost
+        self._same_user = same_user
+        self.refused = False  # dropped at once: too many connections authenticating
+        self.heard = False  # bytes arrived since the last look (see RpcClient._check_peer)
         self._buffer = bytearray()
         self._unsent: Optional[List[bytes]] = None  # frames sent this loop turn
         self.transport: Optional[asyncio.Transport] = None
@@ -304,7 +324,15 @@ class _FrameProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        if self.handshake is not None:
+        if self.refused:
+            transport.abort()  # type: ignore[attr-defined]
+            return
+        if self._same_user and not _same_user(transport.get_extra_info("socket")):
+            logger.warning("Dropped a connection from a process of another user.")
+            transport.abort()  # type: ignore[attr-defined]
+            return
+        if self.handshake is not None:  # (TCP)
+            _keep_alive(transport.get_extra_info("socket"))
             loop = asyncio.get_running_loop()
             if not self.handshake.server:  # the client awaits it before it sends anything
                 self.authenticated = loop.create_future()
@@ -349,6 +377,7 @@ class _FrameProtocol(asyncio.Protocol):
         return True
 
     def data_received(self, data: bytes) -> None:
+        self.heard = True
         buffer = self._buffer
         if not buffer and (self.handshake is None or self.handshake.done):
             # The common case: the read starts with a frame. Payloads are views of ``data``
@@ -419,6 +448,32 @@ class _FrameProtocol(asyncio.Protocol):
             self.flush()
             self.transport.close()
 
+    def abort(self) -> None:
+        """Drop the connection now (its peer is gone: nothing more can be written)."""
+        if self.transport is not None:
+            self.transport.abort()
+
+
+def _same_user(sock: Any) -> bool:
+    """Whether the peer of a Unix socket runs as this process's user."""
+    try:
+        credentials = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                      struct.calcsize("3i"))
+    except (AttributeError, OSError):
+        return False
+    return struct.unpack("3i", credentials)[1] == os.getuid()
+
+
+def _keep_alive(sock: Any) -> None:
+    """Let the kernel find a TCP peer that vanished without a FIN (about 25 s idle)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for option, value in _KEEPALIVE:
+            if option is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, option, value)
+    except (AttributeError, OSError):
+        pass  # (a transport without a real socket)
+
 
 class RpcServer:
     """Serves ``handlers[name](*args)`` to every peer that connects to ``sock``.
@@ -432,22 +487,39 @@ class RpcServer:
         self._handlers = handlers
         self._on_disconnect = on_disconnect
         self._server: Optional[asyncio.AbstractServer] = None
+        self._authenticating: "weakref.WeakSet[_FrameProtocol]" = weakref.WeakSet()
 
     async def start(self, sock: socket.socket) -> None:
-        """Serve the listening ``sock``: a Unix socket, or a TCP one (peers authenticate)."""
+        """Serve the listening ``sock``: a Unix socket (peers of this user only), or a TCP
+        one (TLS; peers authenticate, at most ``MAX_UNAUTHENTICATED`` at once)."""
         loop = asyncio.get_running_loop()
         if sock.family == socket.AF_UNIX:
-            self._server = await loop.create_unix_server(self._new_connection, sock=sock)
+            self._server = await loop.create_unix_server(
+                lambda: self._new_connection(same_user=True), sock=sock)
         else:
             secret = get_secret()  # fails here, not per connection, if this process has none
             self._server = await loop.create_server(
-                lambda: self._new_connection(Handshake(server=True, secret=secret)), sock=sock)
+                lambda: self._accept(secret), sock=sock, ssl=tls.server_context(secret),
+                ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S)
+
+    def _accept(self, secret: bytes) -> "_FrameProtocol":
+        authenticating = sum(1 for peer in self._authenticating
+                             if peer.handshake is not None and not peer.handshake.done)
+        protocol = self._new_connection(Handshake(server=True, secret=secret))
+        if authenticating >= MAX_UNAUTHENTICATED:
+            protocol.refused = True
+            logger.warning("Dropped a connection: %d others are still authenticating.",
+                           authenticating)
+        else:
+            self._authenticating.add(protocol)
+        return protocol
 
     def close(self) -> None:
         if self._server is not None:
             self._server.close()
 
-    def _new_connection(self, handshake: Optional[Handshake] = None) -> _FrameProtocol:
+    def _new_connection(self, handshake: Optional[Handshake] = None,
+                        same_user: bool = False) -> _FrameProtocol:
         protocol: _FrameProtocol
         tasks: Dict[int, asyncio.Future] = {}  # message id -> the call serving it
         windows: Dict[int, _Window] = {}  # message id -> the room of its streamed reply
@@ -474,18 +546,22 @@ class RpcServer:
                     cancelled.add(msg_id)
                     running.cancel()
                 return
+            if kind == _PING:
+                protocol.send(0, _PONG, b"")
+                return
             task = asyncio.ensure_future(self._dispatch(protocol, msg_id, payload, windows))
             tasks[msg_id] = task
             task.add_done_callback(functools.partial(ended, msg_id))
 
         def on_lost(exc: Optional[Exception]) -> None:
+            self._authenticating.discard(protocol)
             # Nobody is left to read the replies: stop the work done for this peer.
             for task in list(tasks.values()):
                 task.cancel()
             if self._on_disconnect is not None:
                 self._on_disconnect(protocol)
 
-        protocol = _FrameProtocol(on_frame, on_lost, handshake)
+        protocol = _FrameProtocol(on_frame, on_lost, handshake, same_user)
         return protocol
 
     async def _dispatch(self, protocol: _FrameProtocol, msg_id: int, payload: bytes,
@@ -588,6 +664,7 @@ class RpcClient:
         self.closed: Optional[asyncio.Future] = None
         self.on_notify: Optional[Callable[[], None]] = None
         self.notices = 0  # room notices received so far
+        self._pinged = False
 
     @classmethod
     async def connect(cls, address: str, name: Optional[str] = None) -> "RpcClient":
@@ -602,17 +679,47 @@ class RpcClient:
                     lambda: _FrameProtocol(client._on_frame, client._on_lost), address)
             else:
                 handshake = Handshake(server=False)
-                _, protocol = await loop.create_connection(
-                    lambda: _FrameProtocol(client._on_frame, client._on_lost, handshake), *tcp)
+                _, protocol = await asyncio.wait_for(loop.create_connection(
+                    lambda: _FrameProtocol(client._on_frame, client._on_lost, handshake), *tcp,
+                    ssl=tls.client_context(handshake.secret), server_hostname=tls.SERVER_NAME,
+                    ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S), constants.CONNECT_TIMEOUT_S)
                 assert protocol.authenticated is not None
                 await asyncio.shield(protocol.authenticated)
+                loop.call_later(constants.PEER_PING_INTERVAL_S, client._check_peer)
         except AuthenticationFailed as exc:
             raise ConnectFailed(f"Could not connect to {client.name}: authentication "
                                 f"failed ({exc}).") from None
+        except ssl.SSLError as exc:
+            raise ConnectFailed(f"Could not connect to {client.name}: authentication "
+                                f"failed (TLS: {exc.reason or exc}; the peer does not hold "
+                                "this instance's certificate).") from None
+        except asyncio.TimeoutError:
+            raise ConnectFailed(f"Could not connect to {client.name}: no answer within "
+                                f"{constants.CONNECT_TIMEOUT_S} s.") from None
         except OSError as exc:
             raise ConnectFailed(f"Could not connect to {client.name}: {exc}") from exc
         client._protocol = protocol
         return client
+
+    def _check_peer(self) -> None:
+        """TCP: while requests are in flight, ping a peer that sent nothing for a ping
+        interval; if it still sends nothing for another, take it for gone (a node powered
+        off, a partition: no FIN ever comes) and abort the connection, failing them."""
+        protocol = self._protocol
+        if self.is_closed or protocol is None:
+            return
+        if protocol.heard or not self._pending:
+            protocol.heard = self._pinged = False
+        elif self._pinged:
+            logger.warning("No answer from %s for %.0f s with requests in flight: taken for "
+                           "gone.", self.name, 2 * constants.PEER_PING_INTERVAL_S)
+            protocol.abort()
+            return
+        else:
+            protocol.send(0, _PING, b"")
+            self._pinged = True
+        asyncio.get_running_loop().call_later(constants.PEER_PING_INTERVAL_S,
+                                              self._check_peer)
 
     @property
     def is_closed(self) -> bool:
