@@ -27,6 +27,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -64,6 +65,11 @@ METRICS: Dict[str, Tuple[str, Optional[float], str, str]] = {
     "scale.create_replicas_s": ("s", None, "max", "start the replicas"),
     "scale.route_update_ms": ("ms", None, "max", "create_endpoint to first HTTP answer"),
     "scale.p50_ratio": ("x", 1.1, "max", "proxy p50, big table / table of 1"),
+    "transport.unix_seq_p50_us": ("us", None, "max", "echo RPC round trip, Unix socket"),
+    "transport.tls_seq_p50_us": ("us", None, "max", "the same over TCP + TLS (Ray runtime)"),
+    "transport.unix_rps": ("calls/s", None, "min", "1 KB echo RPCs, 1000 in flight, Unix"),
+    "transport.tls_rps": ("calls/s", None, "min", "the same over TCP + TLS"),
+    "transport.tls_cost": ("x", None, "max", "Unix calls/s / TLS calls/s"),
 }
 
 
@@ -389,10 +395,67 @@ def scenario_scale(runs: int, quick: bool) -> Results:
     return results
 
 
+def scenario_transport(runs: int, quick: bool) -> Results:
+    """What TLS costs the data plane: servekit's RPC transport echoing 1 KB, client and
+    server on one event loop, over a Unix socket (embedded) and over TCP in mutual TLS with
+    the instance's certificate (the Ray runtime between nodes)."""
+    from servekit._private import auth
+    from servekit._private.transport import RpcClient, RpcServer, tcp_address
+
+    calls = 2_000 if quick else 20_000
+    payload = b"x" * 1024
+    auth.set_secret(auth.new_secret())
+
+    async def echo(value: bytes) -> bytes:
+        return value
+
+    async def measure(sock: socket.socket, address: str) -> Tuple[float, float]:
+        server = RpcServer({"echo": echo})
+        await server.start(sock)
+        client = await RpcClient.connect(address)
+        try:
+            samples = []
+            for _ in range(calls // 4):
+                started = time.perf_counter()
+                await client.call("echo", payload)
+                samples.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            for first in range(0, calls, 1000):
+                await asyncio.gather(*(client.call("echo", payload)
+                                       for _ in range(min(1000, calls - first))))
+            return statistics.median(samples) * 1e6, calls / (time.perf_counter() - started)
+        finally:
+            client.close()
+            server.close()
+
+    results: Results = {}
+    directory = tempfile.mkdtemp(prefix="servekit-bench-")
+    try:
+        for run in range(runs):
+            unix = socket.socket(socket.AF_UNIX)
+            path = os.path.join(directory, f"echo-{run}.sock")
+            unix.bind(path)
+            unix.listen()
+            tcp = socket.socket()
+            tcp.bind(("127.0.0.1", 0))
+            tcp.listen()
+            for name, sock, address in (("unix", unix, path),
+                                        ("tls", tcp, tcp_address(*tcp.getsockname()[:2]))):
+                p50, rps = asyncio.run(measure(sock, address))
+                results.setdefault(f"transport.{name}_seq_p50_us", []).append(p50)
+                results.setdefault(f"transport.{name}_rps", []).append(rps)
+                sock.close()
+            results.setdefault("transport.tls_cost", []).append(
+                results["transport.unix_rps"][-1] / results["transport.tls_rps"][-1])
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    return results
+
+
 SCENARIOS: Dict[str, Callable[[int, bool], Results]] = {
     "http": scenario_http, "handles": scenario_handles, "cold_start": scenario_cold_start,
     "rss": scenario_rss, "batching": scenario_batching, "proxies": scenario_proxies,
-    "scale": scenario_scale,
+    "scale": scenario_scale, "transport": scenario_transport,
 }
 NEEDS_WRK = {"http", "proxies", "scale"}
 
