@@ -45,3 +45,22 @@ def test_each_gpu_replica_gets_its_own_devices_until_they_run_out() -> None:
     assert len(second.split(",")) == 2
     gpus.release("a", 1)
     assert gpus.assign("c", 1) == first  # the freed device is the least used again
+
+
+def test_restored_devices_stay_taken_and_are_given_back_on_release() -> None:
+    """A new controller adopts a replica that holds GPU 0: a new replica gets GPU 1, and
+    GPU 0 is free again once the adopted one stops."""
+    gpus = GPUAllocator(["0", "1"])
+    gpus.restore("adopted", ["0"], 1)
+    assert gpus.devices("adopted") == ["0"]
+    assert gpus.assign("new", 1) == "1"
+    gpus.release("adopted", 1)
+    assert gpus.assign("later", 1) == "0"
+
+
+def test_a_restored_device_the_machine_no_longer_has_is_left_out() -> None:
+    gpus = GPUAllocator(["0"])
+    gpus.restore("adopted", ["0", "7"], 2)
+    assert gpus.devices("adopted") == ["0"]
+    gpus.release("adopted", 2)
+    assert gpus.assign("new", 1) == "0"

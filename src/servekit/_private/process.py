@@ -165,6 +165,37 @@ class WorkerProcess:
                 pass
 
 
+def unix_socket_holders(path: str) -> List[int]:
+    """The pids of this user's processes holding a Unix socket bound to ``path`` (from
+    ``/proc``: the socket's inode in ``/proc/net/unix``, then each process's open files)."""
+    try:
+        with open("/proc/net/unix") as table:
+            next(table, None)  # the header
+            inodes = {fields[6] for fields in (line.split(None, 7) for line in table)
+                      if len(fields) == 8 and fields[7].rstrip("\n") == path}
+    except OSError:
+        return []
+    targets = {f"socket:[{inode}]" for inode in inodes}
+    holders = []
+    for process in os.scandir("/proc"):
+        if not process.name.isdigit() or int(process.name) == os.getpid():
+            continue
+        try:
+            with os.scandir(f"/proc/{process.name}/fd") as files:
+                if any(_link(entry.path) in targets for entry in files):
+                    holders.append(int(process.name))
+        except OSError:
+            continue  # gone, or another user's
+    return holders
+
+
+def _link(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return ""
+
+
 def process_start_time(pid: int) -> Optional[int]:
     """When ``pid`` started (clock ticks after boot), or None if it is gone or a zombie.
 

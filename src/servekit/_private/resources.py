@@ -75,6 +75,20 @@ class GPUAllocator:
         self._assigned[name] = chosen
         return ",".join(chosen)
 
+    def devices(self, name: str) -> List[str]:
+        """The GPUs replica ``name`` was given."""
+        return list(self._assigned.get(name, ()))
+
+    def restore(self, name: str, devices: List[str], num_gpus: float) -> None:
+        """Count ``devices`` as replica ``name``'s again (adopted by a new controller);
+        a device this machine no longer has is left out."""
+        chosen = [gpu for gpu in devices if gpu in self._load]
+        if not chosen:
+            return
+        for gpu in chosen:
+            self._load[gpu] += num_gpus / len(chosen)
+        self._assigned[name] = chosen
+
     def release(self, name: str, num_gpus: float) -> None:
         chosen = self._assigned.pop(name, [])
         for gpu in chosen:

@@ -87,6 +87,9 @@ class Controller:
         state = load(records, self.runtime.store_description()) if records else None
         if state is not None:
             await self._adopt(state)
+        # A worker launched just before a controller died, before its record was saved:
+        # nothing names it, so nothing would ever stop it.
+        await self.runtime.reap_unrecorded()
         await self._publish_all()
         if self._serves_http:
             self.http_address = self.runtime.bind_http(

@@ -97,6 +97,13 @@ class Runtime(abc.ABC):
         runs; from then on it is stopped and watched like the workers launched here."""
 
     @abc.abstractmethod
+    async def reap_unrecorded(self) -> List[str]:
+        """Stop every worker of the instance this runtime neither launched nor adopted: one
+        an earlier controller launched and died before it saved its record, so that no
+        worker is ever left running unowned. Called once adoption is done; the names (or
+        addresses) of what it stopped."""
+
+    @abc.abstractmethod
     def store_description(self) -> str:
         """Where ``store`` keeps its data, for error messages."""
 

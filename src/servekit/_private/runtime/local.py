@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import glob
+import logging
 import os
 import secrets
 import signal
@@ -18,6 +21,7 @@ from servekit._private.process import (
     WorkerSpec,
     bind_unix_socket,
     process_start_time,
+    unix_socket_holders,
 )
 from servekit._private.resources import GPUAllocator, detect_gpus, machine_capacity
 from servekit._private.runtime.base import Connection, Runtime
@@ -25,6 +29,8 @@ from servekit._private.specs import ControllerSpec
 from servekit._private.store import SQLiteStore
 from servekit._private.transport import RpcClient
 from servekit.exceptions import ServeError
+
+logger = logging.getLogger("servekit.controller")
 
 
 class LocalRuntime(Runtime):
@@ -127,12 +133,16 @@ class LocalRuntime(Runtime):
         return worker is not None and worker.is_alive()
 
     def identity(self, name: str) -> Optional[dict]:
-        """``{"pid", "start_time"}`` of worker ``name``'s process."""
+        """``{"pid", "start_time"}`` of worker ``name``'s process, its GPUs if it has any
+        (``"gpus"``, ``"num_gpus"``: a controller that adopts it keeps them taken)."""
         worker = self._workers.get(name)
         if worker is None:
             return None
         identity: Dict[str, Any] = {"pid": worker.pid,
                                     "start_time": process_start_time(worker.pid)}
+        if name in self._gpu_requests:
+            identity["gpus"] = self._gpus.devices(name)
+            identity["num_gpus"] = self._gpu_requests[name]
         if name in self._proxies and self._http_socket is not None:
             identity["http"] = list(self._http_socket.getsockname()[:2])
         return identity
@@ -148,7 +158,28 @@ class LocalRuntime(Runtime):
         self._sockets[name] = address
         if role == "proxy":
             self._proxies.add(name)
+        if identity.get("gpus"):
+            self._gpus.restore(name, identity["gpus"], identity["num_gpus"])
+            self._gpu_requests[name] = identity["num_gpus"]
         return True
+
+    async def reap_unrecorded(self) -> List[str]:
+        """Every worker serves a socket in the instance directory: one that no worker of
+        this runtime owns belongs to a worker launched and never recorded. Its processes
+        (found by the socket they hold) are killed and the file removed."""
+        owned = set(self._sockets.values())
+        reaped = []
+        for path in glob.glob(os.path.join(glob.escape(self.instance_dir), "[rp]-*.sock")):
+            if path in owned:
+                continue
+            for pid in unix_socket_holders(path):
+                logger.warning("Stopping process %d: it serves %s, which no saved record "
+                               "names (its controller died while starting it).", pid, path)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            _remove(path)
+            reaped.append(path)
+        return reaped
 
     def store_description(self) -> str:
         return self.store_path

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import os
 import pickle
@@ -392,6 +393,28 @@ class RayRuntime(Runtime):
         self._endings.pop(name, None)
         self._watch(name, actor)
         return True
+
+    async def reap_unrecorded(self) -> List[str]:
+        """Every worker is a named actor, ``servekit:NAME:...`` in servekit's namespace:
+        one that is neither adopted nor launched here was never recorded. It is killed."""
+        owned = {identity.get("actor") for identity in self._identities.values()}
+        listed = await asyncio.get_running_loop().run_in_executor(
+            None, functools.partial(ray.util.list_named_actors, all_namespaces=True))
+        reaped = []
+        for entry in listed:
+            name = entry.get("name", "")
+            if entry.get("namespace") != NAMESPACE or not name.startswith("servekit:") or \
+                    name in owned:
+                continue
+            try:
+                actor = ray.get_actor(name, namespace=NAMESPACE)
+            except ValueError:
+                continue  # gone meanwhile
+            logger.warning("Stopping actor %s: no saved record names it (its controller died "
+                           "while starting it).", name)
+            ray.kill(actor, no_restart=True)
+            reaped.append(name)
+        return reaped
 
     def store_description(self) -> str:
         return f"Ray's internal KV store (namespace {NAMESPACE!r}, key {_STATE_KEY.decode()!r})"
