@@ -10,9 +10,7 @@ import uuid
 import warnings
 from typing import Any, Callable, Dict, List, Optional, TypeVar, Union
 
-import cloudpickle
-
-from servekit._private import constants, metrics
+from servekit._private import constants, metrics, user_errors
 from servekit._private.context import (
     ReplicaContext,
     current_replica_context,
@@ -160,7 +158,7 @@ class Client:
                 raise TypeError(f"env must be a CondaEnv or VirtualEnv, got {env!r}.")
             python = env.python()
         try:
-            serialized = cloudpickle.dumps((func_or_class, actor_init_args))
+            serialized = user_errors.dumps_by_value((func_or_class, actor_init_args))
         except Exception as exc:
             raise TypeError(f"The backend {description} or its init args cannot be pickled: "
                             f"{exc}") from exc

@@ -40,6 +40,7 @@ from servekit._private.process import WorkerSpec
 from servekit._private.specs import ReplicaSpec
 from servekit._private.thread_lane import ThreadLane
 from servekit._private.transport import Busy, RpcServer, Stream, current_peer, notify
+from servekit._private.user_errors import FailureLog
 from servekit.config import BackendConfig, BackendMetadata, validate_backend_against_config
 from servekit.exceptions import MethodNotFoundError, ServeError
 from servekit.request import (
@@ -180,6 +181,7 @@ class Replica:
         self._requests = metrics.REPLICA_REQUESTS.labels(*labels)
         self._errors = metrics.REPLICA_ERRORS.labels(*labels)
         self._batch_sizes = metrics.BATCH_SIZE.labels(*labels)
+        self._failures = FailureLog(logger, spec.backend_tag)
 
     def _new_lane(self, threads: int) -> ThreadLane:
         return ThreadLane(asyncio.get_running_loop(), threads, f"servekit-{self.spec.replica_tag}")
@@ -393,8 +395,8 @@ class Replica:
             if not isinstance(error, Exception):
                 raise error from None  # a real cancellation
             admission.failed = True
-            logger.error("Backend %s raised while handling %s %s", self.tag, wire.method,
-                         loggable(wire.path), exc_info=error)
+            self._failures.failed(f"{wire.method} {loggable(wire.path)}",
+                                  self._noted(error))
             return error_response(error)
         finally:
             if admission.state != STREAMING:
@@ -429,9 +431,20 @@ class Replica:
                 admission.streaming()  # in flight until its stream is closed
                 return Stream(self._finishing(self._chunks_of(result), admission))
             return result
+        except Exception as error:
+            self._failures.failed(f"a call to {method_name or '__call__'}",
+                                  self._noted(error))
+            raise
         finally:
             if admission.state != STREAMING:
                 admission.finish()
+
+    def _noted(self, error: Exception) -> Exception:
+        """``error`` with a note saying which backend, replica and request it failed (the
+        caller of a handle sees it too)."""
+        error.add_note(f"(raised in backend '{self.tag}', replica {self.spec.replica_tag}, "
+                       f"request {current_request_id.get() or '-'})")
+        return error
 
     async def _chunks_of(self, chunks: Any) -> AsyncIterator[Any]:
         """Iterate chunks user code produces: an async iterator on the loop, a sync one on

@@ -25,7 +25,6 @@ import pickle
 import socket
 import ssl
 import struct
-import traceback
 import weakref
 from typing import (
     Any,
@@ -39,7 +38,7 @@ from typing import (
     Tuple,
 )
 
-from servekit._private import constants, tls
+from servekit._private import constants, tls, user_errors
 from servekit._private.auth import (
     HANDSHAKE_TIMEOUT_S,
     AuthenticationFailed,
@@ -257,9 +256,7 @@ def dumps_by_value(value: Any, main_by_value: bool = False) -> bytes:
     except Exception:
         payload = None
     if payload is None or (main_by_value and b"__main__" in payload):
-        import cloudpickle  # only for what plain pickle cannot carry
-
-        return cloudpickle.dumps(value, protocol=_PICKLE_PROTOCOL)
+        return user_errors.dumps_by_value(value, protocol=_PICKLE_PROTOCOL)
     return payload
 
 
@@ -275,8 +272,9 @@ def encode_call(name: str, args: tuple) -> bytes:
 
 
 def encode_error(exc: BaseException) -> bytes:
-    """Pickle ``exc`` with its formatted traceback; fall back to a ServeError naming it."""
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    """Pickle ``exc`` with its traceback (the user's frames); fall back to a ServeError
+    naming it."""
+    tb = user_errors.user_traceback(exc)
     try:
         return dumps((exc, tb))
     except Exception:
