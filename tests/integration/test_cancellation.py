@@ -260,7 +260,7 @@ def _give_up_together(url: str, clients: int, after_s: float) -> None:
 @pytest.mark.parametrize("sync_threads, most_started", [(1, 1), (4, 2)])
 def test_clients_that_give_up_never_make_a_replica_run_past_its_cap(
         sync_threads: int, most_started: int) -> None:
-    """20 HTTP clients give up after 0.2 s on a sync backend (cap 2, 0.5 s per call). With
+    """20 HTTP clients give up after 0.2 s on a sync backend (cap 2, 2 s per call). With
     one thread only the first call ever starts (the second, waiting for the thread, is
     withdrawn); with four, at most the cap. Calls already running keep their place until
     they return, so no more than the cap ever run at once.
@@ -270,7 +270,9 @@ def test_clients_that_give_up_never_make_a_replica_run_past_its_cap(
     port = free_port()
     client = serve.start(http_options={"port": port})
     try:
-        client.create_backend("busy", Concurrency, 0.5, config={
+        # Each call takes long enough that every client has given up before the first
+        # ends, even on a loaded machine where the 20 clients start late.
+        client.create_backend("busy", Concurrency, 2.0, config={
             "max_concurrent_queries": 2, "sync_threads": sync_threads})
         client.create_endpoint("busy", backend="busy", route="/busy")
         handle = client.get_handle("busy").options(method_name="counts")

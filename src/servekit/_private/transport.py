@@ -441,10 +441,18 @@ class _FrameProtocol(asyncio.Protocol):
             transport.write(unsent[0] if len(unsent) == 1 else b"".join(unsent))
 
     def close(self) -> None:
-        """Close the connection once the frames already sent are written."""
+        """Close the connection once the frames already sent are written.
+
+        A TLS connection is dropped once they are handed to the socket, without waiting for
+        the peer's TLS goodbye: frames, not TLS, say where a conversation ends, and a
+        connection closed as its event loop ends (``asyncio.run`` of a handle) would
+        otherwise hold its socket until the goodbye that loop no longer waits for."""
         if self.transport is not None:
             self.flush()
-            self.transport.close()
+            if self.handshake is not None:
+                self.transport.abort()
+            else:
+                self.transport.close()
 
     def abort(self) -> None:
         """Drop the connection now (its peer is gone: nothing more can be written)."""

@@ -83,6 +83,17 @@ def _file_safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
+def _set_title(title: str) -> None:
+    """What ps and top show: the role and name ("servekit replica clf:v1#3a2b1c"). Within
+    the room of the command line (SPT_NOENV): the process's environment, which tools read
+    in /proc, is left intact."""
+    os.environ["SPT_NOENV"] = "1"
+    try:
+        setproctitle.setproctitle(title)
+    finally:
+        del os.environ["SPT_NOENV"]
+
+
 def role_main(role: str) -> Callable[[WorkerSpec, socket.socket, asyncio.Event], Any]:
     """The coroutine function that runs a worker of ``role`` until its stop event is set."""
     if role == "supervisor":
@@ -113,8 +124,7 @@ def main() -> None:
                          name="servekit-lifeline", daemon=True).start()
     configure_logging(spec.role, spec.name,
                       os.path.join(spec.instance_dir, LOG_DIR) if spec.instance_dir else None)
-    # What ps and top show: the role and name ("servekit replica clf:v1#3a2b1c").
-    setproctitle.setproctitle(f"servekit {spec.role} {spec.name}")
+    _set_title(f"servekit {spec.role} {spec.name}")
     sock = socket.socket(fileno=spec.rpc_fd)
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
