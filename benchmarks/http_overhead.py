@@ -17,6 +17,7 @@ import statistics
 import time
 
 import httpx
+from suite import serve_raw_asgi  # (benchmarks/ is on the path of a script run from it)
 
 import servekit as serve
 
@@ -25,21 +26,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def _bare_app(port: int) -> None:
-    import uvicorn
-
-    async def app(scope, receive, send):  # type: ignore[no-untyped-def]
-        if scope["type"] != "http":
-            return
-        await receive()
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"text/plain; charset=utf-8")]})
-        await send({"type": "http.response.body", "body": b"ok"})
-
-    uvicorn.run(app, host="127.0.0.1", port=port, loop="uvloop", http="httptools",
-                log_level="warning", access_log=False)
 
 
 def noop(request: object) -> str:
@@ -87,7 +73,7 @@ def main() -> None:
     n = parser.parse_args().requests
 
     bare_port = _free_port()
-    bare = multiprocessing.get_context("spawn").Process(target=_bare_app, args=(bare_port,))
+    bare = multiprocessing.get_context("spawn").Process(target=serve_raw_asgi, args=(bare_port,))
     bare.start()
     try:
         _wait_http(f"http://127.0.0.1:{bare_port}/")

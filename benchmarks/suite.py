@@ -105,7 +105,7 @@ def wrk(url: str, connections: int, seconds: float) -> Tuple[float, float]:
     return rps, float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
 
 
-def _ceiling_app(port: int) -> None:
+def serve_raw_asgi(port: int) -> None:
     """The raw-ASGI ceiling: uvicorn + httptools + uvloop serving the no-op in-process."""
     import uvicorn
 
@@ -124,7 +124,7 @@ def _ceiling_app(port: int) -> None:
 @contextlib.contextmanager
 def ceiling() -> Iterator[str]:
     port = free_port()
-    process = multiprocessing.get_context("spawn").Process(target=_ceiling_app, args=(port,),
+    process = multiprocessing.get_context("spawn").Process(target=serve_raw_asgi, args=(port,),
                                                            daemon=True)
     process.start()
     try:

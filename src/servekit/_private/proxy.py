@@ -194,16 +194,7 @@ class HTTPProxy:
         if method not in methods:
             return text_response(405, f"Method {method} is not allowed for {path}. Allowed "
                                       f"methods: {', '.join(methods)}.")
-        method_name: Optional[str] = None
-        shard_key: Optional[str] = None
-        length: Optional[bytes] = None
-        for name, value in scope["headers"]:
-            if name == b"x-serve-call-method":
-                method_name = value.decode("latin-1")
-            elif name == b"x-serve-shard-key":
-                shard_key = value.decode("latin-1")
-            elif name == b"content-length":
-                length = value
+        method_name, shard_key, length = _routing_headers(scope["headers"])
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
             return self._too_large()
         watch.reading_body = True
@@ -238,13 +229,7 @@ class HTTPProxy:
             return False
         started = time.perf_counter()
         request_id = _request_id(scope)
-        method_name: Optional[str] = None
-        shard_key: Optional[str] = None
-        for name, value in scope["headers"]:
-            if name == b"x-serve-call-method":
-                method_name = value.decode("latin-1")
-            elif name == b"x-serve-shard-key":
-                shard_key = value.decode("latin-1")
+        method_name, shard_key, _ = _routing_headers(scope["headers"])
         trace = {"endpoint": endpoint, "route": path}
         served = _Served(self, protocol, cycle, started, trace, request_id)
         payload = encode_call("http", (method_name, wire_from_scope(scope, bytes(cycle.body))))
@@ -299,6 +284,22 @@ class HTTPProxy:
         for (endpoint, backend), counts in self.router.shadow_stats.counts.items():
             table.setdefault(endpoint, {})[backend] = dict(counts)
         return table
+
+
+def _routing_headers(headers: List[Tuple[bytes, bytes]]) -> Tuple[
+        Optional[str], Optional[str], Optional[bytes]]:
+    """(X-SERVE-CALL-METHOD, X-SERVE-SHARD-KEY, Content-Length) of a request, each None
+    when absent."""
+    method_name = shard_key = None
+    length = None
+    for name, value in headers:
+        if name == b"x-serve-call-method":
+            method_name = value.decode("latin-1")
+        elif name == b"x-serve-shard-key":
+            shard_key = value.decode("latin-1")
+        elif name == b"content-length":
+            length = value
+    return method_name, shard_key, length
 
 
 def _failure(exc: Exception, path: str) -> HTTPResponseWire:
