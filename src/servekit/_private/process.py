@@ -19,7 +19,7 @@ import socket
 import struct
 import subprocess
 import sys
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import cloudpickle
 
@@ -209,6 +209,16 @@ def process_start_time(pid: int) -> Optional[int]:
     if fields[0] in ("Z", "X"):
         return None
     return int(fields[19])
+
+
+def cpu_state(pid: int) -> Optional[Tuple[str, float]]:
+    """(scheduler state letter, seconds of CPU used so far) of ``pid``; None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[0], (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class AdoptedProcess:

@@ -24,7 +24,12 @@ import threading
 import time
 
 from servekit._private import constants
-from servekit._private.process import WorkerProcess, WorkerSpec, parent_exit_hooks
+from servekit._private.process import (
+    WorkerProcess,
+    WorkerSpec,
+    cpu_state,
+    parent_exit_hooks,
+)
 from servekit._private.transport import RpcClient
 from servekit.exceptions import BackendUnavailableError
 
@@ -68,21 +73,35 @@ async def _reap_periodically(controller: WorkerProcess) -> None:
         _reap_orphans(controller)
 
 
+def starved(pid: int, cpu_before: float, timeout: float) -> bool:
+    """Whether a controller that missed a ping was only waiting for a CPU: runnable, and
+    given less than half the ping's time in CPU since ``cpu_before`` (a machine saturated
+    by hundreds of starting replicas), not frozen (stopped, blocked, or spinning)."""
+    state = cpu_state(pid)
+    return state is not None and state[0] == "R" and state[1] - cpu_before < timeout / 2
+
+
 async def _kill_when_frozen(address: str, controller: WorkerProcess) -> None:
     """SIGKILL the controller once it misses ``_PINGS_MISSED`` pings in a row (its event
-    loop is blocked, or the process is stopped), so that a new one is started. The first
-    answer may take as long as a start; an exit is the caller's to see."""
+    loop is blocked, or the process is stopped), so that a new one is started. A ping
+    missed while the controller only waited for a CPU does not count (see ``starved``).
+    The first answer may take as long as a start; an exit is the caller's to see."""
     timeout = constants.STARTUP_TIMEOUT_S
     missed = 0
     connection = None
     try:
         while True:
+            before = cpu_state(controller.pid)
             try:
                 if connection is None or connection.is_closed:
                     connection = await RpcClient.connect(address, "servekit controller")
                 await asyncio.wait_for(connection.call("ping"), timeout)
                 missed, timeout = 0, constants.CONTROLLER_PING_TIMEOUT_S
             except asyncio.TimeoutError:
+                if before is not None and starved(controller.pid, before[1], timeout):
+                    logger.warning("The controller (pid %d) is slow to answer: the machine "
+                                   "is busy and it waits for a CPU.", controller.pid)
+                    continue
                 missed += 1
                 if missed >= _PINGS_MISSED:
                     logger.warning(
