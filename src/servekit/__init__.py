@@ -1,24 +1,44 @@
-"""servekit: serve machine-learning models and Python code behind HTTP and Python handles."""
+"""servekit: serve machine-learning models and Python code behind HTTP and Python handles.
+
+The public names are imported when first used, so that servekit's own processes (the
+supervisor, controller, proxy and replicas) load only the modules their role needs.
+"""
 
 from __future__ import annotations
 
-from servekit.api import (
-    Client,
-    accept_batch,
-    connect,
-    get_current_backend_tag,
-    get_current_replica_tag,
-    get_request_id,
-    metrics_text,
-    start,
-)
-from servekit.config import BackendConfig, DeploymentMode, HTTPOptions
-from servekit.env import CondaEnv, VirtualEnv
-from servekit.exceptions import RayServeException, ServeError
-from servekit.handle import ServeHandle, ServeResponse, ServeSyncHandle
-from servekit.request import ServeRequest
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from servekit.api import (
+        Client,
+        accept_batch,
+        connect,
+        get_current_backend_tag,
+        get_current_replica_tag,
+        get_request_id,
+        metrics_text,
+        start,
+    )
+    from servekit.config import BackendConfig, DeploymentMode, HTTPOptions
+    from servekit.env import CondaEnv, VirtualEnv
+    from servekit.exceptions import RayServeException, ServeError
+    from servekit.handle import ServeHandle, ServeResponse, ServeSyncHandle
+    from servekit.request import ServeRequest
 
 __version__ = "0.1.0"
+
+# public name -> the module that defines it
+_HOMES = {
+    "Client": "api", "accept_batch": "api", "connect": "api",
+    "get_current_backend_tag": "api", "get_current_replica_tag": "api",
+    "get_request_id": "api", "metrics_text": "api", "start": "api",
+    "BackendConfig": "config", "DeploymentMode": "config", "HTTPOptions": "config",
+    "CondaEnv": "env", "VirtualEnv": "env",
+    "RayServeException": "exceptions", "ServeError": "exceptions",
+    "ServeHandle": "handle", "ServeResponse": "handle", "ServeSyncHandle": "handle",
+    "ServeRequest": "request",
+}
 
 __all__ = [
     "BackendConfig",
@@ -42,3 +62,20 @@ __all__ = [
     "metrics_text",
     "start",
 ]
+# public submodules, imported when first used as attributes (``serve.exceptions``)
+_SUBMODULES = ("api", "config", "env", "exceptions", "handle", "metrics", "request", "types")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"servekit.{name}")
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'servekit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"servekit.{home}"), name)
+    globals()[name] = value  # looked up once
+    return value
+
+
+def __dir__() -> list:
+    return sorted({*__all__, *(name for name in globals() if name.startswith("__"))})
