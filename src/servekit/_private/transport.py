@@ -35,6 +35,7 @@ from typing import (
     Dict,
     List,
     Optional,
+    Protocol,
     Tuple,
 )
 
@@ -175,7 +176,7 @@ class ReplyStream:
             self._arrived.set()
 
 
-class Exchange:
+class Exchange(Protocol):
     """What waits for the reply to one request sent on an ``RpcClient``: the connection hands
     it each frame of the reply, in order, and tells it if the connection is lost first."""
 
@@ -184,12 +185,12 @@ class Exchange:
     def on_reply(self, kind: int, payload: bytes) -> bool:
         """Take one frame of the reply; True if it was the last (the connection then
         forgets the request)."""
-        raise NotImplementedError
+        ...
 
     def on_lost(self, peer: str) -> None:
         """The connection to ``peer`` (its name) was lost before the last frame of the
         reply arrived; ``peer_lost`` makes the error to report."""
-        raise NotImplementedError
+        ...
 
 
 def peer_lost(peer: str, streaming: bool = False) -> BackendUnavailableError:
