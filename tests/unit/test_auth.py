@@ -219,6 +219,17 @@ async def until(condition: Callable[[], object], timeout: float = 3.0,
         await asyncio.sleep(0.005)
 
 
+class RecordingEcho:
+    """An ``echo`` handler that records the values it was called with."""
+
+    def __init__(self) -> None:
+        self.called: List[Any] = []
+
+    async def __call__(self, value: Any) -> Any:
+        self.called.append(value)
+        return value
+
+
 class TrackedServer(RpcServer):
     """An ``RpcServer`` that remembers its connections, so a test can see them all closed."""
 
@@ -361,11 +372,7 @@ def test_client_with_another_secret_is_refused() -> None:
     the server keeps the one it started with, the client takes the current one) has another
     certificate: connect fails in TLS with ``ConnectFailed`` saying authentication failed,
     and nothing reaches the server's frames."""
-    called: List[Any] = []
-
-    async def echo(value: Any) -> Any:
-        called.append(value)
-        return value
+    echo = RecordingEcho()
 
     async def main() -> None:
         async with tcp_server({"echo": echo}) as (server, address):
@@ -373,7 +380,7 @@ def test_client_with_another_secret_is_refused() -> None:
             with pytest.raises(ConnectFailed, match="authentication failed.*TLS"):
                 await asyncio.wait_for(RpcClient.connect(address), 3.0)
             assert server.connected == []
-        assert called == []
+        assert echo.called == []
 
     run(main)
 
@@ -381,11 +388,7 @@ def test_client_with_another_secret_is_refused() -> None:
 def test_a_plaintext_peer_gets_no_servekit_byte() -> None:
     """Between nodes nothing is plaintext: a peer that speaks plain TCP gets no challenge
     and no frame, only the TLS layer refusing it, and its request never runs."""
-    called: List[Any] = []
-
-    async def echo(value: Any) -> Any:
-        called.append(value)
-        return value
+    echo = RecordingEcho()
 
     async def main() -> None:
         async with tcp_server({"echo": echo}) as (server, address):
@@ -393,7 +396,7 @@ def test_a_plaintext_peer_gets_no_servekit_byte() -> None:
                 writer.write(b"\x00" * CLIENT_PROOF_SIZE + request_frame(1, "echo", "hi"))
                 received = await read_to_eof(reader, timeout=5.0)
             assert _MAGIC not in received
-            assert server.connected == [] and called == []
+            assert server.connected == [] and echo.called == []
 
     run(main)
 
@@ -485,11 +488,7 @@ def test_a_request_frame_after_the_handshake(answer: str,
     the same write. With a valid proof (the control), the request is served; with garbage
     of the right length, the handler never runs and the server closes the connection."""
     caplog.set_level(logging.WARNING, logger="servekit")
-    called: List[Any] = []
-
-    async def echo(value: Any) -> Any:
-        called.append(value)
-        return value
+    echo = RecordingEcho()
 
     async def main() -> None:
         async with tcp_server({"echo": echo}) as (server, address):
@@ -511,10 +510,10 @@ def test_a_request_frame_after_the_handshake(answer: str,
                     length, msg_id, kind = _HEADER.unpack(header)
                     payload = await asyncio.wait_for(reader.readexactly(length), 3.0)
                     assert (msg_id, kind, pickle.loads(payload)) == (1, _REPLY_OK, "hello")
-                    assert called == ["hello"]
+                    assert echo.called == ["hello"]
                 else:
                     assert await read_to_eof(reader) == b""
-                    assert called == []
+                    assert echo.called == []
         if answer == "garbage":
             assert len(dropped_records(caplog)) == 1
         else:
@@ -552,11 +551,7 @@ def test_a_frame_sent_instead_of_the_handshake_is_never_read(
     client proof (so the handshake still waits for more): the frame is never dispatched,
     and the peer is dropped when the handshake timeout passes."""
     monkeypatch.setattr(transport, "HANDSHAKE_TIMEOUT_S", 0.2)
-    called: List[Any] = []
-
-    async def echo(value: Any) -> Any:
-        called.append(value)
-        return value
+    echo = RecordingEcho()
 
     async def main() -> None:
         async with tcp_server({"echo": echo}) as (server, address):
@@ -566,7 +561,7 @@ def test_a_frame_sent_instead_of_the_handshake_is_never_read(
                 writer.write(frame)
                 received = await read_to_eof(reader)
             assert len(received) == OPENING_SIZE  # the challenge, and no reply
-            assert called == []
+            assert echo.called == []
 
     run(main)
 
@@ -693,11 +688,7 @@ def test_a_unix_socket_server_drops_peers_of_another_user(
     """Whatever the mode of its directory, a Unix socket server serves only processes of
     its own user (``SO_PEERCRED``): another user's request never runs."""
     caplog.set_level(logging.WARNING, logger="servekit")
-    called: List[Any] = []
-
-    async def echo(value: Any) -> Any:
-        called.append(value)
-        return value
+    echo = RecordingEcho()
 
     async def main() -> None:
         with tempfile.TemporaryDirectory(dir="/tmp") as directory:
@@ -724,7 +715,7 @@ def test_a_unix_socket_server_drops_peers_of_another_user(
                     await closed_client(client)
             finally:
                 server.close()
-        assert called == ["owner"]
+        assert echo.called == ["owner"]
         assert any("another user" in record.getMessage() for record in caplog.records)
 
     run(main)
