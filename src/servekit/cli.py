@@ -91,6 +91,7 @@ def status(as_json: bool, address: Optional[str]) -> None:
                      ", ".join(f"{k}={v}" for k, v in sorted(b["config"].items())
                                if k in ("max_concurrent_queries", "max_batch_size",
                                         "sync_threads")),
+                     "fixed" if b["autoscaling"] is None else f"auto: {b['autoscaling']}",
                      b["last_start_error"] or ""]
                     for tag, b in sorted(state["backends"].items())]
     endpoint_rows = [[name, e["route"] or "(handle only)", ",".join(e["methods"]),
@@ -98,8 +99,8 @@ def status(as_json: bool, address: Optional[str]) -> None:
                      for name, e in sorted(state["endpoints"].items())]
     process_rows = [[p["role"], p["name"], str(p["pid"]), p["state"],
                      (p.get("node") or "")[:12]] for p in state["processes"]]
-    click.echo(_table("BACKENDS", ["backend", "replicas", "config", "last start error"],
-                      backend_rows))
+    click.echo(_table("BACKENDS", ["backend", "replicas", "config", "scaling",
+                                   "last start error"], backend_rows))
     click.echo(_table("ENDPOINTS", ["endpoint", "route", "methods", "traffic", "shadows"],
                       endpoint_rows))
     click.echo(_table("PROCESSES", ["role", "name", "pid", "state", "node"], process_rows),
