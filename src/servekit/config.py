@@ -621,3 +621,4 @@ class ReplicaConfig:
     actor_options: dict
     description: str
     python: str | None = None
+    source: dict | None = None
