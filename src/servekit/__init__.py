@@ -20,7 +20,7 @@ if TYPE_CHECKING:
         metrics_text,
         start,
     )
-    from servekit.config import BackendConfig, DeploymentMode, HTTPOptions
+    from servekit.config import AutoscalingConfig, BackendConfig, DeploymentMode, HTTPOptions
     from servekit.env import CondaEnv, VirtualEnv
     from servekit.exceptions import RayServeException, ServeError
     from servekit.handle import ServeHandle, ServeResponse, ServeSyncHandle
@@ -33,7 +33,8 @@ _HOMES = {
     "Client": "api", "accept_batch": "api", "connect": "api",
     "get_current_backend_tag": "api", "get_current_replica_tag": "api",
     "get_request_id": "api", "metrics_text": "api", "start": "api",
-    "BackendConfig": "config", "DeploymentMode": "config", "HTTPOptions": "config",
+    "AutoscalingConfig": "config", "BackendConfig": "config", "DeploymentMode": "config",
+    "HTTPOptions": "config",
     "CondaEnv": "env", "VirtualEnv": "env",
     "RayServeException": "exceptions", "ServeError": "exceptions",
     "ServeHandle": "handle", "ServeResponse": "handle", "ServeSyncHandle": "handle",
@@ -41,6 +42,7 @@ _HOMES = {
 }
 
 __all__ = [
+    "AutoscalingConfig",
     "BackendConfig",
     "Client",
     "CondaEnv",

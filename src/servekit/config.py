@@ -176,11 +176,73 @@ class HTTPOptions(BaseModel):
         return self
 
 
+class AutoscalingConfig(BaseModel):
+    """How an autoscaled backend follows its load (Ray Serve 2.x's field names and meanings).
+
+    The load of a backend is the requests waiting in routers for one of its replicas plus
+    those its replicas run, averaged over ``look_back_period_s``; the backend wants
+    ``load / target_ongoing_requests`` replicas, between ``min_replicas`` and
+    ``max_replicas``. A change is made only once it was wanted all through its delay.
+
+    Args:
+        min_replicas: Fewest replicas, default 1; 0 lets the backend scale to zero (requests
+            then wait in the router while the first replica starts).
+        max_replicas: Most replicas, default 1.
+        initial_replicas: Replicas to start with, default ``min_replicas``.
+        target_ongoing_requests: Requests each replica should have in flight, default 2.
+        upscale_delay_s: Seconds more replicas must be wanted before they start, default 30.
+        downscale_delay_s: Seconds fewer replicas must be wanted before some stop, default
+            600.
+        downscale_to_zero_delay_s: Seconds no load must last before the last replica stops,
+            default ``downscale_delay_s``.
+        upscaling_factor: Fraction of the wanted increase made at once, default 1.
+        downscaling_factor: Fraction of the wanted decrease made at once, default 1.
+        look_back_period_s: Seconds the load is averaged over, default 30.
+        metrics_interval_s: Seconds between load reports of each router, default 10.
+
+    Raises:
+        pydantic.ValidationError: an unknown key, a bad number, or bounds out of order.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_replicas: int = Field(default=1, ge=0, strict=True)
+    max_replicas: int = Field(default=1, ge=1, strict=True)
+    initial_replicas: int | None = Field(default=None, ge=0, strict=True)
+    target_ongoing_requests: float = Field(default=2.0, gt=0, allow_inf_nan=False)
+    upscale_delay_s: float = Field(default=30.0, ge=0, allow_inf_nan=False)
+    downscale_delay_s: float = Field(default=600.0, ge=0, allow_inf_nan=False)
+    downscale_to_zero_delay_s: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    upscaling_factor: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    downscaling_factor: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    look_back_period_s: float = Field(default=30.0, gt=0, allow_inf_nan=False)
+    metrics_interval_s: float = Field(default=10.0, gt=0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _bounds_in_order(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas={self.min_replicas} is above max_replicas={self.max_replicas}.")
+        initial = self.initial_replicas
+        if initial is not None and not self.min_replicas <= initial <= self.max_replicas:
+            raise ValueError(
+                f"initial_replicas={initial} is outside [min_replicas={self.min_replicas}, "
+                f"max_replicas={self.max_replicas}].")
+        return self
+
+    @property
+    def start_replicas(self) -> int:
+        """Replicas a new backend starts with."""
+        return self.min_replicas if self.initial_replicas is None else self.initial_replicas
+
+
 class BackendConfig(BaseModel):
     """Options of a backend that can change without restarting its code.
 
     Args:
         num_replicas: Number of replica processes, default 1.
+        autoscaling_config: An ``AutoscalingConfig`` (or a dict of its fields): the number
+            of replicas follows the load instead. Exclusive with ``num_replicas``.
         max_batch_size: Largest batch handed to an ``@accept_batch`` callable, default
             ``None`` (no batching).
         batch_wait_timeout: Seconds to wait for a batch to fill, default 0.0.
@@ -222,6 +284,9 @@ class BackendConfig(BaseModel):
 
     num_replicas: int = Field(
         default=1, ge=1, strict=True, description="Number of replica processes."
+    )
+    autoscaling_config: AutoscalingConfig | None = Field(
+        default=None, description="Let the number of replicas follow the load."
     )
     max_batch_size: int | None = Field(
         default=None,
@@ -317,8 +382,22 @@ class BackendConfig(BaseModel):
                 f"{type(update).__name__} {update!r}."
             )
         data = _set_fields(self)
-        data.update(_set_fields(update))
+        changes = _set_fields(update)
+        # A fixed number of replicas and autoscaling replace each other.
+        if changes.get("autoscaling_config") is not None:
+            data.pop("num_replicas", None)
+        if "num_replicas" in changes:
+            data.pop("autoscaling_config", None)
+        data.update(changes)
         return BackendConfig.model_validate(data)
+
+    @model_validator(mode="after")
+    def _fixed_or_autoscaled(self) -> BackendConfig:
+        if self.autoscaling_config is not None and "num_replicas" in self.model_fields_set:
+            raise ValueError(
+                f"num_replicas={self.num_replicas} and autoscaling_config are both set: "
+                "autoscaling decides the number of replicas. Set only one.")
+        return self
 
     def effective_max_concurrent_queries(self, is_async: bool) -> int:
         """Queries in flight per replica: the explicit value, else a default for the callable.
@@ -621,4 +700,6 @@ class ReplicaConfig:
     actor_options: dict
     description: str
     python: str | None = None
+    # How a deploy file defined it (JSON; the controller stores it, never reads it): its
+    # mark as made from a file. None for a backend made through the Python API.
     source: dict | None = None

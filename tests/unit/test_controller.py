@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from typing import (
     Any,
     AsyncIterator,
@@ -23,14 +24,14 @@ from typing import (
 
 import cloudpickle
 import pytest
+from fake_runtime import FakeRuntime
 from loop_helpers import run
 
 from servekit._private import constants
-from servekit._private.controller import controller as controller_module
+from servekit._private.controller import backend_reconciler
 from servekit._private.controller.controller import Controller
 from servekit._private.controller.durable import LoadedState, load
 from servekit._private.controller.state import RUNNING, STARTING
-from servekit._private.runtime.fake import FakeRuntime
 from servekit.config import BackendConfig, BackendMetadata, HTTPOptions, ReplicaConfig
 from servekit.exceptions import ServeError
 
@@ -104,18 +105,19 @@ class PickyModel:
 
 
 # The event a SlowReconfigure's reconfigure waits for (created by the test, on its loop).
-RECONFIGURE_RELEASE: Dict[str, asyncio.Event] = {}
+RECONFIGURE_RELEASE = threading.Event()
 
 
 class SlowReconfigure:
-    """Its reconfigure waits for ``RECONFIGURE_RELEASE["event"]`` when asked to."""
+    """Its reconfigure (on the replica's control thread) waits for ``RECONFIGURE_RELEASE``
+    when asked to."""
 
     def __init__(self) -> None:
         self.user_config: Any = None
 
-    async def reconfigure(self, user_config: Any) -> None:
+    def reconfigure(self, user_config: Any) -> None:
         if user_config.get("slow"):
-            await RECONFIGURE_RELEASE["event"].wait()
+            RECONFIGURE_RELEASE.wait(TIMEOUT_S)
         self.user_config = user_config
 
     def __call__(self, request: Any) -> Any:
@@ -183,7 +185,7 @@ async def start_backend(controller: Controller, tag: str, target: Any = Model,
 
 def replica_tags(controller: Controller, tag: str, *states: str) -> List[str]:
     """Tags of the backend's replicas (in ``states``, default any), oldest first."""
-    backend = controller.backends[tag]
+    backend = controller.backends[tag].state
     return [r.tag for r in backend.replicas.values() if not states or r.state in states]
 
 
@@ -494,7 +496,7 @@ def test_a_slow_reconfigure_holds_up_neither_other_calls_nor_replacements() -> N
     for the first."""
 
     async def main() -> None:
-        RECONFIGURE_RELEASE["event"] = asyncio.Event()
+        RECONFIGURE_RELEASE.clear()
         async with running_controller() as (controller, runtime):
             await start_backend(controller, "slow", SlowReconfigure, user_config={"v": 1})
             await start_backend(controller, "other", echo)
@@ -515,7 +517,7 @@ def test_a_slow_reconfigure_holds_up_neither_other_calls_nor_replacements() -> N
                 assert not update.done() and not second.done()
                 assert runtime.calls(slow).count("update_config") == 1  # the second waits
             finally:
-                RECONFIGURE_RELEASE["event"].set()
+                RECONFIGURE_RELEASE.set()
             await wait_goal(controller, await asyncio.wait_for(update, TIMEOUT_S))
             await wait_goal(controller, await asyncio.wait_for(second, TIMEOUT_S))
             assert runtime.workers[slow].instance.user_config == {"v": 3}
@@ -836,11 +838,12 @@ def test_checkpoint_is_written_before_the_change_is_published() -> None:
 def abandon(controller: Controller) -> None:
     """Make ``controller`` vanish as if its process were killed: its tasks stop, its
     workers (in the runtime) and its saved state stay."""
-    for task in (controller._health_task, controller._proxy_task):
+    for task in (controller._health_task, controller.proxies._task):
         if task is not None:
             task.cancel()
-    for backend in controller.backends.values():
-        for record in backend.replicas.values():
+    for reconciler in controller.backends.values():
+        reconciler.stop_autoscaling()
+        for record in reconciler.state.replicas.values():
             record.cancel_tasks()
 
 
@@ -947,7 +950,7 @@ def test_health_check_replaces_a_killed_replica() -> None:
             victim, survivor = replica_tags(controller, "m")
             runtime.kill(victim)
             await controller._check_health()
-            assert victim not in controller.backends["m"].replicas
+            assert victim not in controller.backends["m"].state.replicas
             replacement = await eventually(
                 lambda: [t for t in replica_tags(controller, "m", RUNNING)
                          if t not in (victim, survivor)],
@@ -1005,7 +1008,7 @@ def published_replicas(controller: Controller, backend: str) -> List[str]:
 def test_a_replica_whose_constructor_does_not_return_is_warned_about(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """create_backend waits for the constructor however long it takes, and says so."""
-    monkeypatch.setattr(controller_module, "_SLOW_START_WARNING_S", 0.05)
+    monkeypatch.setattr(backend_reconciler, "SLOW_START_WARNING_S", 0.05)
 
     async def main() -> None:
         async with running_controller() as (controller, runtime):
@@ -1292,7 +1295,7 @@ def test_a_restarted_controller_adopts_every_proxy(location: str) -> None:
         await first.start()
         proxies = runtime.alive(role="proxy")
         launches = len(runtime.launch_order)
-        for task in (first._health_task, first._proxy_task):
+        for task in (first._health_task, first.proxies._task):
             assert task is not None
             task.cancel()  # the first controller "dies": its processes live on
         second = Controller(runtime, options)

@@ -10,6 +10,7 @@ import pytest
 import servekit
 
 EXPECTED_ALL = sorted([
+    "AutoscalingConfig",
     "BackendConfig",
     "Client",
     "CondaEnv",

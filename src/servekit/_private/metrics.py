@@ -76,6 +76,12 @@ REPLICA_RESTARTS = Counter(
 HEALTH_CHECK_FAILURES = Counter(
     "servekit_health_check_failures", "Health checks of replicas that failed or timed out.",
     ["backend"], registry=REGISTRY)
+TARGET_REPLICAS = Gauge(
+    "servekit_backend_target_replicas", "Replicas a backend should have (the autoscaler's "
+    "decision, or num_replicas).", ["backend"], registry=REGISTRY)
+RUNNING_REPLICAS = Gauge(
+    "servekit_backend_running_replicas", "Replicas of a backend that take requests.",
+    ["backend"], registry=REGISTRY)
 
 
 def process_label(role: str) -> str:

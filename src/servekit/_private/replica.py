@@ -504,6 +504,12 @@ class Replica:
             if self._in_flight == 0:
                 return
 
+    def close(self) -> None:
+        """Let its threads end once what they run returns (the replica is stopping)."""
+        self._lane.shutdown()
+        self._control_pool.shutdown(wait=False)
+        self._health_pool.shutdown(wait=False)
+
     async def ping(self) -> str:
         """Answer from the event loop, after the class's ``check_health()`` if it has one."""
         check = getattr(self._callable, "check_health", None)
@@ -538,3 +544,4 @@ async def run_replica(worker: WorkerSpec, sock: socket.socket, stop: asyncio.Eve
     replica.start()
     await server.start(sock)
     await stop.wait()
+    replica.close()

@@ -21,6 +21,7 @@ class EndpointInfo:
     methods: List[str]
     traffic: Dict[str, float]
     shadows: Dict[str, float] = dataclasses.field(default_factory=dict)
+    managed: bool = False  # made from a deploy file (``servekit deploy --prune`` may delete it)
 
     def uses(self, backend: str) -> bool:
         return backend in self.traffic or backend in self.shadows
@@ -33,11 +34,13 @@ class EndpointInfo:
 @dataclasses.dataclass(frozen=True)
 class BackendLimits:
     """What routers enforce for a backend: requests in flight per replica, requests held
-    while every replica is full (-1: no bound), and seconds to a reply (None: no bound)."""
+    while every replica is full (-1: no bound), and seconds to a reply (None: no bound);
+    for an autoscaled backend, how often routers report its load to the controller."""
 
     cap: int
     max_queued: int
     request_timeout_s: Optional[float] = None
+    load_report_interval_s: Optional[float] = None
 
 
 @dataclasses.dataclass

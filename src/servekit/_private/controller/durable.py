@@ -50,6 +50,9 @@ def _config(config: BackendConfig) -> dict:
     fields = {name: getattr(config, name) for name in config.model_fields_set}
     if "user_config" in fields:
         fields["user_config"] = _value(fields["user_config"])
+    if fields.get("autoscaling_config") is not None:
+        fields["autoscaling_config"] = fields["autoscaling_config"].model_dump(
+            exclude_unset=True)
     return fields
 
 
@@ -90,6 +93,9 @@ def snapshot(backends: Dict[str, BackendState], endpoints: Dict[str, EndpointInf
             "actor_options": replica_config.actor_options,
             "description": replica_config.description,
             "python": replica_config.python,
+            "source": replica_config.source,
+            "version": backend.version,
+            "autoscaled_replicas": backend.autoscaled_replicas,
             "config": _config(backend.config),
             "config_before_update": None if backend.config_before_update is None
             else _config(backend.config_before_update),
@@ -103,10 +109,10 @@ def snapshot(backends: Dict[str, BackendState], endpoints: Dict[str, EndpointInf
         for record in backend.replicas.values():
             records[f"replica/{record.tag}"] = _json({
                 "backend": tag, "state": record.state, "address": record.address,
-                "process": record.process})
+                "process": record.process, "version": record.version})
     for name, endpoint in endpoints.items():
         records[f"endpoint/{name}"] = _json(
-            {"name": name, **endpoint.describe()})
+            {"name": name, **endpoint.describe(), "managed": endpoint.managed})
     for name, proxy in proxies.items():
         records[f"proxy/{name}"] = _json(proxy)
     return records
@@ -142,20 +148,22 @@ def _load(records: Records) -> LoadedState:
             doc = json.loads(raw)
             replica_config = ReplicaConfig(records[f"definition/{name}"],
                                            doc["actor_options"], doc["description"],
-                                           doc["python"])
+                                           doc["python"], doc.get("source"))
             before = doc["config_before_update"]
             backends[name] = BackendState(
                 name, replica_config, _unconfig(doc["config"]), _unmetadata(doc["metadata"]),
                 goal=doc["goal"], created_by=doc.get("created_by"), created=doc["created"],
                 deleting=doc["deleting"],
                 force_delete=doc["force_delete"],
-                config_before_update=None if before is None else _unconfig(before))
+                config_before_update=None if before is None else _unconfig(before),
+                version=doc.get("version", 0),
+                autoscaled_replicas=doc.get("autoscaled_replicas"))
         elif kind == "replica":
             replicas.append((name, json.loads(raw)))
         elif kind == "endpoint":
             doc = json.loads(raw)
             endpoints[name] = EndpointInfo(name, doc["route"], doc["methods"], doc["traffic"],
-                                           doc["shadows"])
+                                           doc["shadows"], doc.get("managed", False))
         elif kind == "proxy":
             proxies[name or "proxy"] = json.loads(raw)  # "proxy": the one of a state file
             # written before there could be several
@@ -164,7 +172,8 @@ def _load(records: Records) -> LoadedState:
     for tag, doc in replicas:
         backend = backends[doc["backend"]]
         backend.replicas[tag] = ReplicaRecord(tag=tag, backend=backend.tag, state=doc["state"],
-                                              address=doc["address"], process=doc["process"])
+                                              address=doc["address"], process=doc["process"],
+                                              version=doc.get("version", 0))
     return LoadedState(backends, endpoints, proxies)
 
 

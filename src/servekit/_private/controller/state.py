@@ -23,6 +23,7 @@ class ReplicaRecord:
     process: Optional[dict] = None  # the runtime's identity of its process, for adoption
     connection: Optional[Connection] = None
     config: Optional[BackendConfig] = None  # the config the replica process runs
+    version: int = 0  # the backend definition it runs (``BackendState.version``)
     task: Optional[asyncio.Task] = None  # its start
     health_task: Optional[asyncio.Task] = None  # its health pings, while it runs
     unhealthy: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
@@ -49,6 +50,22 @@ class BackendState:
     deleting: bool = False
     force_delete: bool = False
     config_before_update: Optional[BackendConfig] = None
+    # The definition replicas run: bumped by each redeploy; the one before a redeploy is
+    # kept until it completes, to go back to if a new replica fails to start.
+    version: int = 0
+    definition_before: Optional[ReplicaConfig] = None
+    previous_version: int = 0
+
+    def redefine(self, replica_config: ReplicaConfig) -> None:
+        """Make ``replica_config`` the definition replicas run, under a version no replica
+        has run yet; the one before stays at hand until the redeploy completes."""
+        self.definition_before = self.replica_config
+        self.previous_version = self.version
+        self.replica_config = replica_config
+        self.version = max([self.version, *(r.version for r in self.replicas.values())]) + 1
+    # Replicas the autoscaler wants (None: the backend has a fixed num_replicas), and why.
+    autoscaled_replicas: Optional[int] = None
+    scaling_reason: str = ""
     start_failures: int = 0  # consecutive replica starts that failed
     retry_at: float = 0.0  # monotonic time before which failed replacements are not retried
     last_start_error: Optional[str] = None  # why the last replica start failed, until one starts
@@ -57,7 +74,15 @@ class BackendState:
 
     @property
     def target_replicas(self) -> int:
-        return 0 if self.deleting else self.config.num_replicas
+        if self.deleting:
+            return 0
+        if self.config.autoscaling_config is not None and self.autoscaled_replicas is not None:
+            return self.autoscaled_replicas
+        return self.config.num_replicas
 
     def in_state(self, *states: str) -> List[ReplicaRecord]:
         return [r for r in self.replicas.values() if r.state in states]
+
+    def current(self, *states: str) -> List[ReplicaRecord]:
+        """Its replicas in ``states`` that run the current definition."""
+        return [r for r in self.in_state(*states) if r.version == self.version]

@@ -1,8 +1,9 @@
 """``FakeRuntime``: an in-memory runtime for unit tests of the controller; no processes.
 
-Workers are records in a dict and their RPC calls run in-process. A replica's ``ready``
-unpickles its backend and runs the real constructor, so a raising constructor raises its own
-exception, as it would through a real connection. Tests can hold a launch until they
+Workers are records in a dict and their RPC calls run in-process. A replica worker is the
+real ``Replica`` running in this process (constructor, ``update_config``, ``reconfigure``,
+``drain`` and ``check_health`` as in a replica process), so a raising constructor raises its
+own exception, as it would through a real connection. Tests can hold a launch until they
 release it, kill a worker, and read which workers live and which calls each one got::
 
     runtime = FakeRuntime()
@@ -20,15 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import inspect
 from typing import Any, Dict, List, Optional, Set, Tuple
 
-import cloudpickle
-
-from servekit._private.import_path import import_attribute
+from servekit._private.replica import Replica
 from servekit._private.runtime.base import Connection, Runtime
 from servekit._private.store import MemoryStore
-from servekit.config import BackendConfig, BackendMetadata
+from servekit.config import BackendConfig
 from servekit.exceptions import BackendUnavailableError, ServeError
 
 _ADDRESS_PREFIX = "fake://"
@@ -47,15 +45,25 @@ class FakeWorker:
     exit: str = "is not running"
     calls: List[Tuple[str, tuple]] = dataclasses.field(default_factory=list)
     stop_timeout: Optional[float] = None  # the timeout ``stop`` got, None if never stopped
-    instance: Any = None  # the constructed backend class (or the function itself)
-    metadata: Optional[BackendMetadata] = None
-    config: Optional[BackendConfig] = None  # the last config the replica applied
+    replica: Optional[Replica] = None  # the in-process replica of a replica worker
     frozen: Optional[asyncio.Event] = None  # set while frozen: calls wait until it is thawed
     health_error: Optional[Exception] = None  # what its pings raise, if anything
 
     @property
     def address(self) -> str:
         return f"{_ADDRESS_PREFIX}{self.name}"
+
+    @property
+    def instance(self) -> Any:
+        """The constructed backend (the class instance, or the function itself)."""
+        assert self.replica is not None
+        return self.replica._callable
+
+    @property
+    def config(self) -> BackendConfig:
+        """The config the replica applied last."""
+        assert self.replica is not None
+        return self.replica.config
 
 
 class FakeConnection:
@@ -86,59 +94,19 @@ class FakeConnection:
             await worker.frozen.wait()
             if self.is_closed:
                 raise BackendUnavailableError(f"{worker.address} was killed while frozen.")
-        if name == "ping":
-            if worker.health_error is not None:
-                raise worker.health_error
-            return worker.name
+        if name == "ping" and worker.health_error is not None:
+            raise worker.health_error
         if worker.role == "proxy":
-            if name == "ready":
+            if name in ("ready", "ping"):
                 return True
             raise ServeError(f"Unknown RPC method {name!r}.")
-        if name == "ready":
-            return await self._ready()
-        if name == "drain":
-            return None
-        if name == "update_config":
-            await self._update_config(args[0])
-            return None
+        replica = worker.replica
+        assert replica is not None
+        if name == "ping":
+            return await replica.ping()
+        if name in ("ready", "drain", "update_config"):
+            return await getattr(replica, name)(*args)
         raise ServeError(f"Unknown RPC method {name!r}.")
-
-    async def _ready(self) -> BackendMetadata:
-        """Construct the backend once (raising what its constructor raises)."""
-        worker = self.worker
-        if worker.metadata is not None:
-            return worker.metadata
-        spec = worker.payload
-        target, init_args = cloudpickle.loads(spec.replica_config.serialized)
-        if isinstance(target, str):
-            target = import_attribute(target)
-        metadata = BackendMetadata.inspect(target)
-        worker.instance = target(*init_args) if inspect.isclass(target) else target
-        worker.config = spec.config
-        if spec.config.user_config is not None:
-            await self._reconfigure(spec.config.user_config)
-        worker.metadata = metadata
-        return metadata
-
-    async def _update_config(self, config: BackendConfig) -> None:
-        """Record ``config``; call ``reconfigure`` only when ``user_config`` changed."""
-        worker = self.worker
-        old = worker.config
-        worker.config = config
-        changed = old is None or old.user_config != config.user_config
-        if changed and config.user_config is not None:
-            await self._reconfigure(config.user_config)
-
-    async def _reconfigure(self, user_config: Any) -> None:
-        """Call the instance's ``reconfigure`` (awaiting it if it is async), as a replica does."""
-        worker = self.worker
-        reconfigure = getattr(worker.instance, "reconfigure", None)
-        if reconfigure is None:
-            raise ValueError(f"user_config is set but backend '{worker.payload.backend_tag}' "
-                             "has no reconfigure(user_config) method.")
-        result = reconfigure(user_config)
-        if inspect.isawaitable(result):
-            await result
 
 
 class FakeRuntime(Runtime):
@@ -258,6 +226,9 @@ class FakeRuntime(Runtime):
             raise self._launch_errors[name]
         worker = FakeWorker(name, role, payload, resources=resources, python=python)
         self.workers[name] = worker
+        if role == "replica":
+            worker.replica = Replica(payload)
+            worker.replica.start()
         if self._hold_all:
             self.hold(name)
         event = self._holds.get(name)
@@ -284,6 +255,8 @@ class FakeRuntime(Runtime):
             worker.alive = False
             worker.stop_timeout = timeout
             worker.exit = "exited with code 0"
+            if worker.replica is not None:
+                worker.replica.close()
             self.thaw(name)  # a frozen process dies too (its calls fail)
 
     def is_alive(self, name: str) -> bool:

@@ -1,0 +1,107 @@
+"""The endpoint table: routes, methods, traffic splits and shadows, and their rules.
+
+Every change is checked against the whole table (and the backends registered) before it is
+made, so a refused change leaves the table as it was. The controller saves and publishes the
+table after each change.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Collection, Dict, List, Optional
+
+from servekit._private.specs import EndpointInfo
+
+
+class EndpointTable:
+    """Endpoints by name; ``backends`` tells which backend tags are registered."""
+
+    def __init__(self, backends: Callable[[], Collection[str]]) -> None:
+        self.endpoints: Dict[str, EndpointInfo] = {}
+        self._backends = backends
+
+    def create(self, name: str, backend: str, route: Optional[str], methods: List[str],
+               managed: bool = False) -> bool:
+        """Add an endpoint sending all its traffic to ``backend``; False if this very
+        endpoint exists already (a retried call)."""
+        if backend not in self._backends():
+            raise ValueError(f"Attempted to assign traffic to a backend '{backend}' that "
+                             "is not registered. Create it first with create_backend().")
+        existing = self.endpoints.get(name)
+        if existing is not None:
+            if existing.route == route and existing.methods == methods:
+                return False
+            raise ValueError(f"Cannot create endpoint. Endpoint '{name}' is already "
+                             "registered. Delete it first, or pick another name.")
+        self._check_route_free(name, route)
+        self.endpoints[name] = EndpointInfo(name, route, methods, {backend: 1.0},
+                                            managed=managed)
+        return True
+
+    def update(self, name: str, route: Optional[str], methods: List[str],
+               managed: bool) -> None:
+        """Change an endpoint's route, methods and mark in place."""
+        endpoint = self._endpoint(name, "update")
+        self._check_route_free(name, route)
+        endpoint.route, endpoint.methods, endpoint.managed = route, list(methods), managed
+
+    def delete(self, name: str) -> bool:
+        """Remove an endpoint; False if there was none."""
+        return self.endpoints.pop(name, None) is not None
+
+    def set_traffic(self, name: str, traffic: Dict[str, float]) -> None:
+        endpoint = self._endpoint(name, "assign traffic for")
+        self._check_backends_exist(traffic, "assign traffic to")
+        for tag, weight in traffic.items():
+            if weight < 0:
+                raise ValueError(f"Attempted to assign a weight of {weight} to backend "
+                                 f"'{tag}'. Weights cannot be negative.")
+        total = math.fsum(traffic.values())
+        if not math.isclose(total, 1.0, rel_tol=0.0, abs_tol=1e-8):
+            raise ValueError(f"Traffic dictionary weights must sum to 1, currently they "
+                             f"sum to {total}. Got {traffic}.")
+        endpoint.traffic = dict(traffic)
+
+    def shadow_traffic(self, name: str, backend: str, proportion: float) -> None:
+        self._check_backends_exist({backend: proportion}, "shadow traffic to")
+        endpoint = self._endpoint(name, "shadow traffic from")
+        if proportion == 0:
+            endpoint.shadows.pop(backend, None)
+        else:
+            endpoint.shadows[backend] = float(proportion)
+
+    def user_of(self, backend: str) -> Optional[str]:
+        """The name of an endpoint whose traffic or shadows use ``backend``, if any."""
+        return next((e.name for e in self.endpoints.values() if e.uses(backend)), None)
+
+    def describe(self) -> Dict[str, dict]:
+        return {name: info.describe() for name, info in self.endpoints.items()}
+
+    def view(self) -> Dict[str, EndpointInfo]:
+        """A copy of the table to publish (later changes do not reach it)."""
+        return {name: EndpointInfo(**{**vars(info), "traffic": dict(info.traffic),
+                                      "shadows": dict(info.shadows)})
+                for name, info in self.endpoints.items()}
+
+    def _endpoint(self, name: str, action: str) -> EndpointInfo:
+        endpoint = self.endpoints.get(name)
+        if endpoint is None:
+            raise ValueError(f"Attempted to {action} an endpoint '{name}' that is not "
+                             f"registered. Registered endpoints: {sorted(self.endpoints)}.")
+        return endpoint
+
+    def _check_route_free(self, name: str, route: Optional[str]) -> None:
+        if route is None:
+            return
+        for other in self.endpoints.values():
+            if other.route == route and other.name != name:
+                raise ValueError(
+                    f"Cannot create endpoint. Route '{route}' is already registered "
+                    f"to endpoint '{other.name}'.")
+
+    def _check_backends_exist(self, tags: Dict[str, float], action: str) -> None:
+        registered = self._backends()
+        for tag in tags:
+            if tag not in registered:
+                raise ValueError(f"Attempted to {action} a backend '{tag}' that is not "
+                                 f"registered. Registered backends: {sorted(registered)}.")
