@@ -268,3 +268,17 @@ def test_export_then_deploy_is_no_change(project: Path) -> None:  # noqa: F811
     plan = make_plan(spec, load_definitions(spec), running)
     assert plan.steps == ()
     assert plan.kept == ("endpoint mixed",)  # file-made, but its shadow is not
+
+
+def test_switching_to_autoscaling_is_an_update_in_place(project: Path) -> None:  # noqa: F811
+    running = deployed(project, file_data())
+    data = file_data()
+    autoscaling = {"min_replicas": 1, "max_replicas": 3}
+    data["backends"][0]["config"] = {"autoscaling_config": autoscaling,
+                                     "user_config": {"threshold": 0.5}}
+    (operation,) = plan_of(project, data, running).operations()
+    assert operation.name == "update_backend_config"
+    tag, update = operation.args
+    assert set(update) == {"autoscaling_config"}
+    merged = running.backends["clf:v1"].config.merged(update)
+    assert merged.autoscaling_config is not None and merged.autoscaling_config.max_replicas == 3

@@ -192,6 +192,8 @@ def _backend_step(definition: BackendDefinition, running: RunningState) -> Optio
         operations.append(Operation("redeploy_backend", (definition,)))
     wanted, now = spec.config.model_dump(), current.config.model_dump()
     update = {key: value for key, value in wanted.items() if now.get(key) != value}
+    if spec.config.autoscaling_config is not None:
+        update.pop("num_replicas", None)  # autoscaling decides it; the two are exclusive
     if update:
         changes += [f"{key} {now.get(key)!r} -> {value!r}" for key, value in update.items()]
         operations.append(Operation("update_backend_config", (spec.name, update)))

@@ -52,7 +52,7 @@ def read_state(client: Client) -> RunningState:
     endpoints = {name: RunningEndpoint(name, info["route"], list(info["methods"]),
                                        dict(info["traffic"]), dict(info["shadows"]),
                                        bool(info.get("managed", False)))
-                 for name, info in client.list_endpoints().items()}
+                 for name, info in status["endpoints"].items()}
     return RunningState(backends, endpoints, _http_of(status["processes"]))
 
 
