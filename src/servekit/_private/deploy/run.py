@@ -104,7 +104,10 @@ def run(target: str, reload: bool, http_options: Dict[str, Any],
 
     loop = DevLoop(target, http_options, echo)
     first = loop.spec()
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    # Both stop the loop, also when SIGINT came ignored (a process started in the
+    # background by a shell).
+    previous = {signum: signal.signal(signum, _interrupt)
+                for signum in (signal.SIGINT, signal.SIGTERM)}
     client: Optional[serve.Client] = None
     try:
         client = serve.start(detached=False, http_options=first.http_options)
@@ -131,11 +134,11 @@ def run(target: str, reload: bool, http_options: Dict[str, Any],
             echo("servekit run: stopping.")
             # A second Ctrl-C must not cut the shutdown short (if this process is killed
             # instead, the instance's supervisor still stops everything).
-            interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            for signum in previous:
+                signal.signal(signum, signal.SIG_IGN)
             client.shutdown()
-            signal.signal(signal.SIGINT, interrupt)
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _interrupt(signum: int, frame: Any) -> None:
