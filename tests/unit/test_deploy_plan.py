@@ -10,6 +10,7 @@ from typing import Any, Dict, List
 import pytest
 from deploy_helpers import project, running_as  # noqa: F401 (project is a fixture)
 
+from servekit._private.deploy.apply import DeployStepError, apply_plan
 from servekit._private.deploy.definition import load_definitions
 from servekit._private.deploy.export import export_config
 from servekit._private.deploy.plan import Action, DeployPlan, make_plan
@@ -282,3 +283,32 @@ def test_switching_to_autoscaling_is_an_update_in_place(project: Path) -> None: 
     assert set(update) == {"autoscaling_config"}
     merged = running.backends["clf:v1"].config.merged(update)
     assert merged.autoscaling_config is not None and merged.autoscaling_config.max_replicas == 3
+
+
+class FailingClient:
+    """Records the Client calls of an apply; the call named ``fail_on`` raises."""
+
+    def __init__(self, fail_on: str) -> None:
+        self.fail_on = fail_on
+        self.calls: List[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        def call(*args: Any) -> None:
+            self.calls.append(name if name != "_call" else args[0])
+            if self.calls[-1] == self.fail_on:
+                raise ValueError("refused")
+        return call
+
+
+def test_an_apply_stops_at_a_failed_step_and_says_what_was_applied(
+        project: Path) -> None:  # noqa: F811
+    running = deployed(project, file_data())
+    data = file_data()
+    data["backends"][0]["config"] = {"num_replicas": 3, "user_config": {"threshold": 0.5}}
+    data["endpoints"][0]["traffic"] = {"clf:v1": 0.5, "echo": 0.5}
+    plan = plan_of(project, data, running)
+    client = FailingClient(fail_on="set_traffic")
+    with pytest.raises(DeployStepError, match=r"endpoint clf: .* failed \(the 1 step\(s\) "
+                                              r"before it were applied"):
+        apply_plan(client, plan)  # type: ignore[arg-type]
+    assert client.calls == ["update_backend_config", "set_traffic"]
