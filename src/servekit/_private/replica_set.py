@@ -104,8 +104,11 @@ class ReplicaSet:
     """The replicas of one backend; requests wait here, in order, when none has room."""
 
     def __init__(self, backend: str, connect: ConnectReplica,
-                 process: str = "router") -> None:
-        """``process``: the label of this process in the metrics."""
+                 process: str = "router",
+                 on_starved: Callable[[], None] = lambda: None) -> None:
+        """``process``: the label of this process in the metrics. ``on_starved``: called
+        when a request waits and no replica is routable (the backend may be scaled to
+        zero)."""
         self.backend = backend
         self._labels = (backend, process)
         self._queued_gauge = metrics.QUEUED.labels(backend, process)
@@ -121,6 +124,7 @@ class ReplicaSet:
         self._turn = 0
         self._waiting: Deque[RoutedRequest] = collections.deque()
         self._waking = False
+        self._on_starved = on_starved
 
     def update(self, replicas: List[Tuple[str, str]]) -> None:
         current = dict(replicas)
@@ -143,6 +147,11 @@ class ReplicaSet:
         self.max_queued = limits.max_queued
         self.request_timeout_s = limits.request_timeout_s
         self._wake()
+
+    @property
+    def load(self) -> int:
+        """Requests of this router waiting here plus those it has on the replicas."""
+        return self.queued + sum(slot.in_flight for slot in self.slots.values())
 
     @property
     def idle(self) -> bool:
@@ -212,6 +221,7 @@ class ReplicaSet:
         self._waiting.append(request)
         if not self._order:
             self._arm_expiry()
+            self._on_starved()
 
     def try_submit(self, request: RoutedRequest) -> bool:
         """Place a request on a replica with room now, without queueing behind anyone (for

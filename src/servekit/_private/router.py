@@ -41,6 +41,8 @@ _MAX_REMOVED_ENDPOINTS = 10_000
 
 # Seconds a process has to send its metrics for a scrape.
 _METRICS_TIMEOUT_S = 2.0
+# Seconds between two load reports at least (requests that starve come in bursts).
+_MIN_REPORT_SPACING_S = 0.05
 
 
 async def _drain(stream: ReplyStream, kind: str) -> Optional[str]:
@@ -132,6 +134,8 @@ class Router:
         self._changed = asyncio.Event()
         self._controller: Optional[RpcClient] = None
         self._poll_task: Optional[asyncio.Task] = None
+        self._report_task: Optional[asyncio.Task] = None
+        self._report_now = asyncio.Event()  # a backend's limits changed, or one starves
         self._tasks: set = set()  # shadow copies whose streamed reply is being drained
         self.shadow_stats = ShadowStats()
         self.on_update: List[Any] = []
@@ -142,11 +146,13 @@ class Router:
         router._controller = await router._connect_controller()
         await router._poll_once()
         router._poll_task = asyncio.ensure_future(router._poll_forever())
+        router._report_task = asyncio.ensure_future(router._report_forever())
         return router
 
     def close(self) -> None:
-        if self._poll_task is not None:
-            self._poll_task.cancel()
+        for task in (self._poll_task, self._report_task):
+            if task is not None:
+                task.cancel()
         if self._controller is not None:
             self._controller.close()
         for replica_set in self._replica_sets.values():
@@ -251,6 +257,7 @@ class Router:
             self._limits = value
             for backend, limits in value.items():
                 self._replica_set(backend).set_limits(limits)
+            self._report_now.set()
         elif key == constants.KEY_REPLICAS:
             for backend, replicas in value.items():
                 self._replica_set(backend).update(replicas)
@@ -270,12 +277,49 @@ class Router:
     def _replica_set(self, backend: str) -> ReplicaSet:
         replica_set = self._replica_sets.get(backend)
         if replica_set is None:
-            replica_set = ReplicaSet(backend, self._connect_replica, self.process)
+            replica_set = ReplicaSet(backend, self._connect_replica, self.process,
+                                     on_starved=self._report_now.set)
             self._replica_sets[backend] = replica_set
             limits = self._limits.get(backend)
             if limits is not None:
                 replica_set.set_limits(limits)
         return replica_set
+
+    # ------------------------------------------------------------- load reports
+
+    def loads(self) -> Tuple[Dict[str, float], Optional[float]]:
+        """The load of each autoscaled backend here (requests waiting plus those on its
+        replicas), and the shortest report interval among them (None: none is autoscaled)."""
+        loads: Dict[str, float] = {}
+        intervals = []
+        for backend, limits in self._limits.items():
+            if limits.load_report_interval_s is not None:
+                intervals.append(limits.load_report_interval_s)
+                replica_set = self._replica_sets.get(backend)
+                loads[backend] = 0.0 if replica_set is None else replica_set.load
+        return loads, min(intervals, default=None)
+
+    async def _report_forever(self) -> None:
+        """Send the controller the load of autoscaled backends every report interval, and
+        at once when requests wait on a backend without replicas (scaled to zero). A load
+        that stays zero is sent once."""
+        sent: Dict[str, float] = {}
+        while True:
+            loads, interval = self.loads()
+            try:
+                await asyncio.wait_for(self._report_now.wait(), interval)
+            except asyncio.TimeoutError:
+                pass
+            self._report_now.clear()
+            loads, _ = self.loads()
+            if loads and (loads != sent or any(loads.values())):
+                try:
+                    assert self._controller is not None
+                    await self._controller.call("report_load", self._id, loads)
+                    sent = loads
+                except (ConnectionClosed, BackendUnavailableError, ConnectFailed):
+                    pass  # the controller is away: the next report goes to the new one
+            await asyncio.sleep(_MIN_REPORT_SPACING_S)
 
     # ------------------------------------------------------------- requests
 

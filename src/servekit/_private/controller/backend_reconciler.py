@@ -433,8 +433,11 @@ class BackendReconciler:
             self._policy = AutoscalingPolicy(autoscaling)
         self._policy.config = autoscaling
         if backend.autoscaled_replicas is None:
-            backend.autoscaled_replicas = autoscaling.start_replicas
-            backend.scaling_reason = "initial_replicas"
+            # A new backend starts with initial_replicas; one that had a fixed number
+            # keeps its replicas (within the bounds) until its load says otherwise.
+            backend.autoscaled_replicas = len(backend.current(STARTING, RUNNING)) \
+                if backend.created else autoscaling.start_replicas
+            backend.scaling_reason = "starting" if backend.created else "initial_replicas"
         low, high = autoscaling.min_replicas, autoscaling.max_replicas
         backend.autoscaled_replicas = min(max(backend.autoscaled_replicas, low), high)
         if self._autoscale_task is None:

@@ -1,0 +1,221 @@
+"""Unit tests of a backend's reconciler over the FakeRuntime: autoscaling driven by load
+reports, and redeploys rolled over one replica at a time (with the real ``Replica`` in
+process)."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+import pytest
+from controller_helpers import (
+    Model,
+    abandon,
+    eventually,
+    replica_config,
+    replica_tags,
+    running_controller,
+    start_backend,
+    wait_goal,
+)
+from fake_runtime import FakeRuntime
+from loop_helpers import run
+
+from servekit._private.controller.controller import Controller
+from servekit._private.controller.state import RUNNING
+from servekit.config import BackendConfig, BackendMetadata, HTTPOptions
+
+FAST = {"upscale_delay_s": 0, "downscale_delay_s": 0, "look_back_period_s": 0.01,
+        "metrics_interval_s": 0.02}
+
+
+def autoscaled(**fields: Any) -> Dict[str, Any]:
+    return {"autoscaling_config": {**FAST, **fields}}
+
+
+class Loader:
+    """A constructor that raises when its init arg says so."""
+
+    def __init__(self, weights: str) -> None:
+        if weights == "corrupt":
+            raise ValueError("weights are corrupt")
+        self.weights = weights
+
+    def __call__(self, request: Any) -> str:
+        return self.weights
+
+
+# --------------------------------------------------------------------------- autoscaling
+
+
+def test_load_reports_scale_a_backend_up_and_down_with_drain() -> None:
+    async def main() -> None:
+        async with running_controller() as (controller, runtime):
+            await start_backend(controller, "m", **autoscaled(max_replicas=4))
+            assert replica_tags(controller, "m", RUNNING) != []
+            controller.report_load("router-1", {"m": 5.0})
+            controller.report_load("router-2", {"m": 3.0})  # 8 at 2 per replica
+            await eventually(lambda: len(replica_tags(controller, "m", RUNNING)) == 4,
+                             "4 replicas")
+            status = controller.status()["backends"]["m"]
+            assert status["target"] == 4 and "scaled up to 4" in status["autoscaling"]
+            four = replica_tags(controller, "m")
+            controller.report_load("router-1", {"m": 0.0})
+            controller.report_load("router-2", {"m": 0.0})
+            await eventually(lambda: len(replica_tags(controller, "m")) == 1, "1 replica")
+            for tag in set(four) - set(replica_tags(controller, "m")):
+                calls = runtime.calls(tag)
+                assert "drain" in calls, calls  # finished its requests before it stopped
+
+    run(main)
+
+
+def test_scale_to_zero_and_back_on_a_waiting_request() -> None:
+    async def main() -> None:
+        async with running_controller() as (controller, runtime):
+            await start_backend(controller, "m", **autoscaled(min_replicas=0))
+            assert replica_tags(controller, "m") == []  # initial_replicas = min_replicas
+            controller.report_load("router", {"m": 1.0})
+            await eventually(lambda: replica_tags(controller, "m", RUNNING), "a replica")
+            controller.report_load("router", {"m": 0.0})
+            await eventually(lambda: not replica_tags(controller, "m"), "scaled to zero")
+
+    run(main)
+
+
+def test_a_router_that_leaves_takes_its_load_with_it() -> None:
+    async def main() -> None:
+        async with running_controller() as (controller, runtime):
+            await start_backend(controller, "m", **autoscaled(max_replicas=3))
+            controller.report_load("router", {"m": 6.0})
+            await eventually(lambda: len(replica_tags(controller, "m", RUNNING)) == 3,
+                             "3 replicas")
+            controller.loads.forget("router")  # what a closed connection does
+            await eventually(lambda: len(replica_tags(controller, "m")) == 1, "1 replica")
+
+    run(main)
+
+
+def test_scaling_down_removes_starting_replicas_first() -> None:
+    async def main() -> None:
+        runtime = FakeRuntime()
+        async with running_controller(runtime) as (controller, _):
+            await start_backend(controller, "m", **autoscaled(max_replicas=3))
+            [first] = replica_tags(controller, "m")
+            runtime.hold_launches()
+            controller.report_load("router", {"m": 6.0})
+            await eventually(lambda: len(runtime.held()) == 2, "two launches held")
+            controller.report_load("router", {"m": 2.0})
+            await eventually(lambda: replica_tags(controller, "m") == [first],
+                             "the starting replicas removed")
+            assert runtime.is_alive(first)
+            runtime.release()
+
+    run(main)
+
+
+def test_switching_between_num_replicas_and_autoscaling() -> None:
+    async def main() -> None:
+        async with running_controller() as (controller, runtime):
+            await start_backend(controller, "m", num_replicas=3)
+            await wait_goal(controller, await controller.update_backend_config(
+                "m", BackendConfig(**autoscaled(min_replicas=1, max_replicas=2,
+                                                downscale_delay_s=60))))
+            await eventually(lambda: len(replica_tags(controller, "m")) == 2,
+                             "kept within max_replicas")
+            await wait_goal(controller, await controller.update_backend_config(
+                "m", BackendConfig(num_replicas=3)))
+            assert len(replica_tags(controller, "m", RUNNING)) == 3
+            assert controller.status()["backends"]["m"]["autoscaling"] is None
+
+    run(main)
+
+
+def test_a_restarted_controller_keeps_the_autoscaled_count() -> None:
+    async def main() -> None:
+        runtime = FakeRuntime()
+        first = Controller(runtime, HTTPOptions(host=None))
+        await first.start()
+        await start_backend(first, "m", **autoscaled(max_replicas=3, downscale_delay_s=60))
+        first.report_load("router", {"m": 6.0})
+        await eventually(lambda: len(replica_tags(first, "m", RUNNING)) == 3, "3 replicas")
+        replicas = replica_tags(first, "m")
+        await first.save()
+        abandon(first)
+        async with running_controller(runtime) as (second, _):
+            assert sorted(replica_tags(second, "m")) == sorted(replicas)
+            assert second.backends["m"].state.target_replicas == 3
+
+    run(main)
+
+
+# --------------------------------------------------------------------------- redeploy
+
+
+def weights_of(runtime: FakeRuntime, tags: List[str]) -> List[str]:
+    return sorted(runtime.workers[tag].instance.weights for tag in tags)
+
+
+def test_a_redeploy_rolls_replicas_over_one_at_a_time() -> None:
+    async def main() -> None:
+        runtime = FakeRuntime()
+        async with running_controller(runtime) as (controller, _):
+            await start_backend(controller, "m", Loader, "v1", num_replicas=2)
+            runtime.hold_launches()
+            goal = await controller.redeploy_backend(
+                "m", replica_config(Loader, "v2"), BackendMetadata.inspect(Loader))
+            backend = controller.backends["m"].state
+            serving: List[int] = []
+            for started in (1, 2):
+                await eventually(lambda: runtime.held(), "a new replica launching")
+                assert len(runtime.held()) == 1  # one at a time
+                serving.append(len(replica_tags(controller, "m", RUNNING)))
+                runtime.release()
+                await eventually(lambda n=started: len(backend.current(RUNNING)) == n,
+                                 f"new replica {started} running")
+            await wait_goal(controller, goal)
+            assert serving == [2, 2]  # as many served as before throughout
+            running = replica_tags(controller, "m", RUNNING)
+            assert weights_of(runtime, running) == ["v2", "v2"]
+
+    run(main)
+
+
+def test_a_redeploy_whose_constructor_raises_keeps_the_old_version() -> None:
+    async def main() -> None:
+        async with running_controller() as (controller, runtime):
+            await start_backend(controller, "m", Loader, "v1", num_replicas=2)
+            before = replica_tags(controller, "m")
+            goal = await controller.redeploy_backend(
+                "m", replica_config(Loader, "corrupt"), BackendMetadata.inspect(Loader))
+            with pytest.raises(ValueError, match="weights are corrupt"):
+                await wait_goal(controller, goal)
+            assert replica_tags(controller, "m") == before
+            assert weights_of(runtime, before) == ["v1", "v1"]
+            # A later redeploy works.
+            await wait_goal(controller, await controller.redeploy_backend(
+                "m", replica_config(Loader, "v3"), BackendMetadata.inspect(Loader)))
+            running = replica_tags(controller, "m", RUNNING)
+            assert weights_of(runtime, running) == ["v3", "v3"]
+
+    run(main)
+
+
+def test_a_redeploy_survives_a_controller_restart_with_its_definition() -> None:
+    async def main() -> None:
+        runtime = FakeRuntime()
+        first = Controller(runtime, HTTPOptions(host=None))
+        await first.start()
+        await start_backend(first, "m", Model, "one")
+        await wait_goal(first, await first.redeploy_backend(
+            "m", replica_config(Model, "two"), BackendMetadata.inspect(Model)))
+        await first.save()
+        abandon(first)
+        async with running_controller(runtime) as (second, _):
+            [tag] = replica_tags(second, "m", RUNNING)
+            assert runtime.workers[tag].instance.name == "two"
+            await wait_goal(second, await second.update_backend_config(
+                "m", BackendConfig(num_replicas=2)))
+            assert sorted(runtime.workers[t].instance.name
+                          for t in replica_tags(second, "m")) == ["two", "two"]
+
+    run(main)
