@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import ast
 import errno
+import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 pytestmark = pytest.mark.integration
@@ -53,3 +57,55 @@ def test_quickstart_runs_and_prints_http_and_handle_results():
                                           "score": 0.0}
     assert "Traceback" not in done.stderr
     assert not _port_busy(8000), "the example left its HTTP server running"
+
+
+def _servekit(*args: str, home: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "servekit.cli", *args], cwd=EXAMPLES / "deploy",
+                          env={**os.environ, "SERVEKIT_HOME": str(home)}, capture_output=True,
+                          text=True, timeout=EXAMPLE_TIMEOUT_S)
+
+
+def test_the_deploy_file_example_deploys_serves_and_round_trips(tmp_path: Path) -> None:
+    if _port_busy(8000):
+        pytest.skip("examples/deploy/deploy.yaml serves on port 8000, which another program "
+                    "on this machine is using")
+    try:
+        assert "create          backend sentiment:v1" in \
+            _servekit("deploy", "deploy.yaml", "--dry-run", home=tmp_path).stdout
+        deployed = _servekit("deploy", "deploy.yaml", home=tmp_path)
+        assert deployed.returncode == 0, deployed.stderr
+        answer = httpx.get("http://127.0.0.1:8000/sentiment", params={"text": "great"},
+                           timeout=10).json()
+        assert answer == {"text": "great", "positive": True}
+        exported = _servekit("config", home=tmp_path).stdout
+        assert "import_path: models:Sentiment" in exported
+        assert _servekit("deploy", "deploy.yaml", home=tmp_path).stdout.startswith("No change")
+    finally:
+        _servekit("shutdown", home=tmp_path)
+    assert not _port_busy(8000), "the example left its HTTP server running"
+
+
+def test_the_run_example_serves_until_interrupted() -> None:
+    if _port_busy(8000):
+        pytest.skip("examples/deploy/app.py serves on port 8000, which another program on "
+                    "this machine is using")
+    with subprocess.Popen([sys.executable, "-m", "servekit.cli", "run", "app:build"],
+                          cwd=EXAMPLES / "deploy", stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL) as run:
+        try:
+            deadline = time.monotonic() + EXAMPLE_TIMEOUT_S
+            while True:
+                try:
+                    response = httpx.get("http://127.0.0.1:8000/sentiment",
+                                         params={"text": "meh"}, timeout=5)
+                    if response.status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert time.monotonic() < deadline, "servekit run app:build never served"
+                time.sleep(0.05)
+            assert response.json() == {"text": "meh", "positive": False}
+        finally:
+            run.send_signal(signal.SIGINT)
+            assert run.wait(timeout=EXAMPLE_TIMEOUT_S) == 0
+    assert not _port_busy(8000), "servekit run left its HTTP server running"

@@ -6,9 +6,10 @@ import asyncio
 import atexit
 import inspect
 import logging
+import os
 import uuid
 import warnings
-from typing import Any, Callable, Dict, List, Optional, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, TypeVar, Union
 
 from servekit._private import constants, metrics, user_errors
 from servekit._private.context import (
@@ -35,6 +36,9 @@ from servekit.env import Environment
 from servekit.exceptions import BackendUnavailableError, ServeError
 from servekit.handle import HandleOptions, ServeHandle, ServeSyncHandle, routers
 from servekit.types import BackendTag, EndpointTag, TrafficDict
+
+if TYPE_CHECKING:
+    from servekit._private.deploy.plan import DeployPlan
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -318,6 +322,52 @@ class Client:
         handle_type = ServeSyncHandle if sync else ServeHandle
         return handle_type(self._controller_address, endpoint_name,
                            HandleOptions(missing_ok=missing_ok))
+
+    # ------------------------------------------------------------- deploy files
+
+    @_guarded
+    def deploy(self, config: Union[str, "os.PathLike[str]", Mapping[str, Any]], *,
+               prune: bool = False, dry_run: bool = False) -> DeployPlan:
+        """Bring this instance to what a deploy file describes, and return the plan.
+
+        The whole file is validated (each error naming its place) and every backend is
+        imported before anything changes. Config fields are updated in place; a changed
+        definition (import path, init args, actor options, env, or the code of the
+        modules under the file's directory) is a rolling replacement. Applying the same
+        file again changes nothing (``plan.changes_anything`` is False).
+
+        Args:
+            config: the path of a YAML deploy file (import paths are found from its
+                directory), or a dict of its contents (found from the current directory).
+            prune: also delete the backends and endpoints a deploy file made that are no
+                longer in this one. Default False. Objects made through the Python API are
+                never deleted.
+            dry_run: only plan; change nothing. Default False.
+
+        Raises:
+            ValueError: the file is invalid, names a backend that will not exist, or asks
+                for HTTP options other than the instance's (a ``DeployFileError`` listing
+                every problem).
+            ServeError: a step failed while applying (``DeployStepError``: says which, and
+                what was applied before it).
+        """
+        from servekit._private.deploy.apply import deploy
+
+        return deploy(self, config, prune=prune, dry_run=dry_run)
+
+    @_guarded
+    def get_deploy_config(self) -> Dict[str, Any]:
+        """The running state as the contents of a deploy file that ``deploy`` accepts back
+        unchanged (``servekit config`` prints it as YAML).
+
+        Only what deploy files made can be written: backends made through the Python API
+        (their code is a Python object, not an import path), the endpoints that use them
+        and endpoints made through the Python API are left out.
+        """
+        from servekit._private.deploy.export import export_config
+        from servekit._private.deploy.state import read_state
+
+        return export_config(read_state(self)).data
 
     # ------------------------------------------------------------- shutdown
 

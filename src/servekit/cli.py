@@ -16,6 +16,7 @@ import click
 
 import servekit as serve
 from servekit._private import home
+from servekit._private.deploy.schema import DeployFileError
 from servekit._private.worker import LOG_DIR
 from servekit.config import DeploymentMode
 
@@ -33,6 +34,8 @@ def _user_errors(command: F) -> F:
     def run(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
+        except DeployFileError as exc:  # every problem of a file, one line each
+            raise click.ClickException("\n".join(exc.errors)) from None
         except (serve.ServeError, ValueError, TypeError) as exc:
             raise click.ClickException(str(exc).splitlines()[0] if str(exc) else
                                        type(exc).__name__) from None
@@ -67,6 +70,11 @@ def start(http_host: Optional[str], http_port: Optional[int],
     for key, value in (("host", http_host), ("port", http_port), ("location", http_location)):
         if value is not None:
             options[key] = value
+    click.echo(_start_detached(options, address))
+
+
+def _start_detached(options: Dict[str, Any], address: Optional[str]) -> str:
+    """Start a detached instance with ``options``; say where it serves, what it restored."""
     client = serve.start(detached=True, http_options=options or None, address=address)
     state = client._call("status")
     served = sorted({f"http://{p['http'][0]}:{p['http'][1]}" for p in state["processes"]
@@ -74,7 +82,7 @@ def start(http_host: Optional[str], http_port: Optional[int],
     where = f"HTTP on {', '.join(served)}" if served else "no HTTP"
     restored = (f"; restored {len(state['backends'])} backends and "
                 f"{len(state['endpoints'])} endpoints") if state["backends"] else ""
-    click.echo(f"Started a detached servekit instance ({where}){restored}.")
+    return f"Started a detached servekit instance ({where}){restored}."
 
 
 @main.command()
@@ -117,6 +125,91 @@ def shutdown(keep_state: bool, address: Optional[str]) -> None:
     serve.connect(address)._shutdown(keep_state)
     click.echo("The servekit instance was shut down" +
                ("; its state was kept." if keep_state else "."))
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--prune", is_flag=True,
+              help="Also delete the backends and endpoints a deploy file made that are no "
+                   "longer in this one (never those made through the Python API).")
+@click.option("--dry-run", is_flag=True, help="Print the plan; change nothing.")
+@_address
+@_user_errors
+def deploy(file: str, prune: bool, dry_run: bool, address: Optional[str]) -> None:
+    """Bring the running instance to what FILE (a YAML deploy file) describes.
+
+    The whole file is checked first; then the plan is printed (create, update in place,
+    replace, delete) and applied. If no instance runs, a detached one is started with the
+    file's http_options.
+    """
+    from servekit._private.deploy.apply import apply_plan, load_spec, plan_deploy
+    from servekit._private.deploy.definition import load_definitions
+    from servekit._private.runtime import choice
+
+    spec = load_spec(file)
+    client = serve.connect(address) if choice.find_detached(address) is not None else None
+    if client is None and not dry_run:
+        options = dict(home.saved_http_options() or {}) if address is None else {}
+        load_definitions(spec)  # every backend imports, before anything starts
+        click.echo(f"No servekit instance was running. "
+                   f"{_start_detached({**options, **(spec.http_options or {})}, address)}")
+        client = serve.connect(address)
+    plan = plan_deploy(client, spec, prune)
+    click.echo(str(plan))
+    if dry_run:
+        click.echo("Dry run: nothing was changed" +
+                   (" (no instance runs: planned against an empty one)." if client is None
+                    else "."))
+    elif plan.changes_anything:
+        assert client is not None
+        apply_plan(client, plan)
+        click.echo("Applied.")
+
+
+@main.command("config")
+@_address
+@_user_errors
+def config_command(address: Optional[str]) -> None:
+    """Print the running instance as a deploy file that `servekit deploy` accepts back.
+
+    Backends made through the Python API cannot be written as a file: they, and the
+    endpoints that use them, are listed in a comment at the top and left out.
+    """
+    from servekit._private.deploy.export import export_config
+    from servekit._private.deploy.state import read_state
+
+    exported = export_config(read_state(serve.connect(address)))
+    click.echo(exported.to_yaml(), nl=False)
+    if exported.left_out:
+        click.echo(f"Note: {len(exported.left_out)} object(s) were left out (listed at the "
+                   "top of the file): only what deploy files made can be written as one.",
+                   err=True)
+
+
+@main.command("run")
+@click.argument("target")
+@click.option("--reload", is_flag=True,
+              help="Apply again when a Python file under the target's directory (or the "
+                   "deploy file) changes.")
+@click.option("--http-host", default=None, help="Interface to serve HTTP on (overrides the "
+                                                "file's) [127.0.0.1].")
+@click.option("--http-port", type=click.IntRange(0, 65535), default=None,
+              help="Port to serve HTTP on (overrides the file's) [8000].")
+@_user_errors
+def run_command(target: str, reload: bool, http_host: Optional[str],
+                http_port: Optional[int]) -> None:
+    """Run TARGET in the foreground until Ctrl-C: a deploy file, or module:function (a
+    function that takes a client and creates backends and endpoints, as 1.x scripts do).
+
+    The instance's logs go to this terminal, and every process it started ends with it.
+    """
+    from servekit._private.deploy.run import run
+
+    options = {key: value for key, value in (("host", http_host), ("port", http_port))
+               if value is not None}
+    code = run(target, reload, options, lambda line: click.echo(line, err=True))
+    if code:
+        raise SystemExit(code)
 
 
 @main.command()

@@ -1,0 +1,107 @@
+"""Applying a deploy spec to a running instance: validate it whole, plan, then carry out the
+plan's operations in order through a ``Client``."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Union
+
+from servekit._private.deploy.definition import BackendDefinition, load_definitions
+from servekit._private.deploy.plan import DeployPlan, make_plan
+from servekit._private.deploy.schema import DeploySpec, load_deploy_file, parse_deploy_dict
+from servekit._private.deploy.state import RunningState, read_state
+from servekit.exceptions import ServeError
+
+if TYPE_CHECKING:
+    from servekit.api import Client
+
+DeployConfig = Union[str, "os.PathLike[str]", Mapping[str, Any], DeploySpec]
+
+
+class DeployStepError(ServeError):
+    """An operation of an apply failed (a constructor raised, the instance refused); the
+    steps before it were applied, those after it were not."""
+
+
+def load_spec(config: DeployConfig) -> DeploySpec:
+    """A deploy file's path, a dict of its contents (import paths found from the current
+    directory), or a spec already parsed -> a validated ``DeploySpec``."""
+    if isinstance(config, DeploySpec):
+        return config
+    if isinstance(config, (str, os.PathLike)):
+        return load_deploy_file(os.fspath(config))
+    return parse_deploy_dict(dict(config), os.getcwd())
+
+
+def plan_deploy(client: Optional[Client], spec: DeploySpec, prune: bool = False) -> DeployPlan:
+    """Import the spec's backends and plan it against ``client``'s instance (an empty one
+    when ``client`` is None)."""
+    definitions = load_definitions(spec)
+    running = RunningState.empty() if client is None else read_state(client)
+    return make_plan(spec, definitions, running, prune)
+
+
+def apply_plan(client: Client, plan: DeployPlan,
+               on_step: Optional[Callable[[str], None]] = None) -> None:
+    """Carry out ``plan`` in order; ``on_step`` is told of each step as it starts.
+
+    Raises:
+        DeployStepError: an operation failed; says which, and what was applied before it.
+    """
+    for index, step in enumerate(plan.steps):
+        if on_step is not None:
+            on_step(step.describe())
+        for operation in step.operations:
+            try:
+                _OPERATIONS[operation.name](client, *operation.args)
+            except Exception as exc:
+                done = f"the {index} step(s) before it were applied" if index else \
+                    "nothing was changed"
+                raise DeployStepError(f"{step.describe()} failed ({done}; the steps after "
+                                      f"it were not): {type(exc).__name__}: {exc}") from exc
+
+
+def deploy(client: Client, config: DeployConfig, *, prune: bool = False,
+           dry_run: bool = False) -> DeployPlan:
+    """Validate ``config``, plan it against ``client``'s instance, and apply the plan unless
+    ``dry_run``. See ``Client.deploy``."""
+    plan = plan_deploy(client, load_spec(config), prune)
+    if not dry_run:
+        apply_plan(client, plan)
+    return plan
+
+
+def _create_backend(client: Client, definition: BackendDefinition) -> None:
+    goal = client._call("create_backend", definition.spec.name, definition.replica_config(),
+                        definition.spec.config, definition.metadata, uuid.uuid4().hex)
+    client._wait_for_goal(goal)
+
+
+def _redeploy_backend(client: Client, definition: BackendDefinition) -> None:
+    goal = client._call("redeploy_backend", definition.spec.name,
+                        definition.replica_config(), definition.metadata)
+    client._wait_for_goal(goal)
+
+
+def _create_endpoint(client: Client, name: str, backend: str, route: Optional[str],
+                     methods: list) -> None:
+    client._call("create_endpoint", name, backend, route, methods, True)
+
+
+def _update_endpoint(client: Client, name: str, route: Optional[str], methods: list) -> None:
+    client._call("update_endpoint", name, route, methods, True)
+
+
+_OPERATIONS: Dict[str, Callable[..., Any]] = {
+    "create_backend": _create_backend,
+    "redeploy_backend": _redeploy_backend,
+    "update_backend_config": lambda client, *args: client.update_backend_config(*args),
+    "create_endpoint": _create_endpoint,
+    "update_endpoint": _update_endpoint,
+    "set_traffic": lambda client, *args: client.set_traffic(*args),
+    "shadow_traffic": lambda client, *args: client.shadow_traffic(*args),
+    "delete_endpoint": lambda client, *args: client.delete_endpoint(*args),
+    "delete_backend": lambda client, *args: client.delete_backend(*args),
+}
+

@@ -1,0 +1,276 @@
+"""Comparing a deploy spec with the running state: the ordered steps of an apply.
+
+A plan is computed whole, and checked whole, before anything changes: references to
+backends, routes, deletions of backends still in use and HTTP options are errors here, so
+that an apply never stops half-way on something that could be known.
+
+Order (each step valid when it runs): backends created, replaced or updated in place;
+pruned endpoints whose route a file endpoint takes; endpoints created or updated (route and
+methods, then traffic, then shadows); the other pruned endpoints; pruned backends.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any, Dict, List, Optional, Tuple
+
+from servekit._private.deploy.definition import BackendDefinition
+from servekit._private.deploy.schema import DeployFileError, DeploySpec, EndpointSpec
+from servekit._private.deploy.state import RunningEndpoint, RunningState
+
+
+class Action(str, enum.Enum):
+    CREATE = "create"
+    UPDATE = "update in place"
+    REPLACE = "replace"
+    DELETE = "delete"
+
+
+@dataclasses.dataclass(frozen=True)
+class Operation:
+    """One call of an apply: ``name`` is a ``Client`` method or controller RPC."""
+
+    name: str
+    args: Tuple[Any, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """A change to one backend or endpoint, and the operations that make it."""
+
+    action: Action
+    kind: str  # "backend" or "endpoint"
+    name: str
+    changes: Tuple[str, ...]  # what differs, for people
+    operations: Tuple[Operation, ...]
+
+    def describe(self) -> str:
+        text = f"{self.action.value:<16}{self.kind} {self.name}"
+        return f"{text}: {'; '.join(self.changes)}" if self.changes else text
+
+
+@dataclasses.dataclass(frozen=True)
+class DeployPlan:
+    """What an apply does (``steps``, in order) and what it leaves: ``unchanged`` objects of
+    the file, ``kept`` file-made objects that left the file (``prune`` would delete them)."""
+
+    steps: Tuple[Step, ...]
+    unchanged: Tuple[str, ...]
+    kept: Tuple[str, ...]
+    origin: Optional[str] = None
+
+    @property
+    def changes_anything(self) -> bool:
+        return bool(self.steps)
+
+    def operations(self) -> List[Operation]:
+        return [operation for step in self.steps for operation in step.operations]
+
+    def __str__(self) -> str:
+        what = self.origin or "the spec"
+        if not self.steps:
+            lines = [f"No change: the instance already runs what {what} describes."]
+        else:
+            count = len(self.steps)
+            lines = [f"Plan for {what}: {count} change{'s' if count != 1 else ''}."]
+            lines += [f"  {step.describe()}" for step in self.steps]
+        if self.steps and self.unchanged:
+            lines.append(f"  {'no change':<16}{', '.join(self.unchanged)}")
+        if self.kept:
+            lines.append(f"  {'kept':<16}{', '.join(self.kept)} (made from a file, no longer "
+                         "in this one; --prune deletes them)")
+        return "\n".join(lines)
+
+
+def make_plan(spec: DeploySpec, definitions: Dict[str, BackendDefinition],
+              running: RunningState, prune: bool = False) -> DeployPlan:
+    """The plan that brings ``running`` to ``spec``.
+
+    ``prune`` deletes file-made objects (backends with a source, managed endpoints) that are
+    not in ``spec``; objects made through the Python API are never deleted.
+
+    Raises:
+        DeployFileError: the file's HTTP options differ from the running instance's; an
+            endpoint names a backend that will not exist; a route is taken; a backend to
+            delete is still used — every problem, with its place.
+    """
+    problems: List[str] = _http_problems(spec, running)
+    unchanged: List[str] = []
+    backend_steps: List[Step] = []
+    for name, definition in definitions.items():
+        step = _backend_step(definition, running)
+        if step is None:
+            unchanged.append(f"backend {name}")
+        else:
+            backend_steps.append(step)
+
+    def file_made_leftovers(kind: str, names: List[str]) -> List[str]:
+        return sorted(name for name in names if name not in
+                      (spec.backends if kind == "backend" else spec.endpoints))
+
+    gone_backends = file_made_leftovers(
+        "backend", [b.name for b in running.backends.values() if b.source is not None])
+    gone_endpoints = file_made_leftovers(
+        "endpoint", [e.name for e in running.endpoints.values() if e.managed])
+    deleted_backends = gone_backends if prune else []
+    deleted_endpoints = gone_endpoints if prune else []
+
+    available = set(spec.backends) | (set(running.backends) - set(deleted_backends))
+    early_deletes: List[str] = []
+    endpoint_steps: List[Step] = []
+    for endpoint in spec.endpoints.values():
+        problems += _reference_problems(spec, endpoint, available, deleted_backends)
+        holder = _route_holder(endpoint, running)
+        if holder is not None:
+            if holder in deleted_endpoints:
+                early_deletes.append(holder)
+            else:
+                problems.append(f"{spec.where(endpoint.place + ('route',))}: "
+                                f"{endpoint.route!r} is the route of running endpoint "
+                                f"{holder!r}; {_holder_hint(holder, spec)}")
+        step = _endpoint_step(endpoint, running.endpoints.get(endpoint.name))
+        if step is None:
+            unchanged.append(f"endpoint {endpoint.name}")
+        else:
+            endpoint_steps.append(step)
+
+    remaining_endpoints = {**{n: (e.traffic, e.shadows) for n, e in running.endpoints.items()
+                              if n not in deleted_endpoints},
+                           **{n: (e.traffic, e.shadows) for n, e in spec.endpoints.items()}}
+    for tag in deleted_backends:
+        users = sorted(n for n, (traffic, shadows) in remaining_endpoints.items()
+                       if tag in traffic or tag in shadows)
+        if users:
+            problems.append(f"{spec.where(('backends',))}: backend {tag!r} left the file and "
+                            f"--prune would delete it, but endpoint(s) {', '.join(users)} "
+                            "still use it; keep it in the file, or take it out of their "
+                            "traffic and shadows")
+    if problems:
+        raise DeployFileError(problems)
+
+    def delete(kind: str, name: str) -> Step:
+        return Step(Action.DELETE, kind, name, ("left the file",),
+                    (Operation(f"delete_{kind}", (name,)),))
+
+    late_deletes = [name for name in deleted_endpoints if name not in early_deletes]
+    steps = (backend_steps + [delete("endpoint", n) for n in early_deletes] + endpoint_steps
+             + [delete("endpoint", n) for n in late_deletes]
+             + [delete("backend", n) for n in deleted_backends])
+    kept = [] if prune else [f"backend {n}" for n in gone_backends] + \
+        [f"endpoint {n}" for n in gone_endpoints]
+    return DeployPlan(tuple(steps), tuple(unchanged), tuple(kept), spec.origin)
+
+
+def _http_problems(spec: DeploySpec, running: RunningState) -> List[str]:
+    """The file's HTTP options that differ from what the instance's proxies serve."""
+    wanted = spec.http_options or {}
+    differ = [f"{key} is {running.http[key]!r}, the file says {wanted[key]!r}"
+              for key in ("host", "port") if key in wanted and key in running.http
+              and wanted[key] != running.http[key] and not (key == "port" and wanted[key] == 0)]
+    if not differ:
+        return []
+    return [f"{spec.where(('http_options',))}: the running instance's HTTP options differ "
+            f"({'; '.join(differ)}). They change only with a restart: `servekit shutdown "
+            "--keep-state`, then `servekit deploy` again (it starts an instance with the "
+            "file's options and its backends and endpoints come back)"]
+
+
+def _backend_step(definition: BackendDefinition, running: RunningState) -> Optional[Step]:
+    spec = definition.spec
+    current = running.backends.get(spec.name)
+    if current is None:
+        return Step(Action.CREATE, "backend", spec.name, (),
+                    (Operation("create_backend", (definition,)),))
+    operations: List[Operation] = []
+    changes: List[str] = []
+    action = Action.UPDATE
+    if current.source != definition.source:
+        action = Action.REPLACE
+        changes.append(_source_changes(current.source, definition.source) +
+                       " (rolling replacement)")
+        operations.append(Operation("redeploy_backend", (definition,)))
+    wanted, now = spec.config.model_dump(), current.config.model_dump()
+    update = {key: value for key, value in wanted.items() if now.get(key) != value}
+    if spec.config.autoscaling_config is not None:
+        update.pop("num_replicas", None)  # autoscaling decides it; the two are exclusive
+    if update:
+        changes += [f"{key} {now.get(key)!r} -> {value!r}" for key, value in update.items()]
+        operations.append(Operation("update_backend_config", (spec.name, update)))
+    if not operations:
+        return None
+    return Step(action, "backend", spec.name, tuple(changes), tuple(operations))
+
+
+def _source_changes(before: Optional[Dict[str, Any]], after: Dict[str, Any]) -> str:
+    if before is None:
+        return "made through the Python API, now defined by the file"
+    changed = [key for key in after if before.get(key) != after[key]]
+    labels = ["code changed" if key == "revision" else
+              f"{key} {before.get(key)!r} -> {after[key]!r}" for key in changed]
+    return "; ".join(labels) or "definition changed"
+
+
+def _endpoint_step(endpoint: EndpointSpec, current: Optional[RunningEndpoint]) -> Optional[Step]:
+    name = endpoint.name
+    if current is None:
+        first = max(endpoint.traffic, key=lambda tag: endpoint.traffic[tag])
+        operations = [Operation("create_endpoint",
+                                (name, first, endpoint.route, endpoint.methods))]
+        if endpoint.traffic != {first: 1.0}:
+            operations.append(Operation("set_traffic", (name, endpoint.traffic)))
+        operations += [Operation("shadow_traffic", (name, tag, proportion))
+                       for tag, proportion in endpoint.shadows.items()]
+        route = endpoint.route or "handle only"
+        return Step(Action.CREATE, "endpoint", name, (route,), tuple(operations))
+    operations, changes = [], []
+    if (current.route, current.methods, current.managed) != \
+            (endpoint.route, endpoint.methods, True):
+        operations.append(Operation("update_endpoint", (name, endpoint.route, endpoint.methods)))
+        changes += [f"{label} {before!r} -> {after!r}" for label, before, after in (
+            ("route", current.route, endpoint.route),
+            ("methods", current.methods, endpoint.methods)) if before != after]
+        if not current.managed:
+            changes.append("made through the Python API, now managed by the file")
+    if current.traffic != endpoint.traffic:
+        operations.append(Operation("set_traffic", (name, endpoint.traffic)))
+        changes.append(f"traffic {current.traffic} -> {endpoint.traffic}")
+    shadows = {**{tag: 0.0 for tag in current.shadows}, **endpoint.shadows}
+    for tag, proportion in shadows.items():
+        if current.shadows.get(tag, 0.0) != proportion:
+            operations.append(Operation("shadow_traffic", (name, tag, proportion)))
+            changes.append(f"shadow {tag} {current.shadows.get(tag, 0.0):g} -> {proportion:g}")
+    if not operations:
+        return None
+    return Step(Action.UPDATE, "endpoint", name, tuple(changes), tuple(operations))
+
+
+def _reference_problems(spec: DeploySpec, endpoint: EndpointSpec, available: set,
+                        deleted: List[str]) -> List[str]:
+    problems = []
+    for field, tags in (("traffic", endpoint.traffic), ("shadows", endpoint.shadows)):
+        for tag in tags:
+            if tag in available:
+                continue
+            why = ("left the file and --prune deletes it" if tag in deleted else
+                   "is neither in the file nor running")
+            problems.append(f"{spec.where(endpoint.place + (field, tag))}: backend {tag!r} "
+                            f"{why}")
+    return problems
+
+
+def _route_holder(endpoint: EndpointSpec, running: RunningState) -> Optional[str]:
+    """The running endpoint, other than this one, that has this endpoint's route."""
+    if endpoint.route is None:
+        return None
+    for other in running.endpoints.values():
+        if other.name != endpoint.name and other.route == endpoint.route:
+            return other.name
+    return None
+
+
+def _holder_hint(holder: str, spec: DeploySpec) -> str:
+    if holder in spec.endpoints:
+        return ("the file moves it elsewhere, but routes are changed one endpoint at a "
+                "time: deploy the move first, then this route")
+    return "delete that endpoint (or give it another route) first, or pick another route"

@@ -1,0 +1,328 @@
+"""Reading and validating a deploy file into a ``DeploySpec``.
+
+The whole file is checked before anything uses it; every problem is reported, each naming
+its place (``backends[1].config.num_replicas``) and, for a YAML file, its line. References to
+backends that are not in the file (they may be running) are checked later, by the plan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from typing import Any, Dict, List, Optional, Sequence, Tuple, TypeVar, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from servekit.config import BackendConfig, HTTPOptions, validate_actor_options
+
+Place = Tuple[Union[str, int], ...]
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class DeployFileError(ValueError):
+    """A deploy file (or dict) that cannot be applied; ``errors`` lists every problem, one
+    line each, naming its place in the file."""
+
+    def __init__(self, errors: Sequence[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = list(errors)
+
+
+class _Entry(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+_EntryT = TypeVar("_EntryT", bound=_Entry)
+
+
+class EnvEntry(_Entry):
+    """Another interpreter for a backend's replicas: ``{conda: name}`` or
+    ``{virtualenv: path}``."""
+
+    conda: Optional[str] = None
+    virtualenv: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> EnvEntry:
+        if (self.conda is None) == (self.virtualenv is None):
+            raise ValueError("give exactly one of conda (an environment name) or "
+                             "virtualenv (a path)")
+        return self
+
+
+class BackendEntry(_Entry):
+    name: str = Field(min_length=1)
+    import_path: str = Field(min_length=1)
+    init_args: List[Any] = Field(default_factory=list)
+    ray_actor_options: Dict[str, Any] = Field(default_factory=dict)
+    env: Optional[EnvEntry] = None
+    config: Dict[str, Any] = Field(default_factory=dict)
+
+
+class EndpointEntry(_Entry):
+    name: str = Field(min_length=1)
+    route: Optional[str] = None
+    methods: List[str] = Field(default_factory=lambda: ["GET"], min_length=1)
+    traffic: Dict[str, float] = Field(min_length=1)
+    shadows: Dict[str, float] = Field(default_factory=dict)
+
+
+class DeployFileModel(_Entry):
+    """The top level; entries are validated one by one, so every bad entry is reported."""
+
+    http_options: Optional[Dict[str, Any]] = None
+    backends: List[Dict[str, Any]] = Field(default_factory=list)
+    endpoints: List[Dict[str, Any]] = Field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendSpec:
+    """One backend as the file describes it."""
+
+    name: str
+    import_path: str
+    init_args: List[Any]
+    ray_actor_options: Dict[str, Any]
+    env: Optional[Dict[str, str]]
+    config: BackendConfig
+    place: Place  # ("backends", 1), for messages
+
+
+@dataclasses.dataclass(frozen=True)
+class EndpointSpec:
+    """One endpoint as the file describes it (methods upper-cased and sorted)."""
+
+    name: str
+    route: Optional[str]
+    methods: List[str]
+    traffic: Dict[str, float]
+    shadows: Dict[str, float]
+    place: Place
+
+
+@dataclasses.dataclass(frozen=True)
+class DeploySpec:
+    """What a deploy file asks for. ``directory`` is where its import paths are found (the
+    file's directory); ``http_options`` are the options the file sets, or None."""
+
+    http_options: Optional[Dict[str, Any]]
+    backends: Dict[str, BackendSpec]
+    endpoints: Dict[str, EndpointSpec]
+    directory: str
+    origin: Optional[str] = None  # the file's path, for messages
+    lines: Dict[Place, int] = dataclasses.field(default_factory=dict)
+
+    def where(self, place: Place) -> str:
+        """``deploy.yaml:12: backends[1].config`` for a place of this spec."""
+        return where(self.origin, self.lines, place)
+
+
+def format_place(place: Place) -> str:
+    """``("backends", 1, "config", "num_replicas")`` -> ``backends[1].config.num_replicas``."""
+    text = ""
+    for part in place:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif _IDENTIFIER.match(part):
+            text += f".{part}" if text else part
+        else:
+            text += f"[{part!r}]"
+    return text or "(top level)"
+
+
+def where(origin: Optional[str], lines: Dict[Place, int], place: Place) -> str:
+    """A place with its file and line: ``deploy.yaml:12: backends[1].config`` (the line of
+    the nearest enclosing node the file has; no file, no line for a dict)."""
+    line = _line(lines, place)
+    if origin is None:
+        return format_place(place)
+    return f"{origin}:{line}: {format_place(place)}" if line else \
+        f"{origin}: {format_place(place)}"
+
+
+def _line(lines: Dict[Place, int], place: Place) -> int:
+    """The line of ``place`` or of its nearest enclosing node; 0 if none is known."""
+    while place and place not in lines:
+        place = place[:-1]
+    return lines.get(place, 0)
+
+
+class _Problems:
+    """Collects the problems of one file, each with its place and line; ``messages`` are in
+    the order of the file."""
+
+    def __init__(self, origin: Optional[str], lines: Dict[Place, int]) -> None:
+        self._origin = origin
+        self._lines = lines
+        self._found: List[Tuple[int, str]] = []
+
+    @property
+    def messages(self) -> List[str]:
+        return [message for _, message in sorted(self._found, key=lambda item: item[0])]
+
+    def add(self, place: Place, message: str) -> None:
+        self._found.append((_line(self._lines, place),
+                            f"{where(self._origin, self._lines, place)}: {message}"))
+
+    def add_validation(self, prefix: Place, error: ValidationError) -> None:
+        for item in error.errors():
+            message = item["msg"].removeprefix("Value error, ")
+            if item["type"] == "missing":
+                message = "missing (required)"
+            elif item["type"] == "extra_forbidden":
+                message = "unknown key (remove it, or check its spelling)"
+            self.add(prefix + tuple(item["loc"]), message)
+
+
+def load_deploy_file(path: str) -> DeploySpec:
+    """Read and validate the deploy file at ``path`` (YAML).
+
+    Raises:
+        DeployFileError: the file cannot be read, is not YAML, or describes something
+            invalid (every problem, each with its place and line).
+    """
+    import yaml
+
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as exc:
+        raise DeployFileError([f"{path}: cannot be read: {exc.strerror or exc}"]) from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f"{mark.line + 1}:" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise DeployFileError([f"{path}:{line} not valid YAML: {problem}"]) from None
+    lines: Dict[Place, int] = {}
+    if node is not None:
+        _node_lines(node, (), lines)
+    return parse_deploy_dict({} if data is None else data,
+                             os.path.dirname(os.path.abspath(path)), origin=path, lines=lines)
+
+
+def _node_lines(node: Any, place: Place, lines: Dict[Place, int]) -> None:
+    """Record the line (1-based) of every node of a composed YAML document by its place."""
+    import yaml
+
+    lines[place] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            _node_lines(value, place + (key.value,), lines)
+            # the key's line, not its value's (a block value starts on the next line)
+            lines[place + (key.value,)] = key.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _node_lines(item, place + (index,), lines)
+
+
+def parse_deploy_dict(data: Any, directory: str, *, origin: Optional[str] = None,
+                      lines: Optional[Dict[Place, int]] = None) -> DeploySpec:
+    """Validate a deploy file's contents; import paths are found in ``directory``.
+
+    Raises:
+        DeployFileError: every problem, each with its place (and line, given ``lines``).
+    """
+    problems = _Problems(origin, lines or {})
+    if not isinstance(data, dict):
+        problems.add((), f"a deploy file is a mapping with http_options, backends and "
+                         f"endpoints; got {type(data).__name__}")
+        raise DeployFileError(problems.messages)
+    try:
+        model = DeployFileModel.model_validate(data)
+    except ValidationError as exc:
+        problems.add_validation((), exc)
+        raise DeployFileError(problems.messages) from None
+    if model.http_options is not None:
+        try:
+            HTTPOptions.model_validate(model.http_options)
+        except ValidationError as exc:
+            problems.add_validation(("http_options",), exc)
+    backends = _backends(_entries(BackendEntry, "backends", model.backends, problems),
+                         problems)
+    endpoints = _endpoints(_entries(EndpointEntry, "endpoints", model.endpoints, problems),
+                           problems)
+    if problems.messages:
+        raise DeployFileError(problems.messages)
+    return DeploySpec(model.http_options, backends, endpoints, directory, origin,
+                      dict(lines or {}))
+
+
+def _entries(model: type[_EntryT], key: str, items: List[Dict[str, Any]],
+             problems: _Problems) -> List[Tuple[int, _EntryT]]:
+    """The items that are valid ``model`` entries, with their index; problems for the rest."""
+    valid = []
+    for index, item in enumerate(items):
+        try:
+            valid.append((index, model.model_validate(item)))
+        except ValidationError as exc:
+            problems.add_validation((key, index), exc)
+    return valid
+
+
+def _backends(entries: List[Tuple[int, BackendEntry]],
+              problems: _Problems) -> Dict[str, BackendSpec]:
+    backends: Dict[str, BackendSpec] = {}
+    for index, entry in entries:
+        place: Place = ("backends", index)
+        if entry.name in backends:
+            problems.add(place + ("name",), f"backend {entry.name!r} is already defined at "
+                                            f"{format_place(backends[entry.name].place)}")
+            continue
+        try:
+            config = BackendConfig.model_validate(entry.config)
+        except ValidationError as exc:
+            problems.add_validation(place + ("config",), exc)
+            continue
+        try:
+            actor_options = validate_actor_options(entry.ray_actor_options)
+        except (TypeError, ValueError) as exc:
+            problems.add(place + ("ray_actor_options",), str(exc))
+            continue
+        env = None if entry.env is None else entry.env.model_dump(exclude_none=True)
+        backends[entry.name] = BackendSpec(entry.name, entry.import_path, entry.init_args,
+                                           actor_options, env, config, place)
+    return backends
+
+
+def _endpoints(entries: List[Tuple[int, EndpointEntry]],
+               problems: _Problems) -> Dict[str, EndpointSpec]:
+    endpoints: Dict[str, EndpointSpec] = {}
+    routes: Dict[str, str] = {}
+    for index, entry in entries:
+        place: Place = ("endpoints", index)
+        if entry.name in endpoints:
+            problems.add(place + ("name",), f"endpoint {entry.name!r} is already defined at "
+                                            f"{format_place(endpoints[entry.name].place)}")
+            continue
+        if entry.route is not None:
+            if not entry.route.startswith("/"):
+                problems.add(place + ("route",), f"{entry.route!r} must start with '/'")
+            elif entry.route.startswith("/-/"):
+                problems.add(place + ("route",), f"{entry.route!r} is reserved: paths under "
+                                                 "/-/ are servekit's")
+            elif entry.route in routes:
+                problems.add(place + ("route",), f"{entry.route!r} is already the route of "
+                                                 f"{routes[entry.route]}")
+            else:
+                routes[entry.route] = format_place(place)
+        for backend, weight in entry.traffic.items():
+            if not weight >= 0 or math.isinf(weight):
+                problems.add(place + ("traffic", backend), f"weight {weight!r} must be >= 0")
+        total = math.fsum(entry.traffic.values())
+        if not math.isclose(total, 1.0, rel_tol=0.0, abs_tol=1e-8):
+            problems.add(place + ("traffic",), f"weights sum to {total:g}, not 1")
+        for backend, proportion in entry.shadows.items():
+            if not 0 < proportion <= 1:
+                problems.add(place + ("shadows", backend),
+                             f"proportion {proportion!r} must be in (0, 1]; leave a shadow "
+                             "out to remove it")
+        endpoints[entry.name] = EndpointSpec(
+            entry.name, entry.route, sorted({m.upper() for m in entry.methods}),
+            {tag: float(w) for tag, w in entry.traffic.items()},
+            {tag: float(p) for tag, p in entry.shadows.items()}, place)
+    return endpoints

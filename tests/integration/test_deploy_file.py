@@ -1,0 +1,257 @@
+"""Deploy files and the development loop, with real processes and real HTTP.
+
+The ``servekit`` command runs in subprocesses against a detached instance in a private
+``$SERVEKIT_HOME``; ``servekit deploy`` starts it (no instance runs at first). Each test
+deploys the base file first, so tests do not depend on each other's leftovers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+from typing import Any, Dict, Iterator, List
+
+import httpx
+import pytest
+import yaml
+from processes import descendants, kill_leftovers, snapshot, still_alive
+
+import servekit as serve
+from conftest import free_port, wait_for
+from servekit._private import constants
+
+pytestmark = pytest.mark.integration
+
+MODELS = textwrap.dedent("""
+    class Greeter:
+        def __init__(self, greeting="hello"):
+            self.greeting = greeting
+
+        def __call__(self, request):
+            return self.greeting
+""")
+
+
+class Project:
+    """A directory with ``models.py`` and deploy files, and the ``servekit`` command run in
+    it with a private home."""
+
+    def __init__(self, directory: Path, home: Path, port: int) -> None:
+        self.directory = directory
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.env = {**os.environ, "SERVEKIT_HOME": str(home)}
+        (directory / "models.py").write_text(MODELS)
+
+    def file(self, name: str = "deploy.yaml", greeting: str = "hello", replicas: int = 1,
+             extra: bool = False) -> str:
+        """A deploy file: backend ``greet`` behind /greet (and, with ``extra``, backend
+        ``extra`` behind /extra)."""
+        data: Dict[str, Any] = {
+            "http_options": {"host": "127.0.0.1", "port": self.port},
+            "backends": [{"name": "greet", "import_path": "models:Greeter",
+                          "init_args": [greeting], "config": {"num_replicas": replicas}}],
+            "endpoints": [{"name": "greet", "route": "/greet", "methods": ["GET"],
+                           "traffic": {"greet": 1.0}}],
+        }
+        if extra:
+            data["backends"].append({"name": "extra", "import_path": "models:Greeter",
+                                     "init_args": ["extra"]})
+            data["endpoints"].append({"name": "extra", "route": "/extra",
+                                      "traffic": {"extra": 1.0}})
+        path = self.directory / name
+        path.write_text(yaml.safe_dump(data))
+        return str(path)
+
+    def servekit(self, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
+        done = subprocess.run([sys.executable, "-m", "servekit.cli", *args], cwd=self.directory,
+                              env=self.env, capture_output=True, text=True, timeout=60)
+        if ok:
+            assert done.returncode == 0, done.stderr
+        return done
+
+    def status(self) -> Dict[str, Any]:
+        return json.loads(self.servekit("status", "--json").stdout)
+
+    def get(self, path: str) -> httpx.Response:
+        return httpx.get(self.url + path, timeout=10)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Project]:
+    home = tmp_path_factory.mktemp("home")
+    project = Project(tmp_path_factory.mktemp("project"), home, free_port())
+    with pytest.MonkeyPatch.context() as patch:  # serve.connect() of this process finds it
+        patch.setattr(constants, "SERVEKIT_HOME", str(home))
+        first = project.servekit("deploy", project.file())
+        try:
+            assert "No servekit instance was running. Started a detached" in first.stdout
+            yield project
+        finally:
+            project.servekit("shutdown", ok=False)
+
+
+@pytest.fixture
+def base(project: Project) -> Project:
+    """The project's instance running the base file (and nothing the file made besides)."""
+    project.servekit("deploy", "--prune", project.file())
+    return project
+
+
+def test_deploy_serves_and_the_same_file_again_changes_nothing(base: Project) -> None:
+    assert base.get("/greet").text == "hello"
+    again = base.servekit("deploy", base.file())
+    assert again.stdout.startswith("No change: the instance already runs what")
+    status = base.status()
+    assert status["backends"]["greet"]["source"]["import_path"] == "models:Greeter"
+    assert status["endpoints"]["greet"]["managed"] is True
+
+
+def replica_names(project: Project, backend: str) -> List[str]:
+    return sorted(p["name"] for p in project.status()["processes"]
+                  if p["role"] == "replica" and p["name"].startswith(backend + "#")
+                  and p["state"] == "RUNNING")
+
+
+def test_num_replicas_is_updated_in_place(base: Project) -> None:
+    (before,) = replica_names(base, "greet")
+    out = base.servekit("deploy", base.file(replicas=2)).stdout
+    assert "update in place backend greet: num_replicas 1 -> 2" in out
+    after = replica_names(base, "greet")
+    assert len(after) == 2 and before in after  # the running replica was kept
+
+
+def test_changed_init_args_roll_over_without_a_failed_request(base: Project) -> None:
+    answers: List[Any] = []
+    stop = threading.Event()
+
+    def keep_asking() -> None:
+        with httpx.Client(timeout=10) as http:
+            while not stop.is_set():
+                response = http.get(base.url + "/greet")
+                answers.append(response.text if response.status_code == 200 else response)
+
+    asker = threading.Thread(target=keep_asking)
+    asker.start()
+    try:
+        wait_for(lambda: len(answers) > 5, message="requests before the deploy")
+        out = base.servekit("deploy", base.file(greeting="bonjour")).stdout
+        assert "replace         backend greet: init_args ['hello'] -> ['bonjour']" in out
+        count = len(answers)
+        wait_for(lambda: len(answers) > count + 5, message="requests after the deploy")
+    finally:
+        stop.set()
+        asker.join()
+    assert [a for a in answers if a not in ("hello", "bonjour")] == []
+    assert answers[-1] == "bonjour"
+
+
+def test_dry_run_changes_nothing(base: Project) -> None:
+    before = base.status()["backends"]
+    out = base.servekit("deploy", "--dry-run", base.file(greeting="hi", extra=True)).stdout
+    assert "create          backend extra" in out and "Dry run: nothing was changed." in out
+    assert base.status()["backends"] == before
+    assert base.get("/greet").text == "hello"
+
+
+def test_prune_deletes_what_a_file_made_but_not_what_the_api_made(base: Project) -> None:
+    client = serve.connect()
+    client.create_backend("api", "models:Greeter", "api")
+    client.create_endpoint("api", backend="api", route="/api")
+    try:
+        base.servekit("deploy", base.file(extra=True))
+        assert base.get("/extra").text == "extra"
+        kept = base.servekit("deploy", base.file()).stdout
+        assert "backend extra, endpoint extra (made from a file, no longer in this one" in kept
+        assert base.get("/extra").status_code == 200
+        plan = client.deploy(base.file(), prune=True)
+        assert [(s.action.value, s.kind, s.name) for s in plan.steps] == [
+            ("delete", "endpoint", "extra"), ("delete", "backend", "extra")]
+        assert set(client.list_backends()) == {"greet", "api"}
+        assert base.get("/extra").status_code == 404
+        assert base.get("/api").text == "api"
+    finally:
+        client.delete_endpoint("api")
+        client.delete_backend("api")
+
+
+def test_a_file_with_an_error_changes_nothing(base: Project) -> None:
+    before = base.status()
+    path = Path(base.file(greeting="changed", replicas=2, extra=True))
+    path.write_text(path.read_text().replace("extra: 1.0", "missing: 1.0"))
+    done = base.servekit("deploy", str(path), ok=False)
+    assert done.returncode == 1
+    assert "endpoints[1].traffic.missing: backend 'missing' is neither in the file nor " \
+           "running" in done.stderr
+    after = base.status()
+    assert (after["backends"], after["endpoints"]) == (before["backends"], before["endpoints"])
+    assert base.get("/greet").text == "hello"
+
+
+def test_config_round_trips(base: Project) -> None:
+    client = serve.connect()
+    client.create_backend("api", "models:Greeter", "api")
+    try:
+        exported = base.servekit("config")
+        assert "#   backend api (made through the Python API)" in exported.stdout
+        assert "left out" in exported.stderr
+        path = base.directory / "exported.yaml"
+        path.write_text(exported.stdout)
+        again = base.servekit("deploy", str(path))
+        assert again.stdout.startswith("No change"), again.stdout
+    finally:
+        client.delete_backend("api")
+
+
+# ------------------------------------------------------------------ servekit run
+
+
+def test_run_serves_reloads_survives_a_broken_reload_and_leaves_nothing(
+        tmp_path: Path) -> None:
+    project = Project(tmp_path, tmp_path / "home", free_port())
+    deploy_file = project.file()
+    run = subprocess.Popen([sys.executable, "-m", "servekit.cli", "run", deploy_file,
+                            "--reload"], cwd=tmp_path, env=project.env, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output: List[str] = []
+    reader = threading.Thread(target=lambda: output.extend(iter(run.stdout.readline, "")),
+                              daemon=True)  # type: ignore[union-attr]
+    reader.start()
+    processes: Dict[int, int] = {}
+    try:
+        def answer() -> str:
+            try:
+                response = project.get("/greet")
+            except httpx.HTTPError:
+                return ""
+            return response.text if response.status_code == 200 else ""
+
+        wait_for(lambda: answer() == "hello", timeout=30, message="the first deploy")
+        processes = snapshot(descendants(run.pid))
+        assert len(processes) >= 4  # supervisor, controller, proxy, replica
+        models = tmp_path / "models.py"
+        models.write_text(MODELS.replace("return self.greeting", "return self.greeting + '!'"))
+        wait_for(lambda: answer() == "hello!", timeout=30, message="the reload")
+        models.write_text(MODELS.replace("self.greeting = greeting", "raise RuntimeError('x')"))
+        wait_for(lambda: any("Not applied" in line for line in output), timeout=30,
+                 message="the broken reload to be reported")
+        assert "RuntimeError" in "".join(output)
+        assert answer() == "hello!"
+        processes.update(snapshot(descendants(run.pid)))
+        run.send_signal(signal.SIGINT)
+        assert run.wait(timeout=30) == 0
+        wait_for(lambda: not still_alive(processes), timeout=10,
+                 message="every process of servekit run to end")
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+        kill_leftovers(processes)
+        reader.join(timeout=10)
+        run.stdout.close()  # type: ignore[union-attr]
