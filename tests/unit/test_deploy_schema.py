@@ -143,3 +143,17 @@ def test_imports_and_config_are_checked_before_anything_runs(
                          "init args (use a class to take them)")
     assert errors[2].startswith("backends[2].config: max_batch_size is 4 but the backend's "
                                 "callable does not accept batches")
+
+
+def test_a_name_used_twice_is_reported_even_when_its_first_entry_is_invalid(
+        tmp_path: Path) -> None:
+    errors = errors_of(tmp_path, textwrap.dedent("""\
+        backends:
+          - name: x
+            import_path: m:A
+            config: {num_replicas: 0}
+          - name: x
+            import_path: m:B
+    """))
+    assert any("backends[0].config.num_replicas" in error for error in errors)
+    assert "FILE:5: backends[1].name: backend 'x' is already defined at backends[0]" in errors

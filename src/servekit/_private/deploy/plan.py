@@ -195,11 +195,21 @@ def _backend_step(definition: BackendDefinition, running: RunningState) -> Optio
     if spec.config.autoscaling_config is not None:
         update.pop("num_replicas", None)  # autoscaling decides it; the two are exclusive
     if update:
-        changes += [f"{key} {now.get(key)!r} -> {value!r}" for key, value in update.items()]
+        changes += [_field_change(key, now.get(key), value) for key, value in update.items()]
         operations.append(Operation("update_backend_config", (spec.name, update)))
     if not operations:
         return None
     return Step(action, "backend", spec.name, tuple(changes), tuple(operations))
+
+
+def _field_change(key: str, before: Any, after: Any) -> str:
+    """``key before -> after``; for two dicts (``autoscaling_config``) only the keys that
+    differ, as ``key.sub before -> after``."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        return "; ".join(f"{key}.{sub} {before.get(sub)!r} -> {after.get(sub)!r}"
+                         for sub in sorted(before.keys() | after.keys())
+                         if before.get(sub) != after.get(sub))
+    return f"{key} {before!r} -> {after!r}"
 
 
 def _source_changes(before: Optional[Dict[str, Any]], after: Dict[str, Any]) -> str:

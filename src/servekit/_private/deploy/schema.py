@@ -267,12 +267,14 @@ def _entries(model: type[_EntryT], key: str, items: List[Dict[str, Any]],
 def _backends(entries: List[Tuple[int, BackendEntry]],
               problems: _Problems) -> Dict[str, BackendSpec]:
     backends: Dict[str, BackendSpec] = {}
+    first_at: Dict[str, Place] = {}  # where each name was first defined, valid or not
     for index, entry in entries:
         place: Place = ("backends", index)
-        if entry.name in backends:
+        if entry.name in first_at:
             problems.add(place + ("name",), f"backend {entry.name!r} is already defined at "
-                                            f"{format_place(backends[entry.name].place)}")
+                                            f"{format_place(first_at[entry.name])}")
             continue
+        first_at[entry.name] = place
         try:
             config = BackendConfig.model_validate(entry.config)
         except ValidationError as exc:
