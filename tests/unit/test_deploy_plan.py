@@ -237,6 +237,10 @@ def test_different_http_options_are_refused_with_how_to_apply_them(
                                               r"8000.*servekit shutdown --keep-state"):
         plan_of(project, file_data(), running)
     assert plan_of(project, file_data(http_options={"port": 0}), running).steps == ()
+    running = dataclasses.replace(running, http={**running.http, "max_body_bytes": 1000})
+    with pytest.raises(DeployFileError, match=r"max_body_bytes is 1000, the file says 2000"):
+        plan_of(project, file_data(http_options={"port": 9000, "max_body_bytes": 2000}),
+                running)
 
 
 def test_backends_made_through_the_api_are_adopted_by_a_replacement(

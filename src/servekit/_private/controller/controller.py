@@ -319,8 +319,8 @@ class Controller:
     def status(self) -> dict:
         """What runs: per backend its config, definition, replicas running and wanted, the
         autoscaler's last decision, and why the last replica start failed (None once one
-        started since); the endpoints; and the processes (role, name, pid, state) of the
-        proxies and the replicas."""
+        started since); the endpoints; the processes (role, name, pid, state) of the
+        proxies and the replicas; and the HTTP options the instance started with."""
         backends = {}
         for tag, reconciler in self.backends.items():
             b = reconciler.state
@@ -347,7 +347,9 @@ class Controller:
                                   "pid": process.get("pid"), "node": process.get("node")})
         endpoints = {name: {**info.describe(), "managed": info.managed}
                      for name, info in self.endpoints.endpoints.items()}
-        return {"backends": backends, "endpoints": endpoints, "processes": processes}
+        http_options = self.http_options.model_dump(mode="json", exclude={"middlewares"})
+        return {"backends": backends, "endpoints": endpoints, "processes": processes,
+                "http_options": http_options}
 
     async def metrics_of_every_process(self) -> List[str]:
         """The metrics of this controller, its proxies and every running replica (those

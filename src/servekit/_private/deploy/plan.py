@@ -166,7 +166,7 @@ def _http_problems(spec: DeploySpec, running: RunningState) -> List[str]:
     """The file's HTTP options that differ from what the instance's proxies serve."""
     wanted = spec.http_options or {}
     differ = [f"{key} is {running.http[key]!r}, the file says {wanted[key]!r}"
-              for key in ("host", "port") if key in wanted and key in running.http
+              for key in sorted(wanted) if key in running.http
               and wanted[key] != running.http[key] and not (key == "port" and wanted[key] == 0)]
     if not differ:
         return []

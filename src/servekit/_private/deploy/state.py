@@ -31,8 +31,8 @@ class RunningEndpoint:
 
 @dataclasses.dataclass(frozen=True)
 class RunningState:
-    """What runs. ``http`` holds the HTTP options that can be observed from the proxies
-    (``host`` and ``port``; ``{}`` when no proxy serves HTTP)."""
+    """What runs. ``http`` holds the HTTP options the instance started with, ``host`` and
+    ``port`` as its proxies serve them (``{}`` for an empty instance)."""
 
     backends: Dict[str, RunningBackend]
     endpoints: Dict[str, RunningEndpoint]
@@ -53,12 +53,13 @@ def read_state(client: Client) -> RunningState:
                                        dict(info["traffic"]), dict(info["shadows"]),
                                        bool(info.get("managed", False)))
                  for name, info in status["endpoints"].items()}
-    return RunningState(backends, endpoints, _http_of(status["processes"]))
+    return RunningState(backends, endpoints, _http_of(status))
 
 
-def _http_of(processes: List[dict]) -> Dict[str, Any]:
-    addresses = [p["http"] for p in processes if p.get("role") == "proxy" and p.get("http")]
-    if not addresses:
-        return {}
-    host, port = addresses[0][0], addresses[0][1]
-    return {"host": host, "port": port}
+def _http_of(status: dict) -> Dict[str, Any]:
+    http = dict(status.get("http_options") or {})
+    addresses = [p["http"] for p in status["processes"]
+                 if p.get("role") == "proxy" and p.get("http")]
+    if addresses:  # the port actually served (the options may say 0: any free port)
+        http["host"], http["port"] = addresses[0][0], addresses[0][1]
+    return http
