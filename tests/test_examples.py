@@ -59,6 +59,22 @@ def test_quickstart_runs_and_prints_http_and_handle_results():
     assert not _port_busy(8000), "the example left its HTTP server running"
 
 
+def test_autoscaling_example_scales_up_and_back_to_zero() -> None:
+    if _port_busy(8000):
+        pytest.skip("examples/autoscaling.py serves on port 8000, which another program on "
+                    "this machine is using")
+    done = subprocess.run([sys.executable, str(EXAMPLES / "autoscaling.py")],
+                          capture_output=True, text=True, timeout=EXAMPLE_TIMEOUT_S * 2,
+                          cwd=EXAMPLES)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "replicas at rest: 0" in lines and "first request: done" in lines
+    assert "failed requests: 0" in lines
+    assert "most replicas under load: 4" in lines or "most replicas under load: 3" in lines
+    assert "replicas after the load: 0" in lines
+    assert not _port_busy(8000), "the example left its HTTP server running"
+
+
 def _servekit(*args: str, home: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "servekit.cli", *args], cwd=EXAMPLES / "deploy",
                           env={**os.environ, "SERVEKIT_HOME": str(home)}, capture_output=True,
