@@ -192,6 +192,9 @@ class Replica:
         loop = asyncio.get_running_loop()
         self._constructed = asyncio.ensure_future(
             loop.run_in_executor(self._control_pool, self._construct))
+        # What the constructor raised is reported by ``ready``; a replica stopped before
+        # anyone asked does not log it again as never retrieved.
+        self._constructed.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     def _construct(self) -> BackendMetadata:
         target, init_args = cloudpickle.loads(self.spec.replica_config.serialized)

@@ -2,7 +2,8 @@
 
 The controller starts, stops and watches replicas and proxies only through a ``Runtime``.
 ``LocalRuntime`` runs them as child processes of the controller; ``RayRuntime`` as Ray
-actors; a fake in-memory runtime makes the controller's logic testable without processes.
+actors; a fake in-memory one (``tests/unit/fake_runtime.py``) tests the controller's logic
+without processes.
 On the script's side, an ``Instance`` is what a ``Client`` needs of the runtime it talks to.
 Which runtime runs is decided in ``runtime.choice``.
 """
