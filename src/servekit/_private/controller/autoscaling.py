@@ -90,8 +90,13 @@ class AutoscalingPolicy:
             return Decision(target, f"kept within min_replicas={low}, max_replicas={high}")
         latest = self._samples[-1][1] if self._samples else 0.0
         if current == 0:
+            # What was wanted before, and the idle samples, say nothing about the load that
+            # arrives: the decisions after leaving zero start afresh from it.
+            self._wanted.clear()
             if latest <= 0:
                 return Decision(0, "scaled to zero: no requests")
+            while len(self._samples) > 1:
+                self._samples.popleft()
             target = min(high, max(1, math.ceil(latest / config.target_ongoing_requests
                                                 - _EPSILON)))
             return Decision(target, f"{latest:g} requests arrived while scaled to zero")
@@ -115,7 +120,7 @@ class AutoscalingPolicy:
                 return Decision(current, f"{load}; at max_replicas={high}")
             if held >= config.upscale_delay_s:
                 return Decision(target, f"{load}: scaled up to {target}")
-            return Decision(current, f"{load}: wants {target}, for {held:.0f}s of "
+            return Decision(current, f"{load}: wants {target}, for {held:.1f}s of "
                                      f"upscale_delay_s={config.upscale_delay_s:g}")
         down = self._held(lambda w: _down(w) < current, most=True)
         if down is not None and current > low:
@@ -129,15 +134,15 @@ class AutoscalingPolicy:
                 zero = self._held(lambda w: w <= 0)
                 zero_held = -1.0 if zero is None else now - zero[0]
                 if zero_held >= self._to_zero_delay() and held >= delay:
-                    return Decision(0, f"{load}: no requests for {zero_held:.0f}s, scaled "
+                    return Decision(0, f"{load}: no requests for {zero_held:.1f}s, scaled "
                                        "to zero")
                 target = 1
                 if current == 1:
-                    return Decision(1, f"{load}: wants 0, for {max(zero_held, 0):.0f}s of "
+                    return Decision(1, f"{load}: wants 0, for {max(zero_held, 0):.1f}s of "
                                        f"downscale_to_zero_delay_s={self._to_zero_delay():g}")
             if held >= delay:
                 return Decision(target, f"{load}: scaled down to {target}")
-            return Decision(current, f"{load}: wants {target}, for {held:.0f}s of "
+            return Decision(current, f"{load}: wants {target}, for {held:.1f}s of "
                                      f"downscale_delay_s={delay:g}")
         return Decision(current, f"{load}: {current} is right")
 

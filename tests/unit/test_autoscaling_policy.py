@@ -136,3 +136,21 @@ def test_the_load_book_adds_routers_up_and_forgets_stale_and_gone_ones() -> None
     assert book.total("a", now=1.0, stale_after=5.0) == 3.0
     book.forget_backend("b")
     assert book.total("b", now=1.0, stale_after=5.0) == 0.0
+
+
+def test_leaving_zero_is_not_undone_by_what_was_wanted_while_at_zero() -> None:
+    """The idle samples from before a burst neither drag its average down nor count as a
+    downscale wanted all through the delay."""
+    p = AutoscalingPolicy(AutoscalingConfig(
+        min_replicas=0, max_replicas=6, target_ongoing_requests=2, upscale_delay_s=1,
+        downscale_delay_s=3, downscale_to_zero_delay_s=6, look_back_period_s=1.5,
+        metrics_interval_s=0.25))
+    current, t, history = 1, 0.0, []
+    for load in [0.0] * 48 + [8.0] * 20:
+        t += 0.25
+        p.record(t, load)
+        current = p.decide(t, current).replicas
+        history.append(current)
+    assert history[40:48] == [0] * 8  # idle: scaled to zero after its delay
+    assert history[48] == 4  # out of zero at once, for what waits
+    assert min(history[48:]) == 4  # and never back down while the load lasts
