@@ -82,6 +82,25 @@ def test_scale_to_zero_and_back_on_a_waiting_request() -> None:
     run(main)
 
 
+def test_requests_that_wait_while_the_first_replicas_start_add_replicas_at_once() -> None:
+    async def main() -> None:
+        runtime = FakeRuntime()
+        async with running_controller(runtime) as (controller, _):
+            await start_backend(controller, "m", **autoscaled(
+                min_replicas=0, max_replicas=4, upscale_delay_s=60))
+            runtime.hold_launches()
+            controller.report_load("router", {"m": 1.0})
+            await eventually(lambda: len(runtime.held()) == 1, "one replica launching")
+            controller.report_load("router", {"m": 6.0})  # more wait; none runs yet
+            await eventually(lambda: len(runtime.held()) == 3, "three launching")
+            runtime.hold_launches(False)
+            runtime.release()
+            await eventually(lambda: len(replica_tags(controller, "m", RUNNING)) == 3,
+                             "3 replicas, without waiting for upscale_delay_s")
+
+    run(main)
+
+
 def test_a_router_that_leaves_takes_its_load_with_it() -> None:
     async def main() -> None:
         async with running_controller() as (controller, runtime):

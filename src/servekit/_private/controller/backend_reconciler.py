@@ -450,12 +450,13 @@ class BackendReconciler:
             self._autoscale_task = None
 
     def demand(self) -> None:
-        """A router has requests waiting for this backend while it has no replica."""
+        """A router has requests waiting for this backend while none of its replicas
+        runs (scaled to zero, or coming out of it)."""
         self._demand.set()
 
     async def _autoscale(self) -> None:
-        """Every ``metrics_interval_s`` (at once when requests wait on a backend scaled to
-        zero): sample the load, ask the policy, apply what it decides."""
+        """Every ``metrics_interval_s`` (at once when requests wait on a backend without a
+        running replica): sample the load, ask the policy, apply what it decides."""
         backend = self.state
         while self._policy is not None:
             interval = self._policy.config.metrics_interval_s
@@ -471,9 +472,17 @@ class BackendReconciler:
             policy.record(now, self._services.loads.total(
                 backend.tag, now, stale_after=2.5 * interval + 1.0))
             async with self._services.lock:
-                if self._policy is not policy or backend.autoscaled_replicas is None:
+                current = backend.autoscaled_replicas
+                if self._policy is not policy or current is None:
                     continue
-                self._scale_to(policy.decide(now, backend.autoscaled_replicas))
+                if current > 0 and not backend.in_state(RUNNING):
+                    # Still coming out of zero: what waits meanwhile adds replicas at once.
+                    decision = policy.decide(now, 0)
+                    if decision.replicas <= current:
+                        continue
+                else:
+                    decision = policy.decide(now, current)
+                self._scale_to(decision)
 
     def _scale_to(self, decision: Decision) -> None:
         backend = self.state

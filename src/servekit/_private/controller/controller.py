@@ -505,14 +505,16 @@ class Controller:
 
     def report_load(self, router: str, loads: Dict[str, float]) -> None:
         """A router's load per autoscaled backend: requests waiting in it plus those it has
-        on replicas. Requests waiting on a backend scaled to zero start it at once."""
+        on replicas. Requests waiting on a backend without a running replica (scaled to
+        zero) start replicas at once."""
         peer = current_peer.get(None)
         if peer is not None:
             self._routers.setdefault(peer, set()).add(router)
         self.loads.report(router, loads, time.monotonic())
         for tag, waiting in loads.items():
             reconciler = self.backends.get(tag)
-            if waiting > 0 and reconciler is not None and reconciler.state.target_replicas == 0:
+            if waiting > 0 and reconciler is not None and \
+                    not reconciler.state.in_state(RUNNING):
                 reconciler.demand()
 
     def disconnected(self, peer: Any) -> None:
