@@ -157,3 +157,16 @@ def test_a_name_used_twice_is_reported_even_when_its_first_entry_is_invalid(
     """))
     assert any("backends[0].config.num_replicas" in error for error in errors)
     assert "FILE:5: backends[1].name: backend 'x' is already defined at backends[0]" in errors
+
+
+def test_two_projects_with_a_module_of_the_same_name_each_get_their_own(
+        tmp_path: Path) -> None:
+    for folder, name in (("one", "First"), ("two", "Second")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "same_name_models.py").write_text(
+            f"class {name}:\n    def __call__(self, request):\n        return 1\n")
+    for folder, name in (("one", "First"), ("two", "Second")):
+        spec = parse_deploy_dict({"backends": [
+            {"name": "b", "import_path": f"same_name_models:{name}"}]},
+            str(tmp_path / folder))
+        assert load_definitions(spec)["b"].metadata.name == name

@@ -82,10 +82,26 @@ def local_modules(directory: str) -> Dict[str, str]:
 
 def forget_local_modules(directory: str) -> None:
     """Drop the local modules from ``sys.modules``, so the next import reads the files
-    again (how a reload sees edited code)."""
+    again (how a reload sees edited code); and the modules imported from elsewhere under a
+    name the directory has a module of (``models`` of another project), so the next import
+    finds the directory's own."""
     for name in local_modules(directory):
         sys.modules.pop(name, None)
+    for name in [n for n in sys.modules if _shadowed_by(n.partition(".")[0], directory)]:
+        sys.modules.pop(name, None)
     importlib.invalidate_caches()
+
+
+def _shadowed_by(top_level: str, directory: str) -> bool:
+    """Whether ``directory`` has a module or package named ``top_level`` other than the
+    one imported under that name."""
+    candidates = (os.path.join(directory, f"{top_level}.py"),
+                  os.path.join(directory, top_level, "__init__.py"))
+    if not any(os.path.isfile(path) for path in candidates):
+        return False
+    imported = getattr(sys.modules.get(top_level), "__file__", None)
+    return not (isinstance(imported, str) and os.path.abspath(imported) in
+                {os.path.abspath(path) for path in candidates})
 
 
 def revision(directory: str) -> str:
