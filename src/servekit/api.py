@@ -348,8 +348,8 @@ class Client:
             ValueError: the file is invalid, names a backend that will not exist, or asks
                 for HTTP options other than the instance's (a ``DeployFileError`` listing
                 every problem).
-            ServeError: a step failed while applying (``DeployStepError``: says which, and
-                what was applied before it).
+            ServeError: a step failed while applying (``DeployStepError``: says which);
+                what the apply had changed before it was undone.
         """
         from servekit._private.deploy.apply import deploy
 

@@ -31,6 +31,8 @@ pytestmark = pytest.mark.integration
 MODELS = textwrap.dedent("""
     class Greeter:
         def __init__(self, greeting="hello"):
+            if greeting == "corrupt":
+                raise RuntimeError("the weights are corrupt")
             self.greeting = greeting
 
         def __call__(self, request):
@@ -150,6 +152,22 @@ def test_changed_init_args_roll_over_without_a_failed_request(base: Project) -> 
         asker.join()
     assert [a for a in answers if a not in ("hello", "bonjour")] == []
     assert answers[-1] == "bonjour"
+
+
+def test_an_apply_that_fails_half_way_leaves_what_ran_before(base: Project) -> None:
+    data = yaml.safe_load(Path(base.file()).read_text())
+    data["backends"][0]["init_args"] = ["hola"]  # replaced first: this step works
+    data["backends"].append({"name": "extra", "import_path": "models:Greeter",
+                             "init_args": ["corrupt"]})  # its constructor raises
+    path = base.directory / "half.yaml"
+    path.write_text(yaml.safe_dump(data))
+    failed = base.servekit("deploy", str(path), ok=False)
+    assert failed.returncode == 1
+    assert "the weights are corrupt" in failed.stderr
+    assert "undone: the instance runs what it ran before" in failed.stderr
+    assert base.get("/greet").text == "hello"  # the replacement was rolled back
+    assert "extra" not in base.status()["backends"]
+    assert base.servekit("deploy", base.file()).stdout.startswith("No change")
 
 
 def test_dry_run_changes_nothing(base: Project) -> None:

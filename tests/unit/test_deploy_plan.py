@@ -13,7 +13,7 @@ from deploy_helpers import project, running_as  # noqa: F401 (project is a fixtu
 from servekit._private.deploy.apply import DeployStepError, apply_plan
 from servekit._private.deploy.definition import load_definitions
 from servekit._private.deploy.export import export_config
-from servekit._private.deploy.plan import Action, DeployPlan, make_plan
+from servekit._private.deploy.plan import Action, DeployPlan, Operation, make_plan
 from servekit._private.deploy.schema import (
     DeployFileError,
     DeploySpec,
@@ -21,6 +21,7 @@ from servekit._private.deploy.schema import (
     parse_deploy_dict,
 )
 from servekit._private.deploy.state import RunningBackend, RunningEndpoint, RunningState
+from servekit._private.deploy.undo import inverse
 from servekit.config import BackendConfig
 
 
@@ -290,21 +291,32 @@ def test_switching_to_autoscaling_is_an_update_in_place(project: Path) -> None: 
 
 
 class FailingClient:
-    """Records the Client calls of an apply; the call named ``fail_on`` raises."""
+    """Records the Client calls of an apply (and their arguments); the call named
+    ``fail_on`` raises; ``replies`` answers controller calls by name."""
 
     def __init__(self, fail_on: str) -> None:
         self.fail_on = fail_on
         self.calls: List[str] = []
+        self.args: List[tuple] = []
+        self.replies: Dict[str, Any] = {}
 
     def __getattr__(self, name: str) -> Any:
-        def call(*args: Any) -> None:
-            self.calls.append(name if name != "_call" else args[0])
-            if self.calls[-1] == self.fail_on:
+        def call(*args: Any) -> Any:
+            if name == "_call":
+                name_called, args = args[0], args[1:]
+                if name_called in self.replies:
+                    return self.replies[name_called]
+            else:
+                name_called = name
+            self.calls.append(name_called)
+            self.args.append(args)
+            if name_called == self.fail_on:
                 raise ValueError("refused")
+            return None
         return call
 
 
-def test_an_apply_stops_at_a_failed_step_and_says_what_was_applied(
+def test_an_apply_that_fails_half_way_undoes_what_it_changed(
         project: Path) -> None:  # noqa: F811
     running = deployed(project, file_data())
     data = file_data()
@@ -312,7 +324,44 @@ def test_an_apply_stops_at_a_failed_step_and_says_what_was_applied(
     data["endpoints"][0]["traffic"] = {"clf:v1": 0.5, "echo": 0.5}
     plan = plan_of(project, data, running)
     client = FailingClient(fail_on="set_traffic")
-    with pytest.raises(DeployStepError, match=r"endpoint clf: .* failed \(the 1 step\(s\) "
-                                              r"before it were applied"):
+    with pytest.raises(DeployStepError, match=r"endpoint clf: .* failed: ValueError: refused. "
+                                              r"What the apply had changed before it was "
+                                              r"undone"):
         apply_plan(client, plan)  # type: ignore[arg-type]
-    assert client.calls == ["update_backend_config", "set_traffic"]
+    assert client.calls == ["update_backend_config", "set_traffic", "update_backend_config"]
+    tag, update = client.args[-1]
+    before = running.backends[tag].config
+    assert before.merged(update) == before  # the config it had
+
+
+def test_the_inverse_of_each_operation_puts_back_the_state_before(
+        project: Path) -> None:  # noqa: F811
+    running = deployed(project, file_data())
+    endpoint = running.endpoints["clf"]  # traffic {"clf:v1": 1.0}, shadows {"echo": 0.5}
+    client = FailingClient(fail_on="")
+    client.replies["get_backend_definition"] = ("old definition", None)
+    definitions = load_definitions(spec_of(project, file_data()))
+    cases = [
+        (Operation("create_backend", (definitions["echo"],)),
+         [Operation("delete_backend", ("echo", True))]),
+        (Operation("redeploy_backend", (definitions["echo"],)),
+         [Operation("restore_backend", ("echo", "old definition", None))]),
+        (Operation("update_backend_config", ("echo", {"autoscaling_config": {}})),
+         [Operation("update_backend_config",
+                    ("echo", {"num_replicas": 1, "autoscaling_config": None}))]),
+        (Operation("create_endpoint", ("new", "echo", "/new", ["GET"])),
+         [Operation("delete_endpoint", ("new",))]),
+        (Operation("set_traffic", ("new", {"echo": 1.0})), []),  # deleting "new" undoes it
+        (Operation("set_traffic", ("clf", {"echo": 1.0})),
+         [Operation("set_traffic", ("clf", {"clf:v1": 1.0}))]),
+        (Operation("shadow_traffic", ("clf", "echo", 0.0)),
+         [Operation("shadow_traffic", ("clf", "echo", 0.5))]),
+        (Operation("delete_endpoint", ("clf",)), [
+            Operation("create_endpoint", ("clf", "clf:v1", endpoint.route, endpoint.methods,
+                                          True)),
+            Operation("set_traffic", ("clf", {"clf:v1": 1.0})),
+            Operation("shadow_traffic", ("clf", "echo", 0.5))]),
+        (Operation("delete_backend", ("echo",)), []),  # cannot be undone: deleted last
+    ]
+    for operation, expected in cases:
+        assert inverse(operation, running, client) == expected, operation  # type: ignore

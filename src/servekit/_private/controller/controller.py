@@ -312,6 +312,12 @@ class Controller:
     def get_backend_config(self, tag: str) -> BackendConfig:
         return self._backend(tag).state.config
 
+    def get_backend_definition(self, tag: str) -> tuple:
+        """What a backend's replicas run: its ``ReplicaConfig`` and metadata (for a deploy
+        file's apply to put back what it replaced, if a later step fails)."""
+        backend = self._backend(tag).state
+        return backend.replica_config, backend.metadata
+
     def list_backends(self) -> Dict[str, BackendConfig]:
         return {tag: r.state.config for tag, r in self.backends.items()
                 if not r.state.deleting}

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import os
 import uuid
-from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Union
 
 from servekit._private.deploy.definition import BackendDefinition, load_definitions
-from servekit._private.deploy.plan import DeployPlan, make_plan
+from servekit._private.deploy.plan import DeployPlan, Operation, make_plan
 from servekit._private.deploy.schema import DeploySpec, load_deploy_file, parse_deploy_dict
 from servekit._private.deploy.state import RunningState, read_state
+from servekit._private.deploy.undo import inverse
+from servekit.config import BackendMetadata, ReplicaConfig
 from servekit.exceptions import ServeError
 
 if TYPE_CHECKING:
@@ -20,8 +22,9 @@ DeployConfig = Union[str, "os.PathLike[str]", Mapping[str, Any], DeploySpec]
 
 
 class DeployStepError(ServeError):
-    """An operation of an apply failed (a constructor raised, the instance refused); the
-    steps before it were applied, those after it were not."""
+    """An operation of an apply failed (a constructor raised, the instance refused); what
+    the apply had changed before it was undone (the message says if something could not
+    be)."""
 
 
 def load_spec(config: DeployConfig) -> DeploySpec:
@@ -44,22 +47,48 @@ def plan_deploy(client: Optional[Client], spec: DeploySpec, prune: bool = False)
 
 def apply_plan(client: Client, plan: DeployPlan,
                on_step: Optional[Callable[[str], None]] = None) -> None:
-    """Carry out ``plan`` in order; ``on_step`` is told of each step as it starts.
+    """Carry out ``plan`` in order; ``on_step`` is told of each step as it starts. If an
+    operation fails, the ones that ran before it are undone, newest first, so the instance
+    runs what it ran before the apply.
 
     Raises:
-        DeployStepError: an operation failed; says which, and what was applied before it.
+        DeployStepError: an operation failed; says which, and whether undoing worked.
     """
-    for index, step in enumerate(plan.steps):
+    before = plan.before if plan.before is not None else read_state(client)
+    undo: List[Operation] = []
+    for step in plan.steps:
         if on_step is not None:
             on_step(step.describe())
         for operation in step.operations:
+            inverse_operations = inverse(operation, before, client)
             try:
-                _OPERATIONS[operation.name](client, *operation.args)
+                _run(client, operation)
             except Exception as exc:
-                done = f"the {index} step(s) before it were applied" if index else \
-                    "nothing was changed"
-                raise DeployStepError(f"{step.describe()} failed ({done}; the steps after "
-                                      f"it were not): {type(exc).__name__}: {exc}") from exc
+                raise DeployStepError(f"{step.describe()} failed: {type(exc).__name__}: "
+                                      f"{exc}. {_undo(client, undo)}") from exc
+            undo[:0] = inverse_operations
+
+
+def _undo(client: Client, operations: List[Operation]) -> str:
+    """Run ``operations``; say what came of it."""
+    if not operations:
+        return "Nothing had been changed."
+    failed = []
+    for operation in operations:
+        try:
+            _run(client, operation)
+        except Exception as exc:
+            failed.append(f"{operation.name}{operation.args[:1]}: {type(exc).__name__}: {exc}")
+    if failed:
+        return (f"Undoing what the apply had changed failed for {len(failed)} of "
+                f"{len(operations)} operation(s): {'; '.join(failed)}. Check `servekit "
+                "status`.")
+    return "What the apply had changed before it was undone: the instance runs what it " \
+           "ran before."
+
+
+def _run(client: Client, operation: Operation) -> None:
+    _OPERATIONS[operation.name](client, *operation.args)
 
 
 def deploy(client: Client, config: DeployConfig, *, prune: bool = False,
@@ -84,18 +113,25 @@ def _redeploy_backend(client: Client, definition: BackendDefinition) -> None:
     client._wait_for_goal(goal)
 
 
+def _restore_backend(client: Client, tag: str, replica_config: ReplicaConfig,
+                     metadata: Optional[BackendMetadata]) -> None:
+    client._wait_for_goal(client._call("redeploy_backend", tag, replica_config, metadata))
+
+
 def _create_endpoint(client: Client, name: str, backend: str, route: Optional[str],
-                     methods: list) -> None:
-    client._call("create_endpoint", name, backend, route, methods, True)
+                     methods: list, managed: bool = True) -> None:
+    client._call("create_endpoint", name, backend, route, methods, managed)
 
 
-def _update_endpoint(client: Client, name: str, route: Optional[str], methods: list) -> None:
-    client._call("update_endpoint", name, route, methods, True)
+def _update_endpoint(client: Client, name: str, route: Optional[str], methods: list,
+                     managed: bool = True) -> None:
+    client._call("update_endpoint", name, route, methods, managed)
 
 
 _OPERATIONS: Dict[str, Callable[..., Any]] = {
     "create_backend": _create_backend,
     "redeploy_backend": _redeploy_backend,
+    "restore_backend": _restore_backend,
     "update_backend_config": lambda client, *args: client.update_backend_config(*args),
     "create_endpoint": _create_endpoint,
     "update_endpoint": _update_endpoint,

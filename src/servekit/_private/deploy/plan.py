@@ -59,6 +59,7 @@ class DeployPlan:
     unchanged: Tuple[str, ...]
     kept: Tuple[str, ...]
     origin: Optional[str] = None
+    before: Optional[RunningState] = None  # what the plan was made against (to undo it)
 
     @property
     def changes_anything(self) -> bool:
@@ -159,7 +160,7 @@ def make_plan(spec: DeploySpec, definitions: Dict[str, BackendDefinition],
              + [delete("backend", n) for n in deleted_backends])
     kept = [] if prune else [f"backend {n}" for n in gone_backends] + \
         [f"endpoint {n}" for n in gone_endpoints]
-    return DeployPlan(tuple(steps), tuple(unchanged), tuple(kept), spec.origin)
+    return DeployPlan(tuple(steps), tuple(unchanged), tuple(kept), spec.origin, running)
 
 
 def _http_problems(spec: DeploySpec, running: RunningState) -> List[str]:

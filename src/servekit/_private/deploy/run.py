@@ -23,6 +23,9 @@ from servekit._private.deploy.schema import DeploySpec, load_deploy_file, parse_
 
 # Milliseconds of quiet after a change before reloading (an editor saves in bursts).
 _RELOAD_DEBOUNCE_MS = 200
+# Milliseconds the file watcher waits before it yields nothing (its first yield says it
+# watches; later empty ones are skipped).
+_WATCH_WAKEUP_MS = 200
 
 
 class DevLoop:
@@ -112,17 +115,24 @@ def run(target: str, reload: bool, http_options: Dict[str, Any],
     try:
         client = serve.start(detached=False, http_options=first.http_options)
         echo(f"servekit run: serving {target} (Ctrl-C stops everything).")
-        applied = loop.apply(client)
         if not reload:
-            if not applied:
+            if not loop.apply(client):
                 return 1
             while True:
                 signal.pause()
         import watchfiles
 
+        # The watcher runs before the first apply (its first, empty, yield says so): a
+        # change made while the first apply runs is applied next, not missed.
+        watcher = watchfiles.watch(loop.directory, watch_filter=loop.watch_filter,
+                                   debounce=_RELOAD_DEBOUNCE_MS, step=50,
+                                   rust_timeout=_WATCH_WAKEUP_MS, yield_on_timeout=True)
+        next(watcher)
+        loop.apply(client)
         echo(f"servekit run: watching {loop.directory} for changes.")
-        for changes in watchfiles.watch(loop.directory, watch_filter=loop.watch_filter,
-                                        debounce=_RELOAD_DEBOUNCE_MS, step=50):
+        for changes in watcher:
+            if not changes:
+                continue
             changed = sorted({os.path.relpath(path, loop.directory) for _, path in changes})
             echo(f"servekit run: {', '.join(changed)} changed; applying again.")
             loop.apply(client)
