@@ -305,7 +305,7 @@ class Router:
         that stays zero is sent once."""
         sent: Dict[str, float] = {}
         while True:
-            loads, interval = self.loads()
+            _, interval = self.loads()
             try:
                 await asyncio.wait_for(self._report_now.wait(), interval)
             except asyncio.TimeoutError:
