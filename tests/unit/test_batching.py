@@ -182,3 +182,36 @@ def test_a_cancelled_request_does_not_break_its_batch() -> None:
         queue.close()
 
     run(main)
+
+
+def test_a_request_in_a_running_batch_is_known_until_the_batch_ends() -> None:
+    """``running_batch`` tells a caller that leaves whether its request is part of a batch
+    that runs on (then it waits for its end) or still waits (then it is taken out)."""
+
+    async def main() -> None:
+        release = asyncio.Event()
+        batches: List[List[Any]] = []
+
+        async def held(items: List[Any]) -> List[Any]:
+            batches.append(list(items))
+            await release.wait()
+            return list(items)
+
+        queue = BatchQueue(held, limits(2), concurrent=False)
+        first, second, waiting = queue.submit(1), queue.submit(2), queue.submit(3)
+        await spin()
+        batch = queue.running_batch(first)
+        assert batch is not None and batch is queue.running_batch(second)
+        assert queue.running_batch(waiting) is None  # still queued
+        first.cancel()  # its caller left: the batch runs on
+        waiting.cancel()  # it never runs
+        await spin()
+        assert not batch.done()
+        release.set()
+        assert await second == 2
+        assert batch.done() and queue.running_batch(second) is None
+        await spin()
+        assert batches == [[1, 2]]  # the cancelled waiting request was never run
+        queue.close()
+
+    run(main)

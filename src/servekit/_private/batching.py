@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from typing import Any, Awaitable, Callable, Deque, List, Tuple
+from typing import Any, Awaitable, Callable, Deque, Dict, List, Optional, Tuple
 
 from servekit.exceptions import BatchOutputError
 
@@ -45,13 +45,22 @@ class BatchQueue:
         self._arrived = asyncio.Event()
         self._task = asyncio.ensure_future(self._loop())
         self._running: set = set()
+        # The result future of each request in a running batch -> the end of that batch.
+        self._batch_of: Dict[asyncio.Future, asyncio.Future] = {}
 
     def submit(self, item: Any) -> asyncio.Future:
+        """Queue one request; the future of its result. Cancelling the future while the
+        request waits takes it out of the queue; once its batch runs, the batch runs on."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._queue.append((loop.time(), item, future))
         self._arrived.set()
         return future
+
+    def running_batch(self, future: asyncio.Future) -> Optional[asyncio.Future]:
+        """The end of the running batch whose request has the result ``future``; None if
+        that request is not in a running batch (it still waited, or its batch ended)."""
+        return self._batch_of.get(future)
 
     def close(self) -> None:
         self._task.cancel()
@@ -76,14 +85,18 @@ class BatchQueue:
             if not batch:
                 continue
             self._on_batch(len(batch))
+            ended = loop.create_future()
+            for _, _, future in batch:
+                self._batch_of[future] = ended
             if self._concurrent:
-                task = asyncio.ensure_future(self._execute(batch))
+                task = asyncio.ensure_future(self._execute(batch, ended))
                 self._running.add(task)
                 task.add_done_callback(self._running.discard)
             else:
-                await self._execute(batch)
+                await self._execute(batch, ended)
 
-    async def _execute(self, batch: List[Tuple[float, Any, asyncio.Future]]) -> None:
+    async def _execute(self, batch: List[Tuple[float, Any, asyncio.Future]],
+                       ended: asyncio.Future) -> None:
         futures = [future for _, _, future in batch]
         try:
             output = await self._run_batch([item for _, item, _ in batch])
@@ -93,6 +106,10 @@ class BatchQueue:
                 if not future.done():
                     future.set_exception(exc)
             return
+        finally:
+            for future in futures:
+                del self._batch_of[future]
+            ended.set_result(None)
         for future, result in zip(futures, results, strict=True):
             if not future.done():
                 future.set_result(result)

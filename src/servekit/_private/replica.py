@@ -369,9 +369,21 @@ class Replica:
 
     async def _run(self, target: _Target, argument: Any) -> Any:
         method, is_async, queue = target
-        if queue is not None:
-            return await queue.submit(argument)
-        return await self._call(method, is_async, argument)
+        if queue is None:
+            return await self._call(method, is_async, argument)
+        result = queue.submit(argument)
+        try:
+            return await result
+        except asyncio.CancelledError:
+            batch = queue.running_batch(result)
+            if batch is not None:
+                # The caller left, but the batch it is part of runs on: the request keeps
+                # its place on the replica until the batch ends.
+                admission = current_admission.get()
+                if admission is not None:
+                    admission.cancel()
+                await asyncio.shield(batch)
+            raise
 
     async def handle_http(self, method_name: Optional[str],
                           wire: HTTPRequestWire) -> Union[HTTPResponseWire, Stream]:

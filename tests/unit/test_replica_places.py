@@ -1,0 +1,80 @@
+"""Unit tests of a real ``Replica`` in this process: a request keeps its place on the replica
+(counted against ``max_concurrent_queries``) until the user's work for it stops, also when
+its caller leaves while the batch it is part of runs."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, List
+
+import cloudpickle
+from loop_helpers import run, spin
+
+import servekit as serve
+from servekit._private.replica import Replica
+from servekit._private.specs import ReplicaSpec
+from servekit.config import BackendConfig, BackendMetadata, ReplicaConfig
+
+
+class HeldBatches:
+    """A batched model whose batches run until the test sets ``release``."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+
+    @serve.accept_batch
+    async def __call__(self, requests: List[Any]) -> List[int]:
+        await self.release.wait()
+        return [1] * len(requests)
+
+
+async def started_replica(target: Any, **config: Any) -> Replica:
+    replica_config = ReplicaConfig(cloudpickle.dumps((target, ())), {}, "test")
+    replica = Replica(ReplicaSpec("b", "b#1", replica_config, BackendConfig(**config),
+                                  BackendMetadata.inspect(target)))
+    replica.start()
+    await replica.ready()
+    return replica
+
+
+def call(replica: Replica, value: int) -> asyncio.Task:
+    return asyncio.ensure_future(replica.handle_call(None, (value,), {}, "GET", {}))
+
+
+def test_a_caller_leaving_a_running_batch_keeps_its_place_until_the_batch_ends() -> None:
+    async def main() -> None:
+        replica = await started_replica(HeldBatches, max_batch_size=2,
+                                        batch_wait_timeout=30.0, max_concurrent_queries=2)
+        try:
+            first, second = call(replica, 1), call(replica, 2)
+            await spin()  # both admitted; the batch of two runs
+            first.cancel()
+            await spin()
+            assert replica._in_flight == 2  # the batch still computes for the first
+            replica._callable.release.set()
+            assert await second == 1
+            await asyncio.gather(first, return_exceptions=True)
+            assert replica._in_flight == 0
+        finally:
+            replica._callable.release.set()
+            replica.close()
+
+    run(main)
+
+
+def test_a_caller_leaving_before_its_batch_starts_frees_its_place_at_once() -> None:
+    async def main() -> None:
+        replica = await started_replica(HeldBatches, max_batch_size=2,
+                                        batch_wait_timeout=30.0, max_concurrent_queries=2)
+        try:
+            waiting = call(replica, 1)  # waits for a second request to fill its batch
+            await spin()
+            assert replica._in_flight == 1
+            waiting.cancel()
+            await asyncio.gather(waiting, return_exceptions=True)
+            assert replica._in_flight == 0  # it never ran, and never will
+        finally:
+            replica._callable.release.set()
+            replica.close()
+
+    run(main)
