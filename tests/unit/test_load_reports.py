@@ -9,7 +9,7 @@ import asyncio
 from typing import Any, Dict, List, Tuple
 
 from loop_helpers import run, spin
-from router_fakes import Cluster, Feed, make_router, start_send
+from router_fakes import Cluster, Feed, endpoint, make_router, start_send
 
 from servekit._private import constants
 from servekit._private.router import Router
@@ -87,6 +87,29 @@ def test_only_autoscaled_backends_are_reported_and_an_idle_one_once() -> None:
         recorder, task = reporting(router)
         await asyncio.sleep(0.2)  # some twenty report intervals
         assert recorder.reports == [{"b": 0.0}]
+        task.cancel()
+
+    run(main)
+
+
+def test_shadow_copies_to_a_backend_scaled_to_zero_ask_for_a_replica() -> None:
+    """A shadow copy never waits, so it never counts as waiting; one dropped because its
+    backend has no replica is reported as a load of 1 until a replica is there."""
+
+    async def main() -> None:
+        cluster = Cluster()
+        router, feed = make_router(cluster, cap=1, b=[cluster.replica("r1")])
+        feed.push(constants.KEY_BACKENDS, {"b": BackendLimits(1, -1),
+                                           "shadow": BackendLimits(1, -1, None, 60.0)})
+        feed.replicas(b=[cluster.replica("r1")], shadow=[])
+        feed.endpoints(endpoint(shadows={"shadow": 1.0}))
+        recorder, task = reporting(router)
+        await until(lambda: recorder.reports == [{"shadow": 0.0}], "the first report")
+        send = start_send(router, "primary")
+        await until(lambda: recorder.reports[-1] == {"shadow": 1.0}, "a replica asked for")
+        feed.replicas(b=[cluster.replica("r1")], shadow=[cluster.replica("s1")])
+        assert router._replica_sets["shadow"].load == 0  # the copy that came was dropped
+        send.cancel()
         task.cancel()
 
     run(main)

@@ -125,6 +125,7 @@ class ReplicaSet:
         self._waiting: Deque[RoutedRequest] = collections.deque()
         self._waking = False
         self._on_starved = on_starved
+        self._copies_dropped = False  # shadow copies found no replica since the last one
 
     def update(self, replicas: List[Tuple[str, str]]) -> None:
         current = dict(replicas)
@@ -139,6 +140,8 @@ class ReplicaSet:
                 self.slots[tag] = ReplicaSlot(tag, address, self._connect, self._wake,
                                               self._lost)
         self._order = [slot for slot in self.slots.values() if not slot.dead]
+        if self._order:
+            self._copies_dropped = False
         self._wake()
         self._arm_expiry()
 
@@ -150,8 +153,11 @@ class ReplicaSet:
 
     @property
     def load(self) -> int:
-        """Requests of this router waiting here plus those it has on the replicas."""
-        return self.queued + sum(slot.in_flight for slot in self.slots.values())
+        """Requests of this router waiting here plus those it has on the replicas; at least
+        1 while shadow copies were dropped for want of any replica (so a shadow backend
+        scaled to zero is started: its copies never wait, so they never count otherwise)."""
+        load = self.queued + sum(slot.in_flight for slot in self.slots.values())
+        return max(load, 1) if self._copies_dropped else load
 
     @property
     def idle(self) -> bool:
@@ -230,6 +236,9 @@ class ReplicaSet:
             return False
         slot = self._pick()
         if slot is None:
+            if not self._order:  # scaled to zero: a copy that would have come asks for one
+                self._copies_dropped = True
+                self._on_starved()
             return False
         slot.in_flight += 1
         request.granted(slot)
