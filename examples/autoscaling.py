@@ -18,7 +18,7 @@ async def slow_model(request):
 client = serve.start(http_options={"port": 8000})
 client.create_backend("model", slow_model, config={"autoscaling_config": {
     "min_replicas": 0, "max_replicas": 4, "target_ongoing_requests": 2,
-    "upscale_delay_s": 1, "downscale_delay_s": 3, "metrics_interval_s": 0.5,
+    "upscale_delay_s": 1, "downscale_delay_s": 2, "metrics_interval_s": 0.5,
     "look_back_period_s": 1}})
 client.create_endpoint("model", backend="model", route="/model")
 
@@ -38,7 +38,7 @@ def send(count):
 
 # 8 clients at once: 8 requests in flight want 4 replicas at 2 each.
 with concurrent.futures.ThreadPoolExecutor(8) as pool:
-    burst = [pool.submit(send, 40) for _ in range(8)]
+    burst = [pool.submit(send, 25) for _ in range(8)]
     most = 0
     while not all(future.done() for future in burst):
         most = max(most, replicas())
