@@ -238,3 +238,32 @@ def test_a_redeploy_survives_a_controller_restart_with_its_definition() -> None:
                           for t in replica_tags(second, "m")) == ["two", "two"]
 
     run(main)
+
+
+def test_a_redeploy_interrupted_by_a_controller_crash_still_rolls_back() -> None:
+    """The definition a redeploy goes back to is saved: the next controller finishes the
+    redeploy, and when the new constructor raises there, the old version comes back."""
+
+    async def main() -> None:
+        runtime = FakeRuntime()
+        first = Controller(runtime, HTTPOptions(host=None))
+        await first.start()
+        await start_backend(first, "m", Loader, "v1", num_replicas=2)
+        runtime.hold_launches()
+        goal = await first.redeploy_backend(
+            "m", replica_config(Loader, "corrupt"), BackendMetadata.inspect(Loader))
+        await eventually(lambda: runtime.held(), "the new replica launching")
+        await first.save()
+        abandon(first)  # the controller dies mid-redeploy
+        runtime.hold_launches(False)
+        runtime.release()
+        async with running_controller(runtime) as (second, _):
+            with pytest.raises(ValueError, match="weights are corrupt"):
+                await wait_goal(second, goal)
+            backend = second.backends["m"].state
+            await eventually(lambda: len(backend.current(RUNNING)) == 2 and
+                             len(backend.replicas) == 2, "two replicas of the old version")
+            assert weights_of(runtime, replica_tags(second, "m")) == ["v1", "v1"]
+            assert backend.definition_before is None
+
+    run(main)

@@ -126,7 +126,7 @@ class BackendReconciler:
             backend.created = True
             backend.start_failures = 0
             backend.config_before_update = None
-            backend.definition_before = None
+            backend.definition_before = backend.metadata_before = None
             self._services.goals.complete(backend.goal)
             backend.goal = None
 
@@ -250,9 +250,7 @@ class BackendReconciler:
             # then fail the call, so it returns with the old state in force.
             goal, backend.goal = backend.goal, None
             if backend.definition_before is not None:
-                backend.replica_config = backend.definition_before
-                backend.definition_before = None
-                backend.version = backend.previous_version
+                backend.undefine()
             push = False
             if backend.config_before_update is not None:
                 pushed = backend.config

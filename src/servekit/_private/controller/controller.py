@@ -281,9 +281,7 @@ class Controller:
             backend = reconciler.state
             if metadata is not None:
                 validate_backend_against_config(metadata, backend.config)
-            backend.redefine(replica_config)
-            if metadata is not None:
-                backend.metadata = metadata
+            backend.redefine(replica_config, metadata)
             self._replace_goal(backend)
             await self.save()
             await self.publish_backends()

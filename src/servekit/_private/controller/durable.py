@@ -2,9 +2,10 @@
 
 Keys: ``backend/<tag>`` (config, options, goal in progress), ``definition/<tag>`` (the
 cloudpickled function or class with its init args: the only pickle in the store),
-``endpoint/<name>``, ``replica/<tag>`` (which process runs it, so a restarted controller can
-adopt it) and ``proxy``. A ``user_config`` that JSON cannot carry exactly is stored pickled,
-as part of the backend's definition.
+``definition_before/<tag>`` (while a redeploy is under way, the definition it goes back to
+if a new replica fails), ``endpoint/<name>``, ``replica/<tag>`` (which process runs it, so a
+restarted controller can adopt it) and ``proxy``. A ``user_config`` that JSON cannot carry
+exactly is stored pickled, as part of the backend's definition.
 
 ``DurableState.save`` writes what changed since the last save as one transaction, on a
 thread of its own (so the event loop never waits on the disk), in the order of the calls.
@@ -78,6 +79,18 @@ def _unmetadata(doc: Optional[dict]) -> Optional[BackendMetadata]:
                               "methods": tuple(doc["methods"])})
 
 
+def _definition(replica_config: ReplicaConfig) -> dict:
+    """What a backend's replicas run, but its pickled code (a record of its own)."""
+    return {"actor_options": replica_config.actor_options,
+            "description": replica_config.description, "python": replica_config.python,
+            "source": replica_config.source}
+
+
+def _undefinition(serialized: bytes, doc: dict) -> ReplicaConfig:
+    return ReplicaConfig(serialized, doc["actor_options"], doc["description"], doc["python"],
+                         doc.get("source"))
+
+
 def _json(doc: Any) -> bytes:
     return json.dumps(doc, sort_keys=True).encode()
 
@@ -87,13 +100,15 @@ def snapshot(backends: Dict[str, BackendState], endpoints: Dict[str, EndpointInf
     """Every record of the desired state (and of the processes that run it)."""
     records: Records = {}
     for tag, backend in backends.items():
-        replica_config = backend.replica_config
-        records[f"definition/{tag}"] = replica_config.serialized
+        records[f"definition/{tag}"] = backend.replica_config.serialized
+        before = backend.definition_before
+        if before is not None:  # a redeploy is under way: what to go back to if it fails
+            records[f"definition_before/{tag}"] = before.serialized
         records[f"backend/{tag}"] = _json({
-            "actor_options": replica_config.actor_options,
-            "description": replica_config.description,
-            "python": replica_config.python,
-            "source": replica_config.source,
+            **_definition(backend.replica_config),
+            "before": None if before is None else {
+                **_definition(before), "metadata": _metadata(backend.metadata_before),
+                "version": backend.previous_version},
             "version": backend.version,
             "autoscaled_replicas": backend.autoscaled_replicas,
             "config": _config(backend.config),
@@ -146,9 +161,7 @@ def _load(records: Records) -> LoadedState:
         kind, _, name = key.partition("/")
         if kind == "backend":
             doc = json.loads(raw)
-            replica_config = ReplicaConfig(records[f"definition/{name}"],
-                                           doc["actor_options"], doc["description"],
-                                           doc["python"], doc.get("source"))
+            replica_config = _undefinition(records[f"definition/{name}"], doc)
             before = doc["config_before_update"]
             backends[name] = BackendState(
                 name, replica_config, _unconfig(doc["config"]), _unmetadata(doc["metadata"]),
@@ -158,6 +171,13 @@ def _load(records: Records) -> LoadedState:
                 config_before_update=None if before is None else _unconfig(before),
                 version=doc.get("version", 0),
                 autoscaled_replicas=doc.get("autoscaled_replicas"))
+            redeploy = doc.get("before")
+            if redeploy is not None:
+                backend = backends[name]
+                backend.definition_before = _undefinition(
+                    records[f"definition_before/{name}"], redeploy)
+                backend.metadata_before = _unmetadata(redeploy["metadata"])
+                backend.previous_version = redeploy["version"]
         elif kind == "replica":
             replicas.append((name, json.loads(raw)))
         elif kind == "endpoint":
@@ -167,7 +187,7 @@ def _load(records: Records) -> LoadedState:
         elif kind == "proxy":
             proxies[name or "proxy"] = json.loads(raw)  # "proxy": the one of a state file
             # written before there could be several
-        elif kind != "definition":
+        elif kind not in ("definition", "definition_before"):
             raise ValueError(f"unknown record {key!r}")
     for tag, doc in replicas:
         backend = backends[doc["backend"]]

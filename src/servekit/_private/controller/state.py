@@ -50,19 +50,31 @@ class BackendState:
     deleting: bool = False
     force_delete: bool = False
     config_before_update: Optional[BackendConfig] = None
-    # The definition replicas run: bumped by each redeploy; the one before a redeploy is
-    # kept until it completes, to go back to if a new replica fails to start.
+    # The definition replicas run: bumped by each redeploy; the one before a redeploy (and
+    # its metadata) is kept until it completes, to go back to if a new replica fails.
     version: int = 0
     definition_before: Optional[ReplicaConfig] = None
+    metadata_before: Optional[BackendMetadata] = None
     previous_version: int = 0
 
-    def redefine(self, replica_config: ReplicaConfig) -> None:
+    def redefine(self, replica_config: ReplicaConfig,
+                 metadata: Optional[BackendMetadata]) -> None:
         """Make ``replica_config`` the definition replicas run, under a version no replica
         has run yet; the one before stays at hand until the redeploy completes."""
-        self.definition_before = self.replica_config
+        self.definition_before, self.metadata_before = self.replica_config, self.metadata
         self.previous_version = self.version
         self.replica_config = replica_config
+        if metadata is not None:
+            self.metadata = metadata
         self.version = max([self.version, *(r.version for r in self.replicas.values())]) + 1
+
+    def undefine(self) -> None:
+        """Go back to the definition before the redeploy under way."""
+        assert self.definition_before is not None
+        self.replica_config, self.metadata = self.definition_before, self.metadata_before
+        self.version = self.previous_version
+        self.definition_before = self.metadata_before = None
+
     # Replicas the autoscaler wants (None: the backend has a fixed num_replicas), and why.
     autoscaled_replicas: Optional[int] = None
     scaling_reason: str = ""
