@@ -140,8 +140,6 @@ def saved(runtime: FakeRuntime) -> LoadedState:
     return state
 
 
-
-
 # --------------------------------------------------------------------------- create_backend
 
 
@@ -1073,6 +1071,9 @@ def test_failed_scale_up_pushes_the_old_config_back_to_running_replicas() -> Non
             assert runtime.workers[original].config.user_config == {"v": 1}
 
     run(main)
+
+
+# --------------------------------------------------------------------------- long poll
 
 
 def test_long_poll_publishes_replicas_as_they_become_running() -> None:

@@ -40,9 +40,6 @@ def test_proxy_restart_is_retried_until_it_comes_back(monkeypatch: pytest.Monkey
     run(main)
 
 
-# --------------------------------------------------------------------------- long poll
-
-
 # --------------------------------------------------------------------------- proxy locations
 
 

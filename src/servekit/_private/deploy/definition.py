@@ -87,7 +87,9 @@ def forget_local_modules(directory: str) -> None:
     finds the directory's own."""
     for name in local_modules(directory):
         sys.modules.pop(name, None)
-    for name in [n for n in sys.modules if _shadowed_by(n.partition(".")[0], directory)]:
+    shadowed = {top for top in {n.partition(".")[0] for n in sys.modules}
+                if _shadowed_by(top, directory)}
+    for name in [n for n in sys.modules if n.partition(".")[0] in shadowed]:
         sys.modules.pop(name, None)
     importlib.invalidate_caches()
 
