@@ -10,6 +10,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from servekit._private.asgi_app import asgi_factory, ingress
     from servekit.api import (
         Client,
         accept_batch,
@@ -39,6 +40,7 @@ _HOMES = {
     "RayServeException": "exceptions", "ServeError": "exceptions",
     "ServeHandle": "handle", "ServeResponse": "handle", "ServeSyncHandle": "handle",
     "ServeRequest": "request",
+    "asgi_factory": "_private.asgi_app", "ingress": "_private.asgi_app",
 }
 
 __all__ = [
@@ -57,10 +59,12 @@ __all__ = [
     "VirtualEnv",
     "__version__",
     "accept_batch",
+    "asgi_factory",
     "connect",
     "get_current_backend_tag",
     "get_current_replica_tag",
     "get_request_id",
+    "ingress",
     "metrics_text",
     "start",
 ]

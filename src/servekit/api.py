@@ -9,9 +9,21 @@ import logging
 import os
 import uuid
 import warnings
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, TypeVar, Union
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Dict,
+    List,
+    Mapping,
+    Optional,
+    Tuple,
+    TypeVar,
+    Union,
+)
 
 from servekit._private import constants, metrics, user_errors
+from servekit._private.asgi_app import ASGIFactory, is_asgi_backend
 from servekit._private.context import (
     ReplicaContext,
     current_replica_context,
@@ -19,6 +31,7 @@ from servekit._private.context import (
 )
 from servekit._private.discovery import current_controller
 from servekit._private.event_loop import run_sync
+from servekit._private.import_path import import_path_of
 from servekit._private.runtime import choice
 from servekit._private.runtime.base import Instance
 from servekit._private.transport import ConnectFailed, RpcClient, is_remote_error
@@ -64,6 +77,33 @@ def _guarded(method: F) -> F:
     wrapper.__doc__ = method.__doc__
     wrapper.__wrapped__ = method  # type: ignore[attr-defined]
     return wrapper  # type: ignore[return-value]
+
+
+_ASGI_PICKLING_HINT = (
+    ". A module's ASGI app, factory or @serve.ingress class is sent by reference and never "
+    "pickled: define it in a module (and pass the app as \"module:app\"), or build the app "
+    "in each replica with serve.asgi_factory(create_app).")
+
+
+def _asgi_target(app_or_factory: Any, init_args: Tuple[Any, ...]) -> Tuple[Any, str]:
+    """What ``create_backend`` sends for an ASGI app or ``serve.asgi_factory``, and its
+    description: the import path of the object when a module holds it (the replica imports
+    it, so the app is never pickled), else the object itself.
+
+    Raises:
+        ValueError: init args given with an app object.
+    """
+    if not isinstance(app_or_factory, ASGIFactory) and init_args:
+        raise ValueError(
+            f"init args {init_args!r} were given with an ASGI app, which is built already. "
+            "To build the app with arguments in each replica, pass "
+            "serve.asgi_factory(create_app) instead.")
+    path = import_path_of(app_or_factory)
+    if path is not None:
+        return path, path
+    if isinstance(app_or_factory, ASGIFactory):
+        return app_or_factory, app_or_factory.name
+    return app_or_factory, getattr(app_or_factory, "__qualname__", type(app_or_factory).__name__)
 
 
 class Client:
@@ -128,7 +168,12 @@ class Client:
         Args:
             backend_tag: a unique name for this version of the model.
             func_or_class: a function, a class (constructed once per replica with
-                ``actor_init_args``), or an import path "pkg.module:Name".
+                ``actor_init_args``), or an import path "pkg.module:Name". To serve HTTP
+                through an ASGI app (FastAPI, Starlette), whose endpoint's route is then a
+                prefix: the app itself (sent by import path when a module defines it, so it
+                is never pickled; no init args), ``serve.asgi_factory(create_app)`` (the app
+                built in each replica by ``create_app(*actor_init_args)``), or a class
+                decorated with ``@serve.ingress(app)``.
             ray_actor_options: resources per replica: ``num_cpus``, ``num_gpus``, ``memory``,
                 ``resources``. Default: none reserved.
             config: a ``BackendConfig`` or a dict of its fields (default: 1 replica).
@@ -142,6 +187,9 @@ class Client:
         if isinstance(func_or_class, str):
             metadata: Optional[BackendMetadata] = None
             description = func_or_class
+        elif is_asgi_backend(func_or_class) and not inspect.isclass(func_or_class):
+            metadata = BackendMetadata.inspect(func_or_class)
+            func_or_class, description = _asgi_target(func_or_class, actor_init_args)
         elif inspect.isfunction(func_or_class) or inspect.isclass(func_or_class) or \
                 inspect.ismethod(func_or_class):
             if not inspect.isclass(func_or_class) and actor_init_args:
@@ -150,8 +198,9 @@ class Client:
             metadata = BackendMetadata.inspect(func_or_class)
             description = getattr(func_or_class, "__qualname__", repr(func_or_class))
         else:
-            raise TypeError(f"Backend must be a function, a class or an import path string; "
-                            f"it is {type(func_or_class).__name__}: {func_or_class!r}.")
+            raise TypeError(f"Backend must be a function, a class, an import path string or "
+                            f"an ASGI app; it is {type(func_or_class).__name__}: "
+                            f"{func_or_class!r}.")
         actor_options = validate_actor_options(ray_actor_options)
         backend_config = parse_backend_config(config)
         if metadata is not None:
@@ -164,8 +213,9 @@ class Client:
         try:
             serialized = user_errors.dumps_by_value((func_or_class, actor_init_args))
         except Exception as exc:
+            hint = _ASGI_PICKLING_HINT if metadata is not None and metadata.asgi else ""
             raise TypeError(f"The backend {description} or its init args cannot be pickled: "
-                            f"{exc}") from exc
+                            f"{exc}{hint}") from exc
         replica_config = ReplicaConfig(serialized, actor_options, description, python)
         goal = self._call("create_backend", backend_tag, replica_config, backend_config,
                           metadata, uuid.uuid4().hex)  # the same id if the call is retried

@@ -577,6 +577,10 @@ class BackendMetadata:
             base class such as ``torch.nn.Module``) count only if listed in the class's
             ``serve_methods`` attribute.
         name: The function's or class's name, for error messages.
+        asgi: The backend serves HTTP as an ASGI app (FastAPI, Starlette): its endpoint's
+            route is a prefix. An ASGI app or ``serve.asgi_factory`` is not a class, is
+            async (the app's call is a coroutine) and has no methods; an ``@serve.ingress``
+            class is inspected as any class.
     """
 
     is_class: bool
@@ -586,16 +590,27 @@ class BackendMetadata:
     has_reconfigure: bool
     methods: tuple[str, ...]
     name: str = ""
+    asgi: bool = False
 
     @classmethod
     def inspect(cls, func_or_class: Any) -> BackendMetadata:
-        """Compute the metadata of a backend function or class.
+        """Compute the metadata of a backend function or class (or ASGI app or factory).
 
         Raises:
             TypeError: ``func_or_class`` is not callable.
         """
+        # Imported here: config is imported by every process, most never inspect a backend.
+        from servekit._private.asgi_app import ASGIFactory, is_asgi_backend
+
+        asgi = is_asgi_backend(func_or_class)
         if inspect.isclass(func_or_class):
-            return cls._inspect_class(func_or_class)
+            return dataclasses.replace(cls._inspect_class(func_or_class), asgi=asgi)
+        if asgi:
+            name = func_or_class.name if isinstance(func_or_class, ASGIFactory) else \
+                getattr(func_or_class, "__name__", type(func_or_class).__name__)
+            return cls(is_class=False, is_async=True, accepts_batches=False,
+                       batch_methods=frozenset(), has_reconfigure=False, methods=(), name=name,
+                       asgi=True)
         if not callable(func_or_class):
             raise TypeError(
                 "A backend must be a function or a class, "
@@ -661,9 +676,12 @@ def validate_backend_against_config(metadata: BackendMetadata, config: BackendCo
     """Check that ``config`` asks only for what the backend can do.
 
     Raises:
-        ValueError: batching is configured for a callable that does not accept batches, or
-            ``user_config`` is set for a backend without a ``reconfigure`` method.
+        ValueError: batching is configured for a callable that does not accept batches (or
+            for an ASGI app), or ``user_config`` is set for a backend without a
+            ``reconfigure`` method (or for an ASGI app).
     """
+    if metadata.asgi and not metadata.is_class:
+        _validate_asgi_app_against_config(metadata, config)
     if (
         config.max_batch_size is not None
         and config.max_batch_size > 1
@@ -686,6 +704,20 @@ def validate_backend_against_config(metadata: BackendMetadata, config: BackendCo
                 f"user_config is set but the backend class{name} has no "
                 "reconfigure(user_config) method. Add one, or drop user_config."
             )
+
+
+def _validate_asgi_app_against_config(metadata: BackendMetadata, config: BackendConfig) -> None:
+    """An ASGI app or factory takes HTTP requests one by one and has no ``reconfigure``."""
+    if config.max_batch_size is not None and config.max_batch_size > 1:
+        raise ValueError(
+            f"max_batch_size is {config.max_batch_size} but the backend {metadata.name} is an "
+            "ASGI app, which takes HTTP requests one by one. Set max_batch_size to 1 or leave "
+            "it unset.")
+    if config.user_config is not None:
+        raise ValueError(
+            f"user_config is set but the backend {metadata.name} is an ASGI app, which has no "
+            "reconfigure(user_config) method. Drop user_config, or serve the app from an "
+            "@serve.ingress class with a reconfigure method.")
 
 
 @dataclasses.dataclass(frozen=True)

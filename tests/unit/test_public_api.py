@@ -25,10 +25,12 @@ EXPECTED_ALL = sorted([
     "VirtualEnv",
     "__version__",
     "accept_batch",
+    "asgi_factory",
     "connect",
     "get_current_backend_tag",
     "get_current_replica_tag",
     "get_request_id",
+    "ingress",
     "metrics_text",
     "start",
 ])

@@ -382,7 +382,7 @@ def dispatch(handlers: dict, msg_id: int, payload: bytes) -> List[Frame]:
     async def main() -> None:
         protocol = _FrameProtocol(lambda *f: None, lambda exc: None)
         protocol.connection_made(transport)  # type: ignore[arg-type]
-        await RpcServer(handlers)._dispatch(protocol, msg_id, payload)
+        await RpcServer(handlers)._dispatch(protocol, msg_id, payload, {}, lambda _: None)  # type: ignore[arg-type,return-value]
 
     asyncio.run(main())
     return transport.frames()

@@ -7,7 +7,8 @@ What a connection may cost the proxy is bounded before any request reaches the a
 - its time: a request head must arrive within ``client_timeout_s`` of the connection (or of
   the request's first byte), and a request body may not stall longer than that between two
   reads (a slowloris client holds a connection for that long at most);
-- the bytes of request bodies held at once across all connections (``BodyBudget``).
+- the bytes of request bodies held at once across all connections (``BodyBudget``); a body
+  passed on as it arrives (to an ASGI app) counts only while the proxy holds it.
 
 A client that goes away before its response is complete has the callbacks in its scope's
 ``ON_DISCONNECT`` list called (no task per request waits for the disconnect).
@@ -16,6 +17,7 @@ A client that goes away before its response is complete has the callbacks in its
 from __future__ import annotations
 
 import collections
+import functools
 import http
 from typing import TYPE_CHECKING, Any, Callable, Deque, List, Optional
 
@@ -29,6 +31,8 @@ if TYPE_CHECKING:
 _FAST_BODY_BYTES = 65536
 # A scope key: callbacks the protocol calls if the client leaves before its response ends.
 ON_DISCONNECT = "servekit.on_disconnect"
+# A scope key: what to call with the size of body bytes the app passed on (no longer held).
+BODY_TAKEN = "servekit.body_taken"
 
 # What a connection owes the proxy, for its clock.
 _IDLE = "idle"  # nothing: between requests (the keep-alive timeout applies), or answering
@@ -78,7 +82,9 @@ class ProxyHttpProtocol(HttpToolsProtocol):
         self._owed = _HEAD
         self._since = 0.0  # when what is owed became owed, or the body last moved
         self._clock: Optional[Any] = None
-        self._held: Deque[int] = collections.deque()  # body bytes per request, oldest first
+        # Body bytes held per request, oldest first (a one-item list each, so a request can
+        # give back what it passed on).
+        self._held: Deque[List[int]] = collections.deque()
         self._fast_lane = fast_lane
         self._waiting_for_body: Optional[Any] = None  # a fast-lane cycle, body incomplete
 
@@ -94,7 +100,7 @@ class ProxyHttpProtocol(HttpToolsProtocol):
             self._clock.cancel()
             self._clock = None
         while self._held:
-            self._budget.give_back(self._held.popleft())
+            self._budget.give_back(self._held.popleft()[0])
         cycle = self.cycle
         super().connection_lost(exc)
         if cycle is not None and not cycle.response_complete:
@@ -102,6 +108,16 @@ class ProxyHttpProtocol(HttpToolsProtocol):
                 ON_DISCONNECT, [])
             for callback in callbacks:
                 callback()
+
+    def handle_websocket_upgrade(self) -> None:
+        """Hand the connection to the WebSocket protocol: its clock and bounds are that
+        protocol's from now on (ping timeouts, message size)."""
+        if self._clock is not None:
+            self._clock.cancel()
+            self._clock = None
+        while self._held:
+            self._budget.give_back(self._held.popleft()[0])
+        super().handle_websocket_upgrade()
 
     def data_received(self, data: bytes) -> None:
         head_under_way = self._head_begun
@@ -146,11 +162,13 @@ class ProxyHttpProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         self._head_bytes = self._raw_head = 0
         self._head_begun = True
-        self._held.append(0)
+        held = [0]
+        self._held.append(held)
         if self._owed == _IDLE:
             self._owed, self._since = _HEAD, self.loop.time()
         super().on_message_begin()
         self.scope[ON_DISCONNECT] = []  # type: ignore[literal-required]
+        self.scope[BODY_TAKEN] = functools.partial(self._taken, held)  # type: ignore[literal-required]
 
     def _count(self, size: int) -> None:
         self._head_bytes += size
@@ -183,7 +201,7 @@ class ProxyHttpProtocol(HttpToolsProtocol):
                              f"bodies, its limit (HTTPOptions.max_held_body_bytes="
                              f"{self._budget.limit}). Retry later.", b"retry-after: 1\r\n")
                 return
-            self._held[-1] += len(body)
+            self._held[-1][0] += len(body)
         super().on_body(body)
 
     def on_message_complete(self) -> None:
@@ -195,9 +213,15 @@ class ProxyHttpProtocol(HttpToolsProtocol):
             if not self._fast_lane.serve_now(self, cycle):
                 super()._start_asgi_task(cycle, self.app)
 
+    def _taken(self, held: List[int], size: int) -> None:
+        """``size`` bytes of a request's body were passed on: no longer held here."""
+        size = min(size, held[0])
+        held[0] -= size
+        self._budget.give_back(size)
+
     def on_response_complete(self) -> None:
         if self._held:
-            self._budget.give_back(self._held.popleft())
+            self._budget.give_back(self._held.popleft()[0])
         super().on_response_complete()
 
     # ------------------------------------------------------------- the fast lane

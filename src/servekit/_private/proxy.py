@@ -9,14 +9,25 @@ import http
 import logging
 import socket
 import time
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from servekit._private import constants, metrics
+from servekit._private.asgi_proxy import (
+    WebSocketSession,
+    app_scope,
+    deny_websocket,
+    forward_body,
+)
 from servekit._private.context import new_request_id
-from servekit._private.http_protocol import ON_DISCONNECT, BodyBudget, ProxyHttpProtocol
+from servekit._private.http_protocol import (
+    BODY_TAKEN,
+    ON_DISCONNECT,
+    BodyBudget,
+    ProxyHttpProtocol,
+)
 from servekit._private.process import WorkerSpec
 from servekit._private.router import Router
 from servekit._private.specs import ProxySpec
@@ -39,17 +50,32 @@ logger = logging.getLogger("servekit.proxy")
 # One line per request: method, path, status, latency, endpoint, backend, replica, id.
 access_log = logging.getLogger("servekit.access")
 
-RouteTable = Dict[str, Tuple[str, List[str]]]
+
+
+class Route(NamedTuple):
+    """What a route leads to: its endpoint, the methods it allows, and whether it is the
+    prefix of an ASGI app (which gets every path under it, and answers every method)."""
+
+    route: str
+    endpoint: str
+    methods: List[str]
+    prefix: bool
+
+
+RouteTable = Dict[str, Route]
 _SYSTEM_PATHS = ("/-/routes", "/-/healthz", "/-/shadows", "/-/metrics")
 # Seconds a client shed for overload is told to wait before it retries.
 _RETRY_AFTER_S = b"1"
 
 
 class HTTPProxy:
-    """Routes by exact path to an endpoint, checks the method, forwards over the data plane.
+    """Routes by path to an endpoint, checks the method, forwards over the data plane.
 
-    A body over ``max_body_bytes`` gets 413 without being read whole. A request that
-    outlives ``request_timeout_s``, or whose client disconnects, is cancelled.
+    A route is an exact path, or, for an endpoint whose backend is an ASGI app, a prefix:
+    the longest one that holds the path wins, and the app gets the request passed through
+    as it comes (``asgi_proxy``), WebSockets included. A body over ``max_body_bytes`` gets
+    413 without being read whole. A request that outlives ``request_timeout_s``, or whose
+    client disconnects, is cancelled. While the proxy drains, ``/-/healthz`` answers 503.
     """
 
     def __init__(self, router: Router, max_body_bytes: int = 100 * 1024 * 1024,
@@ -63,6 +89,8 @@ class HTTPProxy:
         self._scrape: Optional[asyncio.Future] = None  # the last gathering of /-/metrics
         self._scraped_at = 0.0
         self.routes: RouteTable = {}
+        self.prefixes: RouteTable = {}  # the routes of ASGI apps, by prefix
+        self.draining = False
         self._routes_changed = asyncio.Event()
         self._removed_at: Dict[str, float] = {}
         router.on_update.append(self._update_routes)
@@ -70,8 +98,9 @@ class HTTPProxy:
 
     def _update_routes(self, router: Router) -> None:
         old = self.routes
-        self.routes = {info.route: (name, info.methods)
+        self.routes = {info.route: Route(info.route, name, info.methods, info.asgi)
                        for name, info in router.endpoints.items() if info.route is not None}
+        self.prefixes = {path: route for path, route in self.routes.items() if route.prefix}
         now = time.monotonic()
         for route in old.keys() - self.routes.keys():
             self._removed_at[route] = now
@@ -80,10 +109,24 @@ class HTTPProxy:
         self._routes_changed.set()
         self._routes_changed = asyncio.Event()
 
-    async def _match(self, path: str) -> Optional[Tuple[str, List[str]]]:
-        """The endpoint of ``path``. A route removed moments ago (an endpoint being
-        re-created) gets a short grace: the request waits for it to come back."""
+    def find(self, path: str) -> Optional[Route]:
+        """The route of ``path``: its exact route, else the longest ASGI prefix that holds
+        it (whole segments: "/api" holds "/api/x", not "/apix")."""
         match = self.routes.get(path)
+        if match is not None or not self.prefixes:
+            return match
+        prefix = path
+        while prefix:
+            prefix = prefix[:prefix.rfind("/")]
+            match = self.prefixes.get(prefix or "/")
+            if match is not None:
+                return match
+        return None
+
+    async def _match(self, path: str) -> Optional[Route]:
+        """The route of ``path``. A route removed moments ago (an endpoint being
+        re-created) gets a short grace: the request waits for it to come back."""
+        match = self.find(path)
         removed_at = self._removed_at.get(path)
         while match is None and removed_at is not None:
             remaining = removed_at + constants.ROUTE_GRACE_S - time.monotonic()
@@ -93,30 +136,35 @@ class HTTPProxy:
                 await asyncio.wait_for(self._routes_changed.wait(), remaining)
             except asyncio.TimeoutError:
                 break
-            match = self.routes.get(path)
+            match = self.find(path)
         return match
 
     def route_table(self) -> Dict[str, list]:
-        """Route -> [endpoint, methods], headless endpoints under their name."""
+        """Route -> [endpoint, methods], headless endpoints under their name (an ASGI
+        app's route is a prefix)."""
         table: Dict[str, list] = {}
         for name, info in self.router.endpoints.items():
             table[info.route if info.route is not None else name] = [name, list(info.methods)]
         return table
 
     async def __call__(self, scope: Dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
+        kind = scope["type"]
+        if kind != "http" and kind != "websocket":
             return
         started = time.perf_counter()
         request_id = _request_id(scope)
         trace: Dict[str, str] = {}
-        status = await self._serve(scope, receive, send, request_id, trace)
+        if kind == "websocket":
+            status = await self._serve_websocket(scope, receive, send, trace)
+        else:
+            status = await self._serve(scope, receive, send, request_id, trace)
         self._account(scope, status, started, trace, request_id)
 
     def _account(self, scope: Dict[str, Any], status: str, started: float,
                  trace: Dict[str, str], request_id: str) -> None:
         """Count an answered request in the metrics and write its access-log line."""
         took_ms = (time.perf_counter() - started) * 1e3
-        route, method = trace.get("route", "-"), scope["method"]
+        route, method = trace.get("route", "-"), scope.get("method", "WEBSOCKET")
         key = (route, method, status)
         series = self._series.get(key)
         if series is None:
@@ -188,15 +236,17 @@ class HTTPProxy:
         if match is None:
             return text_response(404, f"Path '{path}' not found. The route table is at "
                                       "/-/routes.")
-        endpoint, methods = match
-        trace["endpoint"], trace["route"] = endpoint, path
+        endpoint = match.endpoint
+        trace["endpoint"], trace["route"] = endpoint, match.route
         method = scope["method"]
-        if method not in methods:
+        if method not in match.methods and not match.prefix:
             return text_response(405, f"Method {method} is not allowed for {path}. Allowed "
-                                      f"methods: {', '.join(methods)}.")
+                                      f"methods: {', '.join(match.methods)}.")
         method_name, shard_key, length = _routing_headers(scope["headers"])
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
             return self._too_large()
+        if match.prefix:
+            return await self._pass_through(scope, receive, watch, trace, match, shard_key)
         watch.reading_body = True
         try:
             body = await _read_body(receive, self.max_body_bytes)
@@ -212,6 +262,77 @@ class HTTPProxy:
         except Exception as exc:
             return _failure(exc, path)
 
+    # ------------------------------------------------------------- ASGI apps
+
+    async def _pass_through(self, scope: Dict[str, Any], receive: Any,
+                            watch: "_RequestWatch", trace: Dict[str, str], match: Route,
+                            shard_key: Optional[str]) -> Union[HTTPResponseWire, ReplyStream]:
+        """Pass a request through to an ASGI app: its first body message goes with it, the
+        rest follows as it arrives (``forward_body``); within ``max_body_bytes``."""
+        watch.reading_body = True
+        message = await receive()
+        watch.reading_body = False
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected()
+        body, more = message.get("body", b""), message.get("more_body", False)
+        if len(body) > self.max_body_bytes:
+            return self._too_large()
+        watch.until_disconnect(scope)
+        first = {"type": "http.request", "body": body, "more_body": more}
+        payload = encode_call("asgi", (app_scope(scope, match.route), first))
+        taken = scope.get(BODY_TAKEN, _nothing_taken)
+        try:
+            # A copy whose body is still to come cannot be shadowed: the body goes to one.
+            reply = await self.router.send(match.endpoint, "http", shard_key, (), trace=trace,
+                                           payload=payload, shadows=not more)
+        except Exception as exc:
+            return _failure(exc, scope["path"])
+        taken(len(body))
+        if not more:
+            try:
+                return await reply
+            except Exception as exc:
+                return _failure(exc, scope["path"])
+        pump = asyncio.ensure_future(forward_body(
+            reply.request, receive, self.max_body_bytes - len(body), taken))  # type: ignore[attr-defined]
+        watch.on_close(pump.cancel)  # once answered, the rest of the body is not needed
+        try:
+            await asyncio.wait((reply, pump), return_when=asyncio.FIRST_COMPLETED)
+            if pump.done() and not pump.cancelled() and pump.result() is False:
+                reply.cancel()
+                return self._too_large()
+            return await reply
+        except asyncio.CancelledError:
+            reply.cancel()
+            raise
+        except Exception as exc:
+            return _failure(exc, scope["path"])
+
+    async def _serve_websocket(self, scope: Dict[str, Any], receive: Any, send: Any,
+                               trace: Dict[str, str]) -> str:
+        """Pass a WebSocket connection through to the ASGI app at its route; its status."""
+        path: str = scope["path"]
+        match = None if path.startswith("/-/") else await self._match(path)
+        if match is None or not match.prefix:
+            return await deny_websocket(scope, send, 404, f"No WebSocket route for '{path}': "
+                                        "WebSockets go to ASGI backends (/-/routes).")
+        trace["endpoint"], trace["route"] = match.endpoint, match.route
+        message = await receive()
+        if message["type"] != "websocket.connect":
+            return "-"
+        _, shard_key, _ = _routing_headers(scope["headers"])
+        payload = encode_call("asgi", (app_scope(scope, match.route), message))
+        session = WebSocketSession(scope, receive, send)
+        try:
+            # The timeout bounds the wait for the app's first message (its accept).
+            reply = await self.router.send(match.endpoint, "websocket", shard_key, (),
+                                           trace=trace, payload=payload, shadows=False,
+                                           timeout_s=self.request_timeout_s)
+        except Exception as exc:
+            reply = asyncio.get_running_loop().create_future()
+            reply.set_exception(exc)
+        return await session.run(reply)
+
     # ------------------------------------------------------------- the fast lane
 
     def serve_now(self, protocol: "ProxyHttpProtocol", cycle: Any) -> bool:
@@ -222,10 +343,10 @@ class HTTPProxy:
         scope = cycle.scope
         path: str = scope["path"]
         match = self.routes.get(path)
-        if match is None:
+        if match is None or match.prefix:
             return False
-        endpoint, methods = match
-        if scope["method"] not in methods:
+        endpoint = match.endpoint
+        if scope["method"] not in match.methods:
             return False
         started = time.perf_counter()
         request_id = _request_id(scope)
@@ -253,6 +374,8 @@ class HTTPProxy:
         if path == "/-/routes":
             return json_response(200, self.route_table())
         if path == "/-/healthz":
+            if self.draining:
+                return text_response(503, "draining: this proxy is shutting down")
             return text_response(200, "success")
         if path == "/-/shadows":
             return json_response(200, self.shadow_table())
@@ -462,6 +585,7 @@ class _RequestWatch:
         self._task = asyncio.current_task()
         self.ended: Optional[str] = None
         self.reading_body = False
+        self._on_close: List[Any] = []
         loop = asyncio.get_running_loop()
         self._deadline = None if timeout is None else \
             loop.call_later(timeout, self._end, _TIMED_OUT)
@@ -486,6 +610,10 @@ class _RequestWatch:
         if self._deadline is not None:
             self._deadline.cancel()
 
+    def on_close(self, callback: Any) -> None:
+        """Call ``callback`` once the request is answered (``close``)."""
+        self._on_close.append(callback)
+
     def uncancel(self) -> None:
         """The cancellation was ours and is handled: the task goes on (to answer)."""
         uncancel = getattr(self._task, "uncancel", None)  # Python 3.11+
@@ -497,6 +625,8 @@ class _RequestWatch:
         self._task = None
         if self._deadline is not None:
             self._deadline.cancel()
+        for callback in self._on_close:
+            callback()
 
 
 async def _send_stream(stream: ReplyStream, send: Any, *extra_headers: Any) -> int:
@@ -518,6 +648,10 @@ async def _send_stream(stream: ReplyStream, send: Any, *extra_headers: Any) -> i
 
 # Client-given request ids longer than this are replaced by one of ours.
 _MAX_REQUEST_ID = 128
+
+
+def _nothing_taken(size: int) -> None:
+    pass
 
 
 def _request_id(scope: Dict[str, Any]) -> str:
@@ -596,6 +730,8 @@ async def run_proxy(worker: WorkerSpec, sock: socket.socket, stop: asyncio.Event
                             lifespan="off", log_level="warning", access_log=False,
                             server_header=False, date_header=False,
                             limit_concurrency=options.limit_concurrency,
+                            # WebSockets: a message is bounded as a body is; few wait at once
+                            ws_max_size=options.max_body_bytes, ws_max_queue=_WS_MAX_QUEUE,
                             # a call_later delay: a float works
                             timeout_keep_alive=options.keep_alive_timeout_s)  # type: ignore[arg-type]
     server = _Server(config)
@@ -612,10 +748,27 @@ async def run_proxy(worker: WorkerSpec, sock: socket.socket, stop: asyncio.Event
                      "metrics": _async(metrics.exposition)})
     await rpc.start(sock)
     await stop.wait()
+    await _drain(proxy, server)
     server.should_exit = True
     await serving
     proxy.access_log.flush()
     router.close()
+
+
+# WebSocket messages a connection holds that its app has not taken yet.
+_WS_MAX_QUEUE = 8
+# Seconds between two looks at what a draining proxy still serves.
+_DRAIN_POLL_S = 0.05
+
+
+async def _drain(proxy: HTTPProxy, server: uvicorn.Server) -> None:
+    """Before the proxy stops accepting connections: answer 503 on /-/healthz (so load
+    balancers send new clients elsewhere) while requests in flight finish, for most of
+    the time the process has to stop."""
+    proxy.draining = True
+    deadline = time.monotonic() + constants.PROCESS_STOP_TIMEOUT_S * 0.6
+    while server.server_state.tasks and time.monotonic() < deadline:
+        await asyncio.sleep(_DRAIN_POLL_S)
 
 
 def _async(function: Any) -> Any:

@@ -31,15 +31,24 @@ from typing import (
 import cloudpickle
 from starlette.requests import Request
 
-from servekit._private import metrics
+from servekit._private import constants, metrics
 from servekit._private.admission import STREAMING, Admission, current_admission
+from servekit._private.asgi_app import load_app
+from servekit._private.asgi_runner import AppCall, Lifespan
 from servekit._private.batching import BatchQueue
 from servekit._private.context import ReplicaContext, current_request_id, set_replica_context
 from servekit._private.import_path import import_attribute
 from servekit._private.process import WorkerSpec
 from servekit._private.specs import ReplicaSpec
 from servekit._private.thread_lane import ThreadLane
-from servekit._private.transport import Busy, RpcServer, Stream, current_peer, notify
+from servekit._private.transport import (
+    Busy,
+    ReplyStream,
+    RpcServer,
+    Stream,
+    current_peer,
+    notify,
+)
 from servekit._private.user_errors import FailureLog
 from servekit.config import BackendConfig, BackendMetadata, validate_backend_against_config
 from servekit.exceptions import MethodNotFoundError, ServeError
@@ -161,6 +170,9 @@ class Replica:
         self.metadata: Optional[BackendMetadata] = spec.metadata
         self._callable: Any = None
         self._constructed: Optional[asyncio.Future] = None
+        self._app: Any = None  # an ASGI backend's app
+        self._lifespan: Optional[Lifespan] = None
+        self._started: Optional[asyncio.Future] = None  # the app's lifespan startup
         # Constructor and reconfigure run here, never behind user requests; check_health
         # has a thread of its own, so a long reconfigure does not fail health pings.
         self._control_pool = ThreadPoolExecutor(
@@ -203,16 +215,27 @@ class Replica:
         metadata = BackendMetadata.inspect(target)
         validate_backend_against_config(metadata, self.config)
         with user_code(self.tag):
-            self._callable = target(*init_args) if metadata.is_class else target
+            if metadata.asgi:
+                loaded = load_app(target, init_args)
+                self._app, self._callable = loaded.app, loaded.instance
+            else:
+                self._callable = target(*init_args) if metadata.is_class else target
         self.metadata = metadata
         if self.config.user_config is not None:
             self._reconfigure_blocking(self.config.user_config)
         return metadata
 
     async def ready(self) -> BackendMetadata:
-        """Return once the constructor has finished (raising what it raised)."""
+        """Return once the constructor, and an ASGI app's lifespan startup, have finished
+        (raising what they raised)."""
         assert self._constructed is not None
         metadata = await asyncio.shield(self._constructed)
+        if self._app is not None:
+            if self._started is None:
+                self._lifespan = Lifespan(self._app, self.tag)
+                self._started = asyncio.ensure_future(self._lifespan.startup())
+                self._started.add_done_callback(lambda f: f.cancelled() or f.exception())
+            await asyncio.shield(self._started)
         self._apply_limits()
         return metadata
 
@@ -263,6 +286,11 @@ class Replica:
         target = self._targets.get(key)
         if target is not None:
             return target
+        if self.metadata.asgi and not self.metadata.is_class:
+            raise MethodNotFoundError(
+                f"Backend '{self.tag}' is an ASGI app: it serves HTTP requests at its "
+                "endpoint's route, not calls from a handle. Bind the app to a class with "
+                "@serve.ingress to call the class's methods from handles.")
         if self.metadata.is_class:
             if key not in self.metadata.methods:
                 raise MethodNotFoundError(
@@ -417,6 +445,62 @@ class Replica:
             if admission.state != STREAMING:
                 admission.finish()
 
+    async def handle_asgi(self, inbound: ReplyStream, scope: Dict[str, Any],
+                          first: Dict[str, Any]) -> Union[HTTPResponseWire, Stream]:
+        """Run an ASGI backend's app for one HTTP request or WebSocket connection passed
+        through by the proxy (``asgi_runner``): the request keeps its place until the
+        app's work for it ends, also when that outlasts the response (background tasks)."""
+        assert self._app is not None and self._lifespan is not None
+        admission = self._admit()
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                current_request_id.set(value.decode("latin-1"))
+                break
+        scope["state"] = dict(self._lifespan.state)
+        call = AppCall(self._app, self._on_loop, scope, first, inbound,
+                       functools.partial(self._app_failed, scope, admission))
+        try:
+            reply = await call.reply()
+        except BaseException:  # the caller left: stop the app's work for it
+            admission.cancel()
+            try:
+                await call.stop()
+            finally:
+                admission.finish()
+            raise
+        if isinstance(reply, HTTPResponseWire) and call.task.done():
+            admission.finish()
+            return reply
+        admission.streaming()  # in flight until the app's work for it ends
+        if isinstance(reply, HTTPResponseWire):
+            call.task.add_done_callback(functools.partial(_release, admission))
+            return reply
+        return Stream(self._app_stream(reply, call, admission))
+
+    def _app_failed(self, scope: Dict[str, Any], admission: Admission,
+                    error: BaseException) -> None:
+        admission.failed = True
+        if isinstance(error, Exception):
+            self._failures.failed(f"{scope.get('method', 'WEBSOCKET')} "
+                                  f"{loggable(scope['path'])}", self._noted(error))
+
+    async def _app_stream(self, items: AsyncIterator[Any], call: AppCall,
+                          admission: Admission) -> AsyncIterator[Any]:
+        """What the app sends, streamed; a reader that leaves stops the app's work."""
+        ended = False
+        try:
+            async for item in items:
+                yield item
+            ended = True
+        finally:
+            if ended:
+                _release(admission, call.task)
+            else:
+                try:
+                    await call.stop()
+                finally:
+                    _release(admission, call.task)
+
     async def handle_call(self, method_name: Optional[str], args: tuple, kwargs: dict,
                           http_method: str, headers: Dict[str, str],
                           stream: bool = False, request_id: Optional[str] = None) -> Any:
@@ -511,13 +595,21 @@ class Replica:
                 admission.finish()
 
     async def drain(self) -> None:
-        """Wait until no request is in flight (the controller stopped new ones first)."""
+        """Wait until no request is in flight (the controller stopped new ones first),
+        then run an ASGI app's lifespan shutdown."""
         while True:
             await self._idle.wait()
             # Let requests a router wrote before it learned of the drain be read.
             await asyncio.sleep(0.05)
             if self._in_flight == 0:
-                return
+                break
+        await self.shut_down_app()
+
+    async def shut_down_app(self) -> None:
+        """Run an ASGI app's lifespan shutdown, once (a drain cut short by its timeout
+        leaves it to the replica's stop)."""
+        if self._lifespan is not None:
+            await self._lifespan.shutdown(constants.PROCESS_STOP_TIMEOUT_S * 0.8)
 
     def close(self) -> None:
         """Let its threads end once what they run returns (the replica is stopping)."""
@@ -541,6 +633,17 @@ async def _await(awaitable: Any) -> Any:
     return await awaitable
 
 
+def _release(admission: Admission, task: asyncio.Future) -> None:
+    """Give a streamed (or early-answered) request's place back once ``task``, the app's
+    work for it, has ended."""
+    if admission.state == STREAMING:
+        admission.closing()
+    if task.done():
+        admission.finish()
+    else:
+        task.add_done_callback(lambda _: admission.finish())
+
+
 async def _metrics() -> str:
     return metrics.exposition()
 
@@ -553,10 +656,11 @@ async def run_replica(worker: WorkerSpec, sock: socket.socket, stop: asyncio.Eve
     replica = Replica(spec)
     server = RpcServer({
         "ready": replica.ready, "http": replica.handle_http, "call": replica.handle_call,
-        "update_config": replica.update_config, "drain": replica.drain, "ping": replica.ping,
-        "metrics": _metrics,
-    })
+        "asgi": replica.handle_asgi, "update_config": replica.update_config,
+        "drain": replica.drain, "ping": replica.ping, "metrics": _metrics,
+    }, streaming=("asgi",))
     replica.start()
     await server.start(sock)
     await stop.wait()
+    await replica.shut_down_app()
     replica.close()

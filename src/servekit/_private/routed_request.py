@@ -15,17 +15,20 @@ A request cancelled after it was written keeps its place until the replica says 
 stopped (or its connection is lost), so a router never sends more work into a replica than
 it can take. A request that provably never reached a replica (its connection failed, or the
 replica refused it as full) goes back first in line; one that may have started is never
-sent twice. The reply direction can be a stream; the request direction is one payload
-today, and a streamed request body would be a second window owned here the same way.
+sent twice. The reply can be a stream; so can the request itself (a body sent as it
+arrives, WebSocket messages): after its payload, its items go out as the replica grants
+room (``send_chunk``), and those the replica has not yet taken are kept until it takes
+the first one, so a request refused as full is sent elsewhere whole.
 """
 
 from __future__ import annotations
 
 import asyncio
 import pickle
-from typing import TYPE_CHECKING, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from servekit._private.transport import (
+    _IN_CREDIT,
     _REPLY_BUSY,
     _REPLY_ERROR,
     _REPLY_OK,
@@ -33,9 +36,11 @@ from servekit._private.transport import (
     _STREAM_CHUNK,
     _STREAM_END,
     Exchange,
+    STREAM_WINDOW,
     ReplyStream,
     RpcClient,
     decode_error,
+    dumps,
     peer_lost,
 )
 from servekit.exceptions import RequestTimeoutError, ServeError
@@ -109,6 +114,30 @@ class Reply(asyncio.Future):
         return True
 
 
+class _Upload:
+    """The caller's side of a request's own stream: the room the replica granted, and the
+    items sent before the replica took any (kept: a replica that refuses the request never
+    reads them, and they go out again after the request's payload to the next one)."""
+
+    __slots__ = ("room", "kept", "ended", "_changed")
+
+    def __init__(self) -> None:
+        self.room = STREAM_WINDOW
+        self.kept: Optional[List[bytes]] = []  # None once the replica took an item
+        self.ended = False
+        self._changed: Optional[asyncio.Event] = None
+
+    def wake(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+
+    async def changed(self) -> None:
+        if self._changed is None:
+            self._changed = asyncio.Event()
+        self._changed.clear()
+        await self._changed.wait()
+
+
 class RoutedRequest(Exchange):
     """One request of a router, from its queue to the end of its reply (module docstring).
 
@@ -120,7 +149,7 @@ class RoutedRequest(Exchange):
 
     __slots__ = ("state", "replica_set", "payload", "reply", "trace", "first", "shadow",
                  "slot", "connection", "msg_id", "stream", "expiry", "counted", "dropped",
-                 "_written")
+                 "upload", "_written")
 
     def __init__(self, replica_set: "ReplicaSet", payload: bytes,
                  trace: Optional[Dict[str, str]] = None, shadow: bool = False) -> None:
@@ -139,6 +168,7 @@ class RoutedRequest(Exchange):
         self.expiry: Optional[asyncio.TimerHandle] = None  # fails it while no replica lives
         self.counted = False  # counted among the requests waiting in the queue
         self.dropped = False  # a shadow copy that found no room
+        self.upload: Optional[_Upload] = None  # the request's own stream, if it has one
         self._written: Optional[asyncio.Future] = None
 
     def __repr__(self) -> str:
@@ -160,6 +190,8 @@ class RoutedRequest(Exchange):
             self.replica_set.release(slot, completed)
         if before == QUEUED and after != QUEUED:
             self.replica_set.dequeued(self)
+        if self.upload is not None:
+            self.upload.wake()
         return after
 
     # ------------------------------------------------------------- placing it
@@ -192,6 +224,13 @@ class RoutedRequest(Exchange):
             self._unsent()
             return
         self.msg_id, self.connection = msg_id, connection
+        upload = self.upload
+        if upload is not None and upload.kept is not None:
+            upload.room = STREAM_WINDOW - len(upload.kept)
+            for data in upload.kept:
+                connection.send_chunk(msg_id, data)
+            if upload.ended:
+                connection.end_chunks(msg_id)
         self._apply(WRITTEN)
         self.replica_set.requests.inc()
         if self.trace is not None:
@@ -249,6 +288,40 @@ class RoutedRequest(Exchange):
             f"No reply from backend '{self.replica_set.backend}' within {bound} s: the "
             f"request was cancelled. Raise the timeout if the backend needs longer."))
 
+    # ------------------------------------------------------------- its own stream
+
+    async def send_chunk(self, item: Any) -> bool:
+        """Send one item of the request's own stream once the request is written to a
+        replica with room for it; False if the request ended first (its reply came, or it
+        failed or was cancelled): nothing more needs sending."""
+        upload = self.upload
+        if upload is None:
+            upload = self.upload = _Upload()
+        data = dumps(item)
+        while True:
+            state = self.state
+            if state == ENDED or state == CANCELLING:
+                return False
+            if (state == SENT or state == STREAMING) and upload.room > 0:
+                break
+            await upload.changed()
+        upload.room -= 1
+        if upload.kept is not None:
+            upload.kept.append(data)
+        assert self.connection is not None
+        self.connection.send_chunk(self.msg_id, data)
+        return True
+
+    def end_chunks(self) -> None:
+        """The request's own stream has ended (sent now, or after its items if the
+        request is put back and written again)."""
+        upload = self.upload
+        if upload is None:
+            upload = self.upload = _Upload()
+        upload.ended = True
+        if (self.state == SENT or self.state == STREAMING) and self.connection is not None:
+            self.connection.end_chunks(self.msg_id)
+
     def fail(self, error: BaseException) -> None:
         """It could not be placed: it ends with ``error``."""
         self._apply(FAILED)
@@ -258,6 +331,13 @@ class RoutedRequest(Exchange):
 
     def on_reply(self, kind: int, payload: bytes) -> bool:
         state = self.state
+        if kind == _IN_CREDIT:  # the replica took an item of the request's own stream
+            upload = self.upload
+            if upload is not None:
+                upload.room += 1
+                upload.kept = None
+                upload.wake()
+            return False
         if kind == _STREAM_CHUNK:
             if state == SENT:
                 self._apply(STREAMED)

@@ -363,7 +363,7 @@ class Router:
                    args: tuple, missing_ok: bool = False,
                    trace: Optional[Dict[str, str]] = None,
                    payload: Optional[bytes] = None,
-                   timeout_s: Optional[float] = None) -> asyncio.Future:
+                   timeout_s: Optional[float] = None, shadows: bool = True) -> asyncio.Future:
         """Assign the request to a replica and return the future of its reply.
 
         Returns once a replica was chosen and the request written to it; waits while the
@@ -374,7 +374,8 @@ class Router:
         encoded (``encode_call(kind, args)``; ``args`` is then not read). ``timeout_s``:
         the caller's bound on the wait for the reply, instead of the backend's
         ``request_timeout_s`` (past it the request is cancelled and the future fails with
-        ``RequestTimeoutError``).
+        ``RequestTimeoutError``). ``shadows``: False for a request whose own stream goes
+        to one replica only (a body still to come, a WebSocket), which is never shadowed.
 
         Raises:
             TypeError: the arguments cannot be pickled (nothing was sent).
@@ -384,21 +385,22 @@ class Router:
         """
         if payload is None:
             payload = encode_call(kind, args)
-        request = self.place(endpoint, kind, shard_key, payload, trace, timeout_s)
+        request = self.place(endpoint, kind, shard_key, payload, trace, timeout_s, shadows)
         if request is None:
             await self._endpoint(endpoint, missing_ok)
-            request = self.place(endpoint, kind, shard_key, payload, trace, timeout_s)
+            request = self.place(endpoint, kind, shard_key, payload, trace, timeout_s, shadows)
             assert request is not None  # known now, and nothing ran in between
         await request.written()
         return request.reply
 
     def place(self, endpoint: str, kind: str, shard_key: Optional[str], payload: bytes,
               trace: Optional[Dict[str, str]] = None,
-              timeout_s: Optional[float] = None) -> Optional[RoutedRequest]:
+              timeout_s: Optional[float] = None,
+              shadows: bool = True) -> Optional[RoutedRequest]:
         """Route an encoded request to an endpoint this router knows, without waiting: it is
         written to a replica now, or waits in its backend's queue (``written()`` says
         when). None if the endpoint is not known here (``send`` waits for it).
-        ``timeout_s``: as in ``send``.
+        ``timeout_s``, ``shadows``: as in ``send``.
 
         Raises:
             BackendOverloadedError: the backend's queue here is full (nothing was sent).
@@ -406,7 +408,7 @@ class Router:
         info = self.endpoints.get(endpoint)
         if info is None:
             return None
-        if info.shadows:
+        if info.shadows and shadows:
             self._send_shadows(info, kind, payload)
         replica_set = self._replica_set(pick_backend(info.traffic, shard_key))
         if trace is not None:

@@ -22,6 +22,7 @@ class EndpointInfo:
     traffic: Dict[str, float]
     shadows: Dict[str, float] = dataclasses.field(default_factory=dict)
     managed: bool = False  # made from a deploy file (``servekit deploy --prune`` may delete it)
+    asgi: bool = False  # its backends are ASGI apps: its route is a prefix
 
     def uses(self, backend: str) -> bool:
         return backend in self.traffic or backend in self.shadows

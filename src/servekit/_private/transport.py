@@ -31,6 +31,7 @@ from typing import (
     AsyncIterator,
     Awaitable,
     Callable,
+    Collection,
     Deque,
     Dict,
     List,
@@ -58,12 +59,16 @@ _STREAM_CHUNK, _STREAM_END, _CREDIT = 6, 7, 8
 _STOPPED = 9
 # A client asks whether a silent TCP peer is still there; the peer answers at once.
 _PING, _PONG = 10, 11
+# A request's own stream (a request body sent as it arrives, WebSocket messages): its
+# items, then its end, from the caller; the server grants room by credits, as for replies.
+_IN_CHUNK, _IN_END, _IN_CREDIT = 12, 13, 14
 # TCP connections of a listener that may be authenticating at once; more are dropped.
 MAX_UNAUTHENTICATED = 64
 # TCP keepalive: probes after this many idle seconds, then every few seconds, a few times.
 _KEEPALIVE = ((getattr(socket, "TCP_KEEPIDLE", None), 10), (socket.TCP_KEEPINTVL, 5),
               (socket.TCP_KEEPCNT, 3))
-# Chunks a server sends ahead of what the reader has taken: the buffer a stream may grow.
+# Chunks a sender sends ahead of what the reader has taken: the buffer a stream may grow
+# (either way: a streamed reply, or a request's own stream).
 STREAM_WINDOW = 8
 _PICKLE_PROTOCOL = 5
 
@@ -117,7 +122,8 @@ class _Window:
 
 
 class ReplyStream:
-    """A streamed reply as its reader sees it: ``async for chunk in stream``.
+    """A stream as its reader sees it: ``async for chunk in stream`` (a streamed reply in
+    the caller; a request's own stream in the server that serves it).
 
     Its owner (what waits for the reply) pushes chunks in and ends it; taking a chunk calls
     ``grant`` (the sender may send one more), and ``cancel()`` calls ``stop`` once (the
@@ -486,13 +492,17 @@ class RpcServer:
     """Serves ``handlers[name](*args)`` to every peer that connects to ``sock``.
 
     When a peer disconnects, the calls still running for it are cancelled (a handler whose
-    work must finish regardless shields it) and ``on_disconnect(peer)`` is called.
+    work must finish regardless shields it) and ``on_disconnect(peer)`` is called. A handler
+    named in ``streaming`` gets the request's own stream (a ``ReplyStream`` of what the
+    caller sends with ``RpcClient.send_chunk``) as its first argument.
     """
 
     def __init__(self, handlers: Dict[str, Handler],
-                 on_disconnect: Optional[Callable[["_FrameProtocol"], None]] = None) -> None:
+                 on_disconnect: Optional[Callable[["_FrameProtocol"], None]] = None,
+                 streaming: Collection[str] = ()) -> None:
         self._handlers = handlers
         self._on_disconnect = on_disconnect
+        self._streaming = frozenset(streaming)
         self._server: Optional[asyncio.AbstractServer] = None
         self._authenticating: "weakref.WeakSet[_FrameProtocol]" = weakref.WeakSet()
 
@@ -530,10 +540,20 @@ class RpcServer:
         protocol: _FrameProtocol
         tasks: Dict[int, asyncio.Future] = {}  # message id -> the call serving it
         windows: Dict[int, _Window] = {}  # message id -> the room of its streamed reply
+        inbound: Dict[int, ReplyStream] = {}  # message id -> the request's own stream
         cancelled: set = set()  # message ids whose caller cancelled them, still running
+
+        def stream_of(msg_id: int) -> ReplyStream:
+            """The request's own stream: taking an item grants the caller room for one."""
+            stream = inbound.get(msg_id)
+            if stream is None:
+                stream = inbound[msg_id] = ReplyStream(
+                    functools.partial(protocol.send, msg_id, _IN_CREDIT, b""), _nothing)
+            return stream
 
         def ended(msg_id: int, task: asyncio.Future) -> None:
             tasks.pop(msg_id, None)
+            inbound.pop(msg_id, None)
             if msg_id in cancelled:
                 cancelled.discard(msg_id)
                 if task.cancelled() or task.exception() is not None or not task.result():
@@ -556,7 +576,15 @@ class RpcServer:
             if kind == _PING:
                 protocol.send(0, _PONG, b"")
                 return
-            task = asyncio.ensure_future(self._dispatch(protocol, msg_id, payload, windows))
+            if kind == _IN_CHUNK or kind == _IN_END:
+                if msg_id in tasks:  # (else its call ended: nobody reads it any more)
+                    if kind == _IN_CHUNK:
+                        stream_of(msg_id).push(payload)
+                    else:
+                        stream_of(msg_id).finish(None)
+                return
+            task = asyncio.ensure_future(self._dispatch(protocol, msg_id, payload, windows,
+                                                        stream_of))
             tasks[msg_id] = task
             task.add_done_callback(functools.partial(ended, msg_id))
 
@@ -572,7 +600,8 @@ class RpcServer:
         return protocol
 
     async def _dispatch(self, protocol: _FrameProtocol, msg_id: int, payload: bytes,
-                        windows: Optional[Dict[int, _Window]] = None) -> bool:
+                        windows: Dict[int, _Window],
+                        stream_of: Callable[[int], ReplyStream]) -> bool:
         """Serve one request; whether a last frame of its reply was sent."""
         current_peer.set(protocol)
         try:
@@ -580,10 +609,11 @@ class RpcServer:
             handler = self._handlers.get(name)
             if handler is None:
                 raise ServeError(f"Unknown RPC method {name!r}.")
+            if name in self._streaming:
+                args = (stream_of(msg_id), *args)
             result = await handler(*args)
             if isinstance(result, Stream):
-                return await _send_stream(protocol, msg_id, result,
-                                          windows if windows is not None else {})
+                return await _send_stream(protocol, msg_id, result, windows)
             try:
                 reply = dumps_by_value(result)
             except Exception as exc:
@@ -621,6 +651,10 @@ async def _send_stream(protocol: _FrameProtocol, msg_id: int, stream: Stream,
     return protocol.send(msg_id, _STREAM_END, b"")
 
 
+def _nothing() -> None:
+    pass
+
+
 class _CallReply(Exchange):
     """The reply to a plain call (``RpcClient.send``): settles one future."""
 
@@ -634,6 +668,8 @@ class _CallReply(Exchange):
         future = self.future
         if future.done():
             return True
+        if kind == _IN_CREDIT:
+            return False  # (a plain call sends no stream of its own)
         if kind == _REPLY_OK:
             try:
                 future.set_result(pickle.loads(payload))
@@ -754,6 +790,18 @@ class RpcClient:
         """Let the peer send one more chunk of a streamed reply."""
         if msg_id in self._pending and self._protocol is not None:
             self._protocol.send(msg_id, _CREDIT, b"")
+
+    def send_chunk(self, msg_id: int, data: bytes) -> bool:
+        """Send one item (pickled) of a request's own stream; False if it could not be
+        written (the request ended, or the connection is closed). The caller keeps to the
+        room the peer grants (``_IN_CREDIT`` frames reach the request's exchange)."""
+        return msg_id in self._pending and self._protocol is not None and \
+            self._protocol.send(msg_id, _IN_CHUNK, data)
+
+    def end_chunks(self, msg_id: int) -> None:
+        """Say that a request's own stream has ended."""
+        if msg_id in self._pending and self._protocol is not None:
+            self._protocol.send(msg_id, _IN_END, b"")
 
     def send(self, payload: bytes) -> asyncio.Future:
         """Send an encoded request (``encode_call``); return the future of its reply.

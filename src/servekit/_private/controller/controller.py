@@ -60,7 +60,7 @@ class Controller:
         self.loads = LoadBook()
         self.lock = asyncio.Lock()
         self.backends: Dict[str, BackendReconciler] = {}
-        self.endpoints = EndpointTable(self.list_backends)
+        self.endpoints = EndpointTable(self.list_backends, self._serves_asgi)
         self.proxies = ProxyReconciler(runtime, http_options, self.save)
         self._durable = DurableState(runtime.store)
         self._subscribers: Dict[Any, set] = {}  # connection -> long-poll subscriber ids
@@ -315,6 +315,13 @@ class Controller:
         file's apply to put back what it replaced, if a later step fails)."""
         backend = self._backend(tag).state
         return backend.replica_config, backend.metadata
+
+    def _serves_asgi(self, tag: str) -> Optional[bool]:
+        """Whether a backend is an ASGI app (None: not known until a replica loads it)."""
+        reconciler = self.backends.get(tag)
+        if reconciler is None or reconciler.state.metadata is None:
+            return None
+        return reconciler.state.metadata.asgi
 
     def list_backends(self) -> Dict[str, BackendConfig]:
         return {tag: r.state.config for tag, r in self.backends.items()

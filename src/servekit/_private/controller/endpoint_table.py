@@ -3,6 +3,10 @@
 Every change is checked against the whole table (and the backends registered) before it is
 made, so a refused change leaves the table as it was. The controller saves and publishes the
 table after each change.
+
+An endpoint whose backends are ASGI apps serves its route as a prefix (the longest prefix
+holding a path wins, an exact route beating a prefix of the same path); its backends are
+all ASGI apps, or none is, so that every request to it can go to any of them.
 """
 
 from __future__ import annotations
@@ -14,11 +18,15 @@ from servekit._private.specs import EndpointInfo
 
 
 class EndpointTable:
-    """Endpoints by name; ``backends`` tells which backend tags are registered."""
+    """Endpoints by name; ``backends`` tells which backend tags are registered, ``asgi``
+    whether a backend is an ASGI app (None: not known yet, its definition is an import
+    path no replica has loaded)."""
 
-    def __init__(self, backends: Callable[[], Collection[str]]) -> None:
+    def __init__(self, backends: Callable[[], Collection[str]],
+                 asgi: Callable[[str], Optional[bool]] = lambda tag: False) -> None:
         self.endpoints: Dict[str, EndpointInfo] = {}
         self._backends = backends
+        self._asgi = asgi
 
     def create(self, name: str, backend: str, route: Optional[str], methods: List[str],
                managed: bool = False) -> bool:
@@ -34,6 +42,8 @@ class EndpointTable:
             raise ValueError(f"Cannot create endpoint. Endpoint '{name}' is already "
                              "registered. Delete it first, or pick another name.")
         self._check_route_free(name, route)
+        if self._asgi(backend):
+            self._check_prefix(route)
         self.endpoints[name] = EndpointInfo(name, route, methods, {backend: 1.0},
                                             managed=managed)
         return True
@@ -43,6 +53,8 @@ class EndpointTable:
         """Change an endpoint's route, methods and mark in place."""
         endpoint = self._endpoint(name, "update")
         self._check_route_free(name, route)
+        if self._serves_asgi(endpoint):
+            self._check_prefix(route)
         endpoint.route, endpoint.methods, endpoint.managed = route, list(methods), managed
 
     def delete(self, name: str) -> bool:
@@ -60,11 +72,14 @@ class EndpointTable:
         if not math.isclose(total, 1.0, rel_tol=0.0, abs_tol=1e-8):
             raise ValueError(f"Traffic dictionary weights must sum to 1, currently they "
                              f"sum to {total}. Got {traffic}.")
+        self._check_same_kind(endpoint, [*traffic, *endpoint.shadows])
         endpoint.traffic = dict(traffic)
 
     def shadow_traffic(self, name: str, backend: str, proportion: float) -> None:
         self._check_backends_exist({backend: proportion}, "shadow traffic to")
         endpoint = self._endpoint(name, "shadow traffic from")
+        if proportion != 0:
+            self._check_same_kind(endpoint, [*endpoint.traffic, backend])
         if proportion == 0:
             endpoint.shadows.pop(backend, None)
         else:
@@ -80,8 +95,30 @@ class EndpointTable:
     def view(self) -> Dict[str, EndpointInfo]:
         """A copy of the table to publish (later changes do not reach it)."""
         return {name: EndpointInfo(**{**vars(info), "traffic": dict(info.traffic),
-                                      "shadows": dict(info.shadows)})
+                                      "shadows": dict(info.shadows),
+                                      "asgi": self._serves_asgi(info)})
                 for name, info in self.endpoints.items()}
+
+    def _serves_asgi(self, endpoint: EndpointInfo) -> bool:
+        return any(self._asgi(tag) for tag in endpoint.traffic)
+
+    def _check_same_kind(self, endpoint: EndpointInfo, tags: List[str]) -> None:
+        """Refuse to mix ASGI apps with other backends in one endpoint."""
+        kinds = {tag: self._asgi(tag) for tag in tags}
+        apps = sorted(tag for tag, asgi in kinds.items() if asgi)
+        others = sorted(tag for tag, asgi in kinds.items() if asgi is False)
+        if apps and others:
+            raise ValueError(
+                f"Endpoint '{endpoint.name}' cannot mix ASGI apps ({apps}) with other "
+                f"backends ({others}): a request to it must suit any of its backends. Serve "
+                "the other backends from an endpoint of their own.")
+
+    @staticmethod
+    def _check_prefix(route: Optional[str]) -> None:
+        if route is not None and route != "/" and route.endswith("/"):
+            raise ValueError(
+                f"Route '{route}' ends with '/': the route of an ASGI app is a prefix, which "
+                f"holds the paths under it. Use '{route.rstrip('/') or '/'}'.")
 
     def _endpoint(self, name: str, action: str) -> EndpointInfo:
         endpoint = self.endpoints.get(name)

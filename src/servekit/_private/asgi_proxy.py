@@ -1,0 +1,151 @@
+"""The proxy's side of an ASGI backend: requests passed through to the app as they come.
+
+An HTTP request goes out with its first body message; the rest of its body follows as the
+request's own stream, as the client sends it and the replica takes it (the proxy holds a
+few chunks of it at most, never the whole body). A WebSocket connection goes out with its
+connect message and stays on the replica it reached: the client's messages flow to the
+app, the app's to the client, each way as fast as the other side takes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Callable, Dict, Optional
+
+from servekit._private.routed_request import RoutedRequest
+from servekit._private.transport import ReplyStream
+from servekit.exceptions import (
+    BackendOverloadedError,
+    BackendUnavailableError,
+    RequestTimeoutError,
+)
+from servekit.request import loggable
+
+logger = logging.getLogger("servekit.proxy")
+
+# The keys of an ASGI scope the app gets (the rest is the server's own business).
+_SCOPE_KEYS = ("type", "asgi", "http_version", "method", "scheme", "path", "raw_path",
+               "query_string", "headers", "client", "server", "subprotocols", "extensions")
+# Seconds an app has to end its side of a WebSocket its client closed before it is cancelled.
+WEBSOCKET_CLOSE_GRACE_S = 5.0
+
+
+def app_scope(scope: Dict[str, Any], route: str) -> Dict[str, Any]:
+    """The scope an app mounted at ``route`` gets: the path whole, ``root_path`` the
+    route (below the proxy's own root path), as behind any reverse proxy that mounts it."""
+    forwarded = {key: scope[key] for key in _SCOPE_KEYS if key in scope}
+    if route != "/":
+        forwarded["root_path"] = scope.get("root_path", "") + route
+    return forwarded
+
+
+async def forward_body(request: RoutedRequest, receive: Any, room: int,
+                       taken: Callable[[int], None]) -> bool:
+    """Send the rest of a request body to the replica as it arrives, each chunk once the
+    replica has room for it; False if it grew past ``room`` bytes (the rest is left
+    unread). Ends early if the client leaves (the protocol cancels the request) or the
+    request ends first (the app answered without reading it all). ``taken`` is told the
+    size of each chunk sent on (the proxy no longer holds it)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return True
+        chunk = message.get("body", b"")
+        room -= len(chunk)
+        if room < 0:
+            return False
+        if chunk and not await request.send_chunk(chunk):
+            return True
+        taken(len(chunk))
+        if not message.get("more_body", False):
+            request.end_chunks()
+            return True
+
+
+def _denial(exc: BaseException) -> int:
+    """The HTTP status refusing a WebSocket whose request failed before the app took it."""
+    if isinstance(exc, RequestTimeoutError):
+        return 504
+    if isinstance(exc, (BackendOverloadedError, BackendUnavailableError)):
+        return 503
+    return 500
+
+
+async def deny_websocket(scope: Dict[str, Any], send: Any, status: int, text: str) -> str:
+    """Refuse a WebSocket handshake: with ``status`` and ``text`` where the server can send
+    an HTTP response (the ``websocket.http.response`` extension), else a close (403)."""
+    if "websocket.http.response" in scope.get("extensions", {}):
+        await send({"type": "websocket.http.response.start", "status": status,
+                    "headers": [(b"content-type", b"text/plain; charset=utf-8")]})
+        await send({"type": "websocket.http.response.body", "body": text.encode()})
+        return str(status)
+    await send({"type": "websocket.close", "code": 1008, "reason": text[:120]})
+    return "403"
+
+
+class WebSocketSession:
+    """One WebSocket connection passed through to an app, from its first reply to its end.
+
+    The status it reports, for the access log: 101 once the app accepted, the status of
+    a refusal otherwise (403 for a close before accepting, as uvicorn answers it).
+    """
+
+    def __init__(self, scope: Dict[str, Any], receive: Any, send: Any) -> None:
+        self.scope = scope
+        self.receive = receive
+        self.send = send
+        self.status = "-"
+
+    async def run(self, reply: asyncio.Future) -> str:
+        """Pump messages both ways until either side ends the connection."""
+        try:
+            stream: ReplyStream = await reply
+        except Exception as exc:
+            logger.warning("WebSocket to %s failed: %r", loggable(self.scope["path"]), exc)
+            return await deny_websocket(self.scope, self.send, _denial(exc), str(exc))
+        request: RoutedRequest = reply.request  # type: ignore[attr-defined]
+        upstream = asyncio.ensure_future(self._client_to_app(request, stream))
+        try:
+            async for message in stream:
+                kind = message["type"]
+                if kind == "websocket.accept":
+                    self.status = "101"
+                elif self.status == "-" and kind == "websocket.close":
+                    self.status = "403"
+                elif self.status == "-" and kind == "websocket.http.response.start":
+                    self.status = str(message.get("status", "-"))
+                await self.send(message)
+        except OSError:  # the client is gone (uvicorn's ClientDisconnected)
+            pass
+        except Exception as exc:  # the replica died, or the app raised
+            logger.warning("WebSocket to %s ended: %r", loggable(self.scope["path"]), exc)
+            await self._fail(exc)
+        finally:
+            stream.cancel()
+            upstream.cancel()
+        return self.status
+
+    async def _client_to_app(self, request: RoutedRequest, stream: ReplyStream) -> None:
+        """Send the client's messages on; once it disconnected, give the app a grace
+        period to end its side, then cancel it."""
+        while True:
+            message = await self.receive()
+            if not await request.send_chunk(message):
+                return  # the app's side ended
+            if message["type"] == "websocket.disconnect":
+                request.end_chunks()
+                break
+        await asyncio.sleep(WEBSOCKET_CLOSE_GRACE_S)
+        stream.cancel()
+
+    async def _fail(self, exc: BaseException) -> None:
+        try:
+            if self.status == "101":
+                await self.send({"type": "websocket.close", "code": 1011,
+                                 "reason": "the backend failed"})
+            elif self.status == "-":
+                self.status = await deny_websocket(self.scope, self.send, _denial(exc),
+                                                   str(exc))
+        except (OSError, RuntimeError):
+            pass  # the client is gone, or the connection already closed

@@ -1,0 +1,236 @@
+"""An ASGI application (FastAPI, Starlette) served in a replica.
+
+The proxy passes each HTTP request and WebSocket connection through as it comes: the scope,
+the first message, then the rest of the request's messages as the request's own stream
+(body chunks as bytes, WebSocket messages as they are). What the app sends goes back as
+the reply: a complete HTTP response in one ``HTTPResponseWire`` when the app sends its body
+in one message (the common case, as fast as any other backend), else a stream of
+``(status, headers)`` then body chunks; a WebSocket connection's reply is the stream of the
+app's messages. The app's lifespan starts with the replica and shuts down when it drains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, AsyncIterator, Awaitable, Callable, Dict, Optional, Union
+
+from servekit._private.transport import ReplyStream
+from servekit.request import HTTPResponseWire, text_response
+
+logger = logging.getLogger("servekit.replica")
+
+ASGIApp = Callable[[dict, Any, Any], Awaitable[None]]
+# Runs one call of the app (the replica's gate around user code).
+RunApp = Callable[[Callable[[], Awaitable[None]]], Awaitable[None]]
+
+ASGI_VERSION = {"version": "3.0", "spec_version": "2.4"}
+_END = object()  # the last item of what the app sent
+
+
+class LifespanFailed(RuntimeError):
+    """The app's lifespan startup failed: the replica cannot serve."""
+
+
+class Lifespan:
+    """The app's lifespan protocol: ``startup`` when the replica starts, ``shutdown`` when
+    it drains. ``state`` is what the app put in the lifespan scope's state, which each
+    request's scope gets a copy of. An app that does not speak the protocol (it raises
+    before reading the startup event) is served without it, as uvicorn does."""
+
+    def __init__(self, app: ASGIApp, tag: str) -> None:
+        self.app = app
+        self.tag = tag
+        self.state: Dict[str, Any] = {}
+        self._to_app: asyncio.Queue = asyncio.Queue()
+        self._from_app: asyncio.Queue = asyncio.Queue()
+        self._task: Optional[asyncio.Task] = None
+        self._listening = False  # the app read its first lifespan event
+
+    async def startup(self) -> None:
+        """Run the startup; raise ``LifespanFailed`` with the app's message if it fails."""
+        scope = {"type": "lifespan", "asgi": ASGI_VERSION, "state": self.state}
+        self._task = asyncio.ensure_future(self._run(scope))
+        self._to_app.put_nowait({"type": "lifespan.startup"})
+        outcome = await self._from_app.get()
+        if outcome is None:  # the app returned or raised
+            self._task = None
+            return
+        if outcome["type"] == "lifespan.startup.failed":
+            raise LifespanFailed(f"The lifespan startup of backend '{self.tag}' failed: "
+                                 f"{outcome.get('message') or '(no message)'}")
+
+    async def _run(self, scope: dict) -> None:
+        try:
+            await self.app(scope, self._receive, self._from_app.put)
+        except BaseException as exc:
+            if not self._listening:
+                logger.info("Backend '%s' does not support the ASGI lifespan protocol (%r); "
+                            "serving it without.", self.tag, exc)
+            elif not isinstance(exc, asyncio.CancelledError):
+                logger.error("The lifespan of backend '%s' raised", self.tag, exc_info=exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+        finally:
+            self._from_app.put_nowait(None)
+
+    async def _receive(self) -> dict:
+        self._listening = True
+        return await self._to_app.get()
+
+    async def shutdown(self, timeout_s: float) -> None:
+        """Run the shutdown, for at most ``timeout_s``; a failure is logged."""
+        task, self._task = self._task, None
+        if task is None or task.done():
+            return
+        self._to_app.put_nowait({"type": "lifespan.shutdown"})
+        try:
+            outcome = await asyncio.wait_for(self._from_app.get(), timeout_s)
+        except asyncio.TimeoutError:
+            logger.error("The lifespan shutdown of backend '%s' did not finish within %s s.",
+                         self.tag, timeout_s)
+            task.cancel()
+            return
+        if outcome is not None and outcome["type"] == "lifespan.shutdown.failed":
+            logger.error("The lifespan shutdown of backend '%s' failed: %s", self.tag,
+                         outcome.get("message"))
+
+
+class _Outbox:
+    """What the app sends, for the reader, at most two items ahead of it (the app's
+    ``send`` waits beyond that, so a slow client slows the app, as a socket would)."""
+
+    def __init__(self) -> None:
+        self._items: asyncio.Queue = asyncio.Queue()
+        self._room = asyncio.Event()
+
+    async def put(self, item: Any) -> None:
+        self._items.put_nowait(item)
+        while self._items.qsize() >= 2:
+            self._room.clear()
+            await self._room.wait()
+
+    def close(self, error: Optional[BaseException]) -> None:
+        """No more items: the reader gets ``error`` (if any) after the last one."""
+        self._items.put_nowait(_END if error is None else error)
+
+    async def get(self) -> Any:
+        item = await self._items.get()
+        self._room.set()
+        return item
+
+
+class AppCall:
+    """One HTTP request or WebSocket connection run through the app.
+
+    ``reply()`` is what goes back to the proxy; ``task`` runs the app (done: the app's
+    work for this request has stopped, however it ended); ``stop()`` cancels it (its
+    caller left) and waits for it to end.
+    """
+
+    def __init__(self, app: ASGIApp, run: RunApp, scope: dict, first: dict,
+                 inbound: ReplyStream, on_error: Callable[[BaseException], None]) -> None:
+        self.scope = scope
+        self._first: Optional[dict] = first
+        self._inbound = inbound
+        self._on_error = on_error
+        self._websocket = scope["type"] == "websocket"
+        self._body_more = first.get("more_body", False)  # HTTP: more body to receive
+        self._answered = asyncio.Event()  # HTTP: the whole response was sent
+        self._start: Optional[tuple] = None  # HTTP: (status, headers)
+        self._streaming = False
+        self._outbox = _Outbox()
+        loop = asyncio.get_running_loop()
+        self._whole: asyncio.Future = loop.create_future()  # a one-message response
+        self.task = asyncio.ensure_future(run(lambda: app(scope, self._receive, self._send)))
+        self.task.add_done_callback(self._app_ended)
+
+    # ------------------------------------------------------------- the app's side
+
+    async def _receive(self) -> dict:
+        first, self._first = self._first, None
+        if first is not None:
+            return first
+        if self._websocket:
+            try:
+                return await self._inbound.__anext__()
+            except StopAsyncIteration:
+                return {"type": "websocket.disconnect", "code": 1006}
+        if self._body_more:
+            try:
+                chunk = await self._inbound.__anext__()
+            except StopAsyncIteration:
+                self._body_more = False
+                return {"type": "http.request", "body": b"", "more_body": False}
+            return {"type": "http.request", "body": chunk, "more_body": True}
+        await self._answered.wait()  # (the caller leaving cancels the app instead)
+        return {"type": "http.disconnect"}
+
+    async def _send(self, message: dict) -> None:
+        if self._websocket:
+            await self._outbox.put(message)
+            return
+        kind = message["type"]
+        if kind == "http.response.start":
+            self._start = (message["status"],
+                           [(bytes(name), bytes(value)) for name, value in
+                            message.get("headers", ())])
+        elif kind == "http.response.body" and self._start is not None and \
+                not self._answered.is_set():
+            body, more = message.get("body", b""), message.get("more_body", False)
+            if not self._streaming and not more:
+                self._answered.set()
+                status, headers = self._start
+                self._whole.set_result(HTTPResponseWire(status, headers, bytes(body)))
+                return
+            if not self._streaming:
+                self._streaming = True
+                self._whole.set_result(None)
+            if body:
+                await self._outbox.put(bytes(body))
+            if not more:
+                self._answered.set()
+                self._outbox.close(None)
+
+    def _app_ended(self, task: asyncio.Future) -> None:
+        error = None if task.cancelled() else task.exception()
+        if error is not None:
+            self._on_error(error)
+        self._outbox.close(error)
+        if not self._whole.done():
+            self._whole.set_result(None)
+
+    # ------------------------------------------------------------- the reply
+
+    async def reply(self) -> Union[HTTPResponseWire, AsyncIterator[Any]]:
+        """A complete response, or the stream of items to send back (module docstring)."""
+        if self._websocket:
+            return self._items()
+        await asyncio.shield(self._whole)
+        whole = self._whole.result()
+        if whole is not None:
+            return whole
+        if self._streaming:
+            assert self._start is not None
+            return self._items(self._start)
+        # The app ended without a response (it raised: logged): uvicorn's answer, 500.
+        if self.task.cancelled() or self.task.exception() is None:
+            logger.error("The app returned without sending a response to %s.",
+                         self.scope.get("path"))
+        return text_response(500, "Internal Server Error")
+
+    async def _items(self, head: Optional[tuple] = None) -> AsyncIterator[Any]:
+        if head is not None:
+            yield head
+        while True:
+            item = await self._outbox.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    async def stop(self) -> None:
+        """Cancel the app's work for this request (its caller left); return once it ended."""
+        self.task.cancel()
+        await asyncio.wait([self.task])

@@ -1,0 +1,147 @@
+"""FastAPI and Starlette apps the ASGI integration tests serve (imported by the replicas,
+so nothing here is pickled)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from contextlib import asynccontextmanager
+from typing import AsyncIterator, Optional
+
+from fastapi import Depends, FastAPI, Header, HTTPException, Request, WebSocket
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
+
+import servekit as serve
+
+# ----------------------------------------------------------------- the "items" API
+
+
+class Item(BaseModel):
+    name: str
+    price: float
+    tags: list[str] = []
+
+
+def api_key(x_api_key: Optional[str] = Header(default=None)) -> str:
+    if x_api_key != "secret":
+        raise HTTPException(status_code=401, detail="bad api key")
+    return x_api_key
+
+
+def make_items_app(version: str = "v1") -> FastAPI:
+    """A small typed API: path and query parameters, a validated body, a dependency."""
+    app = FastAPI(title=f"items {version}")
+
+    @app.get("/items/{item_id}")
+    def read_item(item_id: int, q: Optional[str] = None) -> dict:
+        return {"item_id": item_id, "q": q, "version": version}
+
+    @app.post("/items")
+    async def create_item(item: Item, key: str = Depends(api_key)) -> dict:
+        return {"name": item.name, "total": item.price * 2, "tags": item.tags}
+
+    @app.get("/version")
+    def get_version(request: Request) -> dict:
+        return {"version": version, "root_path": request.scope.get("root_path"),
+                "pid": os.getpid()}
+
+    @app.post("/upload")
+    async def upload(request: Request) -> dict:
+        """Hash a body as it streams in: never held whole."""
+        digest, size = hashlib.sha256(), 0
+        async for chunk in request.stream():
+            digest.update(chunk)
+            size += len(chunk)
+        return {"size": size, "sha256": digest.hexdigest()}
+
+    @app.get("/events")
+    async def events(n: int = 3, gap: float = 0.0) -> StreamingResponse:
+        async def generate() -> AsyncIterator[str]:
+            for i in range(n):
+                yield f"data: event {i}\n\n"
+                await asyncio.sleep(gap)
+        return StreamingResponse(generate(), media_type="text/event-stream")
+
+    @app.get("/slow")
+    async def slow(marker: str) -> dict:
+        """Sleeps until cancelled; says so in the marker file."""
+        try:
+            with open(marker, "w") as file:
+                file.write("started")
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            with open(marker, "w") as file:
+                file.write("cancelled")
+            raise
+        return {}
+
+    @app.websocket("/echo")
+    async def echo(websocket: WebSocket) -> None:
+        await websocket.accept()
+        try:
+            while True:
+                text = await websocket.receive_text()
+                await websocket.send_text(f"{version}:{text}")
+        except Exception:
+            return
+
+    return app
+
+
+items_app = make_items_app("v1")
+items_app_v2 = make_items_app("v2")
+
+
+@serve.asgi_factory
+def create_items_app(version: str) -> FastAPI:
+    return make_items_app(version)
+
+
+# ----------------------------------------------------------------- lifespan
+
+def make_lifespan_app(marker_dir: str, fail: bool = False) -> FastAPI:
+    """Writes "startup" and "shutdown" files in ``marker_dir``; ``fail``: startup raises."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict]:
+        if fail:
+            raise RuntimeError("the model file is missing")
+        with open(os.path.join(marker_dir, f"startup-{os.getpid()}"), "w"):
+            pass
+        yield {"model": "loaded at startup"}
+        with open(os.path.join(marker_dir, f"shutdown-{os.getpid()}"), "w"):
+            pass
+
+    app = FastAPI(lifespan=lifespan)
+
+    @app.get("/model")
+    def model(request: Request) -> dict:
+        return {"model": request.state.model}
+
+    return app
+
+
+lifespan_factory = serve.asgi_factory(make_lifespan_app)
+
+
+# ----------------------------------------------------------------- ingress
+
+ingress_app = FastAPI()
+
+
+@serve.ingress(ingress_app)
+class Doubler:
+    """A model loaded in __init__, reached by the app's routes as ``self``."""
+
+    def __init__(self, factor: int) -> None:
+        self.factor = factor
+
+    @ingress_app.get("/double/{x}")
+    def double(self, x: int) -> dict:
+        return {"result": x * self.factor}
+
+    @ingress_app.post("/double")
+    async def double_item(self, item: Item) -> dict:
+        return {"name": item.name, "price": item.price * self.factor}
