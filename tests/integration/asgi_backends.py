@@ -12,8 +12,16 @@ from typing import AsyncIterator, Optional
 from fastapi import Depends, FastAPI, Header, HTTPException, Request, WebSocket
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
+from robustness_backends import async_wait_for_file
 
 import servekit as serve
+
+
+def note(path: str, text: str = "") -> None:
+    """Write ``text`` to the file ``path`` (what the tests look for)."""
+    with open(path, "w") as file:
+        file.write(text)
+
 
 # ----------------------------------------------------------------- the "items" API
 
@@ -64,16 +72,23 @@ def make_items_app(version: str = "v1") -> FastAPI:
                 await asyncio.sleep(gap)
         return StreamingResponse(generate(), media_type="text/event-stream")
 
+    @app.get("/gated-events")
+    async def gated_events(release: str) -> StreamingResponse:
+        """One event, then the next only once the file ``release`` exists."""
+        async def generate() -> AsyncIterator[str]:
+            yield "data: first\n\n"
+            await async_wait_for_file(release)
+            yield "data: second\n\n"
+        return StreamingResponse(generate(), media_type="text/event-stream")
+
     @app.get("/slow")
     async def slow(marker: str) -> dict:
         """Sleeps until cancelled; says so in the marker file."""
         try:
-            with open(marker, "w") as file:
-                file.write("started")
+            note(marker, "started")
             await asyncio.sleep(3600)
         except asyncio.CancelledError:
-            with open(marker, "w") as file:
-                file.write("cancelled")
+            note(marker, "cancelled")
             raise
         return {}
 
@@ -84,6 +99,17 @@ def make_items_app(version: str = "v1") -> FastAPI:
             while True:
                 text = await websocket.receive_text()
                 await websocket.send_text(f"{version}:{text}")
+        except Exception:
+            return
+
+    @app.websocket("/pid")
+    async def pid(websocket: WebSocket) -> None:
+        """Answers each message with the version and the replica's pid."""
+        await websocket.accept()
+        try:
+            while True:
+                await websocket.receive_text()
+                await websocket.send_json({"version": version, "pid": os.getpid()})
         except Exception:
             return
 
@@ -108,11 +134,9 @@ def make_lifespan_app(marker_dir: str, fail: bool = False) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[dict]:
         if fail:
             raise RuntimeError("the model file is missing")
-        with open(os.path.join(marker_dir, f"startup-{os.getpid()}"), "w"):
-            pass
+        note(os.path.join(marker_dir, f"startup-{os.getpid()}"))
         yield {"model": "loaded at startup"}
-        with open(os.path.join(marker_dir, f"shutdown-{os.getpid()}"), "w"):
-            pass
+        note(os.path.join(marker_dir, f"shutdown-{os.getpid()}"))
 
     app = FastAPI(lifespan=lifespan)
 

@@ -4,6 +4,7 @@ one transaction per change (only what changed), in an owner-only SQLite file."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import stat
@@ -55,6 +56,18 @@ def test_state_loads_back_as_it_was() -> None:
     assert loaded.replicas["m#1"].address == "/tmp/r.sock"
     assert state.endpoints == endpoints
     assert state.proxies == proxies
+
+
+def test_asgi_metadata_loads_back_and_older_records_are_not_asgi() -> None:
+    state = backend()
+    state.metadata = dataclasses.replace(BackendMetadata.inspect(Model), asgi=True)
+    records = snapshot({"m": state}, {}, {})
+    assert load(records, "test").backends["m"].metadata == state.metadata
+    doc = json.loads(records["backend/m"])
+    del doc["metadata"]["asgi"]  # written before backends could be ASGI apps
+    records["backend/m"] = json.dumps(doc).encode()
+    loaded = load(records, "test").backends["m"].metadata
+    assert loaded is not None and loaded.asgi is False
 
 
 def test_the_single_proxy_record_of_an_older_state_file_loads() -> None:

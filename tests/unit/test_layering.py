@@ -21,6 +21,7 @@ DATA_PLANE = [
     "servekit._private.proxy",
     "servekit._private.transport",
     "servekit._private.batching",
+    "servekit._private.asgi_app",
     "servekit.handle",
 ]
 CONTROL_PLANE = "servekit._private.controller"

@@ -40,7 +40,7 @@ class ASGIFactory:
                 f"serve.asgi_factory takes the function that builds an ASGI app, got the app "
                 f"{factory!r} itself. Pass the app to create_backend directly, or pass the "
                 "function that returns it.")
-        if not isinstance(factory, str) and (not callable(factory) or inspect.isclass(factory)):
+        if not isinstance(factory, str) and not callable(factory):
             raise TypeError(
                 f"serve.asgi_factory takes a function or an import path 'pkg.module:create_app', "
                 f"got {factory!r} ({type(factory).__name__}).")
@@ -49,9 +49,9 @@ class ASGIFactory:
     @property
     def name(self) -> str:
         """The function's qualified name, or the import path."""
-        factory = self._factory
-        return factory if isinstance(factory, str) else getattr(factory, "__qualname__",
-                                                                repr(factory))
+        if isinstance(self._factory, str):
+            return self._factory
+        return getattr(self._factory, "__qualname__", repr(self._factory))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         factory = self._factory
@@ -87,7 +87,7 @@ def asgi_factory(func_or_import_path: Callable[..., Any] | str) -> ASGIFactory:
             ASGI 3 app).
 
     Raises:
-        TypeError: not a function nor a string, or an app instead of the function.
+        TypeError: neither callable nor a string, or an app instead of the function.
     """
     return ASGIFactory(func_or_import_path)
 
@@ -228,7 +228,8 @@ def _bind_routes(app: Any, cls: type, marker: _Ingress) -> None:
         return
     self_dependency = fastapi.Depends(marker.current_instance)
     for route in bound:
-        route.endpoint.__signature__ = _signature_with_self(route.endpoint, self_dependency)
+        signature = _signature_with_self(route.endpoint, self_dependency)
+        route.endpoint.__signature__ = signature  # type: ignore[attr-defined]
     # FastAPI reads an endpoint's parameters when it makes the route: included in the app
     # through a router, the routes are made again from their attributes (response_model,
     # status_code, dependencies...) with the new signatures.

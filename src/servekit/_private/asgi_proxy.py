@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict
 
 from servekit._private.routed_request import RoutedRequest
 from servekit._private.transport import ReplyStream

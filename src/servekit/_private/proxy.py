@@ -732,6 +732,8 @@ async def run_proxy(worker: WorkerSpec, sock: socket.socket, stop: asyncio.Event
                             limit_concurrency=options.limit_concurrency,
                             # WebSockets: a message is bounded as a body is; few wait at once
                             ws_max_size=options.max_body_bytes, ws_max_queue=_WS_MAX_QUEUE,
+                            # what is still in flight after the drain is cancelled then
+                            timeout_graceful_shutdown=_GRACE_AFTER_DRAIN_S,  # type: ignore[arg-type]
                             # a call_later delay: a float works
                             timeout_keep_alive=options.keep_alive_timeout_s)  # type: ignore[arg-type]
     server = _Server(config)
@@ -761,13 +763,19 @@ _WS_MAX_QUEUE = 8
 _DRAIN_POLL_S = 0.05
 
 
+# Seconds a stopping proxy waits, after the drain, for connections to finish before it
+# cancels what they still run (the process has PROCESS_STOP_TIMEOUT_S in all).
+_GRACE_AFTER_DRAIN_S = constants.PROCESS_STOP_TIMEOUT_S * 0.2
+
+
 async def _drain(proxy: HTTPProxy, server: uvicorn.Server) -> None:
     """Before the proxy stops accepting connections: answer 503 on /-/healthz (so load
     balancers send new clients elsewhere) while requests in flight finish, for most of
     the time the process has to stop."""
     proxy.draining = True
     deadline = time.monotonic() + constants.PROCESS_STOP_TIMEOUT_S * 0.6
-    while server.server_state.tasks and time.monotonic() < deadline:
+    # (uvicorn's set of tasks in progress has no event to wait on)
+    while server.server_state.tasks and time.monotonic() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(_DRAIN_POLL_S)
 
 

@@ -131,7 +131,7 @@ class ReplyStream:
 
     __slots__ = ("_grant", "_stop", "_chunks", "_arrived", "_ended", "_error")
 
-    def __init__(self, grant: Callable[[], None], stop: Callable[[], None]) -> None:
+    def __init__(self, grant: Callable[[], object], stop: Callable[[], None]) -> None:
         self._grant = grant
         self._stop = stop
         self._chunks: Deque[bytes] = collections.deque()

@@ -1,0 +1,372 @@
+"""ASGI apps (FastAPI) as backends, over real HTTP and WebSocket clients: typed routes under
+a prefix, streaming both ways, WebSockets, lifespan, splits and shadows between app
+versions, and cancellation when the client leaves."""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import os
+import signal
+import threading
+import time
+from typing import Any, Iterator
+
+import httpx
+import pytest
+from asgi_backends import Doubler, create_items_app, items_app
+from test_supervision import proxy_pid
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
+
+import servekit as serve
+from conftest import free_port, wait_for
+from servekit.exceptions import ServeError
+
+pytestmark = pytest.mark.integration
+
+TIMEOUT = 30.0
+
+
+def ws_url(url: str, path: str) -> str:
+    return url.replace("http://", "ws://") + path
+
+
+@pytest.fixture
+def api(serve_instance: tuple) -> Iterator[tuple]:
+    """The items app (v1) at the prefix /api."""
+    client, url = serve_instance
+    client.create_backend("api:v1", items_app)
+    client.create_endpoint("api", backend="api:v1", route="/api")
+    yield client, url
+
+
+# --------------------------------------------------------------------------- FastAPI
+
+
+def test_path_and_query_parameters_reach_the_app_under_its_prefix(api: tuple) -> None:
+    _, url = api
+    response = httpx.get(f"{url}/api/items/42", params={"q": "red"}, timeout=TIMEOUT)
+    assert response.status_code == 200
+    assert response.json() == {"item_id": 42, "q": "red", "version": "v1"}
+
+
+def test_validation_errors_are_fastapis_own_422(api: tuple) -> None:
+    _, url = api
+    response = httpx.get(f"{url}/api/items/not-a-number", timeout=TIMEOUT)
+    assert response.status_code == 422
+    [error] = response.json()["detail"]
+    assert error["loc"] == ["path", "item_id"] and error["type"] == "int_parsing"
+    body = httpx.post(f"{url}/api/items", json={"name": "pen"},
+                      headers={"x-api-key": "secret"}, timeout=TIMEOUT)
+    assert body.status_code == 422
+    assert body.json()["detail"][0]["loc"] == ["body", "price"]
+
+
+def test_dependencies_are_injected(api: tuple) -> None:
+    _, url = api
+    item = {"name": "pen", "price": 1.5, "tags": ["blue"]}
+    refused = httpx.post(f"{url}/api/items", json=item, timeout=TIMEOUT)
+    assert refused.status_code == 401 and refused.json() == {"detail": "bad api key"}
+    accepted = httpx.post(f"{url}/api/items", json=item, headers={"x-api-key": "secret"},
+                          timeout=TIMEOUT)
+    assert accepted.status_code == 200
+    assert accepted.json() == {"name": "pen", "total": 3.0, "tags": ["blue"]}
+
+
+def test_docs_and_openapi_work_under_the_prefix(api: tuple) -> None:
+    _, url = api
+    schema = httpx.get(f"{url}/api/openapi.json", timeout=TIMEOUT)
+    assert schema.status_code == 200
+    assert "/items/{item_id}" in schema.json()["paths"]
+    assert schema.json()["servers"] == [{"url": "/api"}]  # FastAPI saw root_path
+    docs = httpx.get(f"{url}/api/docs", timeout=TIMEOUT)
+    assert docs.status_code == 200
+    assert "/api/openapi.json" in docs.text  # the page fetches the schema under the prefix
+    version = httpx.get(f"{url}/api/version", timeout=TIMEOUT).json()
+    assert version["root_path"] == "/api"
+
+
+def test_the_longest_prefix_wins_and_prefixes_hold_whole_segments(api: tuple) -> None:
+    client, url = api
+    client.create_backend("api:v2", serve.asgi_factory(create_items_app), "v2")
+    client.create_endpoint("api-v2", backend="api:v2", route="/api/v2")
+    assert httpx.get(f"{url}/api/v2/version", timeout=TIMEOUT).json()["version"] == "v2"
+    assert httpx.get(f"{url}/api/version", timeout=TIMEOUT).json()["version"] == "v1"
+    # /api/v2x is v1's (whose app has no /v2x: FastAPI's own 404); /apix is nobody's.
+    assert httpx.get(f"{url}/api/v2x/version", timeout=TIMEOUT).json() == {
+        "detail": "Not Found"}
+    outside = httpx.get(f"{url}/apix/version", timeout=TIMEOUT)
+    assert outside.status_code == 404 and "not found" in outside.text
+    routes = httpx.get(f"{url}/-/routes", timeout=TIMEOUT).json()
+    assert routes["/api"][0] == "api" and routes["/api/v2"][0] == "api-v2"
+
+
+def test_an_app_answers_every_method_itself(api: tuple) -> None:
+    """The endpoint's methods do not filter an app's requests: FastAPI answers 405."""
+    _, url = api
+    assert httpx.delete(f"{url}/api/items/1", timeout=TIMEOUT).status_code == 405
+
+
+def test_an_ingress_class_reaches_its_instance_as_self(serve_instance: tuple) -> None:
+    client, url = serve_instance
+    client.create_backend("doubler", Doubler, 3)
+    client.create_endpoint("doubler", backend="doubler", route="/math")
+    assert httpx.get(f"{url}/math/double/7", timeout=TIMEOUT).json() == {"result": 21}
+    response = httpx.post(f"{url}/math/double", json={"name": "x", "price": 2.0},
+                          timeout=TIMEOUT)
+    assert response.json() == {"name": "x", "price": 6.0}
+
+
+def test_a_handle_call_to_an_app_says_it_serves_http(api: tuple) -> None:
+    client, _ = api
+    with pytest.raises(ServeError, match="ASGI app: it serves HTTP"):
+        client.get_handle("api").remote().result(timeout=TIMEOUT)
+
+
+def test_an_endpoint_does_not_mix_apps_with_other_backends(api: tuple) -> None:
+    client, _ = api
+    client.create_backend("plain", lambda request: "plain")
+    with pytest.raises(ValueError, match=r"cannot mix ASGI apps \(\['api:v1'\]\)"):
+        client.set_traffic("api", {"api:v1": 0.5, "plain": 0.5})
+    with pytest.raises(ValueError, match="ends with '/'"):
+        client.create_endpoint("slash", backend="api:v1", route="/other/")
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+def test_server_sent_events_arrive_before_the_generator_ends(api: tuple,
+                                                             tmp_path: Any) -> None:
+    _, url = api
+    release = tmp_path / "release"
+    with httpx.stream("GET", f"{url}/api/gated-events", params={"release": str(release)},
+                      timeout=TIMEOUT) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = response.iter_text()
+        assert next(events) == "data: first\n\n"  # while the generator waits
+        release.touch()
+        assert "".join(events) == "data: second\n\n"
+
+
+def test_a_50_mb_upload_streams_through_without_being_held_whole(api: tuple) -> None:
+    """The app hashes a 50 MB body as it arrives; the proxy's peak memory (its high-water
+    resident size) grows by a small part of it: the body passed through, never whole."""
+    client, url = api
+    pid = proxy_pid(client)
+    assert pid is not None
+    block = os.urandom(1 << 20)
+    digest = hashlib.sha256()
+    for _ in range(50):
+        digest.update(block)
+
+    def body() -> Iterator[bytes]:
+        for _ in range(50):
+            for offset in range(0, len(block), 64 * 1024):
+                yield block[offset:offset + 64 * 1024]
+
+    peak_before = peak_memory(pid)
+    response = httpx.post(f"{url}/api/upload", content=body(), timeout=120)
+    assert response.status_code == 200, response.text
+    assert response.json() == {"size": 50 * 2 ** 20, "sha256": digest.hexdigest()}
+    assert peak_memory(pid) - peak_before < 16 * 2 ** 20
+
+
+def peak_memory(pid: int) -> int:
+    """The highest resident size ``pid`` has had, in bytes (VmHWM)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmHWM for {pid}")
+
+
+def test_a_streamed_body_over_the_limit_gets_413(tmp_path: Any) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    client = serve.start(http_options={"port": port, "max_body_bytes": 1 << 20})
+    try:
+        client.create_backend("api:v1", items_app)
+        client.create_endpoint("api", backend="api:v1", route="/api")
+
+        def body() -> Iterator[bytes]:
+            for _ in range(64):
+                yield b"x" * 65536
+
+        response = httpx.post(f"{url}/api/upload", content=body(), timeout=TIMEOUT)
+        assert response.status_code == 413 and "max_body_bytes" in response.text
+        # A body within the limit, streamed, passes.
+        small = httpx.post(f"{url}/api/upload", content=iter([b"y" * 1000] * 10),
+                           timeout=TIMEOUT)
+        assert small.json()["size"] == 10_000
+    finally:
+        client.shutdown()
+
+
+def test_a_client_that_leaves_cancels_the_handler(api: tuple, tmp_path: Any) -> None:
+    _, url = api
+    marker = tmp_path / "marker"
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.get(f"{url}/api/slow", params={"marker": str(marker)},
+                  timeout=httpx.Timeout(TIMEOUT, read=1.0))
+    wait_for(lambda: marker.exists() and marker.read_text() == "cancelled", TIMEOUT,
+             "the handler to be cancelled")
+
+
+# --------------------------------------------------------------------------- WebSockets
+
+
+def test_a_websocket_echo_survives_a_thousand_messages(api: tuple) -> None:
+    _, url = api
+    with connect(ws_url(url, "/api/echo"), open_timeout=TIMEOUT) as websocket:
+        for i in range(1000):
+            websocket.send(f"message {i}")
+            assert websocket.recv(timeout=TIMEOUT) == f"v1:message {i}"
+
+
+def test_a_websocket_stays_on_one_replica(serve_instance: tuple) -> None:
+    client, url = serve_instance
+    client.create_backend("api:v1", items_app, config={"num_replicas": 2})
+    client.create_endpoint("api", backend="api:v1", route="/api")
+    seen = set()
+    for _ in range(6):
+        with connect(ws_url(url, "/api/pid"), open_timeout=TIMEOUT) as websocket:
+            pids = set()
+            for _ in range(20):
+                websocket.send("which?")
+                pids.add(json.loads(websocket.recv(timeout=TIMEOUT))["pid"])
+            assert len(pids) == 1
+            seen |= pids
+    assert len(seen) <= 2
+
+
+def test_a_websocket_to_an_unknown_route_is_refused(api: tuple) -> None:
+    _, url = api
+    with pytest.raises(InvalidStatus) as refused:
+        with connect(ws_url(url, "/nowhere"), open_timeout=TIMEOUT):
+            pass
+    assert refused.value.response.status_code == 404
+
+
+# --------------------------------------------------------------------------- lifespan
+
+
+def test_lifespan_startup_runs_before_the_replica_serves_and_shutdown_when_it_stops(
+        serve_instance: tuple, tmp_path: Any) -> None:
+    client, url = serve_instance
+    client.create_backend("life", "asgi_backends:lifespan_factory", str(tmp_path))
+    started = [p.name for p in tmp_path.iterdir() if p.name.startswith("startup-")]
+    assert len(started) == 1  # before create_backend returned
+    client.create_endpoint("life", backend="life", route="/life")
+    assert httpx.get(f"{url}/life/model", timeout=TIMEOUT).json() == {
+        "model": "loaded at startup"}
+    assert not any(p.name.startswith("shutdown-") for p in tmp_path.iterdir())
+    client.delete_endpoint("life")
+    client.delete_backend("life")
+    pid = started[0].split("-")[1]
+    wait_for(lambda: (tmp_path / f"shutdown-{pid}").exists(), TIMEOUT,
+             "the lifespan shutdown")
+
+
+def test_a_failing_lifespan_startup_fails_create_backend_with_its_error(
+        serve_instance: tuple, tmp_path: Any) -> None:
+    client, _ = serve_instance
+    with pytest.raises(Exception, match="the model file is missing"):
+        client.create_backend("broken", "asgi_backends:lifespan_factory", str(tmp_path),
+                              True)
+    assert "broken" not in client.list_backends()
+
+
+# --------------------------------------------------------------------------- versions
+
+
+def test_a_90_10_split_between_two_app_versions(api: tuple) -> None:
+    client, url = api
+    client.create_backend("api:v2", serve.asgi_factory(create_items_app), "v2")
+    client.set_traffic("api", {"api:v1": 0.9, "api:v2": 0.1})
+    counts: collections.Counter = collections.Counter()
+    with httpx.Client(timeout=TIMEOUT) as http:
+        for _ in range(1000):
+            counts[http.get(f"{url}/api/version").json()["version"]] += 1
+    # Binomial(1000, 0.1): mean 100, standard deviation 9.5; this fails about never.
+    assert 50 <= counts["v2"] <= 150, counts
+    assert counts["v1"] + counts["v2"] == 1000
+
+
+def test_a_split_applies_per_websocket_connection(api: tuple) -> None:
+    client, url = api
+    client.create_backend("api:v2", serve.asgi_factory(create_items_app), "v2")
+    client.set_traffic("api", {"api:v1": 0.5, "api:v2": 0.5})
+    versions = collections.Counter()
+    for _ in range(30):
+        with connect(ws_url(url, "/api/echo"), open_timeout=TIMEOUT) as websocket:
+            answers = set()
+            for i in range(5):
+                websocket.send(str(i))
+                answers.add(websocket.recv(timeout=TIMEOUT).split(":")[0])
+            assert len(answers) == 1  # one connection, one version
+            versions[answers.pop()] += 1
+    assert versions["v1"] > 0 and versions["v2"] > 0, versions
+
+
+def test_shard_keys_and_shadows_apply_to_apps(api: tuple) -> None:
+    client, url = api
+    client.create_backend("api:v2", serve.asgi_factory(create_items_app), "v2")
+    client.set_traffic("api", {"api:v1": 0.5, "api:v2": 0.5})
+    with httpx.Client(timeout=TIMEOUT) as http:
+        for key in ("alice", "bob", "carol"):
+            versions = {http.get(f"{url}/api/version",
+                                 headers={"X-SERVE-SHARD-KEY": key}).json()["version"]
+                        for _ in range(10)}
+            assert len(versions) == 1, (key, versions)
+    client.set_traffic("api", {"api:v1": 1.0})
+    client.shadow_traffic("api", "api:v2", 1.0)
+    with httpx.Client(timeout=TIMEOUT) as http:
+        for _ in range(10):
+            assert http.get(f"{url}/api/version").json()["version"] == "v1"
+
+    def shadowed() -> int:
+        shadows = httpx.get(f"{url}/-/shadows", timeout=TIMEOUT).json()
+        return shadows.get("api", {}).get("api:v2", {}).get("sent", 0)
+
+    wait_for(lambda: shadowed() >= 10, TIMEOUT, "ten shadow copies")
+
+
+# --------------------------------------------------------------------------- health
+
+
+def test_healthz_answers_503_while_the_proxy_drains(api: tuple, tmp_path: Any) -> None:
+    client, url = api
+    assert httpx.get(f"{url}/-/healthz", timeout=TIMEOUT).status_code == 200
+    marker = tmp_path / "marker"
+    def hold_a_request() -> None:
+        try:
+            httpx.get(f"{url}/api/slow", params={"marker": str(marker)}, timeout=TIMEOUT)
+        except httpx.TransportError:
+            pass  # the proxy stopped at the end of its drain
+
+    slow = threading.Thread(target=hold_a_request, daemon=True)
+    slow.start()
+    wait_for(marker.exists, TIMEOUT, "the slow request to start")
+    pid = proxy_pid(client)
+    assert pid is not None
+    os.kill(pid, signal.SIGTERM)  # the proxy drains: its request is still in flight
+    statuses = set()
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline and 503 not in statuses:
+        try:
+            statuses.add(httpx.get(f"{url}/-/healthz", timeout=TIMEOUT).status_code)
+        except httpx.TransportError:
+            break
+    assert 503 in statuses, statuses
+    # The controller starts a new proxy, which serves again.
+    wait_for(lambda: _healthy(url), TIMEOUT, "a proxy to answer 200 again")
+    slow.join(TIMEOUT)
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/-/healthz", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
