@@ -70,6 +70,10 @@ METRICS: Dict[str, Tuple[str, Optional[float], str, str]] = {
     "transport.unix_rps": ("calls/s", None, "min", "1 KB echo RPCs, 1000 in flight, Unix"),
     "transport.tls_rps": ("calls/s", None, "min", "the same over TCP + TLS"),
     "transport.tls_cost": ("x", None, "max", "Unix calls/s / TLS calls/s"),
+    "asgi.bare.rps32": ("req/s", None, "min", "FastAPI app on bare uvicorn, 32 conns"),
+    "asgi.servekit.rps32": ("req/s", None, "min", "the same app as a servekit backend"),
+    "asgi.ratio32": ("x", None, "min", "servekit / bare uvicorn, the FastAPI app"),
+    "asgi.added_p50_ms": ("ms", None, "max", "servekit p50 - bare p50, 1 conn"),
 }
 
 
@@ -121,14 +125,24 @@ def serve_raw_asgi(port: int) -> None:
                 log_level="warning", access_log=False)
 
 
+def serve_fastapi(port: int) -> None:
+    """The FastAPI app of the ``asgi`` scenario on bare uvicorn (uvloop, httptools)."""
+    import uvicorn
+    from fastapi_ping import app
+
+    uvicorn.run(app, host="127.0.0.1", port=port, loop="uvloop", http="httptools",
+                log_level="warning", access_log=False)
+
+
 @contextlib.contextmanager
-def ceiling() -> Iterator[str]:
+def ceiling(target: Callable[[int], None] = serve_raw_asgi, path: str = "/") -> Iterator[str]:
+    """A process serving ``target`` (the raw-ASGI no-op by default); the URL of ``path``."""
     port = free_port()
-    process = multiprocessing.get_context("spawn").Process(target=serve_raw_asgi, args=(port,),
+    process = multiprocessing.get_context("spawn").Process(target=target, args=(port,),
                                                            daemon=True)
     process.start()
     try:
-        url = f"http://127.0.0.1:{port}/"
+        url = f"http://127.0.0.1:{port}{path}"
         wait_http(url)
         yield url
     finally:
@@ -452,12 +466,34 @@ def scenario_transport(runs: int, quick: bool) -> Results:
     return results
 
 
+def scenario_asgi(runs: int, quick: bool) -> Results:
+    """A FastAPI app served by servekit (passed through to the replica) beside the same app
+    on bare uvicorn in one process, the floor of what serving it can cost."""
+    seconds = 2 if quick else 5
+    results: Results = {}
+    with ceiling(serve_fastapi, "/ping/1") as bare, instance() as (client, base):
+        client.create_backend("ping", "fastapi_ping:app")
+        client.create_endpoint("ping", backend="ping", route="/api")
+        served = f"{base}/api/ping/1"
+        for url in (bare, served):
+            wait_http(url)
+            wrk(url, 32, 1)  # warm up
+        for _ in range(runs):
+            bare32, bare1 = wrk(bare, 32, seconds), wrk(bare, 1, seconds)
+            at32, at1 = wrk(served, 32, seconds), wrk(served, 1, seconds)
+            results.setdefault("asgi.bare.rps32", []).append(bare32[0])
+            results.setdefault("asgi.servekit.rps32", []).append(at32[0])
+            results.setdefault("asgi.ratio32", []).append(at32[0] / bare32[0])
+            results.setdefault("asgi.added_p50_ms", []).append(at1[1] - bare1[1])
+    return results
+
+
 SCENARIOS: Dict[str, Callable[[int, bool], Results]] = {
     "http": scenario_http, "handles": scenario_handles, "cold_start": scenario_cold_start,
     "rss": scenario_rss, "batching": scenario_batching, "proxies": scenario_proxies,
-    "scale": scenario_scale, "transport": scenario_transport,
+    "scale": scenario_scale, "transport": scenario_transport, "asgi": scenario_asgi,
 }
-NEEDS_WRK = {"http", "proxies", "scale"}
+NEEDS_WRK = {"http", "proxies", "scale", "asgi"}
 
 
 # --------------------------------------------------------------------------- reporting

@@ -103,6 +103,16 @@ def test_the_longest_prefix_wins_and_prefixes_hold_whole_segments(api: tuple) ->
     assert routes["/api"][0] == "api" and routes["/api/v2"][0] == "api-v2"
 
 
+def test_an_app_at_the_root_gets_every_path_but_servekits_own(serve_instance: tuple) -> None:
+    client, url = serve_instance
+    client.create_backend("api:v1", items_app)
+    client.create_endpoint("root", backend="api:v1", route="/")
+    assert httpx.get(f"{url}/items/5", timeout=TIMEOUT).json()["item_id"] == 5
+    assert httpx.get(f"{url}/version", timeout=TIMEOUT).json()["root_path"] == ""
+    assert httpx.get(f"{url}/-/healthz", timeout=TIMEOUT).text == "success"
+    assert httpx.get(f"{url}/-/routes", timeout=TIMEOUT).json()["/"][0] == "root"
+
+
 def test_an_app_answers_every_method_itself(api: tuple) -> None:
     """The endpoint's methods do not filter an app's requests: FastAPI answers 405."""
     _, url = api

@@ -22,6 +22,9 @@ from servekit._private.transport import (
     _CANCEL,
     _CREDIT,
     _HEADER,
+    _IN_CHUNK,
+    _IN_CREDIT,
+    _IN_END,
     _NOTIFY,
     _REPLY_BUSY,
     _REPLY_ERROR,
@@ -103,7 +106,7 @@ class FakeReplica:
         """(message id, first argument) of every request written to this replica."""
         found = []
         for msg_id, kind, payload in self._frames():
-            assert kind in (_REQUEST, _CANCEL, _CREDIT)
+            assert kind in (_REQUEST, _CANCEL, _CREDIT, _IN_CHUNK, _IN_END)
             if kind == _REQUEST:
                 _, args = pickle.loads(payload)
                 found.append((msg_id, args[0] if args else None))
@@ -152,6 +155,18 @@ class FakeReplica:
     def chunk_frame(self, value: Any, item: Any) -> bytes:
         return frame(self._id(value), _STREAM_CHUNK, dumps(item))
 
+    def upload(self, value: Any) -> List[Any]:
+        """The request ``value``'s own stream as this replica got it: its items, in order,
+        then ``END`` if the router said it ended."""
+        msg_id = self._id(value)
+        return [pickle.loads(payload) if kind == _IN_CHUNK else END
+                for i, kind, payload in self._frames()
+                if i == msg_id and kind in (_IN_CHUNK, _IN_END)]
+
+    def credit(self, value: Any, times: int = 1) -> None:
+        """The replica took ``times`` items of the request ``value``'s own stream."""
+        self.feed(*[frame(self._id(value), _IN_CREDIT)] * times)
+
     def end_stream(self, value: Any) -> None:
         self.feed(frame(self._id(value), _STREAM_END))
 
@@ -168,6 +183,7 @@ class FakeReplica:
 
 
 NOTICE = frame(0, _NOTIFY)
+END = "<end of the request's own stream>"
 
 
 class Cluster:

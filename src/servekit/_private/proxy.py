@@ -113,8 +113,8 @@ class HTTPProxy:
         """The route of ``path``: its exact route, else the longest ASGI prefix that holds
         it (whole segments: "/api" holds "/api/x", not "/apix")."""
         match = self.routes.get(path)
-        if match is not None or not self.prefixes:
-            return match
+        if match is not None or not self.prefixes or path.startswith("/-/"):
+            return match  # (servekit's own paths are never an app's)
         prefix = path
         while prefix:
             prefix = prefix[:prefix.rfind("/")]
@@ -337,25 +337,28 @@ class HTTPProxy:
 
     def serve_now(self, protocol: "ProxyHttpProtocol", cycle: Any) -> bool:
         """Serve a request whose body is complete without an ASGI task: route it, place it
-        on a replica, and write the reply from the reply's callback in one write. False
-        (nothing done) for anything the ASGI path must handle: system paths, unknown
-        routes (404, or the grace of a route being re-created), wrong methods."""
+        on a replica, and write the reply from the reply's callback in one write (an ASGI
+        app's request too: its whole body goes with it). False (nothing done) for anything
+        the ASGI path must handle: system paths, unknown routes (404, or the grace of a
+        route being re-created), wrong methods."""
         scope = cycle.scope
         path: str = scope["path"]
-        match = self.routes.get(path)
-        if match is None or match.prefix:
-            return False
-        endpoint = match.endpoint
-        if scope["method"] not in match.methods:
+        match = self.routes.get(path) or (self.find(path) if self.prefixes else None)
+        if match is None or (scope["method"] not in match.methods and not match.prefix):
             return False
         started = time.perf_counter()
         request_id = _request_id(scope)
         method_name, shard_key, _ = _routing_headers(scope["headers"])
-        trace = {"endpoint": endpoint, "route": path}
+        trace = {"endpoint": match.endpoint, "route": match.route}
         served = _Served(self, protocol, cycle, started, trace, request_id)
-        payload = encode_call("http", (method_name, wire_from_scope(scope, bytes(cycle.body))))
+        body = bytes(cycle.body)
+        if match.prefix:
+            payload = encode_call("asgi", (app_scope(scope, match.route), {
+                "type": "http.request", "body": body, "more_body": False}))
+        else:
+            payload = encode_call("http", (method_name, wire_from_scope(scope, body)))
         try:
-            request = self.router.place(endpoint, "http", shard_key, payload, trace)
+            request = self.router.place(match.endpoint, "http", shard_key, payload, trace)
         except Exception as exc:
             served.respond(_failure(exc, path))
             return True
