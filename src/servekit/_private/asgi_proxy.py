@@ -35,8 +35,7 @@ def app_scope(scope: Dict[str, Any], route: str) -> Dict[str, Any]:
     """The scope an app mounted at ``route`` gets: the path whole, ``root_path`` the
     route (below the proxy's own root path), as behind any reverse proxy that mounts it."""
     forwarded = {key: scope[key] for key in _SCOPE_KEYS if key in scope}
-    if route != "/":
-        forwarded["root_path"] = scope.get("root_path", "") + route
+    forwarded["root_path"] = scope.get("root_path", "") + ("" if route == "/" else route)
     return forwarded
 
 
