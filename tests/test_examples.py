@@ -75,6 +75,29 @@ def test_autoscaling_example_scales_up_and_back_to_zero() -> None:
     assert not _port_busy(8000), "the example left its HTTP server running"
 
 
+
+def test_fastapi_example_serves_an_app_a_model_class_and_a_websocket() -> None:
+    if _port_busy(8000):
+        pytest.skip("examples/fastapi_app.py serves on port 8000, which another program on "
+                    "this machine is using")
+    try:
+        done = subprocess.run([sys.executable, str(EXAMPLES / "fastapi_app.py")],
+                              capture_output=True, text=True, timeout=EXAMPLE_TIMEOUT_S,
+                              cwd=EXAMPLES)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"fastapi_app.py did not finish within {EXAMPLE_TIMEOUT_S}s; "
+                    f"output so far: {exc.stdout!r} {exc.stderr!r}")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert _printed(lines, "order:") == {"item": "pen", "total": 4.5}
+    assert _printed(lines, "bad order:") == 422  # FastAPI's own validation
+    assert _printed(lines, "docs at:") == [{"url": "/shop"}]  # root_path is the route
+    assert _printed(lines, "prediction:") == {"text": "a great day", "score": 0.333}
+    assert _printed(lines, "websocket:") == ["echo: hello", "echo: again"]
+    assert _printed(lines, "handle:") == {"text": "a sad and rainy day", "positive": False}
+    assert "Traceback" not in done.stderr
+    assert not _port_busy(8000), "the example left its HTTP server running"
+
 def _servekit(*args: str, home: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "servekit.cli", *args], cwd=EXAMPLES / "deploy",
                           env={**os.environ, "SERVEKIT_HOME": str(home)}, capture_output=True,

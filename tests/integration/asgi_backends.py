@@ -102,6 +102,16 @@ def make_items_app(version: str = "v1") -> FastAPI:
         except Exception:
             return
 
+    @app.websocket("/never-accepts")
+    async def never_accepts(websocket: WebSocket, marker: str) -> None:
+        """Never accepts; says in the marker file when it is cancelled."""
+        try:
+            note(marker, "started")
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            note(marker, "cancelled")
+            raise
+
     @app.websocket("/pid")
     async def pid(websocket: WebSocket) -> None:
         """Answers each message with the version and the replica's pid."""

@@ -251,6 +251,18 @@ def test_a_websocket_stays_on_one_replica(serve_instance: tuple) -> None:
     assert len(seen) <= 2
 
 
+def test_a_websocket_client_that_leaves_before_the_accept_cancels_the_app(
+        api: tuple, tmp_path: Any) -> None:
+    _, url = api
+    marker = tmp_path / "marker"
+    with pytest.raises(TimeoutError):
+        with connect(ws_url(url, f"/api/never-accepts?marker={marker}"), open_timeout=1.0):
+            pass
+    # The app is told of the disconnect, ignores it, and is cancelled after the grace.
+    wait_for(lambda: marker.exists() and marker.read_text() == "cancelled", TIMEOUT,
+             "the app to be cancelled")
+
+
 def test_a_websocket_to_an_unknown_route_is_refused(api: tuple) -> None:
     _, url = api
     with pytest.raises(InvalidStatus) as refused:

@@ -389,14 +389,16 @@ def test_lifespan_starts_the_app_shares_its_state_and_shuts_it_down() -> None:
     run(main)
 
 
-@pytest.mark.parametrize("message, shown", [("no model file at /models/clf", None),
-                                            (None, "(no message)")])
+@pytest.mark.parametrize("message, shown", [
+    ("no model file at /models/clf", "no model file at /models/clf"),
+    (None, "(no message)"),
+])
 def test_a_failed_startup_raises_with_the_apps_message(message: Optional[str],
-                                                       shown: Optional[str]) -> None:
+                                                       shown: str) -> None:
     async def main() -> None:
         lifespan = Lifespan(LifespanApp(startup="failed", message=message), "clf")
         with pytest.raises(LifespanFailed,
-                           match=re.escape(f"backend 'clf' failed: {shown or message}")):
+                           match=re.escape(f"backend 'clf' failed: {shown}")):
             await asyncio.wait_for(lifespan.startup(), 5)
 
     run(main)

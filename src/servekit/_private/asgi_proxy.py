@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Optional
 
 from servekit._private.routed_request import RoutedRequest
 from servekit._private.transport import ReplyStream
@@ -97,14 +97,33 @@ class WebSocketSession:
         self.status = "-"
 
     async def run(self, reply: asyncio.Future) -> str:
-        """Pump messages both ways until either side ends the connection."""
+        """Pump messages both ways until either side ends the connection. The client's
+        side flows from the start, so a client that leaves before the app accepted ends
+        the request too."""
+        request: Optional[RoutedRequest] = getattr(reply, "request", None)
+        upstream = None if request is None else \
+            asyncio.ensure_future(self._client_to_app(request))
         try:
-            stream: ReplyStream = await reply
-        except Exception as exc:
-            logger.warning("WebSocket to %s failed: %r", loggable(self.scope["path"]), exc)
-            return await deny_websocket(self.scope, self.send, _denial(exc), str(exc))
-        request: RoutedRequest = reply.request  # type: ignore[attr-defined]
-        upstream = asyncio.ensure_future(self._client_to_app(request, stream))
+            try:
+                stream: ReplyStream = await reply
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # the server is stopping
+                return self.status  # the client left before the app answered
+            except Exception as exc:
+                logger.warning("WebSocket to %s failed: %r", loggable(self.scope["path"]),
+                               exc)
+                return await deny_websocket(self.scope, self.send, _denial(exc), str(exc))
+            await self._app_to_client(stream)
+        finally:
+            if upstream is not None:
+                upstream.cancel()
+            if request is not None:
+                request.cancel()  # (a request that ended already is left as it is)
+        return self.status
+
+    async def _app_to_client(self, stream: ReplyStream) -> None:
         try:
             async for message in stream:
                 kind = message["type"]
@@ -120,14 +139,10 @@ class WebSocketSession:
         except Exception as exc:  # the replica died, or the app raised
             logger.warning("WebSocket to %s ended: %r", loggable(self.scope["path"]), exc)
             await self._fail(exc)
-        finally:
-            stream.cancel()
-            upstream.cancel()
-        return self.status
 
-    async def _client_to_app(self, request: RoutedRequest, stream: ReplyStream) -> None:
+    async def _client_to_app(self, request: RoutedRequest) -> None:
         """Send the client's messages on; once it disconnected, give the app a grace
-        period to end its side, then cancel it."""
+        period to end its side, then cancel the request."""
         while True:
             message = await self.receive()
             if not await request.send_chunk(message):
@@ -136,7 +151,7 @@ class WebSocketSession:
                 request.end_chunks()
                 break
         await asyncio.sleep(WEBSOCKET_CLOSE_GRACE_S)
-        stream.cancel()
+        request.cancel()
 
     async def _fail(self, exc: BaseException) -> None:
         try:
