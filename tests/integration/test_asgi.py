@@ -271,6 +271,32 @@ def test_a_websocket_to_an_unknown_route_is_refused(api: tuple) -> None:
     assert refused.value.response.status_code == 404
 
 
+def test_the_access_log_has_a_line_per_app_request_and_per_websocket(
+        api: tuple) -> None:
+    client, url = api
+    response = httpx.get(f"{url}/api/items/1", timeout=TIMEOUT)
+    with connect(ws_url(url, "/api/echo"), open_timeout=TIMEOUT,
+                 additional_headers={"X-Request-ID": "ws-connection-1"}) as websocket:
+        websocket.send("hello")
+        websocket.recv(timeout=TIMEOUT)
+    logs = os.path.join(client._instance.instance_dir, "logs")
+
+    def access_lines() -> str:
+        text = ""
+        for name in sorted(os.listdir(logs)):
+            if name.startswith("access"):
+                with open(os.path.join(logs, name)) as file:
+                    text += file.read()
+        return text if "request_id=ws-connection-1" in text else ""
+
+    lines = str(wait_for(access_lines, TIMEOUT, "the access-log lines")).splitlines()
+    http_line = next(line for line in lines
+                     if f"request_id={response.headers['x-request-id']}" in line)
+    assert " GET /api/items/1 200 " in http_line and "endpoint=api backend=api:v1" in http_line
+    ws_line = next(line for line in lines if "request_id=ws-connection-1" in line)
+    assert " WEBSOCKET /api/echo 101 " in ws_line and "backend=api:v1 replica=api:v1#" in ws_line
+
+
 # --------------------------------------------------------------------------- lifespan
 
 
