@@ -47,8 +47,9 @@ def test_the_root_path_is_the_route_below_the_proxys_own() -> None:
     assert forwarded["root_path"] == "/serve/api"
 
 
-def test_an_app_at_the_root_route_gets_no_root_path_of_its_own() -> None:
-    assert "root_path" not in app_scope(proxy_scope(), "/")
+@pytest.mark.parametrize("proxy_root", ["", "/serve"])
+def test_an_app_at_the_root_route_gets_the_proxys_own_root_path(proxy_root: str) -> None:
+    assert app_scope(proxy_scope(root_path=proxy_root), "/")["root_path"] == proxy_root
 
 
 def test_a_websockets_subprotocols_are_passed_on() -> None:

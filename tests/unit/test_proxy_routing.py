@@ -76,6 +76,12 @@ def test_a_root_prefix_holds_every_path_the_others_do_not() -> None:
     assert found(proxy, "/model/x") == "root"
 
 
+def test_servekits_own_paths_are_never_an_apps() -> None:
+    proxy = proxy_for(root=("/", "asgi"))
+    assert found(proxy, "/-/healthz") is None and found(proxy, "/-/metrics") is None
+    assert found(proxy, "/healthz") == "root"
+
+
 def test_routes_of_other_backends_are_exact_only() -> None:
     proxy = proxy_for(model="/model", root="/")
     assert found(proxy, "/model") == "model"

@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional
 
 from servekit._private import user_errors
 from servekit._private.deploy.schema import BackendSpec, DeployFileError, DeploySpec
+from servekit._private.asgi_app import ASGIFactory
 from servekit._private.import_path import import_attribute
 from servekit.config import BackendMetadata, ReplicaConfig, validate_backend_against_config
 from servekit.env import CondaEnv, Environment, VirtualEnv
@@ -170,9 +171,10 @@ def _check(backend: BackendSpec) -> tuple:
         metadata = BackendMetadata.inspect(target)
     except TypeError as exc:
         raise _Problem("import_path", str(exc)) from None
-    if not metadata.is_class and backend.init_args:
-        raise _Problem("init_args", f"{backend.import_path} is a function: it takes no init "
-                                    "args (use a class to take them)")
+    if not metadata.is_class and not isinstance(target, ASGIFactory) and backend.init_args:
+        kind = "an ASGI app" if metadata.asgi else "a function"
+        raise _Problem("init_args", f"{backend.import_path} is {kind}: it takes no init "
+                                    "args (use a class, or an ASGI app factory, to take them)")
     try:
         validate_backend_against_config(metadata, backend.config)
     except ValueError as exc:

@@ -12,6 +12,7 @@ import inspect
 import json
 from typing import Any, Callable, Dict, List, Optional, Union
 
+from servekit._private.import_path import import_path_of
 from servekit.config import BackendConfig, parse_backend_config
 from servekit.env import CondaEnv, Environment, VirtualEnv
 from servekit.exceptions import ServeError
@@ -116,6 +117,10 @@ def _import_path(func_or_class: Union[Callable, type, str]) -> str:
     """The import path a replica finds ``func_or_class`` by."""
     if isinstance(func_or_class, str):
         return func_or_class
+    if not (inspect.isclass(func_or_class) or inspect.isfunction(func_or_class)):
+        found = import_path_of(func_or_class)  # an ASGI app, or an app factory
+        if found is not None:
+            return found
     module = getattr(func_or_class, "__module__", None)
     qualname = getattr(func_or_class, "__qualname__", None)
     if not (inspect.isclass(func_or_class) or inspect.isfunction(func_or_class)) or \
