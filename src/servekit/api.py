@@ -22,6 +22,8 @@ from typing import (
     Union,
 )
 
+import cloudpickle
+
 from servekit._private import constants, metrics, user_errors
 from servekit._private.asgi_app import ASGIFactory, is_asgi_backend
 from servekit._private.context import (
@@ -212,6 +214,10 @@ class Client:
             python = env.python()
         try:
             serialized = user_errors.dumps_by_value((func_or_class, actor_init_args))
+            if metadata is not None and metadata.asgi and not isinstance(func_or_class, str):
+                # An app sent by value: some cannot be rebuilt from their pickle (FastAPI's
+                # included routers); find out here, not in every replica.
+                cloudpickle.loads(serialized)
         except Exception as exc:
             hint = _ASGI_PICKLING_HINT if metadata is not None and metadata.asgi else ""
             raise TypeError(f"The backend {description} or its init args cannot be pickled: "

@@ -580,7 +580,8 @@ class BackendMetadata:
         asgi: The backend serves HTTP as an ASGI app (FastAPI, Starlette): its endpoint's
             route is a prefix. An ASGI app or ``serve.asgi_factory`` is not a class, is
             async (the app's call is a coroutine) and has no methods; an ``@serve.ingress``
-            class is inspected as any class.
+            class is inspected as any class, and is async too (its app serves requests
+            concurrently: the async default of ``max_concurrent_queries``).
     """
 
     is_class: bool
@@ -604,7 +605,9 @@ class BackendMetadata:
 
         asgi = is_asgi_backend(func_or_class)
         if inspect.isclass(func_or_class):
-            return dataclasses.replace(cls._inspect_class(func_or_class), asgi=asgi)
+            inspected = cls._inspect_class(func_or_class)
+            # An @serve.ingress class serves its app's requests concurrently, as an app does.
+            return dataclasses.replace(inspected, asgi=True, is_async=True) if asgi else inspected
         if asgi:
             name = func_or_class.name if isinstance(func_or_class, ASGIFactory) else \
                 getattr(func_or_class, "__name__", type(func_or_class).__name__)

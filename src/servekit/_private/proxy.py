@@ -298,7 +298,8 @@ class HTTPProxy:
         watch.on_close(pump.cancel)  # once answered, the rest of the body is not needed
         try:
             await asyncio.wait((reply, pump), return_when=asyncio.FIRST_COMPLETED)
-            if pump.done() and not pump.cancelled() and pump.result() is False:
+            if pump.done() and not pump.cancelled() and pump.exception() is None and \
+                    pump.result() is False:
                 reply.cancel()
                 return self._too_large()
             return await reply
@@ -733,8 +734,8 @@ async def run_proxy(worker: WorkerSpec, sock: socket.socket, stop: asyncio.Event
                             lifespan="off", log_level="warning", access_log=False,
                             server_header=False, date_header=False,
                             limit_concurrency=options.limit_concurrency,
-                            # WebSockets: a message is bounded as a body is; few wait at once
-                            ws_max_size=options.max_body_bytes, ws_max_queue=_WS_MAX_QUEUE,
+                            # WebSockets: a message is bounded as a body is
+                            ws_max_size=options.max_body_bytes,
                             # what is still in flight after the drain is cancelled then
                             timeout_graceful_shutdown=_GRACE_AFTER_DRAIN_S,  # type: ignore[arg-type]
                             # a call_later delay: a float works
@@ -760,8 +761,6 @@ async def run_proxy(worker: WorkerSpec, sock: socket.socket, stop: asyncio.Event
     router.close()
 
 
-# WebSocket messages a connection holds that its app has not taken yet.
-_WS_MAX_QUEUE = 8
 # Seconds between two looks at what a draining proxy still serves.
 _DRAIN_POLL_S = 0.05
 
