@@ -615,6 +615,27 @@ def test_create_endpoint_and_list_endpoints() -> None:
     run(main)
 
 
+def test_an_endpoint_of_an_app_given_by_import_path_becomes_a_prefix_once_it_loads() -> None:
+    """Until a replica has loaded an import path, nobody knows it is an ASGI app; the
+    endpoint is published again, as an app's, once one has."""
+    async def main() -> None:
+        async with running_controller() as (controller, _):
+            goal = await controller.create_backend(
+                "app", replica_config("asgi_apps_for_tests:app"),
+                BackendConfig(autoscaling_config={"min_replicas": 0, "max_replicas": 1}), None)
+            await wait_goal(controller, goal)
+            await controller.create_endpoint("e", "app", "/api", ["GET"])
+            published = controller.long_poll._values[constants.KEY_ENDPOINTS][1]
+            assert not published["e"].asgi  # not known yet
+            await wait_goal(controller, await controller.update_backend_config(
+                "app", BackendConfig(num_replicas=1, autoscaling_config=None)))
+            await eventually(
+                lambda: controller.long_poll._values[constants.KEY_ENDPOINTS][1]["e"].asgi,
+                "the endpoint to be published as an app's")
+
+    run(main)
+
+
 def test_create_endpoint_errors() -> None:
     async def main() -> None:
         async with running_controller() as (controller, runtime):

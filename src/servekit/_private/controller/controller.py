@@ -68,6 +68,7 @@ class Controller:
         self._health_task: Optional[asyncio.Task] = None
         self._shutting_down = False
         self._background: set = set()  # tasks nobody awaits, kept from the GC
+        self._apps: Dict[str, bool] = {}  # endpoint -> whether it serves an ASGI app, as published
 
     # ----------------------------------------------------------------- services
 
@@ -459,7 +460,12 @@ class Controller:
     async def _commit_endpoints(self) -> int:
         """Save and publish the endpoints (under the lock); the version published."""
         await self.save()
-        return await self.long_poll.publish(constants.KEY_ENDPOINTS, self.endpoints.view())
+        return await self._publish_endpoints()
+
+    async def _publish_endpoints(self) -> int:
+        view = self.endpoints.view()
+        self._apps = {name: info.asgi for name, info in view.items()}
+        return await self.long_poll.publish(constants.KEY_ENDPOINTS, view)
 
     async def _wait_for_proxy(self, version: int) -> None:
         """Wait (not under the lock) until the proxies that are connected serve ``version``
@@ -488,7 +494,12 @@ class Controller:
                 config.effective_max_concurrent_queries(is_async), config.max_queued_requests,
                 config.request_timeout_s,
                 None if autoscaling is None else autoscaling.metrics_interval_s)
-        return await self.long_poll.publish(constants.KEY_BACKENDS, view)
+        version = await self.long_poll.publish(constants.KEY_BACKENDS, view)
+        # A backend given by import path is known to be an ASGI app once a replica has
+        # loaded it: the routes of its endpoints become prefixes then.
+        if {name: info.asgi for name, info in self.endpoints.view().items()} != self._apps:
+            await self._publish_endpoints()
+        return version
 
     async def publish_replicas(self) -> int:
         view = {}
@@ -500,7 +511,7 @@ class Controller:
         return await self.long_poll.publish(constants.KEY_REPLICAS, view)
 
     async def _publish_all(self) -> None:
-        await self.long_poll.publish(constants.KEY_ENDPOINTS, self.endpoints.view())
+        await self._publish_endpoints()
         await self.publish_backends()
         await self.publish_replicas()
 
