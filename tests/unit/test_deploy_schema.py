@@ -140,7 +140,7 @@ def test_imports_and_config_are_checked_before_anything_runs(
     assert errors[0].startswith("backends[0].import_path: cannot import 'nomodule:X': "
                                 "ImportError")
     assert errors[1] == ("backends[1].init_args: models:echo is a function: it takes no "
-                         "init args (use a class to take them)")
+                         "init args (use a class, or an ASGI app factory, to take them)")
     assert errors[2].startswith("backends[2].config: max_batch_size is 4 but the backend's "
                                 "callable does not accept batches")
 

@@ -3,7 +3,8 @@ registered backends, and a refused change leaves the table as it was."""
 
 from __future__ import annotations
 
-from typing import Set
+import re
+from typing import Optional, Set
 
 import pytest
 
@@ -81,3 +82,80 @@ def test_a_published_view_does_not_change_with_the_table() -> None:
     endpoints.set_traffic("e", {"b": 1.0})
     assert view["e"].shadows == {} and view["e"].traffic == {"a": 1.0}
     assert endpoints.delete("e") and not endpoints.delete("e")
+
+
+# --------------------------------------------------------------------------- ASGI apps
+
+
+def kinds_table(**kinds: Optional[bool]) -> EndpointTable:
+    """Backends by tag, each an ASGI app (True), another kind (False), or not known yet
+    (None: no replica has loaded its import path)."""
+    return EndpointTable(lambda: set(kinds), lambda tag: kinds[tag])
+
+
+def test_an_endpoint_cannot_mix_asgi_apps_with_other_backends_in_its_traffic() -> None:
+    endpoints = kinds_table(app=True, app2=True, model=False, model2=False)
+    endpoints.create("e", "app", "/e", ["GET"])
+    with pytest.raises(ValueError, match=re.escape(
+            "Endpoint 'e' cannot mix ASGI apps (['app', 'app2']) with other backends "
+            "(['model', 'model2'])")):
+        endpoints.set_traffic("e", {"app": 0.25, "app2": 0.25, "model": 0.25, "model2": 0.25})
+    assert endpoints.endpoints["e"].traffic == {"app": 1.0}
+    endpoints.set_traffic("e", {"app": 0.5, "app2": 0.5})
+    endpoints.set_traffic("e", {"model": 0.5, "model2": 0.5})  # all of one kind, another
+    assert endpoints.endpoints["e"].traffic == {"model": 0.5, "model2": 0.5}
+
+
+def test_an_endpoint_cannot_shadow_to_another_kind_of_backend() -> None:
+    endpoints = kinds_table(app=True, app2=True, model=False)
+    endpoints.create("e", "app", "/e", ["GET"])
+    with pytest.raises(ValueError, match=re.escape("ASGI apps (['app']) with other "
+                                                   "backends (['model'])")):
+        endpoints.shadow_traffic("e", "model", 0.1)
+    assert endpoints.endpoints["e"].shadows == {}
+    endpoints.shadow_traffic("e", "app2", 0.1)
+    with pytest.raises(ValueError, match=re.escape("ASGI apps (['app2']) with other "
+                                                   "backends (['model'])")):
+        endpoints.set_traffic("e", {"model": 1.0})  # the app shadow would be left mixed
+    assert endpoints.endpoints["e"].traffic == {"app": 1.0}
+    endpoints.shadow_traffic("e", "model", 0)  # removing a shadow never mixes anything
+
+
+def test_a_backend_of_unknown_kind_mixes_with_either() -> None:
+    endpoints = kinds_table(app=True, model=False, unknown=None)
+    endpoints.create("apps", "app", "/apps", ["GET"])
+    endpoints.set_traffic("apps", {"app": 0.5, "unknown": 0.5})
+    endpoints.create("models", "model", "/models", ["GET"])
+    endpoints.set_traffic("models", {"model": 0.5, "unknown": 0.5})
+    endpoints.shadow_traffic("models", "unknown", 0.2)
+    endpoints.shadow_traffic("apps", "unknown", 0.2)
+
+
+def test_an_asgi_route_ending_with_a_slash_is_refused_with_the_fix() -> None:
+    endpoints = kinds_table(app=True, model=False)
+    with pytest.raises(ValueError, match=re.escape(
+            "Route '/api/' ends with '/': the route of an ASGI app is a prefix, which holds "
+            "the paths under it. Use '/api'.")):
+        endpoints.create("e", "app", "/api/", ["GET"])
+    assert endpoints.endpoints == {}
+    endpoints.create("root", "app", "/", ["GET"])  # the root prefix holds everything
+    endpoints.create("e", "app", "/api", ["GET"])
+    with pytest.raises(ValueError, match=re.escape("Use '/v2'")):
+        endpoints.update("e", "/v2/", ["GET"], managed=False)
+    assert endpoints.endpoints["e"].route == "/api"
+    endpoints.create("m", "model", "/model/", ["GET"])  # an exact route may end with "/"
+    with pytest.raises(ValueError, match=re.escape("Use '/model'")):
+        endpoints.set_traffic("m", {"app": 1.0})  # turning it into an app's route
+    assert endpoints.endpoints["m"].traffic == {"model": 1.0}
+
+
+def test_the_published_view_marks_endpoints_whose_traffic_goes_to_apps() -> None:
+    endpoints = kinds_table(app=True, model=False, unknown=None)
+    endpoints.create("apps", "app", "/apps", ["GET"])
+    endpoints.create("models", "model", "/models", ["GET"])
+    endpoints.create("pending", "unknown", "/pending", ["GET"])
+    view = endpoints.view()
+    assert {name: info.asgi for name, info in view.items()} == {
+        "apps": True, "models": False, "pending": False}
+    endpoints.set_traffic("pending", {"unknown": 0.5, "app": 0.5})
+    assert endpoints.view()["pending"].asgi and not view["pending"].asgi

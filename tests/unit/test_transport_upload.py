@@ -56,7 +56,7 @@ def replies(transport: RecordingTransport) -> List[Tuple[int, int, Any]]:
 
 def closed_over(function: Callable[..., Any], name: str) -> Any:
     """The value of the variable ``name`` that the closure ``function`` holds."""
-    cells = dict(zip(function.__code__.co_freevars, function.__closure__ or ()))
+    cells = dict(zip(function.__code__.co_freevars, function.__closure__ or (), strict=True))
     return cells[name].cell_contents
 
 

@@ -73,6 +73,8 @@ class EndpointTable:
             raise ValueError(f"Traffic dictionary weights must sum to 1, currently they "
                              f"sum to {total}. Got {traffic}.")
         self._check_same_kind(endpoint, [*traffic, *endpoint.shadows])
+        if any(self._asgi(tag) for tag in traffic):
+            self._check_prefix(endpoint.route)
         endpoint.traffic = dict(traffic)
 
     def shadow_traffic(self, name: str, backend: str, proportion: float) -> None:
