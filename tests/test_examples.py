@@ -38,65 +38,48 @@ def _printed(lines: list, prefix: str) -> dict:
     return ast.literal_eval(matching[0][len(prefix):].strip())
 
 
-def test_quickstart_runs_and_prints_http_and_handle_results():
+def _run_example(script: str, timeout: float = EXAMPLE_TIMEOUT_S) -> list:
+    """Run ``examples/<script>`` to its end (it serves on port 8000); the lines it printed."""
     if _port_busy(8000):
-        pytest.skip("examples/quickstart.py serves on port 8000, which another program on "
-                    "this machine is using")
+        pytest.skip(f"examples/{script} serves on port 8000, which another program on this "
+                    "machine is using")
     try:
-        done = subprocess.run([sys.executable, str(EXAMPLES / "quickstart.py")],
-                              capture_output=True, text=True, timeout=EXAMPLE_TIMEOUT_S,
-                              cwd=EXAMPLES)
+        done = subprocess.run([sys.executable, str(EXAMPLES / script)], capture_output=True,
+                              text=True, timeout=timeout, cwd=EXAMPLES)
     except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"quickstart.py did not finish within {EXAMPLE_TIMEOUT_S}s; "
-                    f"output so far: {exc.stdout!r} {exc.stderr!r}")
+        pytest.fail(f"{script} did not finish within {timeout}s; output so far: "
+                    f"{exc.stdout!r} {exc.stderr!r}")
     assert done.returncode == 0, done.stderr
-    lines = done.stdout.splitlines()
+    assert "Traceback" not in done.stderr
+    assert not _port_busy(8000), f"{script} left its HTTP server running"
+    return done.stdout.splitlines()
+
+
+def test_quickstart_runs_and_prints_http_and_handle_results():
+    lines = _run_example("quickstart.py")
     assert _printed(lines, "HTTP:") == {"text": "what a great day", "positive": True,
                                         "score": 0.25}
     assert _printed(lines, "handle:") == {"text": "a sad and rainy day", "positive": False,
                                           "score": 0.0}
-    assert "Traceback" not in done.stderr
-    assert not _port_busy(8000), "the example left its HTTP server running"
 
 
 def test_autoscaling_example_scales_up_and_back_to_zero() -> None:
-    if _port_busy(8000):
-        pytest.skip("examples/autoscaling.py serves on port 8000, which another program on "
-                    "this machine is using")
-    done = subprocess.run([sys.executable, str(EXAMPLES / "autoscaling.py")],
-                          capture_output=True, text=True, timeout=EXAMPLE_TIMEOUT_S * 2,
-                          cwd=EXAMPLES)
-    assert done.returncode == 0, done.stderr
-    lines = done.stdout.splitlines()
+    lines = _run_example("autoscaling.py", EXAMPLE_TIMEOUT_S * 2)
     assert "replicas at rest: 0" in lines and "first request: done" in lines
     assert "failed requests: 0" in lines
     assert "most replicas under load: 4" in lines or "most replicas under load: 3" in lines
     assert "replicas after the load: 0" in lines
-    assert not _port_busy(8000), "the example left its HTTP server running"
-
 
 
 def test_fastapi_example_serves_an_app_a_model_class_and_a_websocket() -> None:
-    if _port_busy(8000):
-        pytest.skip("examples/fastapi_app.py serves on port 8000, which another program on "
-                    "this machine is using")
-    try:
-        done = subprocess.run([sys.executable, str(EXAMPLES / "fastapi_app.py")],
-                              capture_output=True, text=True, timeout=EXAMPLE_TIMEOUT_S,
-                              cwd=EXAMPLES)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"fastapi_app.py did not finish within {EXAMPLE_TIMEOUT_S}s; "
-                    f"output so far: {exc.stdout!r} {exc.stderr!r}")
-    assert done.returncode == 0, done.stderr
-    lines = done.stdout.splitlines()
+    lines = _run_example("fastapi_app.py")
     assert _printed(lines, "order:") == {"item": "pen", "total": 4.5}
     assert _printed(lines, "bad order:") == 422  # FastAPI's own validation
     assert _printed(lines, "docs at:") == [{"url": "/shop"}]  # root_path is the route
     assert _printed(lines, "prediction:") == {"text": "a great day", "score": 0.333}
     assert _printed(lines, "websocket:") == ["echo: hello", "echo: again"]
     assert _printed(lines, "handle:") == {"text": "a sad and rainy day", "positive": False}
-    assert "Traceback" not in done.stderr
-    assert not _port_busy(8000), "the example left its HTTP server running"
+
 
 def _servekit(*args: str, home: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "servekit.cli", *args], cwd=EXAMPLES / "deploy",

@@ -23,6 +23,16 @@ def note(path: str, text: str = "") -> None:
         file.write(text)
 
 
+async def sleep_until_cancelled(marker: str) -> None:
+    """Note "started" in the file ``marker``, sleep, and note "cancelled" when cancelled."""
+    try:
+        note(marker, "started")
+        await asyncio.sleep(3600)
+    except asyncio.CancelledError:
+        note(marker, "cancelled")
+        raise
+
+
 # ----------------------------------------------------------------- the "items" API
 
 
@@ -84,12 +94,7 @@ def make_items_app(version: str = "v1") -> FastAPI:
     @app.get("/slow")
     async def slow(marker: str) -> dict:
         """Sleeps until cancelled; says so in the marker file."""
-        try:
-            note(marker, "started")
-            await asyncio.sleep(3600)
-        except asyncio.CancelledError:
-            note(marker, "cancelled")
-            raise
+        await sleep_until_cancelled(marker)
         return {}
 
     @app.websocket("/echo")
@@ -105,12 +110,7 @@ def make_items_app(version: str = "v1") -> FastAPI:
     @app.websocket("/never-accepts")
     async def never_accepts(websocket: WebSocket, marker: str) -> None:
         """Never accepts; says in the marker file when it is cancelled."""
-        try:
-            note(marker, "started")
-            await asyncio.sleep(3600)
-        except asyncio.CancelledError:
-            note(marker, "cancelled")
-            raise
+        await sleep_until_cancelled(marker)
 
     @app.websocket("/pid")
     async def pid(websocket: WebSocket) -> None:
