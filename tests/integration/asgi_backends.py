@@ -74,6 +74,16 @@ def make_items_app(version: str = "v1") -> FastAPI:
             size += len(chunk)
         return {"size": size, "sha256": digest.hexdigest()}
 
+    @app.post("/upload-then-wait")
+    async def upload_then_wait(request: Request, marker: str, release: str) -> dict:
+        """Read the whole body, note its size in ``marker``, answer once ``release`` exists."""
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+        note(marker, str(size))
+        await async_wait_for_file(release)
+        return {"size": size}
+
     @app.get("/events")
     async def events(n: int = 3, gap: float = 0.0) -> StreamingResponse:
         async def generate() -> AsyncIterator[str]:

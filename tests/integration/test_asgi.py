@@ -183,6 +183,40 @@ def test_a_50_mb_upload_streams_through_without_being_held_whole(api: tuple) -> 
     assert peak_memory(pid) - peak_before < 16 * 2 ** 20
 
 
+def test_a_body_passed_on_no_longer_counts_in_what_the_proxy_holds(tmp_path: Any) -> None:
+    """Two 6 MiB bodies taken by the app while the proxy may hold 8 MiB of bodies: both are
+    answered (counted whole until their responses, the second would get 503)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    limit = 8 * 2 ** 20
+    client = serve.start(http_options={"port": port, "max_body_bytes": limit,
+                                       "max_held_body_bytes": limit})
+    try:
+        client.create_backend("api:v1", items_app)
+        client.create_endpoint("api", backend="api:v1", route="/api")
+        release = tmp_path / "release"
+        answers: dict = {}
+
+        def upload(name: str) -> None:
+            answers[name] = httpx.post(
+                f"{url}/api/upload-then-wait", content=iter([b"b" * 65536] * 96),
+                params={"marker": str(tmp_path / name), "release": str(release)},
+                timeout=TIMEOUT)
+
+        threads = [threading.Thread(target=upload, args=(name,)) for name in ("one", "two")]
+        for thread in threads:
+            thread.start()
+        wait_for(lambda: (tmp_path / "one").exists() and (tmp_path / "two").exists(),
+                 TIMEOUT, "both bodies to reach the app")
+        release.touch()
+        for thread in threads:
+            thread.join(TIMEOUT)
+        assert [answers[name].status_code for name in ("one", "two")] == [200, 200]
+        assert answers["one"].json() == {"size": 96 * 65536}
+    finally:
+        client.shutdown()
+
+
 def peak_memory(pid: int) -> int:
     """The highest resident size ``pid`` has had, in bytes (VmHWM)."""
     with open(f"/proc/{pid}/status") as status:

@@ -17,7 +17,6 @@ A client that goes away before its response is complete has the callbacks in its
 from __future__ import annotations
 
 import collections
-import functools
 import http
 from typing import TYPE_CHECKING, Any, Callable, Deque, List, Optional
 
@@ -31,8 +30,8 @@ if TYPE_CHECKING:
 _FAST_BODY_BYTES = 65536
 # A scope key: callbacks the protocol calls if the client leaves before its response ends.
 ON_DISCONNECT = "servekit.on_disconnect"
-# A scope key: what to call with the size of body bytes the app passed on (no longer held).
-BODY_TAKEN = "servekit.body_taken"
+# A scope key: the request's ``HeldBody`` (the proxy tells it what it passed on).
+HELD_BODY = "servekit.held_body"
 
 # What a connection owes the proxy, for its clock.
 _IDLE = "idle"  # nothing: between requests (the keep-alive timeout applies), or answering
@@ -56,6 +55,27 @@ class BodyBudget:
 
     def give_back(self, size: int) -> None:
         self.held -= size
+
+
+class HeldBody:
+    """The bytes of one request's body the proxy holds, counted in the ``BodyBudget``."""
+
+    __slots__ = ("size", "_budget")
+
+    def __init__(self, budget: BodyBudget) -> None:
+        self.size = 0
+        self._budget = budget
+
+    def taken(self, size: int) -> None:
+        """``size`` bytes were passed on (to an ASGI app): no longer held here."""
+        size = min(size, self.size)
+        self.size -= size
+        self._budget.give_back(size)
+
+    def release(self) -> None:
+        """The request is over: nothing of its body is held any more."""
+        self._budget.give_back(self.size)
+        self.size = 0
 
 
 class ProxyHttpProtocol(HttpToolsProtocol):
@@ -82,9 +102,7 @@ class ProxyHttpProtocol(HttpToolsProtocol):
         self._owed = _HEAD
         self._since = 0.0  # when what is owed became owed, or the body last moved
         self._clock: Optional[Any] = None
-        # Body bytes held per request, oldest first (a one-item list each, so a request can
-        # give back what it passed on).
-        self._held: Deque[List[int]] = collections.deque()
+        self._held: Deque[HeldBody] = collections.deque()  # per request, oldest first
         self._fast_lane = fast_lane
         self._waiting_for_body: Optional[Any] = None  # a fast-lane cycle, body incomplete
 
@@ -100,7 +118,7 @@ class ProxyHttpProtocol(HttpToolsProtocol):
             self._clock.cancel()
             self._clock = None
         while self._held:
-            self._budget.give_back(self._held.popleft()[0])
+            self._held.popleft().release()
         cycle = self.cycle
         super().connection_lost(exc)
         if cycle is not None and not cycle.response_complete:
@@ -116,7 +134,7 @@ class ProxyHttpProtocol(HttpToolsProtocol):
             self._clock.cancel()
             self._clock = None
         while self._held:
-            self._budget.give_back(self._held.popleft()[0])
+            self._held.popleft().release()
         super().handle_websocket_upgrade()
 
     def data_received(self, data: bytes) -> None:
@@ -162,13 +180,13 @@ class ProxyHttpProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         self._head_bytes = self._raw_head = 0
         self._head_begun = True
-        held = [0]
+        held = HeldBody(self._budget)
         self._held.append(held)
         if self._owed == _IDLE:
             self._owed, self._since = _HEAD, self.loop.time()
         super().on_message_begin()
         self.scope[ON_DISCONNECT] = []  # type: ignore[literal-required]
-        self.scope[BODY_TAKEN] = functools.partial(self._taken, held)  # type: ignore[literal-required]
+        self.scope[HELD_BODY] = held  # type: ignore[literal-required]
 
     def _count(self, size: int) -> None:
         self._head_bytes += size
@@ -201,7 +219,7 @@ class ProxyHttpProtocol(HttpToolsProtocol):
                              f"bodies, its limit (HTTPOptions.max_held_body_bytes="
                              f"{self._budget.limit}). Retry later.", b"retry-after: 1\r\n")
                 return
-            self._held[-1][0] += len(body)
+            self._held[-1].size += len(body)
         super().on_body(body)
 
     def on_message_complete(self) -> None:
@@ -213,15 +231,9 @@ class ProxyHttpProtocol(HttpToolsProtocol):
             if not self._fast_lane.serve_now(self, cycle):
                 super()._start_asgi_task(cycle, self.app)
 
-    def _taken(self, held: List[int], size: int) -> None:
-        """``size`` bytes of a request's body were passed on: no longer held here."""
-        size = min(size, held[0])
-        held[0] -= size
-        self._budget.give_back(size)
-
     def on_response_complete(self) -> None:
         if self._held:
-            self._budget.give_back(self._held.popleft()[0])
+            self._held.popleft().release()
         super().on_response_complete()
 
     # ------------------------------------------------------------- the fast lane

@@ -23,7 +23,7 @@ from servekit._private.asgi_proxy import (
 )
 from servekit._private.context import new_request_id
 from servekit._private.http_protocol import (
-    BODY_TAKEN,
+    HELD_BODY,
     ON_DISCONNECT,
     BodyBudget,
     ProxyHttpProtocol,
@@ -280,7 +280,8 @@ class HTTPProxy:
         watch.until_disconnect(scope)
         first = {"type": "http.request", "body": body, "more_body": more}
         payload = encode_call("asgi", (app_scope(scope, match.route), first))
-        taken = scope.get(BODY_TAKEN, _nothing_taken)
+        held = scope.get(HELD_BODY)
+        taken = _nothing_taken if held is None else held.taken
         try:
             # A copy whose body is still to come cannot be shadowed: the body goes to one.
             reply = await self.router.send(match.endpoint, "http", shard_key, (), trace=trace,
