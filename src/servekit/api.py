@@ -25,7 +25,7 @@ from typing import (
 import cloudpickle
 
 from servekit._private import constants, metrics, user_errors
-from servekit._private.asgi_app import ASGIFactory, is_asgi_backend
+from servekit._private.asgi_app import ASGIFactory, allow_pickling_apps, is_asgi_backend
 from servekit._private.context import (
     ReplicaContext,
     current_replica_context,
@@ -212,11 +212,15 @@ class Client:
             if not isinstance(env, Environment):
                 raise TypeError(f"env must be a CondaEnv or VirtualEnv, got {env!r}.")
             python = env.python()
+        by_value_app = metadata is not None and metadata.asgi and \
+            not isinstance(func_or_class, str)
+        if by_value_app:
+            allow_pickling_apps()
         try:
             serialized = user_errors.dumps_by_value((func_or_class, actor_init_args))
-            if metadata is not None and metadata.asgi and not isinstance(func_or_class, str):
-                # An app sent by value: some cannot be rebuilt from their pickle (FastAPI's
-                # included routers); find out here, not in every replica.
+            if by_value_app:
+                # An app sent by value that cannot be rebuilt from its pickle fails here,
+                # not in every replica.
                 cloudpickle.loads(serialized)
         except Exception as exc:
             hint = _ASGI_PICKLING_HINT if metadata is not None and metadata.asgi else ""

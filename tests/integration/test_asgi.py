@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import httpx
 import pytest
-from asgi_backends import Doubler, create_items_app, items_app
+from asgi_backends import Doubler, Item, create_items_app, items_app
 from test_supervision import proxy_pid
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
@@ -127,6 +127,42 @@ def test_an_ingress_class_reaches_its_instance_as_self(serve_instance: tuple) ->
     response = httpx.post(f"{url}/math/double", json={"name": "x", "price": 2.0},
                           timeout=TIMEOUT)
     assert response.json() == {"name": "x", "price": 6.0}
+
+
+def test_an_app_and_an_ingress_class_defined_in_a_function_are_sent_by_value(
+        serve_instance: tuple) -> None:
+    """No module holds them (as in a script or a notebook): they are pickled with their
+    app, which FastAPI's own objects would not allow as they are."""
+    from fastapi import FastAPI
+
+    client, url = serve_instance
+    shop = FastAPI()
+
+    @shop.post("/orders")
+    def order(body: Item) -> dict:  # (a model FastAPI resolves: a module's)
+        return {"item": body.name, "price": body.price}
+
+    model_app = FastAPI()
+
+    @serve.ingress(model_app)
+    class Scaler:
+        def __init__(self, factor: int) -> None:
+            self.factor = factor
+
+        @model_app.get("/scale/{x}")
+        def scale(self, x: int) -> dict:
+            return {"result": x * self.factor}
+
+    client.create_backend("shop", shop)
+    client.create_endpoint("shop", backend="shop", route="/shop")
+    client.create_backend("scaler", Scaler, 5)
+    client.create_endpoint("scaler", backend="scaler", route="/scaler")
+    placed = httpx.post(f"{url}/shop/orders", json={"name": "pen", "price": 2.5},
+                        timeout=TIMEOUT)
+    assert placed.json() == {"item": "pen", "price": 2.5}
+    assert httpx.post(f"{url}/shop/orders", json={"name": "pen"},
+                      timeout=TIMEOUT).status_code == 422
+    assert httpx.get(f"{url}/scaler/scale/4", timeout=TIMEOUT).json() == {"result": 20}
 
 
 def test_a_handle_call_to_an_app_says_it_serves_http(api: tuple) -> None:

@@ -13,6 +13,7 @@ Three kinds of backend serve HTTP through an ASGI app:
 
 from __future__ import annotations
 
+import copyreg
 import dataclasses
 import inspect
 from typing import Any, Callable, Sequence
@@ -308,3 +309,44 @@ def load_app(target: Any, init_args: Sequence[Any]) -> LoadedApp:
         return LoadedApp(target)
     raise TypeError(f"{target!r} ({type(target).__name__}) is not an ASGI backend: an ASGI "
                     "app, a serve.asgi_factory or a @serve.ingress class.")
+
+
+# --------------------------------------------------------------------------- pickling
+
+
+def allow_pickling_apps() -> None:
+    """Let an app defined in a script (or a function) be pickled by value, as a backend
+    the client sends: starlette's ``State`` cannot be unpickled as it is (its attribute
+    lookup recurses before its state is set), and FastAPI's included routers hold a lock.
+    Both are sent as what rebuilds them. Idempotent."""
+    from starlette.datastructures import State
+
+    copyreg.pickle(State, _reduce_state)
+    included = _included_router_type()
+    if included is not None:
+        copyreg.pickle(included, _reduce_included_router)
+
+
+def _reduce_state(state: Any) -> tuple:
+    from starlette.datastructures import State
+
+    return State, (dict(state._state),)
+
+
+def _included_router_type() -> Any:
+    """FastAPI's router-inclusion record (its versions from 0.16x), or None."""
+    try:
+        from fastapi import routing
+    except ImportError:
+        return None
+    return getattr(routing, "_IncludedRouter", None)
+
+
+def _reduce_included_router(included: Any) -> tuple:
+    return _rebuild_included_router, (included.original_router, included.include_context)
+
+
+def _rebuild_included_router(original_router: Any, include_context: Any) -> Any:
+    """An included router as FastAPI makes one (its caches and lock made anew)."""
+    return _included_router_type()(original_router=original_router,
+                                   include_context=include_context)
