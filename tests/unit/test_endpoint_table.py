@@ -131,6 +131,19 @@ def test_a_backend_of_unknown_kind_mixes_with_either() -> None:
     endpoints.shadow_traffic("apps", "unknown", 0.2)
 
 
+def test_an_endpoint_mixed_by_a_backend_of_unknown_kind_is_reported() -> None:
+    kinds = {"app": True, "model": False, "later": None}
+    endpoints = EndpointTable(lambda: list(kinds), kinds.get)
+    endpoints.create("e", "model", "/e", ["GET"])
+    endpoints.set_traffic("e", {"model": 0.5, "later": 0.5})  # not known yet: allowed
+    assert endpoints.mixed() == []
+    kinds["later"] = True  # a replica loaded it: an app
+    assert endpoints.mixed() == [
+        "Endpoint 'e' cannot mix ASGI apps (['later']) with other backends (['model']): a "
+        "request to it must suit any of its backends. Serve the other backends from an "
+        "endpoint of their own."]
+
+
 def test_an_asgi_route_ending_with_a_slash_is_refused_with_the_fix() -> None:
     endpoints = kinds_table(app=True, model=False)
     with pytest.raises(ValueError, match=re.escape(

@@ -450,7 +450,11 @@ class Replica:
         """Run an ASGI backend's app for one HTTP request or WebSocket connection passed
         through by the proxy (``asgi_runner``): the request keeps its place until the
         app's work for it ends, also when that outlasts the response (background tasks)."""
-        assert self._app is not None and self._lifespan is not None
+        if self._app is None or self._lifespan is None:
+            raise ServeError(
+                f"Backend '{self.tag}' is not an ASGI app, but its endpoint passed it an "
+                "app's request: an endpoint's backends must all be ASGI apps or none. Give "
+                "this backend an endpoint of its own.")
         admission = self._admit()
         for name, value in scope["headers"]:
             if name == b"x-request-id":

@@ -69,6 +69,7 @@ class Controller:
         self._shutting_down = False
         self._background: set = set()  # tasks nobody awaits, kept from the GC
         self._apps: Dict[str, bool] = {}  # endpoint -> whether it serves an ASGI app, as published
+        self._mixed: set = set()  # what mixes apps with other backends, as logged
 
     # ----------------------------------------------------------------- services
 
@@ -499,6 +500,10 @@ class Controller:
         # loaded it: the routes of its endpoints become prefixes then.
         if {name: info.asgi for name, info in self.endpoints.view().items()} != self._apps:
             await self._publish_endpoints()
+        mixed = set(self.endpoints.mixed())
+        for problem in mixed - self._mixed:
+            logger.error("%s", problem)
+        self._mixed = mixed
         return version
 
     async def publish_replicas(self) -> int:

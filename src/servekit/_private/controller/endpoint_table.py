@@ -101,6 +101,18 @@ class EndpointTable:
                                       "asgi": self._serves_asgi(info)})
                 for name, info in self.endpoints.items()}
 
+    def mixed(self) -> List[str]:
+        """Why each endpoint that mixes ASGI apps with other backends does (possible only
+        when a backend given by import path turned out, once loaded, to be of the other
+        kind: its requests suit only some of its backends)."""
+        problems = []
+        for endpoint in self.endpoints.values():
+            try:
+                self._check_same_kind(endpoint, [*endpoint.traffic, *endpoint.shadows])
+            except ValueError as exc:
+                problems.append(str(exc))
+        return problems
+
     def _serves_asgi(self, endpoint: EndpointInfo) -> bool:
         return any(self._asgi(tag) for tag in endpoint.traffic)
 
