@@ -17,7 +17,7 @@ import httpx
 import pytest
 from asgi_backends import Doubler, Item, create_items_app, items_app
 from test_supervision import proxy_pid
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 import servekit as serve
@@ -331,6 +331,17 @@ def test_a_websocket_client_that_leaves_before_the_accept_cancels_the_app(
     # The app is told of the disconnect, ignores it, and is cancelled after the grace.
     wait_for(lambda: marker.exists() and marker.read_text() == "cancelled", TIMEOUT,
              "the app to be cancelled")
+
+
+def test_a_websocket_whose_replica_dies_is_closed_with_1011(api: tuple) -> None:
+    client, url = api
+    with connect(ws_url(url, "/api/pid"), open_timeout=TIMEOUT) as websocket:
+        websocket.send("which?")
+        pid = json.loads(websocket.recv(timeout=TIMEOUT))["pid"]
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(ConnectionClosed) as closed:
+            websocket.recv(timeout=TIMEOUT)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1011
 
 
 def test_a_websocket_to_an_unknown_route_is_refused(api: tuple) -> None:
