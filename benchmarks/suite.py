@@ -74,6 +74,8 @@ METRICS: Dict[str, Tuple[str, Optional[float], str, str]] = {
     "asgi.servekit.rps32": ("req/s", None, "min", "the same app as a servekit backend"),
     "asgi.ratio32": ("x", None, "min", "servekit / bare uvicorn, the FastAPI app"),
     "asgi.added_p50_ms": ("ms", None, "max", "servekit p50 - bare p50, 1 conn"),
+    "asgi.ws.bare_p50_us": ("us", None, "max", "WebSocket echo round trip, bare uvicorn"),
+    "asgi.ws.servekit_p50_us": ("us", None, "max", "the same through servekit"),
 }
 
 
@@ -478,6 +480,7 @@ def scenario_asgi(runs: int, quick: bool) -> Results:
         for url in (bare, served):
             wait_http(url)
             wrk(url, 32, 1)  # warm up
+        echoes = 200 if quick else 2000
         for _ in range(runs):
             bare32, bare1 = wrk(bare, 32, seconds), wrk(bare, 1, seconds)
             at32, at1 = wrk(served, 32, seconds), wrk(served, 1, seconds)
@@ -485,7 +488,26 @@ def scenario_asgi(runs: int, quick: bool) -> Results:
             results.setdefault("asgi.servekit.rps32", []).append(at32[0])
             results.setdefault("asgi.ratio32", []).append(at32[0] / bare32[0])
             results.setdefault("asgi.added_p50_ms", []).append(at1[1] - bare1[1])
+            for name, url in (("bare", bare.replace("/ping/1", "/echo")),
+                              ("servekit", f"{base}/api/echo")):
+                results.setdefault(f"asgi.ws.{name}_p50_us", []).append(
+                    websocket_echo_p50_us(url.replace("http://", "ws://"), echoes))
     return results
+
+
+def websocket_echo_p50_us(url: str, echoes: int) -> float:
+    """The median round trip, in microseconds, of ``echoes`` messages over one WebSocket."""
+    from websockets.sync.client import connect
+
+    samples = []
+    with connect(url) as websocket:
+        for i in range(echoes + 50):
+            started = time.perf_counter()
+            websocket.send(str(i))
+            websocket.recv()
+            if i >= 50:  # (the first ones warm up)
+                samples.append((time.perf_counter() - started) * 1e6)
+    return statistics.median(samples)
 
 
 SCENARIOS: Dict[str, Callable[[int, bool], Results]] = {
