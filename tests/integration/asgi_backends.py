@@ -84,6 +84,15 @@ def make_items_app(version: str = "v1") -> FastAPI:
         await async_wait_for_file(release)
         return {"size": size}
 
+    @app.post("/note-upload")
+    async def note_upload(request: Request, notes: str) -> dict:
+        """Note the size of the body this version read in ``<notes>/<version>``."""
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+        note(os.path.join(notes, version), str(size))
+        return {"size": size}
+
     @app.get("/events")
     async def events(n: int = 3, gap: float = 0.0) -> StreamingResponse:
         async def generate() -> AsyncIterator[str]:
@@ -121,6 +130,19 @@ def make_items_app(version: str = "v1") -> FastAPI:
     async def never_accepts(websocket: WebSocket, marker: str) -> None:
         """Never accepts; says in the marker file when it is cancelled."""
         await sleep_until_cancelled(marker)
+
+    @app.websocket("/note-messages")
+    async def note_messages(websocket: WebSocket, notes: str) -> None:
+        """Echo each message; note them all in ``<notes>/<version>`` once the client left."""
+        await websocket.accept()
+        seen = []
+        try:
+            while True:
+                text = await websocket.receive_text()
+                seen.append(text)
+                await websocket.send_text(text)
+        except Exception:
+            note(os.path.join(notes, version), "\n".join(seen))
 
     @app.websocket("/pid")
     async def pid(websocket: WebSocket) -> None:

@@ -462,6 +462,36 @@ def test_shard_keys_and_shadows_apply_to_apps(api: tuple) -> None:
     wait_for(lambda: shadowed() >= 10, TIMEOUT, "ten shadow copies")
 
 
+def test_a_shadow_copy_gets_a_streamed_body_and_a_websockets_messages(
+        api: tuple, tmp_path: Any) -> None:
+    """A body still streaming in, and a WebSocket's messages, reach the shadow too."""
+    client, url = api
+
+    def shadow_counts() -> dict:
+        shadows = httpx.get(f"{url}/-/shadows", timeout=TIMEOUT).json()
+        return shadows.get("api", {}).get("api:v2", {"sent": 0, "dropped": 0, "failed": 0})
+
+    before = shadow_counts()  # (the proxy's counters outlive the tests of the module)
+    client.create_backend("api:v2", serve.asgi_factory(create_items_app), "v2")
+    client.shadow_traffic("api", "api:v2", 1.0)
+    response = httpx.post(f"{url}/api/note-upload", params={"notes": str(tmp_path)},
+                          content=iter([b"s" * 65536] * 40), timeout=TIMEOUT)
+    assert response.json() == {"size": 40 * 65536}  # from v1, the primary
+    wait_for(lambda: (tmp_path / "v2").exists(), TIMEOUT, "the shadow to read the body")
+    assert (tmp_path / "v2").read_text() == str(40 * 65536)
+    (tmp_path / "v1").unlink()
+    (tmp_path / "v2").unlink()
+    with connect(ws_url(url, f"/api/note-messages?notes={tmp_path}"),
+                 open_timeout=TIMEOUT) as websocket:
+        for i in range(5):
+            websocket.send(f"m{i}")
+            assert websocket.recv(timeout=TIMEOUT) == f"m{i}"
+    wait_for(lambda: (tmp_path / "v2").exists(), TIMEOUT, "the shadow connection to end")
+    assert (tmp_path / "v2").read_text().split() == [f"m{i}" for i in range(5)]
+    after = shadow_counts()
+    assert after["sent"] - before["sent"] == 2 and after["dropped"] == before["dropped"]
+
+
 # --------------------------------------------------------------------------- health
 
 

@@ -7,12 +7,14 @@ to a fake routed request that records what it was sent (and can say the request 
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Dict, List
 
 import pytest
 from loop_helpers import run
 
-from servekit._private.asgi_proxy import app_scope, forward_body
+from servekit._private.asgi_proxy import ShadowCopies, app_scope, forward_body
+from servekit._private.routed_request import ENDED
 
 END = "<end>"
 
@@ -26,7 +28,7 @@ def proxy_scope(**extra: Any) -> Dict[str, Any]:
              "query_string": b"q=1", "headers": [(b"host", b"x")],
              "client": ("10.0.0.2", 5000), "server": ("10.0.0.1", 8000), "extensions": {},
              "root_path": "", "state": {"proxy": "private"}, "app": object(),
-             "servekit.body_taken": object()}
+             "servekit.held_body": object()}
     scope.update(extra)
     return scope
 
@@ -149,3 +151,66 @@ def test_a_request_that_ended_stops_the_reading() -> None:
     client = Client(part(b"ab"), part(b"cd"), part(b"ef"), part(b"", more=False))
     assert forward(request, client, room=100) == (True, [2])
     assert request.sent == [b"ab"] and client.read == 2
+
+
+# --------------------------------------------------------------------------- shadow copies
+
+
+class FakeCopy:
+    """A shadow copy: takes ``room`` items, then refuses; records its end and cancel."""
+
+    def __init__(self, room: int, state: str = "sent") -> None:
+        self.room = room
+        self.state = state
+        self.items: List[Any] = []
+        self.ended = self.cancelled = self.dropped = False
+
+    def offer_chunk(self, item: Any) -> bool:
+        if self.state == ENDED or len(self.items) >= self.room:
+            return False
+        self.items.append(item)
+        return True
+
+    def end_chunks(self) -> None:
+        self.ended = True
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def test_a_copy_that_falls_behind_is_dropped_and_the_others_go_on() -> None:
+    keeping, lagging = FakeCopy(room=10), FakeCopy(room=1)
+    copies = ShadowCopies([keeping, lagging])  # type: ignore[list-item]
+    for item in ("a", "b", "c"):
+        copies.offer(item)
+    assert keeping.items == ["a", "b", "c"] and lagging.items == ["a"]
+    assert lagging.dropped and lagging.cancelled  # counted as dropped, its work stopped
+    copies.end()
+    assert keeping.ended and not lagging.ended and not keeping.cancelled
+
+
+def test_a_copy_that_was_answered_already_is_not_counted_as_dropped() -> None:
+    answered = FakeCopy(room=0, state=ENDED)
+    copies = ShadowCopies([answered])  # type: ignore[list-item]
+    copies.offer("a")
+    assert not answered.dropped and not answered.cancelled and copies.copies == []
+
+
+def test_copies_of_a_stream_that_will_not_be_whole_are_dropped() -> None:
+    copy = FakeCopy(room=10)
+    ShadowCopies([copy]).drop()  # type: ignore[list-item]
+    assert copy.dropped and copy.cancelled
+
+
+def test_copies_still_running_after_the_grace_are_cancelled() -> None:
+    async def main() -> None:
+        copy = FakeCopy(room=10)
+        copies = ShadowCopies([copy])  # type: ignore[list-item]
+        copies.end(grace_s=0.01)
+        assert copy.ended and not copy.cancelled
+        cancelled = asyncio.Event()
+        copy.cancel = cancelled.set  # type: ignore[method-assign]
+        await asyncio.wait_for(cancelled.wait(), 5)
+        assert not copy.dropped
+
+    run(main)

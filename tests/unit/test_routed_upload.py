@@ -357,3 +357,49 @@ def test_an_item_waiting_in_the_queue_is_dropped_when_the_request_is_cancelled()
         assert r1.received() == ["A"]
 
     run(main)
+
+
+# --------------------------------------------------------------------------- shadow copies
+
+
+def test_offered_items_beyond_the_room_wait_in_a_backlog_and_follow_the_credits() -> None:
+    """A shadow copy's items never wait for its replica: past the window they wait in a
+    backlog (one window at most), sent as credits come, and the end after the last."""
+
+    async def main() -> None:
+        cluster = Cluster()
+        r1 = cluster.replica("b#1")
+        router, _ = make_router(cluster, cap=1, b=[r1])
+        request: RoutedRequest = (await sent(router, "A")).request  # type: ignore[attr-defined]
+        for item in range(2 * STREAM_WINDOW):
+            assert request.offer_chunk(item) is True
+        assert request.offer_chunk("one too many") is False  # window + backlog are full
+        request.end_chunks()
+        await spin()
+        assert r1.upload("A") == WINDOW  # the rest waits for room; no end yet
+        r1.credit("A", STREAM_WINDOW - 1)
+        await spin()
+        assert r1.upload("A") == list(range(2 * STREAM_WINDOW - 1))
+        r1.credit("A")
+        await spin()
+        assert r1.upload("A") == [*range(2 * STREAM_WINDOW), END]
+
+    run(main)
+
+
+def test_items_offered_before_the_write_follow_the_payload_and_stop_once_it_ends() -> None:
+    async def main() -> None:
+        cluster = Cluster()
+        r1 = cluster.replica("b#1")
+        router, _ = make_router(cluster, cap=1, b=[r1])
+        request = place(router, "A")
+        assert request.state == CONNECTING
+        assert request.offer_chunk("early") is True
+        request.end_chunks()
+        await spin()
+        assert r1.upload("A") == ["early", END]
+        r1.answer("A", "done")
+        await spin()
+        assert request.offer_chunk("late") is False  # the request ended
+
+    run(main)

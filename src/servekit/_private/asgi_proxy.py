@@ -4,16 +4,17 @@ An HTTP request goes out with its first body message; the rest of its body follo
 request's own stream, as the client sends it and the replica takes it (the proxy holds a
 few chunks of it at most, never the whole body). A WebSocket connection goes out with its
 connect message and stays on the replica it reached: the client's messages flow to the
-app, the app's to the client, each way as fast as the other side takes them.
+app, the app's to the client, each way as fast as the other side takes them. Shadow copies
+of such a request get its stream too, as far as their replicas keep up (``ShadowCopies``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Sequence
 
-from servekit._private.routed_request import RoutedRequest
+from servekit._private.routed_request import ENDED, RoutedRequest
 from servekit._private.transport import ReplyStream
 from servekit.exceptions import (
     BackendOverloadedError,
@@ -31,6 +32,44 @@ _SCOPE_KEYS = ("type", "asgi", "http_version", "method", "scheme", "path", "raw_
 WEBSOCKET_CLOSE_GRACE_S = 5.0
 
 
+class ShadowCopies:
+    """The shadow copies of a request whose own stream follows it: each gets the items the
+    request gets while its replica has room for them; one that falls behind is dropped
+    (counted so), never holding the request back."""
+
+    def __init__(self, copies: Sequence[RoutedRequest] = ()) -> None:
+        self.copies = list(copies)
+
+    def offer(self, item: Any) -> None:
+        for copy in list(self.copies):
+            if not copy.offer_chunk(item):
+                self._drop(copy)
+
+    def end(self, grace_s: Optional[float] = None) -> None:
+        """The stream ended: so does each copy's; with ``grace_s``, copies still running
+        that long after are cancelled (their request has ended)."""
+        for copy in self.copies:
+            copy.end_chunks()
+        if grace_s is not None and self.copies:
+            asyncio.get_running_loop().call_later(grace_s, self.cancel)
+
+    def cancel(self) -> None:
+        for copy in self.copies:
+            copy.cancel()
+        self.copies = []
+
+    def drop(self) -> None:
+        """The stream will not be whole: no copy can be served."""
+        for copy in list(self.copies):
+            self._drop(copy)
+
+    def _drop(self, copy: RoutedRequest) -> None:
+        self.copies.remove(copy)
+        if copy.state != ENDED:  # (one that ended was answered, and counted then)
+            copy.dropped = True
+            copy.cancel()
+
+
 def app_scope(scope: Dict[str, Any], route: str) -> Dict[str, Any]:
     """The scope an app mounted at ``route`` gets: the path whole, ``root_path`` the
     route (below the proxy's own root path), as behind any reverse proxy that mounts it."""
@@ -40,26 +79,38 @@ def app_scope(scope: Dict[str, Any], route: str) -> Dict[str, Any]:
 
 
 async def forward_body(request: RoutedRequest, receive: Any, room: int,
-                       taken: Callable[[int], None]) -> bool:
+                       taken: Callable[[int], None],
+                       shadows: Optional[ShadowCopies] = None) -> bool:
     """Send the rest of a request body to the replica as it arrives, each chunk once the
-    replica has room for it; False if it grew past ``room`` bytes (the rest is left
-    unread). Ends early if the client leaves (the protocol cancels the request) or the
-    request ends first (the app answered without reading it all). ``taken`` is told the
-    size of each chunk sent on (the proxy no longer holds it)."""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return True
-        chunk = message.get("body", b"")
-        room -= len(chunk)
-        if room < 0:
-            return False
-        if chunk and not await request.send_chunk(chunk):
-            return True
-        taken(len(chunk))
-        if not message.get("more_body", False):
-            request.end_chunks()
-            return True
+    replica has room for it (and to the request's ``shadows``); False if it grew past
+    ``room`` bytes (the rest is left unread). Ends early if the client leaves (the
+    protocol cancels the request) or the request ends first (the app answered without
+    reading it all). ``taken`` is told the size of each chunk sent on (the proxy no
+    longer holds it)."""
+    shadows = shadows if shadows is not None else ShadowCopies()
+    whole = False
+    try:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return True
+            chunk = message.get("body", b"")
+            room -= len(chunk)
+            if room < 0:
+                return False
+            if chunk:
+                if not await request.send_chunk(chunk):
+                    return True
+                shadows.offer(chunk)
+            taken(len(chunk))
+            if not message.get("more_body", False):
+                request.end_chunks()
+                shadows.end()
+                whole = True
+                return True
+    finally:
+        if not whole:
+            shadows.drop()
 
 
 def _denial(exc: BaseException) -> int:
@@ -90,10 +141,12 @@ class WebSocketSession:
     a refusal otherwise (403 for a close before accepting, as uvicorn answers it).
     """
 
-    def __init__(self, scope: Dict[str, Any], receive: Any, send: Any) -> None:
+    def __init__(self, scope: Dict[str, Any], receive: Any, send: Any,
+                 shadows: Optional[ShadowCopies] = None) -> None:
         self.scope = scope
         self.receive = receive
         self.send = send
+        self.shadows = shadows if shadows is not None else ShadowCopies()
         self.status = "-"
 
     async def run(self, reply: asyncio.Future) -> str:
@@ -121,6 +174,7 @@ class WebSocketSession:
                 upstream.cancel()
             if request is not None:
                 request.cancel()  # (a request that ended already is left as it is)
+            self.shadows.end(WEBSOCKET_CLOSE_GRACE_S)
         return self.status
 
     async def _app_to_client(self, stream: ReplyStream) -> None:
@@ -147,6 +201,7 @@ class WebSocketSession:
             message = await self.receive()
             if not await request.send_chunk(message):
                 return  # the app's side ended
+            self.shadows.offer(message)
             if message["type"] == "websocket.disconnect":
                 request.end_chunks()
                 break

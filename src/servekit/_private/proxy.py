@@ -16,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from servekit._private import constants, metrics
 from servekit._private.asgi_proxy import (
+    ShadowCopies,
     WebSocketSession,
     app_scope,
     deny_websocket,
@@ -283,7 +284,6 @@ class HTTPProxy:
         held = scope.get(HELD_BODY)
         taken = _nothing_taken if held is None else held.taken
         try:
-            # A copy whose body is still to come cannot be shadowed: the body goes to one.
             reply = await self.router.send(match.endpoint, "http", shard_key, (), trace=trace,
                                            payload=payload, shadows=not more)
         except Exception as exc:
@@ -294,8 +294,11 @@ class HTTPProxy:
                 return await reply
             except Exception as exc:
                 return _failure(exc, scope["path"])
+        # Copies of a request whose body is still to come get the body as it comes.
+        shadows = ShadowCopies(self.router.shadow(match.endpoint, "http", payload))
         pump = asyncio.ensure_future(forward_body(
-            reply.request, receive, self.max_body_bytes - len(body), taken))  # type: ignore[attr-defined]
+            reply.request, receive, self.max_body_bytes - len(body), taken,  # type: ignore[attr-defined]
+            shadows))
         watch.on_close(pump.cancel)  # once answered, the rest of the body is not needed
         try:
             await asyncio.wait((reply, pump), return_when=asyncio.FIRST_COMPLETED)
@@ -324,7 +327,6 @@ class HTTPProxy:
             return "-"
         _, shard_key, _ = _routing_headers(scope["headers"])
         payload = encode_call("asgi", (app_scope(scope, match.route), message))
-        session = WebSocketSession(scope, receive, send)
         try:
             # The timeout bounds the wait for the app's first message (its accept).
             reply = await self.router.send(match.endpoint, "websocket", shard_key, (),
@@ -333,7 +335,10 @@ class HTTPProxy:
         except Exception as exc:
             reply = asyncio.get_running_loop().create_future()
             reply.set_exception(exc)
-        return await session.run(reply)
+            shadows = ShadowCopies()
+        else:  # copies of the connection get the client's messages as they come
+            shadows = ShadowCopies(self.router.shadow(match.endpoint, "websocket", payload))
+        return await WebSocketSession(scope, receive, send, shadows).run(reply)
 
     # ------------------------------------------------------------- the fast lane
 

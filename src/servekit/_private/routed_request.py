@@ -24,8 +24,9 @@ the first one, so a request refused as full is sent elsewhere whole.
 from __future__ import annotations
 
 import asyncio
+import collections
 import pickle
-from typing import TYPE_CHECKING, Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional
 
 from servekit._private.transport import (
     _IN_CREDIT,
@@ -117,14 +118,17 @@ class Reply(asyncio.Future):
 class _Upload:
     """The caller's side of a request's own stream: the room the replica granted, and the
     items sent before the replica took any (kept: a replica that refuses the request never
-    reads them, and they go out again after the request's payload to the next one)."""
+    reads them, and they go out again after the request's payload to the next one). A
+    shadow copy's items beyond the room wait in ``backlog`` (at most a window of them),
+    and the end after them."""
 
-    __slots__ = ("room", "kept", "ended", "_changed")
+    __slots__ = ("room", "kept", "ended", "backlog", "_changed")
 
     def __init__(self) -> None:
         self.room = STREAM_WINDOW
         self.kept: Optional[List[bytes]] = []  # None once the replica took an item
         self.ended = False
+        self.backlog: Deque[bytes] = collections.deque()
         self._changed: Optional[asyncio.Event] = None
 
     def wake(self) -> None:
@@ -229,7 +233,7 @@ class RoutedRequest(Exchange):
             upload.room = STREAM_WINDOW - len(upload.kept)
             for data in upload.kept:
                 connection.send_chunk(msg_id, data)
-            if upload.ended:
+            if upload.ended and not upload.backlog:
                 connection.end_chunks(msg_id)
         self._apply(WRITTEN)
         self.replica_set.requests.inc()
@@ -312,6 +316,45 @@ class RoutedRequest(Exchange):
         self.connection.send_chunk(self.msg_id, data)
         return True
 
+    def offer_chunk(self, item: Any) -> bool:
+        """Send one item of the request's own stream without waiting: now if the replica
+        has room for it (before the request is written: once it is), else after a backlog
+        of at most a window; False if that is full too, or if the request ended. For a
+        shadow copy, which never holds its primary back."""
+        upload = self.upload
+        if upload is None:
+            upload = self.upload = _Upload()
+        state = self.state
+        if state == ENDED or state == CANCELLING:
+            return False
+        data = dumps(item)
+        if upload.room <= 0 or upload.backlog:
+            if len(upload.backlog) >= STREAM_WINDOW:
+                return False
+            upload.backlog.append(data)
+            return True
+        upload.room -= 1
+        if state == SENT or state == STREAMING:
+            if upload.kept is not None:
+                upload.kept.append(data)
+            assert self.connection is not None
+            self.connection.send_chunk(self.msg_id, data)
+        else:  # queued or connecting: it goes out after the request, once written
+            assert upload.kept is not None
+            upload.kept.append(data)
+        return True
+
+    def _send_backlog(self, upload: _Upload) -> None:
+        """Send what waits in the backlog as the room allows; the end after the last."""
+        connection = self.connection
+        if connection is None:
+            return
+        while upload.backlog and upload.room > 0:
+            upload.room -= 1
+            connection.send_chunk(self.msg_id, upload.backlog.popleft())
+        if upload.ended and not upload.backlog:
+            connection.end_chunks(self.msg_id)
+
     def end_chunks(self) -> None:
         """The request's own stream has ended (sent now, or after its items if the
         request is put back and written again)."""
@@ -319,7 +362,8 @@ class RoutedRequest(Exchange):
         if upload is None:
             upload = self.upload = _Upload()
         upload.ended = True
-        if (self.state == SENT or self.state == STREAMING) and self.connection is not None:
+        if (self.state == SENT or self.state == STREAMING) and self.connection is not None \
+                and not upload.backlog:
             self.connection.end_chunks(self.msg_id)
 
     def fail(self, error: BaseException) -> None:
@@ -336,6 +380,8 @@ class RoutedRequest(Exchange):
             if upload is not None:
                 upload.room += 1
                 upload.kept = None
+                if upload.backlog:
+                    self._send_backlog(upload)
                 upload.wake()
             return False
         if kind == _STREAM_CHUNK:

@@ -374,8 +374,8 @@ class Router:
         encoded (``encode_call(kind, args)``; ``args`` is then not read). ``timeout_s``:
         the caller's bound on the wait for the reply, instead of the backend's
         ``request_timeout_s`` (past it the request is cancelled and the future fails with
-        ``RequestTimeoutError``). ``shadows``: False for a request whose own stream goes
-        to one replica only (a body still to come, a WebSocket), which is never shadowed.
+        ``RequestTimeoutError``). ``shadows``: False for a request whose own stream follows
+        it (a body still to come, a WebSocket): its copies are made by ``shadow``.
 
         Raises:
             TypeError: the arguments cannot be pickled (nothing was sent).
@@ -418,7 +418,17 @@ class Router:
         request.time_out_after(timeout_s)
         return request
 
-    def _send_shadows(self, info: EndpointInfo, kind: str, payload: bytes) -> None:
+    def shadow(self, endpoint: str, kind: str, payload: bytes) -> List[RoutedRequest]:
+        """Shadow copies of a request whose own stream follows it (a body still to come,
+        a WebSocket's messages), placed now; the caller feeds them (``offer_chunk``). None
+        for an endpoint this router does not know."""
+        info = self.endpoints.get(endpoint)
+        return [] if info is None or not info.shadows else \
+            self._send_shadows(info, kind, payload)
+
+    def _send_shadows(self, info: EndpointInfo, kind: str,
+                      payload: bytes) -> List[RoutedRequest]:
+        copies = []
         for backend, proportion in info.shadows.items():
             if random.random() >= proportion:
                 continue
@@ -430,6 +440,8 @@ class Router:
             request.time_out_after(None)
             request.reply.add_done_callback(
                 functools.partial(self._shadow_replied, info.name, kind, request))
+            copies.append(request)
+        return copies
 
     def _shadow_replied(self, endpoint: str, kind: str, request: RoutedRequest,
                         reply: asyncio.Future) -> None:
