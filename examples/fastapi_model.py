@@ -2,8 +2,8 @@
 WebSocket echo, and a model class whose routes reach the instance built in each replica.
 
 They live in a module, not in the script: servekit sends a module's app or class by
-reference (the replicas import this file), while an @serve.ingress class defined in a
-script would have to be pickled with its app, which FastAPI does not allow.
+reference (the replicas import this file), so nothing of them is pickled; one defined in a
+script is pickled with its app, which works as long as everything it holds can be.
 """
 
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
