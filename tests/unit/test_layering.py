@@ -22,6 +22,8 @@ DATA_PLANE = [
     "servekit._private.transport",
     "servekit._private.batching",
     "servekit._private.asgi_app",
+    "servekit._private.asgi_runner",
+    "servekit._private.asgi_proxy",
     "servekit.handle",
 ]
 CONTROL_PLANE = "servekit._private.controller"
