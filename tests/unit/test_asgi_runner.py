@@ -285,6 +285,29 @@ def test_receive_gives_the_first_message_the_body_its_end_then_a_disconnect_once
     run(main)
 
 
+def test_an_app_that_reads_the_body_after_answering_gets_a_disconnect() -> None:
+    """Once a response is sent, the proxy sends no more body: a read of the rest (one
+    waiting already, or a later one) gets ``http.disconnect``, so the app ends and its
+    request's place is given back, instead of waiting for a body that never comes."""
+
+    async def main() -> None:
+        app = Puppet()
+        running = await started(app, first={"type": "http.request", "body": b"a",
+                                            "more_body": True})
+        assert await app.receive() == {"type": "http.request", "body": b"a",
+                                       "more_body": True}
+        waiting = asyncio.ensure_future(app.receive())  # the rest of the body, never sent
+        await spin()
+        assert not waiting.done()
+        await app.send(START)
+        await app.send(body(b"early answer"))
+        assert await asyncio.wait_for(waiting, 5) == {"type": "http.disconnect"}
+        assert await asyncio.wait_for(app.receive(), 5) == {"type": "http.disconnect"}
+        assert isinstance(await running.reply(), HTTPResponseWire)
+
+    run(main)
+
+
 def test_a_body_whole_in_the_first_message_reads_nothing_from_the_stream() -> None:
     async def main() -> None:
         app = Puppet()

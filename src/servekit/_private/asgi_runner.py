@@ -156,15 +156,23 @@ class AppCall:
                 return await self._inbound.__anext__()
             except StopAsyncIteration:
                 return {"type": "websocket.disconnect", "code": 1006}
-        if self._body_more:
+        if self._body_more and not self._answered.is_set():
             try:
                 chunk = await self._inbound.__anext__()
             except StopAsyncIteration:
                 self._body_more = False
+                if self._answered.is_set():  # (the proxy stops sending a body once answered)
+                    return {"type": "http.disconnect"}
                 return {"type": "http.request", "body": b"", "more_body": False}
             return {"type": "http.request", "body": chunk, "more_body": True}
         await self._answered.wait()  # (the caller leaving cancels the app instead)
         return {"type": "http.disconnect"}
+
+    def _answer(self) -> None:
+        """The whole response was sent: from now on ``receive`` says the client is gone,
+        as a server does (and a read of the body waiting in vain ends)."""
+        self._answered.set()
+        self._inbound.finish(None)
 
     async def _send(self, message: dict) -> None:
         if self._websocket:
@@ -179,7 +187,7 @@ class AppCall:
                 not self._answered.is_set():
             body, more = message.get("body", b""), message.get("more_body", False)
             if not self._streaming and not more:
-                self._answered.set()
+                self._answer()
                 status, headers = self._start
                 self._whole.set_result(HTTPResponseWire(status, headers, bytes(body)))
                 return
@@ -189,7 +197,7 @@ class AppCall:
             if body:
                 await self._outbox.put(bytes(body))
             if not more:
-                self._answered.set()
+                self._answer()
                 self._outbox.close(None)
 
     def _app_ended(self, task: asyncio.Future) -> None:
