@@ -16,12 +16,7 @@ from typing import Any, Callable, Dict, Optional, Sequence
 
 from servekit._private.routed_request import ENDED, RoutedRequest
 from servekit._private.transport import ReplyStream
-from servekit.exceptions import (
-    BackendOverloadedError,
-    BackendUnavailableError,
-    RequestTimeoutError,
-)
-from servekit.request import loggable
+from servekit.request import HTTPResponseWire, loggable
 
 logger = logging.getLogger("servekit.proxy")
 
@@ -113,24 +108,18 @@ async def forward_body(request: RoutedRequest, receive: Any, room: int,
             shadows.drop()
 
 
-def _denial(exc: BaseException) -> int:
-    """The HTTP status refusing a WebSocket whose request failed before the app took it."""
-    if isinstance(exc, RequestTimeoutError):
-        return 504
-    if isinstance(exc, (BackendOverloadedError, BackendUnavailableError)):
-        return 503
-    return 500
-
-
-async def deny_websocket(scope: Dict[str, Any], send: Any, status: int, text: str) -> str:
-    """Refuse a WebSocket handshake: with ``status`` and ``text`` where the server can send
-    an HTTP response (the ``websocket.http.response`` extension), else a close (403)."""
+async def deny_websocket(scope: Dict[str, Any], send: Any,
+                         response: HTTPResponseWire) -> str:
+    """Refuse a WebSocket handshake with ``response`` where the server can send an HTTP
+    response (the ``websocket.http.response`` extension), else with a close (403); the
+    status sent."""
     if "websocket.http.response" in scope.get("extensions", {}):
-        await send({"type": "websocket.http.response.start", "status": status,
-                    "headers": [(b"content-type", b"text/plain; charset=utf-8")]})
-        await send({"type": "websocket.http.response.body", "body": text.encode()})
-        return str(status)
-    await send({"type": "websocket.close", "code": 1008, "reason": text[:120]})
+        await send({"type": "websocket.http.response.start", "status": response.status,
+                    "headers": response.headers})
+        await send({"type": "websocket.http.response.body", "body": response.body})
+        return str(response.status)
+    await send({"type": "websocket.close", "code": 1008,
+                "reason": response.body[:120].decode("utf-8", "replace")})
     return "403"
 
 
@@ -139,13 +128,17 @@ class WebSocketSession:
 
     The status it reports, for the access log: 101 once the app accepted, the status of
     a refusal otherwise (403 for a close before accepting, as uvicorn answers it).
+    ``failure`` is the proxy's response to a request that failed before its backend
+    answered (sent as the refusal of the handshake).
     """
 
     def __init__(self, scope: Dict[str, Any], receive: Any, send: Any,
+                 failure: Callable[[BaseException], HTTPResponseWire],
                  shadows: Optional[ShadowCopies] = None) -> None:
         self.scope = scope
         self.receive = receive
         self.send = send
+        self.failure = failure
         self.shadows = shadows if shadows is not None else ShadowCopies()
         self.status = "-"
 
@@ -165,9 +158,7 @@ class WebSocketSession:
                     raise  # the server is stopping
                 return self.status  # the client left before the app answered
             except Exception as exc:
-                logger.warning("WebSocket to %s failed: %r", loggable(self.scope["path"]),
-                               exc)
-                return await deny_websocket(self.scope, self.send, _denial(exc), str(exc))
+                return await deny_websocket(self.scope, self.send, self.failure(exc))
             await self._app_to_client(stream)
         finally:
             if upstream is not None:
@@ -191,7 +182,6 @@ class WebSocketSession:
         except OSError:  # the client is gone (uvicorn's ClientDisconnected)
             pass
         except Exception as exc:  # the replica died, or the app raised
-            logger.warning("WebSocket to %s ended: %r", loggable(self.scope["path"]), exc)
             await self._fail(exc)
 
     async def _client_to_app(self, request: RoutedRequest) -> None:
@@ -211,10 +201,11 @@ class WebSocketSession:
     async def _fail(self, exc: BaseException) -> None:
         try:
             if self.status == "101":
+                logger.warning("WebSocket to %s ended: %r", loggable(self.scope["path"]),
+                               exc)
                 await self.send({"type": "websocket.close", "code": 1011,
                                  "reason": "the backend failed"})
             elif self.status == "-":
-                self.status = await deny_websocket(self.scope, self.send, _denial(exc),
-                                                   str(exc))
+                self.status = await deny_websocket(self.scope, self.send, self.failure(exc))
         except (OSError, RuntimeError):
             pass  # the client is gone, or the connection already closed

@@ -319,8 +319,9 @@ class HTTPProxy:
         path: str = scope["path"]
         match = None if path.startswith("/-/") else await self._match(path)
         if match is None or not match.prefix:
-            return await deny_websocket(scope, send, 404, f"No WebSocket route for '{path}': "
-                                        "WebSockets go to ASGI backends (/-/routes).")
+            return await deny_websocket(scope, send, text_response(
+                404, f"No WebSocket route for '{path}': WebSockets go to ASGI backends "
+                     "(/-/routes)."))
         trace["endpoint"], trace["route"] = match.endpoint, match.route
         message = await receive()
         if message["type"] != "websocket.connect":
@@ -338,7 +339,9 @@ class HTTPProxy:
             shadows = ShadowCopies()
         else:  # copies of the connection get the client's messages as they come
             shadows = ShadowCopies(self.router.shadow(match.endpoint, "websocket", payload))
-        return await WebSocketSession(scope, receive, send, shadows).run(reply)
+        return await WebSocketSession(scope, receive, send,
+                                      functools.partial(_failure, path=path),
+                                      shadows).run(reply)
 
     # ------------------------------------------------------------- the fast lane
 
@@ -595,7 +598,7 @@ class _RequestWatch:
         self._task = asyncio.current_task()
         self.ended: Optional[str] = None
         self.reading_body = False
-        self._on_close: List[Any] = []
+        self._on_close: Optional[Any] = None  # called once answered (a body still sent on)
         loop = asyncio.get_running_loop()
         self._deadline = None if timeout is None else \
             loop.call_later(timeout, self._end, _TIMED_OUT)
@@ -622,7 +625,7 @@ class _RequestWatch:
 
     def on_close(self, callback: Any) -> None:
         """Call ``callback`` once the request is answered (``close``)."""
-        self._on_close.append(callback)
+        self._on_close = callback
 
     def uncancel(self) -> None:
         """The cancellation was ours and is handled: the task goes on (to answer)."""
@@ -635,8 +638,8 @@ class _RequestWatch:
         self._task = None
         if self._deadline is not None:
             self._deadline.cancel()
-        for callback in self._on_close:
-            callback()
+        if self._on_close is not None:
+            self._on_close()
 
 
 async def _send_stream(stream: ReplyStream, send: Any, *extra_headers: Any) -> int:
