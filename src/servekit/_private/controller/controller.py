@@ -464,9 +464,8 @@ class Controller:
         return await self._publish_endpoints()
 
     async def _publish_endpoints(self) -> int:
-        view = self.endpoints.view()
-        self._apps = {name: info.asgi for name, info in view.items()}
-        return await self.long_poll.publish(constants.KEY_ENDPOINTS, view)
+        self._apps = self.endpoints.apps()
+        return await self.long_poll.publish(constants.KEY_ENDPOINTS, self.endpoints.view())
 
     async def _wait_for_proxy(self, version: int) -> None:
         """Wait (not under the lock) until the proxies that are connected serve ``version``
@@ -498,7 +497,7 @@ class Controller:
         version = await self.long_poll.publish(constants.KEY_BACKENDS, view)
         # A backend given by import path is known to be an ASGI app once a replica has
         # loaded it: the routes of its endpoints become prefixes then.
-        if {name: info.asgi for name, info in self.endpoints.view().items()} != self._apps:
+        if self.endpoints.apps() != self._apps:
             await self._publish_endpoints()
         mixed = set(self.endpoints.mixed())
         for problem in mixed - self._mixed:

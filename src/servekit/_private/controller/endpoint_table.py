@@ -101,6 +101,10 @@ class EndpointTable:
                                       "asgi": self._serves_asgi(info)})
                 for name, info in self.endpoints.items()}
 
+    def apps(self) -> Dict[str, bool]:
+        """Whether each endpoint serves ASGI apps (its route is a prefix), by name."""
+        return {name: self._serves_asgi(info) for name, info in self.endpoints.items()}
+
     def mixed(self) -> List[str]:
         """Why each endpoint that mixes ASGI apps with other backends does (possible only
         when a backend given by import path turned out, once loaded, to be of the other
