@@ -415,8 +415,8 @@ def scenario_transport(runs: int, quick: bool) -> Results:
     """What TLS costs the data plane: servekit's RPC transport echoing 1 KB, client and
     server on one event loop, over a Unix socket (embedded) and over TCP in mutual TLS with
     the instance's certificate (the Ray runtime between nodes)."""
-    from servekit._private import auth
-    from servekit._private.transport import RpcClient, RpcServer, tcp_address
+    from servekit._private.wire import auth
+    from servekit._private.wire.transport import RpcClient, RpcServer, tcp_address
 
     calls = 2_000 if quick else 20_000
     payload = b"x" * 1024

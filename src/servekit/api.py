@@ -26,27 +26,25 @@ import cloudpickle
 
 from servekit._private import constants, metrics, user_errors
 from servekit._private.asgi_app import ASGIFactory, allow_pickling_apps, is_asgi_backend
-from servekit._private.context import (
-    ReplicaContext,
-    current_replica_context,
-    current_request_id,
-)
-from servekit._private.discovery import current_controller
-from servekit._private.event_loop import run_sync
-from servekit._private.import_path import import_path_of
-from servekit._private.runtime import choice
-from servekit._private.runtime.base import Instance
-from servekit._private.transport import ConnectFailed, RpcClient, is_remote_error
-from servekit.config import (
-    BackendConfig,
-    BackendMetadata,
-    HTTPOptions,
-    ReplicaConfig,
+from servekit._private.backend_metadata import BATCH_MARKER, BackendMetadata, ReplicaConfig
+from servekit._private.config_checks import (
     parse_backend_config,
     parse_http_options,
     validate_actor_options,
     validate_backend_against_config,
 )
+from servekit._private.context import (
+    ReplicaContext,
+    current_replica_context,
+    current_request_id,
+)
+from servekit._private.event_loop import run_sync
+from servekit._private.import_path import import_path_of
+from servekit._private.runtime import choice
+from servekit._private.runtime.base import Instance
+from servekit._private.wire.discovery import current_controller
+from servekit._private.wire.transport import ConnectFailed, RpcClient, is_remote_error
+from servekit.config import BackendConfig, HTTPOptions
 from servekit.env import Environment
 from servekit.exceptions import BackendUnavailableError, ServeError
 from servekit.handle import HandleOptions, ServeHandle, ServeSyncHandle, routers
@@ -607,6 +605,6 @@ def get_current_replica_tag() -> str:
 
 def accept_batch(func: F) -> F:
     """Mark a function or method as taking a list of requests and returning a list."""
-    func._serve_accept_batch = True  # type: ignore[attr-defined]
+    setattr(func, BATCH_MARKER, True)
     return func
 

@@ -15,9 +15,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, TypeVar
 import click
 
 import servekit as serve
-from servekit._private import home
 from servekit._private.deploy.schema import DeployFileError
-from servekit._private.worker import LOG_DIR
+from servekit._private.workers import home
+from servekit._private.workers.worker import LOG_DIR
 from servekit.config import DeploymentMode
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -1,22 +1,31 @@
-"""Configuration models and checks for backends and the HTTP proxy.
+"""Configuration models for backends and the HTTP proxy.
 
-``BackendConfig`` and ``HTTPOptions`` are pydantic models with ``extra="forbid"``: a misspelled
-key is a ``pydantic.ValidationError`` that names it. ``ray_actor_options`` stay a plain dict
-checked by ``validate_actor_options``. ``BackendMetadata`` describes what a backend's callable
-can do, and ``validate_backend_against_config`` checks that a config asks only for that.
+``BackendConfig``, ``AutoscalingConfig`` and ``HTTPOptions`` are pydantic models with
+``extra="forbid"``: a misspelled key is a ``pydantic.ValidationError`` that names it. The
+checks of the other arguments (``ray_actor_options``, a backend's callable against its
+config) live in ``servekit._private.config_checks``; ``BackendMetadata`` and
+``ReplicaConfig`` (what a backend's callable can do; how its replicas are built) in
+``servekit._private.backend_metadata``, and are importable from here as in Ray Serve 1.x.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 from enum import Enum
-from typing import Any, TypeGuard, TypeVar
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.middleware import Middleware
 
-_ModelT = TypeVar("_ModelT", bound=BaseModel)
+from servekit._private.backend_metadata import BackendMetadata, ReplicaConfig
+
+__all__ = [
+    "AutoscalingConfig",
+    "BackendConfig",
+    "BackendMetadata",
+    "DeploymentMode",
+    "HTTPOptions",
+    "ReplicaConfig",
+]
 
 # Requests a router holds for a backend whose replicas are all full, unless configured.
 DEFAULT_MAX_QUEUED_REQUESTS = 100
@@ -24,21 +33,6 @@ DEFAULT_MAX_QUEUED_REQUESTS = 100
 _ASYNC_MAX_CONCURRENT_QUERIES = 100
 _SYNC_MAX_CONCURRENT_QUERIES = 8
 
-_ALLOWED_ACTOR_OPTIONS = (
-    "num_cpus",
-    "num_gpus",
-    "memory",
-    "object_store_memory",
-    "resources",
-    "accelerator_type",
-    "runtime_env",
-)
-_MANAGED_ACTOR_OPTIONS = ("lifetime", "name", "max_restarts")
-_NUMERIC_ACTOR_OPTIONS = ("num_cpus", "num_gpus", "memory", "object_store_memory")
-
-_BATCH_MARKER = "_serve_accept_batch"
-# Methods servekit itself calls on a backend class; requests may not call them.
-LIFECYCLE_METHODS = ("reconfigure", "check_health")
 
 
 class DeploymentMode(str, Enum):
@@ -417,324 +411,3 @@ class BackendConfig(BaseModel):
 def _set_fields(model: BaseModel) -> dict[str, Any]:
     """The fields explicitly set on ``model``, by name."""
     return {name: getattr(model, name) for name in model.model_fields_set}
-
-
-def _revalidated_copy(model: _ModelT) -> _ModelT:
-    """A new, re-validated instance with the same explicitly-set fields (and fresh lists)."""
-    return type(model).model_validate(_set_fields(model))
-
-
-def _parse_model(model: type[_ModelT], value: Any, argument: str, article: str) -> _ModelT:
-    """``None`` -> defaults; a dict -> validated; a ``model`` -> re-validated copy."""
-    if value is None:
-        return model()
-    if isinstance(value, dict):
-        return model.model_validate(value)
-    if isinstance(value, model):
-        return _revalidated_copy(value)
-    raise TypeError(
-        f"{argument} must be {article} {model.__name__} or a dict, got "
-        f"{type(value).__name__} {value!r}."
-    )
-
-
-def parse_backend_config(config: BackendConfig | dict[str, Any] | None) -> BackendConfig:
-    """Turn the ``config`` argument of a backend into a ``BackendConfig``.
-
-    ``None`` gives the default config; a dict is validated; a ``BackendConfig`` is copied, so
-    later changes to the caller's object do not leak in (``user_config`` itself is shared).
-
-    Raises:
-        pydantic.ValidationError: a dict with a bad or unknown key.
-        TypeError: anything else.
-    """
-    return _parse_model(BackendConfig, config, "config", "a")
-
-
-def parse_http_options(options: HTTPOptions | dict[str, Any] | None) -> HTTPOptions:
-    """Turn the ``http_options`` argument into ``HTTPOptions``.
-
-    ``None`` gives the defaults; a dict is validated; an ``HTTPOptions`` is copied.
-
-    Raises:
-        pydantic.ValidationError: a dict with a bad or unknown key.
-        TypeError: anything else.
-    """
-    return _parse_model(HTTPOptions, options, "http_options", "an")
-
-
-def _is_number(value: object) -> TypeGuard[int | float]:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def validate_actor_options(options: dict[str, Any] | None) -> dict[str, Any]:
-    """Check a backend's ``ray_actor_options`` and return a copy of them.
-
-    Allowed keys: ``num_cpus``, ``num_gpus``, ``memory``, ``object_store_memory`` (numbers
-    >= 0), ``resources`` (a dict of resource name to a number >= 0), ``accelerator_type`` and
-    ``runtime_env`` (passed through unchecked). ``None`` gives ``{}``.
-
-    Raises:
-        TypeError: ``options`` is not a dict, or a value has the wrong type.
-        ValueError: an option servekit manages itself, an unknown key, or a negative number.
-    """
-    if options is None:
-        return {}
-    if not isinstance(options, dict):
-        raise TypeError(
-            f"ray_actor_options must be a dict, got {type(options).__name__} {options!r}."
-        )
-    allowed = ", ".join(_ALLOWED_ACTOR_OPTIONS)
-    result: dict[str, Any] = {}
-    for key, value in options.items():
-        if key in _MANAGED_ACTOR_OPTIONS:
-            raise ValueError(
-                f"ray_actor_options[{key!r}] cannot be set: servekit manages the {key!r} option "
-                "of its replicas itself. Remove it."
-            )
-        if key not in _ALLOWED_ACTOR_OPTIONS:
-            raise ValueError(f"Unknown ray_actor_options key {key!r}. Allowed keys: {allowed}.")
-        if key in _NUMERIC_ACTOR_OPTIONS:
-            _check_non_negative_number(f"ray_actor_options[{key!r}]", value)
-        elif key == "resources":
-            value = _checked_resources(value)
-        result[key] = value
-    return result
-
-
-def _check_non_negative_number(label: str, value: object) -> None:
-    if not _is_number(value):
-        raise TypeError(
-            f"{label} must be an int or a float, got {value!r} ({type(value).__name__})."
-        )
-    if not value >= 0:  # written this way to also reject NaN
-        raise ValueError(f"{label} must be >= 0, got {value!r}.")
-
-
-def _checked_resources(resources: object) -> dict[str, Any]:
-    if not isinstance(resources, dict):
-        raise TypeError(
-            "ray_actor_options['resources'] must be a dict of resource name to amount, "
-            f"got {resources!r} ({type(resources).__name__})."
-        )
-    for name, amount in resources.items():
-        if not isinstance(name, str):
-            raise TypeError(
-                "ray_actor_options['resources'] keys must be resource names (str), "
-                f"got {name!r} ({type(name).__name__})."
-            )
-        _check_non_negative_number(f"ray_actor_options['resources'][{name!r}]", amount)
-    return dict(resources)
-
-
-_MISSING = object()
-
-
-def _class_attribute(cls: type, name: str) -> Any:
-    """``name`` as defined in ``cls`` or a base, unwrapped from static/classmethod.
-
-    Looks only at the class's MRO, never its metaclass: every class has a ``__call__``
-    through ``type``, which must not count as the class defining one.
-    """
-    return _defined(cls, name)[1]
-
-
-def _defined(cls: type, name: str) -> tuple[type | None, Any]:
-    """(the class of ``cls``'s MRO that defines ``name``, its value as ``_class_attribute``
-    gives it); (None, ``_MISSING``) if none does."""
-    for klass in cls.__mro__:
-        if name in vars(klass):
-            value = vars(klass)[name]
-            if isinstance(value, (staticmethod, classmethod)):
-                value = value.__func__
-            return klass, value
-    return None, _MISSING
-
-
-def _package(cls: type) -> str:
-    return cls.__module__.split(".")[0]
-
-
-def _is_marked_for_batches(func: object) -> bool:
-    return getattr(func, _BATCH_MARKER, False) is True
-
-
-@dataclasses.dataclass(frozen=True)
-class BackendMetadata:
-    """What a backend's function or class can do, as far as its config is concerned.
-
-    Attributes:
-        is_class: The backend is a class.
-        is_async: The default callable (the function, or the class's ``__call__``) is a
-            coroutine function.
-        accepts_batches: The default callable is marked with ``@accept_batch``.
-        batch_methods: Names of public methods (and ``__call__``) marked with
-            ``@accept_batch``; for a function, ``{"__call__"}`` when it is marked.
-        has_reconfigure: The class has a ``reconfigure`` method.
-        methods: Sorted names of the methods requests may call: the class's public methods
-            other than ``reconfigure`` and ``check_health``, plus ``__call__`` if it has one;
-            empty for a function. Methods a class inherits from another package (a library
-            base class such as ``torch.nn.Module``) count only if listed in the class's
-            ``serve_methods`` attribute.
-        name: The function's or class's name, for error messages.
-        asgi: The backend serves HTTP as an ASGI app (FastAPI, Starlette): its endpoint's
-            route is a prefix. An ASGI app or ``serve.asgi_factory`` is not a class, is
-            async (the app's call is a coroutine) and has no methods; an ``@serve.ingress``
-            class is inspected as any class, and is async too (its app serves requests
-            concurrently: the async default of ``max_concurrent_queries``).
-    """
-
-    is_class: bool
-    is_async: bool
-    accepts_batches: bool
-    batch_methods: frozenset[str]
-    has_reconfigure: bool
-    methods: tuple[str, ...]
-    name: str = ""
-    asgi: bool = False
-
-    @classmethod
-    def inspect(cls, func_or_class: Any) -> BackendMetadata:
-        """Compute the metadata of a backend function or class (or ASGI app or factory).
-
-        Raises:
-            TypeError: ``func_or_class`` is not callable.
-        """
-        # Imported here: config is imported by every process, most never inspect a backend.
-        from servekit._private.asgi_app import ASGIFactory, is_asgi_backend
-
-        asgi = is_asgi_backend(func_or_class)
-        if inspect.isclass(func_or_class):
-            inspected = cls._inspect_class(func_or_class)
-            # An @serve.ingress class serves its app's requests concurrently, as an app does.
-            return dataclasses.replace(inspected, asgi=True, is_async=True) if asgi else inspected
-        if asgi:
-            name = func_or_class.name if isinstance(func_or_class, ASGIFactory) else \
-                getattr(func_or_class, "__name__", type(func_or_class).__name__)
-            return cls(is_class=False, is_async=True, accepts_batches=False,
-                       batch_methods=frozenset(), has_reconfigure=False, methods=(), name=name,
-                       asgi=True)
-        if not callable(func_or_class):
-            raise TypeError(
-                "A backend must be a function or a class, "
-                f"got {func_or_class!r} ({type(func_or_class).__name__})."
-            )
-        marked = _is_marked_for_batches(func_or_class)
-        return cls(
-            is_class=False,
-            is_async=inspect.iscoroutinefunction(func_or_class),
-            accepts_batches=marked,
-            batch_methods=frozenset({"__call__"}) if marked else frozenset(),
-            has_reconfigure=False,
-            methods=(),
-            name=getattr(func_or_class, "__name__", type(func_or_class).__name__),
-        )
-
-    @classmethod
-    def _inspect_class(cls, klass: type) -> BackendMetadata:
-        listed = _listed_methods(klass)
-        routines: dict[str, Any] = {}
-        for attr in dir(klass):
-            if attr.startswith("_") and attr != "__call__":
-                continue
-            owner, value = _defined(klass, attr)
-            if owner is None or not inspect.isroutine(value):
-                continue
-            # Only the user's own methods: those of classes from the backend class's
-            # package, not those it inherits from a library (torch.nn.Module.train).
-            if _package(owner) == _package(klass) or attr in listed:
-                routines[attr] = value
-        call = routines.get("__call__")
-        return cls(
-            is_class=True,
-            is_async=call is not None and inspect.iscoroutinefunction(call),
-            accepts_batches=call is not None and _is_marked_for_batches(call),
-            batch_methods=frozenset(n for n, f in routines.items() if _is_marked_for_batches(f)),
-            has_reconfigure=inspect.isroutine(_class_attribute(klass, "reconfigure")),
-            methods=tuple(sorted(n for n in routines if n not in LIFECYCLE_METHODS)),
-            name=klass.__name__,
-        )
-
-
-def _listed_methods(klass: type) -> frozenset[str]:
-    """The inherited methods a class exposes on purpose: its ``serve_methods`` attribute.
-
-    Raises:
-        TypeError: ``serve_methods`` is not a list of names of public methods of the class.
-    """
-    listed = getattr(klass, "serve_methods", ())
-    if isinstance(listed, str) or not isinstance(listed, (list, tuple, set, frozenset)):
-        raise TypeError(f"{klass.__name__}.serve_methods must be a list of method names, "
-                        f"got {listed!r}.")
-    for name in listed:
-        if not isinstance(name, str) or name.startswith("_") or \
-                not inspect.isroutine(_class_attribute(klass, name)):
-            raise TypeError(f"{klass.__name__}.serve_methods lists {name!r}, which is not a "
-                            f"public method of the class. List only methods requests may "
-                            f"call, by name.")
-    return frozenset(listed)
-
-
-def validate_backend_against_config(metadata: BackendMetadata, config: BackendConfig) -> None:
-    """Check that ``config`` asks only for what the backend can do.
-
-    Raises:
-        ValueError: batching is configured for a callable that does not accept batches (or
-            for an ASGI app), or ``user_config`` is set for a backend without a
-            ``reconfigure`` method (or for an ASGI app).
-    """
-    if metadata.asgi and not metadata.is_class:
-        _validate_asgi_app_against_config(metadata, config)
-    if (
-        config.max_batch_size is not None
-        and config.max_batch_size > 1
-        and not metadata.accepts_batches
-        and not metadata.batch_methods
-    ):
-        raise ValueError(
-            f"max_batch_size is {config.max_batch_size} but the backend's callable does not "
-            "accept batches. Mark it with @serve.accept_batch, or set max_batch_size to 1."
-        )
-    if config.user_config is not None:
-        if not metadata.is_class:
-            raise ValueError(
-                "user_config needs a class backend with a reconfigure(user_config) method; "
-                "got a function."
-            )
-        if not metadata.has_reconfigure:
-            name = f" {metadata.name}" if metadata.name else ""
-            raise ValueError(
-                f"user_config is set but the backend class{name} has no "
-                "reconfigure(user_config) method. Add one, or drop user_config."
-            )
-
-
-def _validate_asgi_app_against_config(metadata: BackendMetadata, config: BackendConfig) -> None:
-    """An ASGI app or factory takes HTTP requests one by one and has no ``reconfigure``."""
-    if config.max_batch_size is not None and config.max_batch_size > 1:
-        raise ValueError(
-            f"max_batch_size is {config.max_batch_size} but the backend {metadata.name} is an "
-            "ASGI app, which takes HTTP requests one by one. Set max_batch_size to 1 or leave "
-            "it unset.")
-    if config.user_config is not None:
-        raise ValueError(
-            f"user_config is set but the backend {metadata.name} is an ASGI app, which has no "
-            "reconfigure(user_config) method. Drop user_config, or serve the app from an "
-            "@serve.ingress class with a reconfigure method.")
-
-
-@dataclasses.dataclass(frozen=True)
-class ReplicaConfig:
-    """How a backend's replicas are built: what to run, with which resources and interpreter.
-
-    ``serialized`` is the cloudpickled ``(func_or_class_or_import_path, init_args)``; it is
-    only loaded inside replicas, so the controller never imports user code.
-    """
-
-    serialized: bytes
-    actor_options: dict
-    description: str
-    python: str | None = None
-    # How a deploy file defined it (JSON; the controller stores it, never reads it): its
-    # mark as made from a file. None for a backend made through the Python API.
-    source: dict | None = None

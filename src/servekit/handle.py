@@ -10,9 +10,9 @@ from typing import Any, AsyncIterator, Dict, Generator, Iterator, Optional, Tupl
 
 from servekit._private.context import new_request_id
 from servekit._private.event_loop import background_loop, in_background_thread, run_sync
-from servekit._private.routed_request import CONNECTING, QUEUED
-from servekit._private.router import Router
-from servekit._private.transport import ReplyStream, encode_call
+from servekit._private.routing.routed_request import CONNECTING, QUEUED
+from servekit._private.routing.router import Router
+from servekit._private.wire.transport import ReplyStream, encode_call
 
 
 class _Default:

@@ -84,10 +84,10 @@ def cmdline(pid: int) -> str:
 
 
 def is_worker(pid: int) -> bool:
-    """Whether ``pid`` runs ``python -m servekit._private.worker`` (titled "servekit ROLE
+    """Whether ``pid`` runs ``python -m servekit._private.workers.worker`` (titled "servekit ROLE
     NAME" once it runs), or is the Ray actor of a servekit process (to check what we
     found)."""
     command = cmdline(pid)
-    return command.startswith("servekit ") or "servekit._private.worker" in command or \
+    return command.startswith("servekit ") or "servekit._private.workers.worker" in command or \
         "ServekitActor" in command
 

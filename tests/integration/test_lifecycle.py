@@ -29,7 +29,7 @@ from starlette.middleware.gzip import GZipMiddleware
 
 import servekit as serve
 from conftest import busy_port, free_port, wait_for
-from servekit._private.process import process_start_time
+from servekit._private.workers.process import process_start_time
 
 pytestmark = pytest.mark.integration
 

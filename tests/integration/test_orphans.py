@@ -16,8 +16,8 @@ from typing import Iterator
 import pytest
 
 from conftest import wait_for
-from servekit._private.process import process_start_time, unix_socket_holders
 from servekit._private.runtime.local import LocalRuntime
+from servekit._private.workers.process import process_start_time, unix_socket_holders
 
 pytestmark = pytest.mark.integration
 

@@ -19,7 +19,7 @@ from starlette.responses import StreamingResponse
 
 import servekit as serve
 from conftest import free_port, wait_for
-from servekit._private.transport import STREAM_WINDOW
+from servekit._private.wire.transport import STREAM_WINDOW
 from servekit.exceptions import ServeError
 
 pytestmark = pytest.mark.integration

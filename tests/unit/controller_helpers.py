@@ -11,8 +11,9 @@ import cloudpickle
 import pytest
 from fake_runtime import FakeRuntime
 
+from servekit._private.backend_metadata import BackendMetadata, ReplicaConfig
 from servekit._private.controller.controller import Controller
-from servekit.config import BackendConfig, BackendMetadata, HTTPOptions, ReplicaConfig
+from servekit.config import BackendConfig, HTTPOptions
 
 TIMEOUT_S = 5.0
 

@@ -23,9 +23,9 @@ import asyncio
 import dataclasses
 from typing import Any, Dict, List, Optional, Set, Tuple
 
-from servekit._private.replica import Replica
+from servekit._private.controller.store import MemoryStore
+from servekit._private.replica.replica import Replica
 from servekit._private.runtime.base import Connection, Runtime
-from servekit._private.store import MemoryStore
 from servekit.config import BackendConfig
 from servekit.exceptions import BackendUnavailableError, ServeError
 

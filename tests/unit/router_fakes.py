@@ -16,9 +16,9 @@ from typing import Any, Dict, List, Optional, Tuple
 from loop_helpers import spin
 
 from servekit._private import constants
-from servekit._private.router import Router
+from servekit._private.routing.router import Router
 from servekit._private.specs import BackendLimits, EndpointInfo
-from servekit._private.transport import (
+from servekit._private.wire.transport import (
     _CANCEL,
     _CREDIT,
     _HEADER,

@@ -1,4 +1,4 @@
-"""Unit tests of a request's admission in a replica (``servekit._private.admission``) and of
+"""Unit tests of a request's admission in a replica (``servekit._private.replica.admission``) and of
 the replica giving each place back when the user's work really stops.
 
 The table is tested on its own; the rest runs a real ``Replica`` in-process (no sockets):
@@ -17,7 +17,8 @@ import cloudpickle
 import pytest
 from loop_helpers import run, spin
 
-from servekit._private.admission import (
+from servekit._private.backend_metadata import ReplicaConfig
+from servekit._private.replica.admission import (
     ADMITTED,
     CANCEL,
     CANCELLING,
@@ -28,10 +29,10 @@ from servekit._private.admission import (
     Admission,
     IllegalTransition,
 )
-from servekit._private.replica import Replica
+from servekit._private.replica.replica import Replica
 from servekit._private.specs import ReplicaSpec
-from servekit._private.transport import Busy, Stream, current_peer
-from servekit.config import BackendConfig, ReplicaConfig
+from servekit._private.wire.transport import Busy, Stream, current_peer
+from servekit.config import BackendConfig
 
 STATES = sorted({state for state, _ in TRANSITIONS} | set(TRANSITIONS.values()))
 EVENTS = sorted({event for _, event in TRANSITIONS})

@@ -27,9 +27,11 @@ from servekit._private.asgi_app import (
     is_asgi_backend,
     load_app,
 )
+from servekit._private.backend_metadata import BackendMetadata
+from servekit._private.config_checks import validate_backend_against_config
 from servekit._private.import_path import import_path_of
 from servekit.api import Client, _asgi_target
-from servekit.config import BackendConfig, BackendMetadata, validate_backend_against_config
+from servekit.config import BackendConfig
 
 with warnings.catch_warnings():
     # starlette 1.x wants httpx2 for its test client and warns with httpx, which we use.

@@ -1,4 +1,4 @@
-"""Unit tests of the proxy's side of an ASGI backend (``servekit._private.asgi_proxy``):
+"""Unit tests of the proxy's side of an ASGI backend (``servekit._private.proxy.asgi_proxy``):
 the scope an app gets, and a request body passed on as it arrives (``forward_body``).
 
 ``forward_body`` reads the client's messages from a scripted ``receive`` and hands the body
@@ -13,8 +13,8 @@ from typing import Any, Dict, List
 import pytest
 from loop_helpers import run
 
-from servekit._private.asgi_proxy import ShadowCopies, app_scope, forward_body
-from servekit._private.routed_request import ENDED
+from servekit._private.proxy.asgi_proxy import ShadowCopies, app_scope, forward_body
+from servekit._private.routing.routed_request import ENDED
 
 END = "<end>"
 

@@ -1,4 +1,4 @@
-"""Unit tests of an ASGI app run in a replica (``servekit._private.asgi_runner``).
+"""Unit tests of an ASGI app run in a replica (``servekit._private.replica.asgi_runner``).
 
 ``AppCall`` runs one HTTP request or WebSocket connection through an app and turns what the
 app sends into the reply that goes back to the proxy; ``Lifespan`` runs the app's lifespan
@@ -18,8 +18,8 @@ from typing import Any, Awaitable, Callable, List, Optional
 import pytest
 from loop_helpers import run, spin
 
-from servekit._private.asgi_runner import AppCall, Lifespan, LifespanFailed
-from servekit._private.transport import ReplyStream, dumps
+from servekit._private.replica.asgi_runner import AppCall, Lifespan, LifespanFailed
+from servekit._private.wire.transport import ReplyStream, dumps
 from servekit.request import HTTPResponseWire
 
 HEADERS = [(b"content-type", b"text/plain")]

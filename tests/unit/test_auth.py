@@ -1,6 +1,6 @@
-"""Unit tests of the TCP handshake (``servekit._private.auth``), of the TLS every TCP
-connection runs in (``servekit._private.tls``), and of how the transport
-(``servekit._private.transport``) uses them.
+"""Unit tests of the TCP handshake (``servekit._private.wire.auth``), of the TLS every TCP
+connection runs in (``servekit._private.wire.tls``), and of how the transport
+(``servekit._private.wire.transport``) uses them.
 
 The ``Handshake`` tests need no sockets: the bytes one side produces are handed to the other,
 in whatever chunking the test needs. The transport tests use real loopback TCP connections
@@ -25,9 +25,10 @@ from typing import Any, AsyncIterator, Callable, List, Optional, Tuple
 import pytest
 from loop_helpers import run
 
-from servekit._private import auth, constants, tls, transport
-from servekit._private.auth import _MAC, _MAGIC, _NONCE, AuthenticationFailed, Handshake
-from servekit._private.transport import (
+from servekit._private import constants
+from servekit._private.wire import auth, tls, transport
+from servekit._private.wire.auth import _MAC, _MAGIC, _NONCE, AuthenticationFailed, Handshake
+from servekit._private.wire.transport import (
     _HEADER,
     _REPLY_OK,
     _REQUEST,

@@ -20,9 +20,10 @@ from controller_helpers import (
 from fake_runtime import FakeRuntime
 from loop_helpers import run
 
+from servekit._private.backend_metadata import BackendMetadata
 from servekit._private.controller.controller import Controller
 from servekit._private.controller.state import RUNNING
-from servekit.config import BackendConfig, BackendMetadata, HTTPOptions
+from servekit.config import BackendConfig, HTTPOptions
 
 FAST = {"upscale_delay_s": 0, "downscale_delay_s": 0, "look_back_period_s": 0.01,
         "metrics_interval_s": 0.02}

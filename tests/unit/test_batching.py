@@ -12,7 +12,7 @@ from typing import Any, Callable, List, Tuple
 import pytest
 from loop_helpers import run, spin
 
-from servekit._private.batching import BatchQueue
+from servekit._private.replica.batching import BatchQueue
 from servekit.exceptions import BatchOutputError
 
 

@@ -12,16 +12,14 @@ from pydantic import ValidationError
 from starlette.middleware import Middleware
 from starlette.middleware.gzip import GZipMiddleware
 
-from servekit.config import (
-    BackendConfig,
-    BackendMetadata,
-    DeploymentMode,
-    HTTPOptions,
+from servekit._private.backend_metadata import BackendMetadata
+from servekit._private.config_checks import (
     parse_backend_config,
     parse_http_options,
     validate_actor_options,
     validate_backend_against_config,
 )
+from servekit.config import BackendConfig, DeploymentMode, HTTPOptions
 
 
 def _mark(func: Any) -> Any:

@@ -35,11 +35,12 @@ from fake_runtime import FakeRuntime
 from loop_helpers import run
 
 from servekit._private import constants
+from servekit._private.backend_metadata import BackendMetadata, ReplicaConfig
 from servekit._private.controller import backend_reconciler
 from servekit._private.controller.controller import Controller
 from servekit._private.controller.durable import LoadedState, load
 from servekit._private.controller.state import RUNNING, STARTING
-from servekit.config import BackendConfig, BackendMetadata, HTTPOptions, ReplicaConfig
+from servekit.config import BackendConfig, HTTPOptions
 from servekit.exceptions import ServeError
 
 # --------------------------------------------------------------------------- backends

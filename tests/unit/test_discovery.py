@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from servekit._private import discovery
+from servekit._private.wire import discovery
 
 
 @pytest.fixture(autouse=True)

@@ -13,11 +13,12 @@ from typing import Any, Dict, Iterable, List, Mapping, Tuple
 import cloudpickle
 import pytest
 
+from servekit._private.backend_metadata import BackendMetadata, ReplicaConfig
 from servekit._private.controller.durable import DurableState, load, snapshot
 from servekit._private.controller.state import RUNNING, BackendState, ReplicaRecord
+from servekit._private.controller.store import MemoryStore, SQLiteStore
 from servekit._private.specs import EndpointInfo
-from servekit._private.store import MemoryStore, SQLiteStore
-from servekit.config import BackendConfig, BackendMetadata, ReplicaConfig
+from servekit.config import BackendConfig
 from servekit.exceptions import ServeError
 
 

@@ -1,4 +1,4 @@
-"""Unit tests of the proxy's HTTP connections (``servekit._private.http_protocol``): bytes
+"""Unit tests of the proxy's HTTP connections (``servekit._private.proxy.http_protocol``): bytes
 are fed to the protocol by hand through a fake transport, and its clock is moved by hand,
 so each case (a head that trickles, a body that stalls, a budget full at a given read) is
 reached deterministically."""
@@ -12,7 +12,7 @@ import uvicorn
 from loop_helpers import run, spin
 from uvicorn.server import ServerState
 
-from servekit._private.http_protocol import BodyBudget, ProxyHttpProtocol
+from servekit._private.proxy.http_protocol import BodyBudget, ProxyHttpProtocol
 
 TIMEOUT_S = 10.0
 

@@ -12,7 +12,7 @@ from loop_helpers import run, spin
 from router_fakes import Cluster, Feed, endpoint, make_router, start_send
 
 from servekit._private import constants
-from servekit._private.router import Router
+from servekit._private.routing.router import Router
 from servekit._private.specs import BackendLimits
 
 DEADLINE_S = 5.0

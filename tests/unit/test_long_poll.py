@@ -12,7 +12,7 @@ from typing import Dict
 
 from loop_helpers import run, spin
 
-from servekit._private.long_poll import LongPollHost
+from servekit._private.routing.long_poll import LongPollHost
 
 KEY = "endpoints"
 

@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import pytest
 
-from servekit._private.proxy import HTTPProxy
+from servekit._private.proxy.proxy import HTTPProxy
 from servekit._private.specs import EndpointInfo
 
 

@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List
 import pytest
 from loop_helpers import run, spin
 
-from servekit._private.replica import CallGate, user_code
+from servekit._private.replica.replica import CallGate, user_code
 from servekit.exceptions import ServeError
 
 

@@ -11,9 +11,10 @@ import cloudpickle
 from loop_helpers import run, spin
 
 import servekit as serve
-from servekit._private.replica import Replica
+from servekit._private.backend_metadata import BackendMetadata, ReplicaConfig
+from servekit._private.replica.replica import Replica
 from servekit._private.specs import ReplicaSpec
-from servekit.config import BackendConfig, BackendMetadata, ReplicaConfig
+from servekit.config import BackendConfig
 
 
 class HeldBatches:

@@ -1,4 +1,4 @@
-"""Unit tests of a request's lifecycle in a router (``servekit._private.routed_request``).
+"""Unit tests of a request's lifecycle in a router (``servekit._private.routing.routed_request``).
 
 Each test drives one ``RoutedRequest`` through its states with a router whose replicas are
 played by ``FakeReplica`` (frames fed in the order the test picks, see ``router_fakes``),
@@ -16,7 +16,7 @@ from loop_helpers import run, spin
 from router_fakes import Cluster, endpoint, make_router, sent, slot, start_send
 
 from servekit._private import constants, metrics
-from servekit._private.routed_request import (
+from servekit._private.routing.routed_request import (
     CANCEL,
     CANCELLING,
     ENDED,
@@ -26,9 +26,9 @@ from servekit._private.routed_request import (
     IllegalTransition,
     RoutedRequest,
 )
-from servekit._private.router import Router
+from servekit._private.routing.router import Router
 from servekit._private.specs import BackendLimits
-from servekit._private.transport import _CANCEL, _CREDIT, ConnectionClosed, ReplyStream
+from servekit._private.wire.transport import _CANCEL, _CREDIT, ConnectionClosed, ReplyStream
 from servekit.exceptions import BackendUnavailableError, RequestTimeoutError
 
 STATES = sorted({state for state, _ in TRANSITIONS} | set(TRANSITIONS.values()))

@@ -18,15 +18,15 @@ import pytest
 from loop_helpers import run, spin
 from router_fakes import END, Cluster, make_router, sent
 
-from servekit._private.routed_request import (
+from servekit._private.routing.routed_request import (
     CANCELLING,
     CONNECTING,
     QUEUED,
     STREAMING,
     RoutedRequest,
 )
-from servekit._private.router import Router
-from servekit._private.transport import (
+from servekit._private.routing.router import Router
+from servekit._private.wire.transport import (
     _IN_CHUNK,
     _IN_END,
     _REQUEST,

@@ -1,4 +1,4 @@
-"""Unit tests of the router (``servekit._private.router``): replica choice, refusals, room
+"""Unit tests of the router (``servekit._private.routing.router``): replica choice, refusals, room
 notices, dead replicas, endpoint deadlines and shadow copies.
 
 No processes, no sockets: the router gets ``Cluster.connect`` as its ``connect_replica``,
@@ -31,8 +31,8 @@ from router_fakes import (
 )
 
 from servekit._private import constants
-from servekit._private.router import Router
-from servekit._private.transport import ConnectFailed, RpcClient
+from servekit._private.routing.router import Router
+from servekit._private.wire.transport import ConnectFailed, RpcClient
 from servekit.exceptions import (
     BackendOverloadedError,
     BackendUnavailableError,
@@ -754,8 +754,8 @@ def test_a_tcp_controller_that_is_restarting_is_waited_for(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """On Ray the controller's TCP port is unserved while Ray restarts it: a router starting
     then retries until the new controller listens, instead of failing."""
-    from servekit._private import auth
-    from servekit._private.transport import RpcServer
+    from servekit._private.wire import auth
+    from servekit._private.wire.transport import RpcServer
 
     monkeypatch.setattr(auth, "_secret", b"k" * 32)
     with socket.socket() as probe:
@@ -795,8 +795,8 @@ def test_a_tcp_controller_that_moved_is_found_at_its_new_address(
     """A controller restarted where its old port could not be had serves elsewhere: the
     router, given the old address, connects where the registered resolver says it is now
     (and looks again while the resolver does not know yet)."""
-    from servekit._private import auth, discovery
-    from servekit._private.transport import RpcServer
+    from servekit._private.wire import auth, discovery
+    from servekit._private.wire.transport import RpcServer
 
     monkeypatch.setattr(auth, "_secret", b"k" * 32)
     monkeypatch.setattr(discovery, "_resolvers", {})

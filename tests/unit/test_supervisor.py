@@ -18,9 +18,10 @@ from typing import Any, Tuple
 import pytest
 from loop_helpers import run
 
-from servekit._private import constants, supervisor
-from servekit._private.process import bind_unix_socket, cpu_state
-from servekit._private.transport import RpcServer
+from servekit._private import constants
+from servekit._private.wire.transport import RpcServer
+from servekit._private.workers import supervisor
+from servekit._private.workers.process import bind_unix_socket, cpu_state
 
 
 class FakeController:

@@ -1,4 +1,4 @@
-"""Unit tests of the thread lane (``servekit._private.thread_lane``): sync user code on
+"""Unit tests of the thread lane (``servekit._private.replica.thread_lane``): sync user code on
 threads, answered on the loop. Threads are driven with events, so each interleaving of a
 caller leaving and a thread starting or returning is reached deterministically."""
 
@@ -12,7 +12,7 @@ from typing import List
 import pytest
 from loop_helpers import run
 
-from servekit._private.thread_lane import ThreadLane
+from servekit._private.replica.thread_lane import ThreadLane
 
 DEADLINE_S = 10
 request_name: contextvars.ContextVar[str] = contextvars.ContextVar("request_name")

@@ -13,7 +13,7 @@ from typing import Dict, List
 
 import pytest
 
-from servekit._private.router import pick_backend
+from servekit._private.routing.router import pick_backend
 
 N = 10_000
 

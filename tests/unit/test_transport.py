@@ -1,4 +1,4 @@
-"""Unit tests of the framed RPC transport (``servekit._private.transport``).
+"""Unit tests of the framed RPC transport (``servekit._private.wire.transport``).
 
 No sockets: an ``RpcClient`` or ``RpcServer`` is wired to a ``_FrameProtocol`` whose
 transport is a recorder, and server frames are fed to ``data_received`` as raw bytes, in
@@ -15,7 +15,7 @@ from typing import Any, List, Optional, Tuple
 import pytest
 from loop_helpers import run
 
-from servekit._private.transport import (
+from servekit._private.wire.transport import (
     _CANCEL,
     _HEADER,
     _NOTIFY,

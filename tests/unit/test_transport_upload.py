@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Tuple
 from loop_helpers import run, spin
 from test_transport import Frame, RecordingTransport, frame, request_ids, wired_client
 
-from servekit._private.transport import (
+from servekit._private.wire.transport import (
     _IN_CHUNK,
     _IN_CREDIT,
     _IN_END,

@@ -7,9 +7,12 @@ the controller package so that the data plane never imports the control plane.
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
-from servekit.config import BackendConfig, BackendMetadata, HTTPOptions, ReplicaConfig
+import cloudpickle
+
+from servekit._private.backend_metadata import BackendMetadata, ReplicaConfig
+from servekit.config import BackendConfig, HTTPOptions
 
 
 @dataclasses.dataclass
@@ -69,3 +72,23 @@ class ControllerSpec:
     http_options: HTTPOptions
     detached: bool
     custom_resources: Dict[str, float]
+
+
+@dataclasses.dataclass
+class WorkerSpec:
+    """What a worker process is and how it reaches the rest of its instance."""
+
+    role: str  # "controller", "proxy" or "replica"
+    name: str
+    instance_dir: str
+    rpc_fd: int  # a listening Unix socket the parent bound for this worker
+    controller_address: Optional[str]
+    payload: bytes  # cloudpickled role-specific spec, loaded after sys_path is in place
+    sys_path: Sequence[str] = ()
+    watch_parent: bool = True  # exit when stdin (the pipe from the parent) closes
+    lifeline_fd: Optional[int] = None  # else: exit when this inherited pipe closes
+    daemonize: bool = False  # fork once more so the parent does not keep it as its child
+    extra_fds: Dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def load_payload(self) -> Any:
+        return cloudpickle.loads(self.payload)

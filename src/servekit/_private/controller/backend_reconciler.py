@@ -15,6 +15,8 @@ import time
 from typing import Any, List, Optional, Protocol, Tuple
 
 from servekit._private import constants, metrics
+from servekit._private.backend_metadata import BackendMetadata
+from servekit._private.config_checks import validate_backend_against_config
 from servekit._private.controller.autoscaling import AutoscalingPolicy, Decision, LoadBook
 from servekit._private.controller.goals import GoalManager
 from servekit._private.controller.state import (
@@ -24,10 +26,10 @@ from servekit._private.controller.state import (
     BackendState,
     ReplicaRecord,
 )
-from servekit._private.long_poll import LongPollHost
+from servekit._private.routing.long_poll import LongPollHost
 from servekit._private.runtime.base import Runtime
 from servekit._private.specs import ReplicaSpec
-from servekit.config import BackendConfig, BackendMetadata, validate_backend_against_config
+from servekit.config import BackendConfig
 from servekit.exceptions import BackendUnavailableError, ServeError
 
 logger = logging.getLogger("servekit.controller")

@@ -18,6 +18,8 @@ import time
 from typing import Any, Dict, List, Optional
 
 from servekit._private import constants, metrics, resources
+from servekit._private.backend_metadata import BackendMetadata, ReplicaConfig
+from servekit._private.config_checks import validate_backend_against_config
 from servekit._private.controller import recovery
 from servekit._private.controller.autoscaling import LoadBook
 from servekit._private.controller.backend_reconciler import (
@@ -29,17 +31,11 @@ from servekit._private.controller.endpoint_table import EndpointTable
 from servekit._private.controller.goals import GoalManager
 from servekit._private.controller.proxies import ProxyReconciler
 from servekit._private.controller.state import RUNNING, STARTING, BackendState
-from servekit._private.long_poll import LongPollHost
+from servekit._private.routing.long_poll import LongPollHost
 from servekit._private.runtime.base import Connection, Runtime
 from servekit._private.specs import BackendLimits
-from servekit._private.transport import current_peer
-from servekit.config import (
-    BackendConfig,
-    BackendMetadata,
-    HTTPOptions,
-    ReplicaConfig,
-    validate_backend_against_config,
-)
+from servekit._private.wire.transport import current_peer
+from servekit.config import BackendConfig, HTTPOptions
 from servekit.exceptions import ServeError
 
 logger = logging.getLogger("servekit.controller")

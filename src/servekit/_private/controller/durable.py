@@ -21,10 +21,11 @@ import pickle
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List, Optional, Tuple
 
+from servekit._private.backend_metadata import BackendMetadata, ReplicaConfig
 from servekit._private.controller.state import BackendState, ReplicaRecord
 from servekit._private.runtime.base import Store
 from servekit._private.specs import EndpointInfo
-from servekit.config import BackendConfig, BackendMetadata, ReplicaConfig
+from servekit.config import BackendConfig
 from servekit.exceptions import ServeError
 
 Records = Dict[str, bytes]

@@ -10,7 +10,7 @@ from typing import Any
 from servekit._private import metrics
 from servekit._private.controller.controller import Controller
 from servekit._private.runtime.base import Runtime
-from servekit._private.transport import RpcServer
+from servekit._private.wire.transport import RpcServer
 from servekit.config import HTTPOptions
 
 logger = logging.getLogger("servekit.controller")

@@ -6,8 +6,9 @@ import asyncio
 import dataclasses
 from typing import Dict, List, Optional
 
+from servekit._private.backend_metadata import BackendMetadata, ReplicaConfig
 from servekit._private.runtime.base import Connection
-from servekit.config import BackendConfig, BackendMetadata, ReplicaConfig
+from servekit.config import BackendConfig
 
 STARTING, RUNNING, STOPPING = "STARTING", "RUNNING", "STOPPING"
 

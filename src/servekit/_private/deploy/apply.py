@@ -5,18 +5,15 @@ from __future__ import annotations
 
 import os
 import uuid
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Union
 
+from servekit._private.backend_metadata import BackendMetadata, ReplicaConfig
 from servekit._private.deploy.definition import BackendDefinition, load_definitions
 from servekit._private.deploy.plan import DeployPlan, Operation, make_plan
 from servekit._private.deploy.schema import DeploySpec, load_deploy_file, parse_deploy_dict
-from servekit._private.deploy.state import RunningState, read_state
+from servekit._private.deploy.state import Client, RunningState, read_state
 from servekit._private.deploy.undo import inverse
-from servekit.config import BackendMetadata, ReplicaConfig
 from servekit.exceptions import ServeError
-
-if TYPE_CHECKING:
-    from servekit.api import Client
 
 DeployConfig = Union[str, "os.PathLike[str]", Mapping[str, Any], DeploySpec]
 

@@ -23,9 +23,10 @@ from typing import Any, Dict, List, Optional
 
 from servekit._private import user_errors
 from servekit._private.asgi_app import ASGIFactory
+from servekit._private.backend_metadata import BackendMetadata, ReplicaConfig
+from servekit._private.config_checks import validate_backend_against_config
 from servekit._private.deploy.schema import BackendSpec, DeployFileError, DeploySpec
 from servekit._private.import_path import import_attribute
-from servekit.config import BackendMetadata, ReplicaConfig, validate_backend_against_config
 from servekit.env import CondaEnv, Environment, VirtualEnv
 
 

@@ -12,8 +12,9 @@ import inspect
 import json
 from typing import Any, Callable, Dict, List, Optional, Union
 
+from servekit._private.config_checks import parse_backend_config
 from servekit._private.import_path import import_path_of
-from servekit.config import BackendConfig, parse_backend_config
+from servekit.config import BackendConfig
 from servekit.env import CondaEnv, Environment, VirtualEnv
 from servekit.exceptions import ServeError
 

@@ -15,7 +15,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, TypeVar, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from servekit.config import BackendConfig, HTTPOptions, validate_actor_options
+from servekit._private.config_checks import validate_actor_options
+from servekit.config import BackendConfig, HTTPOptions
 
 Place = Tuple[Union[str, int], ...]
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")

@@ -4,12 +4,25 @@ endpoints (route, methods, traffic, shadows, mark) and the HTTP address its prox
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Protocol, Union
 
 from servekit.config import BackendConfig
 
-if TYPE_CHECKING:
-    from servekit.api import Client
+
+class Client(Protocol):
+    """What deploys ask of a ``servekit.Client`` (the public one conforms; so do fakes)."""
+
+    def _call(self, name: str, *args: Any) -> Any: ...
+    def _wait_for_goal(self, goal_id: Optional[str]) -> None: ...
+    def list_backends(self) -> Dict[str, BackendConfig]: ...
+    def update_backend_config(self, backend_tag: str,
+                              config_options: Union[BackendConfig, Dict[str, Any]]) -> None: ...
+    def delete_backend(self, backend_tag: str, force: bool = False) -> None: ...
+    def delete_endpoint(self, endpoint: str) -> None: ...
+    def set_traffic(self, endpoint_name: str,
+                    traffic_policy_dictionary: Dict[str, float]) -> None: ...
+    def shadow_traffic(self, endpoint_name: str, backend_tag: str,
+                       proportion: float) -> None: ...
 
 
 @dataclasses.dataclass(frozen=True)

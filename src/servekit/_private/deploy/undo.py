@@ -9,13 +9,10 @@ apply deletes backends last.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from servekit._private.deploy.plan import Operation
-from servekit._private.deploy.state import RunningEndpoint, RunningState
-
-if TYPE_CHECKING:
-    from servekit.api import Client
+from servekit._private.deploy.state import Client, RunningEndpoint, RunningState
 
 
 def inverse(operation: Operation, before: RunningState, client: Client) -> List[Operation]:

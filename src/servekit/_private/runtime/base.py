@@ -15,7 +15,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Protocol, Tuple
 
 
 class Store(Protocol):
-    """Durable ``key -> bytes``; ``write`` is one transaction (see ``servekit._private.store``)."""
+    """Durable ``key -> bytes``; ``write`` is one transaction (``controller/store.py``)."""
 
     def read_all(self) -> Dict[str, bytes]: ...
     def write(self, puts: Mapping[str, bytes], deletes: Iterable[str] = ()) -> None: ...

@@ -10,10 +10,10 @@ from __future__ import annotations
 import sys
 from typing import Dict, Optional
 
-from servekit._private import home
 from servekit._private.runtime.base import Instance
 from servekit._private.runtime.local_instance import DetachedLocalInstance, LocalInstance
-from servekit._private.transport import parse_tcp_address
+from servekit._private.wire.transport import parse_tcp_address
+from servekit._private.workers import home
 from servekit.config import HTTPOptions
 
 

@@ -15,19 +15,18 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import cloudpickle
 
-from servekit._private.process import (
+from servekit._private.controller.store import SQLiteStore
+from servekit._private.resources import GPUAllocator, detect_gpus, machine_capacity
+from servekit._private.runtime.base import Connection, Runtime
+from servekit._private.specs import ControllerSpec, WorkerSpec
+from servekit._private.wire.transport import RpcClient
+from servekit._private.workers.process import (
     AdoptedProcess,
     WorkerProcess,
-    WorkerSpec,
     bind_unix_socket,
     process_start_time,
     unix_socket_holders,
 )
-from servekit._private.resources import GPUAllocator, detect_gpus, machine_capacity
-from servekit._private.runtime.base import Connection, Runtime
-from servekit._private.specs import ControllerSpec
-from servekit._private.store import SQLiteStore
-from servekit._private.transport import RpcClient
 from servekit.exceptions import ServeError
 
 logger = logging.getLogger("servekit.controller")

@@ -16,16 +16,16 @@ from typing import Dict, List, Optional, Tuple
 
 import cloudpickle
 
-from servekit._private import constants, home
-from servekit._private.process import (
+from servekit._private import constants
+from servekit._private.runtime.base import Instance
+from servekit._private.specs import ControllerSpec, WorkerSpec
+from servekit._private.workers import home
+from servekit._private.workers.process import (
     WorkerProcess,
-    WorkerSpec,
     bind_http_socket,
     bind_unix_socket,
     importable_sys_path,
 )
-from servekit._private.runtime.base import Instance
-from servekit._private.specs import ControllerSpec
 from servekit.config import HTTPOptions
 
 

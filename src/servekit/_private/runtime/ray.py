@@ -32,18 +32,19 @@ import ray
 from ray.experimental import internal_kv
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from servekit._private import auth, constants
-from servekit._private.discovery import register_controller_resolver
+from servekit._private import constants
 from servekit._private.event_loop import new_event_loop
-from servekit._private.process import (
-    WorkerSpec,
+from servekit._private.runtime.base import Connection, Instance, Runtime
+from servekit._private.specs import WorkerSpec
+from servekit._private.wire import auth
+from servekit._private.wire.discovery import register_controller_resolver
+from servekit._private.wire.transport import RpcClient, parse_tcp_address, tcp_address
+from servekit._private.workers.process import (
     bind_http_socket,
     importable_sys_path,
     process_start_time,
 )
-from servekit._private.runtime.base import Connection, Instance, Runtime
-from servekit._private.transport import RpcClient, parse_tcp_address, tcp_address
-from servekit._private.worker import configure_logging
+from servekit._private.workers.worker import configure_logging
 from servekit.config import HTTPOptions
 from servekit.exceptions import ServeError
 
@@ -200,7 +201,7 @@ class ServekitActor:
         self._ended.wait(timeout)
 
     def _run(self, spec: WorkerSpec, sock: socket.socket) -> None:
-        from servekit._private.worker import role_main
+        from servekit._private.workers.worker import role_main
 
         asyncio.set_event_loop(self._loop)
         run = run_ray_controller if spec.role == "controller" else role_main(spec.role)

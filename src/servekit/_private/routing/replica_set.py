@@ -14,9 +14,9 @@ import logging
 from typing import Awaitable, Callable, Deque, Dict, List, Optional, Tuple
 
 from servekit._private import constants, metrics
-from servekit._private.routed_request import QUEUED, RoutedRequest
+from servekit._private.routing.routed_request import QUEUED, RoutedRequest
 from servekit._private.specs import BackendLimits
-from servekit._private.transport import ConnectFailed, RpcClient
+from servekit._private.wire.transport import ConnectFailed, RpcClient
 from servekit.exceptions import BackendOverloadedError, BackendUnavailableError
 
 logger = logging.getLogger("servekit.router")
@@ -80,6 +80,18 @@ class ReplicaSlot:
 
     def _room(self) -> None:
         self.full = False
+        self._on_room()
+
+    def release(self, completed: bool) -> None:
+        """A request gives its place back; ``completed``: the replica finished it (so it
+        has room, whatever it said before)."""
+        self.in_flight -= 1
+        if completed:
+            self.full = False
+        if self.removed:
+            if self.in_flight == 0:
+                self.close()
+            return
         self._on_room()
 
     def refused(self) -> None:
@@ -260,18 +272,6 @@ class ReplicaSet:
         if request.expiry is not None:
             request.expiry.cancel()
             request.expiry = None
-
-    def release(self, slot: ReplicaSlot, completed: bool) -> None:
-        """A request gives its place on ``slot`` back; ``completed``: the replica finished
-        it (so it has room, whatever it said before)."""
-        slot.in_flight -= 1
-        if completed:
-            slot.full = False
-        if slot.removed:
-            if slot.in_flight == 0:
-                slot.close()
-            return
-        self._wake()
 
     def _wake(self) -> None:
         """Place waiting requests, in order, while replicas have room."""

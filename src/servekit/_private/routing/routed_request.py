@@ -26,9 +26,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import pickle
-from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional
+from typing import Any, Deque, Dict, List, Optional, Protocol
 
-from servekit._private.transport import (
+from servekit._private.wire.transport import (
     _IN_CREDIT,
     _REPLY_BUSY,
     _REPLY_ERROR,
@@ -45,9 +45,6 @@ from servekit._private.transport import (
     peer_lost,
 )
 from servekit.exceptions import RequestTimeoutError, ServeError
-
-if TYPE_CHECKING:
-    from servekit._private.replica_set import ReplicaSet, ReplicaSlot
 
 # States.
 QUEUED = "queued"  # waits in its backend's queue for a replica with room
@@ -142,6 +139,29 @@ class _Upload:
         await self._changed.wait()
 
 
+class Place(Protocol):
+    """A replica as a request placed on it sees it (``replica_set.ReplicaSlot``)."""
+
+    tag: str
+    connection: Optional[RpcClient]
+
+    def connecting(self) -> asyncio.Future: ...
+    def release(self, completed: bool) -> None: ...
+    def refused(self) -> None: ...
+    def lost(self) -> None: ...
+
+
+class Backend(Protocol):
+    """The backend a request is routed to, as the request sees it (``ReplicaSet``)."""
+
+    backend: str
+    request_timeout_s: Optional[float]
+    requests: Any  # the router's request counter of this backend
+
+    def dequeued(self, request: RoutedRequest) -> None: ...
+    def requeue(self, request: RoutedRequest) -> None: ...
+
+
 class RoutedRequest(Exchange):
     """One request of a router, from its queue to the end of its reply (module docstring).
 
@@ -155,7 +175,7 @@ class RoutedRequest(Exchange):
                  "slot", "connection", "msg_id", "stream", "expiry", "counted", "dropped",
                  "upload", "_written")
 
-    def __init__(self, replica_set: "ReplicaSet", payload: bytes,
+    def __init__(self, replica_set: Backend, payload: bytes,
                  trace: Optional[Dict[str, str]] = None, shadow: bool = False) -> None:
         self.state = QUEUED
         self.replica_set = replica_set
@@ -165,7 +185,7 @@ class RoutedRequest(Exchange):
         self.trace = trace
         self.first = False
         self.shadow = shadow
-        self.slot: Optional["ReplicaSlot"] = None
+        self.slot: Optional[Place] = None
         self.connection: Optional[RpcClient] = None
         self.msg_id = 0
         self.stream: Optional[ReplyStream] = None
@@ -191,7 +211,7 @@ class RoutedRequest(Exchange):
         if before in _HOLDING and after not in _HOLDING:
             slot, self.slot, self.connection = self.slot, None, None
             assert slot is not None
-            self.replica_set.release(slot, completed)
+            slot.release(completed)
         if before == QUEUED and after != QUEUED:
             self.replica_set.dequeued(self)
         if self.upload is not None:
@@ -200,7 +220,7 @@ class RoutedRequest(Exchange):
 
     # ------------------------------------------------------------- placing it
 
-    def granted(self, slot: "ReplicaSlot") -> None:
+    def granted(self, slot: Place) -> None:
         """A replica with room was picked: write the request to it (once connected)."""
         self._apply(GRANTED)
         self.slot = slot

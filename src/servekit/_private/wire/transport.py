@@ -40,8 +40,9 @@ from typing import (
     Tuple,
 )
 
-from servekit._private import constants, tls, user_errors
-from servekit._private.auth import (
+from servekit._private import constants, user_errors
+from servekit._private.wire import tls
+from servekit._private.wire.auth import (
     HANDSHAKE_TIMEOUT_S,
     AuthenticationFailed,
     Handshake,

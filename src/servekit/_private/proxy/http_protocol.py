@@ -18,12 +18,9 @@ from __future__ import annotations
 
 import collections
 import http
-from typing import TYPE_CHECKING, Any, Callable, Deque, List, Optional
+from typing import Any, Callable, Deque, List, Optional, Protocol
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-
-if TYPE_CHECKING:
-    from servekit._private.proxy import HTTPProxy
 
 # Largest request body the fast lane serves (uvicorn stops reading past it until an ASGI
 # app asks for more).
@@ -78,6 +75,16 @@ class HeldBody:
         self.size = 0
 
 
+class FastLane(Protocol):
+    """What a connection needs of the proxy that serves its requests without an ASGI task
+    (``proxy.HTTPProxy``)."""
+
+    max_body_bytes: int
+    request_timeout_s: Optional[float]
+
+    def serve_now(self, protocol: Any, cycle: Any) -> bool: ...
+
+
 class ProxyHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with the bounds of the module docstring.
 
@@ -87,7 +94,7 @@ class ProxyHttpProtocol(HttpToolsProtocol):
 
     def __init__(self, *args: Any, max_header_bytes: int, max_header_count: int,
                  client_timeout_s: float, body_budget: BodyBudget,
-                 fast_lane: Optional["HTTPProxy"] = None, **kwargs: Any) -> None:
+                 fast_lane: Optional[FastLane] = None, **kwargs: Any) -> None:
         """``fast_lane``: the proxy, when no user middleware wraps it: requests it can take
         are served by ``HTTPProxy.serve_now`` instead of an ASGI task."""
         super().__init__(*args, **kwargs)
@@ -248,7 +255,7 @@ class ProxyHttpProtocol(HttpToolsProtocol):
                 return
         super()._start_asgi_task(cycle, app)
 
-    def _fast_lane_takes(self, cycle: Any, proxy: "HTTPProxy") -> bool:
+    def _fast_lane_takes(self, cycle: Any, proxy: FastLane) -> bool:
         """Whether the fast lane may serve this request: its body is small and announced
         (the lane reads no body from a client that stalls while a timeout is set, and
         grants no 100-continue), or absent."""

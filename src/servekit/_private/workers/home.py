@@ -13,7 +13,7 @@ import stat
 from typing import Optional
 
 from servekit._private import constants
-from servekit._private.process import process_start_time
+from servekit._private.workers.process import process_start_time
 from servekit.exceptions import ServeError
 
 _RECORD = "detached-instance.json"

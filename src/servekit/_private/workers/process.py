@@ -10,7 +10,6 @@ end-of-file and exits too, so no process outlives the instance.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 import pickle
 import select
@@ -19,37 +18,16 @@ import socket
 import struct
 import subprocess
 import sys
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
-
-import cloudpickle
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from servekit._private.constants import PROCESS_STOP_TIMEOUT_S
+from servekit._private.specs import WorkerSpec
 from servekit.exceptions import HostNotFoundError, ServeError
 
 _LENGTH = struct.Struct("!Q")
 
 # Run (quickly, from the lifeline thread) just before a worker exits because its parent died.
 parent_exit_hooks: List[Callable[[], None]] = []
-
-
-@dataclasses.dataclass
-class WorkerSpec:
-    """What a worker process is and how it reaches the rest of its instance."""
-
-    role: str  # "controller", "proxy" or "replica"
-    name: str
-    instance_dir: str
-    rpc_fd: int  # a listening Unix socket the parent bound for this worker
-    controller_address: Optional[str]
-    payload: bytes  # cloudpickled role-specific spec, loaded after sys_path is in place
-    sys_path: Sequence[str] = ()
-    watch_parent: bool = True  # exit when stdin (the pipe from the parent) closes
-    lifeline_fd: Optional[int] = None  # else: exit when this inherited pipe closes
-    daemonize: bool = False  # fork once more so the parent does not keep it as its child
-    extra_fds: Dict[str, int] = dataclasses.field(default_factory=dict)
-
-    def load_payload(self) -> Any:
-        return cloudpickle.loads(self.payload)
 
 
 def bind_unix_socket(path: str) -> socket.socket:
@@ -111,7 +89,7 @@ class WorkerProcess:
         log = open(log_path, "ab") if log_path else None  # else: share this process's output
         try:
             self.popen = subprocess.Popen(
-                [python, "-m", "servekit._private.worker"], stdin=subprocess.PIPE,
+                [python, "-m", "servekit._private.workers.worker"], stdin=subprocess.PIPE,
                 stdout=log, stderr=log, pass_fds=fds, env=env, start_new_session=new_session)
         finally:
             if log is not None:

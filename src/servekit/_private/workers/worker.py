@@ -1,4 +1,4 @@
-"""Entry point of every servekit process: ``python -m servekit._private.worker``.
+"""Entry point of every servekit process: ``python -m servekit._private.workers.worker``.
 
 The parent writes a ``WorkerSpec`` to stdin. The worker then watches its lifeline — stdin
 itself, or the instance's lifeline pipe — and exits at once when it reads end-of-file.
@@ -21,7 +21,8 @@ import setproctitle
 
 from servekit._private.context import current_request_id
 from servekit._private.event_loop import new_event_loop
-from servekit._private.process import WorkerSpec, parent_exit_hooks, read_spec
+from servekit._private.specs import WorkerSpec
+from servekit._private.workers.process import parent_exit_hooks, read_spec
 
 
 def _watch_lifeline(fd: int) -> None:
@@ -97,13 +98,13 @@ def _set_title(title: str) -> None:
 def role_main(role: str) -> Callable[[WorkerSpec, socket.socket, asyncio.Event], Any]:
     """The coroutine function that runs a worker of ``role`` until its stop event is set."""
     if role == "supervisor":
-        from servekit._private.supervisor import run_supervisor as run
+        from servekit._private.workers.supervisor import run_supervisor as run
     elif role == "controller":
         from servekit._private.runtime.local import run_local_controller as run
     elif role == "proxy":
-        from servekit._private.proxy import run_proxy as run
+        from servekit._private.proxy.proxy import run_proxy as run
     elif role == "replica":
-        from servekit._private.replica import run_replica as run
+        from servekit._private.replica.replica import run_replica as run
     else:
         raise SystemExit(f"servekit worker: unknown role {role!r}")
     return run

@@ -19,11 +19,11 @@ import uuid
 from typing import Any, Dict, List, Optional, Tuple
 
 from servekit._private import constants, metrics
-from servekit._private.discovery import current_controller
-from servekit._private.replica_set import ConnectReplica, ReplicaSet, ReplicaSlot
-from servekit._private.routed_request import RoutedRequest
+from servekit._private.routing.replica_set import ConnectReplica, ReplicaSet, ReplicaSlot
+from servekit._private.routing.routed_request import RoutedRequest
 from servekit._private.specs import BackendLimits, EndpointInfo
-from servekit._private.transport import (
+from servekit._private.wire.discovery import current_controller
+from servekit._private.wire.transport import (
     ConnectFailed,
     ConnectionClosed,
     ReplyStream,

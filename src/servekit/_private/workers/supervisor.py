@@ -1,6 +1,6 @@
 """The instance supervisor: keeps an instance's controller running, and its processes alive.
 
-Every instance has one (``python -m servekit._private.worker`` in the "supervisor" role). It
+Every instance has one (``python -m servekit._private.workers.worker`` in the "supervisor" role). It
 holds what must outlive a controller — the controller's listening socket, the HTTP socket and
 the write end of the instance's lifeline pipe — and restarts the controller whenever it dies
 without having been asked to stop (or is killed for not answering pings). Every other
@@ -24,13 +24,13 @@ import threading
 import time
 
 from servekit._private import constants
-from servekit._private.process import (
+from servekit._private.specs import WorkerSpec
+from servekit._private.wire.transport import RpcClient
+from servekit._private.workers.process import (
     WorkerProcess,
-    WorkerSpec,
     cpu_state,
     parent_exit_hooks,
 )
-from servekit._private.transport import RpcClient
 from servekit.exceptions import BackendUnavailableError
 
 logger = logging.getLogger("servekit.supervisor")

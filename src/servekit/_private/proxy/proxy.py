@@ -15,24 +15,23 @@ import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from servekit._private import constants, metrics
-from servekit._private.asgi_proxy import (
+from servekit._private.context import new_request_id
+from servekit._private.proxy.asgi_proxy import (
     ShadowCopies,
     WebSocketSession,
     app_scope,
     deny_websocket,
     forward_body,
 )
-from servekit._private.context import new_request_id
-from servekit._private.http_protocol import (
+from servekit._private.proxy.http_protocol import (
     HELD_BODY,
     ON_DISCONNECT,
     BodyBudget,
     ProxyHttpProtocol,
 )
-from servekit._private.process import WorkerSpec
-from servekit._private.router import Router
-from servekit._private.specs import ProxySpec
-from servekit._private.transport import ReplyStream, RpcServer, encode_call
+from servekit._private.routing.router import Router
+from servekit._private.specs import ProxySpec, WorkerSpec
+from servekit._private.wire.transport import ReplyStream, RpcServer, encode_call
 from servekit.exceptions import (
     BackendOverloadedError,
     BackendUnavailableError,

@@ -32,16 +32,18 @@ import cloudpickle
 from starlette.requests import Request
 
 from servekit._private import constants, metrics
-from servekit._private.admission import STREAMING, Admission, current_admission
 from servekit._private.asgi_app import load_app
-from servekit._private.asgi_runner import AppCall, Lifespan
-from servekit._private.batching import BatchQueue
+from servekit._private.backend_metadata import BackendMetadata
+from servekit._private.config_checks import validate_backend_against_config
 from servekit._private.context import ReplicaContext, current_request_id, set_replica_context
 from servekit._private.import_path import import_attribute
-from servekit._private.process import WorkerSpec
-from servekit._private.specs import ReplicaSpec
-from servekit._private.thread_lane import ThreadLane
-from servekit._private.transport import (
+from servekit._private.replica.admission import STREAMING, Admission, current_admission
+from servekit._private.replica.asgi_runner import AppCall, Lifespan
+from servekit._private.replica.batching import BatchQueue
+from servekit._private.replica.thread_lane import ThreadLane
+from servekit._private.specs import ReplicaSpec, WorkerSpec
+from servekit._private.user_errors import FailureLog
+from servekit._private.wire.transport import (
     Busy,
     ReplyStream,
     RpcServer,
@@ -49,8 +51,7 @@ from servekit._private.transport import (
     current_peer,
     notify,
 )
-from servekit._private.user_errors import FailureLog
-from servekit.config import BackendConfig, BackendMetadata, validate_backend_against_config
+from servekit.config import BackendConfig
 from servekit.exceptions import MethodNotFoundError, ServeError
 from servekit.request import (
     HTTPRequestWire,

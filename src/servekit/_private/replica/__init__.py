@@ -1,0 +1,1 @@
+"""The replica process: admission, the thread lane, batching, and the ASGI runner."""

@@ -1,0 +1,2 @@
+"""Between processes: framing and multiplexed RPC, authentication, TLS, and finding the
+controller."""
