@@ -508,3 +508,81 @@ def test_a_per_call_timeout_overrides_the_backends() -> None:
             await asyncio.wait_for(reply, 5)
 
     run(main)
+
+
+# --------------------------------------------------------------------------- what it holds
+
+
+@pytest.mark.parametrize("ending", ["answer", "fail", "cancel_queued", "stream"])
+def test_an_ended_request_holds_no_payload_and_is_freed_without_the_cyclic_collector(
+        ending: str) -> None:
+    """Once it ends a request drops its bytes, and dropping its reply frees it by reference
+    counting alone: a cycle between request and reply would keep a large body alive until
+    the cyclic collector happens to run."""
+    import gc
+    import weakref
+
+    async def main() -> None:
+        cluster = Cluster()
+        r1 = cluster.replica("b#1")
+        router, _ = make_router(cluster, cap=1, b=[r1])
+        first = await sent(router, "A")
+        if ending == "cancel_queued":
+            waiting = start_send(router, "B")
+            await spin()
+            request = router._replica_sets["b"]._waiting[0]
+            waiting.cancel()
+            await spin()
+        else:
+            request = first.request  # type: ignore[attr-defined]
+            if ending == "answer":
+                r1.answer("A", "a")
+            elif ending == "fail":
+                r1.fail("A", ValueError("boom"))
+            else:
+                r1.chunk("A", 1)
+                r1.end_stream("A")
+            await spin()
+            assert first.done()
+            if ending == "stream":
+                assert [chunk async for chunk in first.result()] == [1]
+            elif ending == "fail":
+                assert isinstance(first.exception(), ValueError)
+        assert request.state == ENDED and request.payload is None
+        gone = weakref.ref(request)
+        del request, first
+        if ending == "cancel_queued":
+            del waiting
+        await spin()
+        assert gone() is None
+
+    gc.disable()
+    try:
+        run(main)
+    finally:
+        gc.enable()
+
+
+def test_requests_that_give_up_in_line_leave_it_while_the_backend_takes_nothing() -> None:
+    """Under a stuck backend, callers that give up while queued do not pile up in the line:
+    it holds at most twice the requests still waiting, and none once all have left."""
+    async def main() -> None:
+        cluster = Cluster()
+        r1 = cluster.replica("b#1")
+        router, _ = make_router(cluster, cap=1, b=[r1])
+        await sent(router, "stuck")  # never answered
+        line = router._replica_sets["b"]
+        keep = [start_send(router, f"keep{i}") for i in range(3)]
+        leaving = [start_send(router, f"leave{i}") for i in range(200)]
+        await spin()
+        for waiting in leaving:
+            waiting.cancel()
+        await spin()
+        assert line.queued == 3 and len(line._waiting) <= 6
+        for waiting in keep:
+            waiting.cancel()
+        await spin()
+        assert line.queued == 0 and len(line._waiting) == 0
+        assert r1.received() == ["stuck"]
+
+    run(main)

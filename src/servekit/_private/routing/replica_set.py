@@ -14,7 +14,7 @@ import logging
 from typing import Awaitable, Callable, Deque, Dict, List, Optional, Tuple
 
 from servekit._private import constants, metrics
-from servekit._private.routing.routed_request import QUEUED, RoutedRequest
+from servekit._private.routing.routed_request import CONNECTING, QUEUED, RoutedRequest
 from servekit._private.specs import BackendLimits
 from servekit._private.wire.transport import ConnectFailed, RpcClient
 from servekit.exceptions import BackendOverloadedError, BackendUnavailableError
@@ -135,6 +135,7 @@ class ReplicaSet:
         self._order: List[ReplicaSlot] = []
         self._turn = 0
         self._waiting: Deque[RoutedRequest] = collections.deque()
+        self._stale = 0  # entries of _waiting whose request left it (cancelled or failed)
         self._waking = False
         self._on_starved = on_starved
         self._copies_dropped = False  # shadow copies found no replica since the last one
@@ -272,6 +273,15 @@ class ReplicaSet:
         if request.expiry is not None:
             request.expiry.cancel()
             request.expiry = None
+        if request.state != CONNECTING:
+            # It left the line without a replica: its entry is stale. The line is rebuilt
+            # once stale entries outnumber the live ones, so a backend that takes nothing
+            # while callers give up does not pile up requests that ended.
+            self._stale += 1
+            if 2 * self._stale > len(self._waiting):
+                self._waiting = collections.deque(
+                    r for r in self._waiting if r.state == QUEUED)
+                self._stale = 0
 
     def _wake(self) -> None:
         """Place waiting requests, in order, while replicas have room."""
@@ -279,16 +289,16 @@ class ReplicaSet:
             return  # a request placed below was put back: the loop below takes it
         self._waking = True
         try:
-            waiting = self._waiting
-            while waiting:
-                request = waiting[0]
+            while self._waiting:
+                request = self._waiting[0]
                 if request.state != QUEUED:
-                    waiting.popleft()  # cancelled or failed while it waited
+                    self._waiting.popleft()  # cancelled or failed while it waited
+                    self._stale -= 1
                     continue
                 slot = self._pick()
                 if slot is None:
                     return
-                waiting.popleft()
+                self._waiting.popleft()
                 slot.in_flight += 1
                 request.granted(slot)
         finally:

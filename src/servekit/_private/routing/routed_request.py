@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import pickle
+import weakref
 from typing import Any, Deque, Dict, List, Optional, Protocol
 
 from servekit._private.wire.transport import (
@@ -100,15 +101,30 @@ class IllegalTransition(ServeError):
 
 class Reply(asyncio.Future):
     """The future of a routed request's reply. Cancelling it cancels the request at once,
-    in the same loop turn (no callback in between in which a reply could slip past)."""
+    in the same loop turn (no callback in between in which a reply could slip past).
 
-    __slots__ = ("request",)
-    request: "RoutedRequest"
+    It knows its request by a weak reference: the request holds its reply, and a cycle
+    between them would keep an ended request (and what it holds) until the cyclic
+    collector runs. Whatever sends or reads the request holds it while it lives."""
+
+    __slots__ = ("_request",)
+
+    def __init__(self, request: "RoutedRequest") -> None:
+        super().__init__()
+        self._request = weakref.ref(request)
+
+    @property
+    def request(self) -> Optional["RoutedRequest"]:
+        """The request, while anything else still holds it (None once it has ended and
+        been dropped)."""
+        return self._request()
 
     def cancel(self, msg: Optional[object] = None) -> bool:
         if not super().cancel(msg):
             return False
-        self.request.cancel()
+        request = self._request()
+        if request is not None:
+            request.cancel()
         return True
 
 
@@ -173,15 +189,14 @@ class RoutedRequest(Exchange):
 
     __slots__ = ("state", "replica_set", "payload", "reply", "trace", "first", "shadow",
                  "slot", "connection", "msg_id", "stream", "expiry", "counted", "dropped",
-                 "upload", "_written")
+                 "upload", "_written", "__weakref__")
 
-    def __init__(self, replica_set: Backend, payload: bytes,
+    def __init__(self, replica_set: Backend, payload: Optional[bytes],
                  trace: Optional[Dict[str, str]] = None, shadow: bool = False) -> None:
         self.state = QUEUED
         self.replica_set = replica_set
-        self.payload = payload
-        self.reply = Reply()
-        self.reply.request = self
+        self.payload = payload  # dropped once it ends: the router keeps no copy of it then
+        self.reply = Reply(self)
         self.trace = trace
         self.first = False
         self.shadow = shadow
@@ -214,8 +229,13 @@ class RoutedRequest(Exchange):
             slot.release(completed)
         if before == QUEUED and after != QUEUED:
             self.replica_set.dequeued(self)
-        if self.upload is not None:
-            self.upload.wake()
+        upload = self.upload
+        if upload is not None:
+            upload.wake()
+        if after == ENDED:
+            # It holds nothing once it has ended: not its bytes, not what it would have
+            # sent of its own stream, not the stream of its reply (its reader does).
+            self.payload = self.upload = self.stream = None
         return after
 
     # ------------------------------------------------------------- placing it
@@ -239,6 +259,7 @@ class RoutedRequest(Exchange):
             self._write(connecting.result())
 
     def _write(self, connection: RpcClient) -> None:
+        assert self.payload is not None  # (it has not ended)
         msg_id = connection.start(self.payload, self)
         if not msg_id:
             # Closed, and perhaps not yet handled: never pick this replica again (a request
@@ -314,13 +335,23 @@ class RoutedRequest(Exchange):
 
     # ------------------------------------------------------------- its own stream
 
+    def _own_stream(self) -> Optional[_Upload]:
+        """The request's own stream (made by its first item); None once the request ended
+        or its caller left: nothing more of it needs sending."""
+        if self.state == ENDED or self.state == CANCELLING:
+            return None
+        upload = self.upload
+        if upload is None:
+            upload = self.upload = _Upload()
+        return upload
+
     async def send_chunk(self, item: Any) -> bool:
         """Send one item of the request's own stream once the request is written to a
         replica with room for it; False if the request ended first (its reply came, or it
         failed or was cancelled): nothing more needs sending."""
-        upload = self.upload
+        upload = self._own_stream()
         if upload is None:
-            upload = self.upload = _Upload()
+            return False
         data = dumps(item)
         while True:
             state = self.state
@@ -341,12 +372,10 @@ class RoutedRequest(Exchange):
         has room for it (before the request is written: once it is), else after a backlog
         of at most a window; False if that is full too, or if the request ended. For a
         shadow copy, which never holds its primary back."""
-        upload = self.upload
+        upload = self._own_stream()
         if upload is None:
-            upload = self.upload = _Upload()
-        state = self.state
-        if state == ENDED or state == CANCELLING:
             return False
+        state = self.state
         data = dumps(item)
         if upload.room <= 0 or upload.backlog:
             if len(upload.backlog) >= STREAM_WINDOW:
@@ -378,9 +407,9 @@ class RoutedRequest(Exchange):
     def end_chunks(self) -> None:
         """The request's own stream has ended (sent now, or after its items if the
         request is put back and written again)."""
-        upload = self.upload
+        upload = self._own_stream()
         if upload is None:
-            upload = self.upload = _Upload()
+            return
         upload.ended = True
         if (self.state == SENT or self.state == STREAMING) and self.connection is not None \
                 and not upload.backlog:
@@ -430,7 +459,7 @@ class RoutedRequest(Exchange):
             return True
         if kind == _STREAM_END:
             if stream is None:  # a stream with no chunk at all
-                stream = self.stream = ReplyStream(self._grant, self.cancel)
+                stream = ReplyStream(self._grant, self.cancel)
                 self._settle_value(stream)
             stream.finish(None)
         elif kind == _REPLY_ERROR:
@@ -454,11 +483,12 @@ class RoutedRequest(Exchange):
         state = self.state
         if state == ENDED:
             return  # (a shadow copy ended without a reply; nothing else gets here)
+        stream = self.stream
         self.slot.lost()  # type: ignore[union-attr]
         self._apply(LOST)
         if state == STREAMING:
-            assert self.stream is not None
-            self.stream.finish(peer_lost(peer, streaming=True))
+            assert stream is not None
+            stream.finish(peer_lost(peer, streaming=True))
         elif state == SENT:
             self._end_with(peer_lost(peer))
 

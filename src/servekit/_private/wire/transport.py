@@ -166,8 +166,9 @@ class ReplyStream:
     def cancel(self) -> None:
         """Stop reading: the sender is told to stop; a later read ends the iteration."""
         if not self._ended:
+            stop = self._stop
             self.finish(None)
-            self._stop()
+            stop()
 
     def push(self, chunk: bytes) -> None:
         self._chunks.append(chunk)
@@ -175,10 +176,12 @@ class ReplyStream:
             self._arrived.set()
 
     def finish(self, error: Optional[BaseException]) -> None:
-        """No more chunks; a read past the last one raises ``error``, if given."""
+        """No more chunks; a read past the last one raises ``error``, if given. An ended
+        stream holds nothing of its sender (it grants and stops nothing more)."""
         if self._ended:
             return
         self._ended, self._error = True, error
+        self._grant = self._stop = _nothing
         if self._arrived is not None:
             self._arrived.set()
 

@@ -1,0 +1,491 @@
+"""The data plane in simulation: the real router and real replicas over a seeded network.
+
+One world is one backend behind one endpoint: a ``Router`` (the one handles and proxies
+use, fed routes and replica sets as the controller's long poll would) sends to replicas
+that are real ``Replica`` objects behind real ``RpcServer``s, over ``simnet``. The seed
+draws the backend (how its method runs: async, sync on the thread lane, a stream of either
+kind, batched; its cap, queue bound and timeout), the network's faults, the callers (when
+they come, what they call, when they give up: before their request is written, while it is
+connecting, at its first chunk, mid-stream, never) and the faults of the replicas (killed,
+frozen for a while, connections reset, a generator whose close raises). A stand-in for the
+controller replaces replicas that died.
+
+After every run the invariants of DESIGN.md §6 are checked: every request ended (answered,
+or failed with a clear error) within its bound; every replica place came back; nothing ran
+for a caller that left before its request was written; no replica ran more than its
+``max_concurrent_queries``; every healthy replica is reachable by the router; an ended
+request holds no payload. A last probe fills every healthy replica to its cap at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import random
+import socket
+from typing import Any, Dict, List, Optional, Set, Tuple
+
+import cloudpickle
+from scenarios import check, scenario
+from simloop import SimLoop, SimThreads, run, sim_threads
+from simnet import ConnectFaults, SimNet
+
+from servekit._private import constants
+from servekit._private.backend_metadata import ReplicaConfig
+from servekit._private.replica.replica import Replica
+from servekit._private.routing.routed_request import ENDED, QUEUED, RoutedRequest
+from servekit._private.routing.router import Router
+from servekit._private.specs import BackendLimits, EndpointInfo, ReplicaSpec
+from servekit._private.wire.transport import RpcClient, RpcServer, encode_call
+from servekit.api import accept_batch
+from servekit.config import BackendConfig
+from servekit.exceptions import ServeError
+
+BACKEND = "b"
+ENDPOINT = "ep"
+METHODS = ("async_call", "sync_call", "async_stream", "sync_stream", "batched")
+# Seconds after the last caller before the places and queues are checked: long enough for
+# every timeout, retry and replacement of a world to have played out.
+QUIET_S = 2 * constants.NO_REPLICA_TIMEOUT_S
+
+_world: Optional["World"] = None  # the world whose replicas the simulated model reports to
+
+
+class SimModel:
+    """The user's code in a simulated replica: each method takes as long as the world says
+    and reports the work it runs (``World.started`` / ``World.stopped``)."""
+
+    def __init__(self, replica: str) -> None:
+        self.replica = replica
+
+    async def async_call(self, request: Any) -> Any:
+        world = _current()
+        caller = request.data
+        world.started(self.replica, caller)
+        try:
+            await asyncio.sleep(world.work_s())
+        finally:
+            world.stopped(self.replica, caller)
+        return caller
+
+    def sync_call(self, request: Any) -> Any:
+        world = _current()
+        caller = request.data
+        world.started(self.replica, caller)
+        world.threads.busy(world.work_s(), lambda: world.stopped(self.replica, caller))
+        return caller
+
+    async def async_stream(self, request: Any) -> Any:
+        world = _current()
+        caller = request.data
+        chunks, raise_in_close = world.stream_shape()
+        world.started(self.replica, caller)
+        try:
+            for index in range(chunks):
+                await asyncio.sleep(world.work_s() / 4)
+                yield (caller, index)
+        finally:
+            world.stopped(self.replica, caller)
+            if raise_in_close:
+                raise RuntimeError("simulated: the generator's close raised")
+
+    def sync_stream(self, request: Any) -> Any:
+        world = _current()
+        caller = request.data
+        chunks, raise_in_close = world.stream_shape()
+        world.started(self.replica, caller)
+        try:
+            for index in range(chunks):
+                yield (caller, index)
+        finally:
+            world.stopped(self.replica, caller)
+            if raise_in_close:
+                raise RuntimeError("simulated: the generator's close raised")
+
+    @accept_batch
+    async def batched(self, requests: List[Any]) -> List[Any]:
+        world = _current()
+        callers = [request.data for request in requests]
+        for caller in callers:
+            world.started(self.replica, caller)
+        try:
+            await asyncio.sleep(world.work_s())
+        finally:
+            for caller in callers:
+                world.stopped(self.replica, caller)
+        return callers
+
+
+def _current() -> "World":
+    assert _world is not None
+    return _world
+
+
+class _ListeningSocket:
+    """What ``RpcServer.start`` is given: the address of a listener of the simulated net."""
+
+    family = socket.AF_UNIX
+
+    def __init__(self, address: str) -> None:
+        self._address = address
+
+    def getsockname(self) -> str:
+        return self._address
+
+
+@dataclasses.dataclass
+class Caller:
+    """One request and what its caller does; ``outcome`` is what it saw."""
+
+    index: int
+    method: str
+    timeout_s: Optional[float]
+    start_at: float
+    leave_after: Optional[float]  # gives up this long after sending (None: never)
+    read_chunks: Optional[int]  # for a stream: leaves after this many chunks (None: all)
+    request: Optional[RoutedRequest] = None
+    outcome: Any = None
+    ended_at: Optional[float] = None
+    left_unwritten: bool = False  # gave up before its request was written to a replica
+
+
+@dataclasses.dataclass
+class Settings:
+    """What the seed chose for a world."""
+
+    method: str
+    replicas: int
+    cap: int
+    max_queued: int
+    request_timeout_s: Optional[float]
+    batch_size: int
+    connect_faults: ConnectFaults
+    callers: int
+    faults: int
+
+
+def draw_settings(rng: random.Random) -> Settings:
+    emfile = rng.choice([0.0, 0.0, 0.05, 0.3])
+    unexpected = rng.choice([0.0, 0.0, 0.0, 0.1])
+    return Settings(
+        method=rng.choice(METHODS),
+        replicas=rng.randint(1, 3),
+        cap=rng.randint(1, 4),
+        max_queued=rng.choice([-1, rng.randint(1, 20)]),
+        request_timeout_s=rng.choice([None, rng.uniform(0.2, 3.0)]),
+        batch_size=rng.randint(2, 4),
+        connect_faults=ConnectFaults(refused=rng.choice([0.0, 0.05]), emfile=emfile,
+                                     unexpected=unexpected),
+        callers=rng.randint(1, 30),
+        faults=rng.choice([0, 0, 1, 2, 4]),
+    )
+
+
+class SimReplica:
+    """One replica "process": a real ``Replica`` behind a real ``RpcServer``."""
+
+    def __init__(self, world: "World", number: int) -> None:
+        self.tag = f"{BACKEND}#{number}"
+        self.address = f"/sim/{self.tag}"
+        self.alive = True
+        config = world.backend_config()
+        spec = ReplicaSpec(
+            backend_tag=BACKEND, replica_tag=self.tag,
+            replica_config=ReplicaConfig(serialized=cloudpickle.dumps((SimModel, (self.tag,))),
+                                         actor_options={}, description="SimModel"),
+            config=config, metadata=None)
+        self.replica = Replica(spec)
+        self.server = RpcServer({
+            "ready": self.replica.ready, "call": self.replica.handle_call,
+            "update_config": self.replica.update_config, "drain": self.replica.drain,
+            "ping": self.replica.ping,
+        })
+
+    async def start(self) -> None:
+        self.replica.start()
+        await self.server.start(_ListeningSocket(self.address))  # type: ignore[arg-type]
+        await self.replica.ready()
+
+
+class World:
+    """One seed's backend, replicas, router, callers and faults."""
+
+    def __init__(self, loop: SimLoop, threads: SimThreads, settings: Settings) -> None:
+        self.loop = loop
+        self.rng = loop.rng
+        self.threads = threads
+        self.settings = settings
+        self.net = loop.net = SimNet(loop, settings.connect_faults)
+        self.replicas: List[SimReplica] = []
+        self._numbers = 0
+        self._replica_version = 0
+        self.router = Router("/sim/controller", "router", connect_replica=RpcClient.connect)
+        self.callers: List[Caller] = []
+        self.running: Dict[str, Set[Any]] = {}
+        self.most_running: Dict[str, int] = {}
+        self.ran: Set[Any] = set()
+        self.injected: List[str] = []
+
+    # ------------------------------------------------------------- what the model asks
+
+    def work_s(self) -> float:
+        return self.rng.choice([0.0, 0.001, self.rng.uniform(0.0, 0.3)])
+
+    def stream_shape(self) -> Tuple[int, bool]:
+        return self.rng.randint(0, 4), self.rng.random() < 0.1
+
+    def started(self, replica: str, caller: Any) -> None:
+        running = self.running.setdefault(replica, set())
+        running.add(caller)
+        self.ran.add(caller)
+        self.most_running[replica] = max(self.most_running.get(replica, 0), len(running))
+
+    def stopped(self, replica: str, caller: Any) -> None:
+        self.running[replica].discard(caller)
+
+    # ------------------------------------------------------------- the controller's part
+
+    def backend_config(self) -> BackendConfig:
+        s = self.settings
+        batching = {"max_batch_size": s.batch_size, "batch_wait_timeout": 0.01} \
+            if s.method == "batched" else {}
+        return BackendConfig(num_replicas=s.replicas, max_concurrent_queries=s.cap,
+                             max_queued_requests=s.max_queued,
+                             request_timeout_s=s.request_timeout_s, **batching)
+
+    async def start(self) -> None:
+        s = self.settings
+        self.router.apply({
+            constants.KEY_ENDPOINTS: (1, {ENDPOINT: EndpointInfo(ENDPOINT, None, [],
+                                                                  {BACKEND: 1.0})}),
+            constants.KEY_BACKENDS: (1, {BACKEND: BackendLimits(
+                s.cap, s.max_queued, s.request_timeout_s)}),
+        })
+        for _ in range(s.replicas):
+            await self.add_replica()
+
+    async def add_replica(self) -> None:
+        replica = SimReplica(self, self._numbers)
+        self._numbers += 1
+        await replica.start()
+        self.replicas.append(replica)
+        self.publish()
+
+    def publish(self) -> None:
+        self._replica_version += 1
+        listed = [(r.tag, r.address) for r in self.replicas if r.alive]
+        self.router.apply({constants.KEY_REPLICAS: (self._replica_version, {BACKEND: listed})})
+
+    async def kill(self, replica: SimReplica) -> None:
+        """The replica's process dies; the controller notices a little later and starts a
+        new one."""
+        replica.alive = False
+        self.net.kill(replica.address)
+        replica.replica.close()
+        await asyncio.sleep(self.rng.uniform(0.05, 1.0))  # the health check's period
+        self.publish()
+        await self.add_replica()
+
+    # ------------------------------------------------------------- callers
+
+    def draw_caller(self, index: int) -> Caller:
+        rng = self.rng
+        method = self.settings.method
+        timeout_s = rng.choice([None, rng.uniform(0.05, 2.0)])
+        if timeout_s is None and self.settings.request_timeout_s is None:
+            timeout_s = rng.uniform(0.5, 3.0)  # every request has a bound
+        leave_after = rng.choice([None, None, 0.0, rng.uniform(0.0, 0.01),
+                                  rng.uniform(0.0, 0.5)])
+        read_chunks = rng.choice([None, 0, 1, 2]) if method.endswith("stream") else None
+        return Caller(index, method, timeout_s, rng.uniform(0.0, 2.0), leave_after,
+                      read_chunks)
+
+    async def call(self, caller: Caller) -> None:
+        await asyncio.sleep(caller.start_at)
+        stream = caller.method.endswith("stream")
+        call = (caller.method, (caller.index,), {}, "GET", {}, stream, f"req-{caller.index}")
+        started = self.loop.time()
+        try:
+            request = self.router.place(ENDPOINT, "call", None, encode_call("call", call),
+                                        timeout_s=caller.timeout_s)
+        except ServeError as exc:
+            caller.outcome, caller.ended_at = exc, 0.0
+            return
+        assert request is not None
+        caller.request = request
+        leaving = None
+        if caller.leave_after is not None:
+            leaving = self.loop.call_later(caller.leave_after, self._leave, caller)
+        try:
+            await request.written()
+            value = await request.reply
+            if stream:
+                value = await self._read(caller, value)
+            caller.outcome = value
+        except (Exception, asyncio.CancelledError) as exc:
+            caller.outcome = exc
+        finally:
+            if leaving is not None:
+                leaving.cancel()
+            caller.ended_at = self.loop.time() - started
+
+    def _leave(self, caller: Caller) -> None:
+        request = caller.request
+        assert request is not None
+        if request.state in (QUEUED, "connecting"):
+            caller.left_unwritten = True
+        request.reply.cancel()
+
+    async def _read(self, caller: Caller, stream: Any) -> List[Any]:
+        chunks: List[Any] = []
+        try:
+            while caller.read_chunks is None or len(chunks) < caller.read_chunks:
+                try:
+                    chunks.append(await asyncio.wait_for(stream.__anext__(), 5.0))
+                except StopAsyncIteration:
+                    return chunks
+        except BaseException:
+            stream.cancel()
+            raise
+        stream.cancel()  # the caller leaves before the end
+        return chunks
+
+    # ------------------------------------------------------------- faults
+
+    async def inject(self) -> None:
+        rng = self.rng
+        await asyncio.sleep(rng.uniform(0.0, 2.0))
+        live = [r for r in self.replicas if r.alive]
+        kind = rng.choice(["kill", "freeze", "reset", "reset"])
+        if kind == "kill" and live:
+            victim = rng.choice(live)
+            self.injected.append(f"kill {victim.tag} at {self.loop.time():.3f}")
+            await self.kill(victim)
+        elif kind == "freeze" and live:
+            victim = rng.choice(live)
+            until = self.loop.time() + rng.uniform(0.05, 2.0)
+            self.injected.append(f"freeze {victim.tag} until {until:.3f}")
+            self.net.stall(victim.address, until)
+        elif kind == "reset" and self.net.connections:
+            connection = rng.choice(sorted(self.net.connections, key=lambda c: id(c)))
+            self.injected.append(f"reset a connection to {connection.address} at "
+                                 f"{self.loop.time():.3f}")
+            self.net.reset(connection)
+
+    # ------------------------------------------------------------- the invariants
+
+    def check_requests(self) -> None:
+        for caller in self.callers:
+            check(caller.ended_at is not None, "every request ends",
+                  f"caller {caller.index} ({caller.method}) never got an answer")
+            bound = _bound(caller, self.settings)
+            if bound is not None and caller.ended_at is not None:
+                check(caller.ended_at <= bound, "every request ends within its bound",
+                      f"caller {caller.index} waited {caller.ended_at:.3f} s, bound "
+                      f"{bound:.3f} s ({caller.outcome!r})")
+            outcome = caller.outcome
+            if isinstance(outcome, BaseException):
+                check(isinstance(outcome, (ServeError, asyncio.CancelledError,
+                                           asyncio.TimeoutError, RuntimeError)),
+                      "a failed request fails with a clear error",
+                      f"caller {caller.index} got {outcome!r}")
+                if isinstance(outcome, RuntimeError):
+                    check("simulated" in str(outcome) or "raised" in str(outcome),
+                          "a failed request fails with a clear error",
+                          f"caller {caller.index} got {outcome!r}")
+            if caller.left_unwritten:
+                check(caller.index not in self.ran,
+                      "nothing runs for a caller that left before its request was written",
+                      f"caller {caller.index} left first, yet a replica ran it")
+            request = caller.request
+            if request is not None:
+                check(request.state == ENDED, "every request ends",
+                      f"caller {caller.index}'s request is still {request.state}")
+                check(request.payload is None, "an ended request holds no payload",
+                      f"caller {caller.index}'s request still holds its payload")
+
+    def check_places(self) -> None:
+        for tag, most in self.most_running.items():
+            check(most <= self.settings.cap, "no replica runs more than its cap",
+                  f"replica {tag} ran {most} requests at once, cap {self.settings.cap}")
+        for replica in self.replicas:
+            if replica.alive:
+                check(replica.replica._in_flight == 0, "every replica place comes back",
+                      f"replica {replica.tag} still counts {replica.replica._in_flight} "
+                      "requests in flight")
+        for replica_set in self.router._replica_sets.values():
+            for slot in replica_set.slots.values():
+                check(slot.in_flight == 0, "every replica place comes back",
+                      f"the router still holds {slot.in_flight} places on {slot.tag}")
+            check(not replica_set._waiting and replica_set.queued == 0,
+                  "every request ends",
+                  f"the router's queue still holds {len(replica_set._waiting)} requests "
+                  f"({replica_set.queued} counted)")
+            routable = {slot.tag for slot in replica_set._order}
+            for replica in self.replicas:
+                if replica.alive:
+                    check(replica.tag in routable, "a healthy replica is reachable",
+                          f"replica {replica.tag} is alive and listed, but the router "
+                          "no longer sends to it")
+
+    async def probe(self) -> None:
+        """Every healthy replica takes its cap at once."""
+        live = sum(1 for r in self.replicas if r.alive)
+        count = live * self.settings.cap
+        calls = [("async_call", (f"probe-{i}",), {}, "GET", {}, False, None)
+                 for i in range(count)]
+        self.net.connect_faults = ConnectFaults()
+        replies = []
+        for call in calls:
+            request = self.router.place(ENDPOINT, "call", None, encode_call("call", call),
+                                        timeout_s=60.0)
+            assert request is not None
+            replies.append(request.reply)
+        results = await asyncio.gather(*replies, return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        check(not failed, "capacity is full once idle",
+              f"{len(failed)} of {count} probe requests failed: {failed[:1]!r}")
+
+
+def _bound(caller: Caller, settings: Settings) -> Optional[float]:
+    """How long the caller may wait: its timeout (else the backend's), from placement; a
+    stream's reader adds its own wait per chunk."""
+    timeout = caller.timeout_s if caller.timeout_s is not None else settings.request_timeout_s
+    if timeout is None:
+        return None
+    if caller.method.endswith("stream"):
+        return None  # past the first chunk the reader's own deadline bounds it
+    return timeout + 0.001
+
+
+async def _run_world(loop: SimLoop, faults: Optional[List[str]] = None) -> "World":
+    global _world
+    settings = draw_settings(loop.rng)
+    with sim_threads(loop) as threads:
+        world = _world = World(loop, threads, settings)
+        try:
+            await world.start()
+            world.callers = [world.draw_caller(i) for i in range(settings.callers)]
+            tasks = [asyncio.ensure_future(world.call(c)) for c in world.callers]
+            tasks += [asyncio.ensure_future(world.inject()) for _ in range(settings.faults)]
+            await asyncio.gather(*tasks)
+            await asyncio.sleep(QUIET_S)
+            world.check_requests()
+            world.check_places()
+            await world.probe()
+            await asyncio.sleep(1.0)
+            world.check_places()
+        finally:
+            world.router.close()
+            for replica in world.replicas:
+                replica.replica.close()
+            _world = None
+    return world
+
+
+@scenario("dataplane")
+def dataplane(seed: int) -> None:
+    """Router, wire and replicas under seeded callers, faults and network."""
+    logging.getLogger("servekit").setLevel(logging.CRITICAL)
+    run(_run_world, seed)

@@ -1,0 +1,66 @@
+"""Sweeps of seeds over the registered scenarios (used by ``python tests/sim`` and CI)."""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import importlib
+from typing import Iterable, List, Optional
+
+from scenarios import SCENARIOS
+
+# The modules that register scenarios.
+_SCENARIO_MODULES = ("dataplane", "controlplane")
+
+
+def load_scenarios() -> None:
+    for module in _SCENARIO_MODULES:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+
+
+def scenario_names(only: Optional[str] = None) -> List[str]:
+    load_scenarios()
+    if only is None:
+        return sorted(SCENARIOS)
+    if only not in SCENARIOS:
+        raise SystemExit(f"No scenario {only!r}; there are: {', '.join(sorted(SCENARIOS))}.")
+    return [only]
+
+
+@dataclasses.dataclass
+class Failure:
+    seed: int
+    message: str
+
+
+@dataclasses.dataclass
+class Report:
+    runs: int = 0
+    failures: List[Failure] = dataclasses.field(default_factory=list)
+
+
+def run_one(name: str, seed: int) -> None:
+    """Run one seed of one scenario; raises what it raised (an ``AssertionError`` when an
+    invariant broke)."""
+    load_scenarios()
+    SCENARIOS[name](seed)
+
+
+def sweep(name: str, seeds: Iterable[int], max_failures: int = 5) -> Report:
+    """Run ``seeds``; every failure is recorded with its seed (at most ``max_failures``)."""
+    report = Report()
+    for seed in seeds:
+        report.runs += 1
+        try:
+            run_one(name, seed)
+        except Exception as exc:  # an invariant, or a crash of the code under test
+            report.failures.append(Failure(seed, f"{type(exc).__name__}: {exc}"))
+            if len(report.failures) >= max_failures:
+                break
+        if report.runs % 200 == 0:
+            gc.collect()
+    return report

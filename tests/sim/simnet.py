@@ -1,0 +1,268 @@
+"""A seeded network of stream connections between the processes of one simulated world.
+
+Listeners and connections stand in for Unix sockets: ``SimLoop.create_unix_server`` and
+``create_unix_connection`` land here, so servekit's real transport (``RpcServer``,
+``RpcClient``, its framing and its protocols) runs unchanged over it. The seed decides:
+
+- how long each connect takes, and whether it fails (refused, ``EMFILE``, or an unexpected
+  error) — ``connect_faults``;
+- how long each write takes to arrive, and how the bytes are cut into reads (frames split
+  anywhere), always in order per direction;
+- faults injected by the world: a connection reset (possibly with a frame half delivered),
+  a peer that stalls (nothing delivered either way for a while), a process that dies (its
+  listener gone and every connection of its reset).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import socket
+import struct
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+
+ProtocolFactory = Callable[[], asyncio.Protocol]
+
+
+class UnexpectedConnectError(RuntimeError):
+    """A connect that failed in a way the transport does not name (a bug elsewhere, a
+    resource exhausted in a new way): the router must survive it like any other."""
+
+
+class _PeerSocket:
+    """What ``get_extra_info("socket")`` gives: a Unix socket whose peer is this user."""
+
+    family = socket.AF_UNIX
+
+    def getsockopt(self, level: int, option: int, size: int = 0) -> bytes:
+        return struct.pack("3i", os.getpid(), os.getuid(), os.getgid())
+
+
+class SimTransport(asyncio.Transport):
+    """One end of a simulated connection."""
+
+    def __init__(self, net: "SimNet", connection: "SimConnection", side: int) -> None:
+        super().__init__()
+        self._net = net
+        self._connection = connection
+        self._side = side
+        self.protocol: Optional[asyncio.Protocol] = None
+        self._outbox = bytearray()
+        self._closing = False
+        self._lost = False
+        self._delivery: Optional[asyncio.TimerHandle] = None
+
+    # the asyncio.Transport interface the transport code uses
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "socket":
+            return _PeerSocket()
+        if name == "peername":
+            return self._connection.address
+        return default
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def write(self, data: bytes) -> None:  # type: ignore[override]
+        if self._closing:
+            return
+        self._outbox += data
+        self._schedule_delivery()
+
+    def close(self) -> None:
+        """Deliver what was written, then end the connection (the peer reads EOF)."""
+        if self._closing:
+            return
+        self._closing = True
+        self._schedule_delivery(closing=True)
+
+    def abort(self) -> None:
+        """End the connection now; what was not delivered is lost."""
+        self._closing = True
+        self._outbox.clear()
+        self._connection.end(None)
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self.protocol = protocol  # type: ignore[assignment]
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        assert self.protocol is not None
+        return self.protocol
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return len(self._outbox)
+
+    # delivery
+
+    def _schedule_delivery(self, closing: bool = False) -> None:
+        if self._delivery is not None or self._lost:
+            return
+        delay = self._net.delay(self._connection)
+        self._delivery = self._net.loop.call_later(delay, self._deliver)
+
+    def _deliver(self) -> None:
+        """Hand what was written to the peer, in order, in reads cut where the seed says."""
+        self._delivery = None
+        connection = self._connection
+        if self._lost:
+            return
+        if connection.stalled_until > self._net.loop.time():
+            self._delivery = self._net.loop.call_at(connection.stalled_until, self._deliver)
+            return
+        peer = connection.ends[1 - self._side]
+        data, self._outbox = bytes(self._outbox), bytearray()
+        rng = self._net.loop.rng
+        while data and not peer._lost:
+            cut = len(data) if rng.random() < 0.7 else rng.randint(1, len(data))
+            piece, data = data[:cut], data[cut:]
+            assert peer.protocol is not None
+            peer.protocol.data_received(piece)  # type: ignore[attr-defined]
+        if self._closing and not self._outbox:
+            connection.end(None)
+
+    def _lose(self, exc: Optional[Exception]) -> None:
+        if self._lost:
+            return
+        self._lost = True
+        self._closing = True
+        if self._delivery is not None:
+            self._delivery.cancel()
+            self._delivery = None
+        protocol = self.protocol
+        if protocol is not None:
+            self._net.loop.call_soon(protocol.connection_lost, exc)
+
+
+class SimConnection:
+    """Two ends; ``ends[0]`` is the client's, ``ends[1]`` the server's."""
+
+    def __init__(self, net: "SimNet", address: str) -> None:
+        self.address = address
+        self.ends = (SimTransport(net, self, 0), SimTransport(net, self, 1))
+        self.stalled_until = 0.0
+        self.over = False
+        self._net = net
+
+    def end(self, exc: Optional[Exception]) -> None:
+        """Both ends are lost (their protocols told, in later callbacks)."""
+        if self.over:
+            return
+        self.over = True
+        self._net.connections.discard(self)
+        for end in self.ends:
+            end._lose(exc)
+
+
+class SimServer:
+    """What ``create_unix_server`` returns."""
+
+    def __init__(self, net: "SimNet", address: str) -> None:
+        self._net = net
+        self._address = address
+
+    def close(self) -> None:
+        self._net.listeners.pop(self._address, None)
+
+    async def wait_closed(self) -> None:
+        pass
+
+
+class ConnectFaults:
+    """How often connects fail, and how (probabilities per connect)."""
+
+    def __init__(self, refused: float = 0.0, emfile: float = 0.0,
+                 unexpected: float = 0.0, max_delay_s: float = 0.005) -> None:
+        self.refused = refused
+        self.emfile = emfile
+        self.unexpected = unexpected
+        self.max_delay_s = max_delay_s
+
+
+class SimNet:
+    """The simulated network of one world."""
+
+    def __init__(self, loop: Any, connect_faults: Optional[ConnectFaults] = None,
+                 max_delay_s: float = 0.002) -> None:
+        self.loop = loop
+        self.listeners: Dict[str, ProtocolFactory] = {}
+        self.frozen: Dict[str, float] = {}  # address -> until when it delivers nothing
+        self.connections: Set[SimConnection] = set()
+        self.connect_faults = connect_faults or ConnectFaults()
+        self.max_delay_s = max_delay_s
+        self.connects = 0
+        self.failed_connects: List[Tuple[str, str]] = []  # (address, how)
+
+    def delay(self, connection: SimConnection) -> float:
+        """How long a write takes to arrive: often nothing more than a loop turn."""
+        rng = self.loop.rng
+        return 0.0 if rng.random() < 0.3 else rng.uniform(0, self.max_delay_s)
+
+    def listen(self, factory: ProtocolFactory, address: str) -> SimServer:
+        self.listeners[address] = factory
+        return SimServer(self, address)
+
+    async def connect(self, factory: ProtocolFactory,
+                      address: str) -> Tuple[SimTransport, asyncio.Protocol]:
+        rng = self.loop.rng
+        faults = self.connect_faults
+        self.connects += 1
+        await asyncio.sleep(rng.uniform(0, faults.max_delay_s))
+        roll = rng.random()
+        if roll < faults.refused:
+            self._failed(address, "refused")
+            raise ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")
+        roll -= faults.refused
+        if roll < faults.emfile:
+            self._failed(address, "EMFILE")
+            raise OSError(errno.EMFILE, "Too many open files")
+        roll -= faults.emfile
+        if roll < faults.unexpected:
+            self._failed(address, "unexpected")
+            raise UnexpectedConnectError("simulated: the connect failed unexpectedly")
+        server_factory = self.listeners.get(address)
+        if server_factory is None:
+            self._failed(address, "no listener")
+            raise ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")
+        connection = SimConnection(self, address)
+        connection.stalled_until = self.frozen.get(address, 0.0)
+        self.connections.add(connection)
+        client_end, server_end = connection.ends
+        server_protocol = server_factory()
+        server_end.protocol = server_protocol
+        server_protocol.connection_made(server_end)
+        client_protocol = factory()
+        client_end.protocol = client_protocol
+        client_protocol.connection_made(client_end)
+        return client_end, client_protocol
+
+    def _failed(self, address: str, how: str) -> None:
+        self.failed_connects.append((address, how))
+
+    # ------------------------------------------------------------- faults
+
+    def reset(self, connection: SimConnection) -> None:
+        """The connection breaks: what is in flight is lost, both ends are told."""
+        connection.end(ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"))
+
+    def stall(self, address: str, until: float) -> None:
+        """Nothing is delivered on ``address``'s connections, either way, until ``until``
+        (a process stopped with SIGSTOP: connects still succeed, nothing is read)."""
+        self.frozen[address] = max(self.frozen.get(address, 0.0), until)
+        for connection in list(self.connections):
+            if connection.address == address:
+                connection.stalled_until = max(connection.stalled_until, until)
+
+    def kill(self, address: str) -> None:
+        """The process serving ``address`` dies: no more connects, every connection reset."""
+        self.listeners.pop(address, None)
+        for connection in list(self.connections):
+            if connection.address == address:
+                connection.end(None)
