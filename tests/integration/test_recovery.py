@@ -402,6 +402,32 @@ def test_controller_killed_during_a_scale_up(local_instance, tmp_path):
     assert get(port, "/gated").json()["tag"] in {first_tag, *starting}
 
 
+def test_a_change_that_cannot_be_saved_fails_whole_and_a_retry_works(local_instance):
+    """A user_config the state file cannot hold (a lambda) fails the call, naming it:
+    nothing of it is listed or served, the same tag can be created at once, and every
+    change that succeeded survives a controller crash."""
+    client, port = local_instance
+    with pytest.raises(TypeError, match="user_config of backend 'm' cannot be saved"):
+        client.create_backend("m", Whoami, "m", config={"user_config": lambda: 1})
+    assert client.list_backends() == {}
+    assert replicas(status(client), "m") == {}
+    client.create_backend("m", Whoami, "m", config={"user_config": {"v": 1}})
+    client.create_endpoint("m", backend="m", route="/m")
+    with pytest.raises(TypeError, match="user_config of backend 'm' cannot be saved"):
+        client.update_backend_config("m", {"user_config": lambda: 2})
+    assert client.get_backend_config("m").user_config == {"v": 1}
+    assert get(port, "/m").json()["config"] == {"v": 1}
+    client.update_backend_config("m", {"num_replicas": 2})
+
+    sigkill(only_pid(status(client), "controller"))
+    state = within(TIMEOUT, status, client)  # from the restarted controller
+    assert state["backends"]["m"]["running"] == 2, state["backends"]
+    assert client.get_backend_config("m").user_config == {"v": 1}
+    assert client.get_backend_config("m").num_replicas == 2
+    assert client.list_endpoints()["m"]["route"] == "/m"
+    assert get(port, "/m").json()["config"] == {"v": 1}
+
+
 # --------------------------------------------------------------------------- 3. proxy
 
 

@@ -13,7 +13,9 @@ import threading
 from typing import (
     Any,
     Dict,
+    Iterable,
     List,
+    Mapping,
     Set,
     Tuple,
 )
@@ -32,7 +34,7 @@ from controller_helpers import (
     wait_goal,
 )
 from fake_runtime import FakeRuntime
-from loop_helpers import run
+from loop_helpers import run, spin
 
 from servekit._private import constants
 from servekit._private.backend_metadata import BackendMetadata, ReplicaConfig
@@ -40,6 +42,7 @@ from servekit._private.controller import backend_reconciler
 from servekit._private.controller.controller import Controller
 from servekit._private.controller.durable import LoadedState, load
 from servekit._private.controller.state import RUNNING, STARTING
+from servekit._private.controller.store import MemoryStore
 from servekit.config import BackendConfig, HTTPOptions
 from servekit.exceptions import ServeError
 
@@ -884,6 +887,123 @@ def test_damaged_saved_state_is_a_clear_error_at_start() -> None:
         controller = Controller(runtime, HTTPOptions(host=None))
         with pytest.raises(ServeError, match="saved state in the in-memory store is damaged"):
             await controller.start()
+
+    run(main)
+
+
+# --------------------------------------------------------------------------- failed saves
+
+
+class FullDiskStore(MemoryStore):
+    """A MemoryStore whose writes raise while ``full`` is set (a full disk), changing
+    nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.full = False
+
+    def write(self, puts: Mapping[str, bytes], deletes: Iterable[str] = ()) -> None:
+        if self.full:
+            raise OSError(28, "No space left on device")
+        super().write(puts, deletes)
+
+
+def full_disk_runtime() -> Tuple[FakeRuntime, FullDiskStore]:
+    runtime = FakeRuntime()
+    store = runtime.store = FullDiskStore()
+    return runtime, store
+
+
+def published(controller: Controller, key: str) -> Any:
+    return controller.long_poll._values[key][1]
+
+
+def test_a_call_whose_save_fails_changes_nothing_and_a_retry_works() -> None:
+    """Disk full: every mutating call fails with a clear error and leaves the controller
+    (memory, routers, replicas, store) as it was; once the disk has room the same calls
+    work, and a restarted controller restores exactly what they did."""
+
+    async def main() -> None:
+        runtime, store = full_disk_runtime()
+        first = Controller(runtime, HTTPOptions(host=None))
+        await first.start()
+        await start_backend(first, "a", num_replicas=1)
+        await start_backend(first, "c")
+        await first.create_endpoint("e", "a", "/e", ["GET"])
+        launched = list(runtime.launch_order)
+        before = (first.list_backends(), first.list_endpoints(), runtime.store.read_all())
+        definition = first.get_backend_definition("a")
+
+        store.full = True
+        calls: List[Tuple[str, Any]] = [
+            ("create_backend", lambda: start_backend(first, "b")),
+            ("update_backend_config", lambda: first.update_backend_config(
+                "a", BackendConfig(num_replicas=3))),
+            ("redeploy_backend", lambda: first.redeploy_backend(
+                "a", replica_config(Model, "v2"), BackendMetadata.inspect(Model))),
+            ("delete_backend", lambda: first.delete_backend("c", force=False)),
+            ("create_endpoint", lambda: first.create_endpoint("f", "a", "/f", ["GET"])),
+            ("update_endpoint", lambda: first.update_endpoint("e", "/moved", ["GET"], False)),
+            ("set_traffic", lambda: first.set_traffic("e", {"a": 0.5, "c": 0.5})),
+            ("shadow_traffic", lambda: first.shadow_traffic("e", "c", 0.5)),
+            ("delete_endpoint", lambda: first.delete_endpoint("e")),
+        ]
+        for name, call in calls:
+            with pytest.raises(ServeError, match="could not be saved .*No space left on "
+                                                 "device.*Nothing was changed"):
+                await call()
+            assert (first.list_backends(), first.list_endpoints(),
+                    runtime.store.read_all()) == before, name
+            assert first.get_backend_definition("a") == definition, name
+            assert published(first, constants.KEY_ENDPOINTS)["e"].route == "/e", name
+            assert sorted(published(first, constants.KEY_BACKENDS)) == ["a", "c"], name
+            await spin()
+            assert runtime.launch_order == launched, name  # nothing started or stopped
+            assert sorted(live_replicas(runtime)) == sorted(launched), name
+
+        store.full = False
+        await start_backend(first, "b")  # not "already registered"
+        await wait_goal(first, await first.update_backend_config(
+            "a", BackendConfig(num_replicas=2)))
+        await first.create_endpoint("f", "b", "/f", ["GET"])
+        await first.set_traffic("e", {"a": 0.5, "c": 0.5})
+        expected = (first.list_backends(), first.list_endpoints())
+        abandon(first)
+
+        second = Controller(runtime, HTTPOptions(host=None))
+        await second.start()
+        try:
+            assert (second.list_backends(), second.list_endpoints()) == expected
+            assert len(replica_tags(second, "a", RUNNING)) == 2
+        finally:
+            await second.shutdown()
+
+    run(main)
+
+
+def test_a_user_config_the_store_cannot_hold_is_refused_and_changes_nothing() -> None:
+    """A user_config plain pickle cannot carry (a lambda) cannot be saved: the call fails
+    naming it, nothing is applied, and later changes are saved as usual."""
+
+    async def main() -> None:
+        async with running_controller() as (controller, runtime):
+            await start_backend(controller, "m", user_config={"v": 1})
+            [tag] = replica_tags(controller, "m")
+            with pytest.raises(TypeError, match="user_config of backend 'm' cannot be saved"):
+                await controller.update_backend_config(
+                    "m", BackendConfig(user_config=lambda: "v2"))
+            assert controller.get_backend_config("m").user_config == {"v": 1}
+            assert runtime.workers[tag].instance.user_configs == [{"v": 1}]
+            with pytest.raises(TypeError, match="user_config of backend 'new' cannot be "
+                                                "saved"):
+                await start_backend(controller, "new", user_config=lambda: "v1")
+            assert list(controller.list_backends()) == ["m"]
+            assert [n for n in runtime.launch_order if n.startswith("new#")] == []
+            await start_backend(controller, "new", user_config={"v": 1})
+            await wait_goal(controller, await controller.update_backend_config(
+                "m", BackendConfig(user_config={"v": 2})))
+            assert saved(runtime).backends["new"].config.user_config == {"v": 1}
+            assert saved(runtime).backends["m"].config.user_config == {"v": 2}
 
     run(main)
 

@@ -147,3 +147,61 @@ def test_unreadable_state_file_is_a_serve_error_naming_it(tmp_path: Any) -> None
     with pytest.raises(ServeError, match=f"state file {path} cannot be read"):
         SQLiteStore(str(path)).read_all()
     assert path.read_bytes().startswith(b"this is not")  # left as it was
+
+
+class FailingStore(MemoryStore):
+    """A MemoryStore whose next ``failures`` writes raise (a full disk), changing nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failures = 0
+
+    def write(self, puts: Mapping[str, bytes], deletes: Iterable[str] = ()) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise OSError(28, "No space left on device")
+        super().write(puts, deletes)
+
+
+def test_a_failed_write_is_written_by_the_next_save() -> None:
+    """A write that failed is not taken for done: the next save writes what it missed."""
+
+    async def main() -> None:
+        store = FailingStore()
+        durable = DurableState(store)
+        first = snapshot({"m": backend()}, {}, {})
+        store.failures = 1
+        with pytest.raises(OSError, match="No space left"):
+            await durable.save(first)
+        assert store.read_all() == {}
+        await durable.save(first)  # the same records again: all of them are written now
+        assert store.read_all() == first
+        assert load(store.read_all(), "test").backends["m"].config.num_replicas == 2
+        # A delete whose write failed is made by the next save too.
+        store.failures = 1
+        with pytest.raises(OSError):
+            await durable.save({})
+        await durable.save({})
+        durable.close()
+        assert store.read_all() == {}
+
+    asyncio.run(main())
+
+
+def test_saves_queued_behind_a_failed_one_write_what_it_missed() -> None:
+    """Saves made before the first one's write failed (not awaited in between) still leave
+    the store holding the last snapshot."""
+
+    async def main() -> None:
+        store = FailingStore()
+        durable = DurableState(store)
+        first = snapshot({"m": backend()}, {}, {})
+        second = {**first, "endpoint/e": b"{}"}
+        store.failures = 1
+        saves = [durable.save(first), durable.save(second)]
+        results = await asyncio.gather(*saves, return_exceptions=True)
+        assert isinstance(results[0], OSError) and results[1] is None
+        durable.close()
+        assert store.read_all() == second
+
+    asyncio.run(main())

@@ -1,7 +1,10 @@
 """The controller: the only writer of desired state, wiring the reconcilers that make it real.
 
 Every mutating call takes one lock, checks its arguments against the current state, writes
-a checkpoint, then publishes the change over long poll. Calls that start or stop replicas
+a checkpoint, then publishes the change over long poll. A call whose checkpoint cannot be
+written (a full disk) undoes its change and fails: nothing it did is left, in memory or on
+disk, and making it again works. Checkpoints are taken only under the lock, so none holds a
+change whose own checkpoint has not been written yet. Calls that start or stop replicas
 return a goal id; the client waits on it until the replicas are ready or gone, or until the
 goal fails (a constructor raised), in which case nothing the call created is left behind.
 
@@ -15,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from servekit._private import constants, metrics, resources
 from servekit._private.backend_metadata import BackendMetadata, ReplicaConfig
@@ -33,7 +36,7 @@ from servekit._private.controller.proxies import ProxyReconciler
 from servekit._private.controller.state import RUNNING, STARTING, BackendState
 from servekit._private.routing.long_poll import LongPollHost
 from servekit._private.runtime.base import Connection, Runtime
-from servekit._private.specs import BackendLimits
+from servekit._private.specs import BackendLimits, EndpointInfo
 from servekit._private.wire.transport import current_peer
 from servekit.config import BackendConfig, HTTPOptions
 from servekit.exceptions import ServeError
@@ -57,7 +60,7 @@ class Controller:
         self.lock = asyncio.Lock()
         self.backends: Dict[str, BackendReconciler] = {}
         self.endpoints = EndpointTable(self.list_backends, self._serves_asgi)
-        self.proxies = ProxyReconciler(runtime, http_options, self.save)
+        self.proxies = ProxyReconciler(runtime, http_options, self.save_under_lock)
         self._durable = DurableState(runtime.store)
         self._subscribers: Dict[Any, set] = {}  # connection -> long-poll subscriber ids
         self._routers: Dict[Any, set] = {}  # connection -> ids of routers reporting load
@@ -75,13 +78,45 @@ class Controller:
         task.add_done_callback(self._background.discard)
 
     def save(self) -> "asyncio.Future[None]":
-        """Write the desired state (what changed of it) to the store; await to be sure."""
+        """Write the desired state (what changed of it) to the store; await to be sure.
+        Call it under the lock (``save_under_lock`` takes it)."""
         proxies = {name: p.describe() for name, p in self.proxies.records.items()}
-        future = self._durable.save(snapshot(
-            {tag: r.state for tag, r in self.backends.items()}, self.endpoints.endpoints,
-            proxies))
+        try:
+            records = snapshot({tag: r.state for tag, r in self.backends.items()},
+                               self.endpoints.endpoints, proxies)
+        except TypeError as exc:  # a user_config that cannot be saved
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            future.set_exception(exc)
+        else:
+            future = self._durable.save(records)
         future.add_done_callback(_log_save_failure)
         return future
+
+    async def save_under_lock(self) -> None:
+        """``save`` from outside the lock: the state is taken under it, written after."""
+        async with self.lock:
+            saving = self.save()
+        await saving
+
+    async def _save_or_undo(self, undo: Callable[[], None]) -> None:
+        """Save the change a call just made (under the lock). If it cannot be saved, undo
+        it and raise, so that the failed call leaves nothing changed.
+
+        Raises:
+            TypeError: a user_config that cannot be saved (the message names it).
+            ServeError: the store refused the write (the message says what it said).
+        """
+        try:
+            await self.save()
+        except TypeError:
+            undo()
+            raise
+        except Exception as exc:
+            undo()
+            raise ServeError(
+                f"The change could not be saved to {self.runtime.store_description()} "
+                f"({type(exc).__name__}: {exc}). Nothing was changed: make room for the "
+                "state (or repair its store) and make the call again.") from None
 
     def is_registered(self, backend: BackendState) -> bool:
         reconciler = self.backends.get(backend.tag)
@@ -132,9 +167,11 @@ class Controller:
             self.http_address = self.runtime.bind_http(
                 self.http_options.host, self.http_options.port)  # type: ignore[arg-type]
             await self.proxies.start()
-        for reconciler in list(self.backends.values()):
-            reconciler.reconcile()
-        await self.save()
+        async with self.lock:
+            for reconciler in list(self.backends.values()):
+                reconciler.reconcile()
+            saving = self.save()
+        await saving
         self._health_task = asyncio.ensure_future(self._health_loop())
 
     async def shutdown(self, keep_state: bool = False) -> None:
@@ -175,10 +212,13 @@ class Controller:
                 logger.exception("Health check failed")
 
     async def _check_health(self) -> None:
-        """Replace replicas whose process died; retry replacements that failed to start."""
+        """Replace replicas whose process died; retry replacements that failed to start;
+        write again what a failed save left out of the store."""
         async with self.lock:
             if self._shutting_down:
                 return
+            if self._durable.behind:
+                self.save()
             for reconciler in list(self.backends.values()):
                 dead = reconciler.dead_replicas()
                 if dead:
@@ -210,7 +250,16 @@ class Controller:
             backend = BackendState(tag, replica_config, config, metadata, created_by=call_id)
             backend.goal = self.goals.create()
             reconciler = self.backends[tag] = BackendReconciler(backend, self)
-            await self.save()
+
+            def undo() -> None:
+                self.goals.discard(backend.goal)
+                if existing is None:
+                    del self.backends[tag]
+                else:  # the one being deleted under that tag
+                    self.backends[tag] = existing
+                    existing.check_goal()  # its last replica may have gone meanwhile
+
+            await self._save_or_undo(undo)
             await self.publish_backends()
             reconciler.reconcile()
             return backend.goal
@@ -242,11 +291,13 @@ class Controller:
                     new_config.num_replicas - len(backend.in_state(STARTING, RUNNING)),
                     new_config.num_replicas)
             old_config = backend.config
+            undo = self._undoer(backend, "config", "config_before_update", "goal")
+            superseded = backend.goal
             backend.config = new_config
-            self._replace_goal(backend)
-            goal = backend.goal
+            goal = backend.goal = self.goals.create()
             backend.config_before_update = old_config
-            await self.save()
+            await self._save_or_undo(undo)
+            self.goals.complete(superseded)
             await self.publish_backends()
         if replica_visible_fields(old_config) != replica_visible_fields(new_config):
             try:
@@ -279,9 +330,14 @@ class Controller:
             backend = reconciler.state
             if metadata is not None:
                 validate_backend_against_config(metadata, backend.config)
+            undo = self._undoer(backend, "replica_config", "metadata", "version",
+                                "definition_before", "metadata_before", "previous_version",
+                                "goal")
+            superseded = backend.goal
             backend.redefine(replica_config, metadata)
-            self._replace_goal(backend)
-            await self.save()
+            backend.goal = self.goals.create()
+            await self._save_or_undo(undo)
+            self.goals.complete(superseded)
             await self.publish_backends()
             reconciler.reconcile()
             return backend.goal
@@ -298,10 +354,13 @@ class Controller:
                     "deleted. Remove it from that endpoint's traffic and shadows "
                     "(set_traffic / shadow_traffic(..., 0)) or delete the endpoint first.")
             backend = reconciler.state
+            undo = self._undoer(backend, "deleting", "force_delete", "goal")
+            superseded = backend.goal
             backend.deleting = True
             backend.force_delete = backend.force_delete or force
-            self._replace_goal(backend)
-            await self.save()
+            backend.goal = self.goals.create()
+            await self._save_or_undo(undo)
+            self.goals.complete(superseded)
             reconciler.reconcile()
             return backend.goal
 
@@ -384,10 +443,18 @@ class Controller:
                              f"{sorted(self.list_backends())}.")
         return reconciler
 
-    def _replace_goal(self, backend: BackendState) -> None:
-        """A newer operation on a backend supersedes the goal of an older one."""
-        self.goals.complete(backend.goal)
-        backend.goal = self.goals.create()
+    def _undoer(self, backend: BackendState, *fields: str) -> Callable[[], None]:
+        """What puts ``fields`` of ``backend`` back as they are now; a ``goal`` made since
+        is discarded (nobody was told of it)."""
+        before = {name: getattr(backend, name) for name in fields}
+
+        def undo() -> None:
+            if "goal" in before and backend.goal != before["goal"]:
+                self.goals.discard(backend.goal)
+            for name, value in before.items():
+                setattr(backend, name, value)
+
+        return undo
 
     def _used(self) -> Dict[str, float]:
         return resources.add_up(
@@ -415,9 +482,10 @@ class Controller:
     async def create_endpoint(self, name: str, backend: str, route: Optional[str],
                               methods: List[str], managed: bool = False) -> None:
         async with self.lock:
+            before = self.endpoints.copy()
             if not self.endpoints.create(name, backend, route, methods, managed):
                 return  # a retried call
-            version = await self._commit_endpoints()
+            version = await self._commit_endpoints(before)
         if route is not None:
             await self._wait_for_proxy(version)
 
@@ -425,15 +493,17 @@ class Controller:
                               managed: bool) -> None:
         """Change an endpoint's route and methods (and its deploy-file mark) in place."""
         async with self.lock:
+            before = self.endpoints.copy()
             self.endpoints.update(name, route, methods, managed)
-            version = await self._commit_endpoints()
+            version = await self._commit_endpoints(before)
         await self._wait_for_proxy(version)
 
     async def delete_endpoint(self, name: str) -> None:
         async with self.lock:
+            before = self.endpoints.copy()
             if not self.endpoints.delete(name):
                 return
-            version = await self._commit_endpoints()
+            version = await self._commit_endpoints(before)
         await self._wait_for_proxy(version)
 
     def list_endpoints(self) -> Dict[str, dict]:
@@ -444,19 +514,22 @@ class Controller:
 
     async def set_traffic(self, name: str, traffic: Dict[str, float]) -> None:
         async with self.lock:
+            before = self.endpoints.copy()
             self.endpoints.set_traffic(name, traffic)
-            version = await self._commit_endpoints()
+            version = await self._commit_endpoints(before)
         await self._wait_for_proxy(version)
 
     async def shadow_traffic(self, name: str, backend: str, proportion: float) -> None:
         async with self.lock:
+            before = self.endpoints.copy()
             self.endpoints.shadow_traffic(name, backend, proportion)
-            version = await self._commit_endpoints()
+            version = await self._commit_endpoints(before)
         await self._wait_for_proxy(version)
 
-    async def _commit_endpoints(self) -> int:
-        """Save and publish the endpoints (under the lock); the version published."""
-        await self.save()
+    async def _commit_endpoints(self, before: Dict[str, EndpointInfo]) -> int:
+        """Save and publish the endpoints (under the lock); the version published. If they
+        cannot be saved, the table goes back to ``before`` (a copy) and this raises."""
+        await self._save_or_undo(lambda: self.endpoints.restore(before))
         return await self._publish_endpoints()
 
     async def _publish_endpoints(self) -> int:

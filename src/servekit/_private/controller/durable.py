@@ -7,8 +7,10 @@ if a new replica fails), ``endpoint/<name>``, ``replica/<tag>`` (which process r
 restarted controller can adopt it) and ``proxy``. A ``user_config`` that JSON cannot carry
 exactly is stored pickled, as part of the backend's definition.
 
-``DurableState.save`` writes what changed since the last save as one transaction, on a
-thread of its own (so the event loop never waits on the disk), in the order of the calls.
+``DurableState.save`` writes what changed since the last write that succeeded as one
+transaction, on a thread of its own (so the event loop never waits on the disk), in the
+order of the calls. A write that fails changes nothing, on disk or in what counts as
+written: the next save writes what it missed.
 """
 
 from __future__ import annotations
@@ -31,14 +33,25 @@ from servekit.exceptions import ServeError
 Records = Dict[str, bytes]
 
 
-def _value(value: Any) -> Any:
-    """A JSON form of ``value``: itself if JSON keeps it exactly, else its pickle."""
+def _value(value: Any, what: str) -> Any:
+    """A JSON form of ``value``: itself if JSON keeps it exactly, else its pickle.
+
+    Raises:
+        TypeError: neither can carry it (a lambda, an instance of a class defined in a
+            function); the message names ``what``.
+    """
     try:
         if json.loads(json.dumps(value)) == value:
             return {"json": value}
     except (TypeError, ValueError):
         pass
-    return {"pickle": base64.b64encode(pickle.dumps(value, protocol=5)).decode()}
+    try:
+        return {"pickle": base64.b64encode(pickle.dumps(value, protocol=5)).decode()}
+    except Exception as exc:
+        raise TypeError(
+            f"The {what} cannot be saved: {value!r} is neither JSON nor picklable "
+            f"({type(exc).__name__}: {exc}). Use plain data (dicts, lists, numbers, "
+            "strings) or instances of classes a module defines.") from None
 
 
 def _unvalue(doc: Any) -> Any:
@@ -47,11 +60,11 @@ def _unvalue(doc: Any) -> Any:
     return pickle.loads(base64.b64decode(doc["pickle"]))
 
 
-def _config(config: BackendConfig) -> dict:
+def _config(config: BackendConfig, tag: str) -> dict:
     """The fields set explicitly (so a merge after a restart behaves as before it)."""
     fields = {name: getattr(config, name) for name in config.model_fields_set}
     if "user_config" in fields:
-        fields["user_config"] = _value(fields["user_config"])
+        fields["user_config"] = _value(fields["user_config"], f"user_config of backend {tag!r}")
     if fields.get("autoscaling_config") is not None:
         fields["autoscaling_config"] = fields["autoscaling_config"].model_dump(
             exclude_unset=True)
@@ -98,7 +111,11 @@ def _json(doc: Any) -> bytes:
 
 def snapshot(backends: Dict[str, BackendState], endpoints: Dict[str, EndpointInfo],
              proxies: Dict[str, dict]) -> Records:
-    """Every record of the desired state (and of the processes that run it)."""
+    """Every record of the desired state (and of the processes that run it).
+
+    Raises:
+        TypeError: a backend's ``user_config`` cannot be saved (the message names it).
+    """
     records: Records = {}
     for tag, backend in backends.items():
         records[f"definition/{tag}"] = backend.replica_config.serialized
@@ -112,9 +129,9 @@ def snapshot(backends: Dict[str, BackendState], endpoints: Dict[str, EndpointInf
                 "version": backend.previous_version},
             "version": backend.version,
             "autoscaled_replicas": backend.autoscaled_replicas,
-            "config": _config(backend.config),
+            "config": _config(backend.config, tag),
             "config_before_update": None if backend.config_before_update is None
-            else _config(backend.config_before_update),
+            else _config(backend.config_before_update, tag),
             "metadata": _metadata(backend.metadata),
             "goal": backend.goal,
             "created_by": backend.created_by,
@@ -199,30 +216,41 @@ def _load(records: Records) -> LoadedState:
 
 
 class DurableState:
-    """Saves snapshots to a store: only what changed, one transaction each, in call order."""
+    """Saves snapshots to a store: only what changed, one transaction each, in call order.
+
+    ``behind`` is True while the last write failed: the store lacks some of what was saved
+    (the next save that succeeds writes it).
+    """
 
     def __init__(self, store: Store) -> None:
         self._store = store
-        self._written: Records = {}
+        self._written: Records = {}  # what the store holds (changed on the writer thread)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="servekit-store")
+        self.behind = False
 
     def read(self) -> Records:
         self._written = self._store.read_all()
         return dict(self._written)
 
     def save(self, records: Records) -> "asyncio.Future[None]":
-        """Write the difference between ``records`` and the last save; await to be sure
-        it is on disk."""
+        """Write the difference between ``records`` and what the store holds; await to be
+        sure it is on disk (a write that failed raises its error)."""
+        return asyncio.get_running_loop().run_in_executor(self._writer, self._write, records)
+
+    def _write(self, records: Records) -> None:
+        """On the writer thread, one save at a time in call order: compared with what the
+        writes that succeeded left, so that one that failed is made up for by the next."""
         puts = {key: value for key, value in records.items()
                 if self._written.get(key) != value}
         deletes = [key for key in self._written if key not in records]
-        self._written = dict(records)
-        loop = asyncio.get_running_loop()
-        if not puts and not deletes:
-            future: asyncio.Future[None] = loop.create_future()
-            future.set_result(None)
-            return future
-        return loop.run_in_executor(self._writer, self._store.write, puts, deletes)
+        if puts or deletes:
+            try:
+                self._store.write(puts, deletes)
+            except BaseException:
+                self.behind = True
+                raise
+        self._written = records
+        self.behind = False
 
     def close(self) -> None:
         self._writer.shutdown(wait=True)

@@ -11,6 +11,7 @@ all ASGI apps, or none is, so that every request to it can go to any of them.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable, Collection, Dict, List, Optional
 
@@ -56,6 +57,17 @@ class EndpointTable:
         if self._serves_asgi(endpoint):
             self._check_prefix(route)
         endpoint.route, endpoint.methods, endpoint.managed = route, list(methods), managed
+
+    def copy(self) -> Dict[str, EndpointInfo]:
+        """A copy of the endpoints that later changes do not reach (for ``restore``)."""
+        return {name: dataclasses.replace(info, methods=list(info.methods),
+                                          traffic=dict(info.traffic),
+                                          shadows=dict(info.shadows))
+                for name, info in self.endpoints.items()}
+
+    def restore(self, endpoints: Dict[str, EndpointInfo]) -> None:
+        """Go back to a ``copy``: a change that could not be saved is undone."""
+        self.endpoints = endpoints
 
     def delete(self, name: str) -> bool:
         """Remove an endpoint; False if there was none."""

@@ -34,6 +34,12 @@ class GoalManager:
             future.set_result(None)
             self._expire_later(goal_id, future)
 
+    def discard(self, goal_id: Optional[str]) -> None:
+        """Forget a goal nobody was told of (the call that made it failed)."""
+        future = self._goals.pop(goal_id, None) if goal_id else None
+        if future is not None:
+            future.cancel()
+
     def fail(self, goal_id: Optional[str], error: BaseException) -> None:
         future = self._goals.get(goal_id) if goal_id else None
         if future is not None and not future.done():
