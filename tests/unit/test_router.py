@@ -23,6 +23,7 @@ from router_fakes import (
     NOTICE,
     Cluster,
     FakeReplica,
+    Feed,
     endpoint,
     make_router,
     sent,
@@ -310,15 +311,22 @@ def short_no_replica_timeout(monkeypatch: pytest.MonkeyPatch) -> float:
 
 
 def test_refused_request_ends_when_no_listed_replica_can_be_reached(
-        short_no_replica_timeout: float) -> None:
-    """Replica 1 refuses A, replica 2's connect is refused, replica 1's connection is lost,
-    and the long poll keeps listing just those two (nothing replaces them). A never ran and
-    this router will not send to either replica again, so A ends with a
-    BackendUnavailableError after ``NO_REPLICA_TIMEOUT_S`` instead of waiting forever; so
-    does a new request to the backend.
+        short_no_replica_timeout: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replica 1 refuses A, replica 2's connect is refused, replica 1's process dies (its
+    connection is lost, its connects refused), and the long poll keeps listing just those
+    two (nothing replaces them). A never ran; the router keeps trying both replicas again,
+    and every try fails, so A ends with a BackendUnavailableError after
+    ``NO_REPLICA_TIMEOUT_S`` (the tries do not restart that deadline) instead of waiting
+    forever; so does a new request to the backend.
 
     Old behaviour caught: the retry died on the connect error and A hung forever. (On
     4b86c1b A still hung: it waited in the queue with no deadline.)"""
+
+    monkeypatch.setattr(constants, "RECONNECT_BACKOFF_S", 0.005)
+    monkeypatch.setattr(constants, "MAX_RECONNECT_BACKOFF_S", 0.005)
+
+    monkeypatch.setattr(constants, "RECONNECT_BACKOFF_S", 0.005)
+    monkeypatch.setattr(constants, "MAX_RECONNECT_BACKOFF_S", 0.005)
 
     async def main() -> None:
         cluster = Cluster()
@@ -329,6 +337,7 @@ def test_refused_request_ends_when_no_listed_replica_can_be_reached(
         feed.replicas(b=[r1, r2])
         r1.refuse("A")
         await spin()
+        r1.refuse_connections = True
         r1.drop()
         await spin()
         feed.replicas(b=[r1, r2])  # the controller republishes: the same two replicas
@@ -343,6 +352,48 @@ def test_refused_request_ends_when_no_listed_replica_can_be_reached(
             await asyncio.wait_for(later, 5.0)
         assert time.monotonic() - began >= short_no_replica_timeout * 0.9
         assert r1.received() == ["A"] and r2.received() == []
+        assert r2.connects > 2  # tried again meanwhile, every try refused
+
+    run(main)
+
+
+@pytest.mark.parametrize("failure", ["emfile", "unexpected"])
+def test_a_replica_whose_connect_failed_is_tried_again_and_serves(
+        failure: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The only replica's first connect fails (EMFILE, or an error the transport does not
+    name): the request is not failed, the replica is not given up on while it is listed,
+    and after a short backoff the router connects again and the request is answered; the
+    failed connect is tried again once, not in a loop."""
+    monkeypatch.setattr(constants, "RECONNECT_BACKOFF_S", 0.01)
+
+    async def main() -> None:
+        cluster = Cluster()
+        r1 = cluster.replica("b#1")
+        tries: List[str] = []
+
+        async def flaky_connect(address: str, name: str) -> RpcClient:
+            tries.append(address)
+            if len(tries) == 1:
+                await asyncio.sleep(0)
+                if failure == "emfile":
+                    raise ConnectFailed(f"Could not connect to {name}: [Errno 24] Too many "
+                                        "open files")
+                raise RuntimeError("the connect failed in a way nobody expected")
+            return await cluster.connect(address, name)
+
+        router = Router("/run/servekit/controller.sock", "router",
+                        connect_replica=flaky_connect)
+        feed = Feed(router)
+        feed.endpoints(endpoint())
+        feed.caps(b=1)
+        feed.replicas(b=[r1])
+        reply = await asyncio.wait_for(start_send(router, "A"), 5.0)
+        r1.answer("A", "a")
+        assert await asyncio.wait_for(reply, 5.0) == "a"
+        assert len(tries) == 2 and r1.received() == ["A"]
+        second = await sent(router, "B")
+        r1.answer("B", "b")
+        assert await asyncio.wait_for(second, 5.0) == "b"
 
     run(main)
 

@@ -48,6 +48,11 @@ CONNECT_TIMEOUT_S = _env_float("SERVEKIT_CONNECT_TIMEOUT_S", 10.0, minimum=0.1)
 # Seconds of silence, with requests in flight, after which a TCP peer is pinged; silent for
 # as long again, it is taken for gone and its requests fail.
 PEER_PING_INTERVAL_S = _env_float("SERVEKIT_PEER_PING_INTERVAL_S", 5.0, minimum=0.01)
+# Seconds a router waits before it tries again a replica it could not reach (a failed
+# connect, a lost connection), doubled at each failure in a row up to the maximum: a replica
+# that is healthy again is used again within that bound.
+RECONNECT_BACKOFF_S = _env_float("SERVEKIT_RECONNECT_BACKOFF_S", 0.05, minimum=0.001)
+MAX_RECONNECT_BACKOFF_S = _env_float("SERVEKIT_MAX_RECONNECT_BACKOFF_S", 2.0, minimum=0.001)
 # Directory where detached instances record their address.
 SERVEKIT_HOME = os.path.expanduser(os.environ.get("SERVEKIT_HOME", "~/.servekit"))
 

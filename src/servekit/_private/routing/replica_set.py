@@ -24,19 +24,30 @@ logger = logging.getLogger("servekit.router")
 ConnectReplica = Callable[[str, str], Awaitable[RpcClient]]
 
 
+def _seen(future: asyncio.Future) -> None:
+    """Mark a future's outcome as seen (its failure was handled where it happened)."""
+    if not future.cancelled():
+        future.exception()
+
+
 class ReplicaSlot:
     """One replica as a router sees it: its connection and the places this router's
     requests hold on it.
 
-    A replica this router could not connect to, or whose connection was lost, is ``dead``:
-    it is never picked again, even while the controller still lists it.
+    A replica this router could not reach (its connect failed, or its connection was lost)
+    is ``down``: it is not picked until ``RECONNECT_BACKOFF_S`` later (doubled at each failure
+    in a row, up to ``MAX_RECONNECT_BACKOFF_S``), then tried again, so a replica that failed
+    one connect (``EMFILE``, a timeout) is not lost to this router while the controller
+    lists it. A slot closed on purpose (its replica was removed) is ``dead`` for good.
     """
 
     __slots__ = ("tag", "address", "in_flight", "connection", "_connecting", "_connect",
-                 "removed", "full", "dead", "_on_room", "_on_lost")
+                 "removed", "full", "dead", "down", "reached", "_backoff_s", "_on_room",
+                 "_on_lost", "_on_reached")
 
     def __init__(self, tag: str, address: str, connect: ConnectReplica,
-                 on_room: Callable[[], None], on_lost: Callable[["ReplicaSlot"], None]) -> None:
+                 on_room: Callable[[], None], on_lost: Callable[["ReplicaSlot"], None],
+                 on_reached: Callable[[], None]) -> None:
         self.tag = tag
         self.address = address
         self.in_flight = 0
@@ -46,14 +57,19 @@ class ReplicaSlot:
         self.removed = False
         self.full = False  # the replica refused a request; wait for it to say it has room
         self.dead = False
+        self.down = False  # unreachable: not picked until it is retried
+        self.reached = False  # connected since it was listed or last lost
+        self._backoff_s = constants.RECONNECT_BACKOFF_S
         self._on_room = on_room
         self._on_lost = on_lost
+        self._on_reached = on_reached
 
     def connecting(self) -> asyncio.Future:
-        """The future of the connection, opened once; it fails with ``ConnectFailed`` (and
-        the replica is dead) if the replica cannot be reached."""
+        """The future of the connection, opened once; it fails (and the replica is down)
+        if the replica cannot be reached."""
         if self._connecting is None:
             self._connecting = asyncio.ensure_future(self._open())
+            self._connecting.add_done_callback(_seen)  # its failure is handled in _open
         return self._connecting
 
     async def connected(self) -> RpcClient:
@@ -69,18 +85,34 @@ class ReplicaSlot:
     async def _open(self) -> RpcClient:
         try:
             connection = await self._connect(self.address, f"replica {self.tag}")
-        except ConnectFailed:
+        except BaseException as exc:
+            # Whatever the failure (ConnectFailed, or anything the connect did not expect),
+            # the replica is down until it is retried: never picked again meanwhile.
+            if not isinstance(exc, ConnectFailed | asyncio.CancelledError):
+                logger.warning("Connecting to replica %s failed unexpectedly: %r.",
+                               self.tag, exc)
             self.lost()
             raise
+        if self.dead:  # closed on purpose while it connected
+            connection.close()
+            raise ConnectFailed(f"Replica {self.tag} was removed.")
+        self._backoff_s = constants.RECONNECT_BACKOFF_S  # the failures in a row are over
         connection.on_notify = self._room
         assert connection.closed is not None
-        connection.closed.add_done_callback(lambda _: self.lost())
+        connection.closed.add_done_callback(lambda _: self._closed(connection))
         self.connection = connection
+        if not self.reached:
+            self.reached = True
+            self._on_reached()
         return connection
 
     def _room(self) -> None:
         self.full = False
         self._on_room()
+
+    def _closed(self, connection: RpcClient) -> None:
+        if connection is self.connection:
+            self.lost()
 
     def release(self, completed: bool) -> None:
         """A request gives its place back; ``completed``: the replica finished it (so it
@@ -99,17 +131,33 @@ class ReplicaSlot:
         self.full = True
 
     def lost(self) -> None:
-        """The replica cannot be reached (its connection failed or closed)."""
+        """The replica cannot be reached (its connect failed, or its connection closed): it
+        is down until ``retry_in()`` seconds from now."""
+        if self.dead or self.down:
+            return
+        self.down = True
+        self.reached = False
+        connection, self.connection, self._connecting = self.connection, None, None
+        if connection is not None:
+            connection.close()
         self._on_lost(self)
+
+    def retry_in(self) -> float:
+        """Seconds until a down replica is tried again (doubling at each failure in a row)."""
+        backoff = self._backoff_s
+        self._backoff_s = min(2 * backoff, constants.MAX_RECONNECT_BACKOFF_S)
+        return backoff
+
+    def up(self) -> None:
+        """A down replica may be picked again: the next request connects anew."""
+        self.down = False
 
     def close(self) -> None:
         """Close the connection on purpose: the slot is not used again."""
         self.dead = True
         if self.connection is not None:
             self.connection.close()
-        elif self._connecting is not None:
-            self._connecting.add_done_callback(
-                lambda f: None if f.cancelled() or f.exception() else f.result().close())
+        # (a connection still being opened is closed by ``_open`` once it is)
 
 
 class ReplicaSet:
@@ -151,8 +199,8 @@ class ReplicaSet:
         for tag, address in current.items():
             if tag not in self.slots:
                 self.slots[tag] = ReplicaSlot(tag, address, self._connect, self._wake,
-                                              self._lost)
-        self._order = [slot for slot in self.slots.values() if not slot.dead]
+                                              self._lost, self._arm_expiry)
+        self._order = [slot for slot in self.slots.values() if not slot.dead and not slot.down]
         if self._order:
             self._copies_dropped = False
         self._wake()
@@ -188,13 +236,21 @@ class ReplicaSet:
                 pass  # never used
 
     def _lost(self, slot: ReplicaSlot) -> None:
-        """The replica cannot be reached: never pick it again."""
-        if slot.dead:
-            return  # closed on purpose, or already known
-        logger.warning("Replica %s of backend %s is unreachable; no longer sending to it.",
-                       slot.tag, self.backend)
+        """The replica cannot be reached: skip it, and try it again after a backoff."""
+        delay = slot.retry_in()
+        logger.warning("Replica %s of backend %s is unreachable; trying it again in %.2f s.",
+                       slot.tag, self.backend, delay)
         self._order = [s for s in self._order if s is not slot]
-        slot.close()
+        asyncio.get_running_loop().call_later(delay, self._retry, slot)
+        self._arm_expiry()
+
+    def _retry(self, slot: ReplicaSlot) -> None:
+        """A down replica's backoff is over: pick it again while the controller lists it."""
+        if slot.dead or self.slots.get(slot.tag) is not slot:
+            return
+        slot.up()
+        self._order.append(slot)
+        self._wake()
         self._arm_expiry()
 
     def _pick(self) -> Optional[ReplicaSlot]:
@@ -238,8 +294,9 @@ class ReplicaSet:
         self.queued += 1
         self._queued_gauge.inc()
         self._waiting.append(request)
-        if not self._order:
+        if not self._reachable():
             self._arm_expiry()
+        if not self._order:
             self._on_starved()
 
     def try_submit(self, request: RoutedRequest) -> bool:
@@ -261,7 +318,7 @@ class ReplicaSet:
         """A request that never ran goes back, first in line (it is never shed)."""
         self._waiting.appendleft(request)
         self._wake()
-        if not self._order:
+        if not self._reachable():
             self._arm_expiry()
 
     def dequeued(self, request: RoutedRequest) -> None:
@@ -270,8 +327,8 @@ class ReplicaSet:
             request.counted = False
             self.queued -= 1
             self._queued_gauge.dec()
-        if request.expiry is not None:
-            request.expiry.cancel()
+        if request.expiry is not None and request.state != CONNECTING:
+            request.expiry.cancel()  # (one connecting keeps it until it is written)
             request.expiry = None
         if request.state != CONNECTING:
             # It left the line without a replica: its entry is stale. The line is rebuilt
@@ -306,11 +363,16 @@ class ReplicaSet:
 
     # ------------------------------------------------------------- no replica at all
 
+    def _reachable(self) -> bool:
+        """Some replica may be picked and was reached since it was listed or last lost (one
+        tried again after a failure does not count until its connect succeeds)."""
+        return any(slot.reached for slot in self._order)
+
     def _arm_expiry(self) -> None:
-        """While no replica is routable, waiting requests fail NO_REPLICA_TIMEOUT_S after
-        the last one was lost (or after they arrived, if later); a replica coming back
-        disarms them."""
-        if self._order:
+        """While no replica is reachable, waiting requests fail NO_REPLICA_TIMEOUT_S after
+        the last one was lost (or after they arrived, if later), however often the replicas
+        are tried again meanwhile; a replica reached again disarms them."""
+        if self._reachable():
             for request in self._waiting:
                 if request.expiry is not None:
                     request.expiry.cancel()
@@ -324,7 +386,10 @@ class ReplicaSet:
 
     def _expire(self, request: RoutedRequest) -> None:
         request.expiry = None
-        if request.state == QUEUED and not self._order:
+        if request.state == CONNECTING:  # on a replica tried again: see how that ends
+            request.expiry = asyncio.get_running_loop().call_later(
+                constants.RECONNECT_BACKOFF_S, self._expire, request)
+        elif request.state == QUEUED and not self._reachable():
             request.fail(BackendUnavailableError(
                 f"No replica of backend '{self.backend}' could take the request within "
                 f"{constants.NO_REPLICA_TIMEOUT_S}s (SERVEKIT_NO_REPLICA_TIMEOUT_S): its "

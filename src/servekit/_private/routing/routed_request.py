@@ -236,6 +236,9 @@ class RoutedRequest(Exchange):
             # It holds nothing once it has ended: not its bytes, not what it would have
             # sent of its own stream, not the stream of its reply (its reader does).
             self.payload = self.upload = self.stream = None
+            if self.expiry is not None:
+                self.expiry.cancel()
+                self.expiry = None
         return after
 
     # ------------------------------------------------------------- placing it
@@ -277,6 +280,9 @@ class RoutedRequest(Exchange):
             if upload.ended and not upload.backlog:
                 connection.end_chunks(msg_id)
         self._apply(WRITTEN)
+        if self.expiry is not None:  # (armed while it waited for a replica to come back)
+            self.expiry.cancel()
+            self.expiry = None
         self.replica_set.requests.inc()
         if self.trace is not None:
             assert self.slot is not None
