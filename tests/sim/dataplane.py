@@ -99,6 +99,9 @@ class SimModel:
             for index in range(chunks):
                 yield (caller, index)
         finally:
+            if not world.threads.on_thread:
+                world.broken.append(f"caller {caller}'s sync generator was closed off its "
+                                    "thread (dropped unclosed, closed by the collector)")
             world.stopped(self.replica, caller)
             if raise_in_close:
                 raise RuntimeError("simulated: the generator's close raised")
@@ -226,6 +229,7 @@ class World:
         self.most_running: Dict[str, int] = {}
         self.ran: Set[Any] = set()
         self.injected: List[str] = []
+        self.broken: List[str] = []  # invariants broken where raising cannot report them
 
     # ------------------------------------------------------------- what the model asks
 
@@ -282,7 +286,6 @@ class World:
         new one."""
         replica.alive = False
         self.net.kill(replica.address)
-        replica.replica.close()
         await asyncio.sleep(self.rng.uniform(0.05, 1.0))  # the health check's period
         self.publish()
         await self.add_replica()
@@ -374,6 +377,16 @@ class World:
             self.net.reset(connection)
 
     # ------------------------------------------------------------- the invariants
+
+    def check_user_code(self) -> None:
+        check(not self.broken, "user code runs where and while servekit says",
+              "; ".join(self.broken[:3]))
+        for replica in self.replicas:
+            if replica.alive:
+                running = self.running.get(replica.tag, set())
+                check(not running, "the user's work for every request ends",
+                      f"replica {replica.tag} still runs the work of callers "
+                      f"{sorted(running, key=str)[:5]}")
 
     def check_requests(self) -> None:
         for caller in self.callers:
@@ -472,6 +485,7 @@ async def _run_world(loop: SimLoop, faults: Optional[List[str]] = None) -> "Worl
             await asyncio.gather(*tasks)
             await asyncio.sleep(QUIET_S)
             world.check_requests()
+            world.check_user_code()
             world.check_places()
             await world.probe()
             await asyncio.sleep(1.0)

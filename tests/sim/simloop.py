@@ -190,6 +190,7 @@ class SimThreads:
         self._max_start_delay_s = max_start_delay_s
         self._busy_s = 0.0
         self._then: Optional[Callable[[], None]] = None
+        self.on_thread = False  # a job's function is running now (as on a lane's thread)
         self.tasks: List[asyncio.Task] = []
 
     def busy(self, seconds: float, then: Optional[Callable[[], None]] = None) -> None:
@@ -224,7 +225,11 @@ class SimThreads:
                 return
             await asyncio.sleep(rng.uniform(0, self._max_start_delay_s))
             self._busy_s, self._then = 0.0, None
-            outcome = job._run()
+            self.on_thread = True
+            try:
+                outcome = job._run()
+            finally:
+                self.on_thread = False
             if outcome is None:
                 continue  # withdrawn before this thread took it
             busy_s, then = self._busy_s, self._then

@@ -63,6 +63,31 @@ def test_a_caller_leaving_a_running_batch_keeps_its_place_until_the_batch_ends()
     run(main)
 
 
+def test_a_second_cancellation_does_not_give_a_running_batchs_place_back() -> None:
+    """The caller leaves (a cancel), then its connection drops (a second cancel) while the
+    batch it is part of still runs: its place is held until the batch ends all the same."""
+    async def main() -> None:
+        replica = await started_replica(HeldBatches, max_batch_size=2,
+                                        batch_wait_timeout=30.0, max_concurrent_queries=2)
+        try:
+            first, second = call(replica, 1), call(replica, 2)
+            await spin()  # both admitted; the batch of two runs
+            first.cancel()
+            await spin()
+            first.cancel()  # the connection is lost too
+            await spin()
+            assert not first.done() and replica._in_flight == 2
+            replica._callable.release.set()
+            assert await second == 1
+            await asyncio.gather(first, return_exceptions=True)
+            assert first.cancelled() and replica._in_flight == 0
+        finally:
+            replica._callable.release.set()
+            replica.close()
+
+    run(main)
+
+
 def test_a_caller_leaving_before_its_batch_starts_frees_its_place_at_once() -> None:
     async def main() -> None:
         replica = await started_replica(HeldBatches, max_batch_size=2,

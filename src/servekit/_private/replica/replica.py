@@ -407,11 +407,12 @@ class Replica:
             batch = queue.running_batch(result)
             if batch is not None:
                 # The caller left, but the batch it is part of runs on: the request keeps
-                # its place on the replica until the batch ends.
+                # its place on the replica until the batch ends, however often it is
+                # cancelled meanwhile (its connection lost after its caller left).
                 admission = current_admission.get()
                 if admission is not None:
                     admission.cancel()
-                await asyncio.shield(batch)
+                await _outlast(batch)
             raise
 
     async def handle_http(self, method_name: Optional[str],
@@ -565,8 +566,8 @@ class Replica:
                     yield chunk
             finally:
                 aclose = getattr(steps, "aclose", None)
-                if aclose is not None:
-                    await self._on_loop(aclose)
+                if aclose is not None:  # (closed even if the stream is cancelled again)
+                    await _outlast(asyncio.ensure_future(self._on_loop(aclose)))
         else:
             iterator = iter(chunks)
             try:
@@ -577,8 +578,8 @@ class Replica:
                     yield chunk
             finally:
                 close = getattr(iterator, "close", None)
-                if close is not None:
-                    await self._on_pool(close)
+                if close is not None:  # (on its thread, even if the stream is cancelled again)
+                    await _outlast(asyncio.ensure_future(self._on_pool(close)))
 
     async def _finishing(self, chunks: AsyncIterator[Any],
                          admission: Admission) -> AsyncIterator[Any]:
@@ -636,6 +637,18 @@ class Replica:
 
 async def _await(awaitable: Any) -> Any:
     return await awaitable
+
+
+async def _outlast(work: asyncio.Future) -> Any:
+    """``await work``, through any number of cancellations meanwhile (the task stays
+    cancelled and raises it at its next await): the work holds the request's place until
+    it is done."""
+    while not work.done():
+        try:
+            await asyncio.wait((work,))
+        except asyncio.CancelledError:
+            continue
+    return work.result()
 
 
 def _release(admission: Admission, task: asyncio.Future) -> None:
