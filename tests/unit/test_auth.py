@@ -402,10 +402,11 @@ def test_a_plaintext_peer_gets_no_servekit_byte() -> None:
     run(main)
 
 
-def test_only_so_many_connections_authenticate_at_once(
+def test_connections_that_stall_before_authenticating_cannot_lock_others_out(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Past ``MAX_UNAUTHENTICATED`` connections still authenticating, a new one is dropped
-    at once; once they are gone, connections are taken again."""
+    """Past ``MAX_UNAUTHENTICATED`` connections still authenticating, the oldest is dropped
+    to make room: silent connections cost a newcomer nothing, and a real client connects
+    and is served however many of them are open."""
     monkeypatch.setattr(transport, "MAX_UNAUTHENTICATED", 2)
 
     async def echo(value: Any) -> Any:
@@ -418,12 +419,40 @@ def test_only_so_many_connections_authenticate_at_once(
                 for reader in (first, second):  # both got the challenge, and stay silent
                     await asyncio.wait_for(reader.readexactly(OPENING_SIZE), 3.0)
                 async with raw_connection(address) as (third, _):
-                    assert await read_to_eof(third) == b""  # dropped, not challenged
+                    await asyncio.wait_for(third.readexactly(OPENING_SIZE), 3.0)  # challenged
+                    assert await read_to_eof(first) == b""  # the oldest was dropped
+                    client = await asyncio.wait_for(RpcClient.connect(address), 3.0)
+                    try:
+                        assert await asyncio.wait_for(client.call("echo", 1), 3.0) == 1
+                    finally:
+                        await closed_client(client)
+                    assert await read_to_eof(second) == b""  # dropped for the client
             await until(lambda: len(server.lost) == len(server.connected),
                         what="the silent connections to close")
+            assert len(server._authenticating) == 0
+
+    run(main)
+
+
+def test_a_connection_whose_tls_fails_holds_no_place_among_those_authenticating(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Connections that never get past TLS (no certificate, garbage) are never counted
+    among those authenticating, so they cannot fill the places of real peers."""
+    monkeypatch.setattr(transport, "MAX_UNAUTHENTICATED", 1)
+
+    async def echo(value: Any) -> Any:
+        return value
+
+    async def main() -> None:
+        async with tcp_server({"echo": echo}) as (server, address):
+            for _ in range(3):
+                async with raw_connection(address, secure=False) as (reader, writer):
+                    writer.write(b"not a TLS hello")
+                    await read_to_eof(reader, timeout=5.0)
+            assert len(server._authenticating) == 0
             client = await asyncio.wait_for(RpcClient.connect(address), 3.0)
             try:
-                assert await asyncio.wait_for(client.call("echo", 1), 3.0) == 1
+                assert await asyncio.wait_for(client.call("echo", 2), 3.0) == 2
             finally:
                 await closed_client(client)
 

@@ -25,7 +25,6 @@ import pickle
 import socket
 import ssl
 import struct
-import weakref
 from typing import (
     Any,
     AsyncIterator,
@@ -63,7 +62,8 @@ _PING, _PONG = 10, 11
 # A request's own stream (a request body sent as it arrives, WebSocket messages): its
 # items, then its end, from the caller; the server grants room by credits, as for replies.
 _IN_CHUNK, _IN_END, _IN_CREDIT = 12, 13, 14
-# TCP connections of a listener that may be authenticating at once; more are dropped.
+# TCP connections of a listener past TLS that may be proving the secret at once; past it,
+# the oldest of them is dropped to make room for the newcomer.
 MAX_UNAUTHENTICATED = 64
 # TCP keepalive: probes after this many idle seconds, then every few seconds, a few times.
 _KEEPALIVE = ((getattr(socket, "TCP_KEEPIDLE", None), 10), (socket.TCP_KEEPINTVL, 5),
@@ -316,13 +316,15 @@ class _FrameProtocol(asyncio.Protocol):
 
     def __init__(self, on_frame: Callable[[int, int, bytes], None],
                  on_lost: Callable[[Optional[Exception]], None],
-                 handshake: Optional[Handshake] = None, same_user: bool = False) -> None:
+                 handshake: Optional[Handshake] = None, same_user: bool = False,
+                 on_made: Optional[Callable[["_FrameProtocol"], None]] = None) -> None:
         """``same_user``: a Unix socket server's side, which drops a peer of another user
-        (``SO_PEERCRED``), whatever the mode of the socket's directory."""
+        (``SO_PEERCRED``), whatever the mode of the socket's directory. ``on_made``: told
+        of the connection once it is made (for TCP: once TLS is done)."""
         self._on_frame = on_frame
         self._on_lost = on_lost
         self._same_user = same_user
-        self.refused = False  # dropped at once: too many connections authenticating
+        self._on_made = on_made
         self.heard = False  # bytes arrived since the last look (see RpcClient._check_peer)
         self._buffer = bytearray()
         self._unsent: Optional[List[bytes]] = None  # frames sent this loop turn
@@ -333,9 +335,6 @@ class _FrameProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        if self.refused:
-            transport.abort()  # type: ignore[attr-defined]
-            return
         if self._same_user and not _same_user(transport.get_extra_info("socket")):
             logger.warning("Dropped a connection from a process of another user.")
             transport.abort()  # type: ignore[attr-defined]
@@ -351,6 +350,8 @@ class _FrameProtocol(asyncio.Protocol):
             opening = self.handshake.opening()
             if opening:
                 transport.write(opening)  # type: ignore[attr-defined]
+        if self._on_made is not None:
+            self._on_made(self)
 
     def _fail_handshake(self, exc: AuthenticationFailed) -> None:
         if self.handshake is None or self.handshake.done or self.transport is None or \
@@ -424,7 +425,8 @@ class _FrameProtocol(asyncio.Protocol):
             self._deadline.cancel()
         if self.authenticated is not None and not self.authenticated.done():
             self.authenticated.set_exception(AuthenticationFailed(
-                "the peer closed the connection; it may hold another instance's secret"))
+                "the peer closed the connection before the handshake ended (it may be busy "
+                "authenticating many others, or hold another instance's secret)"))
         self._on_lost(exc)
 
     def send(self, msg_id: int, kind: int, payload: bytes) -> bool:
@@ -508,7 +510,9 @@ class RpcServer:
         self._on_disconnect = on_disconnect
         self._streaming = frozenset(streaming)
         self._server: Optional[asyncio.AbstractServer] = None
-        self._authenticating: "weakref.WeakSet[_FrameProtocol]" = weakref.WeakSet()
+        # TCP connections past TLS still proving the secret, oldest first (a dict for its
+        # order). A connection enters once TLS is done: one whose TLS fails never does.
+        self._authenticating: Dict[_FrameProtocol, None] = {}
 
     async def start(self, sock: socket.socket) -> None:
         """Serve the listening ``sock``: a Unix socket (peers of this user only), or a TCP
@@ -524,16 +528,25 @@ class RpcServer:
                 ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S)
 
     def _accept(self, secret: bytes) -> "_FrameProtocol":
-        authenticating = sum(1 for peer in self._authenticating
-                             if peer.handshake is not None and not peer.handshake.done)
-        protocol = self._new_connection(Handshake(server=True, secret=secret))
-        if authenticating >= MAX_UNAUTHENTICATED:
-            protocol.refused = True
-            logger.warning("Dropped a connection: %d others are still authenticating.",
-                           authenticating)
-        else:
-            self._authenticating.add(protocol)
-        return protocol
+        return self._new_connection(Handshake(server=True, secret=secret))
+
+    def _authenticate(self, protocol: "_FrameProtocol") -> None:
+        """A TCP connection got past TLS and starts proving the secret. Past
+        ``MAX_UNAUTHENTICATED`` at once, the oldest is dropped: connections that stall there
+        cannot lock out the peers that authenticate in a few milliseconds."""
+        authenticating = self._authenticating
+        for peer in [p for p in authenticating if p.handshake is None or p.handshake.done]:
+            del authenticating[peer]
+        while len(authenticating) >= MAX_UNAUTHENTICATED:
+            oldest = next(iter(authenticating))
+            del authenticating[oldest]
+            logger.warning("Dropped a connection from %s: it had not authenticated while %d "
+                           "newer ones were waiting to.",
+                           oldest.transport.get_extra_info("peername")
+                           if oldest.transport is not None else "?",
+                           MAX_UNAUTHENTICATED)
+            oldest.abort()
+        authenticating[protocol] = None
 
     def close(self) -> None:
         if self._server is not None:
@@ -593,14 +606,15 @@ class RpcServer:
             task.add_done_callback(functools.partial(ended, msg_id))
 
         def on_lost(exc: Optional[Exception]) -> None:
-            self._authenticating.discard(protocol)
+            self._authenticating.pop(protocol, None)
             # Nobody is left to read the replies: stop the work done for this peer.
             for task in list(tasks.values()):
                 task.cancel()
             if self._on_disconnect is not None:
                 self._on_disconnect(protocol)
 
-        protocol = _FrameProtocol(on_frame, on_lost, handshake, same_user)
+        protocol = _FrameProtocol(on_frame, on_lost, handshake, same_user,
+                                  self._authenticate if handshake is not None else None)
         return protocol
 
     async def _dispatch(self, protocol: _FrameProtocol, msg_id: int, payload: bytes,
