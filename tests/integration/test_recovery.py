@@ -428,6 +428,52 @@ def test_a_change_that_cannot_be_saved_fails_whole_and_a_retry_works(local_insta
     assert get(port, "/m").json()["config"] == {"v": 1}
 
 
+def test_an_acknowledged_scale_up_survives_a_crash_whose_new_replicas_fail(local_instance,
+                                                                            tmp_path):
+    """update_backend_config(num_replicas=2) returned; then the controller and every
+    replica die, and the replicas the restarted controller starts die in their
+    constructors. The scale-up stays: the backend is not rolled back to 1 replica, and
+    reaches 2 once replicas start again."""
+    client, port = local_instance
+    directory = str(tmp_path)
+    client.create_backend("gated", GatedStart, directory)
+    client.update_backend_config("gated", {"num_replicas": 2})  # acknowledged
+    state = status(client)
+    supervisor = only_pid(state, "supervisor")
+    workers = all_pids(state)
+    old = replicas(state, "gated", "RUNNING")
+    assert len(old) == 2, state["processes"]
+
+    def waiting() -> Dict[str, int]:
+        return {name[len("ctor-waiting-"):]: int((tmp_path / name).read_text())
+                for name in os.listdir(directory)
+                if name.startswith("ctor-waiting-") and not name.endswith(".tmp")}
+
+    (tmp_path / "hold").touch()  # new replicas block in their constructors
+    signal_process(supervisor, signal.SIGSTOP, workers[supervisor])
+    try:
+        sigkill(only_pid(state, "controller"))
+        for pid in old.values():
+            sigkill(pid, workers[pid])
+    finally:
+        signal_process(supervisor, signal.SIGCONT, workers[supervisor])
+    try:
+        starting = wait_for(lambda: len(waiting()) == 2 and waiting(), TIMEOUT,
+                            "the restarted controller's two new replicas")
+        for pid in starting.values():
+            sigkill(pid)
+        wait_for(lambda: status(client)["backends"]["gated"]["last_start_error"], TIMEOUT,
+                 "the new replicas' failure to be seen")
+        assert client.get_backend_config("gated").num_replicas == 2
+        assert status(client)["backends"]["gated"]["target"] == 2
+    finally:
+        (tmp_path / "release").touch()
+    (tmp_path / "hold").unlink()
+    wait_for(lambda: status(client)["backends"]["gated"]["running"] == 2, TIMEOUT * 2,
+             "two running replicas again")
+    assert client.get_backend_config("gated").num_replicas == 2
+
+
 # --------------------------------------------------------------------------- 3. proxy
 
 

@@ -8,8 +8,10 @@ deadline instead of sleeping for a fixed time.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
+import types
 from typing import (
     Any,
     Dict,
@@ -901,9 +903,11 @@ class FullDiskStore(MemoryStore):
     def __init__(self) -> None:
         super().__init__()
         self.full = False
+        self.failed_writes = 0
 
     def write(self, puts: Mapping[str, bytes], deletes: Iterable[str] = ()) -> None:
         if self.full:
+            self.failed_writes += 1
             raise OSError(28, "No space left on device")
         super().write(puts, deletes)
 
@@ -1006,6 +1010,186 @@ def test_a_user_config_the_store_cannot_hold_is_refused_and_changes_nothing() ->
             assert saved(runtime).backends["m"].config.user_config == {"v": 2}
 
     run(main)
+
+
+def test_an_acknowledged_scale_up_is_not_rolled_back_after_a_restart() -> None:
+    """update_backend_config returned: a restarted controller whose new replicas fail to
+    start keeps the new num_replicas (and retries), it does not roll the change back."""
+
+    async def main() -> None:
+        runtime = FakeRuntime()
+        first = Controller(runtime, HTTPOptions(host=None))
+        await first.start()
+        await start_backend(first, "m", FlakyModel, num_replicas=1)
+        await wait_goal(first, await first.update_backend_config(
+            "m", BackendConfig(num_replicas=2)))  # acknowledged
+        tags = replica_tags(first, "m")
+        abandon(first)  # the controller and its replicas die
+        for tag in tags:
+            runtime.kill(tag)
+        FLAKY["fail"] = True
+
+        second = Controller(runtime, HTTPOptions(host=None))
+        await second.start()
+        try:
+            await eventually(lambda: second.status()["backends"]["m"]["last_start_error"],
+                             "a new replica failing to start")
+            assert second.get_backend_config("m").num_replicas == 2
+            assert saved(runtime).backends["m"].config.num_replicas == 2
+            FLAKY["fail"] = False
+            second.backends["m"].state.retry_at = 0.0
+            await second._check_health()
+            await eventually(lambda: len(replica_tags(second, "m", RUNNING)) == 2,
+                             "2 running replicas")
+        finally:
+            await second.shutdown()
+
+    run(main)
+
+
+def test_a_goal_ends_only_once_its_outcome_is_saved() -> None:
+    """While the store refuses writes, a scale-up whose replicas all run is not reported
+    done (a restart could still undo it); it is once the store takes the write."""
+
+    async def main() -> None:
+        runtime, store = full_disk_runtime()
+        async with running_controller(runtime) as (controller, _):
+            await start_backend(controller, "m", num_replicas=1)
+            runtime.hold_launches()
+            goal = await controller.update_backend_config("m", BackendConfig(num_replicas=2))
+            [new] = await eventually(runtime.held, "the new replica's launch")
+            store.full = True
+            runtime.release()
+            await eventually(lambda: replica_tags(controller, "m", RUNNING) ==
+                             replica_tags(controller, "m"), "both replicas running")
+            writes = store.failed_writes
+            await eventually(lambda: store.failed_writes >= writes + 2,
+                             "the outcome's save to be tried again")
+            assert goal in controller.goals.pending()
+            assert saved(runtime).backends["m"].config_before_update is not None
+            store.full = False
+            await wait_goal(controller, goal)
+            assert saved(runtime).backends["m"].config_before_update is None
+            assert saved(runtime).backends["m"].goal is None
+
+    run(main)
+
+
+def test_a_failed_create_is_reported_only_once_its_removal_is_saved() -> None:
+    async def main() -> None:
+        runtime, store = full_disk_runtime()
+        async with running_controller(runtime) as (controller, _):
+            runtime.hold_launches()
+            goal = await start_backend(controller, "m", BrokenModel, wait=False)
+            await eventually(runtime.held, "the replica's launch")
+            store.full = True
+            runtime.release()
+            await eventually(lambda: store.failed_writes >= 2,
+                             "the failure's save to be tried again")
+            assert goal in controller.goals.pending()
+            store.full = False
+            with pytest.raises(ModelLoadError):
+                await wait_goal(controller, goal)
+            assert "m" not in saved(runtime).backends
+
+    run(main)
+
+
+# --------------------------------------------------------------------------- the sweep on Ray
+
+
+class _Ref:
+    def __init__(self, future: "concurrent.futures.Future[Any]") -> None:
+        self._future = future
+
+    def future(self) -> "concurrent.futures.Future[Any]":
+        return self._future
+
+
+class _FakeActor:
+    """A Ray actor handle whose ``info`` answers when the test says (its process starts)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.started: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self.info = types.SimpleNamespace(remote=lambda: _Ref(self.started))
+        self.wait_for_exit = types.SimpleNamespace(
+            remote=lambda: _Ref(concurrent.futures.Future()))
+
+    def start(self) -> None:
+        self.started.set_result({"address": f"tcp://10.0.0.2:{len(self.name)}", "pid": 1,
+                                 "node": "another-node", "http": None})
+
+
+def test_the_sweep_of_unrecorded_actors_spares_those_this_controller_starts(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """On Ray a restarted controller stops the actors no saved record names (an earlier
+    controller died while starting them), but never one it starts itself: neither one
+    whose start is under way while it sweeps, nor one started while Ray lists the actors."""
+    ray = pytest.importorskip("ray")
+    from servekit._private.runtime import ray as ray_runtime
+
+    listed: Dict[str, _FakeActor] = {}  # what Ray's GCS holds: actor name -> actor
+    killed: List[str] = []
+    listing_started = threading.Event()
+    listing_may_end = threading.Event()
+    listing_may_end.set()
+
+    def list_named_actors(all_namespaces: bool = False) -> List[dict]:
+        names = list(listed)
+        listing_started.set()
+        listing_may_end.wait(TIMEOUT_S)
+        return [{"name": name, "namespace": ray_runtime.NAMESPACE}
+                for name in [*names, *(n for n in listed if n not in names)]]
+
+    def get_actor(name: str, namespace: str) -> _FakeActor:
+        if name not in listed:
+            raise ValueError(name)
+        return listed[name]
+
+    def create(name: str, **options: Any) -> Any:
+        return types.SimpleNamespace(
+            remote=lambda *args: listed.setdefault(name, _FakeActor(name)))
+
+    monkeypatch.setattr(ray_runtime, "ServekitActor", types.SimpleNamespace(options=create))
+    monkeypatch.setattr(ray.util, "list_named_actors", list_named_actors)
+    monkeypatch.setattr(ray, "get_actor", get_actor)
+    def kill(actor: _FakeActor, no_restart: bool) -> None:
+        killed.append(actor.name)
+        listed.pop(actor.name, None)
+
+    monkeypatch.setattr(ray, "kill", kill)
+    monkeypatch.setattr(ray, "get_runtime_context",
+                        lambda: types.SimpleNamespace(get_node_id=lambda: "this-node"))
+
+    async def main() -> None:
+        runtime = ray_runtime.RayRuntime("tcp://10.0.0.1:1", [], None)
+        orphan = "servekit:m#left:00000000"
+        listed[orphan] = _FakeActor(orphan)
+        # A replica whose actor exists but has not answered yet, while the sweep runs.
+        starting = asyncio.ensure_future(runtime.launch("m#a", "replica", "spec"))
+        [first] = await eventually(lambda: [n for n in listed if ":m#a:" in n], "its actor")
+        assert await runtime.reap_unrecorded() == [orphan]
+        listed[first].start()
+        await asyncio.wait_for(starting, TIMEOUT_S)
+        # A replica started from first to last while Ray lists the actors.
+        listing_started.clear()
+        listing_may_end.clear()
+        sweep = asyncio.ensure_future(runtime.reap_unrecorded())
+        await eventually(listing_started.is_set, "the listing to begin")
+        starting = asyncio.ensure_future(runtime.launch("m#b", "replica", "spec"))
+        [second] = await eventually(lambda: [n for n in listed if ":m#b:" in n], "its actor")
+        listed[second].start()
+        await asyncio.wait_for(starting, TIMEOUT_S)
+        listing_may_end.set()
+        assert await asyncio.wait_for(sweep, TIMEOUT_S) == []
+        assert killed == [orphan]
+        assert runtime.is_alive("m#a") and runtime.is_alive("m#b")
+
+    try:
+        run(main)
+    finally:
+        listing_may_end.set()
 
 
 # --------------------------------------------------------------------------- health

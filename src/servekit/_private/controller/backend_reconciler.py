@@ -9,6 +9,7 @@ the controller's lock and reaches the rest of the controller only through ``Serv
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -50,6 +51,8 @@ class Services(Protocol):
     def spawn(self, coro: Any) -> None: ...
     def save(self) -> "asyncio.Future[None]": ...
     async def save_under_lock(self) -> None: ...
+    def settle_goal(self, goal: Optional[str],
+                    error: Optional[BaseException] = None) -> None: ...
     async def publish_replicas(self) -> int: ...
     async def publish_backends(self) -> int: ...
     def is_registered(self, backend: BackendState) -> bool: ...
@@ -116,22 +119,28 @@ class BackendReconciler:
         record.task = asyncio.ensure_future(self.run_start(record))
 
     def check_goal(self) -> None:
-        """Complete the backend's goal once its replicas are as wanted (or it is gone)."""
+        """Complete the backend's goal once its replicas are as wanted (or it is gone), and
+        once that is saved: a restarted controller then never rolls back a change whose
+        call returned."""
         backend = self.state
         if backend.deleting:
             if not backend.replicas and self._services.is_registered(backend):
                 self.stop_autoscaling()
                 self._services.forget(backend)
-                self._services.goals.complete(backend.goal)
+                self._services.settle_goal(backend.goal)
             return
         running = [r for r in backend.current(RUNNING) if not r.unhealthy.is_set()]
         if len(running) == backend.target_replicas == len(backend.replicas):
+            settled = backend.goal is not None or not backend.created or \
+                backend.config_before_update is not None or \
+                backend.definition_before is not None
             backend.created = True
             backend.start_failures = 0
             backend.config_before_update = None
             backend.definition_before = backend.metadata_before = None
-            self._services.goals.complete(backend.goal)
-            backend.goal = None
+            goal, backend.goal = backend.goal, None
+            if settled:
+                self._services.settle_goal(goal)
 
     def retry_if_due(self) -> None:
         """Start again the replacements that failed to start, once their backoff passed."""
@@ -162,8 +171,11 @@ class BackendReconciler:
                     resources=spec.replica_config.actor_options,
                     python=spec.replica_config.python)
                 record.process = self._runtime.identity(record.tag)
-                # A restarted controller can adopt it from now on.
-                await services.save_under_lock()
+                # A restarted controller can adopt it from now on. (If the store refuses
+                # the write, the next save that succeeds makes up for it; until then a
+                # restarted controller would stop the process as unrecorded.)
+                with contextlib.suppress(Exception):
+                    await services.save_under_lock()
                 record.connection = await self._runtime.connect(record.address)
             connection = record.connection
             assert connection is not None
@@ -239,19 +251,19 @@ class BackendReconciler:
             backend.retry_at = time.monotonic() + min(
                 constants.MAX_RESTART_BACKOFF_S, 0.5 * 2 ** backend.start_failures)
             if not backend.created:
-                # The create call fails as a whole: the tag is free again.
-                services.goals.fail(backend.goal, error)
-                backend.goal = None
+                # The create call fails as a whole (once that is saved): the tag is free.
+                goal, backend.goal = backend.goal, None
                 backend.deleting = True
                 backend.force_delete = True
-                await services.save()
+                services.settle_goal(goal, error)
                 await services.publish_backends()
                 self.reconcile()
                 return
             if backend.goal is None:
                 return  # a replacement failed: it is retried with backoff
             # A scale-up, update or redeploy failed: go back to what ran before it, and only
-            # then fail the call, so it returns with the old state in force.
+            # then (once that is saved) fail the call, so it returns with the old state in
+            # force.
             goal, backend.goal = backend.goal, None
             if backend.definition_before is not None:
                 backend.undefine()
@@ -262,11 +274,13 @@ class BackendReconciler:
                 backend.config_before_update = None
                 push = replica_visible_fields(pushed) != replica_visible_fields(
                     backend.config)
-            await services.save()
+            if not push:
+                services.settle_goal(goal, error)
+            else:
+                services.save()
             await services.publish_backends()
             self.reconcile()
             if not push:
-                services.goals.fail(goal, error)
                 return
         # Running replicas may have applied the new config: give them the old one back
         # (without the lock: reconfigure may wait for the requests they run).
@@ -274,7 +288,8 @@ class BackendReconciler:
             async with backend.updating:
                 await self.push_config(raise_errors=False)
         finally:
-            services.goals.fail(goal, error)
+            async with services.lock:
+                services.settle_goal(goal, error)
 
     def resume(self, record: ReplicaRecord) -> None:
         """Carry on with a replica an earlier controller left (adopted, connected)."""

@@ -45,6 +45,9 @@ logger = logging.getLogger("servekit.controller")
 
 # Seconds a process has to send its metrics for a scrape.
 _METRICS_TIMEOUT_S = 2.0
+# Seconds before a save that failed is tried again, doubling up to the second value.
+_SAVE_RETRY_S = 0.05
+_MAX_SAVE_RETRY_S = 2.0
 
 
 class Controller:
@@ -97,6 +100,42 @@ class Controller:
         async with self.lock:
             saving = self.save()
         await saving
+
+    async def saved(self, saving: "Optional[asyncio.Future[None]]" = None) -> None:
+        """Wait until the state is in the store: through ``saving`` (a save taken under the
+        lock), else a save taken now. One that fails is tried again, with backoff, until
+        one succeeds (or the controller shuts down)."""
+        delay = _SAVE_RETRY_S
+        while True:
+            if saving is None:
+                async with self.lock:
+                    saving = self.save()
+            try:
+                await saving
+                return
+            except Exception:
+                if self._shutting_down:
+                    raise
+            saving = None
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, _MAX_SAVE_RETRY_S)
+
+    def settle_goal(self, goal: Optional[str], error: Optional[BaseException] = None) -> None:
+        """End ``goal`` (done, or failed with ``error``) once the state as it is now is in
+        the store, so that what a client is told is what a restarted controller restores.
+        Call it under the lock."""
+        if goal is None:
+            return
+        saving = self.save()
+
+        async def settle() -> None:
+            await self.saved(saving)
+            if error is None:
+                self.goals.complete(goal)
+            else:
+                self.goals.fail(goal, error)
+
+        self.spawn(settle())
 
     async def _save_or_undo(self, undo: Callable[[], None]) -> None:
         """Save the change a call just made (under the lock). If it cannot be saved, undo
@@ -303,17 +342,20 @@ class Controller:
             try:
                 await reconciler.push_config()
             except Exception:
-                # A replica refused the change (reconfigure raised): undo it everywhere.
+                # A replica refused the change (reconfigure raised): undo it everywhere,
+                # and fail the call once that is saved.
                 async with self.lock:
                     backend.config = old_config
                     backend.config_before_update = None
-                    await self.save()
+                    self.save()
                     await self.publish_backends()
                 await reconciler.push_config(raise_errors=False)
                 async with self.lock:
                     if backend.goal == goal:
-                        self.goals.complete(goal)
                         backend.goal = None
+                    saving = self.save()
+                await self.saved(saving)
+                self.goals.complete(goal)
                 raise
         async with self.lock:
             reconciler.reconcile()

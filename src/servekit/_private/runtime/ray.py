@@ -263,6 +263,9 @@ class RayRuntime(Runtime):
         self._head_node = head_node or self._node
         self._actors: Dict[str, Any] = {}
         self._identities: Dict[str, dict] = {}
+        # Worker name -> the name of its actor, from the moment it is created (or adopted)
+        # until it is stopped: what ``reap_unrecorded`` never stops.
+        self._actor_names: Dict[str, str] = {}
         self._watches: Dict[str, asyncio.Future] = {}
         self._endings: Dict[str, str] = {}  # worker name -> how it ended
         self._http: Optional[Tuple[str, int]] = None
@@ -312,6 +315,7 @@ class RayRuntime(Runtime):
                              "ray_actor_options={'runtime_env': {...}} instead.")
         options = self._actor_options(resources or {}, node)
         actor_name = f"servekit:{name}:{secrets.token_hex(4)}"
+        self._actor_names[name] = actor_name
         actor = ServekitActor.options(  # type: ignore[attr-defined]
             name=actor_name, namespace=NAMESPACE, lifetime="detached", max_restarts=0,
             max_concurrency=4, **options,
@@ -351,6 +355,7 @@ class RayRuntime(Runtime):
 
     def _forget(self, name: str) -> Tuple[Any, Optional[asyncio.Future]]:
         self._identities.pop(name, None)
+        self._actor_names.pop(name, None)
         return self._actors.pop(name, None), self._watches.pop(name, None)
 
     async def connect(self, address: str) -> Connection:
@@ -391,16 +396,20 @@ class RayRuntime(Runtime):
             return False  # gone (workers are never restarted, so a live one is the same)
         self._actors[name] = actor
         self._identities[name] = identity
+        self._actor_names[name] = identity["actor"]
         self._endings.pop(name, None)
         self._watch(name, actor)
         return True
 
     async def reap_unrecorded(self) -> List[str]:
         """Every worker is a named actor, ``servekit:NAME:...`` in servekit's namespace:
-        one that is neither adopted nor launched here was never recorded. It is killed."""
-        owned = {identity.get("actor") for identity in self._identities.values()}
+        one that is neither adopted nor launched here was never recorded. It is killed.
+
+        What this runtime launches is never killed, even while its start is under way or
+        if it began while Ray listed the actors: what it owns is read after the listing."""
         listed = await asyncio.get_running_loop().run_in_executor(
             None, functools.partial(ray.util.list_named_actors, all_namespaces=True))
+        owned = set(self._actor_names.values())
         reaped = []
         for entry in listed:
             name = entry.get("name", "")
