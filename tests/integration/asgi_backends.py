@@ -211,3 +211,28 @@ class Doubler:
     @ingress_app.post("/double")
     async def double_item(self, item: Item) -> dict:
         return {"name": item.name, "price": item.price * self.factor}
+
+
+configurable_app = FastAPI()
+
+
+@serve.ingress(configurable_app)
+class Configurable:
+    """An ingress class with a ``user_config`` and a WebSocket that stays open."""
+
+    def __init__(self) -> None:
+        self.config = None
+
+    def reconfigure(self, config: object) -> None:
+        self.config = config
+
+    @configurable_app.get("/config")
+    def read_config(self) -> dict:
+        return {"config": self.config}
+
+    @configurable_app.websocket("/ws")
+    async def tagged_echo(self, websocket: WebSocket) -> None:
+        await websocket.accept()
+        while True:
+            text = await websocket.receive_text()
+            await websocket.send_text(f"{self.config}:{text}")

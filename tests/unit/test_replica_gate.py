@@ -53,6 +53,17 @@ class Sections:
 
         return asyncio.ensure_future(section())
 
+    def passing(self, name: str) -> asyncio.Task:
+        """A section that starts once the gate is open but holds nothing (an ASGI app's
+        request or WebSocket)."""
+        event = self._hold(name)
+
+        async def section() -> None:
+            await self.gate.pass_through()
+            await self._body(name, event)
+
+        return asyncio.ensure_future(section())
+
     def exclusive(self, name: str) -> asyncio.Task:
         event = self._hold(name)
 
@@ -106,6 +117,30 @@ def test_exclusive_waits_for_running_shared_sections_to_end() -> None:
         assert sections.inside == ["x"]
         sections.release("x")
         await asyncio.gather(*shared, exclusive)
+
+    run(main)
+
+
+def test_a_passing_section_never_makes_an_exclusive_one_wait_but_waits_for_it() -> None:
+    """A WebSocket open for hours does not hold ``reconfigure`` back (nor, behind it, new
+    calls); one that arrives while ``reconfigure`` runs starts after it."""
+
+    async def main() -> None:
+        sections = Sections(CallGate())
+        socket = sections.passing("ws1")
+        await spin()
+        exclusive = sections.exclusive("x")
+        await spin()
+        assert sorted(sections.inside) == ["ws1", "x"]
+        late = sections.passing("ws2")
+        await spin()
+        assert "ws2" not in sections.entered()
+        sections.release("x")
+        await spin()
+        assert sorted(sections.inside) == ["ws1", "ws2"]
+        sections.release("ws1")
+        sections.release("ws2")
+        await asyncio.gather(socket, exclusive, late)
 
     run(main)
 

@@ -137,6 +137,13 @@ class CallGate:
         while not self.enter():
             await self._open.wait()
 
+    async def pass_through(self) -> None:
+        """Return once the gate is open, holding nothing: for work that may last as long as
+        a connection (an ASGI app's WebSocket), which starts between exclusive sections but
+        must not make one wait for its end."""
+        while not self._open.is_set():
+            await self._open.wait()
+
     def leave(self) -> None:
         self._running -= 1
         if self._running == 0:
@@ -337,6 +344,19 @@ class Replica:
         finally:
             gate.leave()
 
+    async def _on_loop_ungated(self, step: Callable[[], Awaitable[Any]]) -> Any:
+        """``await step()`` for an ASGI app's request or connection: it starts once no
+        ``reconfigure`` waits or runs, but does not hold the gate while it lasts (a
+        WebSocket may stay open for hours: a config change must not wait for it, nor new
+        requests behind that change)."""
+        await self._gate.pass_through()
+        try:
+            return await step()
+        except Exception:
+            raise
+        except BaseException as exc:
+            raise contained(self.tag, exc) from exc
+
     async def _on_pool(self, function: Callable, *args: Any) -> Any:
         """``function(*args)``: user code on the replica's threads, behind the gate, in the
         request's context (so ``serve.get_request_id()`` and logs know the request); what
@@ -463,7 +483,7 @@ class Replica:
                 current_request_id.set(value.decode("latin-1"))
                 break
         scope["state"] = dict(self._lifespan.state)
-        call = AppCall(self._app, self._on_loop, scope, first, inbound,
+        call = AppCall(self._app, self._on_loop_ungated, scope, first, inbound,
                        functools.partial(self._app_failed, scope, admission))
         try:
             reply = await call.reply()
