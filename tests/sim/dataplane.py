@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 
 import cloudpickle
 from scenarios import check, scenario
-from simloop import SimLoop, SimThreads, run, sim_threads
+from simloop import TICK, SimLoop, SimThreads, run, sim_threads
 from simnet import ConnectFaults, SimNet
 
 from servekit._private import constants
@@ -41,6 +41,7 @@ from servekit._private.wire.transport import RpcClient, RpcServer, encode_call
 from servekit.api import accept_batch
 from servekit.config import BackendConfig
 from servekit.exceptions import ServeError
+from servekit.request import ServeRequest
 
 BACKEND = "b"
 ENDPOINT = "ep"
@@ -61,7 +62,7 @@ class SimModel:
 
     async def async_call(self, request: Any) -> Any:
         world = _current()
-        caller = request.data
+        caller = _caller_of(request)
         world.started(self.replica, caller)
         try:
             await asyncio.sleep(world.work_s())
@@ -71,14 +72,14 @@ class SimModel:
 
     def sync_call(self, request: Any) -> Any:
         world = _current()
-        caller = request.data
+        caller = _caller_of(request)
         world.started(self.replica, caller)
         world.threads.busy(world.work_s(), lambda: world.stopped(self.replica, caller))
         return caller
 
     async def async_stream(self, request: Any) -> Any:
         world = _current()
-        caller = request.data
+        caller = _caller_of(request)
         chunks, raise_in_close = world.stream_shape()
         world.started(self.replica, caller)
         try:
@@ -92,7 +93,7 @@ class SimModel:
 
     def sync_stream(self, request: Any) -> Any:
         world = _current()
-        caller = request.data
+        caller = _caller_of(request)
         chunks, raise_in_close = world.stream_shape()
         world.started(self.replica, caller)
         try:
@@ -109,7 +110,7 @@ class SimModel:
     @accept_batch
     async def batched(self, requests: List[Any]) -> List[Any]:
         world = _current()
-        callers = [request.data for request in requests]
+        callers = [_caller_of(request) for request in requests]
         for caller in callers:
             world.started(self.replica, caller)
         try:
@@ -123,6 +124,19 @@ class SimModel:
 def _current() -> "World":
     assert _world is not None
     return _world
+
+
+def set_world(world: Optional["World"]) -> None:
+    """The world whose replicas ``SimModel`` reports to (None once it is over)."""
+    global _world
+    _world = world
+
+
+def _caller_of(request: Any) -> Any:
+    """The caller a request comes from: a handle call's argument, an HTTP request's ``c``."""
+    if isinstance(request, ServeRequest):
+        return request.data
+    return int(request.query_params["c"])
 
 
 class _ListeningSocket:
@@ -168,6 +182,11 @@ class Settings:
     faults: int
 
 
+def ticks(rng: random.Random, low_s: float, high_s: float) -> float:
+    """A duration on the simulator's grid (``SimLoop.ticks``), before the loop exists."""
+    return rng.randint(round(low_s / TICK), round(high_s / TICK)) * TICK
+
+
 def draw_settings(rng: random.Random) -> Settings:
     emfile = rng.choice([0.0, 0.0, 0.05, 0.3])
     unexpected = rng.choice([0.0, 0.0, 0.0, 0.1])
@@ -176,7 +195,7 @@ def draw_settings(rng: random.Random) -> Settings:
         replicas=rng.randint(1, 3),
         cap=rng.randint(1, 4),
         max_queued=rng.choice([-1, rng.randint(1, 20)]),
-        request_timeout_s=rng.choice([None, rng.uniform(0.2, 3.0)]),
+        request_timeout_s=rng.choice([None, ticks(rng, 0.2, 3.0)]),
         batch_size=rng.randint(2, 4),
         connect_faults=ConnectFaults(refused=rng.choice([0.0, 0.05]), emfile=emfile,
                                      unexpected=unexpected),
@@ -201,9 +220,10 @@ class SimReplica:
         self.replica = Replica(spec)
         self.server = RpcServer({
             "ready": self.replica.ready, "call": self.replica.handle_call,
+            "http": self.replica.handle_http, "asgi": self.replica.handle_asgi,
             "update_config": self.replica.update_config, "drain": self.replica.drain,
             "ping": self.replica.ping,
-        })
+        }, streaming=("asgi",))
 
     async def start(self) -> None:
         self.replica.start()
@@ -234,10 +254,12 @@ class World:
     # ------------------------------------------------------------- what the model asks
 
     def work_s(self) -> float:
-        return self.rng.choice([0.0, 0.001, self.rng.uniform(0.0, 0.3)])
+        return self.rng.choice([0.0, self.loop.ticks(0, 0.005), self.loop.ticks(0, 0.3)])
 
     def stream_shape(self) -> Tuple[int, bool]:
-        return self.rng.randint(0, 4), self.rng.random() < 0.1
+        # Short ones, and ones longer than the window a reader grants without reading.
+        chunks = self.rng.choice([self.rng.randint(0, 3), self.rng.randint(9, 20)])
+        return chunks, self.rng.random() < 0.1
 
     def started(self, replica: str, caller: Any) -> None:
         running = self.running.setdefault(replica, set())
@@ -286,7 +308,7 @@ class World:
         new one."""
         replica.alive = False
         self.net.kill(replica.address)
-        await asyncio.sleep(self.rng.uniform(0.05, 1.0))  # the health check's period
+        await asyncio.sleep(self.loop.ticks(0.05, 1.0))  # the health check's period
         self.publish()
         await self.add_replica()
 
@@ -295,13 +317,13 @@ class World:
     def draw_caller(self, index: int) -> Caller:
         rng = self.rng
         method = self.settings.method
-        timeout_s = rng.choice([None, rng.uniform(0.05, 2.0)])
+        timeout_s = rng.choice([None, self.loop.ticks(0.001, 0.05), self.loop.ticks(0.05, 2.0)])
         if timeout_s is None and self.settings.request_timeout_s is None:
-            timeout_s = rng.uniform(0.5, 3.0)  # every request has a bound
-        leave_after = rng.choice([None, None, 0.0, rng.uniform(0.0, 0.01),
-                                  rng.uniform(0.0, 0.5)])
+            timeout_s = self.loop.ticks(0.5, 3.0)  # every request has a bound
+        leave_after = rng.choice([None, None, 0.0, self.loop.ticks(0.0, 0.01),
+                                  self.loop.ticks(0.0, 0.5)])
         read_chunks = rng.choice([None, 0, 1, 2]) if method.endswith("stream") else None
-        return Caller(index, method, timeout_s, rng.uniform(0.0, 2.0), leave_after,
+        return Caller(index, method, timeout_s, self.loop.ticks(0.0, 2.0), leave_after,
                       read_chunks)
 
     async def call(self, caller: Caller) -> None:
@@ -358,7 +380,7 @@ class World:
 
     async def inject(self) -> None:
         rng = self.rng
-        await asyncio.sleep(rng.uniform(0.0, 2.0))
+        await asyncio.sleep(self.loop.ticks(0.0, 2.0))
         live = [r for r in self.replicas if r.alive]
         kind = rng.choice(["kill", "freeze", "reset", "reset"])
         if kind == "kill" and live:
@@ -367,7 +389,7 @@ class World:
             await self.kill(victim)
         elif kind == "freeze" and live:
             victim = rng.choice(live)
-            until = self.loop.time() + rng.uniform(0.05, 2.0)
+            until = self.loop.time() + self.loop.ticks(0.05, 2.0)
             self.injected.append(f"freeze {victim.tag} until {until:.3f}")
             self.net.stall(victim.address, until)
         elif kind == "reset" and self.net.connections:
@@ -472,11 +494,11 @@ def _bound(caller: Caller, settings: Settings) -> Optional[float]:
     return timeout + 0.001
 
 
-async def _run_world(loop: SimLoop, faults: Optional[List[str]] = None) -> "World":
-    global _world
+async def _run_world(loop: SimLoop) -> "World":
     settings = draw_settings(loop.rng)
     with sim_threads(loop) as threads:
-        world = _world = World(loop, threads, settings)
+        world = World(loop, threads, settings)
+        set_world(world)
         try:
             await world.start()
             world.callers = [world.draw_caller(i) for i in range(settings.callers)]
@@ -494,7 +516,7 @@ async def _run_world(loop: SimLoop, faults: Optional[List[str]] = None) -> "Worl
             world.router.close()
             for replica in world.replicas:
                 replica.replica.close()
-            _world = None
+            set_world(None)
     return world
 
 

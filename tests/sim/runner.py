@@ -10,7 +10,7 @@ from typing import Iterable, List, Optional
 from scenarios import SCENARIOS
 
 # The modules that register scenarios.
-_SCENARIO_MODULES = ("dataplane", "controlplane")
+_SCENARIO_MODULES = ("dataplane", "proxyplane", "controlplane")
 
 
 def load_scenarios() -> None:

@@ -34,6 +34,9 @@ T = TypeVar("T")
 
 # Callbacks one turn of the clock may run before the run is taken for a livelock.
 LIVELOCK_CALLBACKS = 200_000
+# The grain of simulated durations: a binary fraction of a second, so that sums of them are
+# exact and events drawn apart land in the same loop turn as often as they can.
+TICK = 1 / 1024
 
 
 class Stalled(AssertionError):
@@ -71,6 +74,10 @@ class SimLoop(asyncio.BaseEventLoop):
 
     def time(self) -> float:
         return self._now
+
+    def ticks(self, low_s: float, high_s: float) -> float:
+        """A duration from ``low_s`` to ``high_s`` drawn from the seed, on the ``TICK`` grid."""
+        return self.rng.randint(round(low_s / TICK), round(high_s / TICK)) * TICK
 
     def _process_events(self, event_list: Any) -> None:
         pass
@@ -223,7 +230,7 @@ class SimThreads:
             job = await lane._jobs.get()
             if job is None:
                 return
-            await asyncio.sleep(rng.uniform(0, self._max_start_delay_s))
+            await asyncio.sleep(self._loop.ticks(0, self._max_start_delay_s))
             self._busy_s, self._then = 0.0, None
             self.on_thread = True
             try:

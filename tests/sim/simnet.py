@@ -31,12 +31,29 @@ class UnexpectedConnectError(RuntimeError):
 
 
 class _PeerSocket:
-    """What ``get_extra_info("socket")`` gives: a Unix socket whose peer is this user."""
+    """What ``get_extra_info("socket")`` gives: a socket whose peer is this user, at made-up
+    loopback addresses (for the HTTP server's logs)."""
 
     family = socket.AF_UNIX
 
+    def __init__(self, number: int) -> None:
+        self._number = number
+
     def getsockopt(self, level: int, option: int, size: int = 0) -> bytes:
         return struct.pack("3i", os.getpid(), os.getuid(), os.getgid())
+
+    def fileno(self) -> int:
+        return 100 + self._number % 100  # (a descriptor number well below any limit)
+
+    def getpeername(self) -> Tuple[str, int]:
+        return ("127.0.0.1", 10_000 + self._number)
+
+    def getsockname(self) -> Tuple[str, int]:
+        return ("127.0.0.1", 8000)
+
+
+# Bytes a writer may have in flight before its protocol is told to pause writing.
+HIGH_WATER = 64 * 1024
 
 
 class SimTransport(asyncio.Transport):
@@ -52,12 +69,14 @@ class SimTransport(asyncio.Transport):
         self._closing = False
         self._lost = False
         self._delivery: Optional[asyncio.TimerHandle] = None
+        self.reading_paused = False  # this end reads nothing: its peer's writes pile up
+        self._writing_paused = False  # this end's protocol was told to pause writing
 
     # the asyncio.Transport interface the transport code uses
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         if name == "socket":
-            return _PeerSocket()
+            return _PeerSocket(self._connection.number)
         if name == "peername":
             return self._connection.address
         return default
@@ -69,6 +88,10 @@ class SimTransport(asyncio.Transport):
         if self._closing:
             return
         self._outbox += data
+        if len(self._outbox) > HIGH_WATER and not self._writing_paused and \
+                self.protocol is not None:
+            self._writing_paused = True
+            self.protocol.pause_writing()
         self._schedule_delivery()
 
     def close(self) -> None:
@@ -92,10 +115,15 @@ class SimTransport(asyncio.Transport):
         return self.protocol
 
     def pause_reading(self) -> None:
-        pass
+        self.reading_paused = True
 
     def resume_reading(self) -> None:
-        pass
+        if self.reading_paused:
+            self.reading_paused = False
+            self._connection.ends[1 - self._side]._schedule_delivery()
+
+    def is_reading(self) -> bool:
+        return not self.reading_paused
 
     def get_write_buffer_size(self) -> int:
         return len(self._outbox)
@@ -118,13 +146,22 @@ class SimTransport(asyncio.Transport):
             self._delivery = self._net.loop.call_at(connection.stalled_until, self._deliver)
             return
         peer = connection.ends[1 - self._side]
+        if peer.reading_paused:
+            return  # delivered once the peer reads again (``resume_reading``)
         data, self._outbox = bytes(self._outbox), bytearray()
         rng = self._net.loop.rng
         while data and not peer._lost:
+            if peer.reading_paused:  # it stopped reading midway: the rest waits
+                self._outbox[:0] = data
+                break
             cut = len(data) if rng.random() < 0.7 else rng.randint(1, len(data))
             piece, data = data[:cut], data[cut:]
             assert peer.protocol is not None
             peer.protocol.data_received(piece)  # type: ignore[attr-defined]
+        if self._writing_paused and len(self._outbox) < HIGH_WATER // 4 and \
+                not self._lost and self.protocol is not None:
+            self._writing_paused = False
+            self.protocol.resume_writing()
         if self._closing and not self._outbox:
             connection.end(None)
 
@@ -146,9 +183,12 @@ class SimConnection:
 
     def __init__(self, net: "SimNet", address: str) -> None:
         self.address = address
+        net.connects += 1
+        self.number = net.connects
         self.ends = (SimTransport(net, self, 0), SimTransport(net, self, 1))
         self.stalled_until = 0.0
         self.over = False
+        self.was_reset = False  # the network broke it (not either end)
         self._net = net
 
     def end(self, exc: Optional[Exception]) -> None:
@@ -194,6 +234,7 @@ class SimNet:
         self.loop = loop
         self.listeners: Dict[str, ProtocolFactory] = {}
         self.frozen: Dict[str, float] = {}  # address -> until when it delivers nothing
+        self.reliable: Set[str] = set()  # addresses whose connects never fail
         self.connections: Set[SimConnection] = set()
         self.connect_faults = connect_faults or ConnectFaults()
         self.max_delay_s = max_delay_s
@@ -203,7 +244,7 @@ class SimNet:
     def delay(self, connection: SimConnection) -> float:
         """How long a write takes to arrive: often nothing more than a loop turn."""
         rng = self.loop.rng
-        return 0.0 if rng.random() < 0.3 else rng.uniform(0, self.max_delay_s)
+        return 0.0 if rng.random() < 0.3 else self.loop.ticks(0, self.max_delay_s)
 
     def listen(self, factory: ProtocolFactory, address: str) -> SimServer:
         self.listeners[address] = factory
@@ -212,9 +253,8 @@ class SimNet:
     async def connect(self, factory: ProtocolFactory,
                       address: str) -> Tuple[SimTransport, asyncio.Protocol]:
         rng = self.loop.rng
-        faults = self.connect_faults
-        self.connects += 1
-        await asyncio.sleep(rng.uniform(0, faults.max_delay_s))
+        faults = self.connect_faults if address not in self.reliable else ConnectFaults()
+        await asyncio.sleep(self.loop.ticks(0, faults.max_delay_s))
         roll = rng.random()
         if roll < faults.refused:
             self._failed(address, "refused")
@@ -250,6 +290,7 @@ class SimNet:
 
     def reset(self, connection: SimConnection) -> None:
         """The connection breaks: what is in flight is lost, both ends are told."""
+        connection.was_reset = True
         connection.end(ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"))
 
     def stall(self, address: str, until: float) -> None:

@@ -1,0 +1,291 @@
+"""The HTTP proxy in simulation: real HTTP clients' bytes through the real proxy to replicas.
+
+The world of ``dataplane`` (one backend, real replicas, faults) plus, in front of it, the
+proxy as it runs: ``HTTPProxy`` behind uvicorn's httptools protocol as servekit bounds it
+(``ProxyHttpProtocol``, fast lane included), listening on the simulated network. Clients
+speak HTTP/1.1 through ``h11``: GET or POST (bodies of every size), plain or streamed
+replies, and they leave at seeded moments — before the reply, at its first chunk, mid-body
+— or stop reading for a while. The proxy's request timeout is drawn small, so deadlines
+land in the same loop turn as replies and chunks.
+
+After every run, besides the data plane's invariants: every client's request ended (a
+whole, well-framed response, or the connection closed) within its bound; a whole response
+to a plain call carries what the backend returned; every byte of request bodies the proxy
+held is given back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import functools
+import json
+import logging
+from typing import Any, Deque, List, Optional
+
+import h11
+import uvicorn
+from dataplane import BACKEND, ENDPOINT, QUIET_S, World, draw_settings, set_world
+from scenarios import check, scenario
+from simloop import SimLoop, run, sim_threads
+
+from servekit._private import constants
+from servekit._private.proxy.http_protocol import BodyBudget, ProxyHttpProtocol
+from servekit._private.proxy.proxy import HTTPProxy
+from servekit._private.specs import BackendLimits, EndpointInfo
+
+PROXY = "/sim/proxy"
+ROUTE = "/ep"
+# Virtual seconds a client waits for the end of a response before the run is a failure:
+# longer than any timeout, retry or freeze of a world.
+CLIENT_PATIENCE_S = 3 * QUIET_S
+
+
+class HttpClient(asyncio.Protocol):
+    """A client connection: bytes in, ``h11`` events out, in order."""
+
+    def __init__(self) -> None:
+        self.connection = h11.Connection(h11.CLIENT)
+        self.transport: Optional[asyncio.Transport] = None
+        self.events: Deque[Any] = collections.deque()
+        self.changed = asyncio.Event()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.connection.receive_data(data)
+        self._pump()
+
+    def eof_received(self) -> None:
+        pass
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        if self.connection.their_state is not h11.CLOSED:
+            self.connection.receive_data(b"")
+        self._pump()
+        self.events.append(h11.ConnectionClosed())
+        self.changed.set()
+
+    def _pump(self) -> None:
+        while True:
+            try:
+                event = self.connection.next_event()
+            except h11.RemoteProtocolError as exc:
+                self.events.append(exc)
+                break
+            if event is h11.NEED_DATA or event is h11.PAUSED:
+                break
+            self.events.append(event)
+            if isinstance(event, h11.ConnectionClosed):
+                break
+        self.changed.set()
+
+    async def next_event(self) -> Any:
+        while not self.events:
+            self.changed.clear()
+            await self.changed.wait()
+        return self.events.popleft()
+
+    def send(self, event: Any) -> None:
+        data = self.connection.send(event)
+        if data and self.transport is not None:
+            self.transport.write(data)
+
+
+@dataclasses.dataclass
+class HttpCaller:
+    """One HTTP request and what its client does; ``outcome`` is what it saw."""
+
+    index: int
+    method: str
+    body: int  # bytes of its POST body (0: a GET)
+    start_at: float
+    leave: Optional[str]  # "before" (the reply), "first" (chunk), "mid" (body), None
+    leave_after: float
+    stall_s: float  # stops reading this long after the head (0: never)
+    outcome: Optional[str] = None
+    status: Optional[int] = None
+    body_read: bytes = b""
+    waited: Optional[float] = None
+
+
+class ProxyWorld(World):
+    """The data plane's world with the proxy and HTTP clients in front of it."""
+
+    def __init__(self, loop: SimLoop, threads: Any, settings: Any) -> None:
+        super().__init__(loop, threads, settings)
+        rng = self.rng
+        self.proxy_timeout_s = rng.choice([None, loop.ticks(0.001, 0.05), loop.ticks(0.01, 1.0)])
+        self.proxy = HTTPProxy(self.router, max_body_bytes=1 << 20,
+                               request_timeout_s=self.proxy_timeout_s)
+        self.budget = BodyBudget(rng.choice([1 << 20, 200_000]))
+        config = uvicorn.Config(self.proxy, loop="none", lifespan="off", log_level="critical",
+                                access_log=False, server_header=False, date_header=False,
+                                timeout_keep_alive=5)
+        config.load()
+        self.server_state = uvicorn.server.ServerState()
+        self._protocol = functools.partial(
+            ProxyHttpProtocol, config=config, server_state=self.server_state, app_state={},
+            max_header_bytes=16 * 1024, max_header_count=100, client_timeout_s=10.0,
+            body_budget=self.budget, fast_lane=self.proxy)
+        self.http_callers: List[HttpCaller] = []
+
+    def route(self) -> EndpointInfo:
+        return EndpointInfo(ENDPOINT, ROUTE, ["GET", "POST"], {BACKEND: 1.0})
+
+    async def start(self) -> None:
+        s = self.settings
+        self.router.apply({
+            constants.KEY_ENDPOINTS: (1, {ENDPOINT: self.route()}),
+            constants.KEY_BACKENDS: (1, {BACKEND: BackendLimits(
+                s.cap, s.max_queued, s.request_timeout_s)}),
+        })
+        for _ in range(s.replicas):
+            await self.add_replica()
+        self.net.listen(lambda: self._protocol(_loop=self.loop), PROXY)
+        self.net.reliable.add(PROXY)
+
+    # ------------------------------------------------------------- clients
+
+    def draw_http_caller(self, index: int) -> HttpCaller:
+        rng = self.rng
+        return HttpCaller(
+            index, self.settings.method,
+            body=rng.choice([0, 0, 7, 5000, 150_000]),
+            start_at=self.loop.ticks(0.0, 2.0),
+            leave=rng.choice([None, None, "before", "first", "mid"]),
+            leave_after=rng.choice([0.0, self.loop.ticks(0.0, 0.01), self.loop.ticks(0.0, 1.0)]),
+            stall_s=rng.choice([0.0, 0.0, 0.0, self.loop.ticks(0.0, 2.0)]))
+
+    async def http_call(self, caller: HttpCaller) -> None:
+        await asyncio.sleep(caller.start_at)
+        began = self.loop.time()
+        transport, client = await self.net.connect(HttpClient, PROXY)
+        assert isinstance(client, HttpClient)
+        target = f"{ROUTE}?c={caller.index}"
+        headers = [("host", "sim"), ("x-serve-call-method", caller.method)]
+        if caller.body:
+            headers.append(("content-length", str(caller.body)))
+        client.send(h11.Request(method="POST" if caller.body else "GET", target=target,
+                                headers=headers))
+        if caller.body:
+            client.send(h11.Data(data=b"x" * caller.body))
+        client.send(h11.EndOfMessage())
+        leaving = None
+        if caller.leave == "before":
+            leaving = self.loop.call_later(caller.leave_after, _leave, caller, transport)
+        try:
+            await asyncio.wait_for(self._read(caller, client, transport),
+                                   CLIENT_PATIENCE_S)
+        except asyncio.TimeoutError:
+            caller.outcome = "hung"
+        finally:
+            if leaving is not None:
+                leaving.cancel()
+            caller.waited = self.loop.time() - began
+            transport.close()
+
+    async def _read(self, caller: HttpCaller, client: HttpClient,
+                    transport: asyncio.Transport) -> None:
+        chunks = 0
+        while True:
+            event = await client.next_event()
+            if caller.outcome == "left":
+                return
+            if isinstance(event, (h11.RemoteProtocolError, h11.ConnectionClosed)) and \
+                    transport._connection.was_reset:  # type: ignore[attr-defined]
+                caller.outcome = "reset"  # the network broke the connection
+                return
+            if isinstance(event, h11.RemoteProtocolError):
+                if caller.status is None:
+                    caller.outcome = f"closed before any response ({event})"
+                elif "without sending complete message body" in str(event):
+                    caller.outcome = "cut"  # a response the proxy could not finish
+                else:
+                    caller.outcome = f"misframed: {event}"
+                return
+            if isinstance(event, h11.ConnectionClosed):
+                caller.outcome = caller.outcome or "closed"
+                return
+            if isinstance(event, h11.Response):
+                caller.status = event.status_code
+                if caller.stall_s:
+                    transport.pause_reading()
+                    self.loop.call_later(caller.stall_s, transport.resume_reading)
+            elif isinstance(event, h11.Data):
+                caller.body_read += bytes(event.data)
+                chunks += 1
+                if caller.leave == "first" or (caller.leave == "mid" and chunks > 1):
+                    _leave(caller, transport)
+                    return
+            elif isinstance(event, h11.EndOfMessage):
+                caller.outcome = "answered"
+                return
+
+    # ------------------------------------------------------------- the invariants
+
+    def check_http(self) -> None:
+        for caller in self.http_callers:
+            check(caller.outcome is not None and caller.outcome != "hung",
+                  "every request ends",
+                  f"HTTP client {caller.index} ({caller.method}, body {caller.body}) got no "
+                  f"end of its response in {CLIENT_PATIENCE_S} s (status {caller.status})")
+            check(not (caller.outcome or "").startswith("misframed"),
+                  "every response is well framed",
+                  f"HTTP client {caller.index}: {caller.outcome}")
+            check(not (caller.outcome or "").startswith("closed before"),
+                  "every request that stays gets a response",
+                  f"HTTP client {caller.index} ({caller.method}, body {caller.body}): "
+                  f"{caller.outcome}")
+            if caller.outcome == "answered" and caller.status == 500 and not self.injected:
+                check(False, "a request fails only for a reason",
+                      f"HTTP client {caller.index} got {caller.status} with no fault "
+                      f"injected: {caller.body_read[:200]!r}")
+            if caller.outcome == "answered" and caller.status == 200 and \
+                    not caller.method.endswith("stream"):
+                check(json.loads(caller.body_read) == caller.index,
+                      "a response carries what the backend returned",
+                      f"HTTP client {caller.index} read {caller.body_read[:80]!r}")
+        check(self.budget.held == 0, "an ended request holds no payload",
+              f"the proxy still counts {self.budget.held} bytes of request bodies held")
+
+
+def _leave(caller: HttpCaller, transport: asyncio.Transport) -> None:
+    """The client goes away: its connection is dropped at once."""
+    if caller.outcome is None:
+        caller.outcome = "left"
+        transport.abort()
+
+
+async def _run_world(loop: SimLoop) -> ProxyWorld:
+    settings = draw_settings(loop.rng)
+    with sim_threads(loop) as threads:
+        world = ProxyWorld(loop, threads, settings)
+        set_world(world)
+        try:
+            await world.start()
+            world.http_callers = [world.draw_http_caller(i) for i in range(settings.callers)]
+            tasks = [asyncio.ensure_future(world.http_call(c)) for c in world.http_callers]
+            tasks += [asyncio.ensure_future(world.inject()) for _ in range(settings.faults)]
+            await asyncio.gather(*tasks)
+            await asyncio.sleep(QUIET_S)
+            world.check_http()
+            world.check_user_code()
+            world.check_places()
+        finally:
+            world.router.close()
+            for replica in world.replicas:
+                replica.replica.close()
+            set_world(None)
+    return world
+
+
+@scenario("proxy")
+def proxy(seed: int) -> None:
+    """HTTP clients through the real proxy to real replicas, under seeded faults."""
+    logging.getLogger("servekit").setLevel(logging.CRITICAL)
+    logging.getLogger("uvicorn").setLevel(logging.CRITICAL)
+    run(_run_world, seed)
+
