@@ -225,7 +225,6 @@ class SimThreads:
             self._threads.tasks.append(asyncio.ensure_future(self._threads._work(lane)))
 
     async def _work(self, lane: Any) -> None:
-        rng = self._loop.rng
         while True:
             job = await lane._jobs.get()
             if job is None:
