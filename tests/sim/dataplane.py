@@ -180,6 +180,7 @@ class Settings:
     connect_faults: ConnectFaults
     callers: int
     faults: int
+    drop_after_leave: float  # how often a caller's connection drops just after it leaves
 
 
 def ticks(rng: random.Random, low_s: float, high_s: float) -> float:
@@ -201,6 +202,7 @@ def draw_settings(rng: random.Random) -> Settings:
                                      unexpected=unexpected),
         callers=rng.randint(1, 30),
         faults=rng.choice([0, 0, 1, 2, 4]),
+        drop_after_leave=rng.choice([0.0, 0.0, 0.5]),
     )
 
 
@@ -360,7 +362,18 @@ class World:
         assert request is not None
         if request.state in (QUEUED, "connecting"):
             caller.left_unwritten = True
+        connection = request.connection
         request.reply.cancel()
+        if connection is not None and self.rng.random() < self.settings.drop_after_leave:
+            # Its connection drops right after (the caller's process died with it): the
+            # replica sees the cancel, then the loss, in the turns the seed picks.
+            self.injected.append(f"drop the connection of caller {caller.index} after it left")
+            self.loop.call_later(self.loop.ticks(0, 0.003), self._drop, connection)
+
+    def _drop(self, connection: RpcClient) -> None:
+        protocol = connection._protocol
+        if protocol is not None and protocol.transport is not None:
+            self.net.reset(protocol.transport._connection)  # type: ignore[attr-defined]
 
     async def _read(self, caller: Caller, stream: Any) -> List[Any]:
         chunks: List[Any] = []
@@ -389,7 +402,8 @@ class World:
             await self.kill(victim)
         elif kind == "freeze" and live:
             victim = rng.choice(live)
-            until = self.loop.time() + self.loop.ticks(0.05, 2.0)
+            until = self.loop.time() + rng.choice([self.loop.ticks(0.05, 2.0),
+                                                   self.loop.ticks(2.0, 8.0)])
             self.injected.append(f"freeze {victim.tag} until {until:.3f}")
             self.net.stall(victim.address, until)
         elif kind == "reset" and self.net.connections:
@@ -399,6 +413,14 @@ class World:
             self.net.reset(connection)
 
     # ------------------------------------------------------------- the invariants
+
+    def check_line(self) -> None:
+        """Once every caller has its answer, no request is left in a router's line, even
+        while the replicas are stuck (those that left must not pile up there)."""
+        for replica_set in self.router._replica_sets.values():
+            check(not replica_set._waiting, "an ended request holds nothing",
+                  f"every caller has ended, but the router's line still holds "
+                  f"{len(replica_set._waiting)} requests")
 
     def check_user_code(self) -> None:
         check(not self.broken, "user code runs where and while servekit says",
@@ -505,6 +527,7 @@ async def _run_world(loop: SimLoop) -> "World":
             tasks = [asyncio.ensure_future(world.call(c)) for c in world.callers]
             tasks += [asyncio.ensure_future(world.inject()) for _ in range(settings.faults)]
             await asyncio.gather(*tasks)
+            world.check_line()
             await asyncio.sleep(QUIET_S)
             world.check_requests()
             world.check_user_code()
