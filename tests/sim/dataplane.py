@@ -407,7 +407,7 @@ class World:
             self.injected.append(f"freeze {victim.tag} until {until:.3f}")
             self.net.stall(victim.address, until)
         elif kind == "reset" and self.net.connections:
-            connection = rng.choice(sorted(self.net.connections, key=lambda c: id(c)))
+            connection = rng.choice(list(self.net.connections))
             self.injected.append(f"reset a connection to {connection.address} at "
                                  f"{self.loop.time():.3f}")
             self.net.reset(connection)

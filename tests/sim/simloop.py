@@ -26,7 +26,18 @@ import collections
 import contextlib
 import heapq
 import random
-from typing import Any, Awaitable, Callable, Deque, Dict, Iterator, List, Optional, TypeVar
+from typing import (
+    Any,
+    Awaitable,
+    Callable,
+    Deque,
+    Dict,
+    Iterator,
+    List,
+    Optional,
+    Tuple,
+    TypeVar,
+)
 
 from servekit._private.replica import thread_lane
 
@@ -268,16 +279,22 @@ def sim_threads(loop: SimLoop) -> Iterator[SimThreads]:
         thread_lane.threading = real
 
 
+# (callbacks run, virtual seconds) of the last run: its history's fingerprint.
+last_run: Tuple[int, float] = (0, 0.0)
+
+
 def run(main: Callable[[SimLoop], Awaitable[T]], seed: int) -> T:
     """Run ``main(loop)`` on a new ``SimLoop`` seeded with ``seed``; its result.
 
     Whatever ``main`` leaves running is cancelled and run to its end before the loop closes.
     """
+    global last_run
     loop = SimLoop(seed)
     asyncio.set_event_loop(loop)
     try:
         return loop.run_until_complete(main(loop))
     finally:
+        last_run = (loop.callbacks, loop.time())
         try:
             _cancel_all(loop)
         finally:

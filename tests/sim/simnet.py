@@ -196,7 +196,7 @@ class SimConnection:
         if self.over:
             return
         self.over = True
-        self._net.connections.discard(self)
+        self._net.connections.pop(self, None)
         for end in self.ends:
             end._lose(exc)
 
@@ -235,7 +235,7 @@ class SimNet:
         self.listeners: Dict[str, ProtocolFactory] = {}
         self.frozen: Dict[str, float] = {}  # address -> until when it delivers nothing
         self.reliable: Set[str] = set()  # addresses whose connects never fail
-        self.connections: Set[SimConnection] = set()
+        self.connections: Dict[SimConnection, None] = {}  # (ordered: runs replay exactly)
         self.connect_faults = connect_faults or ConnectFaults()
         self.max_delay_s = max_delay_s
         self.connects = 0
@@ -273,7 +273,7 @@ class SimNet:
             raise ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")
         connection = SimConnection(self, address)
         connection.stalled_until = self.frozen.get(address, 0.0)
-        self.connections.add(connection)
+        self.connections[connection] = None
         client_end, server_end = connection.ends
         server_protocol = server_factory()
         server_end.protocol = server_protocol

@@ -191,7 +191,7 @@ class Replica:
         self._gate = CallGate()
         self._in_flight = 0
         self._cap = 1
-        self._refused: set = set()
+        self._refused: Dict[Any, None] = {}  # peers refused meanwhile, in order
         self._idle = asyncio.Event()
         self._idle.set()
         self._targets: Dict[str, _Target] = {}
@@ -389,7 +389,7 @@ class Replica:
     def _admit(self) -> Admission:
         """Take the request in (``Busy`` at the cap); its admission, current from now on."""
         if self._in_flight >= self._cap:
-            self._refused.add(current_peer.get())
+            self._refused[current_peer.get()] = None
             raise Busy()
         self._in_flight += 1
         self._idle.clear()
@@ -412,7 +412,7 @@ class Replica:
 
     def _notify_refused(self) -> None:
         if self._refused and self._in_flight < self._cap:
-            refused, self._refused = self._refused, set()
+            refused, self._refused = self._refused, {}
             for peer in refused:
                 notify(peer)
 
