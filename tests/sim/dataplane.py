@@ -59,6 +59,10 @@ class SimModel:
 
     def __init__(self, replica: str) -> None:
         self.replica = replica
+        self.user_config: Any = None
+
+    def reconfigure(self, user_config: Any) -> None:
+        self.user_config = user_config
 
     async def async_call(self, request: Any) -> Any:
         world = _current()
@@ -249,6 +253,9 @@ class World:
         self.callers: List[Caller] = []
         self.running: Dict[str, Set[Any]] = {}
         self.most_running: Dict[str, int] = {}
+        self.cap = settings.cap
+        self.highest_cap = settings.cap  # requests admitted under an older, higher cap count
+        self.user_config: Any = None
         self.ran: Set[Any] = set()
         self.injected: List[str] = []
         self.broken: List[str] = []  # invariants broken where raising cannot report them
@@ -278,9 +285,13 @@ class World:
         s = self.settings
         batching = {"max_batch_size": s.batch_size, "batch_wait_timeout": 0.01} \
             if s.method == "batched" else {}
-        return BackendConfig(num_replicas=s.replicas, max_concurrent_queries=s.cap,
-                             max_queued_requests=s.max_queued,
+        return BackendConfig(num_replicas=s.replicas, max_concurrent_queries=self.cap,
+                             max_queued_requests=s.max_queued, user_config=self.user_config,
                              request_timeout_s=s.request_timeout_s, **batching)
+
+    def limits(self) -> Dict[str, BackendLimits]:
+        s = self.settings
+        return {BACKEND: BackendLimits(self.cap, s.max_queued, s.request_timeout_s)}
 
     async def start(self) -> None:
         s = self.settings
@@ -395,7 +406,8 @@ class World:
         rng = self.rng
         await asyncio.sleep(self.loop.ticks(0.0, 2.0))
         live = [r for r in self.replicas if r.alive]
-        kind = rng.choice(["kill", "freeze", "reset", "reset"])
+        kind = rng.choice(["kill", "freeze", "reset", "reset", "scale_down", "scale_up",
+                           "cap", "user_config"])
         if kind == "kill" and live:
             victim = rng.choice(live)
             self.injected.append(f"kill {victim.tag} at {self.loop.time():.3f}")
@@ -411,6 +423,47 @@ class World:
             self.injected.append(f"reset a connection to {connection.address} at "
                                  f"{self.loop.time():.3f}")
             self.net.reset(connection)
+        elif kind == "scale_down" and len(live) > 1:
+            victim = rng.choice(live)
+            self.injected.append(f"scale down: drain {victim.tag} at {self.loop.time():.3f}")
+            await self.retire(victim)
+        elif kind == "scale_up":
+            self.injected.append(f"scale up at {self.loop.time():.3f}")
+            await self.add_replica()
+        elif kind in ("cap", "user_config"):
+            if kind == "cap":
+                self.cap = rng.randint(1, 4)
+                self.highest_cap = max(self.highest_cap, self.cap)
+            else:
+                self.user_config = self.loop.time()
+            self.injected.append(f"config: cap {self.cap}, user_config {self.user_config} at "
+                                 f"{self.loop.time():.3f}")
+            await self.update_config(publish_first=rng.random() < 0.5)
+
+    async def retire(self, replica: SimReplica) -> None:
+        """Scale down as the controller does: unlisted first, drained, then stopped."""
+        replica.alive = False
+        self.publish()
+        try:
+            await asyncio.wait_for(replica.replica.drain(), 5.0)
+        except asyncio.TimeoutError:
+            pass  # (the controller stops it anyway)
+        self.net.kill(replica.address)
+
+    async def update_config(self, publish_first: bool) -> None:
+        """A config change pushed to every replica and published to routers, in either
+        order."""
+        if publish_first:
+            self.router.apply({constants.KEY_BACKENDS: (self._next_version(), self.limits())})
+        config = self.backend_config()
+        await asyncio.gather(*(r.replica.update_config(config)
+                               for r in self.replicas if r.alive))
+        if not publish_first:
+            self.router.apply({constants.KEY_BACKENDS: (self._next_version(), self.limits())})
+
+    def _next_version(self) -> int:
+        self._replica_version += 1
+        return self._replica_version
 
     # ------------------------------------------------------------- the invariants
 
@@ -464,8 +517,8 @@ class World:
 
     def check_places(self) -> None:
         for tag, most in self.most_running.items():
-            check(most <= self.settings.cap, "no replica runs more than its cap",
-                  f"replica {tag} ran {most} requests at once, cap {self.settings.cap}")
+            check(most <= self.highest_cap, "no replica runs more than its cap",
+                  f"replica {tag} ran {most} requests at once, cap {self.highest_cap}")
         for replica in self.replicas:
             if replica.alive:
                 check(replica.replica._in_flight == 0, "every replica place comes back",
@@ -489,7 +542,7 @@ class World:
     async def probe(self) -> None:
         """Every healthy replica takes its cap at once."""
         live = sum(1 for r in self.replicas if r.alive)
-        count = live * self.settings.cap
+        count = live * self.cap
         calls = [("async_call", (f"probe-{i}",), {}, "GET", {}, False, None)
                  for i in range(count)]
         self.net.connect_faults = ConnectFaults()
