@@ -208,7 +208,8 @@ def peer_lost(peer: str, streaming: bool = False) -> BackendUnavailableError:
     during = "in the middle of a streamed reply" if streaming else \
         "while a request was in flight on it"
     return BackendUnavailableError(
-        f"The {peer} went away (its process exited or was killed) {during}.")
+        f"The {peer} went away (its process exited or was killed, or the connection to it "
+        f"broke) {during}.")
 
 
 class NotSent(BackendUnavailableError):
