@@ -26,6 +26,8 @@ def main(argv: list) -> int:
     parser.add_argument("--scenario", help="only this scenario (default: all)")
     parser.add_argument("--max-failures", type=int, default=5,
                         help="stop a scenario after this many failing seeds (default 5)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="processes sharing the seeds (default: one per CPU)")
     args = parser.parse_args(argv)
     names = runner.scenario_names(args.scenario)
     if args.seed is not None:
@@ -40,8 +42,8 @@ def main(argv: list) -> int:
     failed = False
     for name in names:
         began = time.perf_counter()
-        report = runner.sweep(name, range(args.start, args.start + args.seeds),
-                              max_failures=args.max_failures)
+        report = runner.sweep_in_parallel(name, range(args.start, args.start + args.seeds),
+                                          args.jobs, max_failures=args.max_failures)
         elapsed = time.perf_counter() - began
         print(f"{name}: {report.runs} seeds, {len(report.failures)} failed, "
               f"{report.runs / elapsed:.0f} seeds/s")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import gc
 import importlib
@@ -48,6 +49,18 @@ def run_one(name: str, seed: int) -> None:
     invariant broke)."""
     load_scenarios()
     SCENARIOS[name](seed)
+
+
+def sweep_in_parallel(name: str, seeds: range, jobs: int, max_failures: int = 5) -> Report:
+    """``sweep`` split over ``jobs`` processes (each takes every ``jobs``-th seed)."""
+    if jobs <= 1:
+        return sweep(name, seeds, max_failures)
+    parts = [seeds[i::jobs] for i in range(jobs)]
+    with concurrent.futures.ProcessPoolExecutor(jobs) as pool:
+        reports = list(pool.map(sweep, [name] * jobs, parts, [max_failures] * jobs))
+    merged = Report(runs=sum(r.runs for r in reports))
+    merged.failures = sorted((f for r in reports for f in r.failures), key=lambda f: f.seed)
+    return merged
 
 
 def sweep(name: str, seeds: Iterable[int], max_failures: int = 5) -> Report:
