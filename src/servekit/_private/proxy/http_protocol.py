@@ -112,6 +112,7 @@ class ProxyHttpProtocol(HttpToolsProtocol):
         self._held: Deque[HeldBody] = collections.deque()  # per request, oldest first
         self._fast_lane = fast_lane
         self._waiting_for_body: Optional[Any] = None  # a fast-lane cycle, body incomplete
+        self._earlier: Optional[Any] = None  # a cycle answering while a later one waits
 
     # ------------------------------------------------------------- the connection
 
@@ -126,13 +127,16 @@ class ProxyHttpProtocol(HttpToolsProtocol):
             self._clock = None
         while self._held:
             self._held.popleft().release()
-        cycle = self.cycle
+        cycles = [self.cycle, self._earlier]
         super().connection_lost(exc)
-        if cycle is not None and not cycle.response_complete:
-            callbacks: List[Callable[[], None]] = cycle.scope.get(  # type: ignore[assignment]
-                ON_DISCONNECT, [])
-            for callback in callbacks:
-                callback()
+        for cycle in cycles:
+            if cycle is not None and not cycle.response_complete:
+                cycle.disconnected = True  # (uvicorn marks the latest cycle only)
+                cycle.message_event.set()
+                callbacks: List[Callable[[], None]] = cycle.scope.get(  # type: ignore[assignment]
+                    ON_DISCONNECT, [])
+                for callback in callbacks:
+                    callback()
 
     def handle_websocket_upgrade(self) -> None:
         """Hand the connection to the WebSocket protocol: its clock and bounds are that
@@ -213,7 +217,13 @@ class ProxyHttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._head_begun = False
         self._owed, self._since = _BODY, self.loop.time()
+        earlier = self.cycle
         super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is earlier:
+            return  # (a WebSocket upgrade)
+        if earlier is not None and not earlier.response_complete:
+            self._earlier = earlier  # (a pipelined request waits for it)
 
     def on_body(self, body: bytes) -> None:
         if self.transport.is_closing():
@@ -241,6 +251,7 @@ class ProxyHttpProtocol(HttpToolsProtocol):
     def on_response_complete(self) -> None:
         if self._held:
             self._held.popleft().release()
+        self._earlier = None
         super().on_response_complete()
 
     # ------------------------------------------------------------- the fast lane

@@ -258,7 +258,13 @@ class HTTPProxy:
         try:
             reply = await self.router.send(endpoint, "http", shard_key, (method_name, wire),
                                            trace=trace)
+        except Exception as exc:
+            return _failure(exc, path)
+        try:
             return await reply
+        except asyncio.CancelledError:
+            _drop(reply)
+            raise
         except Exception as exc:
             return _failure(exc, path)
 
@@ -291,6 +297,9 @@ class HTTPProxy:
         if not more:
             try:
                 return await reply
+            except asyncio.CancelledError:
+                _drop(reply)
+                raise
             except Exception as exc:
                 return _failure(exc, scope["path"])
         # Copies of a request whose body is still to come get the body as it comes.
@@ -303,11 +312,11 @@ class HTTPProxy:
             await asyncio.wait((reply, pump), return_when=asyncio.FIRST_COMPLETED)
             if pump.done() and not pump.cancelled() and pump.exception() is None and \
                     pump.result() is False:
-                reply.cancel()
+                _drop(reply)
                 return self._too_large()
             return await reply
         except asyncio.CancelledError:
-            reply.cancel()
+            _drop(reply)
             raise
         except Exception as exc:
             return _failure(exc, scope["path"])
@@ -492,20 +501,24 @@ class _Served:
     def _replied(self, reply: asyncio.Future) -> None:
         if self.timer is not None:
             self.timer.cancel()
-        if self.cycle.disconnected:
-            if not reply.cancelled() and reply.exception() is None and \
-                    isinstance(reply.result(), ReplyStream):
-                reply.result().cancel()
-            self._done("-")
-        elif reply.cancelled():
-            if self.timed_out:
-                self.respond(self.proxy._timed_out_response())
+        if self.cycle.disconnected or self.timed_out:
+            # The client left, or the deadline passed, in the turn the reply settled (a
+            # settled reply cannot be cancelled): a stream is cancelled here instead.
+            _drop(reply)
+            if self.cycle.disconnected:
+                self._done("-")
             else:
-                self._done("-")  # (the server is stopping)
+                self.respond(self.proxy._timed_out_response())
+        elif reply.cancelled():
+            self._done("-")  # (the server is stopping)
         elif reply.exception() is not None:
             self.respond(_failure(reply.exception(), self.cycle.scope["path"]))  # type: ignore[arg-type]
         elif isinstance(reply.result(), ReplyStream):
-            task = asyncio.ensure_future(self._stream(reply.result()))
+            stream = reply.result()
+            # From now on the client leaving cancels the stream, even before the task that
+            # sends it first runs.
+            self.cycle.scope[ON_DISCONNECT].append(stream.cancel)
+            task = asyncio.ensure_future(self._stream(stream))
             self.protocol.tasks.add(task)
             task.add_done_callback(self.protocol.tasks.discard)
         else:
@@ -543,7 +556,9 @@ class _Served:
         self._done(str(response.status))
 
     async def _stream(self, stream: ReplyStream) -> None:
-        self.cycle.scope[ON_DISCONNECT].append(stream.cancel)
+        if self.cycle.disconnected:  # (it left before this task ran: the stream was cancelled)
+            self._done("-")
+            return
         try:
             status = str(await _send_stream(stream, self.cycle.send, (
                 b"x-request-id", self.request_id.encode("latin-1"))))
@@ -656,6 +671,18 @@ async def _send_stream(stream: ReplyStream, send: Any, *extra_headers: Any) -> i
     except BaseException:
         stream.cancel()
         raise
+
+
+def _drop(reply: asyncio.Future) -> None:
+    """Nobody will take ``reply`` any more (a deadline, the client leaving, the server
+    stopping): cancel its request wherever it is. A reply that already settled as a stream
+    (its first chunk came in the same loop turn) cannot be cancelled: its stream is, so
+    the replica stops and the request's place comes back."""
+    if reply.cancel() or reply.cancelled() or reply.exception() is not None:
+        return
+    result = reply.result()
+    if isinstance(result, ReplyStream):
+        result.cancel()
 
 
 # Client-given request ids longer than this are replaced by one of ours.
