@@ -16,6 +16,7 @@ from typing import Any, Iterator
 import httpx
 import pytest
 from asgi_backends import Doubler, Item, create_items_app, items_app
+from raw_apps import raw_app
 from test_supervision import proxy_pid
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
@@ -292,6 +293,25 @@ def test_a_client_that_leaves_cancels_the_handler(api: tuple, tmp_path: Any) -> 
                   timeout=httpx.Timeout(TIMEOUT, read=1.0))
     wait_for(lambda: marker.exists() and marker.read_text() == "cancelled", TIMEOUT,
              "the handler to be cancelled")
+
+
+def test_an_apps_one_message_response_is_framed_by_the_proxy(serve_instance: tuple) -> None:
+    """A hand-written app answers in one message without Content-Length, with one that
+    disagrees with its body, or with a Transfer-Encoding its body is not encoded in. Each
+    is framed (or refused, 502) by the proxy: the client neither waits for the connection
+    to close nor reads a body as the next response, and its connection goes on."""
+    client, url = serve_instance
+    client.create_backend("raw", raw_app)
+    client.create_endpoint("raw", backend="raw", route="/raw")
+    # (read timeout below the keep-alive timeout: no closed connection ends a body here)
+    with httpx.Client(timeout=httpx.Timeout(TIMEOUT, read=2.0)) as session:
+        unframed = session.get(f"{url}/raw/unframed")
+        assert unframed.text == "no length" and unframed.headers["content-length"] == "9"
+        wrong = session.get(f"{url}/raw/wrong-length")
+        assert wrong.status_code == 502 and "Content-Length" in wrong.text
+        chunked = session.get(f"{url}/raw/chunked")
+        assert chunked.text == "not chunked"
+        assert session.get(f"{url}/raw/unframed").text == "no length"
 
 
 # --------------------------------------------------------------------------- WebSockets

@@ -140,6 +140,24 @@ def test_a_response_in_one_message_comes_back_whole_while_the_app_goes_on() -> N
     run(main)
 
 
+def test_response_header_names_come_back_lowercased_as_a_server_makes_them() -> None:
+    """The proxy frames a one-message response by its "content-length" (and drops a
+    "transfer-encoding" its one body is not encoded in): a name the app wrote in capitals
+    must be found too, or the response would carry two lengths."""
+
+    async def main() -> None:
+        async def app(scope: dict, receive: Any, send: Any) -> None:
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"Content-Length", b"2"), (b"X-Trace", b"Ab")]})
+            await send(body(b"ok"))
+
+        reply = await Run(app).reply()
+        assert reply == HTTPResponseWire(200, [(b"content-length", b"2"),
+                                               (b"x-trace", b"Ab")], b"ok")
+
+    run(main)
+
+
 def test_a_response_in_parts_comes_back_as_its_head_then_its_parts() -> None:
     async def main() -> None:
         async def app(scope: dict, receive: Any, send: Any) -> None:

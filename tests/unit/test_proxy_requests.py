@@ -20,6 +20,8 @@ from loop_helpers import run, spin
 from proxy_fakes import Client, HeldTimers, open_connection, proxy_on
 from router_fakes import Cluster, slot
 
+from servekit.request import HTTPResponseWire
+
 DEADLINE_S = 1000.0  # the proxy's request_timeout_s: never passes by itself (HeldTimers)
 START = (200, [(b"content-type", b"text/plain")])  # a streamed reply's first item
 
@@ -125,3 +127,73 @@ def test_a_client_leaving_cancels_the_stream_of_a_request_a_pipelined_one_waits_
         assert replica.received() == ["A"]  # the second one was never sent
 
     run(main)
+
+
+# --------------------------------------------------------------------------- framing
+
+
+def answer(replica: Any, call: str, response: HTTPResponseWire) -> None:
+    replica.answer(call, response)
+
+
+def exchange(response: HTTPResponseWire, method: str = "GET") -> tuple:
+    """A request answered by ``response`` in the fast lane, then a second one on the same
+    connection answered "next": (what the client got, and whether the connection
+    closed)."""
+    got: list = []
+
+    async def main() -> None:
+        cluster = Cluster()
+        replica = cluster.replica("b#1")
+        proxy, _ = proxy_on(cluster, replica, cap=2)
+        protocol, transport = open_connection(proxy, fast_lane=proxy)
+        protocol.data_received(request("A", method))
+        await until(lambda: replica.received() == ["A"], "the request reached the replica")
+        answer(replica, "A", response)
+        await until(lambda: bool(transport.written), "the answer")
+        if not transport.closing:
+            protocol.data_received(request("B"))
+            await until(lambda: "B" in replica.received(), "the next request")
+            answer(replica, "B", HTTPResponseWire(200, [(b"content-length", b"4")], b"next"))
+            await until(lambda: len(transport.written) == 2, "the next answer")
+        got.append((transport.reply(), transport.closing))
+
+    run(main)
+    return got[0]
+
+
+def test_a_one_message_response_without_content_length_is_framed_by_its_body() -> None:
+    """An ASGI app's response in one message may carry no Content-Length: sent as it was,
+    its client waited for the connection to close to know where it ends."""
+    reply, closed = exchange(HTTPResponseWire(200, [(b"content-type", b"text/plain")],
+                                              b"hello"))
+    first, _, rest = reply.partition(b"hello")
+    assert b"content-length: 5\r\n" in first and rest.startswith(b"HTTP/1.1 200")
+    assert rest.endswith(b"next") and not closed
+
+
+def test_a_transfer_encoding_the_one_body_is_not_encoded_in_is_replaced_by_its_length() -> None:
+    reply, _ = exchange(HTTPResponseWire(200, [(b"transfer-encoding", b"chunked")], b"hello"))
+    assert b"transfer-encoding" not in reply and b"content-length: 5\r\n" in reply
+    assert reply.endswith(b"next")
+
+
+@pytest.mark.parametrize("length", [b"10", b"3", b"five"])
+def test_a_content_length_that_disagrees_with_the_body_is_a_502_and_the_connection_goes_on(
+        length: bytes) -> None:
+    """Sent as it was, the client would wait for bytes that never come, or read the rest of
+    the body as the start of the next response."""
+    reply, closed = exchange(HTTPResponseWire(200, [(b"content-length", length)], b"hello"))
+    assert reply.startswith(b"HTTP/1.1 502") and b"malformed" in reply
+    assert b"hello" not in reply
+    assert reply.endswith(b"next") and not closed  # the connection is still in step
+
+
+def test_head_and_304_keep_the_length_of_the_body_they_do_not_carry() -> None:
+    reply, _ = exchange(HTTPResponseWire(200, [(b"content-length", b"10")], b""), "HEAD")
+    assert reply.startswith(b"HTTP/1.1 200") and b"content-length: 10\r\n" in reply
+    reply, _ = exchange(HTTPResponseWire(304, [(b"content-length", b"10")], b""))
+    assert reply.startswith(b"HTTP/1.1 304") and b"content-length: 10\r\n" in reply
+    reply, _ = exchange(HTTPResponseWire(204, [], b""))
+    assert reply.startswith(b"HTTP/1.1 204") and b"content-length" not in reply.split(
+        b"HTTP/1.1 200")[0]

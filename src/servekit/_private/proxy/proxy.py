@@ -525,28 +525,55 @@ class _Served:
             self.respond(reply.result())
 
     def respond(self, response: HTTPResponseWire) -> None:
-        """Write ``response`` in one write and end the request's cycle as uvicorn would."""
+        """Write ``response`` in one write and end the request's cycle as uvicorn would.
+
+        The response is framed by its Content-Length, set from its body when the backend
+        gave none (an ASGI app's one-message response may have none, or a Transfer-Encoding
+        its one body is not encoded in); one that disagrees with its body is answered 502,
+        never sent as it is (the client would wait for bytes that never come, or read the
+        rest as the next response)."""
         cycle = self.cycle
         if cycle.disconnected:
             self._done("-")
             return
-        parts = [_STATUS_LINES.get(response.status) or
-                 f"HTTP/1.1 {response.status} \r\n".encode()]
+        status, body = response.status, response.body
+        parts = [_STATUS_LINES.get(status) or f"HTTP/1.1 {status} \r\n".encode()]
+        length = None
         for name, value in response.headers:
             if b"\r" in value or b"\n" in value or b"\r" in name or b"\n" in name:
                 logger.error("Backend response header %r has a line break; answering 500.",
                              name)
                 self.respond(text_response(500, "Internal Server Error"))
                 return
+            if name == b"content-length":
+                length = value if length is None or value == length else b"?"  # (two differ)
+                continue  # (written once, below)
             if name == b"connection" and b"close" in value.lower():
                 cycle.keep_alive = False
+            elif name == b"transfer-encoding":
+                continue  # one body in one write: framed by its length instead
             parts += (name, b": ", value, b"\r\n")
+        head = cycle.scope["method"] == "HEAD"
+        if length is None:
+            if status >= 200 and status != 204 and status != 304:
+                parts += (b"content-length: ", b"%d" % len(body), b"\r\n")
+            elif body:
+                self._misframed(f"a {status} response with a body of {len(body)} bytes")
+                return
+        elif head or status == 304:
+            if length.isdigit():  # (the length of the body not sent)
+                parts += (b"content-length: ", length, b"\r\n")
+        elif not length.isdigit() or int(length) != len(body):
+            self._misframed(f"Content-Length {length!r} and a body of {len(body)} bytes")
+            return
+        else:
+            parts += (b"content-length: ", length, b"\r\n")
         parts += (b"x-request-id: ", self.request_id.encode("latin-1"), b"\r\n")
         if not cycle.keep_alive:
             parts.append(b"connection: close\r\n")
         parts.append(b"\r\n")
-        if cycle.scope["method"] != "HEAD":
-            parts.append(response.body)
+        if not head:
+            parts.append(body)
         cycle.response_started = cycle.response_complete = True
         cycle.transport.write(b"".join(parts))
         cycle.message_event.set()
@@ -554,6 +581,11 @@ class _Served:
             cycle.transport.close()
         cycle.on_response()
         self._done(str(response.status))
+
+    def _misframed(self, what: str) -> None:
+        logger.error("The backend's response to %s is malformed: %s. Answering 502.",
+                     loggable(self.cycle.scope["path"]), what)
+        self.respond(text_response(502, f"The backend sent a malformed response ({what})."))
 
     async def _stream(self, stream: ReplyStream) -> None:
         if self.cycle.disconnected:  # (it left before this task ran: the stream was cancelled)

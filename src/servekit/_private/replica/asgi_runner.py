@@ -180,8 +180,10 @@ class AppCall:
             return
         kind = message["type"]
         if kind == "http.response.start":
+            # Names lowercased, as a server makes them: the proxy frames a one-message
+            # response by its "content-length" (set from the body when the app gave none).
             self._start = (message["status"],
-                           [(bytes(name), bytes(value)) for name, value in
+                           [(bytes(name).lower(), bytes(value)) for name, value in
                             message.get("headers", ())])
         elif kind == "http.response.body" and self._start is not None and \
                 not self._answered.is_set():
