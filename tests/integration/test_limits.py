@@ -410,3 +410,36 @@ def test_bodies_held_at_once_are_capped_across_requests(guarded: tuple) -> None:
         assert [r.status_code for r in results] == [200] and results[0].text == "150000"
     # Given back: the same request now fits.
     assert httpx.post(f"{url}/counted", content=b"c" * 100_000, timeout=TIMEOUT).text == "ran"
+
+
+def test_a_body_refused_for_the_held_body_budget_never_reaches_a_replica(
+        guarded: tuple) -> None:
+    """The whole body arrives in the read that passes max_held_body_bytes: 503, and the
+    request goes nowhere (it used to be served with what was left of its body)."""
+    client, url, port, directory = guarded
+    calls = reached(client)
+    release = os.path.join(directory, "release")
+    if os.path.exists(release):
+        os.remove(release)
+    results: List[httpx.Response] = []
+    holding = threading.Thread(target=lambda: results.append(
+        httpx.post(f"{url}/gate", content=b"g" * 150_000, timeout=TIMEOUT)))
+    holding.start()
+    try:
+        wait_for(lambda: proxy_holds(port, 60_000), TIMEOUT, "the proxy to hold a body")
+        reply = raw_exchange(port, b"POST /counted HTTP/1.1\r\nHost: x\r\n"
+                                   b"Content-Length: 60000\r\n\r\n" + b"c" * 60_000)
+        assert reply.startswith(b"HTTP/1.1 503") and b"max_held_body_bytes" in reply
+    finally:
+        touch(release)
+        holding.join(TIMEOUT)
+    assert [r.status_code for r in results] == [200]
+    assert reached(client) == calls  # nothing of the refused request reached a replica
+
+
+def proxy_holds(port: int, size: int) -> bool:
+    """Whether a body of ``size`` would be refused now (a probe that reaches nothing)."""
+    reply = raw_exchange(port, b"POST /-/healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                               b"Content-Length: " + str(size).encode() + b"\r\n\r\n" +
+                         b"p" * size)
+    return reply.startswith(b"HTTP/1.1 503")

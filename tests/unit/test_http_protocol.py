@@ -5,49 +5,15 @@ reached deterministically."""
 
 from __future__ import annotations
 
-import asyncio
-from typing import Any, List
+from typing import Any, Dict, List
 
-import uvicorn
 from loop_helpers import run, spin
-from uvicorn.server import ServerState
+from proxy_fakes import TIMEOUT_S, open_connection
 
-from servekit._private.proxy.http_protocol import BodyBudget, ProxyHttpProtocol
-
-TIMEOUT_S = 10.0
-
-
-class FakeTransport(asyncio.Transport):
-    """Records what the protocol writes; ``close`` ends the connection as asyncio would."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.written: List[bytes] = []
-        self.closing = False
-        self.protocol: Any = None
-
-    def write(self, data: Any) -> None:
-        self.written.append(bytes(data))
-
-    def is_closing(self) -> bool:
-        return self.closing
-
-    def close(self) -> None:
-        if not self.closing:
-            self.closing = True
-            asyncio.get_running_loop().call_soon(self.protocol.connection_lost, None)
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return ("127.0.0.1", 1234) if name in ("peername", "sockname") else default
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def reply(self) -> bytes:
-        return b"".join(self.written)
+from servekit._private.proxy.http_protocol import (
+    BodyBudget,
+    ProxyHttpProtocol,
+)
 
 
 async def ok_app(scope: Any, receive: Any, send: Any) -> None:
@@ -60,15 +26,9 @@ async def ok_app(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b"ok"})
 
 
-def connect(budget: BodyBudget, max_header_bytes: int = 1000) -> tuple:
-    config = uvicorn.Config(ok_app, loop="none", lifespan="off", log_level="warning")
-    protocol = ProxyHttpProtocol(config, ServerState(), {}, max_header_bytes=max_header_bytes,
-                                 max_header_count=50, client_timeout_s=TIMEOUT_S,
-                                 body_budget=budget)
-    transport = FakeTransport()
-    transport.protocol = protocol
-    protocol.connection_made(transport)
-    return protocol, transport
+def connect(budget: BodyBudget, max_header_bytes: int = 1000, app: Any = ok_app,
+            **options: Any) -> tuple:
+    return open_connection(app, budget, max_header_bytes=max_header_bytes, **options)
 
 
 def late(protocol: ProxyHttpProtocol, seconds: float = TIMEOUT_S) -> None:
@@ -161,5 +121,84 @@ def test_the_body_budget_refuses_past_its_limit_and_is_given_back_once() -> None
         await spin()
         assert third_transport.reply().startswith(b"HTTP/1.1 200")
         assert budget.held == 0  # given back when the response completed
+
+    run(main)
+
+
+
+# --------------------------------------------------------------------------- refused bodies
+
+
+class Recorder:
+    """An app that records what it receives (until the body's end or a disconnect), then
+    answers 200."""
+
+    def __init__(self) -> None:
+        self.received: List[Dict[str, Any]] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        while True:
+            message = await receive()
+            self.received.append(message)
+            if message["type"] == "http.disconnect":
+                return
+            if not message.get("more_body", False):
+                break
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    def whole_bodies(self) -> List[bytes]:
+        return [m["body"] for m in self.received
+                if m["type"] == "http.request" and not m.get("more_body", False)]
+
+
+class FastLaneRecorder:
+    """A fast lane (the proxy's part) that records the requests it is asked to serve."""
+
+    max_body_bytes = 100_000
+    request_timeout_s = None
+
+    def __init__(self) -> None:
+        self.served: List[bytes] = []
+
+    def serve_now(self, protocol: Any, cycle: Any) -> bool:
+        self.served.append(bytes(cycle.body))
+        return False  # (uvicorn's ASGI task takes it from here)
+
+
+REFUSED = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n" + b"b" * 50
+
+
+def test_a_body_refused_for_the_budget_is_never_served_truncated() -> None:
+    """The whole body came in the read that passed the budget: the client gets 503 and the
+    request goes nowhere (the rest of that read was dropped, and the request's end used to
+    hand the app what was left of it, as if whole)."""
+
+    async def main() -> None:
+        budget = BodyBudget(100)
+        first, _ = connect(budget)
+        first.data_received(b"POST / HTTP/1.1\r\nContent-Length: 200\r\n\r\n" + b"a" * 60)
+        app = Recorder()
+        refused, transport = connect(budget, app=app)
+        refused.data_received(REFUSED)
+        await spin()
+        assert transport.reply().startswith(b"HTTP/1.1 503") and transport.lost
+        assert app.whole_bodies() == []
+        assert budget.held == 60
+
+    run(main)
+
+
+def test_a_body_refused_for_the_budget_never_reaches_the_fast_lane() -> None:
+    async def main() -> None:
+        budget = BodyBudget(100)
+        first, _ = connect(budget)
+        first.data_received(b"POST / HTTP/1.1\r\nContent-Length: 200\r\n\r\n" + b"a" * 60)
+        lane, app = FastLaneRecorder(), Recorder()
+        refused, transport = connect(budget, app=app, fast_lane=lane)
+        refused.data_received(REFUSED)
+        await spin()
+        assert transport.reply().startswith(b"HTTP/1.1 503")
+        assert lane.served == [] and app.whole_bodies() == []
 
     run(main)

@@ -241,6 +241,9 @@ class ProxyHttpProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self._owed = _IDLE
+        if self.transport.is_closing():
+            self._waiting_for_body = None
+            return  # refused (or the connection closed): nothing of it is served
         super().on_message_complete()
         cycle, self._waiting_for_body = self._waiting_for_body, None
         if cycle is not None and cycle is self.cycle and not cycle.response_complete:
@@ -298,8 +301,13 @@ class ProxyHttpProtocol(HttpToolsProtocol):
                      "HTTPOptions.max_header_count / max_header_bytes).")
 
     def _refuse(self, status: http.HTTPStatus, text: str, headers: bytes = b"") -> None:
-        """Answer ``status`` with ``text`` and close the connection."""
+        """Answer ``status`` with ``text`` and close the connection (only close it if a
+        response is under way: nothing can be said any more)."""
         if self.transport.is_closing():
+            return
+        cycle = self.cycle
+        if cycle is not None and cycle.response_started and not cycle.response_complete:
+            self.transport.close()
             return
         body = text.encode()
         self.transport.write(b"".join([
