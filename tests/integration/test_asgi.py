@@ -364,6 +364,42 @@ def test_a_websocket_whose_replica_dies_is_closed_with_1011(api: tuple) -> None:
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1011
 
 
+def test_websocket_messages_the_app_has_not_read_count_in_what_the_proxy_holds() -> None:
+    """The app reads nothing: the client's messages pile up in the proxy (a window of them
+    goes on to the replica) until what the proxy holds passes max_held_body_bytes; then a
+    socket is closed with 1013, try again later (they were not counted: a few sockets of
+    large messages held any amount)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    limit = 300_000
+    client = serve.start(http_options={"port": port, "max_body_bytes": limit,
+                                       "max_held_body_bytes": limit})
+    try:
+        client.create_backend("raw", raw_app)
+        client.create_endpoint("raw", backend="raw", route="/raw")
+        codes: list = []
+
+        def flood() -> None:
+            with connect(ws_url(url, "/raw/ws"), open_timeout=TIMEOUT) as websocket:
+                try:
+                    for _ in range(14):
+                        websocket.send(b"m" * 100_000)
+                    websocket.recv(timeout=TIMEOUT)
+                except ConnectionClosed as closed:
+                    codes.append(closed.rcvd.code if closed.rcvd is not None else None)
+                except TimeoutError:
+                    codes.append("open")
+
+        threads = [threading.Thread(target=flood) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(TIMEOUT + 5)
+        assert 1013 in codes, codes
+    finally:
+        client.shutdown()
+
+
 def test_a_websocket_to_an_unknown_route_is_refused(api: tuple) -> None:
     _, url = api
     with pytest.raises(InvalidStatus) as refused:

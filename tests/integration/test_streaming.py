@@ -96,6 +96,14 @@ class Streams:
         finally:
             self._note("closed")
 
+    def wide(self, request: Any) -> Iterator[bytes]:
+        """64 KiB chunks for ever; notes when it was closed."""
+        try:
+            while True:
+                yield b"w" * 65536
+        finally:
+            self._note("wide-closed")
+
 
 def produced(directory: Any) -> int:
     try:
@@ -190,6 +198,30 @@ def test_an_http_client_that_leaves_mid_stream_stops_the_generator(streams: tupl
              "the generator stopped after the client left")
     stopped_at = produced(directory)
     assert stopped_at < 100_000  # bounded by the window and the socket buffers
+
+
+def test_a_client_that_stops_reading_is_closed_and_its_stream_stopped(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The client reads nothing of an endless stream: once the proxy could write nothing
+    more to it for SERVEKIT_SEND_TIMEOUT_S, the connection is closed and the generator
+    stopped, and the replica's only place comes back (the stream held it for ever)."""
+    monkeypatch.setenv("SERVEKIT_SEND_TIMEOUT_S", "1")
+    port = free_port()
+    client = serve.start(http_options={"port": port})
+    try:
+        client.create_backend("streams", Streams, str(tmp_path),
+                              config={"max_concurrent_queries": 1})
+        client.create_endpoint("wide", backend="streams", route="/wide")
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", port))
+            sock.sendall(b"GET /wide HTTP/1.1\r\nHost: x\r\nX-SERVE-CALL-METHOD: wide\r\n\r\n")
+            wait_for(lambda: (tmp_path / "wide-closed").exists(), TIMEOUT,
+                     "the generator stopped while its client read nothing")
+        handle = client.get_handle("wide").options(method_name="pid")
+        assert handle.remote().result(timeout=TIMEOUT) > 0  # the replica has room again
+    finally:
+        client.shutdown()
 
 
 def test_a_non_generator_method_called_with_stream_is_a_type_error(tmp_path: Any) -> None:

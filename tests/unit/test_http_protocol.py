@@ -5,14 +5,20 @@ reached deterministically."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Dict, List
 
+import uvicorn
 from loop_helpers import run, spin
-from proxy_fakes import TIMEOUT_S, open_connection
+from proxy_fakes import TIMEOUT_S, FakeTransport, open_connection
+from uvicorn.server import ServerState
+from websockets.client import ClientProtocol
+from websockets.uri import parse_uri
 
 from servekit._private.proxy.http_protocol import (
     BodyBudget,
     ProxyHttpProtocol,
+    ProxyWebSocketProtocol,
 )
 
 
@@ -200,5 +206,118 @@ def test_a_body_refused_for_the_budget_never_reaches_the_fast_lane() -> None:
         await spin()
         assert transport.reply().startswith(b"HTTP/1.1 503")
         assert lane.served == [] and app.whole_bodies() == []
+
+    run(main)
+
+
+# --------------------------------------------------------------------------- WebSockets
+
+
+class Listener:
+    """A WebSocket app that accepts, then reads a message each time the test lets it."""
+
+    def __init__(self) -> None:
+        self.received: List[Dict[str, Any]] = []
+        self.reads = asyncio.Semaphore(0)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        assert (await receive())["type"] == "websocket.connect"
+        await send({"type": "websocket.accept"})
+        while True:
+            await self.reads.acquire()
+            message = await receive()
+            self.received.append(message)
+            if message["type"] == "websocket.disconnect":
+                return
+
+
+def open_websocket(app: Any, budget: BodyBudget, **options: Any) -> tuple:
+    """A WebSocket of the proxy's protocol, open (handshake done), and its client."""
+    config = uvicorn.Config(app, loop="none", lifespan="off", log_level="warning")
+    config.load()
+    protocol = ProxyWebSocketProtocol(config=config, server_state=ServerState(),
+                                      app_state={}, body_budget=budget, **options)
+    transport = FakeTransport()
+    transport.protocol = protocol
+    protocol.connection_made(transport)
+    client = ClientProtocol(parse_uri("ws://x/ws"))
+    client.send_request(client.connect())
+    protocol.data_received(b"".join(client.data_to_send()))
+    return protocol, transport, client
+
+
+def test_websocket_messages_held_count_in_the_body_budget() -> None:
+    """A client's messages wait in the proxy until it passed them on: they count in
+    max_held_body_bytes as request bodies do, and past it the socket is closed with
+    1013 (try again later)."""
+
+    async def main() -> None:
+        budget, app = BodyBudget(2500), Listener()
+        protocol, transport, client = open_websocket(app, budget)
+        await spin()
+        client.receive_data(transport.reply())  # the handshake's answer
+        transport.written.clear()
+        client.send_binary(b"a" * 1000)
+        protocol.data_received(b"".join(client.data_to_send()))
+        assert budget.held == 1000  # queued for the proxy
+        app.reads.release()
+        await spin()
+        assert budget.held == 1000  # in the proxy's hands
+        app.reads.release()
+        await spin()
+        assert budget.held == 0  # passed on: the proxy asked for the next one
+        for _ in range(2):
+            client.send_binary(b"b" * 1000)
+            protocol.data_received(b"".join(client.data_to_send()))
+        assert budget.held == 2000 and not transport.closing
+        client.send_binary(b"c" * 1000)
+        protocol.data_received(b"".join(client.data_to_send()))
+        assert transport.closing
+        client.receive_data(transport.reply())
+        assert client.close_rcvd is not None and client.close_rcvd.code == 1013
+        await spin()
+        assert budget.held == 0
+
+    run(main)
+
+
+def test_a_websocket_message_being_received_counts_in_the_body_budget() -> None:
+    async def main() -> None:
+        budget = BodyBudget(10_000)
+        protocol, transport, client = open_websocket(Listener(), budget)
+        await spin()
+        client.receive_data(transport.reply())
+        client.send_binary(b"a" * 5000)
+        frame = b"".join(client.data_to_send())
+        protocol.data_received(frame[:3000])  # the frame is not whole yet
+        assert 2900 <= budget.held <= 3000
+        protocol.data_received(frame[3000:])
+        assert budget.held == 5000
+        transport.close()
+        await spin()
+        assert budget.held == 0
+
+    run(main)
+
+
+def test_a_websocket_whose_client_reads_nothing_is_closed_after_the_send_timeout() -> None:
+    """What the app sends cannot be written any further: past the send timeout the socket
+    is closed (the app's send waited for ever, and so did its replica's place)."""
+
+    async def main() -> None:
+        protocol, transport, _ = open_websocket(Listener(), BodyBudget(10_000),
+                                                send_timeout_s=5.0)
+        await spin()
+        protocol.pause_writing()
+        protocol._stalled_since -= 4
+        protocol._check_send()
+        assert not transport.closing  # (it looks again when it could be late)
+        protocol.resume_writing()  # the client read some
+        protocol.pause_writing()
+        protocol._stalled_since -= 5
+        protocol._check_send()
+        assert transport.closing
+        await spin()
+        assert transport.lost
 
     run(main)

@@ -197,3 +197,86 @@ def test_head_and_304_keep_the_length_of_the_body_they_do_not_carry() -> None:
     reply, _ = exchange(HTTPResponseWire(204, [], b""))
     assert reply.startswith(b"HTTP/1.1 204") and b"content-length" not in reply.split(
         b"HTTP/1.1 200")[0]
+
+
+# --------------------------------------------------------------------------- slow readers
+
+SEND_TIMEOUT_S = 5.0
+
+
+def stalled_for(protocol: Any, seconds: float) -> None:
+    """Move the connection's write clock ``seconds`` on and let it look."""
+    if protocol._stalled_since is not None:
+        protocol._stalled_since -= seconds
+    protocol._check_client()
+
+
+def test_a_client_that_stops_reading_a_stream_is_closed_and_the_stream_cancelled() -> None:
+    """Its response cannot be written any further: past the send timeout the connection
+    is closed and the stream cancelled, so the replica's place comes back (it was held
+    for as long as the client stayed connected)."""
+
+    async def main() -> None:
+        cluster = Cluster()
+        replica = cluster.replica("b#1")
+        proxy, router = proxy_on(cluster, replica)
+        protocol, transport = open_connection(proxy, fast_lane=proxy,
+                                              send_timeout_s=SEND_TIMEOUT_S)
+        protocol.data_received(request("A"))
+        await until(lambda: replica.received() == ["A"], "the request reached the replica")
+        replica.chunk("A", START)
+        await until(lambda: bool(transport.written), "the stream began")
+        protocol.pause_writing()  # the client's buffers are full: it reads nothing
+        replica.chunk("A", b"more")
+        await spin()
+        stalled_for(protocol, SEND_TIMEOUT_S - 1)
+        assert not transport.closing
+        stalled_for(protocol, 1)
+        assert transport.closing
+        await until(lambda: replica.cancelled() == ["A"], "the replica was told to stop")
+        replica.stopped("A")
+        await spin()
+        assert slot(router, "b#1").in_flight == 0
+
+    run(main)
+
+
+def test_a_client_that_reads_slowly_is_not_closed() -> None:
+    async def main() -> None:
+        cluster = Cluster()
+        replica = cluster.replica("b#1")
+        proxy, _ = proxy_on(cluster, replica)
+        protocol, transport = open_connection(proxy, fast_lane=proxy,
+                                              send_timeout_s=SEND_TIMEOUT_S)
+        protocol.pause_writing()
+        stalled_for(protocol, SEND_TIMEOUT_S - 1)
+        protocol.resume_writing()  # it read some
+        protocol.pause_writing()
+        stalled_for(protocol, SEND_TIMEOUT_S - 1)
+        assert not transport.closing
+
+    run(main)
+
+
+def test_a_closed_connection_whose_client_reads_nothing_goes_after_the_send_timeout() -> None:
+    """Closed after its response (Connection: close), a connection stays open until its
+    client has read what is left to write: for the send timeout at most."""
+
+    async def main() -> None:
+        cluster = Cluster()
+        replica = cluster.replica("b#1")
+        proxy, _ = proxy_on(cluster, replica)
+        protocol, transport = open_connection(proxy, fast_lane=proxy,
+                                              send_timeout_s=SEND_TIMEOUT_S)
+        transport.buffered = 1000  # what the client has not read
+        protocol.data_received(request("A", extra=b"Connection: close\r\n"))
+        await until(lambda: replica.received() == ["A"], "the request reached the replica")
+        replica.answer("A", HTTPResponseWire(200, [], b"x" * 1000))
+        await until(lambda: transport.closing, "the response was written")
+        stalled_for(protocol, 0)
+        assert not transport.lost
+        stalled_for(protocol, SEND_TIMEOUT_S)
+        await spin()
+        assert transport.lost
+
+    run(main)

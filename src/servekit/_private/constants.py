@@ -60,3 +60,7 @@ SERVEKIT_HOME = os.path.expanduser(os.environ.get("SERVEKIT_HOME", "~/.servekit"
 KEY_ENDPOINTS = "endpoints"
 KEY_BACKENDS = "backends"
 KEY_REPLICAS = "replicas"
+# Seconds the proxy waits for a client that stopped reading its response (the response
+# cannot be written any further): past it the connection is closed and what the response
+# streams is cancelled, so the replica's place comes back.
+SEND_TIMEOUT_S = _env_float("SERVEKIT_SEND_TIMEOUT_S", 60.0, minimum=0.01)

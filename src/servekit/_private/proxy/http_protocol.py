@@ -8,7 +8,10 @@ What a connection may cost the proxy is bounded before any request reaches the a
   the request's first byte), and a request body may not stall longer than that between two
   reads (a slowloris client holds a connection for that long at most);
 - the bytes of request bodies held at once across all connections (``BodyBudget``); a body
-  passed on as it arrives (to an ASGI app) counts only while the proxy holds it.
+  passed on as it arrives (to an ASGI app) counts only while the proxy holds it, and so do
+  the messages of a WebSocket (``ProxyWebSocketProtocol``);
+- the time a response may wait for a client that stopped reading it (``send_timeout_s``):
+  past it the connection is closed, and what the response streams is cancelled.
 
 A client that goes away before its response is complete has the callbacks in its scope's
 ``ON_DISCONNECT`` list called (no task per request waits for the disconnect).
@@ -18,9 +21,15 @@ from __future__ import annotations
 
 import collections
 import http
+import logging
 from typing import Any, Callable, Deque, List, Optional, Protocol
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+from servekit._private import constants
+
+logger = logging.getLogger("servekit.proxy")
 
 # Largest request body the fast lane serves (uvicorn stops reading past it until an ASGI
 # app asks for more).
@@ -94,7 +103,8 @@ class ProxyHttpProtocol(HttpToolsProtocol):
 
     def __init__(self, *args: Any, max_header_bytes: int, max_header_count: int,
                  client_timeout_s: float, body_budget: BodyBudget,
-                 fast_lane: Optional[FastLane] = None, **kwargs: Any) -> None:
+                 fast_lane: Optional[FastLane] = None,
+                 send_timeout_s: float = constants.SEND_TIMEOUT_S, **kwargs: Any) -> None:
         """``fast_lane``: the proxy, when no user middleware wraps it: requests it can take
         are served by ``HTTPProxy.serve_now`` instead of an ASGI task."""
         super().__init__(*args, **kwargs)
@@ -112,6 +122,8 @@ class ProxyHttpProtocol(HttpToolsProtocol):
         self._held: Deque[HeldBody] = collections.deque()  # per request, oldest first
         self._fast_lane = fast_lane
         self._waiting_for_body: Optional[Any] = None  # a fast-lane cycle, body incomplete
+        self._send_timeout_s = send_timeout_s
+        self._stalled_since: Optional[float] = None  # since when nothing could be written
         self._earlier: Optional[Any] = None  # a cycle answering while a later one waits
 
     # ------------------------------------------------------------- the connection
@@ -162,11 +174,28 @@ class ProxyHttpProtocol(HttpToolsProtocol):
 
     def _check_client(self) -> None:
         """Close the connection if the client owes a head, or a body that stalled, for
-        ``client_timeout_s``; else look again when it could next be late."""
+        ``client_timeout_s``, or has read nothing of a response for ``send_timeout_s``;
+        else look again when it could next be late."""
         self._clock = None
-        if self.transport.is_closing():
+        now, transport = self.loop.time(), self.transport
+        closing = transport.is_closing()
+        if closing:
+            # What is left to write keeps a closed connection open until its client reads
+            # it: for send_timeout_s at most.
+            if not transport.get_write_buffer_size():
+                return
+            if self._stalled_since is None:
+                self._stalled_since = now
+        stalled = self._stalled_since
+        if stalled is not None and now - stalled >= self._send_timeout_s:
+            self._client_not_reading()
             return
-        now, timeout = self.loop.time(), self._client_timeout_s
+        if closing:
+            assert stalled is not None
+            self._clock = self.loop.call_at(stalled + self._send_timeout_s,
+                                            self._check_client)
+            return
+        timeout = self._client_timeout_s
         if self._owed == _BODY and self.flow.read_paused:
             self._since = now  # the proxy stopped reading: the client is not late
         waited = now - self._since
@@ -174,7 +203,31 @@ class ProxyHttpProtocol(HttpToolsProtocol):
             self._client_too_slow()
             return
         delay = timeout - waited if self._owed != _IDLE else timeout
+        if stalled is not None:
+            delay = min(delay, stalled + self._send_timeout_s - now)
         self._clock = self.loop.call_later(delay, self._check_client)
+
+    def pause_writing(self) -> None:
+        """The client reads slower than the proxy writes: the write deadline runs (the
+        connection's clock looks by then)."""
+        super().pause_writing()
+        now = self.loop.time()
+        self._stalled_since = now
+        deadline = now + self._send_timeout_s
+        clock = self._clock
+        if clock is None or clock.when() > deadline:
+            if clock is not None:
+                clock.cancel()
+            self._clock = self.loop.call_at(deadline, self._check_client)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._stalled_since = None
+
+    def _client_not_reading(self) -> None:
+        logger.info("Closed a connection whose client read nothing of its response for "
+                    "%s s (SERVEKIT_SEND_TIMEOUT_S).", self._send_timeout_s)
+        self.transport.abort()  # (a close would wait for the client to read)
 
     def _client_too_slow(self) -> None:
         what = "request head" if self._owed == _HEAD else "request body"
@@ -316,3 +369,111 @@ class ProxyHttpProtocol(HttpToolsProtocol):
             b"content-length: ", str(len(body)).encode(), b"\r\n",
             b"connection: close\r\n\r\n", body]))
         self.transport.close()
+
+
+class ProxyWebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's WebSocket protocol, bounded as the proxy's HTTP connections are.
+
+    The client's messages it holds count in the proxy's ``BodyBudget``, from their first
+    byte to the moment the proxy passed them on (it asks for the next one): a message
+    being received, the ones queued for the proxy, the one the proxy holds. Past the
+    budget the connection is closed with 1013 (try again later). A client that reads
+    nothing of what is sent to it for ``send_timeout_s`` has its connection closed.
+    """
+
+    def __init__(self, *args: Any, body_budget: BodyBudget,
+                 send_timeout_s: float = constants.SEND_TIMEOUT_S, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._budget = body_budget
+        self._send_timeout_s = send_timeout_s
+        self._held = 0  # bytes counted in the budget
+        self._messages = 0  # bytes of the messages queued or in the proxy's hands
+        self._sizes: Deque[int] = collections.deque()  # of the queued messages, in order
+        self._in_hand = 0  # the size of the message the proxy took last
+        self._stalled_since: Optional[float] = None
+        self._send_clock: Optional[Any] = None
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._count()
+
+    def send_receive_event_to_app(self) -> None:
+        size = sum(map(len, self.frames))
+        queued = self.queue.qsize()
+        super().send_receive_event_to_app()
+        if self.queue.qsize() > queued:
+            self._sizes.append(size)
+            self._messages += size
+
+    async def receive(self) -> Any:
+        if self._in_hand:  # the proxy passed the last one on
+            self._messages -= self._in_hand
+            self._in_hand = 0
+            self._count()
+        message = await super().receive()
+        if message["type"] == "websocket.receive" and self._sizes:
+            self._in_hand = self._sizes.popleft()
+        return message
+
+    def _count(self) -> None:
+        """Make what the budget counts for this connection what it holds now: its queued
+        messages, and the bytes of the next one received so far (a partial frame, and the
+        frames of a fragmented message)."""
+        if self.disconnected:
+            return
+        partial = len(self.conn.reader.buffer) + sum(map(len, self.frames))
+        held = self._messages + partial
+        if held > self._held:
+            if not self._budget.take(held - self._held):
+                self._refuse()
+                return
+        else:
+            self._budget.give_back(self._held - held)
+        self._held = held
+
+    def _refuse(self) -> None:
+        """The proxy holds too many request bytes: close with 1013 (try again later)."""
+        self._budget.give_back(self._held)
+        self._held = 0
+        if self.transport.is_closing():
+            return
+        if self.handshake_complete and self.initial_response is None and not self.close_sent:
+            self.conn.fail(1013, "the proxy holds too many request bytes "
+                                 "(HTTPOptions.max_held_body_bytes); try again later")
+            self.transport.write(b"".join(self.conn.data_to_send()))
+            self.close_sent = True
+        self.transport.close()
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        super().connection_lost(exc)
+        self._budget.give_back(self._held)
+        self._held = 0
+        if self._send_clock is not None:
+            self._send_clock.cancel()
+            self._send_clock = None
+
+    # ------------------------------------------------------------- the write deadline
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._stalled_since = self.loop.time()
+        if self._send_clock is None:
+            self._send_clock = self.loop.call_later(self._send_timeout_s, self._check_send)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._stalled_since = None  # (the clock, if any, finds nothing late)
+
+    def _check_send(self) -> None:
+        self._send_clock = None
+        stalled = self._stalled_since
+        if stalled is None or self.disconnected:
+            return
+        waited = self.loop.time() - stalled
+        if waited < self._send_timeout_s:
+            self._send_clock = self.loop.call_later(self._send_timeout_s - waited,
+                                                    self._check_send)
+            return
+        logger.info("Closed a WebSocket whose client read nothing for %s s "
+                    "(SERVEKIT_SEND_TIMEOUT_S).", self._send_timeout_s)
+        self.transport.abort()

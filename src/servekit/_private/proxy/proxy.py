@@ -28,6 +28,7 @@ from servekit._private.proxy.http_protocol import (
     ON_DISCONNECT,
     BodyBudget,
     ProxyHttpProtocol,
+    ProxyWebSocketProtocol,
 )
 from servekit._private.routing.router import Router
 from servekit._private.specs import ProxySpec, WorkerSpec
@@ -789,14 +790,17 @@ async def run_proxy(worker: WorkerSpec, sock: socket.socket, stop: asyncio.Event
     router = await Router.start(worker.controller_address, role="proxy")
     proxy = HTTPProxy(router, options.max_body_bytes, options.request_timeout_s)
     http_socket = socket.socket(fileno=worker.extra_fds["http"])
+    budget = BodyBudget(options.max_held_body_bytes)
     protocol = functools.partial(ProxyHttpProtocol,
                                  max_header_bytes=options.max_header_bytes,
                                  max_header_count=options.max_header_count,
                                  client_timeout_s=options.client_timeout_s,
-                                 body_budget=BodyBudget(options.max_held_body_bytes),
+                                 body_budget=budget,
                                  fast_lane=None if options.middlewares else proxy)
     config = uvicorn.Config(build_app(proxy, options.middlewares), loop="none",
                             http=protocol,  # type: ignore[arg-type]
+                            ws=functools.partial(  # type: ignore[arg-type]
+                                ProxyWebSocketProtocol, body_budget=budget),
                             proxy_headers=False,  # backends see X-Forwarded-* as sent
                             lifespan="off", log_level="warning", access_log=False,
                             server_header=False, date_header=False,
