@@ -7,6 +7,7 @@ import contextlib
 import functools
 import http
 import logging
+import pickle
 import socket
 import time
 from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
@@ -32,7 +33,7 @@ from servekit._private.proxy.http_protocol import (
 )
 from servekit._private.routing.router import Router
 from servekit._private.specs import ProxySpec, WorkerSpec
-from servekit._private.wire.transport import ReplyStream, RpcServer, encode_call
+from servekit._private.wire.transport import ReplyStream, RpcServer, dumps, encode_call
 from servekit.exceptions import (
     BackendOverloadedError,
     BackendUnavailableError,
@@ -249,18 +250,19 @@ class HTTPProxy:
         if match.prefix:
             return await self._pass_through(scope, receive, watch, trace, match, shard_key)
         watch.reading_body = True
-        try:
-            body = await _read_body(receive, self.max_body_bytes)
+        try:  # (the body is copied once, into the payload, and dropped)
+            payload = _http_payload(scope, method_name,
+                                    await _read_body(receive, self.max_body_bytes))
         except BodyTooLarge:
             return self._too_large()
         watch.reading_body = False
         watch.until_disconnect(scope)
-        wire = wire_from_scope(scope, body)
         try:
-            reply = await self.router.send(endpoint, "http", shard_key, (method_name, wire),
-                                           trace=trace)
+            reply = await self.router.send(endpoint, "http", shard_key, (), trace=trace,
+                                           payload=payload)
         except Exception as exc:
             return _failure(exc, path)
+        del payload  # (the request holds it while it may be sent)
         try:
             return await reply
         except asyncio.CancelledError:
@@ -370,12 +372,11 @@ class HTTPProxy:
         method_name, shard_key, _ = _routing_headers(scope["headers"])
         trace = {"endpoint": match.endpoint, "route": match.route}
         served = _Served(self, protocol, cycle, started, trace, request_id)
-        body = bytes(cycle.body)
         if match.prefix:
             payload = encode_call("asgi", (app_scope(scope, match.route), {
-                "type": "http.request", "body": body, "more_body": False}))
+                "type": "http.request", "body": _as_bytes(cycle.body), "more_body": False}))
         else:
-            payload = encode_call("http", (method_name, wire_from_scope(scope, body)))
+            payload = _http_payload(scope, method_name, cycle.body)
         try:
             request = self.router.place(match.endpoint, "http", shard_key, payload, trace)
         except Exception as exc:
@@ -747,22 +748,40 @@ class BodyTooLarge(Exception):
     """The request body grew past the limit while it was read."""
 
 
-async def _read_body(receive: Any, limit: int) -> bytes:
+async def _read_body(receive: Any, limit: int) -> Union[bytes, bytearray]:
     """The whole request body, up to ``limit`` bytes (else ``BodyTooLarge``, with the
-    rest left unread); ``ClientDisconnected`` if the client left before its end."""
-    chunks = []
-    size = 0
+    rest left unread); ``ClientDisconnected`` if the client left before its end. A body
+    of several messages grows in one buffer (no list of chunks joined into a copy)."""
+    body: Union[bytes, bytearray] = b""
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientDisconnected()
         chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
+        if len(body) + len(chunk) > limit:
             raise BodyTooLarge()
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        more = message.get("more_body", False)
+        if not body:
+            body = chunk if not more else bytearray(chunk)
+        else:
+            body += chunk  # type: ignore[operator]  # (a bytearray, grown in place)
+        if not more:
+            return body
+
+
+def _as_bytes(body: Union[bytes, bytearray]) -> Any:
+    """``body`` as what pickles as bytes, without a copy of it (a bytearray would be
+    unpickled as one)."""
+    if isinstance(body, bytearray):
+        return pickle.PickleBuffer(memoryview(body).toreadonly()) if body else b""
+    return body
+
+
+def _http_payload(scope: Dict[str, Any], method_name: Optional[str],
+                  body: Union[bytes, bytearray]) -> bytes:
+    """The payload of an HTTP request to a backend (``encode_call("http", ...)``): the body
+    is copied once, into it. Plain data, pickled as is."""
+    return dumps(("http", (method_name, wire_from_scope(scope, _as_bytes(body)))))
 
 
 
