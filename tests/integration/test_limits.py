@@ -5,6 +5,7 @@ heads and malformed requests past the proxy's limits never reach a replica."""
 from __future__ import annotations
 
 import os
+import resource
 import socket
 import threading
 import time
@@ -35,6 +36,21 @@ class Gate:
         self.ran += 1
         assert await async_wait_for_file(os.path.join(self.directory, "release"))
         return self.ran
+
+
+class Held:
+    """Notes each request that started (``<dir>/started-N``) and answers it once the file
+    ``release`` exists."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.started = 0
+
+    async def __call__(self, request: Any) -> str:
+        self.started += 1
+        touch(os.path.join(self.directory, f"started-{self.started}"))
+        assert await async_wait_for_file(os.path.join(self.directory, "release"))
+        return "released"
 
 
 class Counted:
@@ -165,21 +181,40 @@ def test_a_handle_call_beyond_the_queue_raises_backend_overloaded_error(
         client.shutdown()
 
 
-def test_the_proxy_caps_the_connections_it_holds() -> None:
+def test_the_proxy_caps_the_requests_in_progress_not_the_idle_connections(
+        tmp_path: Any) -> None:
+    """At limit_concurrency, a connection kept alive idle is closed for a new one; requests
+    in progress are what the limit holds (uvicorn's limit counts the connection of the
+    request being admitted too)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    # uvicorn's limit counts the connection of the request being admitted too.
     client = serve.start(http_options={"port": port, "limit_concurrency": 3})
     try:
         client.create_backend("counted", Counted)
         client.create_endpoint("counted", backend="counted", route="/counted")
+        client.create_backend("held", Held, str(tmp_path),
+                              config={"max_concurrent_queries": 2})
+        client.create_endpoint("held", backend="held", route="/held")
         with httpx.Client(timeout=TIMEOUT) as first, httpx.Client(timeout=TIMEOUT) as second, \
                 httpx.Client(timeout=TIMEOUT) as third:
             assert first.get(f"{url}/counted").status_code == 200  # kept alive
             assert second.get(f"{url}/counted").status_code == 200
-            assert third.get(f"{url}/counted").status_code == 503
+            assert third.get(f"{url}/counted").status_code == 200  # (the first one closed)
+        results: List[int] = []
+        held = [threading.Thread(target=lambda: results.append(
+            httpx.get(f"{url}/held", timeout=TIMEOUT).status_code)) for _ in range(2)]
+        for thread in held:
+            thread.start()
+        wait_for(lambda: (tmp_path / "started-2").exists(), TIMEOUT,
+                 "two requests in progress")
+        assert httpx.get(f"{url}/counted", timeout=TIMEOUT).status_code == 503
+        (tmp_path / "release").touch()
+        for thread in held:
+            thread.join(TIMEOUT)
+        assert results == [200, 200]
     finally:
         client.shutdown()
+
 
 
 @pytest.mark.parametrize("value", [0, -2, "10", 1.5])
@@ -443,6 +478,87 @@ def proxy_holds(port: int, size: int) -> bool:
                                b"Content-Length: " + str(size).encode() + b"\r\n\r\n" +
                          b"p" * size)
     return reply.startswith(b"HTTP/1.1 503")
+
+
+# --------------------------------------------------------------------------- connections
+
+
+def test_idle_connections_never_lock_new_clients_out() -> None:
+    """Three times limit_concurrency connections that send nothing: new clients and
+    /-/healthz are still served (they got 503 for client_timeout_s); the connections idle
+    the longest are closed to make room."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    client = serve.start(http_options={"port": port, "limit_concurrency": 50})
+    idle: List[socket.socket] = []
+    try:
+        client.create_backend("counted", Counted)
+        client.create_endpoint("counted", backend="counted", route="/counted")
+        for _ in range(150):
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT))
+        with httpx.Client(timeout=TIMEOUT) as session:
+            for _ in range(5):
+                assert session.get(f"{url}/counted").text == "ran"
+                assert session.get(f"{url}/-/healthz").status_code == 200
+        for sock in idle:
+            sock.setblocking(False)
+        wait_for(lambda: sum(closed_by_server(sock) is not None for sock in idle) >= 100,
+                 TIMEOUT, "the oldest idle connections to be closed")
+        assert closed_by_server(idle[-1]) is None  # (the newest one is still open)
+    finally:
+        for sock in idle:
+            sock.close()
+        client.shutdown()
+
+
+def test_a_request_answered_before_its_held_back_body_closes_the_connection(
+        limited: tuple) -> None:
+    """The client waits for 100 Continue before it sends its body; the route does not
+    exist: 404, and the connection is closed (the next bytes could be that body or the
+    next request: the proxy read the next request from the body)."""
+    _, _, port = limited
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+        sock.sendall(b"POST /nowhere HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n"
+                     b"Expect: 100-continue\r\n\r\n")
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            reply += sock.recv(65536)
+        assert reply.startswith(b"HTTP/1.1 404"), reply[:100]
+        assert b"connection: close" in reply.lower()
+        sock.sendall(b"GET /counted HTTP/1.1\r\nHost: x\r\n\r\n")  # (the body is not sent)
+        rest = b""
+        try:
+            while chunk := sock.recv(65536):
+                rest += chunk
+        except ConnectionResetError:
+            pass
+        assert b"HTTP/1.1" not in rest  # closed: the next request was never read
+
+
+def test_the_proxy_and_replicas_raise_their_open_file_limit(limited: tuple) -> None:
+    client, _, _ = limited
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))
+    try:
+        own = serve.start(http_options={"port": free_port()})
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    try:
+        own.create_backend("counted", Counted)
+        for process in own._call("status")["processes"]:
+            if process["role"] in ("proxy", "replica"):
+                assert open_files(process["pid"]) == (hard, hard), process
+    finally:
+        own.shutdown()
+
+
+def open_files(pid: int) -> tuple:
+    with open(f"/proc/{pid}/limits") as limits:
+        for line in limits:
+            if line.startswith("Max open files"):
+                fields = line.split()
+                return int(fields[3]), int(fields[4])
+    raise AssertionError("no open-file limit")
 
 
 # --------------------------------------------------------------------------- memory

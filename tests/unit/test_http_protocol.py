@@ -6,8 +6,10 @@ reached deterministically."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any, Dict, List
 
+import pytest
 import uvicorn
 from loop_helpers import run, spin
 from proxy_fakes import TIMEOUT_S, FakeTransport, open_connection
@@ -17,6 +19,7 @@ from websockets.uri import parse_uri
 
 from servekit._private.proxy.http_protocol import (
     BodyBudget,
+    ConnectionRoom,
     ProxyHttpProtocol,
     ProxyWebSocketProtocol,
 )
@@ -131,7 +134,6 @@ def test_the_body_budget_refuses_past_its_limit_and_is_given_back_once() -> None
     run(main)
 
 
-
 # --------------------------------------------------------------------------- refused bodies
 
 
@@ -206,6 +208,115 @@ def test_a_body_refused_for_the_budget_never_reaches_the_fast_lane() -> None:
         await spin()
         assert transport.reply().startswith(b"HTTP/1.1 503")
         assert lane.served == [] and app.whole_bodies() == []
+
+    run(main)
+
+
+# --------------------------------------------------------------------------- 100-continue
+
+
+async def not_found(scope: Any, receive: Any, send: Any) -> None:
+    """Answers 404 without reading the body."""
+    await send({"type": "http.response.start", "status": 404,
+                "headers": [(b"content-length", b"0")]})
+    await send({"type": "http.response.body", "body": b""})
+
+
+EXPECTING = (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n"
+             b"Expect: 100-continue\r\n\r\n")
+
+
+def test_a_request_answered_before_the_body_its_client_holds_back_closes_the_connection() -> None:
+    """The client waits for 100 Continue before it sends its body; the answer comes first.
+    Whether it then sends the body or its next request, the proxy cannot tell: it closes
+    the connection rather than read the next request from a body (or the reverse)."""
+
+    async def main() -> None:
+        protocol, transport = connect(BodyBudget(10_000), app=not_found)
+        protocol.data_received(EXPECTING)
+        await spin()
+        reply = transport.reply()
+        assert reply.startswith(b"HTTP/1.1 404") and b"100 Continue" not in reply
+        assert b"connection: close" in reply and transport.closing
+
+    run(main)
+
+
+def test_a_request_whose_body_came_after_100_continue_keeps_its_connection() -> None:
+    async def main() -> None:
+        protocol, transport = connect(BodyBudget(10_000))
+        protocol.data_received(EXPECTING)
+        await spin()
+        assert transport.reply() == b"HTTP/1.1 100 Continue\r\n\r\n"
+        protocol.data_received(b"b" * 10)
+        await spin()
+        reply = transport.reply()
+        assert b"HTTP/1.1 200" in reply and b"connection: close" not in reply
+        assert not transport.closing
+
+    run(main)
+
+
+# --------------------------------------------------------------------------- room
+
+
+def test_a_new_connection_at_the_limit_closes_the_one_idle_the_longest() -> None:
+    """Connections that wait for a request hold nothing a request needs: at uvicorn's
+    limit_concurrency, a new one makes the oldest idle one close, and its request is
+    served (it got 503 while idle connections filled the limit)."""
+
+    async def main() -> None:
+        budget, state = BodyBudget(10_000), ServerState()
+        kept, kept_transport = connect(budget, state=state, limit_concurrency=3)
+        kept.data_received(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # answered, kept alive
+        await spin()
+        new, new_transport = connect(budget, state=state, limit_concurrency=3)
+        new._since -= 100  # (idle longer than the kept-alive one)
+        newer, newer_transport = connect(budget, state=state, limit_concurrency=3)
+        assert new_transport.closing and not kept_transport.closing
+        newer.data_received(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        await spin()
+        assert newer_transport.reply().startswith(b"HTTP/1.1 200")
+        assert len(state.connections) == 2
+
+    run(main)
+
+
+def test_a_connection_with_a_request_under_way_is_never_closed_for_room() -> None:
+    async def main() -> None:
+        budget, state = BodyBudget(10_000), ServerState()
+        busy, busy_transport = connect(budget, state=state, limit_concurrency=2)
+        busy.data_received(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nab")
+        second, second_transport = connect(budget, state=state, limit_concurrency=2)
+        assert not busy_transport.closing
+        second.data_received(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        await spin()  # every connection is busy: uvicorn's limit answers
+        assert second_transport.reply().startswith(b"HTTP/1.1 503")
+        busy.data_received(b"cde")
+        await spin()
+        assert busy_transport.reply().startswith(b"HTTP/1.1 200")
+
+    run(main)
+
+
+def test_running_short_of_descriptors_is_logged_and_makes_room(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """uvloop drops a connection it cannot accept (EMFILE) without a word: a new connection
+    whose descriptor is near the open-file limit is logged (once in a while), and the
+    connections are kept within what the limit leaves."""
+
+    async def main() -> None:
+        budget, state, room = BodyBudget(10_000), ServerState(), ConnectionRoom(100)
+        connections = [connect(budget, state=state, room=room, fileno=10 + i)
+                       for i in range(room.descriptors + 5)]
+        assert len(state.connections) < room.descriptors
+        assert not any(t.closing for _, t in connections[-5:])  # the oldest went first
+        with caplog.at_level(logging.WARNING, logger="servekit.proxy"):
+            connect(budget, state=state, room=room, fileno=99)
+            connect(budget, state=state, room=room, fileno=99)
+        lines = [r.getMessage() for r in caplog.records
+                 if "running out of file descriptors" in r.getMessage()]
+        assert len(lines) == 1 and "descriptor 99" in lines[0] and "100" in lines[0]
 
     run(main)
 

@@ -11,7 +11,11 @@ What a connection may cost the proxy is bounded before any request reaches the a
   passed on as it arrives (to an ASGI app) counts only while the proxy holds it, and so do
   the messages of a WebSocket (``ProxyWebSocketProtocol``);
 - the time a response may wait for a client that stopped reading it (``send_timeout_s``):
-  past it the connection is closed, and what the response streams is cancelled.
+  past it the connection is closed, and what the response streams is cancelled;
+- its place among the connections: one that waits for a request head holds none a request
+  needs. When the connections reach uvicorn's ``limit_concurrency`` (or the room left under
+  the open-file limit), the ones idle the longest are closed for the new ones, as nginx
+  does with its keep-alive connections; running short of descriptors is logged.
 
 A client that goes away before its response is complete has the callbacks in its scope's
 ``ON_DISCONNECT`` list called (no task per request waits for the disconnect).
@@ -20,8 +24,10 @@ A client that goes away before its response is complete has the callbacks in its
 from __future__ import annotations
 
 import collections
+import heapq
 import http
 import logging
+import resource
 from typing import Any, Callable, Deque, List, Optional, Protocol
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -43,6 +49,11 @@ HELD_BODY = "servekit.held_body"
 _IDLE = "idle"  # nothing: between requests (the keep-alive timeout applies), or answering
 _HEAD = "head"  # a request head: the connection is new, or a request has begun
 _BODY = "body"  # the rest of a request body
+
+# At most this many idle connections are closed at once to make room (nginx's figure).
+_MAX_EVICTED = 32
+# Seconds between two log lines about the same shortage (connections, descriptors).
+_WARN_EVERY_S = 10.0
 
 
 class BodyBudget:
@@ -84,6 +95,33 @@ class HeldBody:
         self.size = 0
 
 
+class ConnectionRoom:
+    """The room a proxy has for connections, shared by all of them: the open-file limit
+    (RLIMIT_NOFILE) leaves ``descriptors`` for connections (the rest is kept for the
+    replicas' connections, logs, ...); past ``warn_at`` descriptors in use, running short is
+    logged, at most every ``_WARN_EVERY_S`` (uvloop drops connections it cannot accept
+    without a word)."""
+
+    def __init__(self, open_files: Optional[int] = None) -> None:
+        if open_files is None:
+            open_files = open_file_limit()
+        self.open_files = open_files
+        self.descriptors = open_files - max(64, open_files // 8)
+        self.warn_at = open_files - max(32, open_files // 16)
+        self._warned: dict = {}
+
+    def warn(self, what: str, now: float, message: str, *args: Any) -> None:
+        if now - self._warned.get(what, -_WARN_EVERY_S) >= _WARN_EVERY_S:
+            self._warned[what] = now
+            logger.warning(message, *args)
+
+
+def open_file_limit() -> int:
+    """This process's soft limit on open files."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
 class FastLane(Protocol):
     """What a connection needs of the proxy that serves its requests without an ASGI task
     (``proxy.HTTPProxy``)."""
@@ -98,15 +136,19 @@ class ProxyHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with the bounds of the module docstring.
 
     Past ``max_header_bytes`` or ``max_header_count`` the client gets 431; past
-    ``client_timeout_s`` 408; past the body budget 503. Each closes the connection.
+    ``client_timeout_s`` 408; past the body budget 503. Each closes the connection. So
+    does answering a request whose client waits for "100 Continue" before it sends its
+    body (the next bytes could be that body or the next request: neither is guessed).
     """
 
     def __init__(self, *args: Any, max_header_bytes: int, max_header_count: int,
                  client_timeout_s: float, body_budget: BodyBudget,
                  fast_lane: Optional[FastLane] = None,
-                 send_timeout_s: float = constants.SEND_TIMEOUT_S, **kwargs: Any) -> None:
+                 send_timeout_s: float = constants.SEND_TIMEOUT_S,
+                 room: Optional[ConnectionRoom] = None, **kwargs: Any) -> None:
         """``fast_lane``: the proxy, when no user middleware wraps it: requests it can take
-        are served by ``HTTPProxy.serve_now`` instead of an ASGI task."""
+        are served by ``HTTPProxy.serve_now`` instead of an ASGI task. ``room``: shared by
+        the proxy's connections (default: one of this connection's own)."""
         super().__init__(*args, **kwargs)
         self._max_header_bytes = max_header_bytes
         self._max_header_count = max_header_count
@@ -124,7 +166,9 @@ class ProxyHttpProtocol(HttpToolsProtocol):
         self._waiting_for_body: Optional[Any] = None  # a fast-lane cycle, body incomplete
         self._send_timeout_s = send_timeout_s
         self._stalled_since: Optional[float] = None  # since when nothing could be written
+        self._room = room if room is not None else ConnectionRoom()
         self._earlier: Optional[Any] = None  # a cycle answering while a later one waits
+        self._continue_cycle: Optional[Any] = None  # its client waits for 100 Continue
 
     # ------------------------------------------------------------- the connection
 
@@ -132,6 +176,20 @@ class ProxyHttpProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         self._since = self.loop.time()
         self._clock = self.loop.call_later(self._client_timeout_s, self._check_client)
+        room = self._room
+        connections = len(self.connections)
+        limit = self.limit_concurrency
+        bound = room.descriptors if limit is None else min(limit, room.descriptors)
+        if connections >= bound:  # (uvicorn answers 503 to a request at its limit)
+            self._make_room(connections - bound + 1)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.fileno() >= room.warn_at:
+            room.warn("descriptors", self._since,
+                      "The proxy is running out of file descriptors: a new connection got "
+                      "descriptor %d, its limit is %d (RLIMIT_NOFILE). Connections past the "
+                      "limit are dropped unanswered; idle ones are closed to make room. "
+                      "Raise the limit (ulimit -n) or lower HTTPOptions.limit_concurrency.",
+                      sock.fileno(), room.open_files)
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
         if self._clock is not None:
@@ -149,6 +207,52 @@ class ProxyHttpProtocol(HttpToolsProtocol):
                     ON_DISCONNECT, [])
                 for callback in callbacks:
                     callback()
+
+    def shutdown(self) -> None:
+        self._continue_cycle = None  # (closed once answered, whatever its body)
+        super().shutdown()
+
+    # ------------------------------------------------------------- room for connections
+
+    def _waiting_since(self) -> Optional[float]:
+        """When this connection began to wait for a request head (new, or kept alive);
+        None while a request is under way on it."""
+        if self.transport.is_closing():  # (it goes once its client read the rest)
+            return float("-inf") if self._stalled_since is not None else None
+        cycle = self.cycle
+        if self._owed == _BODY or self.pipeline or \
+                (cycle is not None and not cycle.response_complete):
+            return None
+        if self._owed == _HEAD:
+            return self._since
+        task = self.timeout_keep_alive_task
+        return self._since if task is None else task.when() - self.timeout_keep_alive
+
+    def _make_room(self, needed: int) -> None:
+        """Close the connections idle the longest (at least ``needed`` of them, if there
+        are as many, at most ``_MAX_EVICTED``, or an eighth of the idle ones)."""
+        idle = [(since, id(c), c) for c in self.connections
+                if isinstance(c, ProxyHttpProtocol) and c is not self and
+                (since := c._waiting_since()) is not None]
+        count = min(len(idle), max(needed, min(_MAX_EVICTED, len(idle) // 8)))
+        for _, _, connection in heapq.nsmallest(count, idle):
+            connection._evict()
+        self._room.warn("connections", self.loop.time(),
+                        "The proxy holds %d connections, its limit (HTTPOptions."
+                        "limit_concurrency=%s, or %d under the open-file limit): closed the "
+                        "%d idle the longest to make room.", len(self.connections) + count,
+                        self.limit_concurrency, self._room.descriptors, count)
+
+    def _evict(self) -> None:
+        self.connections.discard(self)  # (its room is free from now on)
+        if self.transport.is_closing():
+            self.transport.abort()  # (closed already, its client reads nothing)
+        elif self._head_begun:
+            self._refuse(http.HTTPStatus.SERVICE_UNAVAILABLE,
+                         "The proxy is at its limit of connections. Retry later.",
+                         b"retry-after: 1\r\n")
+        else:
+            self.transport.close()
 
     def handle_websocket_upgrade(self) -> None:
         """Hand the connection to the WebSocket protocol: its clock and bounds are that
@@ -277,6 +381,11 @@ class ProxyHttpProtocol(HttpToolsProtocol):
             return  # (a WebSocket upgrade)
         if earlier is not None and not earlier.response_complete:
             self._earlier = earlier  # (a pipelined request waits for it)
+        if self.expect_100_continue and cycle.keep_alive:
+            # Answered before its body came, it closes the connection (its client may
+            # never send that body); once the body is whole, it is kept alive again.
+            cycle.keep_alive = False
+            self._continue_cycle = cycle
 
     def on_body(self, body: bytes) -> None:
         if self.transport.is_closing():
@@ -298,6 +407,9 @@ class ProxyHttpProtocol(HttpToolsProtocol):
             self._waiting_for_body = None
             return  # refused (or the connection closed): nothing of it is served
         super().on_message_complete()
+        waiting, self._continue_cycle = self._continue_cycle, None
+        if waiting is not None and waiting is self.cycle and not waiting.response_started:
+            waiting.keep_alive = True  # (its body is whole: the next bytes are a request)
         cycle, self._waiting_for_body = self._waiting_for_body, None
         if cycle is not None and cycle is self.cycle and not cycle.response_complete:
             assert self._fast_lane is not None

@@ -28,6 +28,7 @@ from servekit._private.proxy.http_protocol import (
     HELD_BODY,
     ON_DISCONNECT,
     BodyBudget,
+    ConnectionRoom,
     ProxyHttpProtocol,
     ProxyWebSocketProtocol,
 )
@@ -814,7 +815,7 @@ async def run_proxy(worker: WorkerSpec, sock: socket.socket, stop: asyncio.Event
                                  max_header_bytes=options.max_header_bytes,
                                  max_header_count=options.max_header_count,
                                  client_timeout_s=options.client_timeout_s,
-                                 body_budget=budget,
+                                 body_budget=budget, room=ConnectionRoom(),
                                  fast_lane=None if options.middlewares else proxy)
     config = uvicorn.Config(build_app(proxy, options.middlewares), loop="none",
                             http=protocol,  # type: ignore[arg-type]

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import logging.handlers
 import os
+import resource
 import signal
 import socket
 import sys
@@ -95,6 +96,28 @@ def _set_title(title: str) -> None:
         del os.environ["SPT_NOENV"]
 
 
+def raise_open_file_limit() -> None:
+    """Raise this process's soft limit on open files to its hard limit: a proxy holds a
+    descriptor per client connection, a replica one per caller process, and the usual soft
+    limit (1024) is far below what they are allowed. A limit that cannot be raised is left
+    as it is."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # (an unlimited hard limit, as on macOS, is capped by the kernel: ask for a number)
+    target = _UNLIMITED_OPEN_FILES if hard == resource.RLIM_INFINITY else hard
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as exc:
+        logging.getLogger("servekit.worker").info(
+            "The open-file limit (RLIMIT_NOFILE) stays at %d: raising it to %d failed: %s",
+            soft, target, exc)
+
+
+# The soft open-file limit a worker asks for when its hard limit is unlimited.
+_UNLIMITED_OPEN_FILES = 65536
+
+
 def role_main(role: str) -> Callable[[WorkerSpec, socket.socket, asyncio.Event], Any]:
     """The coroutine function that runs a worker of ``role`` until its stop event is set."""
     if role == "supervisor":
@@ -126,6 +149,7 @@ def main() -> None:
     configure_logging(spec.role, spec.name,
                       os.path.join(spec.instance_dir, LOG_DIR) if spec.instance_dir else None)
     _set_title(f"servekit {spec.role} {spec.name}")
+    raise_open_file_limit()
     sock = socket.socket(fileno=spec.rpc_fd)
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
