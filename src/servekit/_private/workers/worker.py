@@ -119,7 +119,9 @@ _UNLIMITED_OPEN_FILES = 65536
 
 
 def role_main(role: str) -> Callable[[WorkerSpec, socket.socket, asyncio.Event], Any]:
-    """The coroutine function that runs a worker of ``role`` until its stop event is set."""
+    """The coroutine function that runs a worker of ``role`` until its stop event is set.
+    (A worker on Ray starts here too: its process's open-file limit is raised here.)"""
+    raise_open_file_limit()
     if role == "supervisor":
         from servekit._private.workers.supervisor import run_supervisor as run
     elif role == "controller":
@@ -149,7 +151,6 @@ def main() -> None:
     configure_logging(spec.role, spec.name,
                       os.path.join(spec.instance_dir, LOG_DIR) if spec.instance_dir else None)
     _set_title(f"servekit {spec.role} {spec.name}")
-    raise_open_file_limit()
     sock = socket.socket(fileno=spec.rpc_fd)
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
