@@ -299,6 +299,30 @@ def test_a_connection_with_a_request_under_way_is_never_closed_for_room() -> Non
     run(main)
 
 
+def test_a_request_at_the_limit_closes_a_connection_idle_since_the_last_one_came() -> None:
+    """Every connection was busy when the last one came (nothing to close then); they went
+    idle since: a request at the limit closes one of them, and is served."""
+
+    async def main() -> None:
+        budget, state = BodyBudget(10_000), ServerState()
+        first, first_transport = connect(budget, state=state, limit_concurrency=3)
+        second, second_transport = connect(budget, state=state, limit_concurrency=3)
+        for busy in (first, second):
+            busy.data_received(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\na")
+        third, third_transport = connect(budget, state=state, limit_concurrency=3)
+        assert len(state.connections) == 3
+        for busy in (first, second):
+            busy.data_received(b"b")
+        await spin()
+        first_transport.written.clear()
+        first.data_received(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        await spin()
+        assert first_transport.reply().startswith(b"HTTP/1.1 200")
+        assert second_transport.closing != third_transport.closing  # (one of them went)
+
+    run(main)
+
+
 def test_running_short_of_descriptors_is_logged_and_makes_room(
         caplog: pytest.LogCaptureFixture) -> None:
     """uvloop drops a connection it cannot accept (EMFILE) without a word: a new connection

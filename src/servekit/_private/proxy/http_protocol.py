@@ -239,9 +239,11 @@ class ProxyHttpProtocol(HttpToolsProtocol):
             connection._evict()
         self._room.warn("connections", self.loop.time(),
                         "The proxy holds %d connections, its limit (HTTPOptions."
-                        "limit_concurrency=%s, or %d under the open-file limit): closed the "
-                        "%d idle the longest to make room.", len(self.connections) + count,
-                        self.limit_concurrency, self._room.descriptors, count)
+                        "limit_concurrency=%s, or %d under the open-file limit): %s.",
+                        len(self.connections) + count, self.limit_concurrency,
+                        self._room.descriptors,
+                        f"closed the {count} idle the longest to make room" if count else
+                        "none is idle, requests beyond it get 503")
 
     def _evict(self) -> None:
         self.connections.discard(self)  # (its room is free from now on)
@@ -374,6 +376,10 @@ class ProxyHttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._head_begun = False
         self._owed, self._since = _BODY, self.loop.time()
+        limit = self.limit_concurrency
+        if limit is not None and len(self.connections) >= limit:
+            # (connections busy when the last ones came may be idle now: room for a request)
+            self._make_room(len(self.connections) - limit + 1)
         earlier = self.cycle
         super().on_headers_complete()
         cycle = self.cycle
