@@ -84,12 +84,12 @@ class SimModel:
     async def async_stream(self, request: Any) -> Any:
         world = _current()
         caller = _caller_of(request)
-        chunks, raise_in_close = world.stream_shape()
+        chunks, size, raise_in_close = world.stream_shape()
         world.started(self.replica, caller)
         try:
             for index in range(chunks):
                 await asyncio.sleep(world.work_s() / 4)
-                yield (caller, index)
+                yield f"{caller}:{index}:" + "x" * size
         finally:
             world.stopped(self.replica, caller)
             if raise_in_close:
@@ -98,11 +98,11 @@ class SimModel:
     def sync_stream(self, request: Any) -> Any:
         world = _current()
         caller = _caller_of(request)
-        chunks, raise_in_close = world.stream_shape()
+        chunks, size, raise_in_close = world.stream_shape()
         world.started(self.replica, caller)
         try:
             for index in range(chunks):
-                yield (caller, index)
+                yield f"{caller}:{index}:" + "x" * size
         finally:
             if not world.threads.on_thread:
                 world.broken.append(f"caller {caller}'s sync generator was closed off its "
@@ -137,10 +137,17 @@ def set_world(world: Optional["World"]) -> None:
 
 
 def _caller_of(request: Any) -> Any:
-    """The caller a request comes from: a handle call's argument, an HTTP request's ``c``."""
+    """The caller a request comes from: a handle call's argument, an HTTP request's ``c``
+    (whose body, when it sends one, must arrive whole: ``n`` bytes)."""
     if isinstance(request, ServeRequest):
         return request.data
-    return int(request.query_params["c"])
+    caller = int(request.query_params["c"])
+    sent = int(request.query_params.get("n", "0"))
+    received = len(request._receive._body or b"")  # (the body the replica was handed)
+    if received != sent:
+        _current().broken.append(f"HTTP caller {caller} sent {sent} bytes of body, its "
+                                 f"backend received {received}")
+    return caller
 
 
 class _ListeningSocket:
@@ -265,10 +272,13 @@ class World:
     def work_s(self) -> float:
         return self.rng.choice([0.0, self.loop.ticks(0, 0.005), self.loop.ticks(0, 0.3)])
 
-    def stream_shape(self) -> Tuple[int, bool]:
-        # Short ones, and ones longer than the window a reader grants without reading.
+    def stream_shape(self) -> Tuple[int, int, bool]:
+        """(chunks, bytes per chunk, whether its close raises): short streams and ones
+        longer than the window a reader grants without reading; chunks small, or big enough
+        to fill what a connection buffers for a reader that stopped reading."""
         chunks = self.rng.choice([self.rng.randint(0, 3), self.rng.randint(9, 20)])
-        return chunks, self.rng.random() < 0.1
+        size = self.rng.choice([0, 0, 16 * 1024])
+        return chunks, size, self.rng.random() < 0.1
 
     def started(self, replica: str, caller: Any) -> None:
         running = self.running.setdefault(replica, set())

@@ -37,9 +37,14 @@ from servekit._private.specs import BackendLimits, EndpointInfo
 
 PROXY = "/sim/proxy"
 ROUTE = "/ep"
+# Virtual seconds after the last client before the places are checked: past every
+# timeout of the data plane and past the proxy's deadline for a client that stopped reading.
+PROXY_QUIET_S = max(QUIET_S, constants.SEND_TIMEOUT_S) + 10
 # Virtual seconds a client waits for the end of a response before the run is a failure:
 # longer than any timeout, retry or freeze of a world.
-CLIENT_PATIENCE_S = 3 * QUIET_S
+CLIENT_PATIENCE_S = 3 * PROXY_QUIET_S
+# A client that stops reading and never reads again (nor closes its connection).
+FOREVER = float("inf")
 
 
 class HttpClient(asyncio.Protocol):
@@ -157,14 +162,14 @@ class ProxyWorld(World):
             start_at=self.loop.ticks(0.0, 2.0),
             leave=rng.choice([None, None, "before", "first", "mid"]),
             leave_after=rng.choice([0.0, self.loop.ticks(0.0, 0.01), self.loop.ticks(0.0, 1.0)]),
-            stall_s=rng.choice([0.0, 0.0, 0.0, self.loop.ticks(0.0, 2.0)]))
+            stall_s=rng.choice([0.0, 0.0, 0.0, self.loop.ticks(0.0, 2.0), FOREVER]))
 
     async def http_call(self, caller: HttpCaller) -> None:
         await asyncio.sleep(caller.start_at)
         began = self.loop.time()
         transport, client = await self.net.connect(HttpClient, PROXY)
         assert isinstance(client, HttpClient)
-        target = f"{ROUTE}?c={caller.index}"
+        target = f"{ROUTE}?c={caller.index}&n={caller.body}"
         headers = [("host", "sim"), ("x-serve-call-method", caller.method)]
         if caller.body:
             headers.append(("content-length", str(caller.body)))
@@ -213,7 +218,8 @@ class ProxyWorld(World):
                 caller.status = event.status_code
                 if caller.stall_s:
                     transport.pause_reading()
-                    self.loop.call_later(caller.stall_s, transport.resume_reading)
+                    if caller.stall_s != FOREVER:
+                        self.loop.call_later(caller.stall_s, transport.resume_reading)
             elif isinstance(event, h11.Data):
                 caller.body_read += bytes(event.data)
                 chunks += 1
@@ -228,6 +234,8 @@ class ProxyWorld(World):
 
     def check_http(self) -> None:
         for caller in self.http_callers:
+            if caller.stall_s == FOREVER and caller.outcome in (None, "hung"):
+                continue  # it never reads: the proxy's side of it is checked below
             check(caller.outcome is not None and caller.outcome != "hung",
                   "every request ends",
                   f"HTTP client {caller.index} ({caller.method}, body {caller.body}) got no "
@@ -270,7 +278,7 @@ async def _run_world(loop: SimLoop) -> ProxyWorld:
             tasks = [asyncio.ensure_future(world.http_call(c)) for c in world.http_callers]
             tasks += [asyncio.ensure_future(world.inject()) for _ in range(settings.faults)]
             await asyncio.gather(*tasks)
-            await asyncio.sleep(QUIET_S)
+            await asyncio.sleep(PROXY_QUIET_S)
             world.check_http()
             world.check_user_code()
             world.check_places()
