@@ -130,6 +130,11 @@ def _current() -> "World":
     return _world
 
 
+def current_world() -> "World":
+    """The world being run (what its simulated user code reports to)."""
+    return _current()
+
+
 def set_world(world: Optional["World"]) -> None:
     """The world whose replicas ``SimModel`` reports to (None once it is over)."""
     global _world
@@ -227,8 +232,8 @@ class SimReplica:
         config = world.backend_config()
         spec = ReplicaSpec(
             backend_tag=BACKEND, replica_tag=self.tag,
-            replica_config=ReplicaConfig(serialized=cloudpickle.dumps((SimModel, (self.tag,))),
-                                         actor_options={}, description="SimModel"),
+            replica_config=ReplicaConfig(serialized=cloudpickle.dumps(world.target(self.tag)),
+                                         actor_options={}, description="simulated model"),
             config=config, metadata=None)
         self.replica = Replica(spec)
         self.server = RpcServer({
@@ -263,6 +268,7 @@ class World:
         self.cap = settings.cap
         self.highest_cap = settings.cap  # requests admitted under an older, higher cap count
         self.user_config: Any = None
+        self.is_app = False  # the backend is an ASGI app (no user_config, no batches)
         self.ran: Set[Any] = set()
         self.injected: List[str] = []
         self.broken: List[str] = []  # invariants broken where raising cannot report them
@@ -291,10 +297,14 @@ class World:
 
     # ------------------------------------------------------------- the controller's part
 
+    def target(self, replica: str) -> Tuple[Any, Tuple[Any, ...]]:
+        """What a replica runs, and its init args."""
+        return SimModel, (replica,)
+
     def backend_config(self) -> BackendConfig:
         s = self.settings
         batching = {"max_batch_size": s.batch_size, "batch_wait_timeout": 0.01} \
-            if s.method == "batched" else {}
+            if s.method == "batched" and not self.is_app else {}
         return BackendConfig(num_replicas=s.replicas, max_concurrent_queries=self.cap,
                              max_queued_requests=s.max_queued, user_config=self.user_config,
                              request_timeout_s=s.request_timeout_s, **batching)
@@ -440,7 +450,7 @@ class World:
         elif kind == "scale_up":
             self.injected.append(f"scale up at {self.loop.time():.3f}")
             await self.add_replica()
-        elif kind in ("cap", "user_config"):
+        elif kind in ("cap", "user_config") and not (kind == "user_config" and self.is_app):
             if kind == "cap":
                 self.cap = rng.randint(1, 4)
                 self.highest_cap = max(self.highest_cap, self.cap)

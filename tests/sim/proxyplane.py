@@ -22,15 +22,25 @@ import dataclasses
 import functools
 import json
 import logging
-from typing import Any, Deque, List, Optional
+import urllib.parse
+from typing import Any, Deque, Dict, List, Optional, Tuple
 
 import h11
 import uvicorn
-from dataplane import BACKEND, ENDPOINT, QUIET_S, World, draw_settings, set_world
+from dataplane import (
+    BACKEND,
+    ENDPOINT,
+    QUIET_S,
+    World,
+    current_world,
+    draw_settings,
+    set_world,
+)
 from scenarios import check, scenario
 from simloop import SimLoop, run, sim_threads
 
 from servekit._private import constants
+from servekit._private.asgi_app import ASGIFactory
 from servekit._private.proxy.http_protocol import BodyBudget, ProxyHttpProtocol
 from servekit._private.proxy.proxy import HTTPProxy
 from servekit._private.specs import BackendLimits, EndpointInfo
@@ -45,6 +55,72 @@ PROXY_QUIET_S = max(QUIET_S, constants.SEND_TIMEOUT_S) + 10
 CLIENT_PATIENCE_S = 3 * PROXY_QUIET_S
 # A client that stops reading and never reads again (nor closes its connection).
 FOREVER = float("inf")
+
+
+def make_app(replica: str) -> Any:
+    """A raw ASGI app (what a FastAPI app is to servekit, without the framework's cost) whose
+    answers the request's query picks: ``kind`` "one" (one body message), "stream" (chunks
+    as they come), "early" (it answers before it reads the body), "raise"; ``cl`` its
+    Content-Length: "ok", "none", or wrong ("short", "long": the app's bug to survive)."""
+
+    async def app(scope: Dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                kind = message["type"].split(".")[1]
+                await send({"type": f"lifespan.{kind}.complete"})
+                if kind == "shutdown":
+                    return
+        world = _world_of_app()
+        query = {k: v[0] for k, v in urllib.parse.parse_qs(scope["query_string"].decode()).items()}
+        caller, sent, kind = int(query["c"]), int(query["n"]), query["kind"]
+        world.started(replica, caller)
+        try:
+            if kind != "early":
+                received = 0
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return
+                    received += len(message.get("body", b""))
+                    if not message.get("more_body"):
+                        break
+                if received != sent:
+                    world.broken.append(f"HTTP caller {caller} sent {sent} bytes of body, "
+                                        f"its app received {received}")
+            await asyncio.sleep(world.work_s())
+            if kind == "raise":
+                raise RuntimeError("simulated: the app raised")
+            body = app_body(caller)
+            headers = [(b"content-type", b"text/plain")]
+            if kind == "stream":
+                await send({"type": "http.response.start", "status": 200, "headers": headers})
+                chunks, size, _ = world.stream_shape()
+                for index in range(chunks):
+                    await asyncio.sleep(world.work_s() / 4)
+                    await send({"type": "http.response.body", "more_body": True,
+                                "body": f"{caller}:{index}:".encode() + b"x" * size})
+                await send({"type": "http.response.body", "body": b""})
+                return
+            length = {"ok": len(body), "short": len(body) - 1, "long": len(body) + 5}
+            if query["cl"] in length:
+                headers.append((b"content-length", str(length[query["cl"]]).encode()))
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+        finally:
+            world.stopped(replica, caller)
+
+    return app
+
+
+def app_body(caller: int) -> bytes:
+    return f"app answers {caller}".encode()
+
+
+def _world_of_app() -> "ProxyWorld":
+    world = current_world()
+    assert isinstance(world, ProxyWorld)
+    return world
 
 
 class HttpClient(asyncio.Protocol):
@@ -110,6 +186,9 @@ class HttpCaller:
     leave: Optional[str]  # "before" (the reply), "first" (chunk), "mid" (body), None
     leave_after: float
     stall_s: float  # stops reading this long after the head (0: never)
+    app_kind: str = ""  # to an ASGI app: what it answers ("one", "stream", "early", "raise")
+    content_length: str = ""  # the app's Content-Length ("ok", "none", "short", "long")
+    framed: bool = True  # the response said where its body ends
     outcome: Optional[str] = None
     status: Optional[int] = None
     body_read: bytes = b""
@@ -136,9 +215,16 @@ class ProxyWorld(World):
             max_header_bytes=16 * 1024, max_header_count=100, client_timeout_s=10.0,
             body_budget=self.budget, fast_lane=self.proxy)
         self.http_callers: List[HttpCaller] = []
+        self.is_app = rng.random() < 0.4
+
+    def target(self, replica: str) -> Tuple[Any, Tuple[Any, ...]]:
+        if self.is_app:
+            return ASGIFactory(make_app), (replica,)
+        return super().target(replica)
 
     def route(self) -> EndpointInfo:
-        return EndpointInfo(ENDPOINT, ROUTE, ["GET", "POST"], {BACKEND: 1.0})
+        return EndpointInfo(ENDPOINT, ROUTE, ["GET", "POST"], {BACKEND: 1.0},
+                            asgi=self.is_app)
 
     async def start(self) -> None:
         s = self.settings
@@ -156,8 +242,11 @@ class ProxyWorld(World):
 
     def draw_http_caller(self, index: int) -> HttpCaller:
         rng = self.rng
+        app_kind = rng.choice(["one", "one", "stream", "early", "raise"]) if self.is_app else ""
         return HttpCaller(
-            index, self.settings.method,
+            index, "app" if self.is_app else self.settings.method,
+            app_kind=app_kind,
+            content_length=rng.choice(["ok", "ok", "none", "short", "long"]),
             body=rng.choice([0, 0, 7, 5000, 150_000]),
             start_at=self.loop.ticks(0.0, 2.0),
             leave=rng.choice([None, None, "before", "first", "mid"]),
@@ -170,6 +259,9 @@ class ProxyWorld(World):
         transport, client = await self.net.connect(HttpClient, PROXY)
         assert isinstance(client, HttpClient)
         target = f"{ROUTE}?c={caller.index}&n={caller.body}"
+        if caller.app_kind:
+            target = f"{ROUTE}/x?c={caller.index}&n={caller.body}&kind={caller.app_kind}" \
+                     f"&cl={caller.content_length}"
         headers = [("host", "sim"), ("x-serve-call-method", caller.method)]
         if caller.body:
             headers.append(("content-length", str(caller.body)))
@@ -216,6 +308,8 @@ class ProxyWorld(World):
                 return
             if isinstance(event, h11.Response):
                 caller.status = event.status_code
+                names = {name.lower() for name, _ in event.headers}
+                caller.framed = b"content-length" in names or b"transfer-encoding" in names
                 if caller.stall_s:
                     transport.pause_reading()
                     if caller.stall_s != FOREVER:
@@ -247,12 +341,29 @@ class ProxyWorld(World):
                   "every request that stays gets a response",
                   f"HTTP client {caller.index} ({caller.method}, body {caller.body}): "
                   f"{caller.outcome}")
-            if caller.outcome == "answered" and caller.status == 500 and not self.injected:
+            if caller.outcome == "answered" and caller.status == 500 and not self.injected \
+                    and caller.app_kind != "raise":
                 check(False, "a request fails only for a reason",
                       f"HTTP client {caller.index} got {caller.status} with no fault "
                       f"injected: {caller.body_read[:200]!r}")
+            if caller.outcome == "answered":
+                check(caller.framed, "every response is well framed",
+                      f"HTTP client {caller.index}'s response ({caller.status}) says neither "
+                      "its length nor its encoding: the client reads until the connection "
+                      "closes")
+            wrong_length = caller.app_kind == "one" and caller.content_length in ("short",
+                                                                                  "long")
+            if caller.outcome == "answered" and caller.status == 200 and wrong_length:
+                check(False, "a response whose length is wrong never reaches the client",
+                      f"HTTP client {caller.index} got 200 and {caller.body_read!r} from an "
+                      f"app whose Content-Length was {caller.content_length}")
             if caller.outcome == "answered" and caller.status == 200 and \
-                    not caller.method.endswith("stream"):
+                    caller.app_kind == "one":
+                check(caller.body_read == app_body(caller.index),
+                      "a response carries what the backend returned",
+                      f"HTTP client {caller.index} read {caller.body_read[:80]!r}")
+            if caller.outcome == "answered" and caller.status == 200 and \
+                    not caller.method.endswith("stream") and not caller.app_kind:
                 check(json.loads(caller.body_read) == caller.index,
                       "a response carries what the backend returned",
                       f"HTTP client {caller.index} read {caller.body_read[:80]!r}")
