@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.middleware import Middleware
 
+from servekit._private import constants
 from servekit._private.backend_metadata import BackendMetadata, ReplicaConfig
 
 __all__ = [
@@ -33,6 +34,16 @@ DEFAULT_MAX_QUEUED_REQUESTS = 100
 _ASYNC_MAX_CONCURRENT_QUERIES = 100
 _SYNC_MAX_CONCURRENT_QUERIES = 8
 
+
+def _check_replica_bound(field: str, value: int) -> int:
+    """``value`` if one backend may have that many replicas, else a ValueError naming both."""
+    bound = constants.MAX_REPLICAS_PER_BACKEND
+    if value > bound:
+        raise ValueError(
+            f"{field}={value} is more than the {bound} replicas one backend may have. Ask "
+            f"for fewer, or raise the bound with the environment variable "
+            f"SERVEKIT_MAX_REPLICAS_PER_BACKEND (set where servekit starts).")
+    return value
 
 
 class DeploymentMode(str, Enum):
@@ -181,7 +192,8 @@ class AutoscalingConfig(BaseModel):
     Args:
         min_replicas: Fewest replicas, default 1; 0 lets the backend scale to zero (requests
             then wait in the router while the first replica starts).
-        max_replicas: Most replicas, default 1.
+        max_replicas: Most replicas, default 1; at most ``SERVEKIT_MAX_REPLICAS_PER_BACKEND``
+            (1000).
         initial_replicas: Replicas to start with, default ``min_replicas``.
         target_ongoing_requests: Requests each replica should have in flight, default 2.
         upscale_delay_s: Seconds more replicas must be wanted before they start, default 30.
@@ -212,6 +224,11 @@ class AutoscalingConfig(BaseModel):
     look_back_period_s: float = Field(default=30.0, gt=0, allow_inf_nan=False)
     metrics_interval_s: float = Field(default=10.0, gt=0, allow_inf_nan=False)
 
+    @field_validator("max_replicas")
+    @classmethod
+    def _max_replicas_bounded(cls, value: int) -> int:
+        return _check_replica_bound("max_replicas", value)
+
     @model_validator(mode="after")
     def _bounds_in_order(self) -> AutoscalingConfig:
         if self.min_replicas > self.max_replicas:
@@ -234,7 +251,8 @@ class BackendConfig(BaseModel):
     """Options of a backend that can change without restarting its code.
 
     Args:
-        num_replicas: Number of replica processes, default 1.
+        num_replicas: Number of replica processes, default 1; at most
+            ``SERVEKIT_MAX_REPLICAS_PER_BACKEND`` (1000).
         autoscaling_config: An ``AutoscalingConfig`` (or a dict of its fields): the number
             of replicas follows the load instead. Exclusive with ``num_replicas``.
         max_batch_size: Largest batch handed to an ``@accept_batch`` callable, default
@@ -384,6 +402,11 @@ class BackendConfig(BaseModel):
             data.pop("autoscaling_config", None)
         data.update(changes)
         return BackendConfig.model_validate(data)
+
+    @field_validator("num_replicas")
+    @classmethod
+    def _num_replicas_bounded(cls, value: int) -> int:
+        return _check_replica_bound("num_replicas", value)
 
     @model_validator(mode="after")
     def _fixed_or_autoscaled(self) -> BackendConfig:

@@ -281,8 +281,13 @@ def test_config_as_dict_or_backend_config(serve_instance: tuple, tmp_path: Any,
     ({"max_batch_size": 4}, ValueError, ["max_batch_size", "4"]),
     ({"user_config": {"threshold": 1}}, ValueError, ["user_config"]),
     ([("num_replicas", 2)], TypeError, ["config", "[('num_replicas', 2)]"]),
+    ({"num_replicas": 10**9}, ValidationError,
+     ["num_replicas=1000000000", "1000 replicas", "SERVEKIT_MAX_REPLICAS_PER_BACKEND"]),
+    ({"autoscaling_config": {"max_replicas": 10**9}}, ValidationError,
+     ["max_replicas=1000000000", "1000 replicas", "SERVEKIT_MAX_REPLICAS_PER_BACKEND"]),
 ], ids=["zero-replicas", "str-replicas", "unknown-key", "batching-without-accept-batch",
-        "user-config-on-function", "list"])
+        "user-config-on-function", "list", "a-billion-replicas",
+        "a-billion-max-replicas"])
 def test_bad_config_is_rejected(serve_instance: tuple, config: Any, error: type,
                                 fragments: List[str]) -> None:
     client, _ = serve_instance
@@ -354,8 +359,10 @@ def test_update_backend_config_scales_replicas_up_and_down(serve_instance: tuple
     ("upd", {"no_such_option": 1}, ValidationError, ["no_such_option"]),
     ("upd", {"max_batch_size": 4}, ValueError, ["max_batch_size", "4"]),
     ("upd", "num_replicas=2", TypeError, ["config_options", "'num_replicas=2'"]),
+    ("upd", {"num_replicas": 10**9}, ValidationError,
+     ["num_replicas=1000000000", "1000 replicas", "SERVEKIT_MAX_REPLICAS_PER_BACKEND"]),
 ], ids=["unknown-backend", "zero-replicas", "unknown-key", "batching-without-accept-batch",
-        "str"])
+        "str", "a-billion-replicas"])
 def test_update_backend_config_rejects_bad_updates(serve_instance: tuple, tag: str,
                                                    update: Any, error: type,
                                                    fragments: List[str]) -> None:

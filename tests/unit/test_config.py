@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -12,6 +15,7 @@ from pydantic import ValidationError
 from starlette.middleware import Middleware
 from starlette.middleware.gzip import GZipMiddleware
 
+from servekit._private import constants
 from servekit._private.backend_metadata import BackendMetadata
 from servekit._private.config_checks import (
     parse_backend_config,
@@ -291,6 +295,41 @@ def test_merged_rejects_other_types(update: Any) -> None:
     assert str(info.value) == (
         f"config_options must be a BackendConfig or a dict, got {type(update).__name__} {update!r}."
     )
+
+
+
+# --- the bound on replicas ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("build", [
+    lambda n: BackendConfig(num_replicas=n),
+    lambda n: BackendConfig.model_validate({"num_replicas": n}),
+    lambda n: BackendConfig().merged({"num_replicas": n}),
+    lambda n: BackendConfig(autoscaling_config={"max_replicas": n}),
+    lambda n: BackendConfig(autoscaling_config={"min_replicas": n, "max_replicas": n}),
+], ids=["num_replicas", "dict", "merged", "max_replicas", "min_replicas"])
+def test_replicas_above_the_bound_are_refused_naming_value_and_bound(build: Any) -> None:
+    with pytest.raises(ValidationError) as excinfo:
+        build(10**9)
+    message = str(excinfo.value)
+    assert "1000000000" in message and f"{constants.MAX_REPLICAS_PER_BACKEND}" in message
+    assert "SERVEKIT_MAX_REPLICAS_PER_BACKEND" in message
+    build(constants.MAX_REPLICAS_PER_BACKEND)  # the bound itself is allowed
+
+
+def test_the_bound_on_replicas_is_read_from_the_environment() -> None:
+    program = ("from servekit.config import BackendConfig\n"
+               "BackendConfig(num_replicas=3)\n"
+               "BackendConfig(num_replicas=4)\n")
+    env = {**os.environ, "SERVEKIT_MAX_REPLICAS_PER_BACKEND": "3"}
+    result = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 1
+    assert "num_replicas=4 is more than the 3 replicas" in result.stderr
+    env["SERVEKIT_MAX_REPLICAS_PER_BACKEND"] = "lots"
+    result = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert "SERVEKIT_MAX_REPLICAS_PER_BACKEND='lots' is not an integer" in result.stderr
 
 
 # --- effective_max_concurrent_queries ---------------------------------------------------------

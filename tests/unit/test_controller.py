@@ -37,6 +37,7 @@ from controller_helpers import (
 )
 from fake_runtime import FakeRuntime
 from loop_helpers import run, spin
+from pydantic import ValidationError
 
 from servekit._private import constants
 from servekit._private.backend_metadata import BackendMetadata, ReplicaConfig
@@ -350,6 +351,56 @@ def test_create_backend_with_bad_config_for_callable_is_refused() -> None:
         async with running_controller() as (controller, runtime):
             with pytest.raises(ValueError, match="reconfigure"):
                 await start_backend(controller, "f", echo, user_config={"a": 1})
+            assert controller.list_backends() == {}
+            assert runtime.launch_order == []
+
+    run(main)
+
+
+def test_replicas_start_in_bounded_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A big scale-up has at most MAX_STARTING_REPLICAS starts under way at once, the
+    next ones begin as those end, and the controller answers meanwhile (status, a call on
+    another backend, shutdown)."""
+    monkeypatch.setattr(constants, "MAX_STARTING_REPLICAS", 4, raising=False)
+
+    async def main() -> None:
+        runtime = FakeRuntime()
+        controller = Controller(runtime, HTTPOptions(host=None))
+        await controller.start()
+        runtime.hold_launches()
+        goal = await start_backend(controller, "big", wait=False, num_replicas=10)
+        first = await eventually(lambda: len(runtime.held()) == 4 and runtime.held(),
+                                 "4 held launches")
+        await spin()
+        assert runtime.launch_order == first  # no more than 4 at once
+        assert len(replica_tags(controller, "big", STARTING)) == 4
+        runtime.release()
+        await eventually(lambda: len(replica_tags(controller, "big", RUNNING)) == 4,
+                         "the first 4 running")
+        second = await eventually(lambda: len(runtime.held()) == 4 and runtime.held(),
+                                  "the next 4 launches")
+        assert not set(first) & set(second)
+        await spin()
+        assert len(runtime.launch_order) == 8
+        status = controller.status()["backends"]["big"]
+        assert (status["running"], status["target"]) == (4, 10)
+        assert goal in controller.goals.pending()
+        assert await start_backend(controller, "other", wait=False)  # answered meanwhile
+        await asyncio.wait_for(controller.shutdown(), TIMEOUT_S)
+        assert live_replicas(runtime) == []
+
+    run(main)
+
+
+def test_a_controller_does_not_take_more_replicas_than_the_bound() -> None:
+    """A config that did not come through the client's checks is checked again."""
+
+    async def main() -> None:
+        async with running_controller() as (controller, runtime):
+            config = BackendConfig.model_construct(num_replicas=10**9)
+            with pytest.raises(ValidationError, match="num_replicas=1000000000"):
+                await controller.create_backend("huge", replica_config(Model), config,
+                                                BackendMetadata.inspect(Model))
             assert controller.list_backends() == {}
             assert runtime.launch_order == []
 

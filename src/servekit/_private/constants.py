@@ -18,6 +18,19 @@ def _env_float(name: str, default: float, minimum: float = 0.0) -> float:
     return value
 
 
+def _env_int(name: str, default: int, minimum: int = 1) -> int:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"Environment variable {name}={raw!r} is not an integer.") from None
+    if value < minimum:
+        raise ValueError(f"Environment variable {name}={raw!r} must be >= {minimum}.")
+    return value
+
+
 # Seconds `serve.start` waits for the controller and HTTP proxy to come up.
 STARTUP_TIMEOUT_S = _env_float("SERVEKIT_STARTUP_TIMEOUT_S", 60.0)
 # Seconds between the controller's health checks of its child processes.
@@ -53,6 +66,11 @@ PEER_PING_INTERVAL_S = _env_float("SERVEKIT_PEER_PING_INTERVAL_S", 5.0, minimum=
 # that is healthy again is used again within that bound.
 RECONNECT_BACKOFF_S = _env_float("SERVEKIT_RECONNECT_BACKOFF_S", 0.05, minimum=0.001)
 MAX_RECONNECT_BACKOFF_S = _env_float("SERVEKIT_MAX_RECONNECT_BACKOFF_S", 2.0, minimum=0.001)
+# Most replicas one backend may have (num_replicas, autoscaling max_replicas); a config
+# asking for more is a validation error.
+MAX_REPLICAS_PER_BACKEND = _env_int("SERVEKIT_MAX_REPLICAS_PER_BACKEND", 1000)
+# Replicas of one backend whose start is under way at once; the next start as these end.
+MAX_STARTING_REPLICAS = _env_int("SERVEKIT_MAX_STARTING_REPLICAS", 64)
 # Directory where detached instances record their address.
 SERVEKIT_HOME = os.path.expanduser(os.environ.get("SERVEKIT_HOME", "~/.servekit"))
 

@@ -80,7 +80,8 @@ class BackendReconciler:
     # ------------------------------------------------------------- replica count
 
     def reconcile(self) -> None:
-        """Start or stop replicas towards the target number of the current definition.
+        """Start or stop replicas towards the target number of the current definition (at
+        most ``MAX_STARTING_REPLICAS`` starting at once).
 
         While a redeploy is under way, one new replica starts at a time and an old one
         leaves for each new one that runs, so as many serve as before throughout.
@@ -100,7 +101,10 @@ class BackendReconciler:
             if len(current) < target and not backend.current(STARTING):
                 self._start_replica()
         else:
-            for _ in range(target - len(current)):
+            # In batches: each start that ends calls this again, so a big scale-up neither
+            # floods the runtime nor holds the event loop.
+            room = constants.MAX_STARTING_REPLICAS - len(backend.in_state(STARTING))
+            for _ in range(min(target - len(current), room)):
                 self._start_replica()
             if len(current) > target:
                 # Newest first, and replicas still starting before running ones.

@@ -281,6 +281,7 @@ class Controller:
                     return existing.state.goal  # a retried call
                 raise ValueError(f"Cannot create backend. Backend '{tag}' is already "
                                  "registered. Delete it first, or pick another tag.")
+            config = config.merged({})  # checked again: it may not come from a Client
             if metadata is not None:
                 validate_backend_against_config(metadata, config)
             wanted = config.num_replicas if config.autoscaling_config is None else \
