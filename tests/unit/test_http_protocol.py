@@ -448,7 +448,12 @@ def test_a_websocket_whose_client_reads_nothing_is_closed_after_the_send_timeout
         protocol._check_send()
         assert not transport.closing  # (it looks again when it could be late)
         protocol.resume_writing()  # the client read some
+        transport.buffered = 100_000
         protocol.pause_writing()
+        protocol._stalled_since -= 5
+        transport.buffered = 90_000  # it read some, not enough to resume the writing
+        protocol._check_send()
+        assert not transport.closing
         protocol._stalled_since -= 5
         protocol._check_send()
         assert transport.closing

@@ -242,18 +242,25 @@ def test_a_client_that_stops_reading_a_stream_is_closed_and_the_stream_cancelled
 
 
 def test_a_client_that_reads_slowly_is_not_closed() -> None:
+    """The deadline is for reading nothing: any progress opens a new window."""
+
     async def main() -> None:
         cluster = Cluster()
         replica = cluster.replica("b#1")
         proxy, _ = proxy_on(cluster, replica)
         protocol, transport = open_connection(proxy, fast_lane=proxy,
                                               send_timeout_s=SEND_TIMEOUT_S)
+        transport.buffered = 100_000
         protocol.pause_writing()
         stalled_for(protocol, SEND_TIMEOUT_S - 1)
-        protocol.resume_writing()  # it read some
+        protocol.resume_writing()  # it read enough for the proxy to write again
         protocol.pause_writing()
         stalled_for(protocol, SEND_TIMEOUT_S - 1)
+        transport.buffered = 90_000  # it read some, not enough to resume the writing
+        stalled_for(protocol, 1)
         assert not transport.closing
+        stalled_for(protocol, SEND_TIMEOUT_S)  # and then nothing more
+        assert transport.closing
 
     run(main)
 

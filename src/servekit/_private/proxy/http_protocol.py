@@ -166,6 +166,7 @@ class ProxyHttpProtocol(HttpToolsProtocol):
         self._waiting_for_body: Optional[Any] = None  # a fast-lane cycle, body incomplete
         self._send_timeout_s = send_timeout_s
         self._stalled_since: Optional[float] = None  # since when nothing could be written
+        self._stalled_size = 0  # what was left to write then
         self._room = room if room is not None else ConnectionRoom()
         self._earlier: Optional[Any] = None  # a cycle answering while a later one waits
         self._continue_cycle: Optional[Any] = None  # its client waits for 100 Continue
@@ -287,15 +288,17 @@ class ProxyHttpProtocol(HttpToolsProtocol):
         closing = transport.is_closing()
         if closing:
             # What is left to write keeps a closed connection open until its client reads
-            # it: for send_timeout_s at most.
+            # it: for send_timeout_s at most without progress.
             if not transport.get_write_buffer_size():
                 return
             if self._stalled_since is None:
-                self._stalled_since = now
+                self._stalled(now)
         stalled = self._stalled_since
         if stalled is not None and now - stalled >= self._send_timeout_s:
-            self._client_not_reading()
-            return
+            if transport.get_write_buffer_size() >= self._stalled_size:
+                self._client_not_reading()
+                return
+            stalled = self._stalled(now)  # it read some meanwhile: a new window
         if closing:
             assert stalled is not None
             self._clock = self.loop.call_at(stalled + self._send_timeout_s,
@@ -318,7 +321,7 @@ class ProxyHttpProtocol(HttpToolsProtocol):
         connection's clock looks by then)."""
         super().pause_writing()
         now = self.loop.time()
-        self._stalled_since = now
+        self._stalled(now)
         deadline = now + self._send_timeout_s
         clock = self._clock
         if clock is None or clock.when() > deadline:
@@ -329,6 +332,13 @@ class ProxyHttpProtocol(HttpToolsProtocol):
     def resume_writing(self) -> None:
         super().resume_writing()
         self._stalled_since = None
+
+    def _stalled(self, now: float) -> float:
+        """Nothing more can be written from ``now``: the client has ``send_timeout_s`` to
+        read some of what waits (any progress opens a new window, as nginx's send_timeout
+        does)."""
+        self._stalled_since, self._stalled_size = now, self.transport.get_write_buffer_size()
+        return now
 
     def _client_not_reading(self) -> None:
         logger.info("Closed a connection whose client read nothing of its response for "
@@ -509,6 +519,7 @@ class ProxyWebSocketProtocol(WebSocketsSansIOProtocol):
         self._sizes: Deque[int] = collections.deque()  # of the queued messages, in order
         self._in_hand = 0  # the size of the message the proxy took last
         self._stalled_since: Optional[float] = None
+        self._stalled_size = 0
         self._send_clock: Optional[Any] = None
 
     def data_received(self, data: bytes) -> None:
@@ -575,6 +586,7 @@ class ProxyWebSocketProtocol(WebSocketsSansIOProtocol):
     def pause_writing(self) -> None:
         super().pause_writing()
         self._stalled_since = self.loop.time()
+        self._stalled_size = self.transport.get_write_buffer_size()
         if self._send_clock is None:
             self._send_clock = self.loop.call_later(self._send_timeout_s, self._check_send)
 
@@ -587,7 +599,12 @@ class ProxyWebSocketProtocol(WebSocketsSansIOProtocol):
         stalled = self._stalled_since
         if stalled is None or self.disconnected:
             return
-        waited = self.loop.time() - stalled
+        now = self.loop.time()
+        size = self.transport.get_write_buffer_size()
+        if now - stalled >= self._send_timeout_s and size < self._stalled_size:
+            stalled = self._stalled_since = now  # it read some meanwhile: a new window
+            self._stalled_size = size
+        waited = now - stalled
         if waited < self._send_timeout_s:
             self._send_clock = self.loop.call_later(self._send_timeout_s - waited,
                                                     self._check_send)
