@@ -72,6 +72,9 @@ _KEEPALIVE = ((getattr(socket, "TCP_KEEPIDLE", None), 10), (socket.TCP_KEEPINTVL
 # (either way: a streamed reply, or a request's own stream).
 STREAM_WINDOW = 8
 _PICKLE_PROTOCOL = 5
+# Payloads from this size on are written apart from their frame's header, not copied behind
+# it (a body of 100 MB is not held twice while it is written).
+_COPY_LIMIT = 64 * 1024
 
 Handler = Callable[..., Awaitable[Any]]
 
@@ -329,6 +332,7 @@ class _FrameProtocol(asyncio.Protocol):
         self.heard = False  # bytes arrived since the last look (see RpcClient._check_peer)
         self._buffer = bytearray()
         self._unsent: Optional[List[bytes]] = None  # frames sent this loop turn
+        self._large = False  # one of them carries a payload written apart from its header
         self.transport: Optional[asyncio.Transport] = None
         self.handshake = handshake
         self.authenticated: Optional[asyncio.Future] = None
@@ -438,13 +442,16 @@ class _FrameProtocol(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return False
-        frame = _HEADER.pack(len(payload), msg_id, kind) + payload
+        header = _HEADER.pack(len(payload), msg_id, kind)
         unsent = self._unsent
-        if unsent:
-            unsent.append(frame)
-        else:
-            self._unsent = [frame]
+        if unsent is None:
+            unsent = self._unsent = []
             asyncio.get_running_loop().call_soon(self.flush)
+        if len(payload) < _COPY_LIMIT:
+            unsent.append(header + payload)
+        else:  # a large payload is written after its header, never copied behind it
+            unsent += (header, payload)
+            self._large = True
         return True
 
     def flush(self) -> None:
@@ -452,7 +459,13 @@ class _FrameProtocol(asyncio.Protocol):
         unsent, self._unsent = self._unsent, None
         transport = self.transport
         if unsent and transport is not None and not transport.is_closing():
-            transport.write(unsent[0] if len(unsent) == 1 else b"".join(unsent))
+            if len(unsent) == 1:
+                transport.write(unsent[0])
+            elif self._large:
+                transport.writelines(unsent)  # (uvloop writes them as they are)
+            else:
+                transport.write(b"".join(unsent))
+        self._large = False
 
     def close(self) -> None:
         """Close the connection once the frames already sent are written.
