@@ -19,11 +19,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import functools
 import json
 import logging
 import urllib.parse
-from typing import Any, Deque, Dict, List, Optional, Tuple
+from typing import Any, Deque, Dict, List, Optional, Set, Tuple
 
 import h11
 import uvicorn
@@ -41,9 +40,9 @@ from simloop import SimLoop, run, sim_threads
 
 from servekit._private import constants
 from servekit._private.asgi_app import ASGIFactory
-from servekit._private.proxy.http_protocol import BodyBudget, ProxyHttpProtocol
-from servekit._private.proxy.proxy import HTTPProxy
+from servekit._private.proxy.proxy import HTTPProxy, server_config
 from servekit._private.specs import BackendLimits, EndpointInfo
+from servekit.config import HTTPOptions
 
 PROXY = "/sim/proxy"
 ROUTE = "/ep"
@@ -202,19 +201,22 @@ class ProxyWorld(World):
         super().__init__(loop, threads, settings)
         rng = self.rng
         self.proxy_timeout_s = rng.choice([None, loop.ticks(0.001, 0.05), loop.ticks(0.01, 1.0)])
-        self.proxy = HTTPProxy(self.router, max_body_bytes=1 << 20,
-                               request_timeout_s=self.proxy_timeout_s)
-        self.budget = BodyBudget(rng.choice([1 << 20, 200_000]))
-        config = uvicorn.Config(self.proxy, loop="none", lifespan="off", log_level="critical",
-                                access_log=False, server_header=False, date_header=False,
-                                timeout_keep_alive=5)
-        config.load()
+        self.options = HTTPOptions(
+            max_body_bytes=200_000, max_held_body_bytes=rng.choice([200_000, 1 << 20]),
+            request_timeout_s=self.proxy_timeout_s,
+            limit_concurrency=rng.choice([4096, rng.randint(2, 12)]),
+            keep_alive_timeout_s=rng.choice([5.0, loop.ticks(0.01, 1.0)]),
+            client_timeout_s=rng.choice([10.0, loop.ticks(0.05, 2.0)]))
+        self.proxy = HTTPProxy(self.router, self.options.max_body_bytes,
+                               self.options.request_timeout_s)
+        # The proxy as ``run_proxy`` serves it: uvicorn's config, servekit's protocol.
+        self.config, self.budget = server_config(self.proxy, self.options)
+        self.config.load()
+        for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):  # (set by the config)
+            logging.getLogger(name).setLevel(logging.CRITICAL)
         self.server_state = uvicorn.server.ServerState()
-        self._protocol = functools.partial(
-            ProxyHttpProtocol, config=config, server_state=self.server_state, app_state={},
-            max_header_bytes=16 * 1024, max_header_count=100, client_timeout_s=10.0,
-            body_budget=self.budget, fast_lane=self.proxy)
         self.http_callers: List[HttpCaller] = []
+        self.evicted: Set[Any] = set()  # connections the proxy closed as idle
         self.is_app = rng.random() < 0.4
 
     def target(self, replica: str) -> Tuple[Any, Tuple[Any, ...]]:
@@ -235,8 +237,22 @@ class ProxyWorld(World):
         })
         for _ in range(s.replicas):
             await self.add_replica()
-        self.net.listen(lambda: self._protocol(_loop=self.loop), PROXY)
+        self.net.listen(self._accept, PROXY)
         self.net.reliable.add(PROXY)
+
+    def _accept(self) -> Any:
+        """A new connection's protocol, as uvicorn makes it; its evictions are noted (a
+        client whose request head was still on its way sees only the close)."""
+        protocol = self.config.http_protocol_class(  # type: ignore[call-arg]
+            config=self.config, server_state=self.server_state, app_state={}, _loop=self.loop)
+        evict = protocol._evict
+
+        def noted_evict() -> None:
+            self.evicted.add(protocol.transport._connection)
+            evict()
+
+        protocol._evict = noted_evict
+        return protocol
 
     # ------------------------------------------------------------- clients
 
@@ -291,9 +307,14 @@ class ProxyWorld(World):
             event = await client.next_event()
             if caller.outcome == "left":
                 return
+            connection = transport._connection  # type: ignore[attr-defined]
             if isinstance(event, (h11.RemoteProtocolError, h11.ConnectionClosed)) and \
-                    transport._connection.was_reset:  # type: ignore[attr-defined]
+                    connection.was_reset:
                 caller.outcome = "reset"  # the network broke the connection
+                return
+            if isinstance(event, (h11.RemoteProtocolError, h11.ConnectionClosed)) and \
+                    connection in self.evicted and caller.status is None:
+                caller.outcome = "evicted"  # closed as idle for others, its head in flight
                 return
             if isinstance(event, h11.RemoteProtocolError):
                 if caller.status is None:

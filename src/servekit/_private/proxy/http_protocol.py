@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import heapq
 import http
+import itertools
 import logging
 import resource
 from typing import Any, Callable, Deque, List, Optional, Protocol
@@ -50,6 +51,8 @@ _IDLE = "idle"  # nothing: between requests (the keep-alive timeout applies), or
 _HEAD = "head"  # a request head: the connection is new, or a request has begun
 _BODY = "body"  # the rest of a request body
 
+# Numbers the connections of a proxy in the order they come.
+_NUMBERS = itertools.count()
 # At most this many idle connections are closed at once to make room (nginx's figure).
 _MAX_EVICTED = 32
 # Seconds between two log lines about the same shortage (connections, descriptors).
@@ -168,6 +171,7 @@ class ProxyHttpProtocol(HttpToolsProtocol):
         self._stalled_since: Optional[float] = None  # since when nothing could be written
         self._stalled_size = 0  # what was left to write then
         self._room = room if room is not None else ConnectionRoom()
+        self._number = next(_NUMBERS)  # (the order connections came in, to break ties)
         self._earlier: Optional[Any] = None  # a cycle answering while a later one waits
         self._continue_cycle: Optional[Any] = None  # its client waits for 100 Continue
 
@@ -232,7 +236,7 @@ class ProxyHttpProtocol(HttpToolsProtocol):
     def _make_room(self, needed: int) -> None:
         """Close the connections idle the longest (at least ``needed`` of them, if there
         are as many, at most ``_MAX_EVICTED``, or an eighth of the idle ones)."""
-        idle = [(since, id(c), c) for c in self.connections
+        idle = [(since, c._number, c) for c in self.connections
                 if isinstance(c, ProxyHttpProtocol) and c is not self and
                 (since := c._waiting_since()) is not None]
         count = min(len(idle), max(needed, min(_MAX_EVICTED, len(idle) // 8)))

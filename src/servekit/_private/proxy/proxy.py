@@ -35,6 +35,7 @@ from servekit._private.proxy.http_protocol import (
 from servekit._private.routing.router import Router
 from servekit._private.specs import ProxySpec, WorkerSpec
 from servekit._private.wire.transport import ReplyStream, RpcServer, dumps, encode_call
+from servekit.config import HTTPOptions
 from servekit.exceptions import (
     BackendOverloadedError,
     BackendUnavailableError,
@@ -803,13 +804,9 @@ class _Server(uvicorn.Server):
         yield
 
 
-async def run_proxy(worker: WorkerSpec, sock: socket.socket, stop: asyncio.Event) -> None:
-    spec: ProxySpec = worker.load_payload()
-    assert worker.controller_address is not None
-    options = spec.http_options
-    router = await Router.start(worker.controller_address, role="proxy")
-    proxy = HTTPProxy(router, options.max_body_bytes, options.request_timeout_s)
-    http_socket = socket.socket(fileno=worker.extra_fds["http"])
+def server_config(proxy: HTTPProxy, options: HTTPOptions) -> Tuple[uvicorn.Config, BodyBudget]:
+    """uvicorn's config for serving ``proxy`` as ``options`` say, and the budget of request
+    bodies its connections share."""
     budget = BodyBudget(options.max_held_body_bytes)
     protocol = functools.partial(ProxyHttpProtocol,
                                  max_header_bytes=options.max_header_bytes,
@@ -831,6 +828,17 @@ async def run_proxy(worker: WorkerSpec, sock: socket.socket, stop: asyncio.Event
                             timeout_graceful_shutdown=_GRACE_AFTER_DRAIN_S,  # type: ignore[arg-type]
                             # a call_later delay: a float works
                             timeout_keep_alive=options.keep_alive_timeout_s)  # type: ignore[arg-type]
+    return config, budget
+
+
+async def run_proxy(worker: WorkerSpec, sock: socket.socket, stop: asyncio.Event) -> None:
+    spec: ProxySpec = worker.load_payload()
+    assert worker.controller_address is not None
+    options = spec.http_options
+    router = await Router.start(worker.controller_address, role="proxy")
+    proxy = HTTPProxy(router, options.max_body_bytes, options.request_timeout_s)
+    http_socket = socket.socket(fileno=worker.extra_fds["http"])
+    config, _ = server_config(proxy, options)
     server = _Server(config)
     serving = asyncio.ensure_future(server.serve(sockets=[http_socket]))
 
