@@ -1,29 +1,27 @@
-"""Conversions between HTTP and what a backend sees.
+"""What a backend receives for a call through a Python handle: ``ServeRequest``.
 
-The proxy reads a whole request, turns it into an :class:`HTTPRequestWire` (a plain picklable
-tuple) and sends it to a replica. The replica rebuilds a starlette ``Request`` with
-:func:`request_from_wire`, calls user code, and turns the return value into an
-:class:`HTTPResponseWire` with :func:`to_http_response`; the proxy writes that out.
-
-A call through a Python handle gives the backend a :class:`ServeRequest` instead, which offers
-the parts of the ``Request`` API that make sense without HTTP.
+An HTTP call gives the backend a starlette ``Request`` (its body already read); a call
+through a handle gives it a ``ServeRequest``, which offers the parts of the ``Request`` API
+that make sense without HTTP. The conversions between HTTP and what a backend sees live in
+``servekit._private.http_wire``; their names stay importable from here.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
-import json
-import sys
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from typing import Any, NamedTuple
-from urllib.parse import quote
+from collections.abc import Iterator, Mapping
+from typing import Any
 
-from pydantic import BaseModel
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.types import Message
-
+from servekit._private.http_wire import (
+    HTTPRequestWire,
+    HTTPResponseWire,
+    error_response,
+    json_dumps,
+    json_response,
+    request_from_wire,
+    text_response,
+    to_http_response,
+    wire_from_scope,
+)
 from servekit.exceptions import ServeError
 
 __all__ = [
@@ -39,99 +37,6 @@ __all__ = [
     "to_http_response",
     "wire_from_scope",
 ]
-
-Header = tuple[bytes, bytes]
-
-_CONTENT_LENGTH = b"content-length"
-_TRANSFER_ENCODING = b"transfer-encoding"
-_TEXT_TYPE: Header = (b"content-type", b"text/plain; charset=utf-8")
-_BINARY_TYPE: Header = (b"content-type", b"application/octet-stream")
-_JSON_TYPE: Header = (b"content-type", b"application/json")
-
-
-# --------------------------------------------------------------------------- requests
-
-
-class HTTPRequestWire(NamedTuple):
-    """A fully read HTTP request, as sent from the proxy to a replica."""
-
-    method: str
-    path: str
-    query_string: bytes
-    headers: list[tuple[bytes, bytes]]  # lower-cased names, as in ASGI
-    body: bytes
-    scheme: str
-    server: tuple[str, int] | None
-    client: tuple[str, int] | None
-    root_path: str
-    http_version: str
-
-
-def _address(value: Any) -> tuple[str, int] | None:
-    """Return an ASGI ``server``/``client`` entry as a tuple (servers may send a list)."""
-    if value is None or type(value) is tuple:
-        return value
-    host, port = value
-    return (host, port)
-
-
-def wire_from_scope(scope: Mapping[str, Any], body: bytes) -> HTTPRequestWire:
-    """Build an :class:`HTTPRequestWire` from an ASGI http ``scope`` and its already-read ``body``.
-
-    Raises:
-        KeyError: ``scope`` has no ``method`` or ``path`` (it is not an http scope).
-    """
-    return HTTPRequestWire(
-        method=scope["method"],
-        path=scope["path"],
-        query_string=scope.get("query_string", b""),
-        headers=[(name, value) for name, value in scope.get("headers", ())],
-        body=body,
-        scheme=scope.get("scheme", "http"),
-        server=_address(scope.get("server")),
-        client=_address(scope.get("client")),
-        root_path=scope.get("root_path", ""),
-        http_version=scope.get("http_version", "1.1"),
-    )
-
-
-def request_from_wire(wire: HTTPRequestWire) -> Request:
-    """Rebuild a starlette ``Request`` whose body is already available.
-
-    ``await request.body()`` and ``await request.json()`` return at once; once the body has
-    been received, further ``receive`` calls report ``http.disconnect``.
-    """
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.4"},
-        "http_version": wire.http_version,
-        "method": wire.method,
-        "scheme": wire.scheme,
-        "path": wire.path,
-        "raw_path": quote(wire.path).encode("ascii"),
-        "query_string": wire.query_string,
-        "root_path": wire.root_path,
-        "headers": wire.headers,
-        "server": wire.server,
-        "client": wire.client,
-    }
-    return Request(scope, _BodyReceiver(wire.body))
-
-
-class _BodyReceiver:
-    """An ASGI ``receive`` that yields one complete body, then ``http.disconnect``."""
-
-    __slots__ = ("_body",)
-
-    def __init__(self, body: bytes) -> None:
-        self._body: bytes | None = body
-
-    async def __call__(self) -> Message:
-        body = self._body
-        if body is None:
-            return {"type": "http.disconnect"}
-        self._body = None
-        return {"type": "http.request", "body": body, "more_body": False}
 
 
 class KwargParams(dict):  # type: ignore[type-arg]
@@ -218,221 +123,3 @@ class ServeRequest:
 
     def __repr__(self) -> str:
         return f"ServeRequest(method={self.method!r}, data=<{type(self.data).__name__}>)"
-
-
-# --------------------------------------------------------------------------- responses
-
-
-class HTTPResponseWire(NamedTuple):
-    """A complete HTTP response, as sent from a replica to the proxy."""
-
-    status: int
-    headers: list[tuple[bytes, bytes]]
-    body: bytes
-
-
-def _json_default(obj: Any) -> Any:
-    """Turn a value the json module does not know into one it does."""
-    numpy = sys.modules.get("numpy")
-    if numpy is not None:
-        if isinstance(obj, numpy.ndarray):
-            return obj.tolist()
-        if isinstance(obj, numpy.generic):
-            return obj.item()
-    if isinstance(obj, BaseModel):
-        return obj.model_dump(mode="json")
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        # Shallow on purpose: nested values come back through this hook, so the output equals
-        # dataclasses.asdict() without its deep copy of every field.
-        return {field.name: getattr(obj, field.name) for field in dataclasses.fields(obj)}
-    if isinstance(obj, (bytes, bytearray, memoryview)):
-        return bytes(obj).decode("utf-8", errors="replace")
-    if isinstance(obj, (set, frozenset)):
-        return list(obj)
-    if isinstance(obj, Exception):
-        return str(obj)
-    raise TypeError(
-        f"Object of type {type(obj).__name__} is not JSON serializable. Return a str, bytes, "
-        "a starlette Response, or a JSON-encodable value."
-    )
-
-
-# One encoder for all calls: json.dumps() with options builds a new one every time.
-_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=_json_default)
-
-
-def json_dumps(value: Any) -> bytes:
-    """Encode ``value`` as compact UTF-8 JSON.
-
-    Beyond the json module's types this accepts numpy arrays and scalars, pydantic models,
-    dataclasses, bytes (decoded as UTF-8, bad bytes replaced), sets and exceptions (their
-    message).
-
-    Raises:
-        TypeError: ``value`` holds an object of another type.
-    """
-    return _ENCODER.encode(value).encode("utf-8")
-
-
-def _length_header(length: int) -> Header:
-    return (_CONTENT_LENGTH, str(length).encode("ascii"))
-
-
-def _plain(status: int, content_type: Header, body: bytes) -> HTTPResponseWire:
-    return HTTPResponseWire(status, [content_type, _length_header(len(body))], body)
-
-
-def _may_have_length(status: int) -> bool:
-    """Whether servekit sets content-length for ``status``.
-
-    Not for 1xx and 204 (a server must not send it) nor 304 (it describes a representation
-    the response does not carry, so the user's value is kept).
-    """
-    return status >= 200 and status != 204 and status != 304
-
-
-def _with_length(status: int, headers: list[Header], length: int) -> list[Header]:
-    """Return ``headers`` with one accurate content-length (the same list if it already has)."""
-    if not _may_have_length(status):
-        return headers
-    expected = str(length).encode("ascii")
-    found = [value for name, value in headers if name == _CONTENT_LENGTH]
-    if found == [expected]:
-        return headers
-    kept = [(name, value) for name, value in headers if name != _CONTENT_LENGTH]
-    kept.append((_CONTENT_LENGTH, expected))
-    return kept
-
-
-def http_stream(value: Any,
-                chunks_of: Callable[[Any], AsyncIterator[Any]]) -> AsyncIterator[Any] | None:
-    """A streamed response for what a backend returned, or None if it is not one.
-
-    A ``StreamingResponse`` keeps its status and headers; a generator or async generator
-    (iterated by ``chunks_of``) is 200 ``text/plain; charset=utf-8``. The iterator yields
-    ``(status, headers)`` first, then each chunk as bytes: ``str`` encoded with the charset,
-    bytes as they are, anything else as a line of JSON. No content-length: the proxy sends
-    it with chunked transfer encoding.
-    """
-    if isinstance(value, Response) and hasattr(value, "body_iterator"):
-        headers = [(name, header) for name, header in value.raw_headers
-                   if name != _CONTENT_LENGTH and name != _TRANSFER_ENCODING]
-        return _http_chunks(value.status_code, headers,
-                            chunks_of(value.body_iterator),  # type: ignore[attr-defined]
-                            value.charset)
-    if inspect.isgenerator(value) or inspect.isasyncgen(value):
-        return _http_chunks(200, [_TEXT_TYPE], chunks_of(value), "utf-8")
-    return None
-
-
-async def _http_chunks(status: int, headers: list[Header], chunks: AsyncIterator[Any],
-                       charset: str) -> AsyncIterator[Any]:
-    yield status, headers
-    try:
-        async for chunk in chunks:
-            if isinstance(chunk, str):
-                yield chunk.encode(charset)
-            elif isinstance(chunk, (bytes, bytearray, memoryview)):
-                yield bytes(chunk)
-            else:
-                yield json_dumps(chunk) + b"\n"
-    finally:
-        close = getattr(chunks, "aclose", None)
-        if close is not None:
-            await close()
-
-
-async def _run_response(response: Response) -> HTTPResponseWire:
-    """Run a body-less response (e.g. ``FileResponse``) as an ASGI app and collect its output."""
-    scope: dict[str, Any] = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.4"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": "/",
-        "raw_path": b"/",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [],
-        "server": None,
-        "client": None,
-    }
-    start: Message = {}
-    chunks: list[bytes] = []
-
-    async def send(message: Message) -> None:
-        if message["type"] == "http.response.start":
-            start.update(message)
-        elif message["type"] == "http.response.body":
-            chunks.append(message.get("body", b""))
-
-    await response(scope, _BodyReceiver(b""), send)
-    status = start.get("status", response.status_code)
-    body = b"".join(chunks)
-    headers = [(name, value) for name, value in start.get("headers", ())]
-    return HTTPResponseWire(status, _with_length(status, headers, len(body)), body)
-
-
-async def to_http_response(value: Any) -> HTTPResponseWire:
-    """Convert what a backend returned into an :class:`HTTPResponseWire`.
-
-    - a starlette ``Response`` keeps its status, headers and body (a ``StreamingResponse``
-      is streamed instead, see ``http_stream``). Background tasks attached to a response
-      are not run.
-    - ``str`` -> ``text/plain; charset=utf-8``; ``bytes``/``bytearray``/``memoryview`` ->
-      ``application/octet-stream``; ``None`` -> an empty body; anything else -> JSON through
-      :func:`json_dumps`. These get status 200.
-
-    The result always carries an accurate ``content-length`` (except for 1xx, 204 and 304).
-
-    Raises:
-        TypeError: ``value`` cannot be encoded as JSON.
-    """
-    if isinstance(value, Response):
-        body = getattr(value, "body", None)
-        if body is None:
-            return await _run_response(value)
-        if type(body) is not bytes:
-            body = bytes(body)  # a memoryview does not pickle
-        status = value.status_code
-        return HTTPResponseWire(status, _with_length(status, value.raw_headers, len(body)), body)
-    if isinstance(value, str):
-        return _plain(200, _TEXT_TYPE, value.encode("utf-8"))
-    if isinstance(value, bytes):
-        return _plain(200, _BINARY_TYPE, value)
-    if isinstance(value, (bytearray, memoryview)):
-        return _plain(200, _BINARY_TYPE, bytes(value))
-    if value is None:
-        return HTTPResponseWire(200, [(_CONTENT_LENGTH, b"0")], b"")
-    return _plain(200, _JSON_TYPE, json_dumps(value))
-
-
-def loggable(text: str) -> str:
-    """``text`` (a request path) safe to write in a log line: control characters such as a
-    newline a client sent percent-encoded (``%0A``) are written as escapes, so a request
-    cannot forge a log line."""
-    if text.isprintable():
-        return text
-    return text.encode("unicode_escape").decode("ascii")
-
-
-def error_response(exc: BaseException, status: int = 500) -> HTTPResponseWire:
-    """Return ``"<ExcTypeName>: <message>"`` as a plain-text response with ``status``."""
-    message = str(exc)
-    name = type(exc).__name__
-    return text_response(status, f"{name}: {message}" if message else name)
-
-
-def text_response(status: int, text: str) -> HTTPResponseWire:
-    """Return ``text`` as a ``text/plain; charset=utf-8`` response with ``status``."""
-    return _plain(status, _TEXT_TYPE, text.encode("utf-8"))
-
-
-def json_response(status: int, value: Any) -> HTTPResponseWire:
-    """Return ``value`` encoded by :func:`json_dumps` as an ``application/json`` response.
-
-    Raises:
-        TypeError: ``value`` cannot be encoded as JSON.
-    """
-    return _plain(status, _JSON_TYPE, json_dumps(value))

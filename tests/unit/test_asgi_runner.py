@@ -18,9 +18,9 @@ from typing import Any, Awaitable, Callable, List, Optional
 import pytest
 from loop_helpers import run, spin
 
+from servekit._private.http_wire import HTTPResponseWire
 from servekit._private.replica.asgi_runner import AppCall, Lifespan, LifespanFailed
 from servekit._private.wire.transport import ReplyStream, dumps
-from servekit.request import HTTPResponseWire
 
 HEADERS = [(b"content-type", b"text/plain")]
 START = {"type": "http.response.start", "status": 200, "headers": HEADERS}

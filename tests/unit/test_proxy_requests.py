@@ -20,7 +20,7 @@ from loop_helpers import run, spin
 from proxy_fakes import Client, HeldTimers, open_connection, proxy_on
 from router_fakes import Cluster, slot
 
-from servekit.request import HTTPResponseWire
+from servekit._private.http_wire import HTTPResponseWire
 
 DEADLINE_S = 1000.0  # the proxy's request_timeout_s: never passes by itself (HeldTimers)
 START = (200, [(b"content-type", b"text/plain")])  # a streamed reply's first item

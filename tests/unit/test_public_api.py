@@ -69,3 +69,27 @@ def test_no_public_name_is_left_out_of_all() -> None:
 def test_ray_serve_exception_is_an_alias_of_serve_error() -> None:
     assert servekit.RayServeException is servekit.ServeError
     assert isinstance(servekit.__version__, str) and servekit.__version__
+
+
+# The names users import from the public modules (their implementations may live under
+# ``_private``): each keeps working from where it was.
+PUBLIC_MODULE_NAMES = {
+    "servekit.config": ["AutoscalingConfig", "BackendConfig", "BackendMetadata",
+                        "DeploymentMode", "HTTPOptions", "ReplicaConfig"],
+    "servekit.request": ["HTTPRequestWire", "HTTPResponseWire", "KwargParams", "ServeRequest",
+                         "error_response", "json_dumps", "json_response",
+                         "request_from_wire", "text_response", "to_http_response",
+                         "wire_from_scope"],
+    "servekit.handle": ["ServeHandle", "ServeResponse", "ServeSyncHandle"],
+    "servekit.exceptions": ["RayServeException", "ServeError"],
+}
+
+
+@pytest.mark.parametrize("module", sorted(PUBLIC_MODULE_NAMES))
+def test_public_modules_keep_their_names(module: str) -> None:
+    imported = importlib.import_module(module)
+    for name in PUBLIC_MODULE_NAMES[module]:
+        assert getattr(imported, name) is not None, f"{module}.{name}"
+    declared = getattr(imported, "__all__", None)
+    if declared is not None:
+        assert set(PUBLIC_MODULE_NAMES[module]) <= set(declared)

@@ -23,12 +23,9 @@ from starlette.responses import (
     StreamingResponse,
 )
 
-from servekit.exceptions import ServeError
-from servekit.request import (
+from servekit._private.http_wire import (
     HTTPRequestWire,
     HTTPResponseWire,
-    KwargParams,
-    ServeRequest,
     error_response,
     http_stream,
     json_dumps,
@@ -38,6 +35,8 @@ from servekit.request import (
     to_http_response,
     wire_from_scope,
 )
+from servekit.exceptions import ServeError
+from servekit.request import KwargParams, ServeRequest
 
 
 def make_scope(**overrides: Any) -> dict[str, Any]:

@@ -14,9 +14,9 @@ import asyncio
 import logging
 from typing import Any, Callable, Dict, Optional, Sequence
 
+from servekit._private.http_wire import HTTPResponseWire, loggable
 from servekit._private.routing.routed_request import ENDED, RoutedRequest
 from servekit._private.wire.transport import ReplyStream
-from servekit.request import HTTPResponseWire, loggable
 
 logger = logging.getLogger("servekit.proxy")
 

@@ -17,6 +17,14 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from servekit._private import constants, metrics
 from servekit._private.context import new_request_id
+from servekit._private.http_wire import (
+    HTTPResponseWire,
+    error_response,
+    json_response,
+    loggable,
+    text_response,
+    wire_from_scope,
+)
 from servekit._private.proxy.asgi_proxy import (
     ShadowCopies,
     WebSocketSession,
@@ -40,14 +48,6 @@ from servekit.exceptions import (
     BackendOverloadedError,
     BackendUnavailableError,
     RequestTimeoutError,
-)
-from servekit.request import (
-    HTTPResponseWire,
-    error_response,
-    json_response,
-    loggable,
-    text_response,
-    wire_from_scope,
 )
 
 logger = logging.getLogger("servekit.proxy")

@@ -15,8 +15,8 @@ import asyncio
 import logging
 from typing import Any, AsyncIterator, Awaitable, Callable, Dict, Optional, Union
 
+from servekit._private.http_wire import HTTPResponseWire, text_response
 from servekit._private.wire.transport import ReplyStream
-from servekit.request import HTTPResponseWire, text_response
 
 logger = logging.getLogger("servekit.replica")
 

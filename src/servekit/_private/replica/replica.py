@@ -36,6 +36,15 @@ from servekit._private.asgi_app import load_app
 from servekit._private.backend_metadata import BackendMetadata
 from servekit._private.config_checks import validate_backend_against_config
 from servekit._private.context import ReplicaContext, current_request_id, set_replica_context
+from servekit._private.http_wire import (
+    HTTPRequestWire,
+    HTTPResponseWire,
+    error_response,
+    http_stream,
+    loggable,
+    request_from_wire,
+    to_http_response,
+)
 from servekit._private.import_path import import_attribute
 from servekit._private.replica.admission import STREAMING, Admission, current_admission
 from servekit._private.replica.asgi_runner import AppCall, Lifespan
@@ -53,16 +62,7 @@ from servekit._private.wire.transport import (
 )
 from servekit.config import BackendConfig
 from servekit.exceptions import MethodNotFoundError, ServeError
-from servekit.request import (
-    HTTPRequestWire,
-    HTTPResponseWire,
-    ServeRequest,
-    error_response,
-    http_stream,
-    loggable,
-    request_from_wire,
-    to_http_response,
-)
+from servekit.request import ServeRequest
 
 logger = logging.getLogger("servekit.replica")
 
