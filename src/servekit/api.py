@@ -28,6 +28,10 @@ from servekit._private import constants, metrics, user_errors
 from servekit._private.asgi_app import ASGIFactory, allow_pickling_apps, is_asgi_backend
 from servekit._private.backend_metadata import BATCH_MARKER, BackendMetadata, ReplicaConfig
 from servekit._private.config_checks import (
+    check_methods,
+    check_name,
+    check_route,
+    checked,
     parse_backend_config,
     parse_http_options,
     validate_actor_options,
@@ -62,8 +66,9 @@ logger = logging.getLogger("servekit")
 
 
 def _check_tag(value: Any, what: str) -> None:
-    if not isinstance(value, str) or not value:
-        raise TypeError(f"{what} must be a non-empty str, got {value!r}.")
+    """A backend tag or endpoint name: 1 to 128 printable characters (TypeError or
+    ValueError naming ``what`` and the value otherwise)."""
+    checked(what, check_name, value)
 
 
 def _guarded(method: F) -> F:
@@ -166,7 +171,8 @@ class Client:
         """Create a backend and return once all its replicas finished their constructors.
 
         Args:
-            backend_tag: a unique name for this version of the model.
+            backend_tag: a unique name for this version of the model: 1 to 128 printable
+                characters.
             func_or_class: a function, a class (constructed once per replica with
                 ``actor_init_args``), or an import path "pkg.module:Name". To serve HTTP
                 through an ASGI app (FastAPI, Starlette), whose endpoint's route is then a
@@ -280,12 +286,18 @@ class Client:
         """Create an endpoint that sends all its traffic to ``backend``.
 
         Args:
-            endpoint_name: a unique name, also used by ``get_handle``.
+            endpoint_name: a unique name, also used by ``get_handle`` (1 to 128 printable
+                characters, as a backend tag).
             backend: the backend tag that gets the traffic.
             route: the exact HTTP path, starting with "/"; None for a handle-only endpoint.
+                A plain path: no "." or ".." segment, no "%", "?", "#", whitespace or
+                control character; at most 1024 characters; not under "/-/".
             methods: allowed HTTP methods, default ["GET"].
 
         Returns once the HTTP proxy serves the route.
+
+        Raises:
+            TypeError / ValueError: a bad name, route or method (the message names it).
         """
         _check_tag(endpoint_name, "endpoint_name")
         if backend is None:
@@ -293,17 +305,10 @@ class Client:
         if not isinstance(backend, str):
             raise TypeError(f"backend must be a string, got {type(backend).__name__} "
                             f"{backend!r}.")
-        if route is not None and (not isinstance(route, str) or not route.startswith("/")):
-            raise TypeError(f"route must be a string starting with '/', got {route!r}.")
-        if route is not None and route.startswith("/-/"):
-            raise ValueError(f"route {route!r} is reserved: paths under /-/ are servekit's.")
-        if not isinstance(methods, list) or not methods:
-            raise TypeError(f"methods must be a non-empty list of strings, got {methods!r}.")
-        for method in methods:
-            if not isinstance(method, str):
-                raise TypeError(f"methods must be a list of strings, but {method!r} is "
-                                f"{type(method).__name__}.")
-        upper = sorted({method.upper() for method in methods})
+        _check_tag(backend, "backend")
+        if route is not None:
+            checked("route", check_route, route)
+        upper = checked("methods", check_methods, methods)
         existing = self._call("list_endpoints").get(endpoint_name)
         if existing is not None and existing["route"] == route and existing["methods"] == upper:
             raise ValueError(f"Route '{route}' is already registered to endpoint "

@@ -200,8 +200,12 @@ class NotABackend:
     (("bad", NotABackend()), {}, TypeError, ["<NotABackend instance>"]),
     (("bad", echo_function, "unexpected-init-arg"), {}, ValueError, ["'unexpected-init-arg'"]),
     (("bad", echo_function), {"env": "python3.11"}, TypeError, ["env", "'python3.11'"]),
+    (("bad\ttag", echo_function), {}, ValueError,
+     ["backend_tag 'bad\\ttag'", "'\\t'", "not a printable character"]),
+    (("m" * 300, echo_function), {}, ValueError,
+     ["backend_tag", "(300 characters)", "longer than 128"]),
 ], ids=["empty-tag", "int-tag", "int-backend", "instance-backend", "function-with-init-args",
-        "env-not-an-environment"])
+        "env-not-an-environment", "control-character-in-tag", "overlong-tag"])
 def test_create_backend_rejects_bad_arguments(serve_instance: tuple, args: tuple, kwargs: dict,
                                               error: type, fragments: List[str]) -> None:
     client, _ = serve_instance
@@ -515,9 +519,20 @@ def test_headless_endpoint_is_reachable_by_handle_only(serve_instance: tuple) ->
     ("ep", {"backend": "no-such-backend"}, ValueError, ["'no-such-backend'"]),
     ("", {"backend": "target"}, TypeError, ["endpoint_name", "''"]),
     (None, {"backend": "target"}, TypeError, ["endpoint_name", "None"]),
+    ("ep", {"backend": "target", "route": "/ep/../admin"}, ValueError,
+     ["route '/ep/../admin'", "'.' or '..' segment"]),
+    ("ep", {"backend": "target", "route": "/ep?x=1"}, ValueError,
+     ["route '/ep?x=1'", "'?'"]),
+    ("ep", {"backend": "target", "route": "/ep%2F"}, ValueError, ["route '/ep%2F'", "'%'"]),
+    ("ep", {"backend": "target", "route": "/my ep"}, ValueError, ["route '/my ep'", "' '"]),
+    ("ep", {"backend": "target", "route": "/ep\r\nX: 1"}, ValueError, ["'\\r'"]),
+    ("ep", {"backend": "target", "methods": ["GET /x"]}, ValueError,
+     ["methods", "'GET /x'", "not an HTTP method name"]),
+    ("ep\n", {"backend": "target"}, ValueError, ["endpoint_name 'ep\\n'", "'\\n'"]),
 ], ids=["route-without-slash", "int-route", "reserved-route", "str-methods",
         "int-in-methods", "empty-methods", "no-backend", "int-backend", "unknown-backend",
-        "empty-name", "none-name"])
+        "empty-name", "none-name", "dot-segment", "query", "percent", "space", "crlf",
+        "bad-method", "control-character-in-name"])
 def test_create_endpoint_rejects_bad_arguments(serve_instance: tuple, name: Any, kwargs: dict,
                                                error: type, fragments: List[str]) -> None:
     client, _ = serve_instance
@@ -528,6 +543,22 @@ def test_create_endpoint_rejects_bad_arguments(serve_instance: tuple, name: Any,
 
     assert_names(excinfo.value, fragments)
     assert client.list_endpoints() == {}
+
+
+def test_a_deploy_file_is_held_to_the_same_checks(serve_instance: tuple) -> None:
+    client, _ = serve_instance
+    before = instance_processes(client)
+    with pytest.raises(ValueError) as excinfo:
+        client.deploy({
+            "backends": [{"name": "target", "import_path": "backends_for_tests:Echo",
+                          "init_args": ["target"]}],
+            "endpoints": [{"name": "ep", "route": "/ep/../admin", "methods": ["GET /x"],
+                           "traffic": {"target": 1}}]})
+    assert_names(excinfo.value, ["endpoints[0].route: '/ep/../admin'",
+                                 "'.' or '..' segment",
+                                 "endpoints[0].methods: holds 'GET /x'"])
+    assert client.list_backends() == {} and client.list_endpoints() == {}
+    assert instance_processes(client) == before
 
 
 def test_duplicate_endpoints_and_routes_are_value_errors(serve_instance: tuple) -> None:

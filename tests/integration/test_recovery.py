@@ -23,6 +23,7 @@ import os
 import select
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -745,12 +746,48 @@ def test_whole_instance_comes_back_after_every_process_was_killed(detached):
     assert get(detached.port, "/double", x=5).json()["answer"] == 10
 
 
-def test_corrupt_state_file_is_a_clear_error_and_nothing_keeps_running(detached):
+def _write_database(path: Path, *statements: str) -> None:
+    db = sqlite3.connect(path)
+    for statement in statements:
+        db.execute(statement)
+    db.commit()
+    db.close()
+
+
+def _records(path: Path) -> Any:
+    db = sqlite3.connect(path)
+    try:
+        return sorted(db.execute("SELECT * FROM kv"))
+    finally:
+        db.close()
+
+
+BAD_STATE_FILES: Dict[str, Any] = {
+    "garbage": (lambda path: path.write_bytes(b"this is not a servekit state file\n" * 200),
+                "cannot be read", Path.read_bytes),
+    "empty": (lambda path: path.write_bytes(b""), "is empty (0 bytes)", Path.read_bytes),
+    "another-database": (
+        lambda path: _write_database(path, "CREATE TABLE photos (id INTEGER)"),
+        "is an SQLite database but not a servekit state file", Path.read_bytes),
+    "a-record-of-the-wrong-type": (
+        lambda path: _write_database(
+            path, "CREATE TABLE kv (key TEXT PRIMARY KEY, value BLOB)",
+            "INSERT INTO kv VALUES ('endpoint/e', CAST('{\"route\": 5, \"methods\": [\"GET\"], "
+            "\"traffic\": {}, \"shadows\": {}}' AS BLOB))"),
+        "record 'endpoint/e': 'route' must be a string or null, got 5", _records),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_STATE_FILES))
+def test_a_bad_state_file_is_a_clear_error_and_nothing_keeps_running(detached, kind):
+    """Garbage, an empty file, another program's database, a record of the wrong type:
+    each is an error naming the file and what is wrong, never a start without the state."""
+    write, fragment, contents = BAD_STATE_FILES[kind]
     detached.home.mkdir(mode=0o700)
     detached.instance_dir.mkdir(mode=0o700)
-    garbage = b"this is not a servekit state file\n" * 200
-    detached.state_file.write_bytes(garbage)
+    write(detached.state_file)
     detached.state_file.chmod(0o600)
+    before = contents(detached.state_file)
 
     result = detached.cli("start", "--http-port", str(detached.port))
 
@@ -758,6 +795,7 @@ def test_corrupt_state_file_is_a_clear_error_and_nothing_keeps_running(detached)
     assert len(result.stderr.splitlines()) == 1, result.stderr
     assert result.stderr.startswith("Error:") and str(detached.state_file) in result.stderr, \
         result.stderr
+    assert fragment in result.stderr and "Move it away" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
     # Exiting may take a moment; a process still there after seconds was left running.
     deadline = time.monotonic() + 5
@@ -770,7 +808,7 @@ def test_corrupt_state_file_is_a_clear_error_and_nothing_keeps_running(detached)
         f"port {detached.port} free: "
         f"{port_is_free(detached.port)}; log: {detached.log()}")
     assert port_is_free(detached.port)
-    assert detached.state_file.read_bytes() == garbage  # still there, untouched
+    assert contents(detached.state_file) == before  # still there, untouched
 
 
 SLOW = """

@@ -8,7 +8,7 @@ import math
 import os
 import subprocess
 import sys
-from typing import Any
+from typing import Any, List
 
 import pytest
 from pydantic import ValidationError
@@ -18,11 +18,16 @@ from starlette.middleware.gzip import GZipMiddleware
 from servekit._private import constants
 from servekit._private.backend_metadata import BackendMetadata
 from servekit._private.config_checks import (
+    check_methods,
+    check_name,
+    check_route,
+    checked,
     parse_backend_config,
     parse_http_options,
     validate_actor_options,
     validate_backend_against_config,
 )
+from servekit._private.deploy.schema import DeployFileError, parse_deploy_dict
 from servekit.config import BackendConfig, DeploymentMode, HTTPOptions
 
 
@@ -801,3 +806,106 @@ def test_serve_methods_must_name_public_methods(listed: Any) -> None:
     bad = type("Bad", (json.JSONEncoder,), {"serve_methods": listed})
     with pytest.raises(TypeError, match="Bad.serve_methods"):
         BackendMetadata.inspect(bad)
+
+
+# --- names, routes and methods ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value, error, fragments", [
+    ("", TypeError, ["backend_tag must be a non-empty str", "''"]),
+    (7, TypeError, ["backend_tag", "7"]),
+    ("a\nb", ValueError, ["backend_tag 'a\\nb'", "'\\n'", "not a printable character",
+                          "use letters"]),
+    ("tab\there", ValueError, ["'\\t'"]),
+    ("zero\u200bwidth", ValueError, ["'\\u200b'"]),
+    ("x" * 129, ValueError, ["longer than 128 characters", "(129 characters)",
+                             "use a shorter name"]),
+], ids=["empty", "int", "newline", "tab", "zero-width-space", "too-long"])
+def test_bad_names_are_refused_naming_them(value: Any, error: type,
+                                           fragments: List[str]) -> None:
+    with pytest.raises(error) as excinfo:
+        checked("backend_tag", check_name, value)
+    for fragment in fragments:
+        assert fragment in str(excinfo.value), str(excinfo.value)
+
+
+@pytest.mark.parametrize("value", ["m", "clf:v1", "my model #2", "/weird/but/printable",
+                                   "é" * 128])
+def test_good_names_are_accepted(value: str) -> None:
+    assert check_name(value) == value
+
+
+@pytest.mark.parametrize("route, error, fragment", [
+    (5, TypeError, "route must be a string starting with '/', got 5"),
+    ("api", TypeError, "route 'api' must start with '/'"),
+    ("/-/routes", ValueError, "route '/-/routes' is reserved"),
+    ("/a/../b", ValueError, "route '/a/../b' has a '.' or '..' segment"),
+    ("/a/./b", ValueError, "'.' or '..' segment"),
+    ("/a/..", ValueError, "'.' or '..' segment"),
+    ("/.", ValueError, "'.' or '..' segment"),
+    ("/a%2Fb", ValueError, "route '/a%2Fb' contains '%'"),
+    ("/search?q=1", ValueError, "contains '?'"),
+    ("/page#top", ValueError, "contains '#'"),
+    ("/a b", ValueError, "contains ' '"),
+    ("/a\tb", ValueError, "contains '\\t'"),
+    ("/a\r\nX-Injected: 1", ValueError, "contains '\\r'"),
+    ("/\x00", ValueError, "contains '\\x00'"),
+    ("/" + "a" * 1024, ValueError, "longer than 1024 characters"),
+], ids=["int", "no-slash", "reserved", "dot-dot", "dot", "trailing-dot-dot", "root-dot",
+        "percent", "query", "fragment", "space", "tab", "crlf", "nul", "too-long"])
+def test_bad_routes_are_refused_naming_them(route: Any, error: type, fragment: str) -> None:
+    with pytest.raises(error) as excinfo:
+        checked("route", check_route, route)
+    assert fragment in str(excinfo.value), str(excinfo.value)
+
+
+@pytest.mark.parametrize("route", ["/", "/api", "/api/v1/", "/a.b/c..d/.hidden",
+                                   "/café", "/a:b@c!$&'()*+,;=-_~"])
+def test_good_routes_are_accepted(route: str) -> None:
+    assert check_route(route) == route
+
+
+@pytest.mark.parametrize("methods, error, fragment", [
+    ("GET", TypeError, "methods must be a non-empty list of strings, got 'GET'"),
+    ([], TypeError, "got []"),
+    (["GET", 1], TypeError, "but 1 is int"),
+    (["GE T"], ValueError, "methods holds 'GE T', which is not an HTTP method name"),
+    (["GET\r\n"], ValueError, "'GET\\r\\n'"),
+    ([""], ValueError, "holds ''"),
+    (["X" * 33], ValueError, "at most 32"),
+], ids=["str", "empty", "int", "space", "crlf", "empty-name", "too-long"])
+def test_bad_methods_are_refused_naming_them(methods: Any, error: type,
+                                             fragment: str) -> None:
+    with pytest.raises(error) as excinfo:
+        checked("methods", check_methods, methods)
+    assert fragment in str(excinfo.value), str(excinfo.value)
+
+
+def test_methods_are_upper_cased_sorted_and_once_each() -> None:
+    assert check_methods(["post", "GET", "get", "M-SEARCH"]) == ["GET", "M-SEARCH", "POST"]
+
+
+def test_deploy_files_are_held_to_the_same_checks(tmp_path: Any) -> None:
+    with pytest.raises(DeployFileError) as excinfo:
+        parse_deploy_dict({
+            "backends": [{"name": "bad\nname", "import_path": "m:X"}],
+            "endpoints": [
+                {"name": "e", "route": "/a/../b", "traffic": {"x": 1}},
+                {"name": "f", "route": "/f", "methods": ["GE T"], "traffic": {"x": 1}},
+                {"name": "g\x00", "route": "/g", "traffic": {"x": 1}},
+                {"name": "h", "route": "/h?x", "traffic": {"x": 1}},
+            ]}, str(tmp_path))
+    errors = excinfo.value.errors
+    assert errors == [
+        "backends[0].name: 'bad\\nname' contains '\\n', which is not a printable character; "
+        "use letters, digits, spaces and punctuation",
+        "endpoints[0].route: '/a/../b' has a '.' or '..' segment, which clients resolve away "
+        "before they send a request; give the path without it",
+        "endpoints[1].methods: holds 'GE T', which is not an HTTP method name; use names such "
+        "as 'GET' or 'POST' (letters, digits and !#$%&'*+-.^_`|~, at most 32)",
+        "endpoints[2].name: 'g\\x00' contains '\\x00', which is not a printable character; "
+        "use letters, digits, spaces and punctuation",
+        "endpoints[3].route: '/h?x' contains '?', which a route cannot hold: a route is a "
+        "plain path (no query '?', fragment '#', percent-escape '%', whitespace or control "
+        "character); give it decoded, without them",
+    ]

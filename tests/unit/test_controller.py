@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import pickle
 import threading
 import types
 from typing import (
@@ -1241,6 +1242,57 @@ def test_the_sweep_of_unrecorded_actors_spares_those_this_controller_starts(
         run(main)
     finally:
         listing_may_end.set()
+
+
+def test_bad_names_and_routes_are_refused_by_the_controller_too() -> None:
+    """Calls that did not come through the Client's checks create nothing either."""
+    async def main() -> None:
+        async with running_controller() as (controller, runtime):
+            with pytest.raises(ValueError, match=r"backend_tag 'm\\n' contains '\\n'"):
+                await start_backend(controller, "m\n")
+            await start_backend(controller, "m")
+            with pytest.raises(ValueError, match=r"route '/a/\.\./b' has a '\.' or '\.\.'"):
+                await controller.create_endpoint("e", "m", "/a/../b", ["GET"])
+            with pytest.raises(ValueError, match="holds 'GE T'"):
+                await controller.create_endpoint("e", "m", "/e", ["GE T"])
+            assert list(controller.list_backends()) == ["m"]
+            assert controller.list_endpoints() == {}
+            assert saved(runtime).endpoints == {}
+            assert [n for n in runtime.launch_order if not n.startswith("m#")] == []
+
+    run(main)
+
+
+class UnreadableStore(MemoryStore):
+    def read_all(self) -> Dict[str, bytes]:
+        raise pickle.UnpicklingError("invalid load key, 'x'.")
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    (lambda store: store.write({"backend/m": b'{"deleting": "yes"}'}),
+     "record 'backend/m' has no record 'definition/m'"),
+    (lambda store: store.write({"endpoint/e": b'{"route": "/e?x", "methods": ["GET"], '
+                                              b'"traffic": {}, "shadows": {}}'}),
+     "'/e?x' contains '?'"),
+    (None, "cannot be read (UnpicklingError: invalid load key, 'x'.)"),
+], ids=["backend", "endpoint", "unreadable"])
+def test_a_damaged_store_is_an_error_at_start_naming_it(damage: Any, fragment: str) -> None:
+    async def main() -> None:
+        runtime = FakeRuntime()
+        if damage is None:
+            runtime.store = UnreadableStore()
+        else:
+            damage(runtime.store)
+        controller = Controller(runtime, HTTPOptions(host=None))
+        with pytest.raises(ServeError) as excinfo:
+            await controller.start()
+        message = str(excinfo.value)
+        assert "saved state in the in-memory store" in message and fragment in message, \
+            message
+        assert "Move it away" in message
+        assert runtime.launch_order == []
+
+    run(main)
 
 
 # --------------------------------------------------------------------------- health

@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import sqlite3
 import stat
 from typing import Any, Dict, Iterable, List, Mapping, Tuple
 
@@ -205,3 +206,114 @@ def test_saves_queued_behind_a_failed_one_write_what_it_missed() -> None:
         assert store.read_all() == second
 
     asyncio.run(main())
+
+
+# --------------------------------------------------------------------------- bad state files
+
+
+def test_a_new_state_file_is_never_empty(tmp_path: Any) -> None:
+    """The file is built aside and renamed into place: none of the moments it exists at its
+    path holds 0 bytes (which a later start would refuse)."""
+    path = tmp_path / "state.db"
+    store = SQLiteStore(str(path))
+    assert store.read_all() == {}
+    assert path.stat().st_size > 0
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    store.close()
+    assert sorted(os.listdir(tmp_path))[0] == "state.db"
+    assert not (tmp_path / "state.db.new").exists()
+    assert SQLiteStore(str(path)).read_all() == {}
+
+
+def test_an_empty_state_file_is_an_error_naming_it(tmp_path: Any) -> None:
+    path = tmp_path / "state.db"
+    path.write_bytes(b"")
+    with pytest.raises(ServeError, match=f"state file {path} is empty .0 bytes.*Move it away"):
+        SQLiteStore(str(path)).read_all()
+    assert path.read_bytes() == b""  # left as it was
+
+
+def test_another_programs_database_is_an_error_naming_it(tmp_path: Any) -> None:
+    path = tmp_path / "state.db"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE photos (id INTEGER)")
+    db.commit()
+    db.close()
+    with pytest.raises(ServeError, match=f"state file {path} is an SQLite database but not a "
+                                         r"servekit state file \(its tables: \['photos'\]\)"):
+        SQLiteStore(str(path)).read_all()
+    db = sqlite3.connect(path)
+    assert [name for (name,) in db.execute("SELECT name FROM sqlite_master")] == ["photos"]
+    db.close()
+
+
+def _edit(records: Dict[str, bytes], key: str, **changes: Any) -> None:
+    doc = json.loads(records[key])
+    for name, value in changes.items():
+        *path, last = name.split("__")
+        target = doc
+        for part in path:
+            target = target[part]
+        target[last] = value
+    records[key] = json.dumps(doc).encode()
+
+
+def _damaged(change: Any) -> Dict[str, bytes]:
+    endpoints = {"e": EndpointInfo("e", "/e", ["GET"], {"m": 1.0}, {})}
+    records = snapshot({"m": backend()}, endpoints, {"proxy": {"address": "/p",
+                                                              "process": None}})
+    change(records)
+    return records
+
+
+@pytest.mark.parametrize("change, fragment", [
+    (lambda r: _edit(r, "backend/m", deleting="yes"),
+     "record 'backend/m': 'deleting' must be a bool, got 'yes'"),
+    (lambda r: _edit(r, "backend/m", goal=7), "'goal' must be a string or null, got 7"),
+    (lambda r: _edit(r, "backend/m", version=True), "'version' must be an integer, got True"),
+    (lambda r: _edit(r, "backend/m", config__num_replicas="2"),
+     "record 'backend/m' config is not a valid backend config (num_replicas: Input should "
+     "be a valid integer)"),
+    (lambda r: _edit(r, "backend/m", config__num_replicas=10**9),
+     "num_replicas=1000000000 is more than the 1000 replicas"),
+    (lambda r: _edit(r, "backend/m", config__user_config={"pickle": "bm90IGEgcGlja2xl"}),
+     "record 'backend/m' config.user_config cannot be unpickled"),
+    (lambda r: _edit(r, "backend/m", metadata__is_async="no"),
+     "record 'backend/m' metadata: 'is_async' must be a bool, got 'no'"),
+    (lambda r: _edit(r, "backend/m", actor_options=["num_cpus"]),
+     "'actor_options' must be an object, got ['num_cpus']"),
+    (lambda r: r.update({"backend/m": b"[1, 2]"}),
+     "record 'backend/m' must be a JSON object, got [1, 2]"),
+    (lambda r: r.pop("definition/m"), "record 'backend/m' has no record 'definition/m'"),
+    (lambda r: r.update({"backend/m\n": r.pop("backend/m")}),
+     "its name 'm\\n' contains '\\n'"),
+    (lambda r: _edit(r, "replica/m#1", state="DANCING"),
+     "record 'replica/m#1': 'state' must be one of STARTING, RUNNING, STOPPING, got "
+     "'DANCING'"),
+    (lambda r: _edit(r, "replica/m#1", backend="gone"),
+     "record 'replica/m#1' belongs to backend 'gone', which has no record"),
+    (lambda r: _edit(r, "replica/m#1", process=[7]),
+     "'process' must be an object or null, got [7]"),
+    (lambda r: _edit(r, "endpoint/e", route=5), "'route' must be a string or null, got 5"),
+    (lambda r: _edit(r, "endpoint/e", route="/e/../x"),
+     "record 'endpoint/e': its route or methods '/e/../x' has a '.' or '..' segment"),
+    (lambda r: _edit(r, "endpoint/e", methods=["GE T"]), "holds 'GE T'"),
+    (lambda r: _edit(r, "endpoint/e", traffic={"m": "1"}),
+     "'traffic' must map backend tags to numbers"),
+    (lambda r: _edit(r, "proxy/proxy", address=["/p"]),
+     "record 'proxy/proxy': 'address' must be a string or null"),
+    (lambda r: r.update({"endpoint/e": 12}), "record 'endpoint/e' holds int, not bytes"),
+], ids=["bool", "goal", "version-bool", "config-type", "config-bound", "user-config-pickle",
+        "metadata", "actor-options", "not-an-object", "no-definition", "name", "replica-state",
+        "replica-owner", "replica-process", "route-type", "route", "methods", "traffic",
+        "proxy", "not-bytes"])
+def test_records_of_the_wrong_type_are_refused_naming_record_and_value(
+        change: Any, fragment: str) -> None:
+    records = _damaged(change)
+    with pytest.raises(ServeError) as excinfo:
+        load(records, "/x/state.db")
+    message = str(excinfo.value)
+    assert message.startswith("The saved state in /x/state.db is damaged (")
+    assert fragment in message, message
+    assert message.endswith("Move it away to start without it, or restore it from a backup.")
+    assert "\n" not in message

@@ -172,3 +172,33 @@ def test_the_published_view_marks_endpoints_whose_traffic_goes_to_apps() -> None
         "apps": True, "models": False, "pending": False}
     endpoints.set_traffic("pending", {"unknown": 0.5, "app": 0.5})
     assert endpoints.view()["pending"].asgi and not view["pending"].asgi
+
+
+@pytest.mark.parametrize("name, route, methods, error, fragment", [
+    ("e\n", "/e", ["GET"], ValueError, "endpoint_name 'e\\n' contains '\\n'"),
+    ("e", "/e/../admin", ["GET"], ValueError, "route '/e/../admin' has a '.' or '..' segment"),
+    ("e", "/e?x=1", ["GET"], ValueError, "route '/e?x=1' contains '?'"),
+    ("e", "e", ["GET"], TypeError, "route 'e' must start with '/'"),
+    ("e", "/e", ["GET /x HTTP/1.1"], ValueError, "methods holds 'GET /x HTTP/1.1'"),
+    ("e", "/e", [], TypeError, "methods must be a non-empty list"),
+], ids=["name", "dot-segment", "query", "no-slash", "method", "no-methods"])
+def test_create_and_update_refuse_bad_names_routes_and_methods(
+        name: str, route: str, methods: list, error: type, fragment: str) -> None:
+    """The table holds to the API's checks itself: a call that did not come through the
+    Client (or a deploy file) creates nothing either."""
+    endpoints = table("a")
+    with pytest.raises(error, match=re.escape(fragment)):
+        endpoints.create(name, "a", route, methods)
+    assert endpoints.endpoints == {}
+    endpoints.create("e", "a", "/e", ["GET"])
+    before = endpoints.describe()
+    if name == "e":
+        with pytest.raises(error, match=re.escape(fragment)):
+            endpoints.update("e", route, methods, False)
+    assert endpoints.describe() == before
+
+
+def test_methods_are_kept_upper_cased_and_sorted() -> None:
+    endpoints = table("a")
+    endpoints.create("e", "a", "/e", ["post", "get"])
+    assert endpoints.describe()["e"]["methods"] == ["GET", "POST"]

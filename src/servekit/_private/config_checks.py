@@ -1,10 +1,18 @@
-"""The checks behind the config arguments of the public API: ``config`` and ``http_options``
-parsed into their models, ``ray_actor_options`` checked, and a backend's callable checked
-against its config. Each error names the bad value and how to fix it."""
+"""The checks behind the arguments of the public API and of deploy files: backend tags,
+endpoint names, routes and HTTP methods; ``config`` and ``http_options`` parsed into their
+models, ``ray_actor_options`` checked, and a backend's callable checked against its config.
+Each error names the bad value and how to fix it.
+
+The checks of names, routes and methods are shared by the Python API, deploy files, the
+controller and the loading of saved state. Their messages complete a sentence about the
+value (``"'a b' contains ' '..."``): the API puts the argument's name before them, a deploy
+file its place.
+"""
 
 from __future__ import annotations
 
-from typing import Any, TypeGuard, TypeVar
+import re
+from typing import Any, Callable, List, TypeGuard, TypeVar
 
 from pydantic import BaseModel
 
@@ -12,6 +20,101 @@ from servekit._private.backend_metadata import BackendMetadata
 from servekit.config import BackendConfig, HTTPOptions, _set_fields
 
 _ModelT = TypeVar("_ModelT", bound=BaseModel)
+_T = TypeVar("_T")
+
+# Longest backend tag or endpoint name, in characters.
+MAX_NAME_LENGTH = 128
+# Longest route, in characters.
+MAX_ROUTE_LENGTH = 1024
+# An HTTP method is a token (RFC 9110): these characters, at most 32 of them.
+_METHOD = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,32}")
+# Characters a route may not hold, beyond whitespace and what is not printable: a route is
+# matched against the decoded path, which never holds them as such.
+_NOT_IN_ROUTES = "%?#"
+
+
+def _shown(value: str) -> str:
+    """``repr(value)``, cut short when long."""
+    return repr(value) if len(value) <= 60 else f"{value[:60]!r}... ({len(value)} characters)"
+
+
+def check_name(value: object) -> str:
+    """Check a backend tag or an endpoint name: 1 to 128 printable characters.
+
+    Raises:
+        TypeError: not a str, or empty.
+        ValueError: too long, or holding a character that is not printable (a control
+            character, a line break, a tab).
+    """
+    if not isinstance(value, str) or not value:
+        raise TypeError(f"must be a non-empty str, got {value!r}")
+    if len(value) > MAX_NAME_LENGTH:
+        raise ValueError(f"{_shown(value)} is longer than {MAX_NAME_LENGTH} characters; use a "
+                         "shorter name")
+    bad = next((c for c in value if not c.isprintable()), None)
+    if bad is not None:
+        raise ValueError(f"{value!r} contains {bad!r}, which is not a printable character; "
+                         "use letters, digits, spaces and punctuation")
+    return value
+
+
+def check_route(route: object) -> str:
+    """Check an endpoint's route: a path starting with "/", not under "/-/" (servekit's),
+    of at most 1024 printable characters, with no whitespace, no ``%``, ``?`` or ``#``
+    and no "." or ".." segment.
+
+    Raises:
+        TypeError: not a str starting with "/".
+        ValueError: anything else above.
+    """
+    if not isinstance(route, str):
+        raise TypeError(f"must be a string starting with '/', got {route!r}")
+    if not route.startswith("/"):
+        raise TypeError(f"{_shown(route)} must start with '/'")
+    if route.startswith("/-/"):
+        raise ValueError(f"{_shown(route)} is reserved: paths under /-/ are servekit's")
+    if len(route) > MAX_ROUTE_LENGTH:
+        raise ValueError(f"{_shown(route)} is longer than {MAX_ROUTE_LENGTH} characters; use "
+                         "a shorter route")
+    bad = next((c for c in route if c in _NOT_IN_ROUTES or c.isspace()
+                or not c.isprintable()), None)
+    if bad is not None:
+        raise ValueError(f"{route!r} contains {bad!r}, which a route cannot hold: a route is "
+                         "a plain path (no query '?', fragment '#', percent-escape '%', "
+                         "whitespace or control character); give it decoded, without them")
+    if any(segment in (".", "..") for segment in route.split("/")):
+        raise ValueError(f"{route!r} has a '.' or '..' segment, which clients resolve away "
+                         "before they send a request; give the path without it")
+    return route
+
+
+def check_methods(methods: object) -> List[str]:
+    """Check the HTTP methods of an endpoint; return them upper-cased, sorted, once each.
+
+    Raises:
+        TypeError: not a non-empty list of str.
+        ValueError: a method that is not a method name (RFC 9110 token characters, at most
+            32).
+    """
+    if not isinstance(methods, list) or not methods:
+        raise TypeError(f"must be a non-empty list of strings, got {methods!r}")
+    for method in methods:
+        if not isinstance(method, str):
+            raise TypeError(f"must be a list of strings, but {method!r} is "
+                            f"{type(method).__name__}")
+        if not _METHOD.fullmatch(method):
+            raise ValueError(f"holds {_shown(method)}, which is not an HTTP method name; use "
+                             "names such as 'GET' or 'POST' (letters, digits and "
+                             "!#$%&'*+-.^_`|~, at most 32)")
+    return sorted({method.upper() for method in methods})
+
+
+def checked(label: str, check: Callable[[object], _T], value: object) -> _T:
+    """``check(value)``, its error prefixed with ``label`` (an argument's name)."""
+    try:
+        return check(value)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{label} {exc}.") from None
 
 _ALLOWED_ACTOR_OPTIONS = (
     "num_cpus",

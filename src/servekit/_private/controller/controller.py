@@ -22,7 +22,11 @@ from typing import Any, Callable, Dict, List, Optional
 
 from servekit._private import constants, metrics, resources
 from servekit._private.backend_metadata import BackendMetadata, ReplicaConfig
-from servekit._private.config_checks import validate_backend_against_config
+from servekit._private.config_checks import (
+    check_name,
+    checked,
+    validate_backend_against_config,
+)
 from servekit._private.controller import recovery
 from servekit._private.controller.autoscaling import LoadBook
 from servekit._private.controller.backend_reconciler import (
@@ -191,8 +195,17 @@ class Controller:
         Raises:
             ServeError: the saved state cannot be read, or the HTTP proxy cannot start.
         """
-        records = await asyncio.get_running_loop().run_in_executor(None, self._durable.read)
-        state = load(records, self.runtime.store_description()) if records else None
+        where = self.runtime.store_description()
+        try:
+            records = await asyncio.get_running_loop().run_in_executor(
+                None, self._durable.read)
+        except ServeError:
+            raise
+        except Exception as exc:
+            raise ServeError(f"The saved state in {where} cannot be read ({type(exc).__name__}: "
+                             f"{exc}). Move it away to start without it, or restore it from "
+                             "a backup.") from None
+        state = load(records, where) if records else None
         if state is not None:
             self.backends = {tag: BackendReconciler(backend, self)
                              for tag, backend in state.backends.items()}
@@ -274,6 +287,7 @@ class Controller:
         """Create a backend; return the goal to wait on. ``call_id``: the client's id of
         this call, the same when it calls again after a controller crash (that call then
         succeeds; any other with an existing tag raises ``ValueError``, as in 1.x)."""
+        checked("backend_tag", check_name, tag)
         async with self.lock:
             existing = self.backends.get(tag)
             if existing is not None and not existing.state.deleting:

@@ -23,8 +23,17 @@ import pickle
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List, Optional, Tuple
 
+from pydantic import ValidationError
+
 from servekit._private.backend_metadata import BackendMetadata, ReplicaConfig
-from servekit._private.controller.state import BackendState, ReplicaRecord
+from servekit._private.config_checks import check_methods, check_name, check_route
+from servekit._private.controller.state import (
+    RUNNING,
+    STARTING,
+    STOPPING,
+    BackendState,
+    ReplicaRecord,
+)
 from servekit._private.runtime.base import Store
 from servekit._private.specs import EndpointInfo
 from servekit.config import BackendConfig
@@ -54,10 +63,18 @@ def _value(value: Any, what: str) -> Any:
             "strings) or instances of classes a module defines.") from None
 
 
-def _unvalue(doc: Any) -> Any:
-    if "json" in doc:
+def _unvalue(doc: Any, where: str) -> Any:
+    if isinstance(doc, dict) and set(doc) == {"json"}:
         return doc["json"]
-    return pickle.loads(base64.b64decode(doc["pickle"]))
+    if not isinstance(doc, dict) or set(doc) != {"pickle"} or \
+            not isinstance(doc["pickle"], str):
+        raise ValueError(f"{where} must be {{'json': value}} or {{'pickle': base64 text}}, "
+                         f"got {doc!r}")
+    try:
+        return pickle.loads(base64.b64decode(doc["pickle"]))
+    except Exception as exc:
+        raise ValueError(f"{where} cannot be unpickled ({type(exc).__name__}: {exc})") \
+            from None
 
 
 def _config(config: BackendConfig, tag: str) -> dict:
@@ -71,10 +88,15 @@ def _config(config: BackendConfig, tag: str) -> dict:
     return fields
 
 
-def _unconfig(doc: dict) -> BackendConfig:
+def _unconfig(doc: dict, where: str) -> BackendConfig:
     if "user_config" in doc:
-        doc = {**doc, "user_config": _unvalue(doc["user_config"])}
-    return BackendConfig.model_validate(doc)
+        doc = {**doc, "user_config": _unvalue(doc["user_config"], f"{where}.user_config")}
+    try:
+        return BackendConfig.model_validate(doc)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(part) for part in error['loc']) or 'it'}: "
+                             f"{error['msg']}" for error in exc.errors())
+        raise ValueError(f"{where} is not a valid backend config ({problems})") from None
 
 
 def _metadata(metadata: Optional[BackendMetadata]) -> Optional[dict]:
@@ -86,11 +108,17 @@ def _metadata(metadata: Optional[BackendMetadata]) -> Optional[dict]:
     return doc
 
 
-def _unmetadata(doc: Optional[dict]) -> Optional[BackendMetadata]:
+def _unmetadata(doc: Optional[dict], where: str) -> Optional[BackendMetadata]:
     if doc is None:
         return None
-    return BackendMetadata(**{**doc, "batch_methods": frozenset(doc["batch_methods"]),
-                              "methods": tuple(doc["methods"])})
+    fields = Fields(doc, where)
+    return BackendMetadata(
+        is_class=fields.get("is_class", bool), is_async=fields.get("is_async", bool),
+        accepts_batches=fields.get("accepts_batches", bool),
+        batch_methods=frozenset(fields.names("batch_methods")),
+        has_reconfigure=fields.get("has_reconfigure", bool),
+        methods=tuple(fields.names("methods")),
+        name=fields.get("name", str, default=""), asgi=fields.get("asgi", bool, default=False))
 
 
 def _definition(replica_config: ReplicaConfig) -> dict:
@@ -100,9 +128,14 @@ def _definition(replica_config: ReplicaConfig) -> dict:
             "source": replica_config.source}
 
 
-def _undefinition(serialized: bytes, doc: dict) -> ReplicaConfig:
-    return ReplicaConfig(serialized, doc["actor_options"], doc["description"], doc["python"],
-                         doc.get("source"))
+def _undefinition(records: Records, key: str, fields: "Fields") -> ReplicaConfig:
+    serialized = records.get(key)
+    if not isinstance(serialized, bytes):
+        raise ValueError(f"{fields.where} has no record {key!r} beside it (the pickled code "
+                         "of its replicas)")
+    return ReplicaConfig(serialized, fields.get("actor_options", dict),
+                         fields.get("description", str), fields.get("python", str, None),
+                         fields.get("source", dict, None, default=None))
 
 
 def _json(doc: Any) -> bytes:
@@ -162,56 +195,156 @@ class LoadedState:
 
 
 def load(records: Records, where: str) -> LoadedState:
-    """Rebuild the state from ``records``; a ServeError naming ``where`` if they are bad."""
+    """Rebuild the state from ``records``; a ServeError naming ``where``, the record and
+    what is wrong with it if they are bad (a value of the wrong type included)."""
     try:
         return _load(records)
-    except (KeyError, TypeError, ValueError, pickle.UnpicklingError) as exc:
-        raise ServeError(f"The saved state in {where} is damaged ({type(exc).__name__}: "
-                         f"{exc}). Move it away to start without it.") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        detail = str(exc) if type(exc) is ValueError else f"{type(exc).__name__}: {exc}"
+        detail = " ".join(detail.split())  # one line
+        raise ServeError(f"The saved state in {where} is damaged ({detail}). Move it away "
+                         "to start without it, or restore it from a backup.") from None
+
+
+_MISSING: Any = object()
+_KIND_NAMES = {bool: "a bool", int: "an integer", str: "a string", dict: "an object",
+               list: "a list"}
+
+
+class Fields:
+    """The fields of one JSON object of a record, each checked for its type as it is read:
+    a wrong one is a ValueError naming the record (``where``), the field and the value."""
+
+    def __init__(self, doc: Any, where: str) -> None:
+        if not isinstance(doc, dict):
+            raise ValueError(f"{where} must be a JSON object, got {doc!r}")
+        self.doc = doc
+        self.where = where
+
+    def get(self, name: str, kind: type, *null: None, default: Any = _MISSING) -> Any:
+        """Field ``name``, which must be of ``kind`` (a bool is no integer), or null if
+        given ``None`` after it; ``default`` if it may be missing."""
+        if name not in self.doc:
+            if default is not _MISSING:
+                return default
+            raise ValueError(f"{self.where} lacks the field {name!r}")
+        value = self.doc[name]
+        if value is None and null:
+            return None
+        if isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):
+            return value
+        expected = _KIND_NAMES.get(kind, kind.__name__) + (" or null" if null else "")
+        raise ValueError(f"{self.where}: {name!r} must be {expected}, got {value!r}")
+
+    def names(self, name: str) -> List[str]:
+        """Field ``name``, a list of strings."""
+        value = self.get(name, list)
+        if not all(isinstance(item, str) for item in value):
+            raise ValueError(f"{self.where}: {name!r} must be a list of strings, got {value!r}")
+        return value
+
+    def weights(self, name: str) -> Dict[str, float]:
+        """Field ``name``, an object of backend tag to a number."""
+        value = self.get(name, dict)
+        for weight in value.values():
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+                raise ValueError(f"{self.where}: {name!r} must map backend tags to numbers, "
+                                 f"got {value!r}")
+        return {tag: float(weight) for tag, weight in value.items()}
+
+
+def _document(records: Records, key: str) -> Fields:
+    raw = records[key]
+    if not isinstance(raw, bytes):
+        raise ValueError(f"record {key!r} holds {type(raw).__name__}, not bytes")
+    try:
+        doc = json.loads(raw)
+    except ValueError as exc:
+        raise ValueError(f"record {key!r} is not JSON ({exc})") from None
+    return Fields(doc, f"record {key!r}")
+
+
+def _checked_name(key: str, name: str) -> str:
+    try:
+        return check_name(name)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"record {key!r}: its name {exc}") from None
 
 
 def _load(records: Records) -> LoadedState:
+    if not isinstance(records, dict):
+        raise ValueError(f"the store holds {type(records).__name__}, not records")
     backends: Dict[str, BackendState] = {}
     endpoints: Dict[str, EndpointInfo] = {}
-    replicas: List[Tuple[str, dict]] = []
+    replicas: List[Tuple[str, Fields]] = []
     proxies: Dict[str, dict] = {}
-    for key, raw in sorted(records.items()):
+    for key in sorted(records):
+        if not isinstance(key, str):
+            raise ValueError(f"record key {key!r} is not a string")
         kind, _, name = key.partition("/")
         if kind == "backend":
-            doc = json.loads(raw)
-            replica_config = _undefinition(records[f"definition/{name}"], doc)
-            before = doc["config_before_update"]
-            backends[name] = BackendState(
-                name, replica_config, _unconfig(doc["config"]), _unmetadata(doc["metadata"]),
-                goal=doc["goal"], created_by=doc.get("created_by"), created=doc["created"],
-                deleting=doc["deleting"],
-                force_delete=doc["force_delete"],
-                config_before_update=None if before is None else _unconfig(before),
-                version=doc.get("version", 0),
-                autoscaled_replicas=doc.get("autoscaled_replicas"))
-            redeploy = doc.get("before")
+            _checked_name(key, name)
+            fields = _document(records, key)
+            where = fields.where
+            replica_config = _undefinition(records, f"definition/{name}", fields)
+            before = fields.get("config_before_update", dict, None)
+            backend = backends[name] = BackendState(
+                name, replica_config, _unconfig(fields.get("config", dict), f"{where} config"),
+                _unmetadata(fields.get("metadata", dict, None), f"{where} metadata"),
+                goal=fields.get("goal", str, None),
+                created_by=fields.get("created_by", str, None, default=None),
+                created=fields.get("created", bool), deleting=fields.get("deleting", bool),
+                force_delete=fields.get("force_delete", bool),
+                config_before_update=None if before is None else _unconfig(
+                    before, f"{where} config_before_update"),
+                version=fields.get("version", int, default=0),
+                autoscaled_replicas=fields.get("autoscaled_replicas", int, None, default=None))
+            redeploy = fields.get("before", dict, None, default=None)
             if redeploy is not None:
-                backend = backends[name]
+                previous = Fields(redeploy, f"{where} before")
                 backend.definition_before = _undefinition(
-                    records[f"definition_before/{name}"], redeploy)
-                backend.metadata_before = _unmetadata(redeploy["metadata"])
-                backend.previous_version = redeploy["version"]
+                    records, f"definition_before/{name}", previous)
+                backend.metadata_before = _unmetadata(previous.get("metadata", dict, None),
+                                                      f"{where} before.metadata")
+                backend.previous_version = previous.get("version", int)
         elif kind == "replica":
-            replicas.append((name, json.loads(raw)))
+            replicas.append((name, _document(records, key)))
         elif kind == "endpoint":
-            doc = json.loads(raw)
-            endpoints[name] = EndpointInfo(name, doc["route"], doc["methods"], doc["traffic"],
-                                           doc["shadows"], doc.get("managed", False))
+            _checked_name(key, name)
+            fields = _document(records, key)
+            route = fields.get("route", str, None)
+            try:
+                if route is not None:
+                    check_route(route)
+                methods = check_methods(fields.get("methods", list))
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"record {key!r}: its route or methods {exc}") from None
+            endpoints[name] = EndpointInfo(
+                name, route, methods, fields.weights("traffic"), fields.weights("shadows"),
+                fields.get("managed", bool, default=False))
         elif kind == "proxy":
-            proxies[name or "proxy"] = json.loads(raw)  # "proxy": the one of a state file
+            fields = _document(records, key)
+            fields.get("address", str, None)
+            fields.get("process", dict, None)
+            fields.get("node", str, None, default=None)
+            proxies[name or "proxy"] = fields.doc  # "proxy": the one of a state file
             # written before there could be several
         elif kind not in ("definition", "definition_before"):
             raise ValueError(f"unknown record {key!r}")
-    for tag, doc in replicas:
-        backend = backends[doc["backend"]]
-        backend.replicas[tag] = ReplicaRecord(tag=tag, backend=backend.tag, state=doc["state"],
-                                              address=doc["address"], process=doc["process"],
-                                              version=doc.get("version", 0))
+    for tag, fields in replicas:
+        owner = fields.get("backend", str)
+        if owner not in backends:
+            raise ValueError(f"{fields.where} belongs to backend {owner!r}, which has no "
+                             "record")
+        backend = backends[owner]
+        state = fields.get("state", str)
+        if state not in (STARTING, RUNNING, STOPPING):
+            raise ValueError(f"{fields.where}: 'state' must be one of {STARTING}, {RUNNING}, "
+                             f"{STOPPING}, got {state!r}")
+        backend.replicas[tag] = ReplicaRecord(
+            tag=tag, backend=backend.tag, state=state, address=fields.get("address", str, None),
+            process=fields.get("process", dict, None),
+            version=fields.get("version", int, default=0))
     return LoadedState(backends, endpoints, proxies)
 
 

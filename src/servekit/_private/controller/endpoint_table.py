@@ -15,6 +15,7 @@ import dataclasses
 import math
 from typing import Callable, Collection, Dict, List, Optional
 
+from servekit._private.config_checks import check_methods, check_name, check_route, checked
 from servekit._private.specs import EndpointInfo
 
 
@@ -33,6 +34,7 @@ class EndpointTable:
                managed: bool = False) -> bool:
         """Add an endpoint sending all its traffic to ``backend``; False if this very
         endpoint exists already (a retried call)."""
+        methods = self._checked(name, route, methods)
         if backend not in self._backends():
             raise ValueError(f"Attempted to assign traffic to a backend '{backend}' that "
                              "is not registered. Create it first with create_backend().")
@@ -52,6 +54,7 @@ class EndpointTable:
     def update(self, name: str, route: Optional[str], methods: List[str],
                managed: bool) -> None:
         """Change an endpoint's route, methods and mark in place."""
+        methods = self._checked(name, route, methods)
         endpoint = self._endpoint(name, "update")
         self._check_route_free(name, route)
         if self._serves_asgi(endpoint):
@@ -149,6 +152,15 @@ class EndpointTable:
             raise ValueError(
                 f"Route '{route}' ends with '/': the route of an ASGI app is a prefix, which "
                 f"holds the paths under it. Use '{route.rstrip('/') or '/'}'.")
+
+    @staticmethod
+    def _checked(name: str, route: Optional[str], methods: List[str]) -> List[str]:
+        """The checks of the API and deploy files, again (a call may come from elsewhere);
+        the methods upper-cased and sorted."""
+        checked("endpoint_name", check_name, name)
+        if route is not None:
+            checked("route", check_route, route)
+        return checked("methods", check_methods, methods)
 
     def _endpoint(self, name: str, action: str) -> EndpointInfo:
         endpoint = self.endpoints.get(name)

@@ -15,7 +15,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, TypeVar, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from servekit._private.config_checks import validate_actor_options
+from servekit._private.config_checks import (
+    check_methods,
+    check_name,
+    check_route,
+    validate_actor_options,
+)
 from servekit.config import BackendConfig, HTTPOptions
 
 Place = Tuple[Union[str, int], ...]
@@ -271,6 +276,11 @@ def _backends(entries: List[Tuple[int, BackendEntry]],
     first_at: Dict[str, Place] = {}  # where each name was first defined, valid or not
     for index, entry in entries:
         place: Place = ("backends", index)
+        try:
+            check_name(entry.name)
+        except (TypeError, ValueError) as exc:
+            problems.add(place + ("name",), str(exc))
+            continue
         if entry.name in first_at:
             problems.add(place + ("name",), f"backend {entry.name!r} is already defined at "
                                             f"{format_place(first_at[entry.name])}")
@@ -298,21 +308,31 @@ def _endpoints(entries: List[Tuple[int, EndpointEntry]],
     routes: Dict[str, str] = {}
     for index, entry in entries:
         place: Place = ("endpoints", index)
+        try:
+            check_name(entry.name)
+        except (TypeError, ValueError) as exc:
+            problems.add(place + ("name",), str(exc))
+            continue
         if entry.name in endpoints:
             problems.add(place + ("name",), f"endpoint {entry.name!r} is already defined at "
                                             f"{format_place(endpoints[entry.name].place)}")
             continue
+        try:
+            methods = check_methods(entry.methods)
+        except (TypeError, ValueError) as exc:
+            problems.add(place + ("methods",), str(exc))
+            methods = []
         if entry.route is not None:
-            if not entry.route.startswith("/"):
-                problems.add(place + ("route",), f"{entry.route!r} must start with '/'")
-            elif entry.route.startswith("/-/"):
-                problems.add(place + ("route",), f"{entry.route!r} is reserved: paths under "
-                                                 "/-/ are servekit's")
-            elif entry.route in routes:
-                problems.add(place + ("route",), f"{entry.route!r} is already the route of "
-                                                 f"{routes[entry.route]}")
+            try:
+                check_route(entry.route)
+            except (TypeError, ValueError) as exc:
+                problems.add(place + ("route",), str(exc))
             else:
-                routes[entry.route] = format_place(place)
+                if entry.route in routes:
+                    problems.add(place + ("route",), f"{entry.route!r} is already the "
+                                                     f"route of {routes[entry.route]}")
+                else:
+                    routes[entry.route] = format_place(place)
         for backend, weight in entry.traffic.items():
             if not weight >= 0 or math.isinf(weight):
                 problems.add(place + ("traffic", backend), f"weight {weight!r} must be >= 0")
@@ -325,7 +345,7 @@ def _endpoints(entries: List[Tuple[int, EndpointEntry]],
                              f"proportion {proportion!r} must be in (0, 1]; leave a shadow "
                              "out to remove it")
         endpoints[entry.name] = EndpointSpec(
-            entry.name, entry.route, sorted({m.upper() for m in entry.methods}),
+            entry.name, entry.route, methods,
             {tag: float(w) for tag, w in entry.traffic.items()},
             {tag: float(p) for tag, p in entry.shadows.items()}, place)
     return endpoints
