@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
-from typing import Any, Callable, Iterator, List
+from typing import Any, Iterator, List
 
 import cloudpickle
 import pytest
-from loop_helpers import run, spin
+from loop_helpers import run, spin, until
 
 from servekit._private.backend_metadata import ReplicaConfig
 from servekit._private.replica.admission import (
@@ -101,13 +100,6 @@ def call(replica: Replica, data: Any = None, stream: bool = False) -> asyncio.Ta
     """A handle call to the replica, as the transport runs it: a task it may cancel."""
     return asyncio.ensure_future(
         replica.handle_call(None, (data,), {}, "GET", {}, stream, "id"))
-
-
-async def until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + DEADLINE_S
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.001)
 
 
 class Blocking:

@@ -20,10 +20,10 @@ import pickle
 import shutil
 import socket
 import tempfile
-from typing import Any, AsyncIterator, Callable, List, Optional, Tuple
+from typing import Any, AsyncIterator, List, Optional, Tuple
 
 import pytest
-from loop_helpers import run
+from loop_helpers import run, until
 
 from servekit._private import constants
 from servekit._private.wire import auth, tls, transport
@@ -207,17 +207,6 @@ def test_unix_path_is_not_a_tcp_address(path: str) -> None:
 
 
 # --------------------------------------------------------------------------- loopback TCP
-
-
-async def until(condition: Callable[[], object], timeout: float = 3.0,
-                what: str = "condition") -> None:
-    """Poll ``condition`` on the running loop until it is truthy, or fail after ``timeout``."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() > deadline:
-            pytest.fail(f"Timed out after {timeout}s waiting for {what}.")
-        await asyncio.sleep(0.005)
 
 
 class RecordingEcho:

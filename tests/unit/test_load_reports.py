@@ -8,14 +8,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Dict, List, Tuple
 
-from loop_helpers import run, spin
+from loop_helpers import run, spin, until
 from router_fakes import Cluster, Feed, endpoint, make_router, start_send
 
 from servekit._private import constants
 from servekit._private.routing.router import Router
 from servekit._private.specs import BackendLimits
 
-DEADLINE_S = 5.0
 
 
 class ReportRecorder:
@@ -38,13 +37,6 @@ def reporting(router: Router) -> Tuple[ReportRecorder, asyncio.Task]:
 def autoscale(feed: Feed, interval: float, **caps: int) -> None:
     feed.push(constants.KEY_BACKENDS, {backend: BackendLimits(cap, -1, None, interval)
                                        for backend, cap in caps.items()})
-
-
-async def until(condition: Any, what: str) -> None:
-    deadline = asyncio.get_running_loop().time() + DEADLINE_S
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, f"no {what}"
-        await asyncio.sleep(0.005)
 
 
 def test_waiting_and_running_requests_are_reported_each_interval() -> None:

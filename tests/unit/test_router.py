@@ -18,7 +18,7 @@ import time
 from typing import Any, Dict, List, Optional
 
 import pytest
-from loop_helpers import run, spin
+from loop_helpers import run, spin, until
 from router_fakes import (
     NOTICE,
     Cluster,
@@ -271,6 +271,29 @@ def test_refused_request_whose_retry_cannot_connect_is_still_delivered() -> None
         r1.answer("A", "a")
         await spin()
         assert reply.result() == "a"
+
+    run(main)
+
+
+def test_a_refusal_is_forgotten_with_the_connection_it_came_on(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replica 1 refuses A (it is full), then its connection drops before its room notice
+    arrives: once the router connects again, it sends to the replica again. (Found by the
+    simulator: the refusal outlived the connection, and no notice ever came on the new one,
+    so a healthy, idle replica was never picked again.)"""
+    monkeypatch.setattr(constants, "RECONNECT_BACKOFF_S", 0.01)
+
+    async def main() -> None:
+        cluster = Cluster()
+        r1 = cluster.replica("b#1")
+        router, _ = make_router(cluster, cap=1, b=[r1])
+        reply = await sent(router, "A")
+        r1.refuse("A")
+        await spin()
+        r1.drop()  # no notice came before the connection was lost
+        await until(lambda: r1.received() == ["A", "A"], "A to be sent again")
+        r1.answer("A", "a")
+        assert await asyncio.wait_for(reply, 5.0) == "a"
 
     run(main)
 

@@ -137,6 +137,7 @@ class ReplicaSlot:
             return
         self.down = True
         self.reached = False
+        self.full = False  # (its room notice would have come on the connection now lost)
         connection, self.connection, self._connecting = self.connection, None, None
         if connection is not None:
             connection.close()
