@@ -16,7 +16,6 @@ from servekit._private.routing.router import Router
 from servekit._private.specs import BackendLimits
 
 
-
 class ReportRecorder:
     """Stands for the router's controller connection: records ``report_load`` calls."""
 
