@@ -120,7 +120,11 @@ class SimTransport(asyncio.Transport):
     def resume_reading(self) -> None:
         if self.reading_paused:
             self.reading_paused = False
-            self._connection.ends[1 - self._side]._schedule_delivery()
+            peer = self._connection.ends[1 - self._side]
+            if peer._lost:  # it closed meanwhile: this end now reads the end
+                self._connection.end(None)
+            else:
+                peer._schedule_delivery()
 
     def is_reading(self) -> bool:
         return not self.reading_paused
@@ -147,6 +151,10 @@ class SimTransport(asyncio.Transport):
             return
         peer = connection.ends[1 - self._side]
         if peer.reading_paused:
+            if self._closing and not self._outbox:
+                # Closed with all it wrote handed over: this end is done (its peer reads
+                # the end of the connection once it reads again).
+                self._lose(None)
             return  # delivered once the peer reads again (``resume_reading``)
         data, self._outbox = bytes(self._outbox), bytearray()
         rng = self._net.loop.rng
