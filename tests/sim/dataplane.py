@@ -24,7 +24,7 @@ import dataclasses
 import logging
 import random
 import socket
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Set, Tuple
 
 import cloudpickle
 from scenarios import check, scenario
@@ -589,35 +589,41 @@ def _bound(caller: Caller, settings: Settings) -> Optional[float]:
     return timeout + 0.001
 
 
-async def _run_world(loop: SimLoop) -> "World":
+async def live(loop: SimLoop, make: Callable[[SimLoop, SimThreads, Settings], "World"],
+               story: Callable[[Any], Awaitable[None]]) -> None:
+    """Make a world from the seed, start it, play ``story(world)`` in it, then close it."""
     settings = draw_settings(loop.rng)
     with sim_threads(loop) as threads:
-        world = World(loop, threads, settings)
+        world = make(loop, threads, settings)
         set_world(world)
         try:
             await world.start()
-            world.callers = [world.draw_caller(i) for i in range(settings.callers)]
-            tasks = [asyncio.ensure_future(world.call(c)) for c in world.callers]
-            tasks += [asyncio.ensure_future(world.inject()) for _ in range(settings.faults)]
-            await asyncio.gather(*tasks)
-            world.check_line()
-            await asyncio.sleep(QUIET_S)
-            world.check_requests()
-            world.check_user_code()
-            world.check_places()
-            await world.probe()
-            await asyncio.sleep(1.0)
-            world.check_places()
+            await story(world)
         finally:
             world.router.close()
             for replica in world.replicas:
                 replica.replica.close()
             set_world(None)
-    return world
+
+
+async def _callers_and_faults(world: World) -> None:
+    """Seeded callers and faults; then, once all is quiet, the invariants."""
+    world.callers = [world.draw_caller(i) for i in range(world.settings.callers)]
+    tasks = [asyncio.ensure_future(world.call(c)) for c in world.callers]
+    tasks += [asyncio.ensure_future(world.inject()) for _ in range(world.settings.faults)]
+    await asyncio.gather(*tasks)
+    world.check_line()
+    await asyncio.sleep(QUIET_S)
+    world.check_requests()
+    world.check_user_code()
+    world.check_places()
+    await world.probe()
+    await asyncio.sleep(1.0)
+    world.check_places()
 
 
 @scenario("dataplane")
 def dataplane(seed: int) -> None:
     """Router, wire and replicas under seeded callers, faults and network."""
     logging.getLogger("servekit").setLevel(logging.CRITICAL)
-    run(_run_world, seed)
+    run(lambda loop: live(loop, World, _callers_and_faults), seed)

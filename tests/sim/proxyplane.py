@@ -32,11 +32,10 @@ from dataplane import (
     QUIET_S,
     World,
     current_world,
-    draw_settings,
-    set_world,
+    live,
 )
 from scenarios import check, scenario
-from simloop import SimLoop, run, sim_threads
+from simloop import SimLoop, run
 
 from servekit._private import constants
 from servekit._private.asgi_app import ASGIFactory
@@ -399,27 +398,16 @@ def _leave(caller: HttpCaller, transport: asyncio.Transport) -> None:
         transport.abort()
 
 
-async def _run_world(loop: SimLoop) -> ProxyWorld:
-    settings = draw_settings(loop.rng)
-    with sim_threads(loop) as threads:
-        world = ProxyWorld(loop, threads, settings)
-        set_world(world)
-        try:
-            await world.start()
-            world.http_callers = [world.draw_http_caller(i) for i in range(settings.callers)]
-            tasks = [asyncio.ensure_future(world.http_call(c)) for c in world.http_callers]
-            tasks += [asyncio.ensure_future(world.inject()) for _ in range(settings.faults)]
-            await asyncio.gather(*tasks)
-            await asyncio.sleep(PROXY_QUIET_S)
-            world.check_http()
-            world.check_user_code()
-            world.check_places()
-        finally:
-            world.router.close()
-            for replica in world.replicas:
-                replica.replica.close()
-            set_world(None)
-    return world
+async def _clients_and_faults(world: ProxyWorld) -> None:
+    """Seeded HTTP clients and faults; then, once all is quiet, the invariants."""
+    world.http_callers = [world.draw_http_caller(i) for i in range(world.settings.callers)]
+    tasks = [asyncio.ensure_future(world.http_call(c)) for c in world.http_callers]
+    tasks += [asyncio.ensure_future(world.inject()) for _ in range(world.settings.faults)]
+    await asyncio.gather(*tasks)
+    await asyncio.sleep(PROXY_QUIET_S)
+    world.check_http()
+    world.check_user_code()
+    world.check_places()
 
 
 @scenario("proxy")
@@ -427,5 +415,5 @@ def proxy(seed: int) -> None:
     """HTTP clients through the real proxy to real replicas, under seeded faults."""
     logging.getLogger("servekit").setLevel(logging.CRITICAL)
     logging.getLogger("uvicorn").setLevel(logging.CRITICAL)
-    run(_run_world, seed)
+    run(lambda loop: live(loop, ProxyWorld, _clients_and_faults), seed)
 

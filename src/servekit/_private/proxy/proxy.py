@@ -265,13 +265,7 @@ class HTTPProxy:
         except Exception as exc:
             return _failure(exc, path)
         del payload  # (the request holds it while it may be sent)
-        try:
-            return await reply
-        except asyncio.CancelledError:
-            _drop(reply)
-            raise
-        except Exception as exc:
-            return _failure(exc, path)
+        return await _answer(reply, path)
 
     # ------------------------------------------------------------- ASGI apps
 
@@ -300,13 +294,7 @@ class HTTPProxy:
             return _failure(exc, scope["path"])
         taken(len(body))
         if not more:
-            try:
-                return await reply
-            except asyncio.CancelledError:
-                _drop(reply)
-                raise
-            except Exception as exc:
-                return _failure(exc, scope["path"])
+            return await _answer(reply, scope["path"])
         # Copies of a request whose body is still to come get the body as it comes.
         shadows = ShadowCopies(self.router.shadow(match.endpoint, "http", payload))
         pump = asyncio.ensure_future(forward_body(
@@ -448,6 +436,18 @@ def _routing_headers(headers: List[Tuple[bytes, bytes]]) -> Tuple[
         elif name == b"content-length":
             length = value
     return method_name, shard_key, length
+
+
+async def _answer(reply: asyncio.Future, path: str) -> Union[HTTPResponseWire, ReplyStream]:
+    """What ``reply`` settles as, or the response for its error; if the wait is cancelled,
+    the reply is dropped (a stream it settled as in that same loop turn is stopped)."""
+    try:
+        return await reply
+    except asyncio.CancelledError:
+        _drop(reply)
+        raise
+    except Exception as exc:
+        return _failure(exc, path)
 
 
 def _failure(exc: Exception, path: str) -> HTTPResponseWire:

@@ -350,12 +350,8 @@ class Replica:
         WebSocket may stay open for hours: a config change must not wait for it, nor new
         requests behind that change)."""
         await self._gate.pass_through()
-        try:
+        with user_code(self.tag):
             return await step()
-        except Exception:
-            raise
-        except BaseException as exc:
-            raise contained(self.tag, exc) from exc
 
     async def _on_pool(self, function: Callable, *args: Any) -> Any:
         """``function(*args)``: user code on the replica's threads, behind the gate, in the
