@@ -262,7 +262,8 @@ class Client:
         else:
             raise TypeError("config_options must be a BackendConfig or a dict, got "
                             f"{type(config_options).__name__} {config_options!r}.")
-        goal = self._call("update_backend_config", backend_tag, update)
+        goal = self._call("update_backend_config", backend_tag, update,
+                          uuid.uuid4().hex)  # the same id if the call is retried
         self._wait_for_goal(goal)
 
     @_guarded

@@ -649,6 +649,47 @@ def test_delete_backend_while_replicas_start() -> None:
     run(main)
 
 
+CONSTRUCTIONS = {"count": 0}
+
+
+class FailsAfterItsFirst:
+    """Its first construction works, the next ones raise."""
+
+    def __init__(self) -> None:
+        CONSTRUCTIONS["count"] += 1
+        if CONSTRUCTIONS["count"] > 1:
+            raise ModelLoadError("out of memory")
+
+    def __call__(self, request: Any) -> None:
+        return None
+
+
+def test_a_backend_left_mixed_by_a_failed_redeploy_can_be_deleted() -> None:
+    """A redeploy whose second new replica failed went back to the old definition with
+    one new replica still serving; the old definition's replacement failed too. Deleting
+    the backend then stops every replica, of both definitions, and ends."""
+    CONSTRUCTIONS["count"] = 0
+
+    async def main() -> None:
+        async with running_controller() as (controller, runtime):
+            await start_backend(controller, "m", FlakyModel, num_replicas=2)
+            FLAKY["fail"] = True  # the old definition's replacements fail from now on
+            goal = await controller.redeploy_backend(
+                "m", replica_config(FailsAfterItsFirst), BackendMetadata.inspect(
+                    FailsAfterItsFirst))
+            with pytest.raises(ModelLoadError):
+                await wait_goal(controller, goal)
+            backend = controller.backends["m"].state
+            await eventually(lambda: not backend.in_state(STARTING), "no start under way")
+            versions = sorted(r.version for r in backend.in_state(RUNNING))
+            assert versions == [0, 1], versions  # one of each definition serves
+            await wait_goal(controller, await controller.delete_backend("m", force=True))
+            assert "m" not in controller.backends
+            assert live_replicas(runtime) == []
+
+    run(main)
+
+
 # --------------------------------------------------------------------------- endpoints
 
 
@@ -911,6 +952,43 @@ def test_restarted_controller_finishes_a_scale_up_in_progress() -> None:
     run(main)
 
 
+def test_a_config_push_cut_short_by_a_crash_is_finished_or_undone() -> None:
+    """The controller died while its push of a new user_config (saved as under way) had not
+    reached the replica. The restarted controller pushes it again: the replica refuses it,
+    so the backend goes back to the config before it and the goal fails, as the call would
+    have."""
+
+    async def main() -> None:
+        runtime = FakeRuntime()
+        first = Controller(runtime, HTTPOptions(host=None))
+        await first.start()
+        await start_backend(first, "m", PickyModel, user_config={"v": 1})
+        [tag] = replica_tags(first, "m")
+        runtime.freeze(tag)  # the push hangs on its way
+        update = asyncio.ensure_future(first.update_backend_config(
+            "m", BackendConfig(user_config={"w": 2})))
+        await eventually(lambda: runtime.calls(tag).count("update_config") == 1,
+                         "the push under way")
+        goal = first.backends["m"].state.goal
+        abandon(first)
+        update.cancel()
+        first.backends["m"].state.replicas[tag].connection.close()  # its process is gone
+        runtime.thaw(tag)
+
+        second = Controller(runtime, HTTPOptions(host=None))
+        await second.start()
+        try:
+            with pytest.raises(KeyError, match="needs 'v'"):
+                await wait_goal(second, goal)
+            assert second.get_backend_config("m").user_config == {"v": 1}
+            assert saved(runtime).backends["m"].config.user_config == {"v": 1}
+            assert runtime.workers[tag].instance.user_config == {"v": 1}
+        finally:
+            await second.shutdown()
+
+    run(main)
+
+
 def test_replicas_that_died_with_the_controller_are_started_anew() -> None:
     async def main() -> None:
         runtime = FakeRuntime()
@@ -1037,6 +1115,53 @@ def test_a_call_whose_save_fails_changes_nothing_and_a_retry_works() -> None:
     run(main)
 
 
+def test_an_update_made_again_after_a_crash_gets_the_first_ones_outcome() -> None:
+    """The client makes a call again (same call id) when the controller died under it:
+    the restarted controller answers with the first call's goal and changes nothing (even
+    with a full disk), whether that call succeeded or failed."""
+
+    async def main() -> None:
+        runtime, store = full_disk_runtime()
+        controller = Controller(runtime, HTTPOptions(host=None))
+        await controller.start()
+        await start_backend(controller, "m", PickyModel, user_config={"v": 1})
+
+        async def restart() -> Controller:
+            abandon(controller)  # the reply to the last call is lost with it
+            restarted = Controller(runtime, HTTPOptions(host=None))
+            await restarted.start()
+            return restarted
+
+        await wait_goal(controller, await controller.update_backend_config(
+            "m", BackendConfig(num_replicas=2), "call-1"))
+        controller = await restart()
+        store.full = True
+        await wait_goal(controller, await controller.update_backend_config(
+            "m", BackendConfig(num_replicas=2), "call-1"))
+        store.full = False
+        with pytest.raises(KeyError):
+            await controller.update_backend_config("m", BackendConfig(user_config={}),
+                                                   "call-2")
+        controller = await restart()
+        try:
+            store.full = True
+            with pytest.raises(KeyError, match="needs 'v'"):
+                await wait_goal(controller, await controller.update_backend_config(
+                    "m", BackendConfig(user_config={}), "call-2"))
+            assert controller.get_backend_config("m") == BackendConfig(
+                num_replicas=2, user_config={"v": 1})
+            store.full = False
+            await wait_goal(controller, await controller.delete_backend("m", force=False))
+            store.full = True
+            await wait_goal(controller, await controller.delete_backend("m", force=False))
+            assert controller.list_backends() == {}
+        finally:
+            store.full = False
+            await controller.shutdown()
+
+    run(main)
+
+
 def test_a_user_config_the_store_cannot_hold_is_refused_and_changes_nothing() -> None:
     """A user_config plain pickle cannot carry (a lambda) cannot be saved: the call fails
     naming it, nothing is applied, and later changes are saved as usual."""
@@ -1123,6 +1248,33 @@ def test_a_goal_ends_only_once_its_outcome_is_saved() -> None:
             await wait_goal(controller, goal)
             assert saved(runtime).backends["m"].config_before_update is None
             assert saved(runtime).backends["m"].goal is None
+
+    run(main)
+
+
+def test_a_client_waiting_again_after_a_crash_is_told_its_call_failed() -> None:
+    """A create that failed, its failure saved: the client, whose controller died before
+    telling it, waits on the goal again and is told the failure, not success."""
+
+    async def main() -> None:
+        runtime = FakeRuntime()
+        first = Controller(runtime, HTTPOptions(host=None))
+        await first.start()
+        goal = await start_backend(first, "m", BrokenModel, wait=False)
+        assert goal is not None
+        await eventually(lambda: "m" not in first.backends, "the failed backend removed")
+        abandon(first)  # the client has not been told yet
+
+        second = Controller(runtime, HTTPOptions(host=None))
+        await second.start()
+        try:
+            with pytest.raises(ModelLoadError, match="weights.bin is corrupt"):
+                await wait_goal(second, goal)
+            with pytest.raises(ModelLoadError):  # and again, if that answer is lost too
+                await wait_goal(second, goal)
+            assert second.list_backends() == {}
+        finally:
+            await second.shutdown()
 
     run(main)
 

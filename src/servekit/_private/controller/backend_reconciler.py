@@ -106,13 +106,15 @@ class BackendReconciler:
             room = constants.MAX_STARTING_REPLICAS - len(backend.in_state(STARTING))
             for _ in range(min(target - len(current), room)):
                 self._start_replica()
-            if len(current) > target:
-                # Newest first, and replicas still starting before running ones.
-                ordered = list(reversed(list(backend.replicas)))
-                victims = sorted(current, key=lambda r: (r.state == RUNNING,
-                                                         ordered.index(r.tag)))
-                for record in victims[:len(current) - target]:
-                    self._begin_stop(record)
+        if len(current) > target:
+            # (Also while another definition's replicas run: a delete or scale-down in the
+            # middle of a redeploy, or after one went back.) Newest first, and replicas
+            # still starting before running ones.
+            ordered = list(reversed(list(backend.replicas)))
+            victims = sorted(current, key=lambda r: (r.state == RUNNING,
+                                                     ordered.index(r.tag)))
+            for record in victims[:len(current) - target]:
+                self._begin_stop(record)
         self.check_goal()
 
     def _start_replica(self) -> None:
@@ -134,7 +136,8 @@ class BackendReconciler:
                 self._services.settle_goal(backend.goal)
             return
         running = [r for r in backend.current(RUNNING) if not r.unhealthy.is_set()]
-        if len(running) == backend.target_replicas == len(backend.replicas):
+        if len(running) == backend.target_replicas == len(backend.replicas) and \
+                not backend.config_unconfirmed:
             settled = backend.goal is not None or not backend.created or \
                 backend.config_before_update is not None or \
                 backend.definition_before is not None
@@ -280,7 +283,8 @@ class BackendReconciler:
                     backend.config)
             if not push:
                 services.settle_goal(goal, error)
-            else:
+            else:  # (its failure saved with the config it goes back to)
+                services.goals.will_fail(goal, error)
                 services.save()
             await services.publish_backends()
             self.reconcile()
@@ -302,7 +306,9 @@ class BackendReconciler:
         elif record.state == RUNNING:
             record.config = self.state.config
             record.health_task = asyncio.ensure_future(self.watch_health(record))
-            self._services.spawn(self.apply_config(record, self.state.config))
+            if not self.state.config_unconfirmed:  # (else the controller pushes it, and
+                # undoes the update if a replica refuses it)
+                self._services.spawn(self.apply_config(record, self.state.config))
         else:  # it was being stopped: finish that
             self._services.spawn(self._run_stop(record, graceful=True))
 

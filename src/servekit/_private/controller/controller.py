@@ -16,6 +16,7 @@ The work is split by what is reconciled: ``BackendReconciler`` (the replicas of 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any, Callable, Dict, List, Optional
@@ -83,6 +84,7 @@ class Controller:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        task.add_done_callback(_log_background_failure)
 
     def save(self) -> "asyncio.Future[None]":
         """Write the desired state (what changed of it) to the store; await to be sure.
@@ -90,7 +92,7 @@ class Controller:
         proxies = {name: p.describe() for name, p in self.proxies.records.items()}
         try:
             records = snapshot({tag: r.state for tag, r in self.backends.items()},
-                               self.endpoints.endpoints, proxies)
+                               self.endpoints.endpoints, proxies, self.goals.failures)
         except TypeError as exc:  # a user_config that cannot be saved
             future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             future.set_exception(exc)
@@ -126,10 +128,13 @@ class Controller:
 
     def settle_goal(self, goal: Optional[str], error: Optional[BaseException] = None) -> None:
         """End ``goal`` (done, or failed with ``error``) once the state as it is now is in
-        the store, so that what a client is told is what a restarted controller restores.
+        the store, so that what a client is told is what a restarted controller restores
+        (a failure is saved too: a client waiting again after a restart is told it).
         Call it under the lock."""
         if goal is None:
             return
+        if error is not None:
+            self.goals.will_fail(goal, error)
         saving = self.save()
 
         async def settle() -> None:
@@ -210,7 +215,19 @@ class Controller:
             self.backends = {tag: BackendReconciler(backend, self)
                              for tag, backend in state.backends.items()}
             self.endpoints.endpoints = state.endpoints
+            for goal, error in state.failed_goals.items():
+                self.goals.restore_failed(goal, error)
+            for reconciler in self.backends.values():
+                backend = reconciler.state
+                before = backend.config_before_update
+                # An update whose push the earlier controller did not see through.
+                backend.config_unconfirmed = backend.goal is not None and \
+                    before is not None and \
+                    replica_visible_fields(before) != replica_visible_fields(backend.config)
             await recovery.adopt(state, self.runtime, self.goals, self.backends, self.proxies)
+            for reconciler in self.backends.values():
+                if reconciler.state.config_unconfirmed:
+                    self.spawn(self._confirm_update(reconciler))
         # A worker launched just before a controller died, before its record was saved:
         # nothing names it, so nothing would ever stop it.
         await self.runtime.reap_unrecorded()
@@ -223,7 +240,10 @@ class Controller:
             for reconciler in list(self.backends.values()):
                 reconciler.reconcile()
             saving = self.save()
-        await saving
+        with contextlib.suppress(Exception):
+            # Nothing new is acknowledged by it: if the store refuses it (a full disk), the
+            # health checks write it again, and the controller serves meanwhile.
+            await saving
         self._health_task = asyncio.ensure_future(self._health_loop())
 
     async def shutdown(self, keep_state: bool = False) -> None:
@@ -318,8 +338,11 @@ class Controller:
             reconciler.reconcile()
             return backend.goal
 
-    async def update_backend_config(self, tag: str, update: BackendConfig) -> Optional[str]:
-        """Change a backend's config; return the goal to wait on.
+    async def update_backend_config(self, tag: str, update: BackendConfig,
+                                    call_id: Optional[str] = None) -> Optional[str]:
+        """Change a backend's config; return the goal to wait on. ``call_id``: the client's
+        id of this call, the same when it calls again after a controller crash (answered
+        with the first call's goal: its outcome, not a second change).
 
         The replicas apply a new config (``reconfigure`` waits for the requests they run)
         without the controller's lock held, so a slow one holds up neither other calls nor
@@ -329,13 +352,17 @@ class Controller:
             reconciler = self._backend(tag)
             async with reconciler.state.updating:
                 if self.backends.get(tag) is reconciler:
-                    return await self._update_backend_config(reconciler, update)
+                    return await self._update_backend_config(reconciler, update, call_id)
             # Deleted and created again while this waited: update the new one.
 
     async def _update_backend_config(self, reconciler: BackendReconciler,
-                                     update: BackendConfig) -> Optional[str]:
+                                     update: BackendConfig,
+                                     call_id: Optional[str]) -> Optional[str]:
         backend = reconciler.state
         async with self.lock:
+            retried = self._retried(backend, call_id)
+            if retried is not None:
+                return retried
             new_config = backend.config.merged(update)
             if backend.metadata is not None:
                 validate_backend_against_config(backend.metadata, new_config)
@@ -345,54 +372,91 @@ class Controller:
                     new_config.num_replicas - len(backend.in_state(STARTING, RUNNING)),
                     new_config.num_replicas)
             old_config = backend.config
-            undo = self._undoer(backend, "config", "config_before_update", "goal")
+            undo = self._undoer(backend, "config", "config_before_update", "goal",
+                                "changed_by")
             superseded = backend.goal
             backend.config = new_config
             goal = backend.goal = self.goals.create()
             backend.config_before_update = old_config
+            backend.changed_by = None if call_id is None else [call_id, goal]
             await self._save_or_undo(undo)
             self.goals.complete(superseded)
             await self.publish_backends()
         if replica_visible_fields(old_config) != replica_visible_fields(new_config):
             try:
                 await reconciler.push_config()
-            except Exception:
+            except Exception as exc:
                 # A replica refused the change (reconfigure raised): undo it everywhere,
-                # and fail the call once that is saved.
+                # and fail the call once that is saved (its goal too: the same call made
+                # again after a crash is told so).
                 async with self.lock:
                     backend.config = old_config
                     backend.config_before_update = None
-                    self.save()
-                    await self.publish_backends()
-                await reconciler.push_config(raise_errors=False)
-                async with self.lock:
                     if backend.goal == goal:
                         backend.goal = None
+                    self.goals.will_fail(goal, exc)
                     saving = self.save()
+                    await self.publish_backends()
+                await reconciler.push_config(raise_errors=False)
                 await self.saved(saving)
-                self.goals.complete(goal)
+                self.goals.fail(goal, exc)
                 raise
         async with self.lock:
             reconciler.reconcile()
         return goal
 
+    async def _confirm_update(self, reconciler: BackendReconciler) -> None:
+        """Push again the config an earlier controller was pushing when it died; if a
+        replica refuses it, go back to the config before it and fail the update's goal, as
+        its call would have."""
+        backend = reconciler.state
+        async with backend.updating:
+            try:
+                await reconciler.push_config()
+            except Exception as exc:
+                async with self.lock:
+                    backend.config_unconfirmed = False
+                    if backend.config_before_update is None or \
+                            not self.is_registered(backend):
+                        return  # rolled back meanwhile (a replica failed to start), or gone
+                    goal, backend.goal = backend.goal, None
+                    backend.config = backend.config_before_update
+                    backend.config_before_update = None
+                    self.goals.will_fail(goal, exc)  # saved with the config it goes back to
+                    self.save()
+                    await self.publish_backends()
+                await reconciler.push_config(raise_errors=False)
+                async with self.lock:
+                    self.settle_goal(goal, exc)
+                    reconciler.reconcile()
+                return
+            async with self.lock:
+                backend.config_unconfirmed = False
+                reconciler.reconcile()
+
     async def redeploy_backend(self, tag: str, replica_config: ReplicaConfig,
-                               metadata: Optional[BackendMetadata]) -> Optional[str]:
+                               metadata: Optional[BackendMetadata],
+                               call_id: Optional[str] = None) -> Optional[str]:
         """Replace what a backend's replicas run (code, init args, resources, interpreter),
         rolling them over one at a time; return the goal to wait on. If a new replica fails
         to start, the backend goes back to its old definition, whose replicas kept serving,
-        and the goal fails with that error. The config is unchanged."""
+        and the goal fails with that error. The config is unchanged. ``call_id``: as for
+        ``update_backend_config``."""
         async with self.lock:
             reconciler = self._backend(tag)
             backend = reconciler.state
+            retried = self._retried(backend, call_id)
+            if retried is not None:
+                return retried
             if metadata is not None:
                 validate_backend_against_config(metadata, backend.config)
             undo = self._undoer(backend, "replica_config", "metadata", "version",
                                 "definition_before", "metadata_before", "previous_version",
-                                "goal")
+                                "goal", "changed_by")
             superseded = backend.goal
             backend.redefine(replica_config, metadata)
             backend.goal = self.goals.create()
+            backend.changed_by = None if call_id is None else [call_id, backend.goal]
             await self._save_or_undo(undo)
             self.goals.complete(superseded)
             await self.publish_backends()
@@ -411,6 +475,8 @@ class Controller:
                     "deleted. Remove it from that endpoint's traffic and shadows "
                     "(set_traffic / shadow_traffic(..., 0)) or delete the endpoint first.")
             backend = reconciler.state
+            if backend.deleting and (backend.force_delete or not force):
+                return backend.goal  # being deleted already (the same call made again)
             undo = self._undoer(backend, "deleting", "force_delete", "goal")
             superseded = backend.goal
             backend.deleting = True
@@ -499,6 +565,15 @@ class Controller:
             raise ValueError(f"Backend '{tag}' is not registered. Registered backends: "
                              f"{sorted(self.list_backends())}.")
         return reconciler
+
+    @staticmethod
+    def _retried(backend: BackendState, call_id: Optional[str]) -> Optional[str]:
+        """The goal of call ``call_id`` if it was made already (and is not forgotten): made
+        again after a crash, it gets that goal (done, failed or under way) to wait on."""
+        if call_id is not None and backend.changed_by is not None and \
+                backend.changed_by[0] == call_id:
+            return backend.changed_by[1]
+        return None
 
     def _undoer(self, backend: BackendState, *fields: str) -> Callable[[], None]:
         """What puts ``fields`` of ``backend`` back as they are now; a ``goal`` made since
@@ -676,6 +751,12 @@ class Controller:
             self.long_poll.forget(subscriber_id)
         for router in self._routers.pop(peer, ()):
             self.loads.forget(router)
+
+
+def _log_background_failure(task: "asyncio.Task[Any]") -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.warning("%s failed: %r", task.get_coro().__qualname__,  # type: ignore[union-attr]
+                       task.exception())
 
 
 def _log_save_failure(future: "asyncio.Future[None]") -> None:

@@ -4,8 +4,9 @@ Keys: ``backend/<tag>`` (config, options, goal in progress), ``definition/<tag>`
 cloudpickled function or class with its init args: the only pickle in the store),
 ``definition_before/<tag>`` (while a redeploy is under way, the definition it goes back to
 if a new replica fails), ``endpoint/<name>``, ``replica/<tag>`` (which process runs it, so a
-restarted controller can adopt it) and ``proxy``. A ``user_config`` that JSON cannot carry
-exactly is stored pickled, as part of the backend's definition.
+restarted controller can adopt it), ``proxy`` and ``goal/<id>`` (a goal that failed, with
+its error pickled, for a client that waits on it again after a restart). A ``user_config``
+that JSON cannot carry exactly is stored pickled, as part of the backend's definition.
 
 ``DurableState.save`` writes what changed since the last write that succeeded as one
 transaction, on a thread of its own (so the event loop never waits on the disk), in the
@@ -23,6 +24,7 @@ import pickle
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List, Optional, Tuple
 
+import cloudpickle
 from pydantic import ValidationError
 
 from servekit._private.backend_metadata import BackendMetadata, ReplicaConfig
@@ -102,7 +104,9 @@ def _unconfig(doc: dict, where: str) -> BackendConfig:
 def _metadata(metadata: Optional[BackendMetadata]) -> Optional[dict]:
     if metadata is None:
         return None
-    doc = dataclasses.asdict(metadata)
+    # (Not dataclasses.asdict: it deep-copies, and every save writes every backend's.)
+    doc = {field.name: getattr(metadata, field.name)
+           for field in dataclasses.fields(metadata)}
     doc["batch_methods"] = sorted(metadata.batch_methods)
     doc["methods"] = list(metadata.methods)
     return doc
@@ -142,8 +146,34 @@ def _json(doc: Any) -> bytes:
     return json.dumps(doc, sort_keys=True).encode()
 
 
+def _error(error: BaseException) -> dict:
+    """A failed goal's error: pickled if it can be (and loads back), and as text."""
+    doc: Dict[str, Any] = {"type": type(error).__name__, "message": str(error)}
+    try:
+        pickled = cloudpickle.dumps(error)
+        pickle.loads(pickled)
+        doc["pickle"] = base64.b64encode(pickled).decode()
+    except Exception:
+        pass
+    return doc
+
+
+def _unerror(fields: "Fields") -> BaseException:
+    kind, message = fields.get("type", str), fields.get("message", str)
+    pickled = fields.get("pickle", str, default=None)
+    if pickled is not None:
+        try:
+            error = pickle.loads(base64.b64decode(pickled))
+            if isinstance(error, BaseException):
+                return error
+        except Exception:
+            pass  # its class is gone: the text tells what it was
+    return ServeError(f"{kind}: {message}")
+
+
 def snapshot(backends: Dict[str, BackendState], endpoints: Dict[str, EndpointInfo],
-             proxies: Dict[str, dict]) -> Records:
+             proxies: Dict[str, dict],
+             failed_goals: Optional[Dict[str, BaseException]] = None) -> Records:
     """Every record of the desired state (and of the processes that run it).
 
     Raises:
@@ -168,6 +198,7 @@ def snapshot(backends: Dict[str, BackendState], endpoints: Dict[str, EndpointInf
             "metadata": _metadata(backend.metadata),
             "goal": backend.goal,
             "created_by": backend.created_by,
+            "changed_by": backend.changed_by,
             "created": backend.created,
             "deleting": backend.deleting,
             "force_delete": backend.force_delete,
@@ -181,17 +212,20 @@ def snapshot(backends: Dict[str, BackendState], endpoints: Dict[str, EndpointInf
             {"name": name, **endpoint.describe(), "managed": endpoint.managed})
     for name, proxy in proxies.items():
         records[f"proxy/{name}"] = _json(proxy)
+    for goal, error in (failed_goals or {}).items():
+        records[f"goal/{goal}"] = _json(_error(error))
     return records
 
 
 @dataclasses.dataclass
 class LoadedState:
-    """What a store held: backends (with the replica records to adopt), endpoints, and the
-    HTTP proxies by name."""
+    """What a store held: backends (with the replica records to adopt), endpoints, the
+    HTTP proxies by name, and the goals that failed with their errors."""
 
     backends: Dict[str, BackendState]
     endpoints: Dict[str, EndpointInfo]
     proxies: Dict[str, dict]
+    failed_goals: Dict[str, BaseException] = dataclasses.field(default_factory=dict)
 
 
 def load(records: Records, where: str) -> LoadedState:
@@ -278,6 +312,7 @@ def _load(records: Records) -> LoadedState:
     endpoints: Dict[str, EndpointInfo] = {}
     replicas: List[Tuple[str, Fields]] = []
     proxies: Dict[str, dict] = {}
+    failed_goals: Dict[str, BaseException] = {}
     for key in sorted(records):
         if not isinstance(key, str):
             raise ValueError(f"record key {key!r} is not a string")
@@ -293,6 +328,8 @@ def _load(records: Records) -> LoadedState:
                 _unmetadata(fields.get("metadata", dict, None), f"{where} metadata"),
                 goal=fields.get("goal", str, None),
                 created_by=fields.get("created_by", str, None, default=None),
+                changed_by=fields.names("changed_by") if fields.get(
+                    "changed_by", list, None, default=None) is not None else None,
                 created=fields.get("created", bool), deleting=fields.get("deleting", bool),
                 force_delete=fields.get("force_delete", bool),
                 config_before_update=None if before is None else _unconfig(
@@ -329,6 +366,8 @@ def _load(records: Records) -> LoadedState:
             fields.get("node", str, None, default=None)
             proxies[name or "proxy"] = fields.doc  # "proxy": the one of a state file
             # written before there could be several
+        elif kind == "goal":
+            failed_goals[name] = _unerror(_document(records, key))
         elif kind not in ("definition", "definition_before"):
             raise ValueError(f"unknown record {key!r}")
     for tag, fields in replicas:
@@ -345,7 +384,7 @@ def _load(records: Records) -> LoadedState:
             tag=tag, backend=backend.tag, state=state, address=fields.get("address", str, None),
             process=fields.get("process", dict, None),
             version=fields.get("version", int, default=0))
-    return LoadedState(backends, endpoints, proxies)
+    return LoadedState(backends, endpoints, proxies, failed_goals)
 
 
 class DurableState:

@@ -40,7 +40,8 @@ class EndpointTable:
                              "is not registered. Create it first with create_backend().")
         existing = self.endpoints.get(name)
         if existing is not None:
-            if existing.route == route and existing.methods == methods:
+            if existing.route == route and existing.methods == methods and \
+                    existing.traffic == {backend: 1.0}:
                 return False
             raise ValueError(f"Cannot create endpoint. Endpoint '{name}' is already "
                              "registered. Delete it first, or pick another name.")

@@ -47,10 +47,16 @@ class BackendState:
     replicas: Dict[str, ReplicaRecord] = dataclasses.field(default_factory=dict)
     goal: Optional[str] = None
     created_by: Optional[str] = None  # the id of the create_backend call (retries repeat it)
+    # The id of the last update or redeploy call and its goal: the same call made again
+    # (after a controller crash) is answered with that goal, not made twice.
+    changed_by: Optional[List[str]] = None
     created: bool = False  # all replicas once ran; failures no longer undo the backend
     deleting: bool = False
     force_delete: bool = False
     config_before_update: Optional[BackendConfig] = None
+    # An earlier controller died while the replicas applied ``config``: until they are
+    # known to run it, the goal does not complete (not saved).
+    config_unconfirmed: bool = False
     # The definition replicas run: bumped by each redeploy; the one before a redeploy (and
     # its metadata) is kept until it completes, to go back to if a new replica fails.
     version: int = 0
