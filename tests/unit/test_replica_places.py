@@ -104,3 +104,42 @@ def test_a_caller_leaving_before_its_batch_starts_frees_its_place_at_once() -> N
             replica.close()
 
     run(main)
+
+
+class PickyConfig:
+    """A model whose ``reconfigure`` refuses a user_config until it is told to accept it."""
+
+    def __init__(self) -> None:
+        self.seen: List[Any] = []
+        self.accept = False
+
+    def reconfigure(self, user_config: Any) -> None:
+        self.seen.append(user_config)
+        if not self.accept:
+            raise ValueError(f"cannot take {user_config!r}")
+
+    async def __call__(self, request: Any) -> int:
+        return 1
+
+
+def test_a_refused_reconfigure_leaves_the_config_it_runs_with_so_a_retry_calls_it_again(
+        ) -> None:
+    async def main() -> None:
+        replica = await started_replica(PickyConfig)
+        try:
+            new = BackendConfig(user_config={"v": 2})
+            try:
+                await replica.update_config(new)
+            except ValueError:
+                pass
+            else:
+                raise AssertionError("reconfigure's refusal was not raised")
+            assert replica.config.user_config is None
+            replica._callable.accept = True
+            await replica.update_config(new)
+            assert replica._callable.seen == [{"v": 2}, {"v": 2}]
+            assert replica.config.user_config == {"v": 2}
+        finally:
+            replica.close()
+
+    run(main)

@@ -264,8 +264,16 @@ class Replica:
                 old_lane, self._lane = self._lane, self._new_lane(config.sync_threads)
                 old_lane.shutdown()
             if reconfigure:
-                await asyncio.get_running_loop().run_in_executor(
-                    self._control_pool, self._reconfigure_blocking, config.user_config)
+                try:
+                    await asyncio.get_running_loop().run_in_executor(
+                        self._control_pool, self._reconfigure_blocking, config.user_config)
+                except BaseException:
+                    # It did not take: the replica keeps the user_config it runs with, so
+                    # pushing the same config again calls reconfigure again.
+                    if self.config is config:
+                        self.config = config.model_copy(
+                            update={"user_config": old.user_config})
+                    raise
 
     def _apply_limits(self) -> None:
         assert self.metadata is not None
