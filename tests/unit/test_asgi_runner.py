@@ -272,6 +272,36 @@ def test_stop_cancels_the_app_and_returns_once_its_work_ended() -> None:
     run(main)
 
 
+def test_stop_outlasts_a_second_cancellation_while_the_app_winds_down() -> None:
+    """The caller leaves (stop cancels the app), then its connection drops (the task
+    waiting in stop is cancelled again): stop still returns only once the app's work has
+    ended, so the request's place is not given back while the app runs."""
+    async def main() -> None:
+        began, finishing = asyncio.Event(), asyncio.Event()
+        ended = []
+
+        async def slow_to_stop(scope: dict, receive: Any, send: Any) -> None:
+            began.set()
+            try:
+                await asyncio.Event().wait()
+            finally:
+                await finishing.wait()  # cleanup that takes a while
+                ended.append(True)
+
+        running = Run(slow_to_stop)
+        await asyncio.wait_for(began.wait(), 5)
+        stopping = asyncio.ensure_future(running.call.stop())
+        await spin()
+        stopping.cancel()
+        await spin()
+        assert not stopping.done() and not ended
+        finishing.set()
+        await asyncio.wait_for(asyncio.wait([stopping]), 5)
+        assert ended == [True] and running.call.task.done()
+
+    run(main)
+
+
 # --------------------------------------------------------------------------- receive
 
 

@@ -17,6 +17,7 @@ same way (its end joining the reply's before ENDED).
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import time
 from typing import Callable, Dict, Optional, Tuple
@@ -98,3 +99,14 @@ class Admission:
     def finish(self) -> None:
         """The user's work for the request has stopped: give the place back."""
         self._apply(FINISH)
+
+
+async def outlast(work: asyncio.Future) -> None:
+    """Return once ``work`` is done, through any number of cancellations meanwhile (the
+    task stays cancelled: its next await raises): the work a request's place stands for
+    holds the place until it ends, however often the caller's side is cancelled."""
+    while not work.done():
+        try:
+            await asyncio.wait((work,))
+        except asyncio.CancelledError:
+            continue

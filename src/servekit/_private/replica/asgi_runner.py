@@ -16,6 +16,7 @@ import logging
 from typing import Any, AsyncIterator, Awaitable, Callable, Dict, Optional, Union
 
 from servekit._private.http_wire import HTTPResponseWire, text_response
+from servekit._private.replica.admission import outlast
 from servekit._private.wire.transport import ReplyStream
 
 logger = logging.getLogger("servekit.replica")
@@ -241,6 +242,8 @@ class AppCall:
             yield item
 
     async def stop(self) -> None:
-        """Cancel the app's work for this request (its caller left); return once it ended."""
+        """Cancel the app's work for this request (its caller left); return once it ended,
+        however often this wait is cancelled meanwhile (the request holds its place until
+        then)."""
         self.task.cancel()
-        await asyncio.wait([self.task])
+        await outlast(self.task)

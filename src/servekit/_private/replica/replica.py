@@ -46,7 +46,7 @@ from servekit._private.http_wire import (
     to_http_response,
 )
 from servekit._private.import_path import import_attribute
-from servekit._private.replica.admission import STREAMING, Admission, current_admission
+from servekit._private.replica.admission import STREAMING, Admission, current_admission, outlast
 from servekit._private.replica.asgi_runner import AppCall, Lifespan
 from servekit._private.replica.batching import BatchQueue
 from servekit._private.replica.thread_lane import ThreadLane
@@ -436,7 +436,7 @@ class Replica:
                 admission = current_admission.get()
                 if admission is not None:
                     admission.cancel()
-                await _outlast(batch)
+                await outlast(batch)
             raise
 
     async def handle_http(self, method_name: Optional[str],
@@ -591,7 +591,9 @@ class Replica:
             finally:
                 aclose = getattr(steps, "aclose", None)
                 if aclose is not None:  # (closed even if the stream is cancelled again)
-                    await _outlast(asyncio.ensure_future(self._on_loop(aclose)))
+                    closing = asyncio.ensure_future(self._on_loop(aclose))
+                    await outlast(closing)
+                    closing.result()
         else:
             iterator = iter(chunks)
             try:
@@ -603,7 +605,9 @@ class Replica:
             finally:
                 close = getattr(iterator, "close", None)
                 if close is not None:  # (on its thread, even if the stream is cancelled again)
-                    await _outlast(asyncio.ensure_future(self._on_pool(close)))
+                    closing = asyncio.ensure_future(self._on_pool(close))
+                    await outlast(closing)
+                    closing.result()
 
     async def _finishing(self, chunks: AsyncIterator[Any],
                          admission: Admission) -> AsyncIterator[Any]:
@@ -662,17 +666,6 @@ class Replica:
 async def _await(awaitable: Any) -> Any:
     return await awaitable
 
-
-async def _outlast(work: asyncio.Future) -> Any:
-    """``await work``, through any number of cancellations meanwhile (the task stays
-    cancelled and raises it at its next await): the work holds the request's place until
-    it is done."""
-    while not work.done():
-        try:
-            await asyncio.wait((work,))
-        except asyncio.CancelledError:
-            continue
-    return work.result()
 
 
 def _release(admission: Admission, task: asyncio.Future) -> None:
