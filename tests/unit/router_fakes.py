@@ -241,11 +241,12 @@ class Feed:
                   {backend: [(r.tag, r.address) for r in rs] for backend, rs in replicas.items()})
 
 
-def make_router(cluster: Cluster, cap: int = 1,
+def make_router(cluster: Cluster, cap: int = 1, connect: Optional[Any] = None,
                 **replicas: List[FakeReplica]) -> Tuple[Router, Feed]:
     """A router knowing endpoint ``ep`` (traffic all to backend ``b``), the caps and
-    replicas given (default: backend ``b``)."""
-    router = Router("/run/servekit/controller.sock", "router", connect_replica=cluster.connect)
+    replicas given (default: backend ``b``); ``connect``: instead of ``cluster.connect``."""
+    router = Router("/run/servekit/controller.sock", "router",
+                    connect_replica=connect or cluster.connect)
     feed = Feed(router)
     feed.endpoints(endpoint())
     feed.caps(**{backend: cap for backend in replicas})

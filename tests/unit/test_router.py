@@ -23,7 +23,6 @@ from router_fakes import (
     NOTICE,
     Cluster,
     FakeReplica,
-    Feed,
     endpoint,
     make_router,
     sent,
@@ -404,12 +403,7 @@ def test_a_replica_whose_connect_failed_is_tried_again_and_serves(
                 raise RuntimeError("the connect failed in a way nobody expected")
             return await cluster.connect(address, name)
 
-        router = Router("/run/servekit/controller.sock", "router",
-                        connect_replica=flaky_connect)
-        feed = Feed(router)
-        feed.endpoints(endpoint())
-        feed.caps(b=1)
-        feed.replicas(b=[r1])
+        router, _ = make_router(cluster, cap=1, connect=flaky_connect, b=[r1])
         reply = await asyncio.wait_for(start_send(router, "A"), 5.0)
         r1.answer("A", "a")
         assert await asyncio.wait_for(reply, 5.0) == "a"
