@@ -12,20 +12,13 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import socket
 import statistics
 import time
 
 import httpx
-from suite import serve_raw_asgi  # (benchmarks/ is on the path of a script run from it)
+from suite import free_port, serve_raw_asgi  # (benchmarks/ is on the path of a script run from it)
 
 import servekit as serve
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def noop(request: object) -> str:
@@ -72,7 +65,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000)
     n = parser.parse_args().requests
 
-    bare_port = _free_port()
+    bare_port = free_port()
     bare = multiprocessing.get_context("spawn").Process(target=serve_raw_asgi, args=(bare_port,))
     bare.start()
     try:
@@ -82,7 +75,7 @@ def main() -> None:
         bare.terminate()
         bare.join()
 
-    port = _free_port()
+    port = free_port()
     client = serve.start(http_options={"port": port})
     try:
         client.create_backend("noop", noop)

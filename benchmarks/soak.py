@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import httpx
+from suite import free_port  # (benchmarks/ is on the path of a script run from it)
 
 import servekit as serve
 from servekit.exceptions import ServeError
@@ -1274,12 +1275,6 @@ def commit() -> str:
         return git("rev-parse", "--short", "HEAD") + (" + uncommitted src/" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_http(url: str, deadline_s: float = 30.0) -> None:
