@@ -40,15 +40,15 @@ def test_update_changes_route_methods_and_mark_in_place() -> None:
     endpoints = table("a")
     endpoints.create("e", "a", "/e", ["GET"])
     endpoints.create("f", "a", "/f", ["GET"])
-    endpoints.update("e", "/e2", ["GET", "POST"], managed=True)
+    endpoints.update("e", "/e2", ["GET", "POST"], managed="deploy")
     info = endpoints.endpoints["e"]
     assert (info.route, info.methods, info.managed, info.traffic) == \
-        ("/e2", ["GET", "POST"], True, {"a": 1.0})
+        ("/e2", ["GET", "POST"], "deploy", {"a": 1.0})
     with pytest.raises(ValueError, match="Route '/f' is already registered to endpoint 'f'"):
-        endpoints.update("e", "/f", ["GET"], managed=True)
+        endpoints.update("e", "/f", ["GET"], managed="deploy")
     assert endpoints.endpoints["e"].route == "/e2"
     with pytest.raises(ValueError, match="update an endpoint 'x' that is not registered"):
-        endpoints.update("x", "/x", ["GET"], managed=False)
+        endpoints.update("x", "/x", ["GET"], managed=None)
 
 
 def test_traffic_must_name_registered_backends_with_weights_summing_to_one() -> None:
@@ -154,7 +154,7 @@ def test_an_asgi_route_ending_with_a_slash_is_refused_with_the_fix() -> None:
     endpoints.create("root", "app", "/", ["GET"])  # the root prefix holds everything
     endpoints.create("e", "app", "/api", ["GET"])
     with pytest.raises(ValueError, match=re.escape("Use '/v2'")):
-        endpoints.update("e", "/v2/", ["GET"], managed=False)
+        endpoints.update("e", "/v2/", ["GET"], managed=None)
     assert endpoints.endpoints["e"].route == "/api"
     endpoints.create("m", "model", "/model/", ["GET"])  # an exact route may end with "/"
     with pytest.raises(ValueError, match=re.escape("Use '/model'")):

@@ -24,7 +24,9 @@ class EndpointInfo:
     methods: List[str]
     traffic: Dict[str, float]
     shadows: Dict[str, float] = dataclasses.field(default_factory=dict)
-    managed: bool = False  # made from a deploy file (``servekit deploy --prune`` may delete it)
+    # The name of the deploy file that made it (``servekit deploy --prune`` of that name may
+    # delete it); None: made through the Python API.
+    managed: Optional[str] = None
     asgi: bool = False  # its backends are ASGI apps: its route is a prefix
 
     def uses(self, backend: str) -> bool:

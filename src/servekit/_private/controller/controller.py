@@ -612,7 +612,7 @@ class Controller:
     # ----------------------------------------------------------------- endpoints
 
     async def create_endpoint(self, name: str, backend: str, route: Optional[str],
-                              methods: List[str], managed: bool = False) -> None:
+                              methods: List[str], managed: Optional[str] = None) -> None:
         async with self.lock:
             before = self.endpoints.copy()
             if not self.endpoints.create(name, backend, route, methods, managed):
@@ -622,8 +622,9 @@ class Controller:
             await self._wait_for_proxy(version)
 
     async def update_endpoint(self, name: str, route: Optional[str], methods: List[str],
-                              managed: bool) -> None:
-        """Change an endpoint's route and methods (and its deploy-file mark) in place."""
+                              managed: Optional[str]) -> None:
+        """Change an endpoint's route and methods (and its mark: the name of the deploy file
+        that made it, None for the Python API) in place."""
         async with self.lock:
             before = self.endpoints.copy()
             self.endpoints.update(name, route, methods, managed)

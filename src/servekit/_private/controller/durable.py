@@ -142,6 +142,14 @@ def _undefinition(records: Records, key: str, fields: "Fields") -> ReplicaConfig
                          fields.get("source", dict, None, default=None))
 
 
+def _made_by(fields: "Fields") -> Optional[str]:
+    """The deploy file that made an endpoint (None: the Python API); ``true``, written
+    before deploy files had names, is a file of no name ("")."""
+    if isinstance(fields.doc.get("managed"), bool):
+        return "" if fields.doc["managed"] else None
+    return fields.get("managed", str, None, default=None)
+
+
 def _json(doc: Any) -> bytes:
     return json.dumps(doc, sort_keys=True).encode()
 
@@ -358,7 +366,7 @@ def _load(records: Records) -> LoadedState:
                 raise ValueError(f"record {key!r}: its route or methods {exc}") from None
             endpoints[name] = EndpointInfo(
                 name, route, methods, fields.weights("traffic"), fields.weights("shadows"),
-                fields.get("managed", bool, default=False))
+                _made_by(fields))
         elif kind == "proxy":
             fields = _document(records, key)
             fields.get("address", str, None)

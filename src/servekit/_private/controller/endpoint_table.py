@@ -31,7 +31,7 @@ class EndpointTable:
         self._asgi = asgi
 
     def create(self, name: str, backend: str, route: Optional[str], methods: List[str],
-               managed: bool = False) -> bool:
+               managed: Optional[str] = None) -> bool:
         """Add an endpoint sending all its traffic to ``backend``; False if this very
         endpoint exists already (a retried call)."""
         methods = self._checked(name, route, methods)
@@ -53,8 +53,9 @@ class EndpointTable:
         return True
 
     def update(self, name: str, route: Optional[str], methods: List[str],
-               managed: bool) -> None:
-        """Change an endpoint's route, methods and mark in place."""
+               managed: Optional[str]) -> None:
+        """Change an endpoint's route, methods and mark (the deploy file that made it) in
+        place."""
         methods = self._checked(name, route, methods)
         endpoint = self._endpoint(name, "update")
         self._check_route_free(name, route)
