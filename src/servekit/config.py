@@ -10,6 +10,7 @@ config) live in ``servekit._private.config_checks``; ``BackendMetadata`` and
 
 from __future__ import annotations
 
+import re
 from enum import Enum
 from typing import Any
 
@@ -30,6 +31,9 @@ __all__ = [
 
 # Requests a router holds for a backend whose replicas are all full, unless configured.
 DEFAULT_MAX_QUEUED_REQUESTS = 100
+# New replicas a redeploy starts at once beyond the replica count, unless configured.
+DEFAULT_MAX_SURGE = "25%"
+_PERCENTAGE = re.compile(r"[0-9]{1,3}%")
 # Defaults for max_concurrent_queries when the user leaves it unset.
 _ASYNC_MAX_CONCURRENT_QUERIES = 100
 _SYNC_MAX_CONCURRENT_QUERIES = 8
@@ -286,6 +290,11 @@ class BackendConfig(BaseModel):
             queries while a replica shuts down, default 2.0.
         experimental_graceful_shutdown_timeout_s: Seconds a stopping replica may take to finish
             in-flight queries before it is killed, default 20.0.
+        max_surge: New replicas a redeploy (a new definition) starts at once beyond the
+            replica count: a number (at least 1), or a percentage of the replicas as a
+            string such as ``"50%"`` (rounded up, at least 1), default ``"25%"``. An old
+            replica stops only as a new one runs, so as many serve as before throughout;
+            raise it for faster rollouts when the machine has room for the extra replicas.
 
     Raises:
         pydantic.ValidationError: an unknown key, a bool or wrong type for a number, or a
@@ -376,6 +385,11 @@ class BackendConfig(BaseModel):
         description="Seconds a stopping replica may take to drain before it is killed.",
     )
 
+    max_surge: int | str = Field(
+        default=DEFAULT_MAX_SURGE,
+        description="New replicas a redeploy starts at once: a number, or a percentage \"25%\".",
+    )
+
     def merged(self, update: BackendConfig | dict[str, Any]) -> BackendConfig:
         """Return a new config: this one with the fields explicitly set in ``update`` applied.
 
@@ -407,6 +421,20 @@ class BackendConfig(BaseModel):
     @classmethod
     def _num_replicas_bounded(cls, value: int) -> int:
         return _check_replica_bound("num_replicas", value)
+
+    @field_validator("max_surge", mode="before")
+    @classmethod
+    def _max_surge_count_or_percentage(cls, value: Any) -> int | str:
+        # ValueError, not TypeError: pydantic turns only the former into a field error.
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return value
+        if isinstance(value, str) and _PERCENTAGE.fullmatch(value) and \
+                1 <= int(value[:-1]) <= 100:
+            return value
+        raise ValueError(
+            f"max_surge must be a number of replicas (at least 1) or a percentage of them "
+            f"from \"1%\" to \"100%\", got {value!r}. For example max_surge=2 or "
+            f"max_surge=\"50%\".")
 
     @model_validator(mode="after")
     def _fixed_or_autoscaled(self) -> BackendConfig:

@@ -200,6 +200,37 @@ def test_a_redeploy_rolls_replicas_over_one_at_a_time() -> None:
     run(main)
 
 
+def test_a_redeploy_starts_max_surge_new_replicas_at_once() -> None:
+    async def main() -> None:
+        runtime = FakeRuntime()
+        async with running_controller(runtime) as (controller, _):
+            await start_backend(controller, "m", Loader, "v1", num_replicas=4, max_surge=2)
+            runtime.hold_launches()
+            goal = await controller.redeploy_backend(
+                "m", replica_config(Loader, "v2"), BackendMetadata.inspect(Loader))
+            backend = controller.backends["m"].state
+            launching: List[int] = []
+            serving: List[int] = []
+            while len(backend.current(RUNNING)) < 4:
+                await eventually(lambda: runtime.held() or len(backend.current(RUNNING)) == 4,
+                                 "new replicas launching")
+                launching.append(len(runtime.held()))
+                serving.append(len(replica_tags(controller, "m", RUNNING)))
+                [first, *_] = runtime.held() or [None]
+                if first is not None:
+                    runtime.release(first)
+                    await eventually(lambda t=first: backend.replicas.get(t) is None or
+                                     backend.replicas[t].state == RUNNING, "it running")
+            await wait_goal(controller, goal)
+            assert launching[0] == 2  # the surge at once
+            assert max(launching) == 2  # never more
+            assert min(serving) >= 4  # as many served as before throughout
+            running = replica_tags(controller, "m", RUNNING)
+            assert weights_of(runtime, running) == ["v2"] * 4
+
+    run(main)
+
+
 def test_a_redeploy_whose_constructor_raises_keeps_the_old_version() -> None:
     async def main() -> None:
         async with running_controller() as (controller, runtime):

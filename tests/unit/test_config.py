@@ -909,3 +909,16 @@ def test_deploy_files_are_held_to_the_same_checks(tmp_path: Any) -> None:
         "plain path (no query '?', fragment '#', percent-escape '%', whitespace or control "
         "character); give it decoded, without them",
     ]
+
+
+@pytest.mark.parametrize("value", [1, 5, "1%", "25%", "100%"])
+def test_max_surge_is_a_count_or_a_percentage(value: Any) -> None:
+    assert BackendConfig(max_surge=value).max_surge == value
+    assert BackendConfig().max_surge == "25%"
+
+
+@pytest.mark.parametrize("value", [0, -1, True, 1.5, "0%", "101%", "25", "x%", None])
+def test_max_surge_refuses_anything_else_naming_the_value_and_the_forms(value: Any) -> None:
+    with pytest.raises(ValidationError, match=r"max_surge must be a number of replicas .*"
+                                              r"got .*max_surge=\"50%\""):
+        BackendConfig(max_surge=value)

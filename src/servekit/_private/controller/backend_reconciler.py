@@ -2,8 +2,9 @@
 
 A ``BackendReconciler`` makes the replicas of its backend match what the backend asks for:
 its number of replicas (fixed, or what the autoscaler decided), its config, and its
-definition (a redeploy rolls the replicas over to a new one, one at a time). It works under
-the controller's lock and reaches the rest of the controller only through ``Services``.
+definition (a redeploy rolls the replicas over to a new one, ``max_surge`` at a time). It
+works under the controller's lock and reaches the rest of the controller only through
+``Services``. It logs each replica's start, stop and replacement, and why.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from servekit._private.backend_metadata import BackendMetadata
 from servekit._private.config_checks import validate_backend_against_config
 from servekit._private.controller.autoscaling import AutoscalingPolicy, Decision, LoadBook
 from servekit._private.controller.goals import GoalManager
+from servekit._private.controller.rollout import rollout_step, surge_replicas
 from servekit._private.controller.state import (
     RUNNING,
     STARTING,
@@ -83,8 +85,9 @@ class BackendReconciler:
         """Start or stop replicas towards the target number of the current definition (at
         most ``MAX_STARTING_REPLICAS`` starting at once).
 
-        While a redeploy is under way, one new replica starts at a time and an old one
-        leaves for each new one that runs, so as many serve as before throughout.
+        While a redeploy is under way, up to ``max_surge`` new replicas start beyond the
+        target and an old one leaves for each new one that runs, so as many serve as
+        before throughout (``rollout``).
         """
         backend = self.state
         self._follow_autoscaling()
@@ -92,18 +95,28 @@ class BackendReconciler:
         current = backend.current(STARTING, RUNNING)
         old = [r for r in backend.in_state(STARTING, RUNNING) if r.version != backend.version]
         for record in [r for r in old if r.state == STARTING]:
-            self._begin_stop(record)  # an old one that never served: not needed
+            # an old one that never served: not needed
+            self._begin_stop(record, f"it runs revision {record.version}, not "
+                                     f"{backend.version}, and never served")
         old_running = [r for r in old if r.state == RUNNING]
+        room = constants.MAX_STARTING_REPLICAS - len(backend.in_state(STARTING))
         if old_running:
-            keep = max(0, target - len(backend.current(RUNNING)))
-            for record in old_running[keep:]:
-                self._begin_stop(record)
-            if len(current) < target and not backend.current(STARTING):
+            new_running = len(backend.current(RUNNING))
+            step = rollout_step(target, self._surge(target), len(old_running), new_running,
+                                len(current) - new_running, room)
+            for record in old_running[len(old_running) - step.stop_old:]:
+                self._begin_stop(record, f"replaced by revision {backend.version} "
+                                         f"({new_running}/{target} new replicas ready)")
+            if step.start_new:
+                logger.info("Rollout of backend %s to revision %d: starting %d new "
+                            "replica(s); %d/%d new replicas ready, %d of the old revision "
+                            "serve.", backend.tag, backend.version, step.start_new,
+                            new_running, target, len(old_running) - step.stop_old)
+            for _ in range(step.start_new):
                 self._start_replica()
         else:
             # In batches: each start that ends calls this again, so a big scale-up neither
             # floods the runtime nor holds the event loop.
-            room = constants.MAX_STARTING_REPLICAS - len(backend.in_state(STARTING))
             for _ in range(min(target - len(current), room)):
                 self._start_replica()
         if len(current) > target:
@@ -113,15 +126,25 @@ class BackendReconciler:
             ordered = list(reversed(list(backend.replicas)))
             victims = sorted(current, key=lambda r: (r.state == RUNNING,
                                                      ordered.index(r.tag)))
+            why = "the backend is being deleted" if backend.deleting else \
+                f"the backend scales down to {target} replica(s)"
             for record in victims[:len(current) - target]:
-                self._begin_stop(record)
+                self._begin_stop(record, why)
         self.check_goal()
+
+    def _surge(self, target: int) -> int:
+        """Replicas a rollout may start beyond ``target``: ``max_surge``, within what the
+        resources left allow (but always one, as a rollout needs)."""
+        surge = surge_replicas(self.state.config.max_surge, target)
+        return max(1, min(surge, self._services.replicas_that_fit(self.state) - target))
 
     def _start_replica(self) -> None:
         backend = self.state
         tag = f"{backend.tag}#{secrets.token_hex(3)}"
         record = ReplicaRecord(tag=tag, backend=backend.tag, version=backend.version)
         backend.replicas[tag] = record
+        logger.info("Starting replica %s of backend %s (revision %d).", tag, backend.tag,
+                    backend.version)
         record.task = asyncio.ensure_future(self.run_start(record))
 
     def check_goal(self) -> None:
@@ -143,6 +166,7 @@ class BackendReconciler:
                 backend.definition_before is not None
             backend.created = True
             backend.start_failures = 0
+            backend.replacing = None
             backend.config_before_update = None
             backend.definition_before = backend.metadata_before = None
             goal, backend.goal = backend.goal, None
@@ -237,6 +261,10 @@ class BackendReconciler:
         backend = self.state
         record.state = RUNNING
         metrics.REPLICA_STARTS.labels(backend.tag).inc()
+        logger.info("Replica %s of backend %s is running (revision %d, started in %.1fs); "
+                    "%d/%d replicas of this revision run.", record.tag, backend.tag,
+                    record.version, time.monotonic() - record.created_at,
+                    len(backend.current(RUNNING)), backend.target_replicas)
         backend.last_start_error = None
         await self._services.publish_replicas()
         if backend.metadata is not None and self._services.is_registered(backend):
@@ -314,8 +342,9 @@ class BackendReconciler:
 
     # ------------------------------------------------------------- stopping
 
-    def _begin_stop(self, record: ReplicaRecord) -> None:
+    def _begin_stop(self, record: ReplicaRecord, why: str) -> None:
         was_running = record.state == RUNNING
+        logger.info("Stopping replica %s of backend %s: %s.", record.tag, self.state.tag, why)
         record.state = STOPPING
         if record.health_task is not None:
             record.health_task.cancel()
@@ -347,6 +376,7 @@ class BackendReconciler:
                 record.connection.close()
             async with services.lock:
                 backend.replicas.pop(record.tag, None)
+                logger.info("Replica %s of backend %s stopped.", record.tag, backend.tag)
                 self.check_goal()
 
     async def drain(self, record: ReplicaRecord) -> None:
@@ -368,6 +398,7 @@ class BackendReconciler:
         metrics.REPLICA_RESTARTS.labels(backend.tag).inc(len(failed))
         for record, reason in failed:
             logger.warning("Replica %s %s; replacing it.", record.tag, reason)
+            backend.replacing = f"replica {record.tag} {reason}"
             backend.replicas.pop(record.tag, None)
             record.state = STOPPING
             record.cancel_tasks()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from typing import Dict, List, Optional
 
 from servekit._private.backend_metadata import BackendMetadata, ReplicaConfig
@@ -28,6 +29,7 @@ class ReplicaRecord:
     task: Optional[asyncio.Task] = None  # its start
     health_task: Optional[asyncio.Task] = None  # its health pings, while it runs
     unhealthy: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    created_at: float = dataclasses.field(default_factory=time.monotonic)  # by this controller
 
     def cancel_tasks(self) -> None:
         """Cancel its start and health tasks, except the one calling this."""
@@ -88,6 +90,7 @@ class BackendState:
     start_failures: int = 0  # consecutive replica starts that failed
     retry_at: float = 0.0  # monotonic time before which failed replacements are not retried
     last_start_error: Optional[str] = None  # why the last replica start failed, until one starts
+    replacing: Optional[str] = None  # why replicas were last replaced, until all run again
     # Held while config updates reach the replicas: one at a time per backend.
     updating: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
 
