@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from servekit._private.asgi_app import asgi_factory, ingress
+    from servekit._private.replica.batched import batch
     from servekit.api import (
         Client,
         accept_batch,
@@ -41,6 +42,7 @@ _HOMES = {
     "ServeHandle": "handle", "ServeResponse": "handle", "ServeSyncHandle": "handle",
     "ServeRequest": "request",
     "asgi_factory": "_private.asgi_app", "ingress": "_private.asgi_app",
+    "batch": "_private.replica.batched",
 }
 
 __all__ = [
@@ -60,6 +62,7 @@ __all__ = [
     "__version__",
     "accept_batch",
     "asgi_factory",
+    "batch",
     "connect",
     "get_current_backend_tag",
     "get_current_replica_tag",

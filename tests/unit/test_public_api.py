@@ -26,6 +26,7 @@ EXPECTED_ALL = sorted([
     "__version__",
     "accept_batch",
     "asgi_factory",
+    "batch",
     "connect",
     "get_current_backend_tag",
     "get_current_replica_tag",

@@ -11,6 +11,8 @@ import inspect
 from typing import Any
 
 BATCH_MARKER = "_serve_accept_batch"
+# The attribute of a @serve.batch function holding its settings (replica/batched.py).
+BATCH_SETTINGS = "_serve_batch"
 # Methods servekit itself calls on a backend class; requests may not call them.
 LIFECYCLE_METHODS = ("reconfigure", "check_health")
 
@@ -46,6 +48,13 @@ def _is_marked_for_batches(func: object) -> bool:
     return getattr(func, BATCH_MARKER, False) is True
 
 
+def _batch_wait_timeout_s(functions: Any) -> float:
+    """The longest ``batch_wait_timeout_s`` of the ``@serve.batch`` functions among
+    ``functions``; 0 if none is one."""
+    settings = (getattr(f, BATCH_SETTINGS, None) for f in functions)
+    return max((s.batch_wait_timeout_s for s in settings if s is not None), default=0.0)
+
+
 @dataclasses.dataclass(frozen=True)
 class BackendMetadata:
     """What a backend's function or class can do, as far as its config is concerned.
@@ -64,6 +73,9 @@ class BackendMetadata:
             base class such as ``torch.nn.Module``) count only if listed in the class's
             ``serve_methods`` attribute.
         name: The function's or class's name, for error messages.
+        batch_wait_timeout_s: The longest ``batch_wait_timeout_s`` of the function's, or
+            the class's methods', ``@serve.batch`` (0 without any): a request must be
+            allowed to wait that long (``request_timeout_s``).
         asgi: The backend serves HTTP as an ASGI app (FastAPI, Starlette): its endpoint's
             route is a prefix. An ASGI app or ``serve.asgi_factory`` is not a class, is
             async (the app's call is a coroutine) and has no methods; an ``@serve.ingress``
@@ -79,6 +91,7 @@ class BackendMetadata:
     methods: tuple[str, ...]
     name: str = ""
     asgi: bool = False
+    batch_wait_timeout_s: float = 0.0
 
     @classmethod
     def inspect(cls, func_or_class: Any) -> BackendMetadata:
@@ -115,6 +128,7 @@ class BackendMetadata:
             has_reconfigure=False,
             methods=(),
             name=getattr(func_or_class, "__name__", type(func_or_class).__name__),
+            batch_wait_timeout_s=_batch_wait_timeout_s([func_or_class]),
         )
 
     @classmethod
@@ -140,6 +154,8 @@ class BackendMetadata:
             has_reconfigure=inspect.isroutine(_class_attribute(klass, "reconfigure")),
             methods=tuple(sorted(n for n in routines if n not in LIFECYCLE_METHODS)),
             name=klass.__name__,
+            batch_wait_timeout_s=_batch_wait_timeout_s(
+                _class_attribute(klass, attr) for attr in dir(klass)),
         )
 
 

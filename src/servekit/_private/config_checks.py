@@ -242,8 +242,9 @@ def validate_backend_against_config(metadata: BackendMetadata, config: BackendCo
 
     Raises:
         ValueError: batching is configured for a callable that does not accept batches (or
-            for an ASGI app), or ``user_config`` is set for a backend without a
-            ``reconfigure`` method (or for an ASGI app).
+            for an ASGI app), a ``@serve.batch`` function waits as long as
+            ``request_timeout_s`` or longer, or ``user_config`` is set for a backend
+            without a ``reconfigure`` method (or for an ASGI app).
     """
     if metadata.asgi and not metadata.is_class:
         _validate_asgi_app_against_config(metadata, config)
@@ -256,6 +257,14 @@ def validate_backend_against_config(metadata: BackendMetadata, config: BackendCo
         raise ValueError(
             f"max_batch_size is {config.max_batch_size} but the backend's callable does not "
             "accept batches. Mark it with @serve.accept_batch, or set max_batch_size to 1."
+        )
+    timeout = config.request_timeout_s
+    if timeout is not None and metadata.batch_wait_timeout_s >= timeout:
+        raise ValueError(
+            f"request_timeout_s is {timeout} but a @serve.batch function of the backend "
+            f"{metadata.name} waits up to batch_wait_timeout_s={metadata.batch_wait_timeout_s} "
+            "for its batch to fill: its requests could time out waiting. Make "
+            "batch_wait_timeout_s smaller than request_timeout_s."
         )
     if config.user_config is not None:
         if not metadata.is_class:

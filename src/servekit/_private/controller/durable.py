@@ -122,7 +122,8 @@ def _unmetadata(doc: Optional[dict], where: str) -> Optional[BackendMetadata]:
         batch_methods=frozenset(fields.names("batch_methods")),
         has_reconfigure=fields.get("has_reconfigure", bool),
         methods=tuple(fields.names("methods")),
-        name=fields.get("name", str, default=""), asgi=fields.get("asgi", bool, default=False))
+        name=fields.get("name", str, default=""), asgi=fields.get("asgi", bool, default=False),
+        batch_wait_timeout_s=fields.get("batch_wait_timeout_s", float, default=0.0))
 
 
 def _definition(replica_config: ReplicaConfig) -> dict:

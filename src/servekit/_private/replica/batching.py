@@ -1,49 +1,74 @@
-"""Batching: group requests to one method of a replica and run them as one call."""
+"""Batching: group calls to one batched function of a replica and run them as one call.
+
+One ``BatchQueue`` serves both kinds: a backend's ``@accept_batch`` method (the 1.x
+backend-wide ``max_batch_size``) and each ``@serve.batch`` function or method (``batched``).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 from typing import Any, Awaitable, Callable, Deque, Dict, List, Optional, Tuple
 
-from servekit.exceptions import BatchOutputError
+from servekit._private.replica.admission import current_admission, outlast
+from servekit.exceptions import BatchOutputError, ServeError
 
 RunBatch = Callable[[List[Any]], Awaitable[Any]]
 
 
-def check_batch_output(output: Any, size: int) -> List[Any]:
-    """The batch's results as a list, or BatchOutputError saying what was wrong."""
+def check_batch_output(output: Any, size: int,
+                       what: str = "An @accept_batch callable") -> List[Any]:
+    """The batch's results as a list, or BatchOutputError saying what was wrong; ``what``
+    names the batched function."""
     if isinstance(output, (list, tuple)) or type(output).__name__ == "ndarray":
         results = list(output)
     else:
         raise BatchOutputError(
-            f"An @accept_batch callable must return an ordered sequence (list, tuple or numpy "
-            f"array) with one result per request; it returned a {type(output).__name__}.")
+            f"{what} must return an ordered sequence (list, tuple or numpy array) with one "
+            f"result per request; it returned a {type(output).__name__}.")
     if len(results) != size:
         raise BatchOutputError(
-            f"An @accept_batch callable must return one result per request: it got {size} "
-            f"requests but returned {len(results)} results.")
+            f"{what} must return one result per request: it got {size} requests but "
+            f"returned {len(results)} results.")
     return results
 
 
-class BatchQueue:
-    """Requests for one batched method, run ``max_batch_size`` at a time.
+class _Waiting:
+    """A request in the queue: when it came, its item, the future of its result."""
 
-    With ``batch_wait_timeout`` 0 a batch is whatever is queued when the method is free; with
-    a timeout, a batch starts when it is full or its oldest request has waited that long.
-    The queue wakes on arrivals and on the deadline, never on a timer of its own.
+    __slots__ = ("arrived", "item", "future")
+
+    def __init__(self, arrived: float, item: Any, future: asyncio.Future) -> None:
+        self.arrived = arrived
+        self.item = item
+        self.future = future
+
+
+class BatchQueue:
+    """Requests for one batched function, run ``max_batch_size`` at a time.
+
+    With ``batch_wait_timeout`` 0 a batch is whatever is queued when the function is free;
+    with a timeout, a batch starts when it is full or its oldest request has waited that
+    long. ``limits()`` gives both, read as each batch is formed (so a change applies from
+    the next batch). The queue wakes on arrivals and on the deadline, never on a timer of
+    its own. A batch runs in a context of its own, not in any one caller's (it serves them
+    all). ``what`` names the function in errors.
     """
 
     def __init__(self, run_batch: RunBatch, limits: Callable[[], Tuple[int, float]],
-                 concurrent: bool, on_batch: Callable[[int], None] = lambda size: None) -> None:
+                 concurrent: bool, on_batch: Callable[[int], None] = lambda size: None,
+                 what: str = "An @accept_batch callable") -> None:
         """``on_batch(size)`` is told the size of each batch as it starts."""
         self._run_batch = run_batch
         self._on_batch = on_batch
         self._limits = limits
         self._concurrent = concurrent
-        self._queue: Deque[Tuple[float, Any, asyncio.Future]] = collections.deque()
+        self._what = what
+        self._queue: Deque[_Waiting] = collections.deque()
         self._arrived = asyncio.Event()
-        self._task = asyncio.ensure_future(self._loop())
+        self.loop = asyncio.get_running_loop()
+        self._task = self.loop.create_task(self._loop(), context=contextvars.Context())
         self._running: set = set()
         # The result future of each request in a running batch -> the end of that batch.
         self._batch_of: Dict[asyncio.Future, asyncio.Future] = {}
@@ -51,11 +76,38 @@ class BatchQueue:
     def submit(self, item: Any) -> asyncio.Future:
         """Queue one request; the future of its result. Cancelling the future while the
         request waits takes it out of the queue; once its batch runs, the batch runs on."""
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self._queue.append((loop.time(), item, future))
+        future = self.loop.create_future()
+        waiting = _Waiting(self.loop.time(), item, future)
+        self._queue.append(waiting)
+        future.add_done_callback(lambda _: self._withdraw(waiting))
         self._arrived.set()
         return future
+
+    def _withdraw(self, waiting: _Waiting) -> None:
+        """A request whose caller left before its batch started leaves the queue (so it
+        neither runs nor counts toward a full batch)."""
+        if waiting.future.cancelled():
+            try:
+                self._queue.remove(waiting)
+            except ValueError:
+                pass  # its batch had taken it
+
+    async def call(self, item: Any) -> Any:
+        """Submit ``item`` and return its result. A caller that leaves while the item
+        waits takes it out of the queue; one that leaves once its batch runs keeps its
+        request's place on the replica until the batch ends, however often it is
+        cancelled meanwhile (its connection lost after it left), then stops."""
+        result = self.submit(item)
+        try:
+            return await result
+        except asyncio.CancelledError:
+            batch = self._batch_of.get(result)
+            if batch is not None:
+                admission = current_admission.get()
+                if admission is not None:
+                    admission.cancel()
+                await outlast(batch)
+            raise
 
     def running_batch(self, future: asyncio.Future) -> Optional[asyncio.Future]:
         """The end of the running batch whose request has the result ``future``; None if
@@ -66,28 +118,30 @@ class BatchQueue:
         self._task.cancel()
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         while True:
             while not self._queue:
                 self._arrived.clear()
                 await self._arrived.wait()
             max_size, timeout = self._limits()
             if timeout > 0:
-                deadline = self._queue[0][0] + timeout
+                deadline = self._queue[0].arrived + timeout
                 while len(self._queue) < max_size and loop.time() < deadline:
                     self._arrived.clear()
                     try:
                         await asyncio.wait_for(self._arrived.wait(), deadline - loop.time())
                     except asyncio.TimeoutError:
                         break
+                    if not self._queue:  # all its callers left
+                        break
             batch = [self._queue.popleft() for _ in range(min(max_size, len(self._queue)))]
-            batch = [entry for entry in batch if not entry[2].done()]  # callers gone: skip
+            batch = [entry for entry in batch if not entry.future.done()]  # callers gone
             if not batch:
                 continue
             self._on_batch(len(batch))
             ended = loop.create_future()
-            for _, _, future in batch:
-                self._batch_of[future] = ended
+            for entry in batch:
+                self._batch_of[entry.future] = ended
             if self._concurrent:
                 task = asyncio.ensure_future(self._execute(batch, ended))
                 self._running.add(task)
@@ -95,16 +149,20 @@ class BatchQueue:
             else:
                 await self._execute(batch, ended)
 
-    async def _execute(self, batch: List[Tuple[float, Any, asyncio.Future]],
-                       ended: asyncio.Future) -> None:
-        futures = [future for _, _, future in batch]
+    async def _execute(self, batch: List[_Waiting], ended: asyncio.Future) -> None:
+        futures = [entry.future for entry in batch]
         try:
-            output = await self._run_batch([item for _, item, _ in batch])
-            results = check_batch_output(output, len(batch))
-        except Exception as exc:
+            output = await self._run_batch([entry.item for entry in batch])
+            results = check_batch_output(output, len(batch), self._what)
+        except BaseException as exc:
+            if _closing(exc):  # the queue itself is cancelled (``close``)
+                for future in futures:
+                    future.cancel()
+                raise
+            error = exc if isinstance(exc, Exception) else self._contained(exc)
             for future in futures:
                 if not future.done():
-                    future.set_exception(exc)
+                    future.set_exception(error)
             return
         finally:
             for future in futures:
@@ -113,3 +171,20 @@ class BatchQueue:
         for future, result in zip(futures, results, strict=True):
             if not future.done():
                 future.set_result(result)
+
+    def _contained(self, exc: BaseException) -> ServeError:
+        """What the batch's requests fail with for ``exc``, raised beyond ``Exception``
+        (``SystemExit``, the function's own ``CancelledError``): a ``ServeError`` naming
+        it, so batching goes on."""
+        error = ServeError(f"{self._what} raised {type(exc).__name__}({exc}); servekit "
+                           "failed the requests of its batch and goes on batching. Raise an "
+                           "Exception subclass instead.")
+        error.__cause__ = exc
+        return error
+
+
+def _closing(exc: BaseException) -> bool:
+    """Whether ``exc`` is the running task's own cancellation (not user code's)."""
+    task = asyncio.current_task()
+    return isinstance(exc, asyncio.CancelledError) and task is not None and \
+        task.cancelling() > 0

@@ -424,20 +424,7 @@ class Replica:
         method, is_async, queue = target
         if queue is None:
             return await self._call(method, is_async, argument)
-        result = queue.submit(argument)
-        try:
-            return await result
-        except asyncio.CancelledError:
-            batch = queue.running_batch(result)
-            if batch is not None:
-                # The caller left, but the batch it is part of runs on: the request keeps
-                # its place on the replica until the batch ends, however often it is
-                # cancelled meanwhile (its connection lost after its caller left).
-                admission = current_admission.get()
-                if admission is not None:
-                    admission.cancel()
-                await outlast(batch)
-            raise
+        return await queue.call(argument)
 
     async def handle_http(self, method_name: Optional[str],
                           wire: HTTPRequestWire) -> Union[HTTPResponseWire, Stream]:

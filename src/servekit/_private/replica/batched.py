@@ -1,0 +1,174 @@
+"""``@serve.batch``: each caller passes one item and awaits one result; the decorated
+``async def`` function or method runs on lists of them (Ray Serve 2.x's ``serve.batch``).
+
+Batches form per replica across all its callers: one ``BatchQueue`` per decorated function
+and instance (a plain function has one), made on the running loop at its first call. The
+limits live with the decorated function and may change while it serves
+(``set_max_batch_size``, ``set_batch_wait_timeout_s``, from ``reconfigure`` for instance):
+the next batch formed uses them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import math
+from typing import Any, Callable, Dict, Optional, Tuple
+
+from servekit._private import metrics
+from servekit._private.backend_metadata import BATCH_SETTINGS
+from servekit._private.context import current_replica_context
+from servekit._private.replica.batching import BatchQueue
+
+DEFAULT_MAX_BATCH_SIZE = 10  # Ray Serve 2.x's defaults
+DEFAULT_BATCH_WAIT_TIMEOUT_S = 0.01
+
+
+def check_max_batch_size(value: Any) -> int:
+    """``value`` if it is an int >= 1; else a TypeError or ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"max_batch_size must be an int >= 1, got {value!r} "
+                        f"({type(value).__name__}).")
+    if value < 1:
+        raise ValueError(f"max_batch_size must be an int >= 1, got {value}. Use 1 to run "
+                         "each call alone.")
+    return value
+
+
+def check_batch_wait_timeout_s(value: Any) -> float:
+    """``value`` as a float if it is a finite number >= 0; else a TypeError or ValueError
+    naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"batch_wait_timeout_s must be a number of seconds >= 0, got "
+                        f"{value!r} ({type(value).__name__}).")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"batch_wait_timeout_s must be a finite number of seconds >= 0, "
+                         f"got {value}. Use 0 to run whatever is queued at once.")
+    return float(value)
+
+
+class BatchSettings:
+    """A decorated function's limits, read as each batch is formed."""
+
+    __slots__ = ("max_batch_size", "batch_wait_timeout_s")
+
+    def __init__(self, max_batch_size: Any, batch_wait_timeout_s: Any) -> None:
+        self.max_batch_size = check_max_batch_size(max_batch_size)
+        self.batch_wait_timeout_s = check_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    def limits(self) -> Tuple[int, float]:
+        return self.max_batch_size, self.batch_wait_timeout_s
+
+
+def batch(_func: Optional[Callable] = None, /, *,
+          max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+          batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_TIMEOUT_S) -> Any:
+    """Run an ``async def`` function or method on batches of its callers' items.
+
+    Each caller passes one item (``await self.predict(x)``) and gets one result; the
+    decorated function receives a list of items and returns a list (tuple, numpy array)
+    of as many results, result ``i`` going to caller ``i``. Used bare (``@serve.batch``)
+    or with settings (``@serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)``).
+
+    Args:
+        max_batch_size: The largest list the function receives (default 10).
+        batch_wait_timeout_s: How long a batch that is not full waits for more items after
+            its first arrived (default 0.01 s); 0 runs whatever is queued at once. Longer
+            waits make fuller batches and add that much latency when traffic is light.
+
+    A batch runs when the previous one has ended, so items arriving meanwhile gather into
+    the next. What the function raises fails every caller of that batch; a result list of
+    the wrong length or type fails them with ``BatchOutputError``. A caller that leaves
+    before its batch starts is taken out of it; one whose batch runs keeps its place on
+    the replica until the batch ends. The decorated function gains
+    ``set_max_batch_size(n)`` and ``set_batch_wait_timeout_s(s)`` (and Ray's
+    ``_get_max_batch_size()``, ``_get_batch_wait_timeout_s()``).
+
+    Raises:
+        TypeError: the function is not ``async def``, does not take exactly one argument
+            (a method: ``self`` and one), or a setting has the wrong type.
+        ValueError: ``max_batch_size`` < 1, or ``batch_wait_timeout_s`` < 0 or not finite.
+    """
+    if _func is not None and not callable(_func):
+        raise TypeError(f"@serve.batch takes its settings by name, as in "
+                        f"@serve.batch(max_batch_size=8); it was given {_func!r}.")
+    settings = BatchSettings(max_batch_size, batch_wait_timeout_s)
+    if _func is None:
+        return functools.partial(_batched, settings=settings)
+    return _batched(_func, settings=settings)
+
+
+def _batched(func: Callable, settings: BatchSettings) -> Callable:
+    name = getattr(func, "__qualname__", repr(func))
+    if not inspect.iscoroutinefunction(func):
+        raise TypeError(f"@serve.batch needs an `async def` function or method (batches "
+                        f"form on the replica's event loop); {name} is not one. Declare it "
+                        "`async def`, and run blocking model code inside it with "
+                        "`await asyncio.to_thread(...)` if it must not hold the loop.")
+    is_method = _is_method(func, name)
+    what = f"The @serve.batch function {name}"
+    key = f"_servekit_batch_queue_{func.__name__}"
+    own: Dict[str, BatchQueue] = {}  # a plain function's queue
+
+    def queue_of(instance: Any) -> BatchQueue:
+        holder = own if instance is None else _attributes_of(instance, name)
+        queue = holder.get(key)
+        if queue is None or queue.loop is not asyncio.get_running_loop():
+            run = func if instance is None else functools.partial(func, instance)
+            queue = holder[key] = BatchQueue(run, settings.limits, concurrent=False,
+                                             on_batch=_batch_size_metric(), what=what)
+        return queue
+
+    @functools.wraps(func)
+    async def batched(*args: Any) -> Any:
+        if len(args) != 1 + is_method:
+            raise TypeError(f"{name} is batched by @serve.batch: call it with one item "
+                            f"(it runs on a list of them); it was given "
+                            f"{len(args) - is_method} arguments.")
+        return await queue_of(args[0] if is_method else None).call(args[-1])
+
+    def set_max_batch_size(value: int) -> None:
+        settings.max_batch_size = check_max_batch_size(value)
+
+    def set_batch_wait_timeout_s(value: float) -> None:
+        settings.batch_wait_timeout_s = check_batch_wait_timeout_s(value)
+
+    setattr(batched, BATCH_SETTINGS, settings)
+    for attribute, value in (
+            ("set_max_batch_size", set_max_batch_size),
+            ("set_batch_wait_timeout_s", set_batch_wait_timeout_s),
+            ("_get_max_batch_size", lambda: settings.max_batch_size),
+            ("_get_batch_wait_timeout_s", lambda: settings.batch_wait_timeout_s)):
+        setattr(batched, attribute, value)
+    return batched
+
+
+def _is_method(func: Callable, name: str) -> bool:
+    """Whether ``func`` takes ``self`` and an item (a method) rather than an item alone."""
+    positional = [p for p in inspect.signature(func).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+                  and p.default is p.empty]
+    if len(positional) not in (1, 2):
+        raise TypeError(f"@serve.batch needs a function of one argument, the list of items "
+                        f"(a method: self and that list); {name} takes "
+                        f"{[p.name for p in positional]}.")
+    return len(positional) == 2
+
+
+def _attributes_of(instance: Any, name: str) -> Dict[str, Any]:
+    try:
+        return vars(instance)
+    except TypeError:
+        raise TypeError(f"{name} is batched by @serve.batch, which keeps its queue on the "
+                        f"instance, but a {type(instance).__name__} has no __dict__ "
+                        "(__slots__): add '__dict__' to its __slots__.") from None
+
+
+def _batch_size_metric() -> Callable[[int], None]:
+    """Where the sizes of a replica's batches are counted (``servekit_batch_size``);
+    nowhere outside a replica."""
+    context = current_replica_context()
+    if context is None:
+        return lambda size: None
+    return metrics.BATCH_SIZE.labels(context.backend_tag, context.replica_tag).observe
