@@ -24,7 +24,7 @@ client.create_endpoint("model", backend="model", route="/model")
 
 
 def replicas():
-    return client._call("status")["backends"]["model"]["running"]
+    return client.status()["backends"]["model"]["running"]
 
 
 print("replicas at rest:", replicas())

@@ -387,6 +387,31 @@ class Client:
         return handle_type(self._controller_address, endpoint_name,
                            HandleOptions(missing_ok=missing_ok))
 
+    @_guarded
+    def status(self) -> Dict[str, Any]:
+        """What runs, as ``servekit status --json`` prints it: a dict of plain data.
+
+        - ``"backends"``: ``{tag: {...}}`` with ``"status"`` in Ray Serve's words
+          (``"UPDATING"``: being created, rolled over to a new revision or given a new
+          config; ``"UPSCALING"`` / ``"DOWNSCALING"``: replicas start or stop towards a new
+          count; ``"UNHEALTHY"``: fewer run than wanted because replicas fail to start,
+          die or fail health checks; ``"HEALTHY"``), ``"message"`` (why, e.g. ``"rolling
+          out revision 2: 2/5 new replicas ready, 3 of the old revision running"``),
+          ``"running"`` and ``"target"`` (replicas), ``"revision"`` (the definition's
+          number, raised by each redeploy) and ``"revision_running"`` (replicas running
+          it), ``"config"`` (defaults resolved: ``max_concurrent_queries`` as replicas
+          apply it), ``"autoscaling"`` (the autoscaler's last decision, None for a fixed
+          count), ``"last_start_error"``, ``"description"`` and ``"source"``.
+        - ``"endpoints"``: ``{name: {"route", "methods", "traffic", "shadows", "managed",
+          "prefix"}}`` (``"prefix"``: the route is an ASGI app's prefix; ``"route"`` None:
+          handle only).
+        - ``"processes"``: ``[{"role", "name", "pid", "state", "node", ...}]`` for the
+          instance's own processes, its proxies (with ``"http"``: host and port) and its
+          replicas (with ``"backend"`` and ``"revision"``).
+        - ``"http_options"``: the HTTP options the instance started with.
+        """
+        return self._call("status")
+
     # ------------------------------------------------------------- deploy files
 
     @_guarded

@@ -76,7 +76,7 @@ def start(http_host: Optional[str], http_port: Optional[int],
 def _start_detached(options: Dict[str, Any], address: Optional[str]) -> str:
     """Start a detached instance with ``options``; say where it serves, what it restored."""
     client = serve.start(detached=True, http_options=options or None, address=address)
-    state = client._call("status")
+    state = client.status()
     served = sorted({f"http://{p['http'][0]}:{p['http'][1]}" for p in state["processes"]
                      if p["role"] == "proxy" and p.get("http")})
     where = f"HTTP on {', '.join(served)}" if served else "no HTTP"
@@ -90,29 +90,39 @@ def _start_detached(options: Dict[str, Any], address: Optional[str]) -> str:
 @_address
 @_user_errors
 def status(as_json: bool, address: Optional[str]) -> None:
-    """Show the backends, endpoints and processes of the running instance."""
-    state = serve.connect(address)._call("status")
+    """Show the backends (each HEALTHY, UPDATING, UPSCALING, DOWNSCALING or UNHEALTHY, and
+    why), endpoints and processes of the running instance."""
+    state = serve.connect(address).status()
     if as_json:
         click.echo(json.dumps(state, indent=2, sort_keys=True))
         return
-    backend_rows = [[tag, f"{b['running']}/{b['target']}",
-                     ", ".join(f"{k}={v}" for k, v in sorted(b["config"].items())
-                               if k in ("max_concurrent_queries", "max_batch_size",
-                                        "sync_threads")),
-                     "fixed" if b["autoscaling"] is None else f"auto: {b['autoscaling']}",
-                     b["last_start_error"] or ""]
-                    for tag, b in sorted(state["backends"].items())]
-    endpoint_rows = [[name, e["route"] or "(handle only)", ",".join(e["methods"]),
-                      _weights(e["traffic"]), _weights(e["shadows"])]
+    backend_rows = [[tag, b["status"], f"{b['running']}/{b['target']}", _config_cell(b),
+                     b["message"]] for tag, b in sorted(state["backends"].items())]
+    endpoint_rows = [[name, _route_cell(e), "" if e["route"] is None or e.get("prefix")
+                      else ",".join(e["methods"]), _weights(e["traffic"]),
+                      _weights(e["shadows"])]
                      for name, e in sorted(state["endpoints"].items())]
     process_rows = [[p["role"], p["name"], str(p["pid"]), p["state"],
                      (p.get("node") or "")[:12]] for p in state["processes"]]
-    click.echo(_table("BACKENDS", ["backend", "replicas", "config", "scaling",
-                                   "last start error"], backend_rows))
+    click.echo(_table("BACKENDS", ["backend", "status", "replicas", "config", "message"],
+                      backend_rows))
     click.echo(_table("ENDPOINTS", ["endpoint", "route", "methods", "traffic", "shadows"],
                       endpoint_rows))
     click.echo(_table("PROCESSES", ["role", "name", "pid", "state", "node"], process_rows),
                nl=False)
+
+
+def _config_cell(backend: Dict[str, Any]) -> str:
+    """The config fields worth a glance, as replicas apply them (no field left at None)."""
+    config = backend["config"]
+    shown = ["max_concurrent_queries", "max_batch_size", "sync_threads", "max_surge"]
+    return ", ".join(f"{key}={config[key]}" for key in shown if config.get(key) is not None)
+
+
+def _route_cell(endpoint: Dict[str, Any]) -> str:
+    if endpoint["route"] is None:
+        return "(handle only)"
+    return f"{endpoint['route']} (prefix)" if endpoint.get("prefix") else endpoint["route"]
 
 
 @main.command()
@@ -240,7 +250,14 @@ def logs(lines: int, process: Optional[str]) -> None:
 
 
 def _weights(weights: Dict[str, float]) -> str:
-    return ", ".join(f"{backend}:{weight:g}" for backend, weight in sorted(weights.items()))
+    """``tag=weight, ...``; a tag that holds "=", "," or a space or quote is quoted, so tags
+    with colons ("iris:v1") or anything else read back unambiguously."""
+    return ", ".join(f"{_quoted(backend)}={weight:g}"
+                     for backend, weight in sorted(weights.items()))
+
+
+def _quoted(tag: str) -> str:
+    return json.dumps(tag) if any(c in tag for c in '=, "\'') else tag
 
 
 def _table(title: str, header: Sequence[str], rows: List[List[str]]) -> str:

@@ -658,7 +658,7 @@ def test_detached_instance_through_the_cli(detached):
     table = detached.cli("status")
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
-    assert any(line.split()[:2] == ["greet", "2/2"] for line in lines), table.stdout
+    assert any(line.split()[:3] == ["greet", "HEALTHY", "2/2"] for line in lines), table.stdout
     assert any(line.split()[:2] == ["greet", "/greet"] for line in lines), table.stdout
     state = detached.status()
     assert state["backends"]["greet"]["running"] == 2

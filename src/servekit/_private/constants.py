@@ -56,6 +56,9 @@ GOAL_RETENTION_S = _env_float("SERVEKIT_GOAL_RETENTION_S", 600.0)
 NO_REPLICA_TIMEOUT_S = _env_float("SERVEKIT_NO_REPLICA_TIMEOUT_S", 30.0)
 # Seconds a proxy serves the same /-/metrics gathering to every scrape.
 METRICS_CACHE_S = _env_float("SERVEKIT_METRICS_CACHE_S", 1.0, minimum=0.0)
+# 1: /-/metrics also shows the metrics Ray Serve 2.x has under its names and labels (what its
+# Grafana dashboards query); 0: servekit's names only (half the series to store).
+RAY_METRIC_NAMES = bool(_env_int("SERVEKIT_RAY_METRIC_NAMES", 1, minimum=0))
 # Seconds a TCP connection may take to open (TLS and authentication included).
 CONNECT_TIMEOUT_S = _env_float("SERVEKIT_CONNECT_TIMEOUT_S", 10.0, minimum=0.1)
 # Seconds of silence, with requests in flight, after which a TCP peer is pinged; silent for

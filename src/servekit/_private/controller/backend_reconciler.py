@@ -164,6 +164,9 @@ class BackendReconciler:
             settled = backend.goal is not None or not backend.created or \
                 backend.config_before_update is not None or \
                 backend.definition_before is not None
+            if backend.definition_before is not None:
+                logger.info("Rollout of backend %s to revision %d is complete: %d replicas "
+                            "run it.", backend.tag, backend.version, len(running))
             backend.created = True
             backend.start_failures = 0
             backend.replacing = None
@@ -301,6 +304,9 @@ class BackendReconciler:
             # force.
             goal, backend.goal = backend.goal, None
             if backend.definition_before is not None:
+                logger.warning("Rollout of backend %s to revision %d failed; going back to "
+                               "revision %d, whose replicas kept serving.", backend.tag,
+                               backend.version, backend.previous_version)
                 backend.undefine()
             push = False
             if backend.config_before_update is not None:

@@ -34,6 +34,7 @@ from servekit._private.controller.backend_reconciler import (
     BackendReconciler,
     replica_visible_fields,
 )
+from servekit._private.controller.backend_status import backend_status
 from servekit._private.controller.durable import DurableState, load, snapshot
 from servekit._private.controller.endpoint_table import EndpointTable
 from servekit._private.controller.goals import GoalManager
@@ -382,6 +383,11 @@ class Controller:
             await self._save_or_undo(undo)
             self.goals.complete(superseded)
             await self.publish_backends()
+            fixed = old_config.autoscaling_config is None and \
+                new_config.autoscaling_config is None
+            if fixed and new_config.num_replicas != old_config.num_replicas:
+                logger.info("Scaling backend %s from %d to %d replicas (num_replicas).",
+                            backend.tag, old_config.num_replicas, new_config.num_replicas)
         if replica_visible_fields(old_config) != replica_visible_fields(new_config):
             try:
                 await reconciler.push_config()
@@ -438,10 +444,10 @@ class Controller:
                                metadata: Optional[BackendMetadata],
                                call_id: Optional[str] = None) -> Optional[str]:
         """Replace what a backend's replicas run (code, init args, resources, interpreter),
-        rolling them over one at a time; return the goal to wait on. If a new replica fails
-        to start, the backend goes back to its old definition, whose replicas kept serving,
-        and the goal fails with that error. The config is unchanged. ``call_id``: as for
-        ``update_backend_config``."""
+        rolling them over ``max_surge`` at a time; return the goal to wait on. If a new
+        replica fails to start, the backend goes back to its old definition, whose replicas
+        kept serving, and the goal fails with that error. The config is unchanged.
+        ``call_id``: as for ``update_backend_config``."""
         async with self.lock:
             reconciler = self._backend(tag)
             backend = reconciler.state
@@ -508,17 +514,24 @@ class Controller:
                 if not r.state.deleting}
 
     def status(self) -> dict:
-        """What runs: per backend its config, definition, replicas running and wanted, the
-        autoscaler's last decision, and why the last replica start failed (None once one
-        started since); the endpoints; the processes (role, name, pid, state) of the
-        proxies and the replicas; and the HTTP options the instance started with."""
+        """What runs (``Client.status`` documents it): per backend its status and message,
+        config (its defaults resolved as replicas apply them), definition and revision,
+        replicas running (of the current revision too) and wanted, the autoscaler's last
+        decision, and why the last replica start failed (None once one started since);
+        the endpoints; the processes (role, name, pid, state) of the proxies and the
+        replicas; and the HTTP options the instance started with."""
         backends = {}
         for tag, reconciler in self.backends.items():
             b = reconciler.state
             if b.deleting:
                 continue
+            state, message = backend_status(b)
+            config = b.config.model_dump(mode="json", exclude={"user_config"})
+            config["max_concurrent_queries"] = b.config.effective_max_concurrent_queries(
+                b.metadata is not None and b.metadata.is_async)
             backends[tag] = {
-                "config": b.config.model_dump(mode="json", exclude={"user_config"}),
+                "status": state, "message": message, "config": config,
+                "revision": b.version, "revision_running": len(b.current(RUNNING)),
                 "running": len(b.in_state(RUNNING)), "target": b.target_replicas,
                 "autoscaling": b.scaling_reason if b.autoscaled_replicas is not None
                 else None,
@@ -535,8 +548,9 @@ class Controller:
             for record in reconciler.state.replicas.values():
                 process = record.process or {}
                 processes.append({"role": "replica", "name": record.tag, "state": record.state,
-                                  "pid": process.get("pid"), "node": process.get("node")})
-        endpoints = {name: {**info.describe(), "managed": info.managed}
+                                  "pid": process.get("pid"), "node": process.get("node"),
+                                  "backend": record.backend, "revision": record.version})
+        endpoints = {name: {**info.describe(), "managed": info.managed, "prefix": info.asgi}
                      for name, info in self.endpoints.endpoints.items()}
         http_options = self.http_options.model_dump(mode="json", exclude={"middlewares"})
         return {"backends": backends, "endpoints": endpoints, "processes": processes,

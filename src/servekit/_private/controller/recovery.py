@@ -52,6 +52,8 @@ async def adopt(state: LoadedState, runtime: Runtime, goals: GoalManager,
             reconciler.state.replicas.pop(record.tag)
             continue
         record.connection = connection
+        logger.info("Took over replica %s of backend %s (%s) from the previous controller.",
+                    record.tag, record.backend, record.state.lower())
         reconciler.resume(record)
     saved = list(state.proxies.items())
     proxy_connections = await asyncio.gather(*(
