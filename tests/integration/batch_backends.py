@@ -1,0 +1,62 @@
+"""Backends with ``@serve.batch`` methods the batching integration tests serve (imported by
+the replicas, so nothing here is pickled)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, List
+
+from fastapi import FastAPI
+
+import servekit as serve
+from servekit.request import ServeRequest
+
+scorer_app = FastAPI()
+
+
+@serve.ingress(scorer_app)
+class Scorer:
+    """A FastAPI route and a handle method share one batched method, which records the
+    size of each batch it ran."""
+
+    def __init__(self) -> None:
+        self.sizes: List[int] = []
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    async def score(self, xs: List[int]) -> List[int]:
+        self.sizes.append(len(xs))
+        await asyncio.sleep(0.01)  # the model's work: callers gather meanwhile
+        if -1 in xs:
+            raise ValueError(f"cannot score a batch holding -1: {xs}")
+        if -2 in xs:
+            return xs[1:]
+        return [x * 10 for x in xs]
+
+    @scorer_app.get("/score/{x}")
+    async def score_route(self, x: int) -> dict:
+        return {"x": x, "score": await self.score(x)}
+
+    async def score_one(self, request: ServeRequest) -> int:
+        return await self.score(request.data)
+
+    def batch_sizes(self, request: ServeRequest) -> List[int]:
+        return self.sizes
+
+    def reconfigure(self, config: dict) -> None:
+        self.score.set_max_batch_size(config["max_batch_size"])
+        self.score.set_batch_wait_timeout_s(config["batch_wait_timeout_s"])
+
+
+class Echo:
+    """A plain class backend whose ``__call__`` is batched: HTTP requests in a list."""
+
+    def __init__(self) -> None:
+        self.sizes: List[int] = []
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.05)
+    async def __call__(self, requests: List[Any]) -> List[str]:
+        self.sizes.append(len(requests))
+        return [f"{request.query_params['text']}!" for request in requests]
+
+    def batch_sizes(self, request: ServeRequest) -> List[int]:
+        return self.sizes
