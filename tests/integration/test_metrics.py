@@ -9,6 +9,7 @@ from typing import Any, Dict, Iterator, List
 
 import httpx
 import pytest
+from asgi_backends import items_app
 from prometheus_client.parser import text_string_to_metric_families
 
 import servekit as serve
@@ -73,7 +74,16 @@ def test_proxy_metrics_count_the_http_traffic_sent(measured: tuple) -> None:
     assert value(found, "serve_num_http_requests_total", route="/counted", method="GET",
                  status_code="200") == 7
     assert value(found, "serve_num_http_error_requests_total", status_code="404") == 1
-    assert value(found, "serve_http_request_latency_ms_count", route="/counted") == 7
+    assert value(found, "serve_http_request_latency_ms_count", route="/counted",
+                 method="GET", status_code="200") == 7
+    # The same under Ray Serve 2.x's names and labels, for its dashboards.
+    assert value(found, "ray_serve_num_http_requests_total", route="/counted", method="GET",
+                 status_code="200", application="default") == 7
+    assert value(found, "ray_serve_num_http_error_requests_total", route="-",
+                 error_code="404", application="") == 1
+    assert value(found, "ray_serve_deployment_request_counter_total",
+                 deployment="counted", application="default") == 7
+    assert value(found, "ray_serve_deployment_replica_healthy", deployment="counted") == 2
     # Gathered from both replicas: their counts add up to what was sent.
     per_replica = [s for s in found["serve_deployment_request_counter_total"]
                    if s.labels["backend"] == "counted"]
@@ -87,6 +97,35 @@ def test_proxy_metrics_count_the_http_traffic_sent(measured: tuple) -> None:
     assert value(found, "test_model_hits_total", backend="counted", kind="plain") == 7
     sizes = [s for s in found["test_model_size"] if s.labels["backend"] == "counted"]
     assert len(sizes) == 2 and all(s.value == 42 for s in sizes)
+
+
+def test_an_asgi_apps_requests_are_labelled_with_the_route_they_matched(
+        measured: tuple) -> None:
+    """Not the raw path (one series per item id), nor only the app's prefix."""
+    client, url = measured
+    client.create_backend("items", items_app)
+    client.create_endpoint("items", backend="items", route="/api")
+    with httpx.Client(base_url=url, timeout=TIMEOUT) as session:
+        for item_id in (1, 2, 3):
+            assert session.get(f"/api/items/{item_id}").status_code == 200
+        assert session.get("/api/events", params={"n": 2}).status_code == 200  # streamed
+        assert session.get("/api/no-such-thing").status_code == 404
+
+        def counted() -> Dict[str, List[Any]]:
+            found = samples(session.get("/-/metrics").text)
+            return found if value(found, "serve_num_http_requests_total",
+                                  status_code="404", route="/api") else {}
+
+        found = wait_for(counted, TIMEOUT, "the app's requests counted")
+    assert isinstance(found, dict)
+    assert value(found, "serve_num_http_requests_total", route="/api/items/{item_id}",
+                 status_code="200") == 3
+    assert value(found, "serve_http_request_latency_ms_count",
+                 route="/api/items/{item_id}") == 3
+    assert value(found, "serve_num_http_requests_total", route="/api/events") == 1
+    assert not [s for s in found["serve_num_http_requests_total"]
+                if s.labels["route"].startswith("/api/items/") and
+                s.labels["route"] != "/api/items/{item_id}"]
 
 
 def test_metrics_text_has_the_handle_side_too(measured: tuple) -> None:

@@ -170,7 +170,7 @@ def test_a_response_in_parts_comes_back_as_its_head_then_its_parts() -> None:
         running = Run(app)
         reply = await running.reply()
         assert not isinstance(reply, HTTPResponseWire)
-        assert await collect(reply) == [(200, HEADERS), b"a", b"b", b"c"]
+        assert await collect(reply) == [(200, HEADERS, None), b"a", b"b", b"c"]
 
     run(main)
 
@@ -188,7 +188,7 @@ def test_the_apps_send_waits_while_the_reader_is_two_parts_behind() -> None:
         await spin()
         assert not second.done()
         items = await running.reply()
-        assert await items.__anext__() == (200, HEADERS)
+        assert await items.__anext__() == (200, HEADERS, None)
         await spin()
         assert not second.done()
         assert await items.__anext__() == b"1"
@@ -234,7 +234,7 @@ def test_an_app_raising_in_the_middle_of_a_response_ends_its_stream_with_the_err
 
         running = Run(app)
         items = await running.reply()
-        assert await items.__anext__() == (200, HEADERS)
+        assert await items.__anext__() == (200, HEADERS, None)
         assert await items.__anext__() == b"a"
         with pytest.raises(ValueError, match="generator broke"):
             await items.__anext__()

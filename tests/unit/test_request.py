@@ -305,7 +305,7 @@ def test_response_with_body_changed_after_init_gets_accurate_length() -> None:
 def test_response_with_memoryview_body_is_picklable() -> None:
     wire = convert(Response(memoryview(b"view")))
     assert type(wire.body) is bytes
-    assert pickle.loads(pickle.dumps(wire)) == (200, wire.headers, b"view")
+    assert pickle.loads(pickle.dumps(wire)) == HTTPResponseWire(200, wire.headers, b"view")
 
 
 def test_no_content_response_gets_no_length() -> None:
@@ -381,7 +381,7 @@ def test_file_response(tmp_path: Path) -> None:
 
 def test_str() -> None:
     wire = convert("héllo")
-    assert wire == (
+    assert wire == HTTPResponseWire(
         200,
         [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"6")],
         "héllo".encode(),
@@ -520,7 +520,7 @@ def test_error_response_custom_status_and_empty_message() -> None:
 
 def test_text_response() -> None:
     wire = text_response(404, "Path '/x' not found")
-    assert wire == (
+    assert wire == HTTPResponseWire(
         404,
         [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"19")],
         b"Path '/x' not found",

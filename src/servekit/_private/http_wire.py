@@ -14,7 +14,7 @@ import inspect
 import json
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 from urllib.parse import quote
 
 from pydantic import BaseModel
@@ -120,11 +120,14 @@ class _BodyReceiver:
 
 
 class HTTPResponseWire(NamedTuple):
-    """A complete HTTP response, as sent from a replica to the proxy."""
+    """A complete HTTP response, as sent from a replica to the proxy; ``route``: the route
+    template an ASGI app matched (``/api/items/{item_id}``), which the proxy's metrics
+    label the request with, if the app says (None: the endpoint's route)."""
 
     status: int
     headers: list[tuple[bytes, bytes]]
     body: bytes
+    route: Optional[str] = None
 
 
 def _json_default(obj: Any) -> Any:

@@ -3,17 +3,24 @@
 Every process (proxy, replicas, controller, and any process whose routers send handle
 calls) counts into its own ``REGISTRY``; ``exposition()`` renders it, and ``merge`` joins the
 texts of several processes into one valid exposition (each family once, the samples of all).
-Names follow Ray Serve's where it has the metric; the rest start with ``servekit_``.
+Names follow Ray Serve 1.x's where it has the metric; the rest start with ``servekit_``.
+
+Ray Serve 2.x exports its metrics with ``ray_`` in front and other label names
+(``deployment`` for the backend, an ``application``), which is what its Grafana dashboards
+query. ``merge`` adds those names as aliases of the same samples (``RAY_NAMES``), made at
+scrape time: a request is recorded once, under servekit's name.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Dict, Iterable, Iterator
+from typing import Dict, Iterable, Iterator, List
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
+
+from servekit._private import constants
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -28,7 +35,7 @@ HTTP_ERRORS = Counter(
     ["route", "method", "status_code"], registry=REGISTRY)
 HTTP_LATENCY = Histogram(
     "serve_http_request_latency_ms", "End-to-end latency of HTTP requests in the proxy, in ms.",
-    ["route"], buckets=_LATENCY_MS, registry=REGISTRY)
+    ["route", "method", "status_code"], buckets=_LATENCY_MS, registry=REGISTRY)
 
 # --- routers (in the proxy and in every process that makes handle calls)
 ROUTER_REQUESTS = Counter(
@@ -94,9 +101,49 @@ def exposition() -> str:
     return generate_latest(REGISTRY).decode()
 
 
+# servekit's family -> Ray Serve 2.x's name for it. Ray 2.x exports Ray 1.x's names (those
+# servekit uses) with "ray_" in front; two of servekit's own have a counterpart too.
+RAY_NAMES: Dict[str, str] = {
+    **{name: f"ray_{name}" for name in (
+        "serve_num_http_requests", "serve_num_http_error_requests",
+        "serve_http_request_latency_ms", "serve_num_router_requests",
+        "serve_deployment_queued_queries", "serve_deployment_request_counter",
+        "serve_deployment_error_counter", "serve_deployment_processing_latency_ms",
+        "serve_replica_processing_queries")},
+    # Ray counts a replica started again after a failure; so does this one.
+    "servekit_replica_restarts": "ray_serve_deployment_replica_starts",
+    # Ray has a 0/1 series per replica; this one a series per backend whose value is the
+    # number of replicas taking requests: a sum over replicas is the same.
+    "servekit_backend_running_replicas": "ray_serve_deployment_replica_healthy",
+}
+# servekit's label -> Ray's, for every alias (the error counter's status is Ray's error_code).
+_RAY_LABELS = {"backend": "deployment"}
+_RAY_LABELS_OF = {name: {**_RAY_LABELS, "status_code": "error_code"}
+                  if name == "serve_num_http_error_requests" else _RAY_LABELS
+                  for name in RAY_NAMES}
+# The ``application`` label of the aliases: a servekit instance is one application in Ray's
+# terms. A request that matched no route (route "-") has none (""), as in Ray.
+RAY_APPLICATION = "default"
+
+
+def ray_alias(family: Metric) -> Metric:
+    """``family`` under its Ray Serve 2.x name (``RAY_NAMES``): the same samples, their
+    labels renamed as Ray names them, with an ``application``."""
+    name = RAY_NAMES[family.name]
+    renames = _RAY_LABELS_OF[family.name]
+    alias = Metric(name, family.documentation, family.type, family.unit)
+    cut = len(family.name)
+    for sample in family.samples:
+        labels = {renames.get(key, key): value for key, value in sample.labels.items()}
+        labels["application"] = "" if labels.get("route") == "-" else RAY_APPLICATION
+        alias.samples.append(sample._replace(name=name + sample.name[cut:], labels=labels))
+    return alias
+
+
 class _Merged:
-    def __init__(self, texts: Iterable[str]) -> None:
+    def __init__(self, texts: Iterable[str], ray_names: bool) -> None:
         self._texts = list(texts)
+        self._ray_names = ray_names
 
     def collect(self) -> Iterator[Metric]:
         families: Dict[str, Metric] = {}
@@ -107,11 +154,16 @@ class _Merged:
                     merged = families[family.name] = Metric(
                         family.name, family.documentation, family.type, family.unit)
                 merged.samples.extend(family.samples)
-        return iter(families.values())
+        aliases: List[Metric] = []
+        if self._ray_names:
+            aliases = [ray_alias(family) for name, family in families.items()
+                       if name in RAY_NAMES]
+        return iter([*families.values(), *aliases])
 
 
-def merge(texts: Iterable[str]) -> str:
-    """One exposition with every family of ``texts`` once and all their samples."""
+def merge(texts: Iterable[str], ray_names: bool = constants.RAY_METRIC_NAMES) -> str:
+    """One exposition with every family of ``texts`` once and all their samples; with
+    ``ray_names``, also those of ``RAY_NAMES`` under Ray Serve 2.x's names."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Merged(texts))  # type: ignore[arg-type]
+    registry.register(_Merged(texts, ray_names))  # type: ignore[arg-type]
     return generate_latest(registry).decode()

@@ -173,7 +173,7 @@ class HTTPProxy:
         series = self._series.get(key)
         if series is None:
             series = self._series[key] = (
-                metrics.HTTP_REQUESTS.labels(*key), metrics.HTTP_LATENCY.labels(route),
+                metrics.HTTP_REQUESTS.labels(*key), metrics.HTTP_LATENCY.labels(*key),
                 # three digits, or "-" (the client left): both compare as wanted
                 metrics.HTTP_ERRORS.labels(*key) if status >= "400" else None)
         requests, latency, errors = series
@@ -196,7 +196,7 @@ class HTTPProxy:
             response = await self._respond(scope, receive, watch, trace)
             if isinstance(response, ReplyStream):
                 watch.responding()  # the timeout is for the response to start
-                return str(await _send_stream(response, send, id_header))
+                return str(await _send_stream(response, send, trace, id_header))
         except ClientDisconnected:
             return "-"  # nobody to answer; the truncated request was never sent on
         except asyncio.CancelledError:
@@ -208,6 +208,8 @@ class HTTPProxy:
             response = self._timed_out(watch)
         finally:
             watch.close()
+        if response.route is not None:  # the route template an ASGI app matched
+            trace["route"] = response.route
         await send({"type": "http.response.start", "status": response.status,
                     "headers": [*response.headers, id_header]})
         await send({"type": "http.response.body", "body": response.body})
@@ -526,7 +528,10 @@ class _Served:
             self.protocol.tasks.add(task)
             task.add_done_callback(self.protocol.tasks.discard)
         else:
-            self.respond(reply.result())
+            response = reply.result()
+            if response.route is not None:  # the route template an ASGI app matched
+                self.trace["route"] = response.route
+            self.respond(response)
 
     def respond(self, response: HTTPResponseWire) -> None:
         """Write ``response`` in one write and end the request's cycle as uvicorn would.
@@ -596,7 +601,7 @@ class _Served:
             self._done("-")
             return
         try:
-            status = str(await _send_stream(stream, self.cycle.send, (
+            status = str(await _send_stream(stream, self.cycle.send, self.trace, (
                 b"x-request-id", self.request_id.encode("latin-1"))))
         except Exception:
             logger.exception("Streaming the response to %s failed",
@@ -692,12 +697,17 @@ class _RequestWatch:
             self._on_close()
 
 
-async def _send_stream(stream: ReplyStream, send: Any, *extra_headers: Any) -> int:
+async def _send_stream(stream: ReplyStream, send: Any, trace: Dict[str, str],
+                       *extra_headers: Any) -> int:
     """Send a streamed response chunk by chunk, as the replica produces them; its status.
     ``send`` waits while the client reads slower than the chunks come, and so the
-    replica's generator waits too; if anything stops it, the replica is told to stop."""
+    replica's generator waits too; if anything stops it, the replica is told to stop. The
+    route template an ASGI app matched (its head's third item) goes in ``trace``."""
     try:
-        status, headers = await stream.__anext__()
+        head = await stream.__anext__()
+        status, headers = head[0], head[1]
+        if len(head) > 2 and head[2] is not None:
+            trace["route"] = head[2]
         await send({"type": "http.response.start", "status": status,
                     "headers": [*headers, *extra_headers]})
         async for chunk in stream:
@@ -820,6 +830,7 @@ def server_config(proxy: HTTPProxy, options: HTTPOptions) -> Tuple[uvicorn.Confi
                                 ProxyWebSocketProtocol, body_budget=budget),
                             proxy_headers=False,  # backends see X-Forwarded-* as sent
                             lifespan="off", log_level="warning", access_log=False,
+                            log_config=None,  # its lines go where the proxy's go
                             server_header=False, date_header=False,
                             limit_concurrency=options.limit_concurrency,
                             # WebSockets: a message is bounded as a body is

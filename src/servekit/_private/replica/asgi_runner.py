@@ -5,8 +5,10 @@ the first message, then the rest of the request's messages as the request's own 
 (body chunks as bytes, WebSocket messages as they are). What the app sends goes back as
 the reply: a complete HTTP response in one ``HTTPResponseWire`` when the app sends its body
 in one message (the common case, as fast as any other backend), else a stream of
-``(status, headers)`` then body chunks; a WebSocket connection's reply is the stream of the
-app's messages. The app's lifespan starts with the replica and shuts down when it drains.
+``(status, headers, route)`` then body chunks; a WebSocket connection's reply is the stream
+of the app's messages. ``route`` is the template of the route the app matched
+(``route_template``), for the proxy's metrics. The app's lifespan starts with the replica
+and shuts down when it drains.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from typing import Any, AsyncIterator, Awaitable, Callable, Dict, Optional, Union
+
+from starlette.routing import Mount
 
 from servekit._private.http_wire import HTTPResponseWire, text_response
 from servekit._private.replica.admission import outlast
@@ -27,6 +31,20 @@ RunApp = Callable[[Callable[[], Awaitable[None]]], Awaitable[None]]
 
 ASGI_VERSION = {"version": "3.0", "spec_version": "2.4"}
 _END = object()  # the last item of what the app sent
+
+
+def route_template(scope: Dict[str, Any]) -> Optional[str]:
+    """The route an app matched for the request of ``scope``, as a template below its
+    ``root_path`` (``/api/items/{item_id}``): what Starlette and FastAPI put in
+    ``scope["route"]`` (a mount that is not a router of its own: its path). None if the app
+    matched no route, or does not say."""
+    route = scope.get("route")
+    if isinstance(route, Mount):
+        return scope.get("root_path") or "/"
+    path_format = getattr(route, "path_format", None)
+    if not isinstance(path_format, str):
+        return None
+    return scope.get("root_path", "").rstrip("/") + path_format or "/"
 
 
 class LifespanFailed(RuntimeError):
@@ -138,7 +156,7 @@ class AppCall:
         self._websocket = scope["type"] == "websocket"
         self._body_more = first.get("more_body", False)  # HTTP: more body to receive
         self._answered = asyncio.Event()  # HTTP: the whole response was sent
-        self._start: Optional[tuple] = None  # HTTP: (status, headers)
+        self._start: Optional[tuple] = None  # HTTP: (status, headers, route template)
         self._streaming = False
         self._outbox = _Outbox()
         loop = asyncio.get_running_loop()
@@ -185,14 +203,15 @@ class AppCall:
             # response by its "content-length" (set from the body when the app gave none).
             self._start = (message["status"],
                            [(bytes(name).lower(), bytes(value)) for name, value in
-                            message.get("headers", ())])
+                            message.get("headers", ())],
+                           route_template(self.scope))
         elif kind == "http.response.body" and self._start is not None and \
                 not self._answered.is_set():
             body, more = message.get("body", b""), message.get("more_body", False)
             if not self._streaming and not more:
                 self._answer()
-                status, headers = self._start
-                self._whole.set_result(HTTPResponseWire(status, headers, bytes(body)))
+                status, headers, route = self._start
+                self._whole.set_result(HTTPResponseWire(status, headers, bytes(body), route))
                 return
             if not self._streaming:
                 self._streaming = True
