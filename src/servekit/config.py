@@ -214,7 +214,10 @@ class AutoscalingConfig(BaseModel):
         pydantic.ValidationError: an unknown key, a bad number, or bounds out of order.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # An instance handed to a BackendConfig is checked again: it may come unchecked (a
+    # config unpickled from another client's call), and the controller's check of a config
+    # is a BackendConfig's.
+    model_config = ConfigDict(extra="forbid", frozen=True, revalidate_instances="always")
 
     min_replicas: int = Field(default=1, ge=0, strict=True)
     max_replicas: int = Field(default=1, ge=1, strict=True)

@@ -44,12 +44,15 @@ from simloop import SimLoop
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "unit"))
 
 from fake_runtime import FakeRuntime, FakeWorker
+from simray import SimCluster, SimRayRuntime
 
+from servekit._private import constants
 from servekit._private.backend_metadata import BackendMetadata, ReplicaConfig
 from servekit._private.controller import backend_reconciler, goals
 from servekit._private.controller.controller import Controller
 from servekit._private.controller.store import MemoryStore
-from servekit.config import BackendConfig, HTTPOptions
+from servekit._private.runtime import ray as ray_runtime
+from servekit.config import AutoscalingConfig, BackendConfig, HTTPOptions
 from servekit.exceptions import ServeError
 
 TAGS = ("a", "b", "c")
@@ -63,6 +66,14 @@ AFTERMATH_S = 5.0
 
 # Virtual seconds all the client's calls may take: a call still waiting then never ends.
 CALLS_DEADLINE_S = 600.0
+# Virtual seconds a controller has to answer a call (to return a goal, not to reach it), to
+# start, and to shut down.
+CALL_BOUND_S = 30.0
+# The replicas a call asks for now and then: far more than a backend may have.
+HUGE = 10**9
+# Replica names the controller may draw in one turn of its loop: more, and it is starving
+# the loop (calls wait, health checks stop) as it starts them.
+STARVED_NAMES = 1000
 
 
 class ModelError(Exception):
@@ -126,21 +137,24 @@ class SimReplica:
 
 
 class SimRuntime(FakeRuntime):
-    """``FakeRuntime`` whose replicas are ``SimReplica``s that take a while to launch."""
+    """``FakeRuntime`` whose replicas are ``SimReplica``s that take a while to launch (the
+    embedded runtime: one machine, its processes outlive a controller)."""
 
     def __init__(self, world: "World") -> None:
         super().__init__()
         self._world = world
+        self.controller: Optional[Controller] = None  # the one running now
 
     async def launch(self, name: str, role: str, payload: Any, *,
                      resources: Optional[dict] = None, python: Optional[str] = None,
                      node: Optional[str] = None) -> str:
+        self._world.launching(self.controller, role, payload)
         self.launch_order.append(name)
         await asyncio.sleep(self._world.loop.ticks(0, 0.02))
         worker = FakeWorker(name, role, payload, resources=resources, python=python)
         self.workers[name] = worker
         if role == "replica":
-            worker.replica = SimReplica(self._world, payload)  # type: ignore[assignment]
+            worker.replica = self._world.make_replica(payload)
         return worker.address
 
 
@@ -162,17 +176,44 @@ class SimStore(MemoryStore):
 class ControlLoop(SimLoop):
     """A ``SimLoop`` on which a single-thread executor (the controller's writer) runs its
     jobs one at a time in call order, each taking a while; the jobs of a dead controller's
-    executor never run."""
+    executor never run. A job of the default executor (a read of the store, a call to Ray's
+    GCS) runs a while after it is handed over.
+
+    What breaks inside the code under test (where an exception may be caught) is ``found``:
+    the run ends with it after the turn of the loop it was found in.
+    """
 
     def __init__(self, seed: int) -> None:
         super().__init__(seed)
         # By executor (held, so that no other one can take its id while the run lasts).
         self._queues: Dict[Any, List[Tuple[asyncio.Future, Callable, tuple]]] = {}
         self.dead: set = set()
+        self.finding: Optional[InvariantBroken] = None
+        self.names_this_turn = 0
+
+    def found(self, error: InvariantBroken) -> None:
+        if self.finding is None:
+            self.finding = error
+
+    def _run_once(self) -> None:
+        self.names_this_turn = 0
+        super()._run_once()
+        if self.finding is not None:
+            raise self.finding
 
     def run_in_executor(self, executor: Any, func: Callable, *args: Any) -> asyncio.Future:
         if executor is None:
-            return super().run_in_executor(executor, func, *args)
+            future = self.create_future()
+
+            def run() -> None:
+                if not future.cancelled():
+                    try:
+                        future.set_result(func(*args))
+                    except Exception as exc:
+                        future.set_exception(exc)
+
+            self.call_later(self.ticks(0, 0.1), run)
+            return future
         future = self.create_future()
         if executor in self.dead:
             return future  # its process is gone: the write never happens
@@ -201,8 +242,9 @@ class ControlLoop(SimLoop):
 
 @dataclasses.dataclass
 class Model:
-    """What the client was told: each backend's (num_replicas, user_config, definition)
-    and each endpoint as ``list_endpoints`` describes it."""
+    """What the client was told: each backend's (replicas, user_config, definition), its
+    replicas a number or ``("auto", min_replicas, max_replicas)``, and each endpoint as
+    ``list_endpoints`` describes it."""
 
     backends: Dict[str, Tuple[int, Any, str]] = dataclasses.field(default_factory=dict)
     endpoints: Dict[str, dict] = dataclasses.field(default_factory=dict)
@@ -216,8 +258,14 @@ def view(controller: Controller) -> Tuple[dict, dict]:
     backends = {}
     for tag, config in controller.list_backends().items():
         replica_config, _ = controller.get_backend_definition(tag)
-        backends[tag] = (config.num_replicas, config.user_config, replica_config.description)
+        backends[tag] = (_replicas(config), config.user_config, replica_config.description)
     return backends, controller.list_endpoints()
+
+
+def _replicas(config: BackendConfig) -> Any:
+    scaling = config.autoscaling_config
+    return config.num_replicas if scaling is None else \
+        ("auto", scaling.min_replicas, scaling.max_replicas)
 
 
 @dataclasses.dataclass
@@ -229,6 +277,7 @@ class Call:
     make: Callable[[Controller], Any]
     apply: Callable[[Model], None]
     waits: bool = False  # it returns a goal to wait on
+    refused: bool = False  # it must fail (it asks for more replicas than a backend may have)
 
 
 class World:
@@ -241,11 +290,22 @@ class World:
         self.p_crash = rng.choice([0.0, 0.2, 0.4])
         self.p_kill = rng.choice([0.0, 0.1])
         self.steps = rng.randint(4, 14)
+        # The bounds the controller runs with (SERVEKIT_MAX_REPLICAS_PER_BACKEND and
+        # SERVEKIT_MAX_STARTING_REPLICAS; small, so that a run reaches them quickly).
+        self.replica_bound = rng.choice([8, 12])
+        self.starting_bound = rng.choice([2, 3, 5])
+        constants.MAX_REPLICAS_PER_BACKEND = self.replica_bound
+        constants.MAX_STARTING_REPLICAS = self.starting_bound
         self.disk_full = False
         self.constructors_fail = False
         self.store = SimStore(self)
-        self.runtime = SimRuntime(self)
+        # On Ray (half the runs) each controller has a runtime of its own, over a cluster
+        # whose nodes are lost (the controller's too); else they share the one machine's.
+        self.cluster: Optional[SimCluster] = None
+        self.runtime: Any = SimRuntime(self)
         self.runtime.store = self.store
+        if rng.random() < 0.5:
+            self.cluster = SimCluster(loop, rng, self.make_replica)
         self.controller: Optional[Controller] = None
         self.up = asyncio.Event()
         self.model = Model()
@@ -258,10 +318,40 @@ class World:
 
     # ------------------------------------------------------------- the controller
 
+    def found(self, error: InvariantBroken) -> None:
+        self.loop.found(error)
+
+    def make_replica(self, spec: Any) -> Any:
+        return SimReplica(self, spec)
+
+    def launching(self, controller: Optional[Controller], role: str, spec: Any) -> None:
+        """A controller launches a process: of a replica's backend, no more than the bound
+        may be starting at once (as ``status`` shows)."""
+        if role != "replica" or controller is None:
+            return
+        starting = [p["name"] for p in controller.status()["processes"]
+                    if p["role"] == "replica" and p["state"] == "STARTING"
+                    and p["name"].split("#")[0] == spec.backend_tag]
+        if len(starting) > self.starting_bound:
+            error = InvariantBroken(
+                f"at most {self.starting_bound} replicas of a backend start at once: "
+                f"{len(starting)} of {spec.backend_tag!r} are starting ({starting}); "
+                f"history: {self.history}")
+            self.found(error)
+            raise error
+
     async def start_controller(self) -> None:
+        if self.cluster is not None:
+            self.runtime = SimRayRuntime(self.cluster, self)
         controller = Controller(self.runtime, HTTPOptions(host=None))
+        self.runtime.controller = controller
+        starting = asyncio.ensure_future(controller.start())
+        await asyncio.wait([starting], timeout=CALL_BOUND_S)
+        check(starting.done(), "a controller starts within its bound",
+              f"a controller still starting after {CALL_BOUND_S} virtual seconds; history: "
+              f"{self.history}")
         try:
-            await controller.start()
+            starting.result()
         except ServeError as exc:
             raise InvariantBroken(f"a restarted controller starts: it refused ({exc}); "
                                   f"history: {self.history}") from None
@@ -292,14 +382,44 @@ class World:
         await self.crash()
         await self.start_controller()
 
-    async def rpc(self, make: Callable[[Controller], Any]) -> Any:
+    async def lose_node(self) -> None:
+        """On Ray, the node of the controller is lost: the controller and the replicas on
+        that node are gone together; Ray starts the controller again on another node."""
+        assert self.cluster is not None
+        node = self.cluster.controller_node
+        lost = self.cluster.lose_node(node)
+        self.history.append(f"LOSE {node} (the controller, {lost})")
+        self.cluster.controller_node = self.rng.choice(self.cluster.nodes)
+        await self.restart()
+
+    def kill_replica(self) -> None:
+        """A replica's process dies (SIGKILL)."""
+        if self.cluster is not None:
+            actors = self.cluster.alive("replica")
+            if actors:
+                actor = self.rng.choice(actors)
+                self.history.append(f"kill {actor.worker.name}")
+                self.cluster.kill(actor)
+            return
+        alive = self.runtime.alive("replica")
+        if alive:
+            name = self.rng.choice(alive)
+            self.history.append(f"kill {name}")
+            self.runtime.kill(name)
+
+    async def rpc(self, name: str, make: Callable[[Controller], Any],
+                  bound: Optional[float] = CALL_BOUND_S) -> Any:
         """A call to the controller, made again on the next controller if this one dies
-        under it (as ``Client._call_async`` does)."""
+        under it (as ``Client._call_async`` does); each controller answers it within
+        ``bound`` virtual seconds (None: no bound, waiting on a goal)."""
         while True:
             await self.up.wait()
             assert self.controller is not None
             task = asyncio.ensure_future(make(self.controller))
-            await asyncio.wait([task])
+            await asyncio.wait([task], timeout=bound)
+            check(task.done(), "every control call is answered within its bound",
+                  f"{name} not answered after {bound} virtual seconds; history: "
+                  f"{self.history}")
             if not task.cancelled():
                 return task.result()
             self.history.append("(made again)")
@@ -312,9 +432,13 @@ class World:
             self.history.append(call.name)
             before = self.model.view()
             try:
-                goal = await self.rpc(call.make)
+                goal = await self.rpc(call.name, call.make)
+                check(not call.refused, "a call asking for more replicas than a backend may "
+                      "have is refused", f"{call.name} was taken; history: {self.history}")
                 if call.waits and goal is not None:
-                    await self.rpc(lambda c, g=goal: c.goals.wait(g))
+                    await self.rpc(call.name, lambda c, g=goal: c.goals.wait(g), bound=None)
+            except InvariantBroken:
+                raise
             except Exception as exc:
                 self.history[-1] += f" -> {type(exc).__name__}"
                 await self.up.wait()
@@ -412,29 +536,57 @@ class World:
             return REFUSED
         return {"v": self.rng.randint(1, 3)}
 
+    def _scale(self, fields: Dict[str, Any]) -> Tuple[str, Callable[[], BackendConfig], Any,
+                                                     bool]:
+        """The replicas a call asks for, with the config's other ``fields``: mostly a few;
+        now and then the most a backend may have, or more (to be refused), as a number or
+        as autoscaling's bounds. A config is checked as ``Client`` makes it, or not at all,
+        as a call made another way (another client's version) sends it. What it is called,
+        how it is made, what the model holds if it is taken, whether it must be refused."""
+        rng = self.rng
+        bound = self.replica_bound
+        count = rng.randint(1, 3) if rng.random() < 0.9 else \
+            rng.choice([bound, bound + 1, HUGE])
+        unchecked = rng.random() < 0.5
+        if rng.random() < 0.15:
+            scaling = {"min_replicas": 1, "max_replicas": count, "initial_replicas": count}
+            shown, told = f"autoscaling 1..{count}", ("auto", 1, count)
+            given: Dict[str, Any] = {"autoscaling_config": AutoscalingConfig.model_construct(
+                **scaling) if unchecked else scaling}
+        else:
+            shown, told, given = f"{count}", count, {"num_replicas": count}
+        given.update(fields)
+
+        def make() -> BackendConfig:
+            if unchecked:
+                return BackendConfig.model_construct(**given)
+            return BackendConfig(**given)
+
+        return (f"{shown}{' unchecked' if unchecked else ''}", make, told, count > bound)
+
     def _create_backend(self, tag: str) -> Call:
         rng = self.rng
-        replicas = rng.randint(1, 3)
         user_config = self._user_config() if rng.random() < 0.6 else None
+        shown, config, replicas, refused = self._scale(
+            {} if user_config is None else {"user_config": user_config})
         version = self.versions[tag] = self.versions.get(tag, 0) + 1
-        config = BackendConfig(num_replicas=replicas) if user_config is None else \
-            BackendConfig(num_replicas=replicas, user_config=user_config)
         call_id = f"call-{self.calls}"
-        return Call(f"create_backend({tag!r}, {replicas}, {_shown(user_config)}, v{version})",
-                    lambda c: c.create_backend(tag, definition(version), config, METADATA,
+        return Call(f"create_backend({tag!r}, {shown}, {_shown(user_config)}, v{version})",
+                    lambda c: c.create_backend(tag, definition(version), config(), METADATA,
                                                call_id),
                     lambda m: m.backends.__setitem__(
-                        tag, (replicas, user_config, f"SimModel v{version}")), waits=True)
+                        tag, (replicas, user_config, f"SimModel v{version}")), waits=True,
+                    refused=refused)
 
     def _update_backend(self, tag: str) -> Call:
         call_id = f"call-{self.calls}"
         if self.rng.random() < 0.5:
-            replicas = self.rng.randint(1, 4)
-            return Call(f"update_backend_config({tag!r}, num_replicas={replicas})",
-                        lambda c: c.update_backend_config(
-                            tag, BackendConfig(num_replicas=replicas), call_id),
+            shown, config, replicas, refused = self._scale({})
+            return Call(f"update_backend_config({tag!r}, replicas={shown})",
+                        lambda c: c.update_backend_config(tag, config(), call_id),
                         lambda m: m.backends.__setitem__(
-                            tag, (replicas, *m.backends[tag][1:])), waits=True)
+                            tag, (replicas, *m.backends[tag][1:])), waits=True,
+                        refused=refused)
         user_config = self._user_config()
         return Call(f"update_backend_config({tag!r}, user_config={_shown(user_config)})",
                     lambda c: c.update_backend_config(
@@ -446,20 +598,20 @@ class World:
     # ------------------------------------------------------------- faults
 
     async def faults(self) -> None:
-        """Crashes of the controller, replicas that die, spells of a full disk."""
+        """Crashes of the controller (on Ray, with its node), replicas that die, spells of
+        a full disk."""
         rng = self.rng
         while not self.calls_done:
             await asyncio.sleep(self.loop.ticks(0.01, 0.4))
             await self.up.wait()
             roll = rng.random()
             if roll < self.p_crash * 0.3 and self.crashes < 4:
-                await self.restart()
+                if self.cluster is not None and rng.random() < 0.5:
+                    await self.lose_node()
+                else:
+                    await self.restart()
             elif roll < 0.5 and rng.random() < self.p_kill:
-                alive = self.runtime.alive("replica")
-                if alive:
-                    name = rng.choice(alive)
-                    self.history.append(f"kill {name}")
-                    self.runtime.kill(name)
+                self.kill_replica()
             elif roll > 0.97 and self.p_write_fails:
                 self.disk_full = True
                 await asyncio.sleep(self.loop.ticks(0.1, 2.0))
@@ -484,12 +636,24 @@ class _Clock:
 
 
 class _Names:
-    """What the controller sees as ``secrets`` and ``uuid``: names drawn from the seed."""
+    """What the controller and the Ray runtime see as ``secrets`` and ``uuid``: names drawn
+    from the seed. A controller that draws more than ``STARVED_NAMES`` in one turn of its
+    loop is starting replicas without end and answers nothing meanwhile: that is found (and
+    the drawing stops it)."""
 
-    def __init__(self, rng: random.Random) -> None:
+    def __init__(self, rng: random.Random, loop: ControlLoop) -> None:
         self._rng = rng
+        self._loop = loop
 
     def token_hex(self, nbytes: int = 16) -> str:
+        loop = self._loop
+        loop.names_this_turn += 1
+        if loop.names_this_turn > STARVED_NAMES:
+            error = InvariantBroken(
+                f"the controller's loop is never starved (a status call made meanwhile is "
+                f"answered): it drew {loop.names_this_turn} replica names in one turn")
+            loop.found(error)
+            raise error
         return "".join(self._rng.choice("0123456789abcdef") for _ in range(2 * nbytes))
 
     def uuid4(self) -> Any:
@@ -498,6 +662,9 @@ class _Names:
 
 async def _run_world(loop: ControlLoop, seed: int) -> None:
     world = World(loop, seed)
+    if world.cluster is not None:
+        ray_runtime.ray = world.cluster  # type: ignore[assignment]
+        ray_runtime.ServekitActor = world.cluster.actor_class
     world.world_tasks.add(asyncio.current_task())
     await world.start_controller()
     faults = asyncio.ensure_future(world.faults())
@@ -517,8 +684,12 @@ async def _run_world(loop: ControlLoop, seed: int) -> None:
     # and so does every replica; the new replicas fail to start for a while.
     await asyncio.sleep(loop.ticks(0, 0.05))
     await world.crash()
-    for name in world.runtime.alive("replica"):
-        world.runtime.kill(name)
+    if world.cluster is not None:
+        for actor in world.cluster.alive("replica"):
+            world.cluster.kill(actor)
+    else:
+        for name in world.runtime.alive("replica"):
+            world.runtime.kill(name)
     world.constructors_fail = True
     await world.start_controller()
     assert world.controller is not None
@@ -531,18 +702,32 @@ async def _run_world(loop: ControlLoop, seed: int) -> None:
           "no acknowledged change is rolled back after a crash",
           f"with the replicas gone and new ones failing, the controller came to hold "
           f"{view(world.controller)}; the client was told {told}; history: {world.history}")
+    stopping = asyncio.ensure_future(world.controller.shutdown(keep_state=True))
+    await asyncio.wait([stopping], timeout=CALL_BOUND_S)
+    check(stopping.done(), "every control call is answered within its bound",
+          f"shutdown not answered after {CALL_BOUND_S} virtual seconds; history: "
+          f"{world.history}")
+    stopping.result()
     await world.crash()  # (its tasks end here, not when the loop closes)
 
 
+# What a run replaces while it runs: (module, name).
+_REPLACED = ((backend_reconciler, "time"), (backend_reconciler, "secrets"), (goals, "uuid"),
+             (ray_runtime, "secrets"), (ray_runtime, "ray"), (ray_runtime, "ServekitActor"),
+             (constants, "MAX_REPLICAS_PER_BACKEND"), (constants, "MAX_STARTING_REPLICAS"))
+
+
 def _run(seed: int) -> None:
-    """``simloop.run`` on a ``ControlLoop``, with the reconcilers' clock, and the names of
-    replicas and goals, drawn from the loop and the seed."""
+    """``simloop.run`` on a ``ControlLoop``, with the reconcilers' clock, the names of
+    replicas, goals and actors drawn from the loop and the seed, the Ray runtime's cluster
+    the world's (if it has one), and the bounds the world sets."""
     loop = ControlLoop(seed)
-    names = _Names(random.Random(seed * 31 + 7))
-    real = (backend_reconciler.time, backend_reconciler.secrets, goals.uuid)
+    names = _Names(random.Random(seed * 31 + 7), loop)
+    real = [getattr(module, name, None) for module, name in _REPLACED]
     backend_reconciler.time = _Clock(loop)  # type: ignore[assignment]
     backend_reconciler.secrets = names  # type: ignore[assignment]
     goals.uuid = names  # type: ignore[assignment]
+    ray_runtime.secrets = names  # type: ignore[assignment]
     asyncio.set_event_loop(loop)
     try:
         loop.run_until_complete(_run_world(loop, seed))
@@ -553,7 +738,8 @@ def _run(seed: int) -> None:
         finally:
             asyncio.set_event_loop(None)
             loop.close()
-            backend_reconciler.time, backend_reconciler.secrets, goals.uuid = real
+            for (module, name), value in zip(_REPLACED, real, strict=True):
+                setattr(module, name, value)
 
 
 @scenario("controlplane")

@@ -28,7 +28,7 @@ from servekit._private.config_checks import (
     validate_backend_against_config,
 )
 from servekit._private.deploy.schema import DeployFileError, parse_deploy_dict
-from servekit.config import BackendConfig, DeploymentMode, HTTPOptions
+from servekit.config import AutoscalingConfig, BackendConfig, DeploymentMode, HTTPOptions
 
 
 def _mark(func: Any) -> Any:
@@ -320,6 +320,23 @@ def test_replicas_above_the_bound_are_refused_naming_value_and_bound(build: Any)
     assert "1000000000" in message and f"{constants.MAX_REPLICAS_PER_BACKEND}" in message
     assert "SERVEKIT_MAX_REPLICAS_PER_BACKEND" in message
     build(constants.MAX_REPLICAS_PER_BACKEND)  # the bound itself is allowed
+
+
+@pytest.mark.parametrize("scaling", [
+    {"max_replicas": 10**9},
+    {"min_replicas": 10**9, "max_replicas": 10**9, "initial_replicas": 10**9},
+    {"min_replicas": 3, "max_replicas": 2},
+], ids=["max_replicas", "initial_replicas", "out_of_order"])
+def test_an_unchecked_autoscaling_config_is_checked_again(scaling: dict) -> None:
+    """As the controller checks a config that did not come through a Client's checks (one
+    unpickled from another client's call): its autoscaling bounds are checked too (found
+    by the simulator: max_replicas=10**9 was taken and started replicas without end)."""
+    config = BackendConfig.model_construct(
+        autoscaling_config=AutoscalingConfig.model_construct(**scaling))
+    with pytest.raises(ValidationError, match="autoscaling_config"):
+        config.merged({})
+    with pytest.raises(ValidationError, match="autoscaling_config"):
+        BackendConfig(num_replicas=2).merged(config)
 
 
 def test_the_bound_on_replicas_is_read_from_the_environment() -> None:
