@@ -41,12 +41,14 @@ class EndpointInfo:
 class BackendLimits:
     """What routers enforce for a backend: requests in flight per replica, requests held
     while every replica is full (-1: no bound), and seconds to a reply (None: no bound);
-    for an autoscaled backend, how often routers report its load to the controller."""
+    for an autoscaled backend, how often routers report its load to the controller, and
+    whether it scales to zero (with no replica it still serves: a request starts one)."""
 
     cap: int
     max_queued: int
     request_timeout_s: Optional[float] = None
     load_report_interval_s: Optional[float] = None
+    scales_to_zero: bool = False
 
 
 @dataclasses.dataclass

@@ -709,7 +709,8 @@ class Controller:
             view[tag] = BackendLimits(
                 config.effective_max_concurrent_queries(is_async), config.max_queued_requests,
                 config.request_timeout_s,
-                None if autoscaling is None else autoscaling.metrics_interval_s)
+                None if autoscaling is None else autoscaling.metrics_interval_s,
+                scales_to_zero=autoscaling is not None and autoscaling.min_replicas == 0)
         version = await self.long_poll.publish(constants.KEY_BACKENDS, view)
         # A backend given by import path is known to be an ASGI app once a replica has
         # loaded it: the routes of its endpoints become prefixes then.

@@ -67,7 +67,9 @@ class Route(NamedTuple):
 
 
 RouteTable = Dict[str, Route]
-_SYSTEM_PATHS = ("/-/routes", "/-/healthz", "/-/shadows", "/-/metrics")
+_SYSTEM_PATHS = ("/-/routes", "/-/healthz", "/-/ready", "/-/shadows", "/-/metrics")
+# Endpoints a /-/ready answer names at most.
+_NOT_READY_SHOWN = 10
 # Seconds a client shed for overload is told to wait before it retries.
 _RETRY_AFTER_S = b"1"
 
@@ -79,7 +81,9 @@ class HTTPProxy:
     the longest one that holds the path wins, and the app gets the request passed through
     as it comes (``asgi_proxy``), WebSockets included. A body over ``max_body_bytes`` gets
     413 without being read whole. A request that outlives ``request_timeout_s``, or whose
-    client disconnects, is cancelled. While the proxy drains, ``/-/healthz`` answers 503.
+    client disconnects, is cancelled. ``/-/healthz`` is liveness: 200, or 503 while the
+    proxy drains. ``/-/ready`` is readiness: 200 when every routed endpoint can serve, else
+    503 naming what cannot (learnt by long poll like the routes: it asks nobody).
     """
 
     def __init__(self, router: Router, max_body_bytes: int = 100 * 1024 * 1024,
@@ -392,10 +396,34 @@ class HTTPProxy:
             if self.draining:
                 return text_response(503, "draining: this proxy is shutting down")
             return text_response(200, "success")
+        if path == "/-/ready":
+            return self.readiness()
         if path == "/-/shadows":
             return json_response(200, self.shadow_table())
         return text_response(404, f"System path '{path}' not found. System paths: "
                                   f"{', '.join(_SYSTEM_PATHS)}.")
+
+    def readiness(self) -> HTTPResponseWire:
+        """200 when every routed endpoint can serve: each backend it sends traffic to has
+        a running replica, or scales to zero and starts one on demand; else 503 naming the
+        endpoints that cannot (and 503 while the proxy drains)."""
+        if self.draining:
+            return text_response(503, "draining: this proxy is shutting down")
+        waiting = []
+        for route in sorted(self.routes.values()):
+            info = self.router.endpoints.get(route.endpoint)
+            backends = [] if info is None else [
+                tag for tag, weight in sorted(info.traffic.items())
+                if weight > 0 and self.router.cannot_serve(tag)]
+            if backends:
+                waiting.append(f"endpoint {route.endpoint} ({route.route}): no running "
+                               f"replica of {', '.join(backends)}")
+        if not waiting:
+            return text_response(200, f"ready: {len(self.routes)} routed endpoint(s) can "
+                                      "serve")
+        more = len(waiting) - _NOT_READY_SHOWN
+        lines = waiting[:_NOT_READY_SHOWN] + ([f"and {more} more"] if more > 0 else [])
+        return text_response(503, "not ready:\n" + "\n".join(lines))
 
     async def _metrics(self) -> HTTPResponseWire:
         """Prometheus metrics of this proxy, its routers, the replicas and the controller,

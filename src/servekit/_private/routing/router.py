@@ -285,6 +285,15 @@ class Router:
                 replica_set.set_limits(limits)
         return replica_set
 
+    def cannot_serve(self, backend: str) -> bool:
+        """Whether requests for ``backend`` cannot be served now: none of its replicas runs,
+        and it does not start one on demand (as a backend that scales to zero does)."""
+        replica_set = self._replica_sets.get(backend)
+        if replica_set is not None and replica_set.slots:
+            return False
+        limits = self._limits.get(backend)
+        return limits is None or not limits.scales_to_zero
+
     # ------------------------------------------------------------- load reports
 
     def loads(self) -> Tuple[Dict[str, float], Optional[float]]:
