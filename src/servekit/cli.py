@@ -148,32 +148,48 @@ def shutdown(keep_state: bool, address: Optional[str]) -> None:
 def deploy(file: str, prune: bool, dry_run: bool, address: Optional[str]) -> None:
     """Bring the running instance to what FILE (a YAML deploy file) describes.
 
-    The whole file is checked first; then the plan is printed (create, update in place,
-    replace, delete) and applied. If no instance runs, a detached one is started with the
-    file's http_options.
+    The whole file is checked first (every problem at once); then the plan is printed
+    (create, update in place, replace, delete) and applied. If no instance runs, a detached
+    one is started with the file's http_options (and shut down again if the apply fails).
     """
     from servekit._private.deploy.apply import apply_plan, load_spec, plan_deploy
-    from servekit._private.deploy.definition import load_definitions
     from servekit._private.runtime import choice
 
     spec = load_spec(file)
     client = serve.connect(address) if choice.find_detached(address) is not None else None
+    started = False
     if client is None and not dry_run:
+        plan_deploy(None, spec, prune)  # every problem of the file, before anything starts
         options = dict(home.saved_http_options() or {}) if address is None else {}
-        load_definitions(spec)  # every backend imports, before anything starts
         click.echo(f"No servekit instance was running. "
                    f"{_start_detached({**options, **(spec.http_options or {})}, address)}")
         client = serve.connect(address)
-    plan = plan_deploy(client, spec, prune)
-    click.echo(str(plan))
-    if dry_run:
-        click.echo("Dry run: nothing was changed" +
-                   (" (no instance runs: planned against an empty one)." if client is None
-                    else "."))
-    elif plan.changes_anything:
-        assert client is not None
-        apply_plan(client, plan)
-        click.echo("Applied.")
+        started = True
+    try:
+        plan = plan_deploy(client, spec, prune)
+        click.echo(str(plan))
+        if dry_run:
+            click.echo("Dry run: nothing was changed" +
+                       (" (no instance runs: planned against an empty one)." if client is None
+                        else "."))
+        elif plan.changes_anything:
+            assert client is not None
+            apply_plan(client, plan)
+            click.echo("Applied.")
+    except Exception:
+        if started:
+            assert client is not None
+            _shut_down_after_failure(client)
+        raise
+
+
+def _shut_down_after_failure(client: serve.Client) -> None:
+    """Shut down the instance a failed deploy started, so that none is left behind (the
+    state it restored, if it found one, is kept)."""
+    restored = bool(client._call("status")["backends"])
+    client._shutdown(keep_state=restored)
+    click.echo("The deploy failed, so the instance it started was shut down" +
+               (" (the state it restored was kept)." if restored else "."), err=True)
 
 
 @main.command("config")
@@ -194,6 +210,30 @@ def config_command(address: Optional[str]) -> None:
         click.echo(f"Note: {len(exported.left_out)} object(s) were left out (listed at the "
                    "top of the file): only what deploy files made can be written as one.",
                    err=True)
+
+
+@main.command()
+@click.argument("target")
+@click.option("--output", "-o", type=click.Path(dir_okay=False), default=None,
+              help="Write the deploy file here [standard output].")
+@_user_errors
+def build(target: str, output: Optional[str]) -> None:
+    """Write the deploy file that TARGET describes: module:function, a function that takes
+    a client and creates backends and endpoints (as `servekit run` records it).
+
+    The file records the directory the code was imported from (working_dir), so that
+    `servekit deploy` applies it from any directory. It is checked as a deploy would check
+    it before it is written.
+    """
+    from servekit._private.deploy.build import build_deploy_file
+
+    text = build_deploy_file(target, output)
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    with open(output, "w") as f:
+        f.write(text)
+    click.echo(f"Wrote {output}; `servekit deploy {output}` applies it.", err=True)
 
 
 @main.command("run")

@@ -112,7 +112,8 @@ def test_deploy_serves_and_the_same_file_again_changes_nothing(base: Project) ->
     assert again.stdout.startswith("No change: the instance already runs what")
     status = base.status()
     assert status["backends"]["greet"]["source"]["import_path"] == "models:Greeter"
-    assert status["endpoints"]["greet"]["managed"] is True
+    assert status["backends"]["greet"]["source"]["deploy"] == "deploy"
+    assert status["endpoints"]["greet"]["managed"] == "deploy"  # the file's name
 
 
 def replica_names(project: Project, backend: str) -> List[str]:
@@ -186,7 +187,8 @@ def test_prune_deletes_what_a_file_made_but_not_what_the_api_made(base: Project)
         base.servekit("deploy", base.file(extra=True))
         assert base.get("/extra").text == "extra"
         kept = base.servekit("deploy", base.file()).stdout
-        assert "backend extra, endpoint extra (made from a file, no longer in this one" in kept
+        assert "backend extra, endpoint extra (made by a file named 'deploy', no longer in " \
+            "this one" in kept
         assert base.get("/extra").status_code == 200
         plan = client.deploy(base.file(), prune=True)
         assert [(s.action.value, s.kind, s.name) for s in plan.steps] == [

@@ -45,6 +45,6 @@ def running_as(spec: DeploySpec, definitions: Dict[str, BackendDefinition],
     """The state of an instance that runs exactly ``spec``."""
     backends = {name: RunningBackend(name, d.source, d.spec.config)
                 for name, d in definitions.items()}
-    endpoints = {name: RunningEndpoint(name, e.route, e.methods, e.traffic, e.shadows, True)
+    endpoints = {name: RunningEndpoint(name, e.route, e.methods, e.traffic, e.shadows, spec.name)
                  for name, e in spec.endpoints.items()}
     return RunningState(backends, endpoints, http or {})

@@ -74,8 +74,9 @@ def test_an_empty_instance_gets_everything_created_backends_first(
                              (Action.CREATE, "endpoint", "clf")]
     names = [op.name for op in plan.operations()]
     assert names == ["create_backend", "create_backend", "create_endpoint", "shadow_traffic"]
-    assert calls(plan)[2:] == [("create_endpoint", "clf", "clf:v1", "/clf", ["GET", "POST"]),
-                               ("shadow_traffic", "clf", "echo", 0.5)]
+    assert calls(plan)[2:] == [
+        ("create_endpoint", "clf", "clf:v1", "/clf", ["GET", "POST"], "deploy"),
+        ("shadow_traffic", "clf", "echo", 0.5)]
     created = plan.operations()[0].args[0]
     assert created.source["import_path"] == "models:Classifier"
     assert created.replica_config().source == created.source  # the mark
@@ -147,7 +148,7 @@ def test_endpoint_changes_are_made_in_place(project: Path) -> None:  # noqa: F81
     data["endpoints"][0].update(route="/classify", methods=["POST"],
                                 traffic={"clf:v1": 0.75, "echo": 0.25}, shadows={})
     plan = plan_of(project, data, running)
-    assert calls(plan) == [("update_endpoint", "clf", "/classify", ["POST"]),
+    assert calls(plan) == [("update_endpoint", "clf", "/classify", ["POST"], "deploy"),
                            ("set_traffic", "clf", {"clf:v1": 0.75, "echo": 0.25}),
                            ("shadow_traffic", "clf", "echo", 0.0)]
 
@@ -167,7 +168,7 @@ def test_prune_deletes_endpoints_then_backends_but_nothing_made_through_the_api(
         project: Path) -> None:  # noqa: F811
     full = deployed(project, file_data())
     api_backend = RunningBackend("api", None, BackendConfig())
-    api_endpoint = RunningEndpoint("api", "/api", ["GET"], {"api": 1.0}, {}, False)
+    api_endpoint = RunningEndpoint("api", "/api", ["GET"], {"api": 1.0}, {}, None)
     running = dataclasses.replace(
         full, backends={**full.backends, "api": api_backend},
         endpoints={**full.endpoints, "api": api_endpoint})
@@ -194,7 +195,8 @@ def test_references_are_checked_before_anything_changes(project: Path) -> None: 
     with pytest.raises(DeployFileError) as caught:
         plan_of(project, data, RunningState.empty())
     assert caught.value.errors == [
-        "endpoints[0].traffic.nowhere: backend 'nowhere' is neither in the file nor running"]
+        "endpoints[0].traffic.nowhere: backend 'nowhere' is neither in the file nor running; "
+        "define it under backends, or check its spelling"]
 
 
 def test_a_running_backend_may_be_named_and_a_pruned_one_may_not(
@@ -211,7 +213,7 @@ def test_a_running_backend_may_be_named_and_a_pruned_one_may_not(
 def test_a_pruned_backend_still_used_by_an_api_endpoint_is_refused(
         project: Path) -> None:  # noqa: F811
     full = deployed(project, file_data())
-    api_endpoint = RunningEndpoint("api", "/api", ["GET"], {"echo": 1.0}, {}, False)
+    api_endpoint = RunningEndpoint("api", "/api", ["GET"], {"echo": 1.0}, {}, None)
     running = dataclasses.replace(full, endpoints={**full.endpoints, "api": api_endpoint})
     data = file_data()
     data["backends"] = data["backends"][:1]
@@ -222,7 +224,7 @@ def test_a_pruned_backend_still_used_by_an_api_endpoint_is_refused(
 
 def test_a_route_held_by_an_endpoint_outside_the_file_is_refused(
         project: Path) -> None:  # noqa: F811
-    api_endpoint = RunningEndpoint("api", "/clf", ["GET"], {"x": 1.0}, {}, False)
+    api_endpoint = RunningEndpoint("api", "/clf", ["GET"], {"x": 1.0}, {}, None)
     running = RunningState({"x": RunningBackend("x", None, BackendConfig())},
                            {"api": api_endpoint}, {})
     with pytest.raises(DeployFileError, match=r"endpoints\[0\]\.route: '/clf' is the route "
@@ -257,8 +259,8 @@ def test_backends_made_through_the_api_are_adopted_by_a_replacement(
 def test_export_then_deploy_is_no_change(project: Path) -> None:  # noqa: F811
     full = deployed(project, file_data())
     api_backend = RunningBackend("api", None, BackendConfig())
-    api_endpoint = RunningEndpoint("api", "/api", ["GET"], {"api": 1.0}, {}, False)
-    uses_api = RunningEndpoint("mixed", "/mixed", ["GET"], {"echo": 1.0}, {"api": 0.1}, True)
+    api_endpoint = RunningEndpoint("api", "/api", ["GET"], {"api": 1.0}, {}, None)
+    uses_api = RunningEndpoint("mixed", "/mixed", ["GET"], {"echo": 1.0}, {"api": 0.1}, "deploy")
     running = dataclasses.replace(
         full, backends={**full.backends, "api": api_backend},
         endpoints={**full.endpoints, "api": api_endpoint, "mixed": uses_api})
@@ -349,7 +351,7 @@ def test_the_inverse_of_each_operation_puts_back_the_state_before(
         (Operation("update_backend_config", ("echo", {"autoscaling_config": {}})),
          [Operation("update_backend_config",
                     ("echo", {"num_replicas": 1, "autoscaling_config": None}))]),
-        (Operation("create_endpoint", ("new", "echo", "/new", ["GET"])),
+        (Operation("create_endpoint", ("new", "echo", "/new", ["GET"], "deploy")),
          [Operation("delete_endpoint", ("new",))]),
         (Operation("set_traffic", ("new", {"echo": 1.0})), []),  # deleting "new" undoes it
         (Operation("set_traffic", ("clf", {"echo": 1.0})),
@@ -358,7 +360,7 @@ def test_the_inverse_of_each_operation_puts_back_the_state_before(
          [Operation("shadow_traffic", ("clf", "echo", 0.5))]),
         (Operation("delete_endpoint", ("clf",)), [
             Operation("create_endpoint", ("clf", "clf:v1", endpoint.route, endpoint.methods,
-                                          True)),
+                                          "deploy")),
             Operation("set_traffic", ("clf", {"clf:v1": 1.0})),
             Operation("shadow_traffic", ("clf", "echo", 0.5))]),
         (Operation("delete_backend", ("echo",)), []),  # cannot be undone: deleted last

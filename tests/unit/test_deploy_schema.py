@@ -107,7 +107,8 @@ def test_structural_errors_name_their_place(tmp_path: Path) -> None:
     assert errors == [
         "FILE:4: backends[0].init_args: Input should be a valid list",
         "FILE:5: backends[1].name: missing (required)",
-        "FILE:9: endpoints[0].rout: unknown key (remove it, or check its spelling)",
+        "FILE:9: endpoints[0].rout: unknown key (did you mean 'route'? remove it, or check "
+        "its spelling)",
     ]
 
 

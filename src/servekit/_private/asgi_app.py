@@ -54,6 +54,11 @@ class ASGIFactory:
             return self._factory
         return getattr(self._factory, "__qualname__", repr(self._factory))
 
+    @property
+    def function(self) -> Callable[..., Any] | None:
+        """The function that builds the app (None: an import path, not imported here)."""
+        return None if isinstance(self._factory, str) else self._factory
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         factory = self._factory
         if isinstance(factory, str):

@@ -8,9 +8,9 @@ import uuid
 from typing import Any, Callable, Dict, List, Mapping, Optional, Union
 
 from servekit._private.backend_metadata import BackendMetadata, ReplicaConfig
-from servekit._private.deploy.definition import BackendDefinition, load_definitions
+from servekit._private.deploy.definition import BackendDefinition, check_definitions
 from servekit._private.deploy.plan import DeployPlan, Operation, make_plan
-from servekit._private.deploy.schema import DeploySpec, load_deploy_file, parse_deploy_dict
+from servekit._private.deploy.schema import DeploySpec, read_deploy_dict, read_deploy_file
 from servekit._private.deploy.state import Client, RunningState, read_state
 from servekit._private.deploy.undo import inverse
 from servekit.exceptions import ServeError
@@ -26,20 +26,30 @@ class DeployStepError(ServeError):
 
 def load_spec(config: DeployConfig) -> DeploySpec:
     """A deploy file's path, a dict of its contents (import paths found from the current
-    directory), or a spec already parsed -> a validated ``DeploySpec``."""
+    directory), or a spec already read -> a ``DeploySpec``, with the problems found reading
+    it (``plan_deploy`` raises them with its own).
+
+    Raises:
+        DeployFileError: the file cannot be read or is not YAML.
+    """
     if isinstance(config, DeploySpec):
         return config
     if isinstance(config, (str, os.PathLike)):
-        return load_deploy_file(os.fspath(config))
-    return parse_deploy_dict(dict(config), os.getcwd())
+        return read_deploy_file(os.fspath(config))
+    return read_deploy_dict(dict(config), os.getcwd())
 
 
 def plan_deploy(client: Optional[Client], spec: DeploySpec, prune: bool = False) -> DeployPlan:
     """Import the spec's backends and plan it against ``client``'s instance (an empty one
-    when ``client`` is None)."""
-    definitions = load_definitions(spec)
+    when ``client`` is None).
+
+    Raises:
+        DeployFileError: every problem of the file, its backends' imports and the plan, at
+            once.
+    """
+    definitions, problems = check_definitions(spec)
     running = RunningState.empty() if client is None else read_state(client)
-    return make_plan(spec, definitions, running, prune)
+    return make_plan(spec, definitions, running, prune, problems)
 
 
 def apply_plan(client: Client, plan: DeployPlan,
@@ -116,12 +126,12 @@ def _restore_backend(client: Client, tag: str, replica_config: ReplicaConfig,
 
 
 def _create_endpoint(client: Client, name: str, backend: str, route: Optional[str],
-                     methods: list, managed: bool = True) -> None:
+                     methods: list, managed: Optional[str]) -> None:
     client._call("create_endpoint", name, backend, route, methods, managed)
 
 
 def _update_endpoint(client: Client, name: str, route: Optional[str], methods: list,
-                     managed: bool = True) -> None:
+                     managed: Optional[str]) -> None:
     client._call("update_endpoint", name, route, methods, managed)
 
 

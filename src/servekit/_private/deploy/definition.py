@@ -1,15 +1,17 @@
 """What a backend of a deploy spec runs: its import resolved here, its ``source`` and its
 ``ReplicaConfig``.
 
-Each backend is imported in this process first (with the file's directory on ``sys.path``),
-so that an import error, a bad init-args shape or a config the class cannot take is a
-validation error before anything changes. Replicas import the same path themselves, with
-the same directory on their ``sys.path``: what they run is the code on disk when they start.
+Each backend is imported in this process first (with its working directory on
+``sys.path``), so that an import error, init args its constructor cannot take or a config
+the class cannot take is a validation error before anything changes. Replicas import the
+same path themselves, with the same directory on their ``sys.path``: what they run is the
+code on disk when they start.
 
 ``source`` is the mark of a file-made backend and what "the same definition" means: the
-import path, init args, actor options, env, and ``revision``, a hash of the local modules
-(those under the file's directory) as imported now, so that edited code under the same
-import path is a changed definition.
+import path, init args, actor options, env, working directory and the local files the
+backend's imports reach (``local_code``), hashed together as its ``revision``; and
+``deploy``, the name of the file that made it. An edit to a module the backend imports is a
+changed definition; a new file, or an edit to another backend's module, is not.
 """
 
 from __future__ import annotations
@@ -17,15 +19,18 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib
+import inspect
+import json
 import os
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, FrozenSet, List, Optional, Tuple
 
 from servekit._private import user_errors
 from servekit._private.asgi_app import ASGIFactory
 from servekit._private.backend_metadata import BackendMetadata, ReplicaConfig
 from servekit._private.config_checks import validate_backend_against_config
-from servekit._private.deploy.schema import BackendSpec, DeployFileError, DeploySpec
+from servekit._private.deploy.local_code import local_code
+from servekit._private.deploy.schema import BackendSpec, DeploySpec, Problem
 from servekit._private.import_path import import_attribute
 from servekit.env import CondaEnv, Environment, VirtualEnv
 
@@ -55,15 +60,15 @@ class BackendDefinition:
     ``redeploy_backend`` are given."""
 
     spec: BackendSpec
-    directory: str
     source: Dict[str, Any]
     metadata: BackendMetadata
     python: Optional[str]
+    handles: FrozenSet[str] = frozenset()  # endpoints its code gets handles to
 
     def replica_config(self) -> ReplicaConfig:
         """The ``ReplicaConfig`` of this definition, marked with its ``source``."""
         serialized = user_errors.dumps_by_value(
-            (_ImportInReplica(self.directory, self.spec.import_path),
+            (_ImportInReplica(self.spec.working_dir, self.spec.import_path),
              tuple(self.spec.init_args)))
         return ReplicaConfig(serialized, dict(self.spec.ray_actor_options),
                              self.spec.import_path, self.python, source=self.source)
@@ -108,51 +113,59 @@ def _shadowed_by(top_level: str, directory: str) -> bool:
                 {os.path.abspath(path) for path in candidates})
 
 
-def revision(directory: str) -> str:
-    """A hash of the local modules' files as they are now (names, paths and contents)."""
-    digest = hashlib.sha256()
-    for name, path in sorted(local_modules(directory).items()):
-        digest.update(f"{name}\0{os.path.relpath(path, directory)}\0".encode())
-        try:
-            with open(path, "rb") as f:
-                digest.update(f.read())
-        except OSError:
-            digest.update(b"(unreadable)")
-    return digest.hexdigest()[:16]
+# What a backend runs, in its ``source``: a change of any is a replacement.
+DEFINITION_KEYS = ("import_path", "init_args", "ray_actor_options", "env", "working_dir",
+                   "files")
 
 
 def load_definitions(spec: DeploySpec) -> Dict[str, BackendDefinition]:
     """Import and check every backend of ``spec``, freshly from disk.
 
     Raises:
-        DeployFileError: a backend cannot be imported, is not a function or class, takes
-            init args it cannot (a function), its config asks for what it cannot do, or its
-            env is not found — every problem, each with its place.
+        DeployFileError: as ``check_definitions`` finds.
     """
-    directory = os.path.abspath(spec.directory)
-    forget_local_modules(directory)
-    if directory not in sys.path:
-        sys.path.insert(0, directory)
-    problems: List[str] = []
-    checked: Dict[str, tuple] = {}
-    for backend in spec.backends.values():
-        try:
-            checked[backend.name] = _check(backend)
-        except _Problem as problem:
-            problems.append(f"{spec.where(backend.place + (problem.field,))}: {problem}")
+    definitions, problems = check_definitions(spec)
     if problems:
-        raise DeployFileError(problems)
-    current = revision(directory)
-    return {name: BackendDefinition(spec.backends[name], directory,
-                                    source_of(spec.backends[name], current), metadata, python)
-            for name, (metadata, python) in checked.items()}
+        raise spec.error(problems)
+    return definitions
 
 
-def source_of(backend: BackendSpec, current_revision: str) -> Dict[str, Any]:
-    """The ``ReplicaConfig.source`` of a file-made backend (JSON-able)."""
-    return {"import_path": backend.import_path, "init_args": list(backend.init_args),
-            "ray_actor_options": dict(backend.ray_actor_options), "env": backend.env,
-            "revision": current_revision}
+def check_definitions(spec: DeploySpec) -> Tuple[Dict[str, BackendDefinition], List[Problem]]:
+    """Import and check every backend of ``spec``, freshly from disk, each from its working
+    directory: the definitions of those that pass, and the problems of the others (a backend
+    that cannot be imported, is not a function or class, takes init args it cannot, whose
+    config asks for what it cannot do, or whose env is not found)."""
+    problems: List[Problem] = []
+    definitions: Dict[str, BackendDefinition] = {}
+    for directory in sorted({backend.working_dir for backend in spec.backends.values()}):
+        forget_local_modules(directory)
+        while directory in sys.path:
+            sys.path.remove(directory)
+        sys.path.insert(0, directory)  # first: its modules win over another directory's
+        for backend in spec.backends.values():
+            if backend.working_dir != directory:
+                continue
+            try:
+                metadata, python = _check(backend)
+            except _Problem as problem:
+                problems.append((backend.place + (problem.field,), str(problem)))
+                continue
+            code = local_code(directory, backend.import_path.partition(":")[0])
+            definitions[backend.name] = BackendDefinition(
+                backend, source_of(backend, code.files, spec.name), metadata, python,
+                code.handles)
+    return definitions, problems
+
+
+def source_of(backend: BackendSpec, files: Dict[str, str], deploy: str) -> Dict[str, Any]:
+    """The ``ReplicaConfig.source`` of a file-made backend (JSON-able): its definition
+    (``DEFINITION_KEYS``), their hash ``revision``, and the name of the file that made it."""
+    definition = {"import_path": backend.import_path, "init_args": list(backend.init_args),
+                  "ray_actor_options": dict(backend.ray_actor_options), "env": backend.env,
+                  "working_dir": backend.working_dir, "files": files}
+    text = json.dumps(definition, sort_keys=True, default=repr).encode()
+    return {**definition, "revision": hashlib.sha256(text).hexdigest()[:16],
+            "deploy": deploy}
 
 
 class _Problem(Exception):
@@ -176,11 +189,30 @@ def _check(backend: BackendSpec) -> tuple:
         kind = "an ASGI app" if metadata.asgi else "a function"
         raise _Problem("init_args", f"{backend.import_path} is {kind}: it takes no init "
                                     "args (use a class, or an ASGI app factory, to take them)")
+    _check_init_args(backend, target)
     try:
         validate_backend_against_config(metadata, backend.config)
     except ValueError as exc:
         raise _Problem("config", str(exc)) from None
     return metadata, _python(backend.env)
+
+
+def _check_init_args(backend: BackendSpec, target: Any) -> None:
+    """Refuse init args the constructor (or app factory) cannot be called with."""
+    constructor = target.function if isinstance(target, ASGIFactory) else target
+    if not callable(constructor) or (not inspect.isclass(target) and
+                                     not isinstance(target, ASGIFactory)):
+        return
+    try:
+        signature = inspect.signature(constructor)
+    except (TypeError, ValueError):
+        return  # a builtin, or a signature Python cannot tell
+    try:
+        signature.bind(*backend.init_args)
+    except TypeError as exc:
+        raise _Problem("init_args", f"{backend.import_path}{signature} cannot take "
+                                    f"{backend.init_args!r}: {exc}; give init_args one value "
+                                    "per parameter, in order") from None
 
 
 def _python(env: Optional[Dict[str, str]]) -> Optional[str]:

@@ -3,20 +3,46 @@
 ``servekit run module:function`` calls the function with a ``RecordingClient``; what it
 declares becomes the same dict a deploy file holds, which is then applied like a file. So a
 reload is a diff against what runs (not "tag already exists"), and the function's backends
-are marked as file-made, with the revision of the code they ran.
+are marked as file-made, with the revision of the code they ran. ``servekit build`` writes
+that dict as a deploy file.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
+import sys
 from typing import Any, Callable, Dict, List, Optional, Union
 
 from servekit._private.config_checks import parse_backend_config
+from servekit._private.deploy.definition import forget_local_modules
 from servekit._private.import_path import import_path_of
 from servekit.config import BackendConfig
 from servekit.env import CondaEnv, Environment, VirtualEnv
 from servekit.exceptions import ServeError
+
+
+def record(target: str, directory: str) -> Dict[str, Any]:
+    """What ``target`` (``module:function``, imported afresh from ``directory``) declares
+    when called with a ``RecordingClient``, as a deploy file's contents.
+
+    Raises:
+        ValueError: ``target`` is not ``module:function``.
+        Exception: whatever importing or calling the function raises.
+    """
+    module_name, _, function_name = target.partition(":")
+    if not module_name or not function_name:
+        raise ValueError(f"{target!r} is not 'module:function' (a function that takes a "
+                         "client and creates backends and endpoints).")
+    forget_local_modules(directory)
+    while directory in sys.path:
+        sys.path.remove(directory)
+    sys.path.insert(0, directory)
+    function = getattr(importlib.import_module(module_name), function_name)
+    recorder = RecordingClient()
+    function(recorder)
+    return recorder.to_deploy_dict()
 
 
 class RecordingClient:

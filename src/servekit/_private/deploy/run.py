@@ -10,16 +10,13 @@ rolls back), so the previous version keeps serving; the error is printed.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import os
 import signal
-import sys
 from typing import Any, Callable, Dict, Optional
 
 from servekit._private.deploy.apply import apply_plan, plan_deploy
-from servekit._private.deploy.definition import forget_local_modules
-from servekit._private.deploy.recording import RecordingClient
-from servekit._private.deploy.schema import DeploySpec, load_deploy_file, parse_deploy_dict
+from servekit._private.deploy.recording import record
+from servekit._private.deploy.schema import DeploySpec, read_deploy_dict, read_deploy_file
 
 # Milliseconds of quiet after a change before reloading (an editor saves in bursts).
 _RELOAD_DEBOUNCE_MS = 200
@@ -51,29 +48,23 @@ class DevLoop:
         self._http_options = http_options
 
     def spec(self) -> DeploySpec:
-        """The spec of the target as its files are now (code imported afresh).
+        """The spec of the target as its files are now (code imported afresh), with the
+        problems found in it (a plan raises them).
 
         Raises:
-            DeployFileError: an invalid file or declaration; or whatever importing or
-                calling the function raises.
+            DeployFileError: a file that cannot be read or is not YAML; or whatever
+                importing or calling the function raises.
         """
         if self.is_file:
-            spec = load_deploy_file(self.target)
+            spec = read_deploy_file(self.target)
         else:
             spec = self._recorded_spec()
         options = {**(spec.http_options or {}), **self._http_options}
         return dataclasses.replace(spec, http_options=options or None)
 
     def _recorded_spec(self) -> DeploySpec:
-        module_name, _, function_name = self.target.partition(":")
-        forget_local_modules(self.directory)
-        if self.directory not in sys.path:
-            sys.path.insert(0, self.directory)
-        function = getattr(importlib.import_module(module_name), function_name)
-        recorder = RecordingClient()
-        function(recorder)
-        return parse_deploy_dict(recorder.to_deploy_dict(), self.directory,
-                                 origin=self.target)
+        return read_deploy_dict(record(self.target, self.directory), self.directory,
+                                origin=self.target, default_name=self.target)
 
     def apply(self, client: Any) -> bool:
         """Apply the target's current spec; print the plan, or why it was not applied."""
@@ -96,8 +87,9 @@ class DevLoop:
 
 
 def run(target: str, reload: bool, http_options: Dict[str, Any],
-        echo: Callable[[str], None]) -> int:
+        echo: Callable[[str], None], ready: Callable[[Any], None]) -> int:
     """Run ``target`` in the foreground until Ctrl-C or SIGTERM; return the exit code.
+    ``ready`` is called with the client once the target was first applied.
 
     Raises:
         DeployFileError / anything the target raises: its first spec is invalid (nothing
@@ -107,6 +99,7 @@ def run(target: str, reload: bool, http_options: Dict[str, Any],
 
     loop = DevLoop(target, http_options, echo)
     first = loop.spec()
+    plan_deploy(None, first)  # every problem of the target, before anything starts
     # Both stop the loop, also when SIGINT came ignored (a process started in the
     # background by a shell).
     previous = {signum: signal.signal(signum, _interrupt)
@@ -118,24 +111,30 @@ def run(target: str, reload: bool, http_options: Dict[str, Any],
         if not reload:
             if not loop.apply(client):
                 return 1
+            ready(client)
             while True:
                 signal.pause()
         import watchfiles
 
         # The watcher runs before the first apply (its first, empty, yield says so): a
         # change made while the first apply runs is applied next, not missed.
-        watcher = watchfiles.watch(loop.directory, watch_filter=loop.watch_filter,
+        watcher = watchfiles.watch(*sorted({loop.directory, first.directory}),
+                                   watch_filter=loop.watch_filter,
                                    debounce=_RELOAD_DEBOUNCE_MS, step=50,
                                    rust_timeout=_WATCH_WAKEUP_MS, yield_on_timeout=True)
         next(watcher)
-        loop.apply(client)
+        applied = loop.apply(client)
+        if applied:
+            ready(client)
         echo(f"servekit run: watching {loop.directory} for changes.")
         for changes in watcher:
             if not changes:
                 continue
             changed = sorted({os.path.relpath(path, loop.directory) for _, path in changes})
             echo(f"servekit run: {', '.join(changed)} changed; applying again.")
-            loop.apply(client)
+            if loop.apply(client) and not applied:
+                applied = True
+                ready(client)
         return 0
     except KeyboardInterrupt:
         return 0

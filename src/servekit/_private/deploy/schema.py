@@ -1,17 +1,21 @@
 """Reading and validating a deploy file into a ``DeploySpec``.
 
-The whole file is checked before anything uses it; every problem is reported, each naming
-its place (``backends[1].config.num_replicas``) and, for a YAML file, its line. References to
-backends that are not in the file (they may be running) are checked later, by the plan.
+Every problem of the file is found in one pass, each naming its place
+(``backends[1].config.num_replicas``) and, for a YAML file, its line. An entry with a
+problem is still read as far as it can be (without its bad keys), so that what can be
+checked of it (its import, its references) is checked too. The problems travel with the spec
+(``DeploySpec.problems``): the import of its backends and the plan add theirs, and the plan
+raises them all at once. ``load_deploy_file`` and ``parse_deploy_dict`` raise at once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import re
-from typing import Any, Dict, List, Optional, Sequence, Tuple, TypeVar, Union
+from typing import Any, Dict, FrozenSet, Iterable, List, Optional, Sequence, Tuple, TypeVar, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -21,9 +25,10 @@ from servekit._private.config_checks import (
     check_route,
     validate_actor_options,
 )
-from servekit.config import BackendConfig, HTTPOptions
+from servekit.config import AutoscalingConfig, BackendConfig, HTTPOptions
 
 Place = Tuple[Union[str, int], ...]
+Problem = Tuple[Place, str]  # where in the file, what is wrong and how to fix it
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -41,6 +46,7 @@ class _Entry(BaseModel):
 
 
 _EntryT = TypeVar("_EntryT", bound=_Entry)
+_ModelT = TypeVar("_ModelT", bound=BaseModel)
 
 
 class EnvEntry(_Entry):
@@ -61,6 +67,7 @@ class EnvEntry(_Entry):
 class BackendEntry(_Entry):
     name: str = Field(min_length=1)
     import_path: str = Field(min_length=1)
+    working_dir: Optional[str] = Field(default=None, min_length=1)
     init_args: List[Any] = Field(default_factory=list)
     ray_actor_options: Dict[str, Any] = Field(default_factory=dict)
     env: Optional[EnvEntry] = None
@@ -78,9 +85,17 @@ class EndpointEntry(_Entry):
 class DeployFileModel(_Entry):
     """The top level; entries are validated one by one, so every bad entry is reported."""
 
+    name: Optional[str] = None
+    working_dir: Optional[str] = Field(default=None, min_length=1)
     http_options: Optional[Dict[str, Any]] = None
     backends: List[Dict[str, Any]] = Field(default_factory=list)
     endpoints: List[Dict[str, Any]] = Field(default_factory=list)
+
+
+# Every key a deploy file may hold somewhere: what an unknown key is compared with.
+_KEYS = frozenset(key for model in (DeployFileModel, BackendEntry, EndpointEntry, EnvEntry,
+                                    BackendConfig, AutoscalingConfig, HTTPOptions)
+                  for key in model.model_fields)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +109,7 @@ class BackendSpec:
     env: Optional[Dict[str, str]]
     config: BackendConfig
     place: Place  # ("backends", 1), for messages
+    working_dir: str  # absolute: where its import path is found
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,8 +126,12 @@ class EndpointSpec:
 
 @dataclasses.dataclass(frozen=True)
 class DeploySpec:
-    """What a deploy file asks for. ``directory`` is where its import paths are found (the
-    file's directory); ``http_options`` are the options the file sets, or None."""
+    """What a deploy file asks for. ``name`` marks what it makes (``--prune`` deletes only
+    what was made under the same name); ``directory`` is where its import paths are found
+    (its ``working_dir``, by default the file's directory); ``http_options`` are the options
+    the file sets, or None. ``problems`` are those found reading it: a spec with problems is
+    never applied. ``declared_backends`` names every backend entry, valid or not (an
+    endpoint naming a bad one is not told the backend is missing)."""
 
     http_options: Optional[Dict[str, Any]]
     backends: Dict[str, BackendSpec]
@@ -119,10 +139,28 @@ class DeploySpec:
     directory: str
     origin: Optional[str] = None  # the file's path, for messages
     lines: Dict[Place, int] = dataclasses.field(default_factory=dict)
+    name: str = "deploy"
+    problems: Tuple[Problem, ...] = ()
+    declared_backends: FrozenSet[str] = frozenset()
 
     def where(self, place: Place) -> str:
         """``deploy.yaml:12: backends[1].config`` for a place of this spec."""
         return where(self.origin, self.lines, place)
+
+    def error(self, problems: Iterable[Problem]) -> DeployFileError:
+        """One error listing ``problems`` in the order of the file, each with its place."""
+        ordered = sorted(problems, key=lambda problem: _line(self.lines, problem[0]))
+        return DeployFileError([f"{self.where(place)}: {message}" for place, message in ordered])
+
+    def check(self) -> DeploySpec:
+        """This spec, if reading it found no problem.
+
+        Raises:
+            DeployFileError: every problem found reading it.
+        """
+        if self.problems:
+            raise self.error(self.problems)
+        return self
 
 
 def format_place(place: Place) -> str:
@@ -156,21 +194,13 @@ def _line(lines: Dict[Place, int], place: Place) -> int:
 
 
 class _Problems:
-    """Collects the problems of one file, each with its place and line; ``messages`` are in
-    the order of the file."""
+    """Collects the problems of one file."""
 
-    def __init__(self, origin: Optional[str], lines: Dict[Place, int]) -> None:
-        self._origin = origin
-        self._lines = lines
-        self._found: List[Tuple[int, str]] = []
-
-    @property
-    def messages(self) -> List[str]:
-        return [message for _, message in sorted(self._found, key=lambda item: item[0])]
+    def __init__(self) -> None:
+        self.found: List[Problem] = []
 
     def add(self, place: Place, message: str) -> None:
-        self._found.append((_line(self._lines, place),
-                            f"{where(self._origin, self._lines, place)}: {message}"))
+        self.found.append((place, message))
 
     def add_validation(self, prefix: Place, error: ValidationError) -> None:
         for item in error.errors():
@@ -178,8 +208,32 @@ class _Problems:
             if item["type"] == "missing":
                 message = "missing (required)"
             elif item["type"] == "extra_forbidden":
-                message = "unknown key (remove it, or check its spelling)"
+                message = _unknown_key(str(item["loc"][-1]))
             self.add(prefix + tuple(item["loc"]), message)
+
+
+def _unknown_key(key: str) -> str:
+    close = difflib.get_close_matches(key, _KEYS, n=1, cutoff=0.7)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"unknown key ({hint}remove it, or check its spelling)"
+
+
+def _validated(model: type[_ModelT], data: Any, place: Place,
+               problems: _Problems) -> Optional[_ModelT]:
+    """``data`` as a ``model``, its problems added; if it has some, it is validated again
+    without the keys they are about, so that the rest of it can still be checked (None if
+    even that fails)."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems.add_validation(place, exc)
+        if not isinstance(data, dict):
+            return None
+        bad = {item["loc"][0] for item in exc.errors() if item["loc"]}
+        try:
+            return model.model_validate({k: v for k, v in data.items() if k not in bad})
+        except ValidationError:
+            return None
 
 
 def load_deploy_file(path: str) -> DeploySpec:
@@ -188,6 +242,16 @@ def load_deploy_file(path: str) -> DeploySpec:
     Raises:
         DeployFileError: the file cannot be read, is not YAML, or describes something
             invalid (every problem, each with its place and line).
+    """
+    return read_deploy_file(path).check()
+
+
+def read_deploy_file(path: str) -> DeploySpec:
+    """Read the deploy file at ``path`` (YAML); what is wrong with its contents is in the
+    spec's ``problems``. Its name is by default the file's, without extension.
+
+    Raises:
+        DeployFileError: the file cannot be read, or is not YAML.
     """
     import yaml
 
@@ -207,8 +271,9 @@ def load_deploy_file(path: str) -> DeploySpec:
     lines: Dict[Place, int] = {}
     if node is not None:
         _node_lines(node, (), lines)
-    return parse_deploy_dict({} if data is None else data,
-                             os.path.dirname(os.path.abspath(path)), origin=path, lines=lines)
+    return read_deploy_dict({} if data is None else data,
+                            os.path.dirname(os.path.abspath(path)), origin=path, lines=lines,
+                            default_name=os.path.splitext(os.path.basename(path))[0])
 
 
 def _node_lines(node: Any, place: Place, lines: Dict[Place, int]) -> None:
@@ -228,34 +293,56 @@ def _node_lines(node: Any, place: Place, lines: Dict[Place, int]) -> None:
 
 def parse_deploy_dict(data: Any, directory: str, *, origin: Optional[str] = None,
                       lines: Optional[Dict[Place, int]] = None) -> DeploySpec:
-    """Validate a deploy file's contents; import paths are found in ``directory``.
+    """Validate a deploy file's contents; import paths are found in ``directory`` (unless
+    it sets ``working_dir``).
 
     Raises:
         DeployFileError: every problem, each with its place (and line, given ``lines``).
     """
-    problems = _Problems(origin, lines or {})
+    return read_deploy_dict(data, directory, origin=origin, lines=lines).check()
+
+
+def read_deploy_dict(data: Any, directory: str, *, origin: Optional[str] = None,
+                     lines: Optional[Dict[Place, int]] = None,
+                     default_name: str = "deploy") -> DeploySpec:
+    """A deploy file's contents as a spec, with the problems found in them; a relative
+    ``working_dir`` is taken from ``directory``.
+
+    Raises:
+        DeployFileError: ``data`` is not a mapping (nothing in it can be read).
+    """
+    lines = dict(lines or {})
+    problems = _Problems()
     if not isinstance(data, dict):
-        problems.add((), f"a deploy file is a mapping with http_options, backends and "
-                         f"endpoints; got {type(data).__name__}")
-        raise DeployFileError(problems.messages)
-    try:
-        model = DeployFileModel.model_validate(data)
-    except ValidationError as exc:
-        problems.add_validation((), exc)
-        raise DeployFileError(problems.messages) from None
+        raise DeployFileError([f"{where(origin, lines, ())}: a deploy file is a mapping with "
+                               f"name, working_dir, http_options, backends and endpoints; got "
+                               f"{type(data).__name__}"])
+    model = _validated(DeployFileModel, data, (), problems) or DeployFileModel()
     if model.http_options is not None:
         try:
             HTTPOptions.model_validate(model.http_options)
         except ValidationError as exc:
             problems.add_validation(("http_options",), exc)
-    backends = _backends(_entries(BackendEntry, "backends", model.backends, problems),
-                         problems)
+    name = default_name if model.name is None else model.name
+    try:
+        check_name(name)
+    except (TypeError, ValueError) as exc:
+        problems.add(("name",), f"{exc}; the name marks what this file makes (default: the "
+                                "file's name without extension)")
+    if model.working_dir is not None:
+        directory = os.path.join(directory, os.path.expanduser(model.working_dir))
+        if not os.path.isdir(directory):
+            problems.add(("working_dir",), f"{directory!r} is not a directory; give the "
+                                           "directory the backends' modules are in")
+    directory = os.path.abspath(directory)
+    backend_entries = _entries(BackendEntry, "backends", model.backends, problems)
+    backends = _backends(backend_entries, directory, problems)
     endpoints = _endpoints(_entries(EndpointEntry, "endpoints", model.endpoints, problems),
                            problems)
-    if problems.messages:
-        raise DeployFileError(problems.messages)
-    return DeploySpec(model.http_options, backends, endpoints, directory, origin,
-                      dict(lines or {}))
+    declared = frozenset(item["name"] for item in model.backends
+                         if isinstance(item, dict) and isinstance(item.get("name"), str))
+    return DeploySpec(model.http_options, backends, endpoints, directory, origin, lines, name,
+                      tuple(problems.found), declared)
 
 
 def _entries(model: type[_EntryT], key: str, items: List[Dict[str, Any]],
@@ -263,15 +350,16 @@ def _entries(model: type[_EntryT], key: str, items: List[Dict[str, Any]],
     """The items that are valid ``model`` entries, with their index; problems for the rest."""
     valid = []
     for index, item in enumerate(items):
-        try:
-            valid.append((index, model.model_validate(item)))
-        except ValidationError as exc:
-            problems.add_validation((key, index), exc)
+        entry = _validated(model, item, (key, index), problems)
+        if entry is not None:
+            valid.append((index, entry))
     return valid
 
 
-def _backends(entries: List[Tuple[int, BackendEntry]],
+def _backends(entries: List[Tuple[int, BackendEntry]], directory: str,
               problems: _Problems) -> Dict[str, BackendSpec]:
+    """The backends of the file; one with a bad config or bad actor options is kept without
+    them (its import is still checked), one with a bad or repeated name is not."""
     backends: Dict[str, BackendSpec] = {}
     first_at: Dict[str, Place] = {}  # where each name was first defined, valid or not
     for index, entry in entries:
@@ -286,19 +374,23 @@ def _backends(entries: List[Tuple[int, BackendEntry]],
                                             f"{format_place(first_at[entry.name])}")
             continue
         first_at[entry.name] = place
-        try:
-            config = BackendConfig.model_validate(entry.config)
-        except ValidationError as exc:
-            problems.add_validation(place + ("config",), exc)
-            continue
+        config = _validated(BackendConfig, entry.config, place + ("config",), problems) or \
+            BackendConfig()
         try:
             actor_options = validate_actor_options(entry.ray_actor_options)
         except (TypeError, ValueError) as exc:
             problems.add(place + ("ray_actor_options",), str(exc))
-            continue
+            actor_options = {}
+        working_dir = directory
+        if entry.working_dir is not None:
+            working_dir = os.path.abspath(os.path.join(directory,
+                                                       os.path.expanduser(entry.working_dir)))
+            if not os.path.isdir(working_dir):
+                problems.add(place + ("working_dir",), f"{working_dir!r} is not a directory; "
+                                                       "give the directory its module is in")
         env = None if entry.env is None else entry.env.model_dump(exclude_none=True)
         backends[entry.name] = BackendSpec(entry.name, entry.import_path, entry.init_args,
-                                           actor_options, env, config, place)
+                                           actor_options, env, config, place, working_dir)
     return backends
 
 

@@ -39,7 +39,7 @@ class RunningEndpoint:
     methods: List[str]
     traffic: Dict[str, float]
     shadows: Dict[str, float]
-    managed: bool  # made (or last changed) by a deploy file
+    managed: Optional[str]  # the name of the deploy file that made it; None: the Python API
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +64,7 @@ def read_state(client: Client) -> RunningState:
                 for tag, config in configs.items()}
     endpoints = {name: RunningEndpoint(name, info["route"], list(info["methods"]),
                                        dict(info["traffic"]), dict(info["shadows"]),
-                                       bool(info.get("managed", False)))
+                                       info.get("managed"))
                  for name, info in status["endpoints"].items()}
     return RunningState(backends, endpoints, _http_of(status))
 
