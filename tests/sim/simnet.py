@@ -11,14 +11,19 @@ Listeners and connections stand in for Unix sockets: ``SimLoop.create_unix_serve
 - faults injected by the world: a connection reset (possibly with a frame half delivered),
   a peer that stalls (nothing delivered either way for a while), a process that dies (its
   listener gone and every connection of its reset).
+
+``SimTcp`` adds TCP listeners and connections, in a model of TLS, on the same network.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import functools
+import hashlib
 import os
 import socket
+import ssl
 import struct
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
@@ -315,3 +320,194 @@ class SimNet:
         for connection in list(self.connections):
             if connection.address == address:
                 connection.end(None)
+
+
+# ----------------------------------------------------------------- TCP, in TLS
+
+# The TLS 1.3 handshake with certificates both ways, as modelled (every message is one
+# marker and 32 bytes): the client's hello; the server's answer, with the certificate it
+# presents, after which the client checks it against its pin and is done; the client's
+# certificate, which the server checks against its pin before it is done.
+CLIENT_HELLO = b"TLS?" + bytes(32)
+SERVER_HELLO = b"TLS!"
+CLIENT_FINISHED = b"TLS."
+TLS_MESSAGE_SIZE = len(CLIENT_HELLO)
+
+
+def pin_of(context: ssl.SSLContext) -> bytes:
+    """What a TLS context trusts and presents, as the model compares it: the digest of its
+    pinned certificate (servekit's contexts trust that one certificate and present it)."""
+    return hashlib.sha256(b"".join(context.get_ca_certs(binary_form=True))).digest()
+
+
+class _TlsServerSide(asyncio.Protocol):
+    """The server's TLS under the application's protocol, as asyncio's ``SSLProtocol``: the
+    application's protocol is made when the connection is accepted, but told of the
+    connection only once the handshake is done; a handshake that fails (bytes that are not
+    TLS, an untrusted certificate, the peer gone, not done within ``timeout_s``) aborts the
+    connection, tells the application nothing, and drops it (whatever else holds it)."""
+
+    def __init__(self, loop: Any, app_factory: ProtocolFactory, pin: bytes,
+                 timeout_s: float) -> None:
+        self._loop = loop
+        self._app: Optional[asyncio.Protocol] = app_factory()
+        self._pin = pin
+        self._timeout_s = timeout_s
+        self._buffer = bytearray()
+        self._greeted = False  # the client's hello was answered
+        self._timer: Optional[asyncio.TimerHandle] = None
+        self.transport: Optional[SimTransport] = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self._timer = self._loop.call_later(self._timeout_s, self._fail)
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        transport = self.transport
+        assert transport is not None
+        while True:
+            message = bytes(self._buffer[:TLS_MESSAGE_SIZE])
+            expected = CLIENT_FINISHED + self._pin if self._greeted else CLIENT_HELLO
+            if not expected.startswith(message):
+                self._fail()  # not TLS, or a certificate this server does not trust
+                return
+            if len(message) < TLS_MESSAGE_SIZE:
+                return
+            del self._buffer[:TLS_MESSAGE_SIZE]
+            if self._greeted:
+                break
+            self._greeted = True
+            transport.write(SERVER_HELLO + self._pin)
+        rest, app = bytes(self._buffer), self._app
+        assert app is not None
+        self._end()
+        transport.set_protocol(app)
+        app.connection_made(transport)
+        if rest and not transport.is_closing():
+            app.data_received(rest)  # type: ignore[attr-defined]
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self._end()
+
+    def _fail(self) -> None:
+        transport = self.transport
+        self._end()
+        if transport is not None:
+            transport.abort()
+
+    def _end(self) -> None:
+        """The handshake is over: this layer holds nothing more."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._app = None
+
+
+class _TlsClientSide(asyncio.Protocol):
+    """The client's TLS, as ``SSLProtocol``: ``done`` is the application's protocol once the
+    server presented the pinned certificate (the client is done before the server, which
+    has the client's certificate still to check), or the error ``create_connection``
+    raises."""
+
+    def __init__(self, loop: Any, app_factory: ProtocolFactory, context: ssl.SSLContext,
+                 timeout_s: float) -> None:
+        self._loop = loop
+        self._app_factory = app_factory
+        self._pin = pin_of(context)
+        self._timeout_s = timeout_s
+        self._buffer = bytearray()
+        self._timer: Optional[asyncio.TimerHandle] = None
+        self.transport: Optional[SimTransport] = None
+        self.done: asyncio.Future = loop.create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self._timer = self._loop.call_later(self._timeout_s, self._fail, ConnectionAbortedError(
+            f"SSL handshake is taking longer than {self._timeout_s} seconds: aborting the "
+            "connection"))
+        self.transport.write(CLIENT_HELLO)  # type: ignore[union-attr]
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        if len(self._buffer) < TLS_MESSAGE_SIZE:
+            return
+        if bytes(self._buffer[:TLS_MESSAGE_SIZE]) != SERVER_HELLO + self._pin:
+            self._fail(ssl.SSLCertVerificationError(
+                "simulated: certificate verify failed (the server's certificate is not the "
+                "pinned one)"))
+            return
+        rest, transport = bytes(self._buffer[TLS_MESSAGE_SIZE:]), self.transport
+        assert transport is not None
+        self._end()
+        transport.write(CLIENT_FINISHED + self._pin)
+        app = self._app_factory()
+        transport.set_protocol(app)
+        app.connection_made(transport)
+        if rest and not transport.is_closing():
+            app.data_received(rest)  # type: ignore[attr-defined]
+        if not self.done.done():
+            self.done.set_result(app)
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self._fail(ConnectionResetError(errno.ECONNRESET, "Connection lost"))
+
+    def _fail(self, exc: Exception) -> None:
+        self._end()
+        if not self.done.done():
+            self.done.set_exception(exc)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _end(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+class SimTcp:
+    """TCP listeners and connections on a ``SimNet``, in TLS when given an ``ssl`` context:
+    ``install()`` makes its loop's ``create_server`` and ``create_connection`` land here,
+    so servekit's TCP transport (TLS, then the instance secret's handshake) runs unchanged.
+
+    TLS is modelled, not run: TLS 1.3's order of messages, each certificate checked against
+    the pinned one (``pin_of``), and asyncio's order of events around them (see
+    ``_TlsServerSide``); bytes that are not TLS, an untrusted certificate, a peer gone
+    mid-handshake or one that takes longer than ``ssl_handshake_timeout`` fail it.
+    Addresses are ``host:port``; delays, stalls, resets and kills are ``SimNet``'s."""
+
+    def __init__(self, net: SimNet) -> None:
+        self.net = net
+
+    def install(self) -> None:
+        loop = self.net.loop
+        loop.create_server = self.create_server
+        loop.create_connection = self.create_connection
+
+    async def create_server(self, protocol_factory: ProtocolFactory, host: Optional[str] = None,
+                            port: Optional[int] = None, *, sock: Any = None,
+                            ssl: Optional[ssl.SSLContext] = None,
+                            ssl_handshake_timeout: Optional[float] = None,
+                            **kwargs: Any) -> SimServer:
+        if sock is not None:
+            host, port = sock.getsockname()[:2]
+        factory = protocol_factory
+        if ssl is not None:
+            factory = functools.partial(_TlsServerSide, self.net.loop, protocol_factory,
+                                        pin_of(ssl), ssl_handshake_timeout or 60.0)
+        return self.net.listen(factory, f"{host}:{port}")
+
+    async def create_connection(self, protocol_factory: ProtocolFactory, host: str, port: int,
+                                *, ssl: Optional[ssl.SSLContext] = None,
+                                ssl_handshake_timeout: Optional[float] = None,
+                                **kwargs: Any) -> Tuple[SimTransport, asyncio.Protocol]:
+        address = f"{host}:{port}"
+        if ssl is None:
+            return await self.net.connect(protocol_factory, address)
+        tls = _TlsClientSide(self.net.loop, protocol_factory, ssl,
+                             ssl_handshake_timeout or 60.0)
+        transport, _ = await self.net.connect(lambda: tls, address)
+        try:
+            return transport, await tls.done
+        except BaseException:  # (failed, or its caller gave up: as asyncio, closed)
+            transport.abort()
+            raise
