@@ -7,36 +7,59 @@ code 1, never a traceback.
 
 from __future__ import annotations
 
-import collections
 import json
 import os
+import socket
+import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, TypeVar
 
 import click
 
 import servekit as serve
 from servekit._private.deploy.schema import DeployFileError
+from servekit._private.runtime import choice
 from servekit._private.workers import home
-from servekit._private.workers.worker import LOG_DIR
+from servekit._private.workers.logs import LOG_SUFFIX, LogTail, written_by_a_live_process
 from servekit.config import DeploymentMode
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+
+def _reachable_address(ctx: click.Context, param: click.Parameter,
+                       address: Optional[str]) -> Optional[str]:
+    """Refuse a host:port (or ray://host:port) nothing listens on at once, rather than
+    after Ray's minute of retries."""
+    host, _, port = (address or "").removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return address  # none, or auto
+    try:
+        socket.create_connection((host, int(port)), timeout=_ADDRESS_TIMEOUT_S).close()
+    except OSError as exc:
+        raise click.BadParameter(f"no Ray cluster answers at {address} "
+                                 f"({exc.strerror or exc}); give the address 'ray start' "
+                                 "printed, or 'auto'") from None
+    return address
+
+
+# Seconds --address's host:port has to accept a connection.
+_ADDRESS_TIMEOUT_S = 5.0
+
 _address = click.option(
-    "--address", default=None,
+    "--address", default=None, callback=_reachable_address,
     help="Use the instance of this Ray cluster (passed to ray.init: auto, host:port or "
          "ray://host:port) instead of this user's embedded one.")
 
 
 def _user_errors(command: F) -> F:
-    """Report servekit's own errors as one line (click prints ``Error: ...``, exits 1)."""
+    """Report servekit's own errors, and a module or file that cannot be used, as one
+    line (click prints ``Error: ...``, exits 1)."""
 
     def run(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
         except DeployFileError as exc:  # every problem of a file, one line each
             raise click.ClickException("\n".join(exc.errors)) from None
-        except (serve.ServeError, ValueError, TypeError) as exc:
+        except (serve.ServeError, ValueError, TypeError, ImportError, OSError) as exc:
             raise click.ClickException(str(exc).splitlines()[0] if str(exc) else
                                        type(exc).__name__) from None
 
@@ -74,15 +97,30 @@ def start(http_host: Optional[str], http_port: Optional[int],
 
 
 def _start_detached(options: Dict[str, Any], address: Optional[str]) -> str:
-    """Start a detached instance with ``options``; say where it serves, what it restored."""
+    """Start a detached instance with ``options``; say what it restored, where it serves."""
     client = serve.start(detached=True, http_options=options or None, address=address)
     state = client.status()
-    served = sorted({f"http://{p['http'][0]}:{p['http'][1]}" for p in state["processes"]
-                     if p["role"] == "proxy" and p.get("http")})
-    where = f"HTTP on {', '.join(served)}" if served else "no HTTP"
     restored = (f"; restored {len(state['backends'])} backends and "
                 f"{len(state['endpoints'])} endpoints") if state["backends"] else ""
-    return f"Started a detached servekit instance ({where}){restored}."
+    return f"Started a detached servekit instance{restored}.\n{_serving(state)}"
+
+
+def _serving(state: Dict[str, Any]) -> str:
+    """Where the instance whose status is ``state`` serves HTTP."""
+    served = sorted({f"http://{p['http'][0]}:{p['http'][1]}" for p in state["processes"]
+                     if p["role"] == "proxy" and p.get("http")})
+    return f"Serving at {', '.join(served)}" if served else "Serving through handles only " \
+        "(no HTTP)"
+
+
+def _connect(address: Optional[str]) -> serve.Client:
+    """The client of the running instance; a CLI error if none runs."""
+    if choice.find_detached(address) is None:
+        where = "on this Ray cluster" if choice.uses_ray(address) else "here"
+        start = "servekit start" + (f" --address {address}" if address else "")
+        raise click.ClickException(f"no servekit instance is running {where}; start one "
+                                   f"with '{start}'")
+    return serve.connect(address)
 
 
 @main.command()
@@ -92,7 +130,7 @@ def _start_detached(options: Dict[str, Any], address: Optional[str]) -> str:
 def status(as_json: bool, address: Optional[str]) -> None:
     """Show the backends (each HEALTHY, UPDATING, UPSCALING, DOWNSCALING or UNHEALTHY, and
     why), endpoints and processes of the running instance."""
-    state = serve.connect(address).status()
+    state = _connect(address).status()
     if as_json:
         click.echo(json.dumps(state, indent=2, sort_keys=True))
         return
@@ -132,7 +170,7 @@ def _route_cell(endpoint: Dict[str, Any]) -> str:
 @_user_errors
 def shutdown(keep_state: bool, address: Optional[str]) -> None:
     """Stop the running instance: requests in flight finish, then every process stops."""
-    serve.connect(address)._shutdown(keep_state)
+    _connect(address)._shutdown(keep_state)
     click.echo("The servekit instance was shut down" +
                ("; its state was kept." if keep_state else "."))
 
@@ -153,7 +191,6 @@ def deploy(file: str, prune: bool, dry_run: bool, address: Optional[str]) -> Non
     one is started with the file's http_options (and shut down again if the apply fails).
     """
     from servekit._private.deploy.apply import apply_plan, load_spec, plan_deploy
-    from servekit._private.runtime import choice
 
     spec = load_spec(file)
     client = serve.connect(address) if choice.find_detached(address) is not None else None
@@ -204,7 +241,7 @@ def config_command(address: Optional[str]) -> None:
     from servekit._private.deploy.export import export_config
     from servekit._private.deploy.state import read_state
 
-    exported = export_config(read_state(serve.connect(address)))
+    exported = export_config(read_state(_connect(address)))
     click.echo(exported.to_yaml(), nl=False)
     if exported.left_out:
         click.echo(f"Note: {len(exported.left_out)} object(s) were left out (listed at the "
@@ -251,13 +288,15 @@ def run_command(target: str, reload: bool, http_host: Optional[str],
     """Run TARGET in the foreground until Ctrl-C: a deploy file, or module:function (a
     function that takes a client and creates backends and endpoints, as 1.x scripts do).
 
-    The instance's logs go to this terminal, and every process it started ends with it.
+    Once it is applied, prints where it serves (`Serving at http://HOST:PORT`). The
+    instance's logs go to this terminal, and every process it started ends with it.
     """
     from servekit._private.deploy.run import run
 
     options = {key: value for key, value in (("host", http_host), ("port", http_port))
                if value is not None}
-    code = run(target, reload, options, lambda line: click.echo(line, err=True))
+    code = run(target, reload, options, lambda line: click.echo(line, err=True),
+               lambda client: click.echo(_serving(client._call("status")), err=True))
     if code:
         raise SystemExit(code)
 
@@ -268,25 +307,72 @@ def run_command(target: str, reload: bool, http_host: Optional[str],
 @click.option("--process", default=None,
               help="Only the logs whose name contains this (e.g. proxy, access, a replica "
                    "tag).")
+@click.option("--all", "show_all", is_flag=True,
+              help="Also the logs of processes that have ended (replicas replaced, scaled "
+                   "down or killed).")
+@click.option("--follow", "-f", is_flag=True,
+              help="Then print new lines as they are written (new processes' too), until "
+                   "Ctrl-C.")
 @_user_errors
-def logs(lines: int, process: Optional[str]) -> None:
-    """Show the logs of the detached instance: every process's, and the access log.
+def logs(lines: int, process: Optional[str], show_all: bool, follow: bool) -> None:
+    """Show the logs of the detached instance's running processes, and its access log.
 
-    (On Ray, the actors' output is in Ray's logs: `ray logs`.)
+    After the instance stopped (`servekit shutdown`, with or without --keep-state), the
+    logs of its processes stay until the next one starts; the ones before are in the
+    log directory's `previous` folder. (On Ray, the actors' output is in Ray's logs:
+    `ray logs`.)
     """
-    directory = os.path.join(home.instance_dir(), LOG_DIR)
-    if not os.path.isdir(directory):
-        raise click.ClickException(f"No logs in {directory}: no detached instance has run "
-                                   "here (`servekit start` starts one).")
-    names = sorted(name for name in os.listdir(directory) if name.endswith(".log")
-                   and (process is None or process in name))
+    directory = home.log_dir()
+    names = sorted(name for name in os.listdir(directory) if name.endswith(LOG_SUFFIX))
     if not names:
-        raise click.ClickException(f"No log in {directory} matches {process!r}.")
-    for name in names:
-        with open(os.path.join(directory, name), errors="replace") as f:
-            tail = collections.deque(f, maxlen=lines)
+        raise click.ClickException(f"no logs in {directory}: no servekit instance has run "
+                                   "here; start one with 'servekit start'")
+    names = [name for name in names if process is None or process in name]
+    if not names:
+        raise click.ClickException(f"no log in {directory} matches --process {process!r}")
+    if home.read_record() is None:
+        click.echo("No servekit instance is running: these are the logs of the last one.",
+                   err=True)
+    elif not show_all:
+        live = [name for name in names
+                if written_by_a_live_process(os.path.join(directory, name))]
+        if len(live) < len(names):
+            click.echo(f"({len(names) - len(live)} logs of processes that have ended are "
+                       "not shown; --all shows them.)", err=True)
+        names = live
+    tails = {name: LogTail(os.path.join(directory, name)) for name in names}
+    for name, tail in tails.items():
         click.echo(f"==> {name} <==")
-        click.echo("".join(tail), nl=False)
+        click.echo(tail.last_lines(lines), nl=False)
+    if follow:
+        try:
+            _follow(directory, process, tails)
+        except KeyboardInterrupt:
+            pass
+
+
+def _follow(directory: str, process: Optional[str], tails: Dict[str, LogTail]) -> None:
+    """Print what is written to the logs of ``tails`` and to new logs (whose names
+    contain ``process``), a header before each file's lines, until interrupted."""
+    known = set(os.listdir(directory))
+    last = list(tails)[-1] if tails else None
+    while True:
+        time.sleep(_FOLLOW_PERIOD_S)
+        for name in sorted(set(os.listdir(directory)) - known):
+            known.add(name)
+            if name.endswith(LOG_SUFFIX) and (process is None or process in name):
+                tails[name] = LogTail(os.path.join(directory, name))
+        for name, tail in tails.items():
+            text = tail.new_text()
+            if text:
+                if name != last:
+                    click.echo(f"\n==> {name} <==")
+                    last = name
+                click.echo(text, nl=False)
+
+
+# Seconds between two looks at the log files in `servekit logs --follow`.
+_FOLLOW_PERIOD_S = 0.2
 
 
 def _weights(weights: Dict[str, float]) -> str:

@@ -1,9 +1,12 @@
-"""What a backend receives for a call through a Python handle: ``ServeRequest``.
+"""What a backend receives: ``HTTPRequest`` for an HTTP call, ``ServeRequest`` for a call
+through a Python handle.
 
-An HTTP call gives the backend a starlette ``Request`` (its body already read); a call
-through a handle gives it a ``ServeRequest``, which offers the parts of the ``Request`` API
-that make sense without HTTP. The conversions between HTTP and what a backend sees live in
-``servekit._private.http_wire``; their names stay importable from here.
+An HTTP call gives the backend an ``HTTPRequest``: a starlette ``Request`` whose body is
+already read, so sync code can read it too (``request.data``, ``request.json_data()``). A
+call through a handle gives it a ``ServeRequest``, which offers the parts of the
+``Request`` API that make sense without HTTP. The conversions between HTTP and what a
+backend sees live in ``servekit._private.http_wire``; their names stay importable from
+here.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from servekit._private.http_wire import (
+    HTTPRequest,
     HTTPRequestWire,
     HTTPResponseWire,
     error_response,
@@ -25,6 +29,7 @@ from servekit._private.http_wire import (
 from servekit.exceptions import ServeError
 
 __all__ = [
+    "HTTPRequest",
     "HTTPRequestWire",
     "HTTPResponseWire",
     "KwargParams",
@@ -106,6 +111,14 @@ class ServeRequest:
 
     async def json(self) -> dict[str, Any]:
         """Return the positional argument.
+
+        Raises:
+            ServeError: it is not a dict.
+        """
+        return self.json_data()
+
+    def json_data(self) -> dict[str, Any]:
+        """Return the positional argument, from sync code too (as ``HTTPRequest``'s).
 
         Raises:
             ServeError: it is not a dict.

@@ -77,8 +77,8 @@ def test_ray_serve_exception_is_an_alias_of_serve_error() -> None:
 PUBLIC_MODULE_NAMES = {
     "servekit.config": ["AutoscalingConfig", "BackendConfig", "BackendMetadata",
                         "DeploymentMode", "HTTPOptions", "ReplicaConfig"],
-    "servekit.request": ["HTTPRequestWire", "HTTPResponseWire", "KwargParams", "ServeRequest",
-                         "error_response", "json_dumps", "json_response",
+    "servekit.request": ["HTTPRequest", "HTTPRequestWire", "HTTPResponseWire", "KwargParams",
+                         "ServeRequest", "error_response", "json_dumps", "json_response",
                          "request_from_wire", "text_response", "to_http_response",
                          "wire_from_scope"],
     "servekit.handle": ["ServeHandle", "ServeResponse", "ServeSyncHandle"],

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 from pydantic import BaseModel
+from starlette.requests import Request
 from starlette.responses import (
     FileResponse,
     HTMLResponse,
@@ -165,6 +166,21 @@ def test_request_stream_reads_body() -> None:
     assert asyncio.run(read()) == b"abc"
 
 
+def test_sync_code_reads_the_body_without_awaiting() -> None:
+    request = request_from_wire(wire_from_scope(make_scope(), b'{"x": [1, 2]}'))
+    assert isinstance(request, Request)
+    assert request.data == b'{"x": [1, 2]}'
+    assert request.json_data() == {"x": [1, 2]}
+    assert asyncio.run(request.json()) is request.json_data()  # one parse, both ways
+
+
+def test_a_body_that_is_not_json_is_a_value_error_for_json_data() -> None:
+    request = request_from_wire(wire_from_scope(make_scope(), b"not json"))
+    with pytest.raises(ValueError):
+        request.json_data()
+    assert request_from_wire(wire_from_scope(make_scope(), b"")).data == b""
+
+
 def test_request_path_with_spaces_and_root_path() -> None:
     scope = make_scope(path="/app/a b/ü", root_path="/app", query_string=b"")
     request = request_from_wire(wire_from_scope(scope, b""))
@@ -215,6 +231,12 @@ def test_serve_request_json_rejects_non_dict(method: str, data: Any, type_name: 
         f"Request data is not a dictionary. It is {type_name}. "
         "Pass a dict as the positional argument to use .json()."
     )
+
+
+def test_serve_request_json_data_is_the_dict_from_sync_code() -> None:
+    assert ServeRequest({"x": 1}).json_data() == {"x": 1}
+    with pytest.raises(ServeError, match="not a dictionary"):
+        ServeRequest([1]).json_data()
 
 
 def test_kwarg_params_getlist() -> None:

@@ -31,6 +31,16 @@ def _env_int(name: str, default: int, minimum: int = 1) -> int:
     return value
 
 
+def _env_choice(name: str, default: str, choices: tuple) -> str:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    if raw.upper() not in choices:
+        raise ValueError(f"Environment variable {name}={raw!r} must be one of "
+                         f"{', '.join(choices)} (in any case).")
+    return raw.upper()
+
+
 # Seconds `serve.start` waits for the controller and HTTP proxy to come up.
 STARTUP_TIMEOUT_S = _env_float("SERVEKIT_STARTUP_TIMEOUT_S", 60.0)
 # Seconds between the controller's health checks of its child processes.
@@ -76,6 +86,11 @@ MAX_REPLICAS_PER_BACKEND = _env_int("SERVEKIT_MAX_REPLICAS_PER_BACKEND", 1000)
 MAX_STARTING_REPLICAS = _env_int("SERVEKIT_MAX_STARTING_REPLICAS", 64)
 # Directory where detached instances record their address.
 SERVEKIT_HOME = os.path.expanduser(os.environ.get("SERVEKIT_HOME", "~/.servekit"))
+# The level every process logs at (a logger of the user's code too).
+LOG_LEVEL = _env_choice("SERVEKIT_LOG_LEVEL", "INFO",
+                        ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
+# How log lines are written: TEXT, or JSON (one object per line).
+LOG_FORMAT = _env_choice("SERVEKIT_LOG_FORMAT", "TEXT", ("TEXT", "JSON")).lower()
 
 # Long-poll keys: what routers, proxies and the controller agree on.
 KEY_ENDPOINTS = "endpoints"

@@ -77,12 +77,8 @@ def wire_from_scope(scope: Mapping[str, Any], body: bytes) -> HTTPRequestWire:
     )
 
 
-def request_from_wire(wire: HTTPRequestWire) -> Request:
-    """Rebuild a starlette ``Request`` whose body is already available.
-
-    ``await request.body()`` and ``await request.json()`` return at once; once the body has
-    been received, further ``receive`` calls report ``http.disconnect``.
-    """
+def request_from_wire(wire: HTTPRequestWire) -> HTTPRequest:
+    """Rebuild the starlette ``Request`` (an :class:`HTTPRequest`) of an HTTP call."""
     scope = {
         "type": "http",
         "asgi": {"version": "3.0", "spec_version": "2.4"},
@@ -97,7 +93,36 @@ def request_from_wire(wire: HTTPRequestWire) -> Request:
         "server": wire.server,
         "client": wire.client,
     }
-    return Request(scope, _BodyReceiver(wire.body))
+    return HTTPRequest(scope, wire.body)
+
+
+class HTTPRequest(Request):
+    """What a backend receives for an HTTP call: a starlette ``Request`` whose body the
+    proxy has already read whole.
+
+    Async code reads it as from any ``Request`` (``await request.body()``, ``await
+    request.json()``: they return at once); sync code, which cannot await, reads
+    ``request.data`` (the body's bytes) or ``request.json_data()``.
+    """
+
+    def __init__(self, scope: dict[str, Any], body: bytes) -> None:
+        super().__init__(scope, _BodyReceiver(body))
+        self._body = body  # what starlette's body(), stream() and json() return
+
+    @property
+    def data(self) -> bytes:
+        """The body (``b""`` if there is none)."""
+        return self._body
+
+    def json_data(self) -> Any:
+        """The body parsed as JSON, as ``await request.json()`` returns it.
+
+        Raises:
+            json.JSONDecodeError: the body is not JSON (a ``ValueError``).
+        """
+        if not hasattr(self, "_json"):
+            self._json = json.loads(self._body)
+        return self._json
 
 
 class _BodyReceiver:

@@ -93,6 +93,10 @@ class WorkerSpec:
     lifeline_fd: Optional[int] = None  # else: exit when this inherited pipe closes
     daemonize: bool = False  # fork once more so the parent does not keep it as its child
     extra_fds: Dict[str, int] = dataclasses.field(default_factory=dict)
+    log_dir: Optional[str] = None  # where its log file goes (none: stderr only, as on Ray)
+    # False for a detached instance: its stderr is detached.log, which keeps what is not
+    # logged (a crash's traceback) and is not rotated.
+    log_to_stderr: bool = True
 
     def load_payload(self) -> Any:
         return cloudpickle.loads(self.payload)

@@ -39,9 +39,12 @@ class LocalRuntime(Runtime):
                  sys_path: Sequence[str],
                  custom_resources: Optional[Dict[str, float]] = None,
                  http_socket: Optional[socket.socket] = None,
-                 lifeline_fd: Optional[int] = None) -> None:
+                 lifeline_fd: Optional[int] = None, log_dir: Optional[str] = None,
+                 log_to_stderr: bool = True) -> None:
         """``http_socket``: the bound HTTP socket proxies serve (None: no HTTP).
-        ``lifeline_fd``: the pipe workers watch (None: each watches this process)."""
+        ``lifeline_fd``: the pipe workers watch (None: each watches this process).
+        ``log_dir``: where workers write their log files (None: stderr only);
+        ``log_to_stderr``: whether they log to stderr too."""
         self.instance_dir = instance_dir
         self.store_path = os.path.join(instance_dir, "state.db")
         self.store = SQLiteStore(self.store_path)
@@ -52,6 +55,8 @@ class LocalRuntime(Runtime):
         self._proxies: Set[str] = set()  # names of the workers that are HTTP proxies
         self._http_socket = http_socket
         self._lifeline_fd = lifeline_fd
+        self._log_dir = log_dir
+        self._log_to_stderr = log_to_stderr
         gpus = detect_gpus()
         self._capacity = machine_capacity(gpus, custom_resources)
         self._gpus = GPUAllocator(gpus)
@@ -104,7 +109,8 @@ class LocalRuntime(Runtime):
                           sys_path=self._sys_path if python is None else
                           [p for p in self._sys_path if "-packages" not in p],
                           extra_fds=extra_fds, watch_parent=self._lifeline_fd is None,
-                          lifeline_fd=self._lifeline_fd)
+                          lifeline_fd=self._lifeline_fd, log_dir=self._log_dir,
+                          log_to_stderr=self._log_to_stderr)
         try:
             self._workers[name] = WorkerProcess(spec, python=python or sys.executable, env=env)
         except BaseException:
@@ -226,7 +232,8 @@ async def run_local_controller(worker: WorkerSpec, sock: socket.socket,
     runtime = LocalRuntime(worker.instance_dir, controller_address=sock.getsockname(),
                            sys_path=worker.sys_path, custom_resources=spec.custom_resources,
                            http_socket=None if http_fd is None else socket.socket(fileno=http_fd),
-                           lifeline_fd=worker.lifeline_fd)
+                           lifeline_fd=worker.lifeline_fd, log_dir=worker.log_dir,
+                           log_to_stderr=worker.log_to_stderr)
     # The instance's other processes watch the same lifeline as this one: when it closes,
     # they all exit by themselves, and the supervisor removes the directory.
     await serve_controller(runtime, spec.http_options, sock, stop)

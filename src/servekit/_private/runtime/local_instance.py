@@ -20,6 +20,7 @@ from servekit._private import constants
 from servekit._private.runtime.base import Instance
 from servekit._private.specs import ControllerSpec, WorkerSpec
 from servekit._private.workers import home
+from servekit._private.workers.logs import LOG_DIR, set_aside_previous
 from servekit._private.workers.process import (
     WorkerProcess,
     bind_http_socket,
@@ -57,12 +58,17 @@ class LocalInstance(Instance):
                 extra_fds["http"] = http.fileno()
             sock = bind_unix_socket(self.controller_address)
             sockets.append(sock)
+            if detached:  # its logs stay when it stops, until the next one starts
+                log_dir = home.log_dir()
+                set_aside_previous(log_dir)
+            else:
+                log_dir = os.path.join(self.instance_dir, LOG_DIR)
             spec = WorkerSpec(
                 role="supervisor", name="supervisor", instance_dir=self.instance_dir,
                 rpc_fd=sock.fileno(), controller_address=None,
                 payload=cloudpickle.dumps(ControllerSpec(http_options, detached, custom_resources)),
                 sys_path=importable_sys_path(), watch_parent=not detached, daemonize=detached,
-                extra_fds=extra_fds)
+                extra_fds=extra_fds, log_dir=log_dir, log_to_stderr=not detached)
             # A detached instance outlives this script, so it must not hold its terminal
             # or pipes: its processes write to a log file instead.
             log_path = home.log_path() if detached else None

@@ -39,12 +39,12 @@ from servekit._private.specs import WorkerSpec
 from servekit._private.wire import auth
 from servekit._private.wire.discovery import register_controller_resolver
 from servekit._private.wire.transport import RpcClient, parse_tcp_address, tcp_address
+from servekit._private.workers.logs import configure_logging
 from servekit._private.workers.process import (
     bind_http_socket,
     importable_sys_path,
     process_start_time,
 )
-from servekit._private.workers.worker import configure_logging
 from servekit.config import HTTPOptions
 from servekit.exceptions import ServeError
 

@@ -1,4 +1,5 @@
-"""``$SERVEKIT_HOME`` (default ``~/.servekit``): the record of the detached instance, and its log.
+"""``$SERVEKIT_HOME`` (default ``~/.servekit``): the record of the detached instance, and its
+logs (which stay when it stops, until the next one starts).
 
 Everything in it is owner-only. servekit refuses to use a home, record or log that another
 user could have written, rather than connect to or signal a process such a file names.
@@ -13,6 +14,7 @@ import stat
 from typing import Optional
 
 from servekit._private import constants
+from servekit._private.workers.logs import LOG_DIR
 from servekit._private.workers.process import process_start_time
 from servekit.exceptions import ServeError
 
@@ -48,6 +50,14 @@ def log_path() -> str:
     """The log file of detached instances (created owner-only)."""
     path = os.path.join(home(), _LOG)
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600))
+    _check_private(path)
+    return path
+
+
+def log_dir() -> str:
+    """The directory of the detached instance's log files (created owner-only)."""
+    path = os.path.join(home(), LOG_DIR)
+    os.makedirs(path, mode=0o700, exist_ok=True)
     _check_private(path)
     return path
 

@@ -155,7 +155,8 @@ async def run_supervisor(worker: WorkerSpec, sock: socket.socket, stop: asyncio.
     spec = WorkerSpec(role="controller", name="controller", instance_dir=worker.instance_dir,
                       rpc_fd=sock.fileno(), controller_address=None, payload=worker.payload,
                       sys_path=worker.sys_path, watch_parent=False,
-                      lifeline_fd=lifeline_read, extra_fds=dict(worker.extra_fds))
+                      lifeline_fd=lifeline_read, extra_fds=dict(worker.extra_fds),
+                      log_dir=worker.log_dir, log_to_stderr=worker.log_to_stderr)
     address = sock.getsockname()
     failures = 0
     while True:

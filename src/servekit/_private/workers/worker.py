@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import logging.handlers
 import os
 import resource
 import signal
@@ -16,13 +15,13 @@ import socket
 import sys
 import threading
 import traceback
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable
 
 import setproctitle
 
-from servekit._private.context import current_request_id
 from servekit._private.event_loop import new_event_loop
 from servekit._private.specs import WorkerSpec
+from servekit._private.workers.logs import configure_logging
 from servekit._private.workers.process import parent_exit_hooks, read_spec
 
 
@@ -38,51 +37,6 @@ def _watch_lifeline(fd: int) -> None:
         except Exception:
             pass
     os._exit(0)
-
-
-LOG_DIR = "logs"  # in the instance directory
-_LOG_FILE_BYTES, _LOG_FILE_BACKUPS = 10 * 1024 * 1024, 3
-
-
-def configure_logging(role: str, name: str, log_dir: Optional[str]) -> None:
-    """Log to stderr (which is the driver's for an embedded instance) and, with a
-    ``log_dir``, to this process's rotated file there. A replica's lines carry the id of
-    the request they were written for; the proxy's access log goes to ``access.log`` only.
-    """
-    base = logging.getLogRecordFactory()
-
-    def record(*args: Any, **kwargs: Any) -> logging.LogRecord:
-        made = base(*args, **kwargs)
-        made.request_id = current_request_id.get() or "-"
-        return made
-
-    logging.setLogRecordFactory(record)
-    where = f"(servekit {role} {name} pid={os.getpid()})"
-    request = " [request %(request_id)s]" if role == "replica" else ""
-    handlers: List[logging.Handler] = [logging.StreamHandler()]
-    if log_dir is not None:
-        os.makedirs(log_dir, mode=0o700, exist_ok=True)
-        handlers.append(_rotating(os.path.join(log_dir, f"{role}-{_file_safe(name)}.log")))
-    logging.basicConfig(level=os.environ.get("SERVEKIT_LOG_LEVEL", "WARNING"),
-                        format=f"%(asctime)s {where} %(levelname)s %(name)s{request}: "
-                               "%(message)s", handlers=handlers, force=True)
-    if role == "proxy" and log_dir is not None:
-        access = logging.getLogger("servekit.access")  # lines come in batches, stamped
-        access.setLevel(logging.INFO)
-        access.propagate = False
-        # One file per proxy (num_proxies of them share the directory): "access.log" for
-        # the first, "access-proxy-2.log" for the next.
-        file = "access.log" if name == "proxy" else f"access-{_file_safe(name)}.log"
-        access.addHandler(_rotating(os.path.join(log_dir, file)))
-
-
-def _rotating(path: str) -> logging.Handler:
-    return logging.handlers.RotatingFileHandler(path, maxBytes=_LOG_FILE_BYTES,
-                                                backupCount=_LOG_FILE_BACKUPS)
-
-
-def _file_safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
 def _set_title(title: str) -> None:
@@ -148,8 +102,7 @@ def main() -> None:
     if lifeline is not None:
         threading.Thread(target=_watch_lifeline, args=(lifeline,),
                          name="servekit-lifeline", daemon=True).start()
-    configure_logging(spec.role, spec.name,
-                      os.path.join(spec.instance_dir, LOG_DIR) if spec.instance_dir else None)
+    configure_logging(spec.role, spec.name, spec.log_dir, spec.log_to_stderr)
     _set_title(f"servekit {spec.role} {spec.name}")
     sock = socket.socket(fileno=spec.rpc_fd)
     loop = new_event_loop()
