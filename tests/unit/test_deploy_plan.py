@@ -367,3 +367,102 @@ def test_the_inverse_of_each_operation_puts_back_the_state_before(
     ]
     for operation, expected in cases:
         assert inverse(operation, running, client) == expected, operation  # type: ignore
+
+
+# ------------------------------------------- what changed: per backend, by its imports
+
+def two_module_data(**changes: Any) -> Dict[str, Any]:
+    """iris:v1 and iris:v2 run model.py; api runs api.py, which does not import it."""
+    data: Dict[str, Any] = {
+        "backends": [
+            {"name": "iris:v1", "import_path": "model:Iris", "init_args": ["v1"]},
+            {"name": "iris:v2", "import_path": "model:Iris", "init_args": ["v2"]},
+            {"name": "api", "import_path": "api:Api"},
+        ],
+        "endpoints": [
+            {"name": "iris", "route": "/iris", "traffic": {"iris:v1": 0.5, "iris:v2": 0.5}},
+            {"name": "api", "route": "/api", "traffic": {"api": 1.0}},
+        ],
+    }
+    data.update(changes)
+    return data
+
+
+@pytest.fixture
+def two_modules(project: Path) -> Path:  # noqa: F811
+    (project / "model.py").write_text("import weights\n\nclass Iris:\n"
+                                      "    def __init__(self, version):\n"
+                                      "        self.version = version\n\n"
+                                      "    def __call__(self, request):\n"
+                                      "        return self.version\n")
+    (project / "weights.py").write_text("W = 1\n")
+    (project / "api.py").write_text("class Api:\n    def __call__(self, request):\n"
+                                    "        return 'api'\n")
+    return project
+
+
+def test_a_subset_of_the_same_definitions_plans_no_change(two_modules: Path) -> None:
+    running = deployed(two_modules, two_module_data())
+    subset = two_module_data(backends=two_module_data()["backends"][:1],
+                             endpoints=[{"name": "v1", "route": "/v1",
+                                         "traffic": {"iris:v1": 1.0}}])
+    spec = dataclasses.replace(spec_of(two_modules, subset), name="subset")
+    plan = make_plan(spec, load_definitions(spec), running)
+    assert summary(plan) == [(Action.CREATE, "endpoint", "v1")]
+    assert plan.unchanged == ("backend iris:v1",)
+    assert plan.kept == ()  # what the other file made is none of this one's business
+
+
+def test_a_new_file_in_the_directory_plans_no_change(two_modules: Path) -> None:
+    running = deployed(two_modules, two_module_data())
+    (two_modules / "slow.py").write_text("import time\ntime.sleep(0)\n")
+    assert not plan_of(two_modules, two_module_data(), running).changes_anything
+
+
+def test_an_edited_module_replaces_exactly_the_backends_that_import_it(
+        two_modules: Path) -> None:
+    running = deployed(two_modules, two_module_data())
+    (two_modules / "weights.py").write_text("W = 2\n")  # imported by model.py
+    plan = plan_of(two_modules, two_module_data(), running)
+    assert summary(plan) == [(Action.REPLACE, "backend", "iris:v1"),
+                             (Action.REPLACE, "backend", "iris:v2")]
+    assert "code changed: weights.py (edited) (rolling replacement)" in str(plan)
+    assert "backend api" in plan.unchanged
+
+
+def test_prune_deletes_only_what_the_files_name_made(two_modules: Path) -> None:
+    ours = deployed(two_modules, two_module_data())
+    theirs_spec = dataclasses.replace(
+        spec_of(two_modules, two_module_data(backends=two_module_data()["backends"][2:],
+                                             endpoints=two_module_data()["endpoints"][1:])),
+        name="theirs")
+    theirs = running_as(theirs_spec, load_definitions(theirs_spec))
+    running = dataclasses.replace(theirs, backends={**theirs.backends,
+                                                    **{k: v for k, v in ours.backends.items()
+                                                       if k != "api"}},
+                                  endpoints={**theirs.endpoints, "iris": ours.endpoints["iris"]})
+    plan = plan_of(two_modules, two_module_data(backends=[], endpoints=[]), running,
+                   prune=True)
+    assert summary(plan) == [(Action.DELETE, "endpoint", "iris"),
+                             (Action.DELETE, "backend", "iris:v1"),
+                             (Action.DELETE, "backend", "iris:v2")]
+
+
+def test_an_endpoint_a_backend_gets_a_handle_to_is_created_before_it(
+        two_modules: Path) -> None:
+    (two_modules / "compose.py").write_text(
+        "import servekit as serve\n\nclass Composer:\n    def __init__(self):\n"
+        "        self.iris = serve.connect().get_handle('iris')\n\n"
+        "    def __call__(self, request):\n        return self.iris.remote().result()\n")
+    data = two_module_data()
+    data["backends"].insert(0, {"name": "composer", "import_path": "compose:Composer"})
+    data["endpoints"].append({"name": "composer", "route": "/c",
+                              "traffic": {"composer": 1.0}})
+    plan = plan_of(two_modules, data, RunningState.empty())
+    assert summary(plan) == [(Action.CREATE, "backend", "iris:v1"),
+                             (Action.CREATE, "backend", "iris:v2"),
+                             (Action.CREATE, "backend", "api"),
+                             (Action.CREATE, "endpoint", "iris"),
+                             (Action.CREATE, "backend", "composer"),
+                             (Action.CREATE, "endpoint", "api"),
+                             (Action.CREATE, "endpoint", "composer")]

@@ -9,8 +9,14 @@ from typing import List
 import pytest
 from deploy_helpers import project  # noqa: F401 (a fixture)
 
+from servekit._private.deploy.apply import plan_deploy
 from servekit._private.deploy.definition import load_definitions
-from servekit._private.deploy.schema import DeployFileError, load_deploy_file, parse_deploy_dict
+from servekit._private.deploy.schema import (
+    DeployFileError,
+    load_deploy_file,
+    parse_deploy_dict,
+    read_deploy_file,
+)
 
 GOOD = textwrap.dedent("""\
     http_options: {host: 127.0.0.1, port: 8000}
@@ -171,3 +177,50 @@ def test_two_projects_with_a_module_of_the_same_name_each_get_their_own(
             {"name": "b", "import_path": f"same_name_models:{name}"}]},
             str(tmp_path / folder))
         assert load_definitions(spec)["b"].metadata.name == name
+
+
+def test_a_bad_file_reports_every_problem_in_one_pass(project: Path) -> None:  # noqa: F811
+    (project / "app.py").write_text(
+        "async def app(scope, receive, send):\n    pass\n")
+    path = project / "bad.yaml"
+    path.write_text(textwrap.dedent("""\
+        htp_options: {port: 8000}
+        backends:
+          - name: "clf:v1"
+            import_path: models:Classifier
+            init_args: [a, b]
+            configs: {num_replicas: 2}
+          - name: app
+            import_path: app:app
+            config: {num_replicas: 0}
+          - name: gone
+            import_path: nomodule:X
+        endpoints:
+          - name: app
+            route: /app/
+            traffic: {app: 1}
+          - name: clf
+            route: /clf
+            traffic: {"clf:v2": 1}
+    """))
+    spec = read_deploy_file(str(path))
+    with pytest.raises(DeployFileError) as caught:
+        plan_deploy(None, spec)
+    errors = [error.replace(str(path), "FILE") for error in caught.value.errors]
+    assert errors[0] == ("FILE:1: htp_options: unknown key (did you mean 'http_options'? "
+                         "remove it, or check its spelling)")
+    assert errors[1].startswith("FILE:5: backends[0].init_args: models:Classifier(weights='w') "
+                                "cannot take ['a', 'b']: too many positional arguments")
+    assert errors[2] == ("FILE:6: backends[0].configs: unknown key (did you mean 'config'? "
+                         "remove it, or check its spelling)")
+    assert errors[3] == ("FILE:9: backends[1].config.num_replicas: Input should be greater "
+                         "than or equal to 1")
+    assert errors[4].startswith("FILE:11: backends[2].import_path: cannot import "
+                                "'nomodule:X'")
+    assert errors[5] == ("FILE:14: endpoints[0].route: '/app/' ends with '/', but app is an "
+                         "ASGI app, whose route is a prefix holding the paths under it; use "
+                         "'/app'")
+    assert errors[6] == ("FILE:18: endpoints[1].traffic['clf:v2']: backend 'clf:v2' is neither "
+                         "in the file nor running; define it under backends, or check its "
+                         "spelling")
+    assert len(errors) == 7
