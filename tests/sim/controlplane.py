@@ -1,11 +1,16 @@
 """The control plane in simulation: the real ``Controller`` under seeded calls, store
 failures, replica faults and controller crashes.
 
-One world is one store and one runtime (``FakeRuntime`` of the unit tests: its workers are
-in-memory records, and they outlive a controller, as processes do) and a controller over
-them. A client makes a seeded sequence of calls, one at a time, as ``Client`` makes them:
-create, update (scale, user_config, a user_config the replicas refuse, one the store cannot
-hold), redeploy and delete backends; create and delete endpoints, set traffic and shadows.
+One world is one store and one runtime and a controller over them. Embedded, the runtime is
+``FakeRuntime`` of the unit tests (its workers are in-memory records, and they outlive a
+controller, as processes do); on Ray (half the seeds), each controller has the real
+``RayRuntime`` over a simulated cluster (``simray``), whose nodes are lost. A client makes a
+seeded sequence of calls, one at a time, as ``Client`` makes them: create, update (scale,
+user_config, a user_config the replicas refuse, one the store cannot hold), redeploy and
+delete backends; create and delete endpoints, set traffic and shadows. Now and then a call
+asks for more replicas than a backend may have (up to 10**9, as a number or as autoscaling's
+bounds), made through the client's checks or around them, as another client's version
+would.
 A call that returns a goal is acknowledged when the goal ends. When the controller dies
 under a call, the call is made again (a create with the same call id) and its goal waited on
 again, once a new controller runs.
@@ -13,16 +18,22 @@ again, once a new controller runs.
 The seed draws the faults: writes the store refuses (now and then, or for a while, as a
 full disk), constructors that raise, replicas that die, and controller crashes at any point
 (its tasks cancelled and its pending writes lost, a new controller built over the same store
-and runtime). Each write takes a while, one at a time in call order, as on the controller's
-writer thread.
+and runtime); on Ray, the loss of the controller's node, with the replicas on it. Each write
+takes a while, one at a time in call order, as on the controller's writer thread.
 
 Invariants, checked after every call and at the end of every run:
 
 - a call that failed left nothing applied (the controller lists what it listed before);
 - a call that succeeded is in force (the controller lists it);
-- every acknowledged change is what a restarted controller restores, and stays restored
-  when every replica is gone and new ones fail to start (nothing acknowledged is rolled
-  back), and a restarted controller starts (the state it reads is never damaged).
+- every acknowledged change is what a restarted controller restores (after a crash or the
+  loss of its node), and stays restored when every replica is gone and new ones fail to
+  start (nothing acknowledged is rolled back), and a restarted controller starts (the state
+  it reads is never damaged);
+- a call asking for more replicas than a backend may have is refused;
+- every call is answered (a goal returned, not reached), a controller starts and shuts down,
+  within a bound of virtual time; the controller's loop is never starved by a scale-up, and
+  no more replicas of a backend than the bound start at once;
+- on Ray, the sweep of unrecorded actors never stops a replica its controller started.
 """
 
 from __future__ import annotations
@@ -50,6 +61,7 @@ from servekit._private import constants
 from servekit._private.backend_metadata import BackendMetadata, ReplicaConfig
 from servekit._private.controller import backend_reconciler, goals
 from servekit._private.controller.controller import Controller
+from servekit._private.controller.state import STARTING
 from servekit._private.controller.store import MemoryStore
 from servekit._private.runtime import ray as ray_runtime
 from servekit.config import AutoscalingConfig, BackendConfig, HTTPOptions
@@ -180,7 +192,8 @@ class ControlLoop(SimLoop):
     GCS) runs a while after it is handed over.
 
     What breaks inside the code under test (where an exception may be caught) is ``found``:
-    the run ends with it after the turn of the loop it was found in.
+    the run ends with it after the turn of the loop it was found in (once: the run's
+    tasks are then cancelled and ended).
     """
 
     def __init__(self, seed: int) -> None:
@@ -189,6 +202,7 @@ class ControlLoop(SimLoop):
         self._queues: Dict[Any, List[Tuple[asyncio.Future, Callable, tuple]]] = {}
         self.dead: set = set()
         self.finding: Optional[InvariantBroken] = None
+        self._told = False
         self.names_this_turn = 0
 
     def found(self, error: InvariantBroken) -> None:
@@ -198,7 +212,8 @@ class ControlLoop(SimLoop):
     def _run_once(self) -> None:
         self.names_this_turn = 0
         super()._run_once()
-        if self.finding is not None:
+        if self.finding is not None and not self._told:
+            self._told = True
             raise self.finding
 
     def run_in_executor(self, executor: Any, func: Callable, *args: Any) -> asyncio.Future:
@@ -292,8 +307,8 @@ class World:
         self.steps = rng.randint(4, 14)
         # The bounds the controller runs with (SERVEKIT_MAX_REPLICAS_PER_BACKEND and
         # SERVEKIT_MAX_STARTING_REPLICAS; small, so that a run reaches them quickly).
-        self.replica_bound = rng.choice([8, 12])
-        self.starting_bound = rng.choice([2, 3, 5])
+        self.replica_bound = rng.choice([5, 8])
+        self.starting_bound = rng.choice([2, 3])
         constants.MAX_REPLICAS_PER_BACKEND = self.replica_bound
         constants.MAX_STARTING_REPLICAS = self.starting_bound
         self.disk_full = False
@@ -326,12 +341,12 @@ class World:
 
     def launching(self, controller: Optional[Controller], role: str, spec: Any) -> None:
         """A controller launches a process: of a replica's backend, no more than the bound
-        may be starting at once (as ``status`` shows)."""
-        if role != "replica" or controller is None:
+        may be starting at once (the replicas ``status`` shows as STARTING)."""
+        reconciler = None if controller is None or role != "replica" else \
+            controller.backends.get(spec.backend_tag)
+        if reconciler is None:
             return
-        starting = [p["name"] for p in controller.status()["processes"]
-                    if p["role"] == "replica" and p["state"] == "STARTING"
-                    and p["name"].split("#")[0] == spec.backend_tag]
+        starting = [record.tag for record in reconciler.state.in_state(STARTING)]
         if len(starting) > self.starting_bound:
             error = InvariantBroken(
                 f"at most {self.starting_bound} replicas of a backend start at once: "
@@ -545,7 +560,7 @@ class World:
         how it is made, what the model holds if it is taken, whether it must be refused."""
         rng = self.rng
         bound = self.replica_bound
-        count = rng.randint(1, 3) if rng.random() < 0.9 else \
+        count = rng.randint(1, 3) if rng.random() < 0.92 else \
             rng.choice([bound, bound + 1, HUGE])
         unchecked = rng.random() < 0.5
         if rng.random() < 0.15:

@@ -78,11 +78,13 @@ class SimActor:
         return future
 
     def noticed(self) -> None:
-        """The GCS knows it ended: the calls waiting on it fail."""
+        """The GCS knows it ended: the calls waiting on it fail (those nobody waits for
+        any more, without a word)."""
         self.gone = True
         for future in [self.started, *self._exits]:
             if not future.done():
                 future.set_exception(ray.exceptions.ActorDiedError())
+                future.exception()
         self._exits.clear()
 
 
@@ -103,6 +105,7 @@ class SimCluster:
         self.controller_node = self.nodes[0]
         self.named: Dict[str, SimActor] = {}  # what the GCS holds, by actor name
         self.actors: Dict[str, SimActor] = {}  # every actor ever made, by actor name
+        self.specs: Dict[str, Any] = {}  # worker name -> what its launch was handed
         self.util = types.SimpleNamespace(list_named_actors=self.list_named_actors)
         self.actor_class = types.SimpleNamespace(options=self._options)
 
@@ -131,7 +134,8 @@ class SimCluster:
     # ------------------------------------------------------------- actors and nodes
 
     def _create(self, name: str, role: str, worker_name: str, payload: bytes) -> SimActor:
-        spec = cloudpickle.loads(payload)
+        # (What the runtime pickled, as it handed it over: not unpickled again.)
+        spec = self.specs.pop(worker_name, None) or cloudpickle.loads(payload)
         worker = FakeWorker(worker_name, role, spec)
         actor = SimActor(self, name, self.rng.choice(self.nodes), worker)
         self.named[name] = self.actors[name] = actor
@@ -205,6 +209,7 @@ class SimRayRuntime(ray_runtime.RayRuntime):
 
     async def launch(self, name: str, role: str, payload: Any, **options: Any) -> str:
         self._world.launching(self.controller, role, payload)
+        self._cluster.specs[name] = payload
         self._own.add(name)
         return await super().launch(name, role, payload, **options)
 
