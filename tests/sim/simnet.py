@@ -332,6 +332,7 @@ CLIENT_HELLO = b"TLS?" + bytes(32)
 SERVER_HELLO = b"TLS!"
 CLIENT_FINISHED = b"TLS."
 TLS_MESSAGE_SIZE = len(CLIENT_HELLO)
+_SSL_HANDSHAKE_TIMEOUT_S = 60.0  # asyncio's, when none is given
 
 
 def pin_of(context: ssl.SSLContext) -> bytes:
@@ -345,7 +346,8 @@ class _TlsServerSide(asyncio.Protocol):
     application's protocol is made when the connection is accepted, but told of the
     connection only once the handshake is done; a handshake that fails (bytes that are not
     TLS, an untrusted certificate, the peer gone, not done within ``timeout_s``) aborts the
-    connection, tells the application nothing, and drops it (whatever else holds it)."""
+    connection, tells the application nothing, and lets go of its protocol (whatever else
+    refers to that protocol still keeps it)."""
 
     def __init__(self, loop: Any, app_factory: ProtocolFactory, pin: bytes,
                  timeout_s: float) -> None:
@@ -492,8 +494,9 @@ class SimTcp:
             host, port = sock.getsockname()[:2]
         factory = protocol_factory
         if ssl is not None:
-            factory = functools.partial(_TlsServerSide, self.net.loop, protocol_factory,
-                                        pin_of(ssl), ssl_handshake_timeout or 60.0)
+            factory = functools.partial(
+                _TlsServerSide, self.net.loop, protocol_factory, pin_of(ssl),
+                ssl_handshake_timeout or _SSL_HANDSHAKE_TIMEOUT_S)
         return self.net.listen(factory, f"{host}:{port}")
 
     async def create_connection(self, protocol_factory: ProtocolFactory, host: str, port: int,
@@ -504,7 +507,7 @@ class SimTcp:
         if ssl is None:
             return await self.net.connect(protocol_factory, address)
         tls = _TlsClientSide(self.net.loop, protocol_factory, ssl,
-                             ssl_handshake_timeout or 60.0)
+                             ssl_handshake_timeout or _SSL_HANDSHAKE_TIMEOUT_S)
         transport, _ = await self.net.connect(lambda: tls, address)
         try:
             return transport, await tls.done

@@ -92,10 +92,10 @@ class Settings:
 def draw_settings(rng: random.Random) -> Settings:
     bursts = [Burst(at=ticks(rng, 0.0, 3.0),
                     spread_s=rng.choice([0.0, ticks(rng, 0.0, 0.05), ticks(rng, 0.0, 2.0)]),
-                    size=rng.choice([rng.randint(1, 10), rng.randint(50, 80),
-                                     rng.randint(80, 120)]),
+                    size=rng.choice([rng.randint(1, 10), rng.randint(40, 70),
+                                     rng.randint(64, 100)]),
                     kinds=tuple(rng.sample(STRANGERS + STOPPED_MEMBERS, rng.randint(1, 3))))
-              for _ in range(rng.choice([0, 1, 1, 2, 3]))]
+              for _ in range(rng.choice([0, 1, 1, 1, 2]))]
     # Peers come at any time, or just before a burst (so that a burst may find them still
     # authenticating, the oldest).
     arrivals = [ticks(rng, 0.0, 6.0)] + [max(0.0, b.at - ticks(rng, 0.0, 0.01)) for b in bursts]
@@ -125,25 +125,26 @@ class _Attacker(asyncio.Protocol):
         self._kind = kind
         self._rng = rng
         self._challenged = False
+        self._transport: Any = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
         rng = self._rng
-        if self._kind == "garbage":
+        if self._kind == "garbage":  # (a TLS record's first byte, then noise)
             transport.write(b"\x16" + bytes(rng.getrandbits(8)  # type: ignore[attr-defined]
                                             for _ in range(rng.randint(0, 100))))
         elif self._kind == "half_hello":
             transport.write(  # type: ignore[attr-defined]
                 CLIENT_HELLO[:rng.randint(1, len(CLIENT_HELLO))])
-        self.transport = transport
 
     def data_received(self, data: bytes) -> None:
         if self._challenged:
             return
         self._challenged = True
         if self._kind == "half_proof":
-            self.transport.write(bytes(self._rng.randint(1, _PROOF_SIZE - 1)))  # type: ignore
+            self._transport.write(bytes(self._rng.randint(1, _PROOF_SIZE - 1)))
         elif self._kind == "wrong_proof":
-            self.transport.write(bytes(_PROOF_SIZE))  # type: ignore[attr-defined]
+            self._transport.write(bytes(_PROOF_SIZE))
 
 
 @dataclasses.dataclass
