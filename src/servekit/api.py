@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import inspect
 import logging
 import os
@@ -14,6 +15,7 @@ from typing import (
     Any,
     Callable,
     Dict,
+    Iterator,
     List,
     Mapping,
     Optional,
@@ -120,6 +122,7 @@ class Client:
         self._instance = instance
         self._shut_down = False
         self._controller: Optional[RpcClient] = None
+        self._waits = True  # for the replicas of the calls that start or stop some
 
     def __reduce__(self) -> Any:
         raise ServeError("A servekit Client cannot be pickled. Inside a backend, call "
@@ -158,8 +161,18 @@ class Client:
         raise AssertionError("unreachable")
 
     def _wait_for_goal(self, goal_id: Optional[str]) -> None:
-        if goal_id is not None:
+        if goal_id is not None and self._waits:
             self._call("wait_for_goal", goal_id)
+
+    @contextlib.contextmanager
+    def _without_waiting(self) -> Iterator[None]:
+        """Calls made within return once the controller accepted them (checked and saved),
+        without waiting for replicas to start or stop (``servekit deploy --no-wait``)."""
+        self._waits = False
+        try:
+            yield
+        finally:
+            self._waits = True
 
     # ------------------------------------------------------------- backends
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, TypeVar
 
@@ -181,16 +182,20 @@ def shutdown(keep_state: bool, address: Optional[str]) -> None:
               help="Also delete the backends and endpoints a deploy file made that are no "
                    "longer in this one (never those made through the Python API).")
 @click.option("--dry-run", is_flag=True, help="Print the plan; change nothing.")
+@click.option("--no-wait", is_flag=True,
+              help="Return once the instance accepted every step, without waiting for the "
+                   "replicas to start (`servekit status` shows how far they are).")
 @_address
 @_user_errors
-def deploy(file: str, prune: bool, dry_run: bool, address: Optional[str]) -> None:
+def deploy(file: str, prune: bool, dry_run: bool, no_wait: bool,
+           address: Optional[str]) -> None:
     """Bring the running instance to what FILE (a YAML deploy file) describes.
 
     The whole file is checked first (every problem at once); then the plan is printed
     (create, update in place, replace, delete) and applied. If no instance runs, a detached
     one is started with the file's http_options (and shut down again if the apply fails).
     """
-    from servekit._private.deploy.apply import apply_plan, load_spec, plan_deploy
+    from servekit._private.deploy.apply import load_spec, plan_deploy
 
     spec = load_spec(file)
     client = serve.connect(address) if choice.find_detached(address) is not None else None
@@ -211,13 +216,61 @@ def deploy(file: str, prune: bool, dry_run: bool, address: Optional[str]) -> Non
                         else "."))
         elif plan.changes_anything:
             assert client is not None
-            apply_plan(client, plan)
-            click.echo("Applied.")
+            _apply_watched(client, plan, wait=not no_wait)
     except Exception:
         if started:
             assert client is not None
             _shut_down_after_failure(client)
         raise
+
+
+def _apply_watched(client: serve.Client, plan: Any, wait: bool) -> None:
+    """Apply ``plan``, printing how far the replicas of each backend it changes are as
+    they start and stop (``Client.status`` every ``_PROGRESS_PERIOD_S``); without
+    ``wait``, return once the instance accepted every step."""
+    from servekit._private.deploy.apply import apply_plan
+
+    if not wait:
+        with client._without_waiting():
+            apply_plan(client, plan)
+        click.echo("Accepted: the replicas start and stop in the background; "
+                   "`servekit status` shows how far they are.")
+        return
+    done = threading.Event()
+    watcher = threading.Thread(target=_print_progress, args=(client, done),
+                               name="servekit-deploy-progress", daemon=True)
+    watcher.start()
+    try:
+        apply_plan(client, plan)
+    finally:
+        done.set()
+        watcher.join()
+    click.echo("Applied.")
+
+
+# Seconds between two looks at the status while a deploy applies.
+_PROGRESS_PERIOD_S = 0.25
+
+
+def _print_progress(client: serve.Client, done: threading.Event) -> None:
+    """Until ``done``: a line for each backend whose status or message changed while it
+    is not HEALTHY (``iris:v1 UPDATING: rolling out revision 2: 2/5 new replicas ready,
+    3 of the old revision running``), and one as it becomes HEALTHY again."""
+    shown: Dict[str, str] = {}
+    while True:
+        finished = done.wait(_PROGRESS_PERIOD_S)
+        try:
+            backends = client.status()["backends"]
+        except Exception:
+            return  # the apply says what went wrong
+        for tag, backend in sorted(backends.items()):
+            line = f"{tag} {backend['status']}: {backend['message']}"
+            if line != shown.get(tag, line if backend["status"] == "HEALTHY" else None):
+                click.echo(line)
+            if backend["status"] != "HEALTHY" or tag in shown:
+                shown[tag] = line
+        if finished:
+            return
 
 
 def _shut_down_after_failure(client: serve.Client) -> None:

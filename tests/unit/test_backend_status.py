@@ -17,9 +17,10 @@ from servekit._private.controller.state import (
 from servekit.config import BackendConfig
 
 
-def backend(*replicas: str, created: bool = True, version: int = 1,
+def backend(*replicas: str, created: bool = True, version: int = 0,
             **config: Any) -> BackendState:
-    """A backend with replicas given as "STATE" or "STATE@version" (default ``version``)."""
+    """A backend with replicas given as "STATE" or "STATE@version" (default ``version``;
+    revision is version + 1)."""
     state = BackendState("m", replica_config(Model), BackendConfig(**config), None,
                          created=created, version=version)
     for index, replica in enumerate(replicas):
@@ -41,8 +42,8 @@ def test_a_backend_being_created_is_updating() -> None:
 
 
 def test_a_rollout_is_updating_with_how_many_replicas_run_each_revision() -> None:
-    state = backend(f"{RUNNING}@1", f"{RUNNING}@1", f"{RUNNING}@2", f"{STARTING}@2",
-                    version=2, num_replicas=3)
+    state = backend(f"{RUNNING}@0", f"{RUNNING}@0", f"{RUNNING}@1", f"{STARTING}@1",
+                    version=1, num_replicas=3)
     status, message = backend_status(state)
     assert status == "UPDATING"
     assert message == ("rolling out revision 2: 1/3 new replicas ready, 2 of the old "

@@ -96,8 +96,8 @@ class BackendReconciler:
         old = [r for r in backend.in_state(STARTING, RUNNING) if r.version != backend.version]
         for record in [r for r in old if r.state == STARTING]:
             # an old one that never served: not needed
-            self._begin_stop(record, f"it runs revision {record.version}, not "
-                                     f"{backend.version}, and never served")
+            self._begin_stop(record, f"it runs revision {record.revision}, not "
+                                     f"{backend.revision}, and never served")
         old_running = [r for r in old if r.state == RUNNING]
         room = constants.MAX_STARTING_REPLICAS - len(backend.in_state(STARTING))
         if old_running:
@@ -105,12 +105,12 @@ class BackendReconciler:
             step = rollout_step(target, self._surge(target), len(old_running), new_running,
                                 len(current) - new_running, room)
             for record in old_running[len(old_running) - step.stop_old:]:
-                self._begin_stop(record, f"replaced by revision {backend.version} "
+                self._begin_stop(record, f"replaced by revision {backend.revision} "
                                          f"({new_running}/{target} new replicas ready)")
             if step.start_new:
                 logger.info("Rollout of backend %s to revision %d: starting %d new "
                             "replica(s); %d/%d new replicas ready, %d of the old revision "
-                            "serve.", backend.tag, backend.version, step.start_new,
+                            "serve.", backend.tag, backend.revision, step.start_new,
                             new_running, target, len(old_running) - step.stop_old)
             for _ in range(step.start_new):
                 self._start_replica()
@@ -144,7 +144,7 @@ class BackendReconciler:
         record = ReplicaRecord(tag=tag, backend=backend.tag, version=backend.version)
         backend.replicas[tag] = record
         logger.info("Starting replica %s of backend %s (revision %d).", tag, backend.tag,
-                    backend.version)
+                    backend.revision)
         record.task = asyncio.ensure_future(self.run_start(record))
 
     def check_goal(self) -> None:
@@ -166,7 +166,7 @@ class BackendReconciler:
                 backend.definition_before is not None
             if backend.definition_before is not None:
                 logger.info("Rollout of backend %s to revision %d is complete: %d replicas "
-                            "run it.", backend.tag, backend.version, len(running))
+                            "run it.", backend.tag, backend.revision, len(running))
             backend.created = True
             backend.start_failures = 0
             backend.replacing = None
@@ -266,7 +266,7 @@ class BackendReconciler:
         metrics.REPLICA_STARTS.labels(backend.tag).inc()
         logger.info("Replica %s of backend %s is running (revision %d, started in %.1fs); "
                     "%d/%d replicas of this revision run.", record.tag, backend.tag,
-                    record.version, time.monotonic() - record.created_at,
+                    record.revision, time.monotonic() - record.created_at,
                     len(backend.current(RUNNING)), backend.target_replicas)
         backend.last_start_error = None
         await self._services.publish_replicas()
@@ -306,7 +306,7 @@ class BackendReconciler:
             if backend.definition_before is not None:
                 logger.warning("Rollout of backend %s to revision %d failed; going back to "
                                "revision %d, whose replicas kept serving.", backend.tag,
-                               backend.version, backend.previous_version)
+                               backend.revision, backend.previous_version + 1)
                 backend.undefine()
             push = False
             if backend.config_before_update is not None:

@@ -27,7 +27,7 @@ def backend_status(backend: BackendState) -> Tuple[str, str]:
     if not backend.created:
         return UPDATING, f"starting: {ready} replicas ready{error}"
     if old_running or backend.definition_before is not None:
-        return UPDATING, (f"rolling out revision {backend.version}: {ready} new replicas "
+        return UPDATING, (f"rolling out revision {backend.revision}: {ready} new replicas "
                           f"ready, {old_running} of the old revision running{error}")
     unhealthy = sum(1 for r in backend.in_state(RUNNING) if r.unhealthy.is_set())
     if new_running - unhealthy < target:

@@ -531,7 +531,7 @@ class Controller:
                 b.metadata is not None and b.metadata.is_async)
             backends[tag] = {
                 "status": state, "message": message, "config": config,
-                "revision": b.version, "revision_running": len(b.current(RUNNING)),
+                "revision": b.revision, "revision_running": len(b.current(RUNNING)),
                 "running": len(b.in_state(RUNNING)), "target": b.target_replicas,
                 "autoscaling": b.scaling_reason if b.autoscaled_replicas is not None
                 else None,
@@ -549,7 +549,7 @@ class Controller:
                 process = record.process or {}
                 processes.append({"role": "replica", "name": record.tag, "state": record.state,
                                   "pid": process.get("pid"), "node": process.get("node"),
-                                  "backend": record.backend, "revision": record.version})
+                                  "backend": record.backend, "revision": record.revision})
         endpoints = {name: {**info.describe(), "managed": info.managed, "prefix": info.asgi}
                      for name, info in self.endpoints.endpoints.items()}
         http_options = self.http_options.model_dump(mode="json", exclude={"middlewares"})

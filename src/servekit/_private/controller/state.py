@@ -31,6 +31,11 @@ class ReplicaRecord:
     unhealthy: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     created_at: float = dataclasses.field(default_factory=time.monotonic)  # by this controller
 
+    @property
+    def revision(self) -> int:
+        """Its definition's number as users see it (from 1)."""
+        return self.version + 1
+
     def cancel_tasks(self) -> None:
         """Cancel its start and health tasks, except the one calling this."""
         for task in (self.task, self.health_task):
@@ -101,6 +106,12 @@ class BackendState:
         if self.config.autoscaling_config is not None and self.autoscaled_replicas is not None:
             return self.autoscaled_replicas
         return self.config.num_replicas
+
+    @property
+    def revision(self) -> int:
+        """The current definition's number as users see it: 1, then one more per
+        redeploy."""
+        return self.version + 1
 
     def in_state(self, *states: str) -> List[ReplicaRecord]:
         return [r for r in self.replicas.values() if r.state in states]
