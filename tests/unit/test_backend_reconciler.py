@@ -58,7 +58,9 @@ def test_load_reports_scale_a_backend_up_and_down_with_drain() -> None:
             await eventually(lambda: len(replica_tags(controller, "m", RUNNING)) == 4,
                              "4 replicas")
             status = controller.status()["backends"]["m"]
-            assert status["target"] == 4 and "scaled up to 4" in status["autoscaling"]
+            # (The next sample may have come since: it finds 4 right.)
+            assert status["target"] == 4 and ("scaled up to 4" in status["autoscaling"] or
+                                              "4 is right" in status["autoscaling"]), status
             four = replica_tags(controller, "m")
             controller.report_load("router-1", {"m": 0.0})
             controller.report_load("router-2", {"m": 0.0})
@@ -247,6 +249,33 @@ def test_a_redeploy_whose_constructor_raises_keeps_the_old_version() -> None:
                 "m", replica_config(Loader, "v3"), BackendMetadata.inspect(Loader)))
             running = replica_tags(controller, "m", RUNNING)
             assert weights_of(runtime, running) == ["v3", "v3"]
+
+    run(main)
+
+
+def test_a_new_backend_that_fails_to_start_stays_when_an_endpoint_uses_it() -> None:
+    """(``deploy --no-wait`` creates the endpoint before the replicas run.) Removed, the
+    backend would leave the endpoint sending traffic nowhere: it stays, UNHEALTHY with the
+    error, its replicas tried again, until a redeploy fixes it."""
+
+    async def main() -> None:
+        runtime = FakeRuntime()
+        async with running_controller(runtime) as (controller, _):
+            runtime.hold_launches()
+            goal = await start_backend(controller, "m", Loader, "corrupt", wait=False)
+            await controller.create_endpoint("e", "m", None, ["GET"])
+            runtime.hold_launches(False)
+            runtime.release()
+            with pytest.raises(ValueError, match="weights are corrupt"):
+                await wait_goal(controller, goal)
+            status = controller.status()["backends"]["m"]
+            assert status["status"] == "UNHEALTHY", status
+            assert "weights are corrupt" in status["message"]
+            assert controller.list_endpoints()["e"]["traffic"] == {"m": 1.0}
+            await wait_goal(controller, await controller.redeploy_backend(
+                "m", replica_config(Loader, "v2"), BackendMetadata.inspect(Loader)))
+            assert controller.status()["backends"]["m"]["status"] == "HEALTHY"
+            assert weights_of(runtime, replica_tags(controller, "m", RUNNING)) == ["v2"]
 
     run(main)
 

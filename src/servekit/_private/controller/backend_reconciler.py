@@ -60,6 +60,7 @@ class Services(Protocol):
     def is_registered(self, backend: BackendState) -> bool: ...
     def forget(self, backend: BackendState) -> None: ...
     def replicas_that_fit(self, backend: BackendState) -> int: ...
+    def user_of(self, backend: str) -> Optional[str]: ...
 
 
 def replica_visible_fields(config: BackendConfig) -> tuple:
@@ -288,6 +289,18 @@ class BackendReconciler:
             backend.start_failures += 1
             backend.retry_at = time.monotonic() + min(
                 constants.MAX_RESTART_BACKOFF_S, 0.5 * 2 ** backend.start_failures)
+            user = services.user_of(backend.tag)
+            if not backend.created and user is not None:
+                # An endpoint sends it traffic already (``deploy --no-wait`` made both):
+                # removed, it would leave that endpoint sending traffic nowhere. It stays
+                # (UNHEALTHY, its replicas retried with backoff); its create call fails.
+                logger.warning("Backend %s failed to start its first replicas, but endpoint "
+                               "%s sends it traffic: it stays, and its replicas are tried "
+                               "again.", backend.tag, user)
+                backend.created = True
+                goal, backend.goal = backend.goal, None
+                services.settle_goal(goal, error)
+                return
             if not backend.created:
                 # The create call fails as a whole (once that is saved): the tag is free.
                 goal, backend.goal = backend.goal, None

@@ -183,6 +183,10 @@ class Controller:
         self.save()
         self.spawn(self.publish_backends())
 
+    def user_of(self, backend: str) -> Optional[str]:
+        """An endpoint whose traffic or shadows use ``backend``, if any."""
+        return self.endpoints.user_of(backend)
+
     def replicas_that_fit(self, backend: BackendState) -> int:
         """How many replicas ``backend`` can have with the resources left (its own count
         included)."""
