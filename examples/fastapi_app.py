@@ -1,6 +1,7 @@
 """Serve FastAPI apps: a typed route and a WebSocket under a prefix, and a model class whose
 routes reach the instance built in each replica, called over HTTP and through a handle.
-Run: pip install fastapi httpx && python examples/fastapi_app.py"""
+Run: pip install "servekit[fastapi]" && python examples/fastapi_app.py
+(or, from a clone: pip install -e ".[fastapi]")"""
 
 import httpx
 from fastapi_model import SentimentModel, shop  # a module: sent by reference, never pickled
