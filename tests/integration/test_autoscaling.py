@@ -30,7 +30,7 @@ async def slow(request: Any) -> str:
 
 
 def status(client: serve.Client, tag: str) -> dict:
-    return client._call("status")["backends"][tag]
+    return client.status()["backends"][tag]
 
 
 def test_a_backend_follows_its_load_from_zero_and_back_without_failing_a_request(
@@ -42,6 +42,8 @@ def test_a_backend_follows_its_load_from_zero_and_back_without_failing_a_request
         "look_back_period_s": 0.5, "metrics_interval_s": 0.2}})
     client.create_endpoint("slow", backend="slow", route="/slow")
     assert status(client, "slow")["running"] == 0  # initial_replicas = min_replicas = 0
+    # Scaled to zero, it is ready: a request starts a replica.
+    assert httpx.get(f"{url}/-/ready", timeout=10).status_code == 200
 
     # From zero: the request waits in the router while the first replica starts.
     response = httpx.get(f"{url}/slow", timeout=START_S + 10)
