@@ -317,6 +317,8 @@ def build(target: str, output: Optional[str]) -> None:
     """
     from servekit._private.deploy.build import build_deploy_file
 
+    if output is not None:
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     text = build_deploy_file(target, output)
     if output is None:
         click.echo(text, nl=False)

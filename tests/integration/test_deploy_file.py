@@ -71,12 +71,20 @@ class Project:
         path.write_text(yaml.safe_dump(data))
         return str(path)
 
-    def servekit(self, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
-        done = subprocess.run([sys.executable, "-m", "servekit.cli", *args], cwd=self.directory,
-                              env=self.env, capture_output=True, text=True, timeout=60)
+    def servekit(self, *args: str, ok: bool = True,
+                 cwd: Path | str | None = None) -> subprocess.CompletedProcess:
+        done = subprocess.run([sys.executable, "-m", "servekit.cli", *args],
+                              cwd=cwd or self.directory, env=self.env, capture_output=True,
+                              text=True, timeout=60)
         if ok:
             assert done.returncode == 0, done.stderr
         return done
+
+    def prune_all(self, name: str) -> None:
+        """Delete what the files named ``name`` made."""
+        path = self.directory / f"{name}-nothing.yaml"
+        path.write_text(yaml.safe_dump({"name": name}))
+        self.servekit("deploy", "--prune", str(path))
 
     def status(self) -> Dict[str, Any]:
         return json.loads(self.servekit("status", "--json").stdout)
@@ -275,3 +283,211 @@ def test_run_serves_reloads_survives_a_broken_reload_and_leaves_nothing(
         kill_leftovers(processes)
         reader.join(timeout=10)
         run.stdout.close()  # type: ignore[union-attr]
+
+
+# ----------------------------------------------- precise deploys, names, portability
+
+
+def write_files(directory: Path, files: Dict[str, str]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (directory / name).write_text(textwrap.dedent(text))
+
+
+def write_yaml(path: Path, data: Dict[str, Any]) -> str:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return str(path)
+
+
+IRIS_PROJECT = {
+    "model.py": """
+        import weights
+
+        class Iris:
+            def __init__(self, version):
+                self.version = version
+
+            def __call__(self, request):
+                return f"{self.version} {weights.W}"
+    """,
+    "weights.py": "W = 1\n",
+    "api.py": """
+        class Api:
+            def __call__(self, request):
+                return "api"
+    """,
+}
+
+
+def test_only_what_changed_is_replaced(base: Project) -> None:
+    directory = base.directory / "iris_project"
+    write_files(directory, IRIS_PROJECT)
+    full = write_yaml(directory / "full.yaml", {
+        "backends": [{"name": "iris:v1", "import_path": "model:Iris", "init_args": ["v1"]},
+                     {"name": "iris:v2", "import_path": "model:Iris", "init_args": ["v2"]},
+                     {"name": "api2", "import_path": "api:Api"}],
+        "endpoints": [{"name": "iris", "route": "/iris",
+                       "traffic": {"iris:v1": 0.5, "iris:v2": 0.5}},
+                      {"name": "api2", "route": "/api2", "traffic": {"api2": 1.0}}]})
+    try:
+        base.servekit("deploy", full)
+        subset = write_yaml(directory / "subset.yaml", {"backends": [
+            {"name": "iris:v1", "import_path": "model:Iris", "init_args": ["v1"]}]})
+        out = base.servekit("deploy", subset).stdout
+        assert out.startswith("No change"), out
+        (directory / "slow.py").write_text("import time\n\ntime.sleep(0)\n")
+        out = base.servekit("deploy", full).stdout
+        assert out.startswith("No change"), out
+        (directory / "weights.py").write_text("W = 2\n")  # imported by model.py only
+        out = base.servekit("deploy", full).stdout
+        assert "replace         backend iris:v1: code changed: weights.py (edited)" in out
+        assert "replace         backend iris:v2: code changed: weights.py (edited)" in out
+        assert "backend api2" in out.split("no change", 1)[1]
+        assert "replace         backend api2" not in out
+        assert base.get("/iris").text in ("v1 2", "v2 2")
+    finally:
+        base.prune_all("full")
+
+
+def test_prune_deletes_only_what_files_of_its_name_made(base: Project) -> None:
+    def team(letter: str) -> str:
+        return write_yaml(base.directory / f"{letter}.yaml", {
+            "name": f"team-{letter}",
+            "backends": [{"name": f"team-{letter}", "import_path": "models:Greeter",
+                          "init_args": [letter]}],
+            "endpoints": [{"name": f"team-{letter}", "route": f"/team-{letter}",
+                           "traffic": {f"team-{letter}": 1.0}}]})
+
+    try:
+        base.servekit("deploy", team("a"))
+        base.servekit("deploy", team("b"))
+        assert base.status()["endpoints"]["team-b"]["managed"] == "team-b"
+        out = base.servekit("deploy", "--prune", base.file()).stdout  # "deploy" made neither
+        assert "team-" not in out
+        base.prune_all("team-a")
+        assert base.get("/team-a").status_code == 404
+        assert base.get("/team-b").text == "b"
+        assert "team-a" not in base.status()["backends"]
+    finally:
+        base.prune_all("team-a")
+        base.prune_all("team-b")
+
+
+def test_a_bad_file_reports_all_its_problems_at_once(base: Project) -> None:
+    write_files(base.directory, {"asgi.py": """
+        async def app(scope, receive, send):
+            pass
+    """})
+    before = base.status()
+    bad = write_yaml(base.directory / "bad.yaml", {
+        "http_optons": {"port": base.port},
+        "backends": [
+            {"name": "greet", "import_path": "models:Greeter", "init_args": ["a", "b"],
+             "configs": {"num_replicas": 2}},
+            {"name": "app", "import_path": "asgi:app", "config": {"num_replicas": -1}},
+            {"name": "missing", "import_path": "nomodule:X"}],
+        "endpoints": [{"name": "app", "route": "/app/", "traffic": {"app": 1.0}},
+                      {"name": "greet", "route": "/greet", "traffic": {"gret": 1.0}}]})
+    done = base.servekit("deploy", "--dry-run", bad, ok=False)
+    assert done.returncode == 1
+    for expected in ("http_optons: unknown key (did you mean 'http_options'?",
+                     "backends[0].init_args: models:Greeter(greeting='hello') cannot take "
+                     "['a', 'b']",
+                     "backends[0].configs: unknown key (did you mean 'config'?",
+                     "backends[1].config.num_replicas: Input should be greater than or equal "
+                     "to 1",
+                     "backends[2].import_path: cannot import 'nomodule:X'",
+                     "endpoints[0].route: '/app/' ends with '/', but app is an ASGI app",
+                     "endpoints[1].traffic.gret: backend 'gret' is neither in the file nor "
+                     "running"):
+        assert expected in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 7, done.stderr
+    assert base.servekit("deploy", bad, ok=False).stderr == done.stderr  # the same, at once
+    after = base.status()
+    assert (after["backends"], after["endpoints"]) == (before["backends"], before["endpoints"])
+
+
+def test_an_exported_file_deploys_from_another_directory(base: Project,
+                                                         tmp_path: Path) -> None:
+    exported = base.servekit("config").stdout
+    data = yaml.safe_load(exported)
+    assert data["working_dir"] == str(base.directory) and data["name"] == "deploy"
+    path = tmp_path / "x.yaml"
+    path.write_text(exported)
+    out = base.servekit("deploy", str(path), cwd="/").stdout
+    assert out.startswith("No change"), out
+    data["backends"][0]["init_args"] = ["from elsewhere"]
+    write_yaml(path, data)
+    out = base.servekit("deploy", str(path), cwd="/").stdout
+    assert "replace         backend greet: init_args" in out
+    assert base.get("/greet").text == "from elsewhere"
+
+
+COMPOSED = {
+    "iris_model.py": """
+        class IrisModel:
+            def __call__(self, request):
+                return "iris"
+    """,
+    "composer.py": """
+        import servekit as serve
+
+        class Composer:
+            def __init__(self):
+                # needs the endpoint now: the file creates it before this backend
+                self.model = serve.connect().get_handle("iris-model")
+
+            def __call__(self, request):
+                return "composed " + self.model.remote().result(timeout=10)
+    """,
+}
+
+
+def test_a_backend_gets_a_handle_to_an_endpoint_of_the_same_file(base: Project) -> None:
+    directory = base.directory / "composed"
+    write_files(directory, COMPOSED)
+    path = write_yaml(directory / "composed.yaml", {
+        "backends": [{"name": "composer", "import_path": "composer:Composer"},
+                     {"name": "iris-model", "import_path": "iris_model:IrisModel"}],
+        "endpoints": [{"name": "composed", "route": "/composed",
+                       "traffic": {"composer": 1.0}},
+                      {"name": "iris-model", "route": None, "traffic": {"iris-model": 1.0}}]})
+    try:
+        out = base.servekit("deploy", path).stdout
+        assert out.index("create          endpoint iris-model") < \
+            out.index("create          backend composer")
+        assert base.get("/composed").text == "composed iris"
+    finally:
+        base.prune_all("composed")
+
+
+def test_build_writes_the_deploy_file_a_function_describes(base: Project) -> None:
+    write_files(base.directory, {"app.py": """
+        from models import Greeter
+
+        def build(client):
+            client.create_backend("built", Greeter, "built")
+            client.create_endpoint("built", backend="built", route="/built")
+    """})
+    done = base.servekit("build", "app:build", "-o", "out/built.yaml")
+    assert "Wrote out/built.yaml" in done.stderr
+    data = yaml.safe_load((base.directory / "out" / "built.yaml").read_text())
+    assert data["working_dir"] == ".."
+    assert data["backends"] == [{"name": "built", "import_path": "models:Greeter",
+                                 "init_args": ["built"], "ray_actor_options": {},
+                                 "config": {}}]
+    try:
+        base.servekit("deploy", str(base.directory / "out" / "built.yaml"), cwd="/")
+        assert base.get("/built").text == "built"
+    finally:
+        base.prune_all("built")
+
+
+def test_a_failed_first_deploy_leaves_no_instance(tmp_path: Path) -> None:
+    project = Project(tmp_path, tmp_path / "home", free_port())
+    done = project.servekit("deploy", project.file(greeting="corrupt"), ok=False)
+    assert done.returncode == 1
+    assert "the weights are corrupt" in done.stderr
+    assert "the instance it started was shut down" in done.stderr
+    status = project.servekit("status", ok=False)
+    assert status.returncode == 1 and "no servekit instance" in status.stderr.lower()
