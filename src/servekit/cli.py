@@ -16,6 +16,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, TypeVar
 
 import click
 
+try:  # the knobs first: a SERVEKIT_* variable set wrong is a line, not a traceback
+    from servekit._private import constants  # noqa: F401
+except ValueError as exc:
+    raise SystemExit(f"Error: {exc}") from None
 import servekit as serve
 from servekit._private.deploy.schema import DeployFileError
 from servekit._private.runtime import choice
@@ -90,6 +94,9 @@ def start(http_host: Optional[str], http_port: Optional[int],
     If the previous instance's processes are gone (a reboot) but its state is still there,
     its backends and endpoints come back, on the port it had unless told otherwise.
     """
+    if choice.detached_running(address):
+        raise click.ClickException("a servekit instance is already running here; 'servekit "
+                                   "status' shows it, 'servekit shutdown' stops it")
     options: Dict[str, Any] = dict(home.saved_http_options() or {}) if address is None else {}
     for key, value in (("host", http_host), ("port", http_port), ("location", http_location)):
         if value is not None:

@@ -18,7 +18,7 @@ from typing import IO, Any, Dict, Iterator, List
 import httpx
 import pytest
 
-from conftest import free_port, wait_for
+from conftest import busy_port, free_port, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -53,7 +53,7 @@ class Project:
 
     def __init__(self, root: Path, **env: str) -> None:
         self.directory = root / "project"
-        self.directory.mkdir()
+        self.directory.mkdir(parents=True)
         (self.directory / "models.py").write_text(textwrap.dedent(MODELS))
         (self.directory / "deploy.yaml").write_text(textwrap.dedent(DEPLOY))
         self.home = root / "home"
@@ -218,17 +218,25 @@ def test_commands_that_need_an_instance_say_none_runs(tmp_path: Path,
 def test_cli_mistakes_are_one_line_without_a_traceback(tmp_path: Path) -> None:
     project = Project(tmp_path)
     unreachable = f"127.0.0.1:{free_port()}"
-    for args, message in [
-        (("logs",), "no servekit instance has run here; start one with 'servekit start'"),
-        (("deploy", "missing.yaml"), "missing.yaml: cannot be read: No such file"),
-        (("run", "missing.yaml"), "missing.yaml: cannot be read: No such file"),
-        (("run", "no_such_module:build"), "No module named 'no_such_module'"),
-        (("status", "--address", unreachable), f"no Ray cluster answers at {unreachable}"),
-    ]:
-        done = project.servekit(*args, ok=False)
-        assert done.returncode in (1, 2), (args, done.stderr)  # 2: a bad option
-        assert message in done.stderr, (args, done.stderr)
-        assert "Traceback" not in done.stderr, (args, done.stderr)
+    with busy_port() as busy:
+        for args, message in [
+            (("logs",), "no servekit instance has run here; start one with 'servekit start'"),
+            (("deploy", "missing.yaml"), "missing.yaml: cannot be read: No such file"),
+            (("run", "missing.yaml"), "missing.yaml: cannot be read: No such file"),
+            (("run", "no_such_module:build"), "No module named 'no_such_module'"),
+            (("status", "--address", unreachable), f"no Ray cluster answers at {unreachable}"),
+            (("start", "--http-port", str(busy)), "choose another port"),
+            (("run", "deploy.yaml", "--http-port", str(busy)), "--http-port"),
+        ]:
+            done = project.servekit(*args, ok=False)
+            assert done.returncode in (1, 2), (args, done.stderr)  # 2: a bad option
+            assert message in done.stderr, (args, done.stderr)
+            assert "Traceback" not in done.stderr, (args, done.stderr)
+    wrong = Project(tmp_path / "wrong", SERVEKIT_LOG_LEVEL="loud").servekit("status", ok=False)
+    assert (wrong.returncode, wrong.stderr) == (1, "Error: Environment variable "
+                                                   "SERVEKIT_LOG_LEVEL='loud' must be one of "
+                                                   "DEBUG, INFO, WARNING, ERROR, CRITICAL (in "
+                                                   "any case).\n")
 
 
 def test_servekit_run_says_where_it_serves(tmp_path: Path) -> None:
@@ -249,3 +257,7 @@ def test_servekit_run_says_where_it_serves(tmp_path: Path) -> None:
 def test_servekit_start_says_where_it_serves(project: Project) -> None:
     started = project.servekit("start", "--http-port", str(project.port))
     assert started.stdout.splitlines()[-1] == f"Serving at {project.url}"
+    again = project.servekit("start", ok=False)
+    assert (again.returncode, again.stderr) == (1, "Error: a servekit instance is already "
+                                                   "running here; 'servekit status' shows "
+                                                   "it, 'servekit shutdown' stops it\n")

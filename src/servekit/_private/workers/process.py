@@ -49,7 +49,8 @@ def bind_http_socket(host: str, port: int, shared: bool = False) -> socket.socke
     except socket.gaierror as exc:
         raise HostNotFoundError(
             exc.errno, f"Cannot serve HTTP on host {host!r}: it does not resolve "
-                       f"({exc.strerror}). Pass a valid address in http_options['host'].") \
+                       f"({exc.strerror}). Pass a valid address in http_options['host'] "
+                       "(servekit start and run: --http-host).") \
             from None
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -62,7 +63,8 @@ def bind_http_socket(host: str, port: int, shared: bool = False) -> socket.socke
         sock.close()
         raise ServeError(f"Cannot serve HTTP on {host}:{port}: {exc.strerror}. Stop whatever "
                          "listens there, or choose another port with "
-                         "http_options={'port': ...}.") from None
+                         "http_options={'port': ...} (servekit start and run: --http-port).") \
+            from None
     sock.set_inheritable(True)
     return sock
 
