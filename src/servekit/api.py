@@ -432,18 +432,20 @@ class Client:
                prune: bool = False, dry_run: bool = False) -> DeployPlan:
         """Bring this instance to what a deploy file describes, and return the plan.
 
-        The whole file is validated (each error naming its place) and every backend is
-        imported before anything changes. Config fields are updated in place; a changed
-        definition (import path, init args, actor options, env, or the code of the
-        modules under the file's directory) is a rolling replacement. Applying the same
-        file again changes nothing (``plan.changes_anything`` is False).
+        The whole file is validated (every problem at once, each naming its place) and
+        every backend is imported before anything changes. Config fields are updated in
+        place; a changed definition (import path, init args, actor options, env, working
+        directory, or the source of the local modules the backend imports) is a rolling
+        replacement. Applying the same file again changes nothing
+        (``plan.changes_anything`` is False).
 
         Args:
             config: the path of a YAML deploy file (import paths are found from its
-                directory), or a dict of its contents (found from the current directory).
-            prune: also delete the backends and endpoints a deploy file made that are no
-                longer in this one. Default False. Objects made through the Python API are
-                never deleted.
+                ``working_dir``, by default its directory), or a dict of its contents
+                (found from the current directory).
+            prune: also delete the backends and endpoints a deploy file of the same
+                ``name`` made that are no longer in this one. Default False. Objects made
+                under another name or through the Python API are never deleted.
             dry_run: only plan; change nothing. Default False.
 
         Raises:
