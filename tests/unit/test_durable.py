@@ -72,6 +72,18 @@ def test_asgi_metadata_loads_back_and_older_records_are_not_asgi() -> None:
     assert loaded is not None and loaded.asgi is False
 
 
+def test_the_deploy_file_name_of_an_endpoint_loads_back_as_does_an_older_mark() -> None:
+    endpoints = {name: EndpointInfo(name, f"/{name}", ["GET"], {"m": 1.0}, managed=mark)
+                 for name, mark in (("api", None), ("file", "team-a"))}
+    records = snapshot({}, endpoints, {})
+    assert load(records, "test").endpoints == endpoints
+    for mark, loaded in ((True, ""), (False, None)):  # written before files had names
+        doc = json.loads(records["endpoint/file"])
+        doc["managed"] = mark
+        records["endpoint/file"] = json.dumps(doc).encode()
+        assert load(records, "test").endpoints["file"].managed == loaded
+
+
 def test_the_single_proxy_record_of_an_older_state_file_loads() -> None:
     records = snapshot({}, {}, {})
     records["proxy"] = json.dumps({"address": "/p", "process": {"pid": 3}}).encode()
