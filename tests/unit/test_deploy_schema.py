@@ -224,3 +224,14 @@ def test_a_bad_file_reports_every_problem_in_one_pass(project: Path) -> None:  #
                          "in the file nor running; define it under backends, or check its "
                          "spelling")
     assert len(errors) == 7
+
+
+def test_every_problem_of_one_backend_is_reported(project: Path) -> None:  # noqa: F811
+    spec = parse_deploy_dict({"backends": [
+        {"name": "clf", "import_path": "models:Classifier", "init_args": [1, 2],
+         "config": {"max_batch_size": 4}, "env": {"virtualenv": str(project / "no-venv")}},
+    ]}, str(project))
+    with pytest.raises(DeployFileError) as caught:
+        load_definitions(spec)
+    assert [error.partition(":")[0] for error in caught.value.errors] == [
+        "backends[0].env", "backends[0].init_args", "backends[0].config"]

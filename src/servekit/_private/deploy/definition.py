@@ -23,7 +23,7 @@ import inspect
 import json
 import os
 import sys
-from typing import Any, Dict, FrozenSet, List, Optional, Tuple
+from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Tuple
 
 from servekit._private import user_errors
 from servekit._private.asgi_app import ASGIFactory
@@ -132,9 +132,9 @@ def load_definitions(spec: DeploySpec) -> Dict[str, BackendDefinition]:
 
 def check_definitions(spec: DeploySpec) -> Tuple[Dict[str, BackendDefinition], List[Problem]]:
     """Import and check every backend of ``spec``, freshly from disk, each from its working
-    directory: the definitions of those that pass, and the problems of the others (a backend
-    that cannot be imported, is not a function or class, takes init args it cannot, whose
-    config asks for what it cannot do, or whose env is not found)."""
+    directory: the definitions of those that pass, and every problem of the others (a
+    backend that cannot be imported, is not a function or class, takes init args it cannot,
+    whose config asks for what it cannot do, or whose env is not found)."""
     problems: List[Problem] = []
     definitions: Dict[str, BackendDefinition] = {}
     for directory in sorted({backend.working_dir for backend in spec.backends.values()}):
@@ -145,11 +145,11 @@ def check_definitions(spec: DeploySpec) -> Tuple[Dict[str, BackendDefinition], L
         for backend in spec.backends.values():
             if backend.working_dir != directory:
                 continue
-            try:
-                metadata, python = _check(backend)
-            except _Problem as problem:
-                problems.append((backend.place + (problem.field,), str(problem)))
+            metadata, python, found = _check(backend)
+            problems += [(backend.place + (field,), message) for field, message in found]
+            if metadata is None or found:
                 continue
+            # "module:Name", or "module.Name" (whose module is found among its parents)
             code = local_code(directory, backend.import_path.partition(":")[0])
             definitions[backend.name] = BackendDefinition(
                 backend, source_of(backend, code.files, spec.name), metadata, python,
@@ -168,40 +168,46 @@ def source_of(backend: BackendSpec, files: Dict[str, str], deploy: str) -> Dict[
             "deploy": deploy}
 
 
-class _Problem(Exception):
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
-
-
-def _check(backend: BackendSpec) -> tuple:
-    """(metadata, python) of a backend, imported here; ``_Problem`` naming the field."""
+def _check(backend: BackendSpec) -> Tuple[Optional[BackendMetadata], Optional[str],
+                                         List[Tuple[str, str]]]:
+    """A backend imported here: its metadata (None if it cannot be imported), the
+    interpreter of its env, and its problems, (field, what is wrong) each."""
+    problems: List[Tuple[str, str]] = []
+    python = None
+    try:
+        python = _python(backend.env)
+    except Exception as exc:  # an environment not found, or without servekit
+        problems.append(("env", str(exc)))
     try:
         target = import_attribute(backend.import_path)
     except Exception as exc:  # the module's own code may raise anything
-        raise _Problem("import_path", f"cannot import {backend.import_path!r}: "
-                                      f"{type(exc).__name__}: {exc}") from None
+        problems.append(("import_path", f"cannot import {backend.import_path!r}: "
+                                        f"{type(exc).__name__}: {exc}"))
+        return None, python, problems
     try:
         metadata = BackendMetadata.inspect(target)
-    except TypeError as exc:
-        raise _Problem("import_path", str(exc)) from None
+    except TypeError as exc:  # neither a function nor a class
+        problems.append(("import_path", str(exc)))
+        return None, python, problems
     if not metadata.is_class and not isinstance(target, ASGIFactory) and backend.init_args:
         kind = "an ASGI app" if metadata.asgi else "a function"
-        raise _Problem("init_args", f"{backend.import_path} is {kind}: it takes no init "
-                                    "args (use a class, or an ASGI app factory, to take them)")
-    _check_init_args(backend, target)
+        problems.append(("init_args", f"{backend.import_path} is {kind}: it takes no init "
+                                      "args (use a class, or an ASGI app factory, to take "
+                                      "them)"))
+    else:
+        problems += _init_args_problems(backend, target)
     try:
         validate_backend_against_config(metadata, backend.config)
     except ValueError as exc:
-        raise _Problem("config", str(exc)) from None
-    return metadata, _python(backend.env)
+        problems.append(("config", str(exc)))
+    return metadata, python, problems
 
 
-def _check_init_args(backend: BackendSpec, target: Any) -> None:
-    """Refuse init args the constructor (or app factory) cannot be called with."""
-    constructor = target.function if isinstance(target, ASGIFactory) else target
-    if not callable(constructor) or (not inspect.isclass(target) and
-                                     not isinstance(target, ASGIFactory)):
+def _init_args_problems(backend: BackendSpec, target: Any) -> Iterator[Tuple[str, str]]:
+    """Init args the constructor (or app factory) cannot be called with."""
+    constructor = target.function if isinstance(target, ASGIFactory) else \
+        target if inspect.isclass(target) else None
+    if constructor is None:
         return
     try:
         signature = inspect.signature(constructor)
@@ -210,17 +216,15 @@ def _check_init_args(backend: BackendSpec, target: Any) -> None:
     try:
         signature.bind(*backend.init_args)
     except TypeError as exc:
-        raise _Problem("init_args", f"{backend.import_path}{signature} cannot take "
-                                    f"{backend.init_args!r}: {exc}; give init_args one value "
-                                    "per parameter, in order") from None
+        yield "init_args", f"{backend.import_path}{signature} cannot take " \
+                           f"{backend.init_args!r}: {exc}; give init_args one value per " \
+                           "parameter, in order"
 
 
 def _python(env: Optional[Dict[str, str]]) -> Optional[str]:
+    """The interpreter of ``env`` (None: this one's)."""
     if env is None:
         return None
     environment: Environment = CondaEnv(env["conda"]) if "conda" in env else \
         VirtualEnv(env["virtualenv"])
-    try:
-        return environment.python()
-    except Exception as exc:
-        raise _Problem("env", str(exc)) from None
+    return environment.python()
