@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
 from typing import Any
 
@@ -107,10 +106,6 @@ def controller_handlers(controller: Controller, started: asyncio.Future,
 async def serve_controller(runtime: Runtime, http_options: HTTPOptions, sock: socket.socket,
                            stop: asyncio.Event) -> None:
     """Run a controller over ``runtime`` and serve its API on ``sock`` until ``stop``."""
-    if "SERVEKIT_LOG_LEVEL" not in os.environ:
-        # Its lifecycle events (replicas started, stopped, replaced; rollouts, scaling,
-        # recovery) are worth reading by default.
-        logger.setLevel(logging.INFO)
     controller = Controller(runtime, http_options)
     started: asyncio.Future = asyncio.get_running_loop().create_future()
     server = RpcServer(controller_handlers(controller, started, stop),
