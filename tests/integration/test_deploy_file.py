@@ -491,3 +491,26 @@ def test_a_failed_first_deploy_leaves_no_instance(tmp_path: Path) -> None:
     assert "the instance it started was shut down" in done.stderr
     status = project.servekit("status", ok=False)
     assert status.returncode == 1 and "no servekit instance" in status.stderr.lower()
+
+
+def test_the_name_of_the_file_that_made_an_object_survives_a_restart(tmp_path: Path) -> None:
+    project = Project(tmp_path, tmp_path / "home", free_port())
+    for name in ("a", "b"):
+        data = yaml.safe_load(Path(project.file(greeting=name)).read_text())
+        data["name"] = f"team-{name}"
+        data["backends"][0]["name"] = data["endpoints"][0]["name"] = name
+        data["endpoints"][0]["route"] = f"/{name}"
+        data["endpoints"][0]["traffic"] = {name: 1.0}
+        project.servekit("deploy", write_yaml(tmp_path / f"{name}.yaml", data))
+    try:
+        exported = project.servekit("config").stdout
+        assert "#   team-a: backend a, endpoint a" in exported
+        assert "#   team-b: backend b, endpoint b" in exported
+        project.servekit("shutdown", "--keep-state")
+        project.servekit("start")
+        project.prune_all("team-a")
+        assert project.get("/a").status_code == 404
+        assert project.get("/b").text == "b"
+        assert yaml.safe_load(project.servekit("config").stdout)["name"] == "team-b"
+    finally:
+        project.servekit("shutdown", ok=False)
