@@ -570,6 +570,9 @@ class World:
                 **scaling) if unchecked else scaling}
         else:
             shown, told, given = f"{count}", count, {"num_replicas": count}
+        if rng.random() < 0.5:  # redeploys roll over more than one replica at once
+            given["max_surge"] = rng.choice([2, 3, "50%", "100%"])
+            shown += f", max_surge={given['max_surge']}"
         given.update(fields)
 
         def make() -> BackendConfig:
