@@ -338,6 +338,13 @@ def test_only_what_changed_is_replaced(base: Project) -> None:
         (directory / "slow.py").write_text("import time\n\ntime.sleep(0)\n")
         out = base.servekit("deploy", full).stdout
         assert out.startswith("No change"), out
+        (directory / "slow.py").write_text("class Slow:\n    def __call__(self, request):\n"
+                                           "        return 'slow'\n")
+        with_slow = yaml.safe_load(Path(full).read_text())
+        with_slow["backends"].append({"name": "slow", "import_path": "slow:Slow"})
+        out = base.servekit("deploy", write_yaml(directory / "full.yaml", with_slow)).stdout
+        assert out.startswith("Plan for") and "create          backend slow" in out, out
+        assert "replace" not in out, out
         (directory / "weights.py").write_text("W = 2\n")  # imported by model.py only
         out = base.servekit("deploy", full).stdout
         assert "replace         backend iris:v1: code changed: weights.py (edited)" in out
