@@ -206,14 +206,14 @@ def deploy(file: str, prune: bool, dry_run: bool, no_wait: bool,
 
     spec = load_spec(file)
     client = serve.connect(address) if choice.find_detached(address) is not None else None
-    started = False
+    started: Optional[bool] = None  # whether the instance this started restored a state
     if client is None and not dry_run:
         plan_deploy(None, spec, prune)  # every problem of the file, before anything starts
         options = dict(home.saved_http_options() or {}) if address is None else {}
         click.echo(f"No servekit instance was running. "
                    f"{_start_detached({**options, **(spec.http_options or {})}, address)}")
         client = serve.connect(address)
-        started = True
+        started = bool(client._call("status")["backends"])
     try:
         plan = plan_deploy(client, spec, prune)
         click.echo(str(plan))
@@ -225,9 +225,9 @@ def deploy(file: str, prune: bool, dry_run: bool, no_wait: bool,
             assert client is not None
             _apply_watched(client, plan, wait=not no_wait)
     except Exception:
-        if started:
+        if started is not None:
             assert client is not None
-            _shut_down_after_failure(client)
+            _shut_down_after_failure(client, restored=started)
         raise
 
 
@@ -280,10 +280,9 @@ def _print_progress(client: serve.Client, done: threading.Event) -> None:
             return
 
 
-def _shut_down_after_failure(client: serve.Client) -> None:
+def _shut_down_after_failure(client: serve.Client, restored: bool) -> None:
     """Shut down the instance a failed deploy started, so that none is left behind (the
-    state it restored, if it found one, is kept)."""
-    restored = bool(client._call("status")["backends"])
+    state it ``restored``, if it found one, is kept)."""
     client._shutdown(keep_state=restored)
     click.echo("The deploy failed, so the instance it started was shut down" +
                (" (the state it restored was kept)." if restored else "."), err=True)
