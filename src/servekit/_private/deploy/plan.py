@@ -112,7 +112,7 @@ def make_plan(spec: DeploySpec, definitions: Dict[str, BackendDefinition],
     unchanged: List[str] = []
     backend_steps: List[Step] = []
     for name, definition in definitions.items():
-        step = _backend_step(definition, running, spec.name)
+        step = _backend_step(definition, running)
         if step is None:
             unchanged.append(f"backend {name}")
         else:
@@ -230,8 +230,7 @@ def _http_problems(spec: DeploySpec, running: RunningState) -> List[Problem]:
              "file's options and its backends and endpoints come back)")]
 
 
-def _backend_step(definition: BackendDefinition, running: RunningState,
-                  deploy: str) -> Optional[Step]:
+def _backend_step(definition: BackendDefinition, running: RunningState) -> Optional[Step]:
     spec = definition.spec
     current = running.backends.get(spec.name)
     if current is None:
