@@ -466,3 +466,18 @@ def test_an_endpoint_a_backend_gets_a_handle_to_is_created_before_it(
                              (Action.CREATE, "backend", "composer"),
                              (Action.CREATE, "endpoint", "api"),
                              (Action.CREATE, "endpoint", "composer")]
+
+
+def test_an_endpoint_named_in_a_backends_init_args_is_created_before_it(
+        two_modules: Path) -> None:
+    (two_modules / "compose.py").write_text(
+        "import servekit as serve\n\nclass Composer:\n    def __init__(self, model):\n"
+        "        self.model = serve.connect().get_handle(model)\n")
+    data = two_module_data()
+    data["backends"].insert(0, {"name": "composer", "import_path": "compose:Composer",
+                                "init_args": ["api"]})
+    data["endpoints"].append({"name": "composer", "route": "/c",
+                              "traffic": {"composer": 1.0}})
+    steps = summary(plan_of(two_modules, data, RunningState.empty()))
+    assert steps.index((Action.CREATE, "endpoint", "api")) < \
+        steps.index((Action.CREATE, "backend", "composer"))

@@ -63,7 +63,9 @@ class BackendDefinition:
     source: Dict[str, Any]
     metadata: BackendMetadata
     python: Optional[str]
-    handles: FrozenSet[str] = frozenset()  # endpoints its code gets handles to
+    # The endpoints it may get handles to: the names its code passes to get_handle, and the
+    # strings of its init args (a name it is given).
+    handles: FrozenSet[str] = frozenset()
 
     def replica_config(self) -> ReplicaConfig:
         """The ``ReplicaConfig`` of this definition, marked with its ``source``."""
@@ -153,8 +155,21 @@ def check_definitions(spec: DeploySpec) -> Tuple[Dict[str, BackendDefinition], L
             code = local_code(directory, backend.import_path.partition(":")[0])
             definitions[backend.name] = BackendDefinition(
                 backend, source_of(backend, code.files, spec.name), metadata, python,
-                code.handles)
+                code.handles | frozenset(_strings(backend.init_args)))
     return definitions, problems
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """The strings in plain data (lists and dicts, keys too)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _strings(item)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _strings(key)
+            yield from _strings(item)
 
 
 def source_of(backend: BackendSpec, files: Dict[str, str], deploy: str) -> Dict[str, Any]:

@@ -9,7 +9,8 @@ Order (each step valid when it runs): backends created, replaced or updated in p
 pruned endpoints whose route a file endpoint takes; endpoints created or updated (route and
 methods, then traffic, then shadows); the other pruned endpoints; pruned backends. A step
 moves earlier only to wait for what it needs: an endpoint for its backends, a backend for
-the endpoints its code gets handles to (created first, so that its constructor finds them).
+the endpoints it may get handles to (``BackendDefinition.handles``: created first, so that
+its constructor finds them).
 
 A backend or endpoint belongs to the file (by its ``name``) that made it; ``prune`` deletes
 only what this file's name made. A file describing what another made, as it runs, changes
