@@ -186,8 +186,9 @@ def shutdown(keep_state: bool, address: Optional[str]) -> None:
 @main.command()
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--prune", is_flag=True,
-              help="Also delete the backends and endpoints a deploy file made that are no "
-                   "longer in this one (never those made through the Python API).")
+              help="Also delete the backends and endpoints that files of this one's name "
+                   "made and that are no longer in it (never those of other names or made "
+                   "through the Python API).")
 @click.option("--dry-run", is_flag=True, help="Print the plan; change nothing.")
 @click.option("--no-wait", is_flag=True,
               help="Return once the instance accepted every step, without waiting for the "
