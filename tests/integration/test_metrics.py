@@ -84,6 +84,10 @@ def test_proxy_metrics_count_the_http_traffic_sent(measured: tuple) -> None:
     assert value(found, "ray_serve_deployment_request_counter_total",
                  deployment="counted", application="default") == 7
     assert value(found, "ray_serve_deployment_replica_healthy", deployment="counted") == 2
+    # The scrape itself is a request the proxy is serving.
+    [ongoing] = found["servekit_num_ongoing_http_requests"]
+    assert ongoing.labels["process"].startswith("proxy-") and ongoing.value >= 1
+    assert value(found, "ray_serve_num_ongoing_http_requests") == ongoing.value
     # Gathered from both replicas: their counts add up to what was sent.
     per_replica = [s for s in found["serve_deployment_request_counter_total"]
                    if s.labels["backend"] == "counted"]

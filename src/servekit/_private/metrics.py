@@ -36,6 +36,10 @@ HTTP_ERRORS = Counter(
 HTTP_LATENCY = Histogram(
     "serve_http_request_latency_ms", "End-to-end latency of HTTP requests in the proxy, in ms.",
     ["route", "method", "status_code"], buckets=_LATENCY_MS, registry=REGISTRY)
+ONGOING_HTTP = Gauge(
+    "servekit_num_ongoing_http_requests",
+    "HTTP requests (and WebSocket connections) a proxy is serving now.",
+    ["process"], registry=REGISTRY)
 
 # --- routers (in the proxy and in every process that makes handle calls)
 ROUTER_REQUESTS = Counter(
@@ -110,6 +114,7 @@ RAY_NAMES: Dict[str, str] = {
         "serve_deployment_queued_queries", "serve_deployment_request_counter",
         "serve_deployment_error_counter", "serve_deployment_processing_latency_ms",
         "serve_replica_processing_queries")},
+    "servekit_num_ongoing_http_requests": "ray_serve_num_ongoing_http_requests",
     # Ray counts a replica started again after a failure; so does this one.
     "servekit_replica_restarts": "ray_serve_deployment_replica_starts",
     # Ray has a 0/1 series per replica; this one a series per backend whose value is the

@@ -879,6 +879,9 @@ async def run_proxy(worker: WorkerSpec, sock: socket.socket, stop: asyncio.Event
     http_socket = socket.socket(fileno=worker.extra_fds["http"])
     config, _ = server_config(proxy, options)
     server = _Server(config)
+    # Read when the metrics are gathered: nothing per request.
+    metrics.ONGOING_HTTP.labels(router.process).set_function(
+        lambda: len(server.server_state.tasks))
     serving = asyncio.ensure_future(server.serve(sockets=[http_socket]))
 
     async def ready() -> bool:
