@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List
 
+import cloudpickle
 import pytest
 from controller_helpers import (
     Model,
@@ -20,9 +21,9 @@ from controller_helpers import (
 from fake_runtime import FakeRuntime
 from loop_helpers import run
 
-from servekit._private.backend_metadata import BackendMetadata
+from servekit._private.backend_metadata import BackendMetadata, ReplicaConfig
 from servekit._private.controller.controller import Controller
-from servekit._private.controller.state import RUNNING
+from servekit._private.controller.state import RUNNING, STARTING
 from servekit.config import BackendConfig, HTTPOptions
 
 FAST = {"upscale_delay_s": 0, "downscale_delay_s": 0, "look_back_period_s": 0.01,
@@ -229,6 +230,30 @@ def test_a_redeploy_starts_max_surge_new_replicas_at_once() -> None:
             assert min(serving) >= 4  # as many served as before throughout
             running = replica_tags(controller, "m", RUNNING)
             assert weights_of(runtime, running) == ["v2"] * 4
+
+    run(main)
+
+
+def test_a_redeploys_surge_stays_within_the_resources_left() -> None:
+    async def main() -> None:
+        runtime = FakeRuntime(capacity={"CPU": 6.0})
+        async with running_controller(runtime) as (controller, _):
+            definition = ReplicaConfig(cloudpickle.dumps((Loader, ("v1",))), {"num_cpus": 1},
+                                       "Loader")
+            await wait_goal(controller, await controller.create_backend(
+                "m", definition, BackendConfig(num_replicas=4, max_surge="100%"),
+                BackendMetadata.inspect(Loader)))
+            runtime.hold_launches()
+            goal = await controller.redeploy_backend(
+                "m", ReplicaConfig(cloudpickle.dumps((Loader, ("v2",))), {"num_cpus": 1},
+                                   "Loader"), BackendMetadata.inspect(Loader))
+            # (A redeploy starts its first new replicas before it returns.) 6 CPUs: the 4
+            # old replicas and 2 new ones.
+            assert len(controller.backends["m"].state.current(STARTING)) == 2
+            runtime.hold_launches(False)
+            runtime.release()
+            await wait_goal(controller, goal)
+            assert weights_of(runtime, replica_tags(controller, "m", RUNNING)) == ["v2"] * 4
 
     run(main)
 
