@@ -1,6 +1,6 @@
 """Unit tests of a backend's reconciler over the FakeRuntime: autoscaling driven by load
-reports, and redeploys rolled over one replica at a time (with the real ``Replica`` in
-process)."""
+reports, and redeploys rolled over ``max_surge`` replicas at a time (with the real
+``Replica`` in process)."""
 
 from __future__ import annotations
 
