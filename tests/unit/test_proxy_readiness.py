@@ -43,6 +43,23 @@ def test_ready_once_every_routed_backend_has_a_running_replica() -> None:
     run(main)
 
 
+def test_an_instance_without_routes_is_not_ready() -> None:
+    """A load balancer sends nothing to an instance still being deployed (``servekit run``
+    serves HTTP before it applies its file): every request would be a 404."""
+    async def main() -> None:
+        proxy, feed, cluster = proxy_and_feed()
+        assert answer(proxy) == (503, "not ready: no endpoint has a route yet")
+        feed.endpoints(EndpointInfo("inner", None, ["GET"], {"c": 1.0}))  # handle only
+        feed.caps(c=8)
+        feed.replicas(c=[cluster.replica("c#1")])
+        assert answer(proxy)[0] == 503
+        feed.endpoints(EndpointInfo("inner", None, ["GET"], {"c": 1.0}),
+                       routed("web", "/web", c=1.0))
+        assert answer(proxy) == (200, "ready: 1 routed endpoint(s) can serve")
+
+    run(main)
+
+
 def test_a_backend_that_scales_to_zero_is_ready_without_replicas() -> None:
     async def main() -> None:
         proxy, feed, _ = proxy_and_feed()

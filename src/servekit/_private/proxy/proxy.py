@@ -406,9 +406,12 @@ class HTTPProxy:
     def readiness(self) -> HTTPResponseWire:
         """200 when every routed endpoint can serve: each backend it sends traffic to has
         a running replica, or scales to zero and starts one on demand; else 503 naming the
-        endpoints that cannot (and 503 while the proxy drains)."""
+        endpoints that cannot (and 503 while the proxy drains, or while no endpoint has a
+        route: an instance whose deploy has not made one yet would answer only 404s)."""
         if self.draining:
             return text_response(503, "draining: this proxy is shutting down")
+        if not self.routes:
+            return text_response(503, "not ready: no endpoint has a route yet")
         waiting = []
         for route in sorted(self.routes.values()):
             info = self.router.endpoints.get(route.endpoint)
