@@ -60,6 +60,7 @@ class Instance:
         """A deploy file: backend ``tag`` (``Slow(version, delay)``) behind /greet, and a
         handle-only endpoint ``inner`` on it."""
         data: Dict[str, Any] = {
+            "name": "greet",  # one app in versions: --prune removes what an older one made
             "http_options": {"host": "127.0.0.1", "port": self.port},
             "backends": [{"name": tag, "import_path": "models:Slow",
                           "init_args": [version, delay],
