@@ -325,8 +325,7 @@ def test_replicas_above_the_bound_are_refused_naming_value_and_bound(build: Any)
 @pytest.mark.parametrize("scaling", [
     {"max_replicas": 10**9},
     {"min_replicas": 10**9, "max_replicas": 10**9, "initial_replicas": 10**9},
-    {"min_replicas": 3, "max_replicas": 2},
-], ids=["max_replicas", "initial_replicas", "out_of_order"])
+], ids=["max_replicas", "initial_replicas"])
 def test_an_unchecked_autoscaling_config_is_checked_again(scaling: dict) -> None:
     """As the controller checks a config that did not come through a Client's checks (one
     unpickled from another client's call): its autoscaling bounds are checked too (found

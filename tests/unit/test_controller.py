@@ -47,7 +47,7 @@ from servekit._private.controller.controller import Controller
 from servekit._private.controller.durable import LoadedState, load
 from servekit._private.controller.state import RUNNING, STARTING
 from servekit._private.controller.store import MemoryStore
-from servekit.config import BackendConfig, HTTPOptions
+from servekit.config import AutoscalingConfig, BackendConfig, HTTPOptions
 from servekit.exceptions import ServeError
 
 # --------------------------------------------------------------------------- backends
@@ -393,17 +393,29 @@ def test_replicas_start_in_bounded_batches(monkeypatch: pytest.MonkeyPatch) -> N
     run(main)
 
 
-def test_a_controller_does_not_take_more_replicas_than_the_bound() -> None:
-    """A config that did not come through the client's checks is checked again."""
+@pytest.mark.parametrize("config", [
+    BackendConfig.model_construct(num_replicas=10**9),
+    BackendConfig.model_construct(autoscaling_config=AutoscalingConfig.model_construct(
+        max_replicas=10**9, initial_replicas=10**9)),
+], ids=["num_replicas", "autoscaling"])
+def test_a_controller_does_not_take_more_replicas_than_the_bound(
+        config: BackendConfig) -> None:
+    """A config that did not come through the client's checks is checked again, its
+    autoscaling bounds too (the simulator found those taken: replicas started without
+    end)."""
 
     async def main() -> None:
         async with running_controller() as (controller, runtime):
-            config = BackendConfig.model_construct(num_replicas=10**9)
-            with pytest.raises(ValidationError, match="num_replicas=1000000000"):
+            await start_backend(controller, "small")
+            launched = list(runtime.launch_order)
+            with pytest.raises(ValidationError, match="replicas=1000000000"):
                 await controller.create_backend("huge", replica_config(Model), config,
                                                 BackendMetadata.inspect(Model))
-            assert controller.list_backends() == {}
-            assert runtime.launch_order == []
+            with pytest.raises(ValidationError, match="replicas=1000000000"):
+                await controller.update_backend_config("small", config)
+            assert list(controller.list_backends()) == ["small"]
+            assert controller.get_backend_config("small").num_replicas == 1
+            assert runtime.launch_order == launched
 
     run(main)
 
