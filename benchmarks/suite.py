@@ -59,6 +59,10 @@ METRICS: Dict[str, Tuple[str, Optional[float], str, str]] = {
     "batching.rps_batch1": ("calls/s", None, "min", "numpy model, max_batch_size 1"),
     "batching.rps_batch16": ("calls/s", None, "min", "numpy model, max_batch_size 16"),
     "batching.speedup": ("x", 5.0, "min", "batch 16 / batch 1"),
+    "batch_route.rps_unbatched": ("req/s", None, "min", "numpy model, FastAPI route, HTTP"),
+    "batch_route.rps_batch16": ("req/s", None, "min", "the same, @serve.batch 16"),
+    "batch_route.speedup": ("x", None, "min", "@serve.batch 16 / unbatched"),
+    "batch_route.rps_backend16": ("req/s", None, "min", "1.x max_batch_size 16, HTTP"),
     "proxies.rps_1": ("req/s", None, "min", "one proxy, 32 connections"),
     "proxies.rps_2": ("req/s", None, "min", "two proxies, 32 connections"),
     "scale.create_endpoints_s": ("s", None, "max", "create the endpoints of the table"),
@@ -311,23 +315,19 @@ def scenario_rss(runs: int, quick: bool) -> Results:
 
 
 class BatchModel:
-    """A batch-friendly numpy model: like a GPU kernel, one forward pass costs the same for
-    1 to 16 inputs (they are padded to a batch of 16)."""
+    """A batch-friendly numpy model (batch_route.forward: one pass costs the same for 1 to
+    16 inputs, like a GPU kernel)."""
 
     def __init__(self) -> None:
-        import numpy
+        from batch_route import weights
 
-        self.weights = numpy.random.default_rng(0).standard_normal((1024, 1024))
+        self.weights = weights()
 
     @serve.accept_batch
     def __call__(self, requests: List[Any]) -> List[float]:
-        import numpy
+        from batch_route import forward
 
-        inputs = numpy.zeros((16, 1024))
-        for row, request in enumerate(requests):
-            inputs[row] = float(request.data)
-        scores = numpy.tanh(inputs @ self.weights @ self.weights.T)
-        return [float(row.sum()) for row in scores[:len(requests)]]
+        return forward(self.weights, [float(request.data) for request in requests])
 
 
 def scenario_batching(runs: int, quick: bool) -> Results:
@@ -353,6 +353,48 @@ def scenario_batching(runs: int, quick: bool) -> Results:
             results.setdefault("batching.rps_batch1", []).append(one)
             results.setdefault("batching.rps_batch16", []).append(sixteen)
             results.setdefault("batching.speedup", []).append(sixteen / one)
+    return results
+
+
+@contextlib.contextmanager
+def blas_threads(threads: int) -> Iterator[None]:
+    """Processes started meanwhile (the replicas) run numpy's BLAS on ``threads`` threads."""
+    names = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+    before = {name: os.environ.get(name) for name in names}
+    os.environ.update({name: str(threads) for name in names})
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def scenario_batch_route(runs: int, quick: bool) -> Results:
+    """The numpy model behind a FastAPI route: a pass per request, ``@serve.batch`` of 16,
+    and the 1.x backend-wide batching of 16 at a plain route (benchmarks/batch_route.py)."""
+    seconds = 2 if quick else 5  # per measurement, 32 connections (wrk)
+    results: Results = {}
+    # One BLAS thread per pass: passes of concurrent requests must not oversubscribe the
+    # cores (OpenBLAS's spinning threads made a pass 20x slower on 2 busy cores).
+    with blas_threads(1), instance() as (client, base):
+        client.create_backend("route", "batch_route:RouteModel")
+        client.create_endpoint("route", backend="route", route="/model")
+        client.create_backend("backend16", "batch_route:BackendWideModel", config={
+            "max_batch_size": 16, "batch_wait_timeout": 0.005, "max_concurrent_queries": 64})
+        client.create_endpoint("backend16", backend="backend16", route="/backend16")
+        urls = [f"{base}/model/unbatched/1", f"{base}/model/batched/1",
+                f"{base}/backend16?x=1"]
+        for url in urls:
+            wrk(url, 32, 1)  # warm up
+        for _ in range(runs):
+            unbatched, batched, backend = (wrk(url, 32, seconds)[0] for url in urls)
+            results.setdefault("batch_route.rps_unbatched", []).append(unbatched)
+            results.setdefault("batch_route.rps_batch16", []).append(batched)
+            results.setdefault("batch_route.speedup", []).append(batched / unbatched)
+            results.setdefault("batch_route.rps_backend16", []).append(backend)
     return results
 
 
@@ -512,10 +554,11 @@ def websocket_echo_p50_us(url: str, echoes: int) -> float:
 
 SCENARIOS: Dict[str, Callable[[int, bool], Results]] = {
     "http": scenario_http, "handles": scenario_handles, "cold_start": scenario_cold_start,
-    "rss": scenario_rss, "batching": scenario_batching, "proxies": scenario_proxies,
+    "rss": scenario_rss, "batching": scenario_batching, "batch_route": scenario_batch_route,
+    "proxies": scenario_proxies,
     "scale": scenario_scale, "transport": scenario_transport, "asgi": scenario_asgi,
 }
-NEEDS_WRK = {"http", "proxies", "scale", "asgi"}
+NEEDS_WRK = {"http", "batch_route", "proxies", "scale", "asgi"}
 
 
 # --------------------------------------------------------------------------- reporting
