@@ -16,7 +16,7 @@ The tree::
      │    ├── EndpointNotFoundError             a handle call to an endpoint that was deleted
      │    │                                      or not created in time
      │    ├── MethodNotFoundError               a method name the backend does not serve
-     │    └── BatchOutputError                  an @accept_batch callable returned the wrong shape
+     │    └── BatchOutputError                  a batched function returned the wrong shape
      ├── TypeError                              an argument of the wrong type or shape
      ├── ValueError                             a state conflict (duplicate, unknown backend, ...)
      ├── KeyError                               a handle to an endpoint that does not exist
@@ -67,7 +67,8 @@ class MethodNotFoundError(ServeError):
 
 
 class BatchOutputError(ServeError):
-    """An ``@accept_batch`` callable returned something other than one result per request."""
+    """A batched function (``@serve.batch``, ``@accept_batch``) returned something other
+    than one result per request."""
 
 
 class RemoteTraceback(Exception):
