@@ -12,12 +12,14 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from servekit._private.asgi_app import asgi_factory, ingress
     from servekit._private.replica.batched import batch
+    from servekit._private.replica.multiplexed import multiplexed
     from servekit.api import (
         Client,
         accept_batch,
         connect,
         get_current_backend_tag,
         get_current_replica_tag,
+        get_multiplexed_model_id,
         get_request_id,
         metrics_text,
         start,
@@ -34,7 +36,8 @@ __version__ = "0.1.0"
 _HOMES = {
     "Client": "api", "accept_batch": "api", "connect": "api",
     "get_current_backend_tag": "api", "get_current_replica_tag": "api",
-    "get_request_id": "api", "metrics_text": "api", "start": "api",
+    "get_multiplexed_model_id": "api", "get_request_id": "api", "metrics_text": "api",
+    "start": "api",
     "AutoscalingConfig": "config", "BackendConfig": "config", "DeploymentMode": "config",
     "HTTPOptions": "config",
     "CondaEnv": "env", "VirtualEnv": "env",
@@ -42,7 +45,7 @@ _HOMES = {
     "ServeHandle": "handle", "ServeResponse": "handle", "ServeSyncHandle": "handle",
     "ServeRequest": "request",
     "asgi_factory": "_private.asgi_app", "ingress": "_private.asgi_app",
-    "batch": "_private.replica.batched",
+    "batch": "_private.replica.batched", "multiplexed": "_private.replica.multiplexed",
 }
 
 __all__ = [
@@ -66,9 +69,11 @@ __all__ = [
     "connect",
     "get_current_backend_tag",
     "get_current_replica_tag",
+    "get_multiplexed_model_id",
     "get_request_id",
     "ingress",
     "metrics_text",
+    "multiplexed",
     "start",
 ]
 # public submodules, imported when first used as attributes (``serve.exceptions``)

@@ -41,6 +41,7 @@ from servekit._private.config_checks import (
 )
 from servekit._private.context import (
     ReplicaContext,
+    current_model_id,
     current_replica_context,
     current_request_id,
 )
@@ -642,6 +643,15 @@ def get_request_id() -> str:
         raise ServeError("`serve.get_request_id()` may only be called while a servekit "
                          "backend serves a request.")
     return request_id
+
+
+def get_multiplexed_model_id() -> str:
+    """The multiplexed model id of the request this code serves (Ray Serve 2.x's name):
+    its ``serve_multiplexed_model_id`` HTTP header or the handle's
+    ``options(multiplexed_model_id=...)``; "" when it names none. Pass it to a
+    ``@serve.multiplexed`` loader. ServeError outside a backend."""
+    _replica_context("get_multiplexed_model_id")
+    return current_model_id.get()
 
 
 def get_current_replica_tag() -> str:

@@ -148,13 +148,18 @@ def status(as_json: bool, address: Optional[str]) -> None:
                       else ",".join(e["methods"]), _weights(e["traffic"]),
                       _weights(e["shadows"])]
                      for name, e in sorted(state["endpoints"].items())]
+    # The multiplexed models replicas hold: a column only when some replica holds one.
+    models = any(p.get("models") for p in state["processes"])
     process_rows = [[p["role"], p["name"], str(p["pid"]), p["state"],
-                     (p.get("node") or "")[:12]] for p in state["processes"]]
+                     (p.get("node") or "")[:12], *([",".join(p.get("models") or ())]
+                                                   if models else [])]
+                    for p in state["processes"]]
     click.echo(_table("BACKENDS", ["backend", "status", "replicas", "config", "message"],
                       backend_rows))
     click.echo(_table("ENDPOINTS", ["endpoint", "route", "methods", "traffic", "shadows"],
                       endpoint_rows))
-    click.echo(_table("PROCESSES", ["role", "name", "pid", "state", "node"], process_rows),
+    click.echo(_table("PROCESSES", ["role", "name", "pid", "state", "node",
+                                    *(["models"] if models else [])], process_rows),
                nl=False)
 
 

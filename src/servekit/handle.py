@@ -8,7 +8,7 @@ import dataclasses
 import threading
 from typing import Any, AsyncIterator, Dict, Generator, Iterator, Optional, Tuple
 
-from servekit._private.context import new_request_id
+from servekit._private.context import MODEL_ID_HEADER, new_request_id
 from servekit._private.event_loop import background_loop, in_background_thread, run_sync
 from servekit._private.routing.routed_request import CONNECTING, QUEUED
 from servekit._private.routing.router import Router
@@ -34,6 +34,7 @@ class HandleOptions:
     stream: bool = False
     timeout_s: Optional[float] = None  # None: the backend's request_timeout_s
     missing_ok: bool = False  # made by get_handle(missing_ok=True): calls wait for it
+    multiplexed_model_id: Optional[str] = None  # sent as the serve_multiplexed_model_id header
 
 
 class ServeResponse:
@@ -250,7 +251,8 @@ class _HandleBase:
 
     def options(self, *, method_name: Any = DEFAULT, shard_key: Any = DEFAULT,
                 http_method: Any = DEFAULT, http_headers: Any = DEFAULT,
-                stream: Any = DEFAULT, timeout_s: Any = DEFAULT) -> Any:
+                stream: Any = DEFAULT, timeout_s: Any = DEFAULT,
+                multiplexed_model_id: Any = DEFAULT) -> Any:
         """A new handle with the given options changed; the others carry over.
 
         Args:
@@ -264,8 +266,17 @@ class _HandleBase:
                 item), instead of the backend's ``request_timeout_s``; past it the call is
                 cancelled and fails with ``RequestTimeoutError``, a ``TimeoutError``
                 (default None: the backend's).
+            multiplexed_model_id: the model the calls are for (Ray Serve 2.x's name): the
+                backend reads it from ``serve.get_multiplexed_model_id()``, and calls go to
+                replicas that hold that model while one has room (default None: no model;
+                "" is the same).
         """
         changes: Dict[str, Any] = {}
+        if multiplexed_model_id is not DEFAULT:
+            if multiplexed_model_id is not None and not isinstance(multiplexed_model_id, str):
+                raise TypeError(f"multiplexed_model_id must be a str, got "
+                                f"{multiplexed_model_id!r}.")
+            changes["multiplexed_model_id"] = multiplexed_model_id or None
         if timeout_s is not DEFAULT:
             if timeout_s is not None and (
                     isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float))
@@ -306,6 +317,8 @@ class _HandleBase:
         headers = dict(options.http_headers)
         request_id = next((value for name, value in headers.items()
                            if name.lower() == "x-request-id"), None) or new_request_id()
+        if options.multiplexed_model_id is not None:
+            headers[MODEL_ID_HEADER] = options.multiplexed_model_id
         return (options.method_name, args, kwargs, options.http_method, headers,
                 options.stream, request_id)
 
@@ -348,7 +361,8 @@ class ServeSyncHandle(_HandleBase):
         router = await routers.get(self._controller_address)
         return await router.send(self.endpoint_name, "call", self._options.shard_key, call,
                                  self._options.missing_ok, payload=payload,
-                                 timeout_s=self._options.timeout_s)
+                                 timeout_s=self._options.timeout_s,
+                                 model_id=self._options.multiplexed_model_id)
 
 
 class _SyncCall:
@@ -376,7 +390,8 @@ class _SyncCall:
         try:
             request = None if router is None else router.place(
                 handle.endpoint_name, "call", handle._options.shard_key, self.payload,
-                timeout_s=handle._options.timeout_s)
+                timeout_s=handle._options.timeout_s,
+                model_id=handle._options.multiplexed_model_id)
         except BaseException as exc:
             self._done(None, exc)
             return
@@ -429,7 +444,8 @@ class ServeHandle(_HandleBase):
         call = await _resolved(self._request_args(args, kwargs))
         router = await routers.get(self._controller_address)
         reply = await router.send(self.endpoint_name, "call", self._options.shard_key, call,
-                                  self._options.missing_ok, timeout_s=self._options.timeout_s)
+                                  self._options.missing_ok, timeout_s=self._options.timeout_s,
+                                  model_id=self._options.multiplexed_model_id)
         if self._options.stream:
             return ServeStream(reply, asyncio.get_running_loop())  # type: ignore[return-value]
         return ServeResponse(reply, asyncio.get_running_loop())

@@ -30,9 +30,11 @@ EXPECTED_ALL = sorted([
     "connect",
     "get_current_backend_tag",
     "get_current_replica_tag",
+    "get_multiplexed_model_id",
     "get_request_id",
     "ingress",
     "metrics_text",
+    "multiplexed",
     "start",
 ])
 

@@ -96,6 +96,7 @@ LOG_FORMAT = _env_choice("SERVEKIT_LOG_FORMAT", "TEXT", ("TEXT", "JSON")).lower(
 KEY_ENDPOINTS = "endpoints"
 KEY_BACKENDS = "backends"
 KEY_REPLICAS = "replicas"
+KEY_MODELS = "models"  # {backend: {replica tag: multiplexed model ids it holds}}
 # Seconds the proxy waits for a client that stopped reading its response (the response
 # cannot be written any further): past it the connection is closed and what the response
 # streams is cancelled, so the replica's place comes back.

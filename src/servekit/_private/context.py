@@ -1,5 +1,5 @@
 """The replica context: which backend and replica this process runs, set before user code,
-and the id of the request being served (per task)."""
+and the id and multiplexed model id of the request being served (per task)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,14 @@ from typing import Optional
 # The id of the request the current task (or the thread running its sync call) serves.
 current_request_id: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
     "servekit_request_id", default=None)
+
+# The multiplexed model id of the request the current task serves ("" when it names none):
+# the HTTP header ``serve_multiplexed_model_id`` or ``handle.options(multiplexed_model_id=)``.
+current_model_id: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "servekit_multiplexed_model_id", default="")
+
+# The header that carries a request's multiplexed model id (Ray Serve 2.x's name).
+MODEL_ID_HEADER = "serve_multiplexed_model_id"
 
 
 # Request ids made here: unique to this process, then counted (cheaper than a uuid each).

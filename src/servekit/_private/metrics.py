@@ -75,6 +75,26 @@ BATCH_SIZE = Histogram(
     "servekit_batch_size", "Requests in each batch a batched method ran.",
     ["backend", "replica"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
     registry=REGISTRY)
+MODEL_LOADS = Counter(
+    "servekit_multiplexed_model_loads", "Models a replica's @serve.multiplexed loader loaded.",
+    ["backend", "replica"], registry=REGISTRY)
+MODEL_LOAD_FAILURES = Counter(
+    "servekit_multiplexed_model_load_failures", "Model loads that raised.",
+    ["backend", "replica"], registry=REGISTRY)
+MODEL_LOAD_LATENCY = Histogram(
+    "servekit_multiplexed_model_load_latency_ms", "Time a model's load took, in ms.",
+    ["backend", "replica"], buckets=_LATENCY_MS, registry=REGISTRY)
+MODEL_EVICTIONS = Counter(
+    "servekit_multiplexed_model_evictions",
+    "Models a replica evicted beyond max_num_models_per_replica.",
+    ["backend", "replica"], registry=REGISTRY)
+MODEL_HITS = Counter(
+    "servekit_multiplexed_model_hits",
+    "Calls of a @serve.multiplexed loader answered with a model the replica held.",
+    ["backend", "replica"], registry=REGISTRY)
+MODELS_HELD = Gauge(
+    "servekit_multiplexed_models", "Models a replica holds now (loading included).",
+    ["backend", "replica"], registry=REGISTRY)
 
 # --- controller
 REPLICA_STARTS = Counter(
@@ -117,6 +137,10 @@ RAY_NAMES: Dict[str, str] = {
     "servekit_num_ongoing_http_requests": "ray_serve_num_ongoing_http_requests",
     # Ray counts a replica started again after a failure; so does this one.
     "servekit_replica_restarts": "ray_serve_deployment_replica_starts",
+    "servekit_multiplexed_model_loads": "ray_serve_multiplexed_models_load_counter",
+    "servekit_multiplexed_model_evictions": "ray_serve_multiplexed_models_unload_counter",
+    "servekit_multiplexed_model_load_latency_ms": "ray_serve_multiplexed_model_load_latency_ms",
+    "servekit_multiplexed_models": "ray_serve_num_multiplexed_models",
     # Ray has a 0/1 series per replica; this one a series per backend whose value is the
     # number of replicas taking requests: a sum over replicas is the same.
     "servekit_backend_running_replicas": "ray_serve_deployment_replica_healthy",

@@ -57,6 +57,7 @@ class Services(Protocol):
                     error: Optional[BaseException] = None) -> None: ...
     async def publish_replicas(self) -> int: ...
     async def publish_backends(self) -> int: ...
+    async def publish_models(self) -> int: ...
     def is_registered(self, backend: BackendState) -> bool: ...
     def forget(self, backend: BackendState) -> None: ...
     def replicas_that_fit(self, backend: BackendState) -> int: ...
@@ -432,7 +433,8 @@ class BackendReconciler:
 
     async def watch_health(self, record: ReplicaRecord) -> None:
         """Ping a running replica every period; replace it when ``check_health()`` raises
-        or it misses ``health_check_failure_threshold`` pings in a row."""
+        or it misses ``health_check_failure_threshold`` pings in a row. A ping answers
+        with the multiplexed models the replica holds: a change is published."""
         backend = self.state
         failures = 0
         while record.state == RUNNING and record.connection is not None:
@@ -440,9 +442,13 @@ class BackendReconciler:
             if failures == 0:
                 await asyncio.sleep(config.health_check_period_s)
             try:
-                await asyncio.wait_for(record.connection.call("ping"),
-                                       config.health_check_timeout_s)
+                held = await asyncio.wait_for(record.connection.call("ping"),
+                                              config.health_check_timeout_s)
                 failures = 0
+                models = tuple(held) if isinstance(held, (tuple, list)) else ()
+                if models != record.models:
+                    record.models = models
+                    await self._services.publish_models()
                 continue
             except asyncio.TimeoutError:
                 failures += 1

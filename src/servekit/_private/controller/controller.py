@@ -553,7 +553,8 @@ class Controller:
                 process = record.process or {}
                 processes.append({"role": "replica", "name": record.tag, "state": record.state,
                                   "pid": process.get("pid"), "node": process.get("node"),
-                                  "backend": record.backend, "revision": record.revision})
+                                  "backend": record.backend, "revision": record.revision,
+                                  "models": list(record.models)})
         endpoints = {name: {**info.describe(), "managed": info.managed, "prefix": info.asgi}
                      for name, info in self.endpoints.endpoints.items()}
         http_options = self.http_options.model_dump(mode="json", exclude={"middlewares"})
@@ -734,6 +735,16 @@ class Controller:
             metrics.RUNNING_REPLICAS.labels(tag).set(len(running))
             metrics.TARGET_REPLICAS.labels(tag).set(reconciler.state.target_replicas)
         return await self.long_poll.publish(constants.KEY_REPLICAS, view)
+
+    async def publish_models(self) -> int:
+        """The multiplexed models each running replica holds, for routers to prefer it."""
+        view = {}
+        for tag, reconciler in self.backends.items():
+            held = {r.tag: list(r.models) for r in reconciler.state.in_state(RUNNING)
+                    if r.models}
+            if held:
+                view[tag] = held
+        return await self.long_poll.publish(constants.KEY_MODELS, view)
 
     async def _publish_all(self) -> None:
         await self._publish_endpoints()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from servekit._private.backend_metadata import BackendMetadata, ReplicaConfig
 from servekit._private.runtime.base import Connection
@@ -29,6 +29,7 @@ class ReplicaRecord:
     task: Optional[asyncio.Task] = None  # its start
     health_task: Optional[asyncio.Task] = None  # its health pings, while it runs
     unhealthy: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    models: Tuple[str, ...] = ()  # the multiplexed models it holds (its last health ping)
     created_at: float = dataclasses.field(default_factory=time.monotonic)  # by this controller
 
     @property

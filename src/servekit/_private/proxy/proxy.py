@@ -16,7 +16,7 @@ import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from servekit._private import constants, metrics
-from servekit._private.context import new_request_id
+from servekit._private.context import MODEL_ID_HEADER, new_request_id
 from servekit._private.http_wire import (
     HTTPResponseWire,
     error_response,
@@ -252,11 +252,12 @@ class HTTPProxy:
         if method not in match.methods and not match.prefix:
             return text_response(405, f"Method {method} is not allowed for {path}. Allowed "
                                       f"methods: {', '.join(match.methods)}.")
-        method_name, shard_key, length = _routing_headers(scope["headers"])
+        method_name, shard_key, length, model_id = _routing_headers(scope["headers"])
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
             return self._too_large()
         if match.prefix:
-            return await self._pass_through(scope, receive, watch, trace, match, shard_key)
+            return await self._pass_through(scope, receive, watch, trace, match, shard_key,
+                                            model_id)
         watch.reading_body = True
         try:  # (the body is copied once, into the payload, and dropped)
             payload = _http_payload(scope, method_name,
@@ -267,7 +268,7 @@ class HTTPProxy:
         watch.until_disconnect(scope)
         try:
             reply = await self.router.send(endpoint, "http", shard_key, (), trace=trace,
-                                           payload=payload)
+                                           payload=payload, model_id=model_id)
         except Exception as exc:
             return _failure(exc, path)
         del payload  # (the request holds it while it may be sent)
@@ -277,7 +278,8 @@ class HTTPProxy:
 
     async def _pass_through(self, scope: Dict[str, Any], receive: Any,
                             watch: "_RequestWatch", trace: Dict[str, str], match: Route,
-                            shard_key: Optional[str]) -> Union[HTTPResponseWire, ReplyStream]:
+                            shard_key: Optional[str], model_id: Optional[str],
+                            ) -> Union[HTTPResponseWire, ReplyStream]:
         """Pass a request through to an ASGI app: its first body message goes with it, the
         rest follows as it arrives (``forward_body``); within ``max_body_bytes``."""
         watch.reading_body = True
@@ -295,14 +297,15 @@ class HTTPProxy:
         taken = _nothing_taken if held is None else held.taken
         try:
             reply = await self.router.send(match.endpoint, "http", shard_key, (), trace=trace,
-                                           payload=payload, shadows=not more)
+                                           payload=payload, shadows=not more,
+                                           model_id=model_id)
         except Exception as exc:
             return _failure(exc, scope["path"])
         taken(len(body))
         if not more:
             return await _answer(reply, scope["path"])
         # Copies of a request whose body is still to come get the body as it comes.
-        shadows = ShadowCopies(self.router.shadow(match.endpoint, "http", payload))
+        shadows = ShadowCopies(self.router.shadow(match.endpoint, "http", payload, model_id))
         pump = asyncio.ensure_future(forward_body(
             reply.request, receive, self.max_body_bytes - len(body), taken,  # type: ignore[attr-defined]
             shadows))
@@ -333,19 +336,21 @@ class HTTPProxy:
         message = await receive()
         if message["type"] != "websocket.connect":
             return "-"
-        _, shard_key, _ = _routing_headers(scope["headers"])
+        _, shard_key, _, model_id = _routing_headers(scope["headers"])
         payload = encode_call("asgi", (app_scope(scope, match.route), message))
         try:
             # The timeout bounds the wait for the app's first message (its accept).
             reply = await self.router.send(match.endpoint, "websocket", shard_key, (),
                                            trace=trace, payload=payload, shadows=False,
-                                           timeout_s=self.request_timeout_s)
+                                           timeout_s=self.request_timeout_s,
+                                           model_id=model_id)
         except Exception as exc:
             reply = asyncio.get_running_loop().create_future()
             reply.set_exception(exc)
             shadows = ShadowCopies()
         else:  # copies of the connection get the client's messages as they come
-            shadows = ShadowCopies(self.router.shadow(match.endpoint, "websocket", payload))
+            shadows = ShadowCopies(self.router.shadow(match.endpoint, "websocket", payload,
+                                                      model_id))
         return await WebSocketSession(scope, receive, send,
                                       functools.partial(_failure, path=path),
                                       shadows).run(reply)
@@ -365,7 +370,7 @@ class HTTPProxy:
             return False
         started = time.perf_counter()
         request_id = _request_id(scope)
-        method_name, shard_key, _ = _routing_headers(scope["headers"])
+        method_name, shard_key, _, model_id = _routing_headers(scope["headers"])
         trace = {"endpoint": match.endpoint, "route": match.route}
         served = _Served(self, protocol, cycle, started, trace, request_id)
         if match.prefix:
@@ -374,7 +379,8 @@ class HTTPProxy:
         else:
             payload = _http_payload(scope, method_name, cycle.body)
         try:
-            request = self.router.place(match.endpoint, "http", shard_key, payload, trace)
+            request = self.router.place(match.endpoint, "http", shard_key, payload, trace,
+                                        model_id=model_id)
         except Exception as exc:
             served.respond(_failure(exc, path))
             return True
@@ -455,11 +461,14 @@ class HTTPProxy:
         return table
 
 
+_MODEL_ID_HEADER = MODEL_ID_HEADER.encode()
+
+
 def _routing_headers(headers: List[Tuple[bytes, bytes]]) -> Tuple[
-        Optional[str], Optional[str], Optional[bytes]]:
-    """(X-SERVE-CALL-METHOD, X-SERVE-SHARD-KEY, Content-Length) of a request, each None
-    when absent."""
-    method_name = shard_key = None
+        Optional[str], Optional[str], Optional[bytes], Optional[str]]:
+    """(X-SERVE-CALL-METHOD, X-SERVE-SHARD-KEY, Content-Length, serve_multiplexed_model_id)
+    of a request, each None when absent (an empty model id too)."""
+    method_name = shard_key = model_id = None
     length = None
     for name, value in headers:
         if name == b"x-serve-call-method":
@@ -468,7 +477,9 @@ def _routing_headers(headers: List[Tuple[bytes, bytes]]) -> Tuple[
             shard_key = value.decode("latin-1")
         elif name == b"content-length":
             length = value
-    return method_name, shard_key, length
+        elif name == _MODEL_ID_HEADER:
+            model_id = value.decode("latin-1") or None
+    return method_name, shard_key, length, model_id
 
 
 async def _answer(reply: asyncio.Future, path: str) -> Union[HTTPResponseWire, ReplyStream]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import time
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from servekit.exceptions import ServeError
 
@@ -64,13 +64,14 @@ class Admission:
     with the admission, when it reaches ENDED; ``failed`` says whether the request failed
     (for the metrics)."""
 
-    __slots__ = ("state", "admitted_at", "failed", "_release")
+    __slots__ = ("state", "admitted_at", "failed", "_release", "_on_end")
 
     def __init__(self, release: Callable[["Admission"], None]) -> None:
         self.state = ADMITTED
         self.admitted_at = time.perf_counter()
         self.failed = False
         self._release = release
+        self._on_end: Optional[List[Callable[[], None]]] = None
 
     def __repr__(self) -> str:
         return f"<Admission {self.state}>"
@@ -83,6 +84,19 @@ class Admission:
         self.state = after
         if after == ENDED and before != ENDED:
             self._release(self)
+            on_end, self._on_end = self._on_end, None
+            for callback in on_end or ():
+                callback()
+
+    def on_end(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once the request's place is given back (now, if it was): what
+        the request uses beyond its place (a multiplexed model) is released with it."""
+        if self.state == ENDED:
+            callback()
+        elif self._on_end is None:
+            self._on_end = [callback]
+        else:
+            self._on_end.append(callback)
 
     def cancel(self) -> None:
         """The caller left; the place is held until the work stops (``finish``)."""

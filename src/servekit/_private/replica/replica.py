@@ -35,7 +35,13 @@ from servekit._private import constants, metrics
 from servekit._private.asgi_app import load_app
 from servekit._private.backend_metadata import BackendMetadata
 from servekit._private.config_checks import validate_backend_against_config
-from servekit._private.context import ReplicaContext, current_request_id, set_replica_context
+from servekit._private.context import (
+    MODEL_ID_HEADER,
+    ReplicaContext,
+    current_model_id,
+    current_request_id,
+    set_replica_context,
+)
 from servekit._private.http_wire import (
     HTTPRequestWire,
     HTTPResponseWire,
@@ -49,6 +55,7 @@ from servekit._private.import_path import import_attribute
 from servekit._private.replica.admission import STREAMING, Admission, current_admission, outlast
 from servekit._private.replica.asgi_runner import AppCall, Lifespan
 from servekit._private.replica.batching import BatchQueue
+from servekit._private.replica.multiplexed import held_model_ids
 from servekit._private.replica.thread_lane import ThreadLane
 from servekit._private.specs import ReplicaSpec, WorkerSpec
 from servekit._private.user_errors import FailureLog
@@ -435,10 +442,7 @@ class Replica:
         except MethodNotFoundError as exc:
             return error_response(exc, status=404)
         admission = self._admit()
-        for name, value in wire.headers:
-            if name == b"x-request-id":
-                current_request_id.set(value.decode("latin-1"))
-                break
+        _from_headers(wire.headers)
         try:
             result = await self._run(target, request_from_wire(wire))
             streamed = http_stream(result, self._chunks_of)
@@ -469,10 +473,7 @@ class Replica:
                 "app's request: an endpoint's backends must all be ASGI apps or none. Give "
                 "this backend an endpoint of its own.")
         admission = self._admit()
-        for name, value in scope["headers"]:
-            if name == b"x-request-id":
-                current_request_id.set(value.decode("latin-1"))
-                break
+        _from_headers(scope["headers"])
         scope["state"] = dict(self._lifespan.state)
         call = AppCall(self._app, self._on_loop_ungated, scope, first, inbound,
                        functools.partial(self._app_failed, scope, admission))
@@ -527,6 +528,9 @@ class Replica:
         admission = self._admit()
         admission.failed = True  # until it returns what was asked for
         current_request_id.set(request_id)
+        model_id = headers.get(MODEL_ID_HEADER)
+        if model_id is not None:
+            current_model_id.set(model_id)
         try:
             argument: Any
             if len(args) == 1 and isinstance(args[0], Request):
@@ -638,8 +642,10 @@ class Replica:
         self._control_pool.shutdown(wait=False)
         self._health_pool.shutdown(wait=False)
 
-    async def ping(self) -> str:
-        """Answer from the event loop, after the class's ``check_health()`` if it has one."""
+    async def ping(self) -> Tuple[str, ...]:
+        """Answer from the event loop, after the class's ``check_health()`` if it has one,
+        with the ids of the multiplexed models the replica holds (what ``servekit status``
+        shows, and routers prefer the replica for)."""
         check = getattr(self._callable, "check_health", None)
         if self.metadata is not None and self.metadata.is_class and callable(check):
             with user_code(self.tag):
@@ -647,12 +653,24 @@ class Replica:
                     await check()
                 else:
                     await asyncio.get_running_loop().run_in_executor(self._health_pool, check)
-        return self.spec.replica_tag
+        return held_model_ids()
 
 
 async def _await(awaitable: Any) -> Any:
     return await awaitable
 
+
+_MODEL_ID_HEADER = MODEL_ID_HEADER.encode()
+
+
+def _from_headers(headers: Any) -> None:
+    """Make an HTTP request's ``X-Request-ID`` and multiplexed model id (its
+    ``serve_multiplexed_model_id`` header) current."""
+    for name, value in headers:
+        if name == b"x-request-id":
+            current_request_id.set(value.decode("latin-1"))
+        elif name == _MODEL_ID_HEADER:
+            current_model_id.set(value.decode("latin-1"))
 
 
 def _release(admission: Admission, task: asyncio.Future) -> None:

@@ -4,6 +4,13 @@ A ``ReplicaSet`` hands each ``RoutedRequest`` a replica with room under the back
 (``max_concurrent_queries``), least busy first, in arrival order; when none has room the
 request waits in a bounded queue. The places requests hold are counted here and given back
 only by the requests themselves (``routed_request``).
+
+A request that names a multiplexed model goes to the least busy replica that holds it and
+has room; when every holder is full, to the least busy other replica with room, which loads
+it too (so a hot model spreads over replicas instead of queueing behind one). A replica
+holds what it last reported (its health pings, long-polled) and the models this router
+sent it since, for ``MODEL_REPORT_GRACE_S`` (a report made before the request reached it
+does not hide it).
 """
 
 from __future__ import annotations
@@ -11,7 +18,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from typing import Awaitable, Callable, Deque, Dict, List, Optional, Tuple
+import time
+from typing import Awaitable, Callable, Deque, Dict, Iterable, List, Optional, Tuple
 
 from servekit._private import constants, metrics
 from servekit._private.routing.routed_request import CONNECTING, QUEUED, RoutedRequest
@@ -22,6 +30,10 @@ from servekit.exceptions import BackendOverloadedError, BackendUnavailableError
 logger = logging.getLogger("servekit.router")
 
 ConnectReplica = Callable[[str, str], Awaitable[RpcClient]]
+
+# Seconds a model this router sent to a replica counts as held there without a report
+# saying so (the replica loads it once the request runs; its next ping reports it).
+MODEL_REPORT_GRACE_S = 5.0
 
 
 def _seen(future: asyncio.Future) -> None:
@@ -43,7 +55,7 @@ class ReplicaSlot:
 
     __slots__ = ("tag", "address", "in_flight", "connection", "_connecting", "_connect",
                  "removed", "full", "dead", "down", "reached", "_backoff_s", "_on_room",
-                 "_on_lost", "_on_reached")
+                 "_on_lost", "_on_reached", "models")
 
     def __init__(self, tag: str, address: str, connect: ConnectReplica,
                  on_room: Callable[[], None], on_lost: Callable[["ReplicaSlot"], None],
@@ -63,6 +75,9 @@ class ReplicaSlot:
         self._on_room = on_room
         self._on_lost = on_lost
         self._on_reached = on_reached
+        # The multiplexed models it holds -> when this router sent it the model (0: the
+        # replica reported it).
+        self.models: Dict[str, float] = {}
 
     def connecting(self) -> asyncio.Future:
         """The future of the connection, opened once; it fails (and the replica is down)
@@ -188,6 +203,7 @@ class ReplicaSet:
         self._waking = False
         self._on_starved = on_starved
         self._copies_dropped = False  # shadow copies found no replica since the last one
+        self._held: Dict[str, Iterable[str]] = {}  # the models each replica last reported
 
     def update(self, replicas: List[Tuple[str, str]]) -> None:
         current = dict(replicas)
@@ -199,8 +215,9 @@ class ReplicaSet:
                     slot.close()
         for tag, address in current.items():
             if tag not in self.slots:
-                self.slots[tag] = ReplicaSlot(tag, address, self._connect, self._wake,
-                                              self._lost, self._arm_expiry)
+                slot = self.slots[tag] = ReplicaSlot(tag, address, self._connect, self._wake,
+                                                     self._lost, self._arm_expiry)
+                slot.models = dict.fromkeys(self._held.get(tag, ()), 0.0)
         self._order = [slot for slot in self.slots.values() if not slot.dead and not slot.down]
         if self._order:
             self._copies_dropped = False
@@ -254,8 +271,23 @@ class ReplicaSet:
         self._wake()
         self._arm_expiry()
 
-    def _pick(self) -> Optional[ReplicaSlot]:
-        """The least busy replica with room; ties go round-robin so idle replicas share."""
+    def held_models(self, held: Dict[str, Iterable[str]]) -> None:
+        """The multiplexed models each replica reported (``{replica tag: ids}``); a model
+        this router sent a replica in the last ``MODEL_REPORT_GRACE_S`` stays with it."""
+        self._held = held
+        since = time.monotonic() - MODEL_REPORT_GRACE_S
+        for tag, slot in self.slots.items():
+            models = dict.fromkeys(held.get(tag, ()), 0.0)
+            for model_id, sent_at in slot.models.items():
+                if sent_at > since and model_id not in models:
+                    models[model_id] = sent_at
+            slot.models = models
+
+    def _pick(self, model_id: Optional[str] = None) -> Optional[ReplicaSlot]:
+        """The least busy replica with room; ties go round-robin so idle replicas share.
+        ``model_id``: prefer replicas that hold that model (``_pick_holder``)."""
+        if model_id is not None:
+            return self._pick_holder(model_id)
         order = self._order
         count = len(order)
         if not count:
@@ -270,6 +302,33 @@ class ReplicaSet:
                 best = slot
         return best
 
+    def _pick_holder(self, model_id: str) -> Optional[ReplicaSlot]:
+        """The least busy replica with room that holds ``model_id``; else the least busy
+        other one with room (the fewest models among equals), which then holds it too."""
+        order = self._order
+        count = len(order)
+        if not count:
+            return None
+        self._turn = start = (self._turn + 1) % count
+        holder: Optional[ReplicaSlot] = None
+        other: Optional[ReplicaSlot] = None
+        cap = self.cap
+        for i in range(count):
+            slot = order[(start + i) % count]
+            if slot.in_flight >= cap or slot.full:
+                continue
+            if model_id in slot.models:
+                if holder is None or slot.in_flight < holder.in_flight:
+                    holder = slot
+            elif other is None or (slot.in_flight, len(slot.models)) < (
+                    other.in_flight, len(other.models)):
+                other = slot
+        if holder is not None:
+            return holder
+        if other is not None:
+            other.models[model_id] = time.monotonic()
+        return other
+
     # ------------------------------------------------------------- placing requests
 
     def submit(self, request: RoutedRequest) -> None:
@@ -280,7 +339,7 @@ class ReplicaSet:
                 (nothing is held).
         """
         if not self._waiting:
-            slot = self._pick()
+            slot = self._pick(request.model_id)
             if slot is not None:
                 slot.in_flight += 1
                 request.granted(slot)
@@ -305,7 +364,7 @@ class ReplicaSet:
         shadow copies); False if none has room."""
         if self._waiting:
             return False
-        slot = self._pick()
+        slot = self._pick(request.model_id)
         if slot is None:
             if not self._order:  # scaled to zero: a copy that would have come asks for one
                 self._copies_dropped = True
@@ -353,7 +412,7 @@ class ReplicaSet:
                     self._waiting.popleft()  # cancelled or failed while it waited
                     self._stale -= 1
                     continue
-                slot = self._pick()
+                slot = self._pick(request.model_id)
                 if slot is None:
                     return
                 self._waiting.popleft()

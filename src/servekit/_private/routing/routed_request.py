@@ -185,14 +185,17 @@ class RoutedRequest(Exchange):
     or the error that ended the request. ``first``: it goes ahead of the queue (a request
     put back after it was accepted is never shed). ``shadow``: a copy that is dropped, not
     put back, when it cannot be sent at once. ``trace`` is filled with the replica's tag.
+    ``model_id``: the multiplexed model it names (replicas that hold it are preferred).
     """
 
     __slots__ = ("state", "replica_set", "payload", "reply", "trace", "first", "shadow",
-                 "slot", "connection", "msg_id", "stream", "expiry", "counted", "dropped",
-                 "upload", "_written", "__weakref__")
+                 "model_id", "slot", "connection", "msg_id", "stream", "expiry", "counted",
+                 "dropped", "upload", "_written", "__weakref__")
 
     def __init__(self, replica_set: Backend, payload: Optional[bytes],
-                 trace: Optional[Dict[str, str]] = None, shadow: bool = False) -> None:
+                 trace: Optional[Dict[str, str]] = None, shadow: bool = False,
+                 model_id: Optional[str] = None) -> None:
+        self.model_id = model_id
         self.state = QUEUED
         self.replica_set = replica_set
         self.payload = payload  # dropped once it ends: the router keeps no copy of it then

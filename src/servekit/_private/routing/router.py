@@ -130,7 +130,7 @@ class Router:
         self._replica_sets: Dict[str, ReplicaSet] = {}
         self._limits: Dict[str, BackendLimits] = {}
         self._versions = {constants.KEY_ENDPOINTS: -1, constants.KEY_BACKENDS: -1,
-                          constants.KEY_REPLICAS: -1}
+                          constants.KEY_REPLICAS: -1, constants.KEY_MODELS: -1}
         self._changed = asyncio.Event()
         self._controller: Optional[RpcClient] = None
         self._poll_task: Optional[asyncio.Task] = None
@@ -263,6 +263,11 @@ class Router:
                 self._replica_set(backend).update(replicas)
             for backend in set(self._replica_sets) - set(value):
                 self._replica_sets[backend].update([])
+        elif key == constants.KEY_MODELS:
+            for backend in value:
+                self._replica_set(backend).held_models(value[backend])
+            for backend in set(self._replica_sets) - set(value):
+                self._replica_sets[backend].held_models({})
         self._forget_deleted_backends()
 
     def _forget_deleted_backends(self) -> None:
@@ -372,7 +377,8 @@ class Router:
                    args: tuple, missing_ok: bool = False,
                    trace: Optional[Dict[str, str]] = None,
                    payload: Optional[bytes] = None,
-                   timeout_s: Optional[float] = None, shadows: bool = True) -> asyncio.Future:
+                   timeout_s: Optional[float] = None, shadows: bool = True,
+                   model_id: Optional[str] = None) -> asyncio.Future:
         """Assign the request to a replica and return the future of its reply.
 
         Returns once a replica was chosen and the request written to it; waits while the
@@ -385,6 +391,8 @@ class Router:
         ``request_timeout_s`` (past it the request is cancelled and the future fails with
         ``RequestTimeoutError``). ``shadows``: False for a request whose own stream follows
         it (a body still to come, a WebSocket): its copies are made by ``shadow``.
+        ``model_id``: the multiplexed model the request names; replicas that hold it are
+        preferred (``replica_set``).
 
         Raises:
             TypeError: the arguments cannot be pickled (nothing was sent).
@@ -394,22 +402,24 @@ class Router:
         """
         if payload is None:
             payload = encode_call(kind, args)
-        request = self.place(endpoint, kind, shard_key, payload, trace, timeout_s, shadows)
+        request = self.place(endpoint, kind, shard_key, payload, trace, timeout_s, shadows,
+                             model_id)
         if request is None:
             await self._endpoint(endpoint, missing_ok)
-            request = self.place(endpoint, kind, shard_key, payload, trace, timeout_s, shadows)
+            request = self.place(endpoint, kind, shard_key, payload, trace, timeout_s, shadows,
+                                 model_id)
             assert request is not None  # known now, and nothing ran in between
         await request.written()
         return request.reply
 
     def place(self, endpoint: str, kind: str, shard_key: Optional[str], payload: bytes,
               trace: Optional[Dict[str, str]] = None,
-              timeout_s: Optional[float] = None,
-              shadows: bool = True) -> Optional[RoutedRequest]:
+              timeout_s: Optional[float] = None, shadows: bool = True,
+              model_id: Optional[str] = None) -> Optional[RoutedRequest]:
         """Route an encoded request to an endpoint this router knows, without waiting: it is
         written to a replica now, or waits in its backend's queue (``written()`` says
         when). None if the endpoint is not known here (``send`` waits for it).
-        ``timeout_s``, ``shadows``: as in ``send``.
+        ``timeout_s``, ``shadows``, ``model_id``: as in ``send``.
 
         Raises:
             BackendOverloadedError: the backend's queue here is full (nothing was sent).
@@ -418,31 +428,32 @@ class Router:
         if info is None:
             return None
         if info.shadows and shadows:
-            self._send_shadows(info, kind, payload)
+            self._send_shadows(info, kind, payload, model_id)
         replica_set = self._replica_set(pick_backend(info.traffic, shard_key))
         if trace is not None:
             trace["backend"] = replica_set.backend
-        request = RoutedRequest(replica_set, payload, trace)
+        request = RoutedRequest(replica_set, payload, trace, model_id=model_id)
         replica_set.submit(request)
         request.time_out_after(timeout_s)
         return request
 
-    def shadow(self, endpoint: str, kind: str, payload: bytes) -> List[RoutedRequest]:
+    def shadow(self, endpoint: str, kind: str, payload: bytes,
+               model_id: Optional[str] = None) -> List[RoutedRequest]:
         """Shadow copies of a request whose own stream follows it (a body still to come,
         a WebSocket's messages), placed now; the caller feeds them (``offer_chunk``). None
         for an endpoint this router does not know."""
         info = self.endpoints.get(endpoint)
         return [] if info is None or not info.shadows else \
-            self._send_shadows(info, kind, payload)
+            self._send_shadows(info, kind, payload, model_id)
 
-    def _send_shadows(self, info: EndpointInfo, kind: str,
-                      payload: bytes) -> List[RoutedRequest]:
+    def _send_shadows(self, info: EndpointInfo, kind: str, payload: bytes,
+                      model_id: Optional[str]) -> List[RoutedRequest]:
         copies = []
         for backend, proportion in info.shadows.items():
             if random.random() >= proportion:
                 continue
             replica_set = self._replica_set(backend)
-            request = RoutedRequest(replica_set, payload, shadow=True)
+            request = RoutedRequest(replica_set, payload, shadow=True, model_id=model_id)
             if not replica_set.try_submit(request):
                 self.shadow_stats.add(info.name, backend, "dropped")
                 continue
