@@ -20,6 +20,7 @@ request holds no payload. A last probe fills every healthy replica to its cap at
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import logging
 import random
@@ -49,8 +50,20 @@ METHODS = ("async_call", "sync_call", "async_stream", "sync_stream", "batched")
 # Seconds after the last caller before the places and queues are checked: long enough for
 # every timeout, retry and replacement of a world to have played out.
 QUIET_S = 2 * constants.NO_REPLICA_TIMEOUT_S
+# An invariant: what user code sees is what servekit promises.
+USER_CODE = "user code runs where and while servekit says"
+# Virtual seconds within which a config change is applied on every replica (it waits for
+# the calls running to end, which take less than a second, not for requests held open),
+# and within which an app's request starts once it reached its replica.
+CONFIG_BOUND_S = 5.0
+# Virtual seconds within which the user's work for a caller that left ends: past a freeze
+# of its replica (which delays the cancel), well short of a long stream's natural end.
+LEAVE_BOUND_S = 10.0
 
 _world: Optional["World"] = None  # the world whose replicas the simulated model reports to
+# When the request the user code runs for reached its replica (an ASGI app's request).
+reached_at: contextvars.ContextVar[Optional[float]] = contextvars.ContextVar(
+    "reached_at", default=None)
 
 
 class SimModel:
@@ -105,8 +118,8 @@ class SimModel:
                 yield f"{caller}:{index}:" + "x" * size
         finally:
             if not world.threads.on_thread:
-                world.broken.append(f"caller {caller}'s sync generator was closed off its "
-                                    "thread (dropped unclosed, closed by the collector)")
+                world.breaks(USER_CODE, f"caller {caller}'s sync generator was closed off "
+                             "its thread (dropped unclosed, closed by the collector)")
             world.stopped(self.replica, caller)
             if raise_in_close:
                 raise RuntimeError("simulated: the generator's close raised")
@@ -150,8 +163,8 @@ def _caller_of(request: Any) -> Any:
     sent = int(request.query_params.get("n", "0"))
     received = len(request._receive._body or b"")  # (the body the replica was handed)
     if received != sent:
-        _current().broken.append(f"HTTP caller {caller} sent {sent} bytes of body, its "
-                                 f"backend received {received}")
+        _current().breaks(USER_CODE, f"HTTP caller {caller} sent {sent} bytes of body, "
+                          f"its backend received {received}")
     return caller
 
 
@@ -238,10 +251,17 @@ class SimReplica:
         self.replica = Replica(spec)
         self.server = RpcServer({
             "ready": self.replica.ready, "call": self.replica.handle_call,
-            "http": self.replica.handle_http, "asgi": self.replica.handle_asgi,
+            "http": self.replica.handle_http, "asgi": self.handle_asgi,
             "update_config": self.replica.update_config, "drain": self.replica.drain,
             "ping": self.replica.ping,
         }, streaming=("asgi",))
+
+    async def handle_asgi(self, inbound: Any, scope: Dict[str, Any],
+                          first: Dict[str, Any]) -> Any:
+        """The replica's ``handle_asgi``; the app's work for the request knows when it came
+        (``reached_at``)."""
+        reached_at.set(asyncio.get_running_loop().time())
+        return await self.replica.handle_asgi(inbound, scope, first)
 
     async def start(self) -> None:
         self.replica.start()
@@ -268,10 +288,13 @@ class World:
         self.cap = settings.cap
         self.highest_cap = settings.cap  # requests admitted under an older, higher cap count
         self.user_config: Any = None
-        self.is_app = False  # the backend is an ASGI app (no user_config, no batches)
+        self.is_app = False  # the backend is an ASGI app (no batches)
+        self.has_reconfigure = True  # the backend takes a user_config
         self.ran: Set[Any] = set()
+        self.work: Dict[Tuple[str, Any], List[float]] = {}  # (replica, caller): [began, ended]
+        self.left_at: Dict[Any, float] = {}  # callers that left, and when
         self.injected: List[str] = []
-        self.broken: List[str] = []  # invariants broken where raising cannot report them
+        self.broken: List[Tuple[str, str]] = []  # (invariant, detail): see ``breaks``
 
     # ------------------------------------------------------------- what the model asks
 
@@ -291,9 +314,27 @@ class World:
         running.add(caller)
         self.ran.add(caller)
         self.most_running[replica] = max(self.most_running.get(replica, 0), len(running))
+        now = self.loop.time()
+        self.work[(replica, caller)] = [now, float("inf")]
+        reached = reached_at.get()
+        if reached is not None and now - reached > CONFIG_BOUND_S:
+            self.breaks("a request is not held behind requests still open",
+                        f"caller {caller}'s request reached {replica} at {reached:.3f} s, its "
+                        f"app started only at {now:.3f} s")
 
     def stopped(self, replica: str, caller: Any) -> None:
         self.running[replica].discard(caller)
+        self.work[(replica, caller)][1] = self.loop.time()
+
+    def breaks(self, invariant: str, detail: str) -> None:
+        """``invariant`` broke where raising cannot report it (in user code, in a fault
+        whose failure would leave the world running): ``check_user_code`` reports it once
+        the run is over."""
+        self.broken.append((invariant, detail))
+
+    def left(self, caller: Any) -> None:
+        """``caller`` gives up on its request (the user's work for it must stop soon)."""
+        self.left_at.setdefault(caller, self.loop.time())
 
     # ------------------------------------------------------------- the controller's part
 
@@ -394,7 +435,8 @@ class World:
         if request.state in (QUEUED, "connecting"):
             caller.left_unwritten = True
         connection = request.connection
-        request.reply.cancel()
+        if request.reply.cancel():
+            self.left(caller.index)
         if connection is not None and self.rng.random() < self.settings.drop_after_leave:
             # Its connection drops right after (the caller's process died with it): the
             # replica sees the cancel, then the loss, in the turns the seed picks.
@@ -415,8 +457,10 @@ class World:
                 except StopAsyncIteration:
                     return chunks
         except BaseException:
+            self.left(caller.index)
             stream.cancel()
             raise
+        self.left(caller.index)
         stream.cancel()  # the caller leaves before the end
         return chunks
 
@@ -450,7 +494,7 @@ class World:
         elif kind == "scale_up":
             self.injected.append(f"scale up at {self.loop.time():.3f}")
             await self.add_replica()
-        elif kind in ("cap", "user_config") and not (kind == "user_config" and self.is_app):
+        elif kind == "cap" or (kind == "user_config" and self.has_reconfigure):
             if kind == "cap":
                 self.cap = rng.randint(1, 4)
                 self.highest_cap = max(self.highest_cap, self.cap)
@@ -472,12 +516,18 @@ class World:
 
     async def update_config(self, publish_first: bool) -> None:
         """A config change pushed to every replica and published to routers, in either
-        order."""
+        order; it must be applied within ``CONFIG_BOUND_S``, however long the requests
+        open on the replicas last."""
         if publish_first:
             self.router.apply({constants.KEY_BACKENDS: (self._next_version(), self.limits())})
         config = self.backend_config()
-        await asyncio.gather(*(r.replica.update_config(config)
-                               for r in self.replicas if r.alive))
+        updates = [r.replica.update_config(config) for r in self.replicas if r.alive]
+        began = self.loop.time()
+        await asyncio.gather(*updates)
+        if self.loop.time() - began > CONFIG_BOUND_S:
+            self.breaks("a config change is applied within its bound",
+                        f"the config change begun at {began:.3f} s (user_config "
+                        f"{config.user_config}) was applied only at {self.loop.time():.3f} s")
         if not publish_first:
             self.router.apply({constants.KEY_BACKENDS: (self._next_version(), self.limits())})
 
@@ -496,8 +546,8 @@ class World:
                   f"{len(replica_set._waiting)} requests")
 
     def check_user_code(self) -> None:
-        check(not self.broken, "user code runs where and while servekit says",
-              "; ".join(self.broken[:3]))
+        for invariant, detail in self.broken:
+            check(False, invariant, detail)
         for replica in self.replicas:
             if replica.alive:
                 running = self.running.get(replica.tag, set())
@@ -534,6 +584,20 @@ class World:
                       f"caller {caller.index}'s request is still {request.state}")
                 check(request.payload is None, "an ended request holds no payload",
                       f"caller {caller.index}'s request still holds its payload")
+
+    def check_left_work(self) -> None:
+        """The user's work for a caller that left ends within ``LEAVE_BOUND_S`` of its
+        leaving (its request cancelled on the replica), not at its natural end for nobody;
+        on a replica still alive (a dead one's work is nobody's)."""
+        alive = {r.tag for r in self.replicas if r.alive}
+        for (replica, caller), (began, ended) in self.work.items():
+            left = self.left_at.get(caller)
+            if left is None or replica not in alive:
+                continue
+            check(ended - max(began, left) <= LEAVE_BOUND_S,
+                  "the user's work for a caller that left stops",
+                  f"caller {caller} left at {left:.3f} s, its work on {replica} (begun at "
+                  f"{began:.3f} s) ended only at {ended:.3f} s")
 
     def check_places(self) -> None:
         for tag, most in self.most_running.items():
@@ -616,6 +680,7 @@ async def _callers_and_faults(world: World) -> None:
     await asyncio.sleep(QUIET_S)
     world.check_requests()
     world.check_user_code()
+    world.check_left_work()
     world.check_places()
     await world.probe()
     await asyncio.sleep(1.0)

@@ -4,14 +4,18 @@ The world of ``dataplane`` (one backend, real replicas, faults) plus, in front o
 proxy as it runs: ``HTTPProxy`` behind uvicorn's httptools protocol as servekit bounds it
 (``ProxyHttpProtocol``, fast lane included), listening on the simulated network. Clients
 speak HTTP/1.1 through ``h11``: GET or POST (bodies of every size), plain or streamed
-replies, and they leave at seeded moments — before the reply, at its first chunk, mid-body
-— or stop reading for a while. The proxy's request timeout is drawn small, so deadlines
-land in the same loop turn as replies and chunks.
+replies, and they leave at seeded moments — before the reply, in the loop turn the reply
+reaches the proxy, at its first chunk, mid-body — or stop reading for a while. The proxy's
+request timeout is drawn small, so deadlines land in the same loop turn as replies and
+chunks. The backend is a class, or an ASGI app (one with a ``reconfigure`` too); an app's
+streams may last minutes.
 
 After every run, besides the data plane's invariants: every client's request ended (a
 whole, well-framed response, or the connection closed) within its bound; a whole response
 to a plain call carries what the backend returned; every byte of request bodies the proxy
-held is given back.
+held is given back; the user's work for a client that left stops soon after (not at its
+natural end); a config change is applied within a bound however long requests stay open,
+and requests that come meanwhile are not held behind them.
 """
 
 from __future__ import annotations
@@ -29,7 +33,9 @@ import uvicorn
 from dataplane import (
     BACKEND,
     ENDPOINT,
+    LEAVE_BOUND_S,
     QUIET_S,
+    USER_CODE,
     World,
     current_world,
     live,
@@ -38,8 +44,10 @@ from scenarios import check, scenario
 from simloop import SimLoop, run
 
 from servekit._private import constants
-from servekit._private.asgi_app import ASGIFactory
+from servekit._private.asgi_app import ASGIFactory, ingress
 from servekit._private.proxy.proxy import HTTPProxy, server_config
+from servekit._private.routing.routed_request import RoutedRequest
+from servekit._private.routing.router import Router
 from servekit._private.specs import BackendLimits, EndpointInfo
 from servekit.config import HTTPOptions
 
@@ -84,8 +92,8 @@ def make_app(replica: str) -> Any:
                     if not message.get("more_body"):
                         break
                 if received != sent:
-                    world.broken.append(f"HTTP caller {caller} sent {sent} bytes of body, "
-                                        f"its app received {received}")
+                    world.breaks(USER_CODE, f"HTTP caller {caller} sent {sent} bytes of "
+                                 f"body, its app received {received}")
             await asyncio.sleep(world.work_s())
             if kind == "raise":
                 raise RuntimeError("simulated: the app raised")
@@ -93,9 +101,9 @@ def make_app(replica: str) -> Any:
             headers = [(b"content-type", b"text/plain")]
             if kind == "stream":
                 await send({"type": "http.response.start", "status": 200, "headers": headers})
-                chunks, size, _ = world.stream_shape()
+                chunks, size, pause_s = world.app_stream_shape()
                 for index in range(chunks):
-                    await asyncio.sleep(world.work_s() / 4)
+                    await asyncio.sleep(world.work_s() / 4 if pause_s is None else pause_s)
                     await send({"type": "http.response.body", "more_body": True,
                                 "body": f"{caller}:{index}:".encode() + b"x" * size})
                 await send({"type": "http.response.body", "body": b""})
@@ -109,6 +117,18 @@ def make_app(replica: str) -> Any:
             world.stopped(replica, caller)
 
     return app
+
+
+def configurable_app(replica: str) -> type:
+    """``make_app(replica)`` served by an ``@ingress`` class that has a ``reconfigure``: an
+    app whose ``user_config`` changes while its requests and streams are open. (A class per
+    replica, as the app is: its answers say which replica ran them.)"""
+
+    class ConfigurableApp:
+        def reconfigure(self, user_config: Any) -> None:
+            self.user_config = user_config
+
+    return ingress(make_app(replica))(ConfigurableApp)
 
 
 def app_body(caller: int) -> bytes:
@@ -181,7 +201,9 @@ class HttpCaller:
     method: str
     body: int  # bytes of its POST body (0: a GET)
     start_at: float
-    leave: Optional[str]  # "before" (the reply), "first" (chunk), "mid" (body), None
+    # "before" (the reply), "answer" (as its reply reaches the proxy), "first" (chunk),
+    # "mid" (body), None
+    leave: Optional[str]
     leave_after: float
     stall_s: float  # stops reading this long after the head (0: never)
     app_kind: str = ""  # to an ASGI app: what it answers ("one", "stream", "early", "raise")
@@ -217,8 +239,14 @@ class ProxyWorld(World):
         self.http_callers: List[HttpCaller] = []
         self.evicted: Set[Any] = set()  # connections the proxy closed as idle
         self.is_app = rng.random() < 0.4
+        self.has_reconfigure = not self.is_app or rng.random() < 0.7
+        self.placed: Optional[RoutedRequest] = None  # the router's latest request
+        self.router.place = self._place  # type: ignore[method-assign]
+        self.proxy.serve_now = self._serve_now  # type: ignore[method-assign]
 
     def target(self, replica: str) -> Tuple[Any, Tuple[Any, ...]]:
+        if self.is_app and self.has_reconfigure:
+            return configurable_app(replica), ()
         if self.is_app:
             return ASGIFactory(make_app), (replica,)
         return super().target(replica)
@@ -253,18 +281,48 @@ class ProxyWorld(World):
         protocol._evict = noted_evict
         return protocol
 
+    def app_stream_shape(self) -> Tuple[int, int, Optional[float]]:
+        """(chunks, bytes per chunk, the wait before each chunk) of an app's stream: the
+        data plane's streams (a short wait drawn per chunk: None), and streams that last
+        minutes (an app streams as long as it likes: a client that leaves one must not
+        leave it running to its end, a config change must not wait for it)."""
+        if self.rng.random() < 0.5:
+            return self.rng.randint(2, 4), 0, self.loop.ticks(LEAVE_BOUND_S, 2 * LEAVE_BOUND_S)
+        chunks, size, _ = self.stream_shape()
+        return chunks, size, None
+
+    def _place(self, *args: Any, **kwargs: Any) -> Optional[RoutedRequest]:
+        """The router's ``place``, noting the request (for ``_serve_now``)."""
+        self.placed = Router.place(self.router, *args, **kwargs)
+        return self.placed
+
+    def _serve_now(self, protocol: Any, cycle: Any) -> bool:
+        """The proxy's fast lane, where a client that leaves at its "answer" drops its
+        connection in the loop turn its reply settles (the reply's first frame reached the
+        proxy, which has written none of it yet)."""
+        self.placed = None
+        served = HTTPProxy.serve_now(self.proxy, protocol, cycle)
+        query = urllib.parse.parse_qs(cycle.scope["query_string"].decode())
+        caller = self.http_callers[int(query["c"][0])]
+        if caller.leave == "answer" and self.placed is not None:
+            client_end = protocol.transport._connection.ends[0]
+            self.placed.reply.add_done_callback(
+                lambda _: self._leave(caller, client_end))
+        return served
+
     # ------------------------------------------------------------- clients
 
     def draw_http_caller(self, index: int) -> HttpCaller:
         rng = self.rng
-        app_kind = rng.choice(["one", "one", "stream", "early", "raise"]) if self.is_app else ""
+        app_kind = rng.choice(["one", "one", "stream", "stream", "early", "raise"]) \
+            if self.is_app else ""
         return HttpCaller(
             index, "app" if self.is_app else self.settings.method,
             app_kind=app_kind,
             content_length=rng.choice(["ok", "ok", "none", "short", "long"]),
             body=rng.choice([0, 0, 7, 5000, 150_000]),
             start_at=self.loop.ticks(0.0, 2.0),
-            leave=rng.choice([None, None, "before", "first", "mid"]),
+            leave=rng.choice([None, None, "before", "answer", "first", "mid"]),
             leave_after=rng.choice([0.0, self.loop.ticks(0.0, 0.01), self.loop.ticks(0.0, 1.0)]),
             stall_s=rng.choice([0.0, 0.0, 0.0, self.loop.ticks(0.0, 2.0), FOREVER]))
 
@@ -287,7 +345,7 @@ class ProxyWorld(World):
         client.send(h11.EndOfMessage())
         leaving = None
         if caller.leave == "before":
-            leaving = self.loop.call_later(caller.leave_after, _leave, caller, transport)
+            leaving = self.loop.call_later(caller.leave_after, self._leave, caller, transport)
         try:
             await asyncio.wait_for(self._read(caller, client, transport),
                                    CLIENT_PATIENCE_S)
@@ -338,11 +396,18 @@ class ProxyWorld(World):
                 caller.body_read += bytes(event.data)
                 chunks += 1
                 if caller.leave == "first" or (caller.leave == "mid" and chunks > 1):
-                    _leave(caller, transport)
+                    self._leave(caller, transport)
                     return
             elif isinstance(event, h11.EndOfMessage):
                 caller.outcome = "answered"
                 return
+
+    def _leave(self, caller: HttpCaller, transport: asyncio.Transport) -> None:
+        """The client goes away: its connection is dropped at once."""
+        if caller.outcome is None:
+            caller.outcome = "left"
+            self.left(caller.index)
+            transport.abort()
 
     # ------------------------------------------------------------- the invariants
 
@@ -391,13 +456,6 @@ class ProxyWorld(World):
               f"the proxy still counts {self.budget.held} bytes of request bodies held")
 
 
-def _leave(caller: HttpCaller, transport: asyncio.Transport) -> None:
-    """The client goes away: its connection is dropped at once."""
-    if caller.outcome is None:
-        caller.outcome = "left"
-        transport.abort()
-
-
 async def _clients_and_faults(world: ProxyWorld) -> None:
     """Seeded HTTP clients and faults; then, once all is quiet, the invariants."""
     world.http_callers = [world.draw_http_caller(i) for i in range(world.settings.callers)]
@@ -407,6 +465,7 @@ async def _clients_and_faults(world: ProxyWorld) -> None:
     await asyncio.sleep(PROXY_QUIET_S)
     world.check_http()
     world.check_user_code()
+    world.check_left_work()
     world.check_places()
 
 
