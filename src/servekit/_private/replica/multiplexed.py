@@ -43,7 +43,8 @@ _caches: "weakref.WeakSet[ModelCache]" = weakref.WeakSet()
 
 def held_model_ids() -> Tuple[str, ...]:
     """The ids of the models this process's caches hold or are loading, sorted."""
-    return tuple(sorted({model_id for cache in list(_caches) for model_id in cache.ids()}))
+    return tuple(sorted({model_id for cache in list(_caches) if not cache.loop.is_closed()
+                         for model_id in cache.ids()}))
 
 
 def check_max_num_models(value: Any) -> int:
@@ -117,8 +118,8 @@ class ModelCache:
         """
         entry = self._entries.get(model_id)
         if entry is None:
+            cleanups = self._evict(room_for=1)
             entry = self._entries[model_id] = _Entry()
-            cleanups = self._evict()
             entry.loading = self.loop.create_task(self._loaded(model_id, entry, cleanups))
             entry.loading.add_done_callback(_seen)  # (each waiter raises its own copy)
             self._metrics.held(1)
@@ -178,13 +179,14 @@ class ModelCache:
         if self._over_capacity():
             self._evict()
 
-    def _evict(self) -> List[asyncio.Task]:
+    def _evict(self, room_for: int = 0) -> List[asyncio.Task]:
         """Evict the least recently used models that are loaded and unused until the cache
-        is within its capacity (or none is left to evict); their cleanups."""
+        is within its capacity, with ``room_for`` more (or none is left to evict); their
+        cleanups."""
         cleanups: List[asyncio.Task] = []
-        if not self._over_capacity():
+        if self.capacity == -1:
             return cleanups
-        excess = len(self._entries) - self.capacity
+        excess = len(self._entries) + room_for - self.capacity
         for model_id in list(self._entries):
             if excess <= 0:
                 break
