@@ -4,9 +4,10 @@ the replicas, so nothing here is pickled)."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any, List
+from typing import Any, AsyncIterator, List
 
 from fastapi import FastAPI
+from fastapi.responses import StreamingResponse
 
 import servekit as serve
 from servekit.request import ServeRequest
@@ -21,6 +22,7 @@ class Scorer:
 
     def __init__(self) -> None:
         self.sizes: List[int] = []
+        self.stream_sizes: List[int] = []
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
     async def score(self, xs: List[int]) -> List[int]:
@@ -41,6 +43,24 @@ class Scorer:
 
     def batch_sizes(self, request: ServeRequest) -> List[int]:
         return self.sizes
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    async def tokens(self, prompts: List[str]) -> AsyncIterator[List[str]]:
+        """Three tokens per prompt, one step of the batch at a time."""
+        self.stream_sizes.append(len(prompts))
+        for step in range(3):
+            await asyncio.sleep(0.01)
+            yield [f"{prompt}.{step} " for prompt in prompts]
+
+    @scorer_app.get("/tokens/{prompt}")
+    async def tokens_route(self, prompt: str) -> StreamingResponse:
+        return StreamingResponse(self.tokens(prompt), media_type="text/plain")
+
+    def stream_tokens(self, request: ServeRequest) -> AsyncIterator[str]:
+        return self.tokens(request.data)
+
+    def stream_batch_sizes(self, request: ServeRequest) -> List[int]:
+        return self.stream_sizes
 
     def reconfigure(self, config: dict) -> None:
         self.score.set_max_batch_size(config["max_batch_size"])

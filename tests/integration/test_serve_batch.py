@@ -1,6 +1,7 @@
 """``@serve.batch`` against real processes: a FastAPI route's batched method under
-concurrent HTTP requests, a plain backend's batched ``__call__``, and a batched method
-called through handles (errors, runtime settings)."""
+concurrent HTTP requests, a plain backend's batched ``__call__``, a batched method called
+through handles (errors, runtime settings), and batched async generators streamed over
+HTTP and to handles."""
 
 from __future__ import annotations
 
@@ -99,3 +100,30 @@ def test_a_request_timeout_shorter_than_the_batch_wait_is_refused(
     client.create_backend("scorer:v1", Scorer, config={"request_timeout_s": 5})
     with pytest.raises(ValueError, match="smaller than request_timeout_s"):
         client.update_backend_config("scorer:v1", {"request_timeout_s": 0.01})
+
+
+def test_streamed_batches_reach_each_http_client(scorer: tuple) -> None:
+    client, url = scorer
+    responses = get_all([f"{url}/scorer/tokens/p{i}" for i in range(CONCURRENT)])
+    assert [r.text for r in responses] == [f"p{i}.0 p{i}.1 p{i}.2 " for i in range(CONCURRENT)]
+    sizes = client.get_handle("scorer").options(
+        method_name="stream_batch_sizes").remote().result()
+    assert sum(sizes) == CONCURRENT and max(sizes) > 1
+
+
+def test_streamed_batches_reach_each_handle_caller(scorer: tuple) -> None:
+    client, _ = scorer
+
+    async def main() -> List[List[str]]:
+        handle = client.get_handle("scorer", sync=False).options(method_name="stream_tokens",
+                                                                 stream=True)
+
+        async def read(prompt: str) -> List[str]:
+            return [token async for token in await handle.remote(prompt)]
+
+        return list(await asyncio.gather(*(read(f"h{i}") for i in range(8))))
+
+    assert asyncio.run(main()) == [[f"h{i}.{step} " for step in range(3)] for i in range(8)]
+    sizes = client.get_handle("scorer").options(
+        method_name="stream_batch_sizes").remote().result()
+    assert sum(sizes) == 8 and max(sizes) > 1

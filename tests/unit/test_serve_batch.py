@@ -338,3 +338,138 @@ def test_the_batch_runs_in_a_context_of_its_own() -> None:
         assert seen == [None]
 
     run(main)
+
+
+# --------------------------------------------------------------------------- streamed
+
+
+class Generator:
+    """A batched async generator: yields ``steps`` lists, element ``f"{item}.{step}"`` for
+    each caller; an item "stop@1" ends its caller's stream at step 1 (Ray's sentinel),
+    "bad@1" raises at step 1, "short" yields a list one short. Each step waits for
+    ``step`` to be set when ``held``."""
+
+    def __init__(self, steps: int = 3, held: bool = False) -> None:
+        self.steps = steps
+        self.batches: List[List[Any]] = []
+        self.yielded = 0
+        self.closed = 0
+        self.step = asyncio.Event()
+        if not held:
+            self.step.set()
+
+    @serve.batch(max_batch_size=3, batch_wait_timeout_s=0)
+    async def generate(self, items: List[str]):  # type: ignore[no-untyped-def]
+        self.batches.append(list(items))
+        try:
+            for step in range(self.steps):
+                await self.step.wait()
+                await asyncio.sleep(0)  # (a step of work: its readers run meanwhile)
+                if f"bad@{step}" in items:
+                    raise ValueError(f"step {step} failed")
+                out: List[Any] = [StopIteration if item == f"stop@{step}" else
+                                  f"{item}.{step}" for item in items]
+                self.yielded += 1
+                yield out[:-1] if "short" in items else out
+        finally:
+            self.closed += 1
+
+
+async def read_all(stream: Any) -> List[Any]:
+    return [element async for element in stream]
+
+
+def test_a_streamed_batch_gives_each_caller_its_elements_in_order() -> None:
+    async def main() -> None:
+        model = Generator()
+        results = await asyncio.gather(*(read_all(model.generate(x)) for x in
+                                         ("a", "stop@1", "c", "d")))
+        assert results == [["a.0", "a.1", "a.2"], ["stop@1.0"], ["c.0", "c.1", "c.2"],
+                           ["d.0", "d.1", "d.2"]]
+        assert model.batches == [["a", "stop@1", "c"], ["d"]]
+
+    run(main)
+
+
+def test_a_streamed_batch_that_raises_fails_its_callers_after_what_they_got() -> None:
+    async def main() -> None:
+        model = Generator()
+        got: List[List[str]] = [[], []]
+
+        async def read(index: int, item: str) -> None:
+            async for element in model.generate(item):
+                got[index].append(element)
+
+        outcomes = await asyncio.gather(read(0, "a"), read(1, "bad@1"),
+                                        return_exceptions=True)
+        assert [str(outcome) for outcome in outcomes] == ["step 1 failed"] * 2
+        assert got == [["a.0"], ["bad@1.0"]]
+        with pytest.raises(BatchOutputError, match=r"Generator\.generate must yield one "
+                                                   r"result per request: it got 2 requests "
+                                                   r"but yielded 1 results"):
+            await asyncio.gather(read_all(model.generate("x")),
+                                 read_all(model.generate("short")))
+
+    run(main)
+
+
+def test_a_caller_that_stops_reading_is_dropped_and_the_rest_read_on() -> None:
+    async def main() -> None:
+        model = Generator(steps=50)
+        leaving = model.generate("a")
+        staying = model.generate("b")
+        first = await asyncio.gather(leaving.__anext__(), staying.__anext__())
+        assert first == ["a.0", "b.0"]
+        closing = asyncio.ensure_future(leaving.aclose())  # holds until the batch ends
+        rest = await read_all(staying)
+        assert rest == [f"b.{step}" for step in range(1, 50)]
+        await closing
+        # When every caller has stopped reading, the generator is closed early.
+        lone = model.generate("c")
+        assert await lone.__anext__() == "c.0"
+        await lone.aclose()
+        assert model.yielded < 50 + 5 and model.closed == 2
+
+    run(main)
+
+
+def test_a_streamed_caller_that_leaves_before_its_batch_starts_is_taken_out() -> None:
+    async def main() -> None:
+        model = Generator(held=True)
+        first = asyncio.ensure_future(read_all(model.generate("a")))
+        await spin()
+        gone = asyncio.ensure_future(read_all(model.generate("gone")))
+        kept = asyncio.ensure_future(read_all(model.generate("b")))
+        await spin()
+        gone.cancel()
+        await spin()
+        assert gone.cancelled()
+        model.step.set()
+        assert await first == ["a.0", "a.1", "a.2"]
+        assert await kept == ["b.0", "b.1", "b.2"]
+        assert model.batches == [["a"], ["b"]]
+
+    run(main)
+
+
+def test_a_streamed_caller_cancelled_mid_batch_holds_its_place_until_it_ends() -> None:
+    async def main() -> None:
+        model = Generator(held=True)
+        admission = Admission(lambda _: None)
+
+        async def caller() -> List[Any]:
+            current_admission.set(admission)
+            return await read_all(model.generate("a"))
+
+        leaving = asyncio.ensure_future(caller())
+        staying = asyncio.ensure_future(read_all(model.generate("b")))
+        await spin()
+        leaving.cancel()
+        await spin()
+        assert not leaving.done() and admission.state == CANCELLING
+        model.step.set()
+        assert await staying == ["b.0", "b.1", "b.2"]
+        with pytest.raises(asyncio.CancelledError):
+            await leaving
+
+    run(main)

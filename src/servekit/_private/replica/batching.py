@@ -17,20 +17,21 @@ from servekit.exceptions import BatchOutputError, ServeError
 RunBatch = Callable[[List[Any]], Awaitable[Any]]
 
 
-def check_batch_output(output: Any, size: int,
-                       what: str = "An @accept_batch callable") -> List[Any]:
+def check_batch_output(output: Any, size: int, what: str = "An @accept_batch callable",
+                       verbs: Tuple[str, str] = ("return", "returned")) -> List[Any]:
     """The batch's results as a list, or BatchOutputError saying what was wrong; ``what``
-    names the batched function."""
+    names the batched function, ``verbs`` how it gave them (a generator: yield)."""
+    verb, past = verbs
     if isinstance(output, (list, tuple)) or type(output).__name__ == "ndarray":
         results = list(output)
     else:
         raise BatchOutputError(
-            f"{what} must return an ordered sequence (list, tuple or numpy array) with one "
-            f"result per request; it returned a {type(output).__name__}.")
+            f"{what} must {verb} an ordered sequence (list, tuple or numpy array) with one "
+            f"result per request; it {past} a {type(output).__name__}.")
     if len(results) != size:
         raise BatchOutputError(
-            f"{what} must return one result per request: it got {size} requests but "
-            f"returned {len(results)} results.")
+            f"{what} must {verb} one result per request: it got {size} requests but "
+            f"{past} {len(results)} results.")
     return results
 
 
@@ -101,13 +102,22 @@ class BatchQueue:
         try:
             return await result
         except asyncio.CancelledError:
-            batch = self._batch_of.get(result)
-            if batch is not None:
-                admission = current_admission.get()
-                if admission is not None:
-                    admission.cancel()
-                await outlast(batch)
+            await self.left(result, cancelled=True)
             raise
+
+    async def left(self, result: asyncio.Future, cancelled: bool) -> None:
+        """The caller of the request with the result ``result`` left (``cancelled``: its
+        task is being cancelled): a request still queued is taken out; one whose batch
+        runs keeps its place on the replica until the batch ends (marked cancelled if its
+        caller was), however often it is cancelled meanwhile."""
+        batch = self._batch_of.get(result)
+        if batch is None:
+            result.cancel()
+            return
+        admission = current_admission.get()
+        if cancelled and admission is not None:
+            admission.cancel()
+        await outlast(batch)
 
     def running_batch(self, future: asyncio.Future) -> Optional[asyncio.Future]:
         """The end of the running batch whose request has the result ``future``; None if
