@@ -421,7 +421,8 @@ class Client:
           handle only).
         - ``"processes"``: ``[{"role", "name", "pid", "state", "node", ...}]`` for the
           instance's own processes, its proxies (with ``"http"``: host and port) and its
-          replicas (with ``"backend"`` and ``"revision"``).
+          replicas (with ``"backend"``, ``"revision"`` and ``"models"``: the ids of the
+          multiplexed models it holds, as of its last health ping).
         - ``"http_options"``: the HTTP options the instance started with.
         """
         return self._call("status")
