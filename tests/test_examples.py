@@ -81,6 +81,18 @@ def test_fastapi_example_serves_an_app_a_model_class_and_a_websocket() -> None:
     assert _printed(lines, "handle:") == {"text": "a sad and rainy day", "positive": False}
 
 
+def test_openai_example_answers_the_official_client() -> None:
+    lines = _run_example("openai_server.py")
+    assert _printed(lines, "models:") == ["tiny-bard", "tiny-bard-cold", "tiny-chef"]
+    chat = _printed(lines, "chat:")
+    assert chat["finish_reason"] == "stop" and chat["completion_tokens"] == len(chat["content"])
+    streamed = _printed(lines, "streamed:")  # the same seed: the same answer, token by token
+    assert streamed == {"content": chat["content"], "chunks": len(chat["content"]) + 2}
+    completion = _printed(lines, "completion:")
+    assert completion["finish_reason"] == "stop" and "," not in completion["text"]
+    assert _printed(lines, "unknown model:") == {"status": 404, "code": "model_not_found"}
+
+
 def _servekit(*args: str, home: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "servekit.cli", *args], cwd=EXAMPLES / "deploy",
                           env={**os.environ, "SERVEKIT_HOME": str(home)}, capture_output=True,
