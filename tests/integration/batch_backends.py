@@ -4,10 +4,12 @@ the replicas, so nothing here is pickled)."""
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any, AsyncIterator, List
 
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
+from robustness_backends import async_wait_for_file
 
 import servekit as serve
 from servekit.request import ServeRequest
@@ -80,3 +82,31 @@ class Echo:
 
     def batch_sizes(self, request: ServeRequest) -> List[int]:
         return self.sizes
+
+
+held_app = FastAPI()
+
+
+@serve.ingress(held_app)
+class Held:
+    """One item per batch: notes it in the file ``ran`` of ``directory``, then holds the
+    batch until the file ``release`` exists."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    @serve.batch(max_batch_size=1, batch_wait_timeout_s=0)
+    async def run(self, items: List[str]) -> List[str]:
+        with open(os.path.join(self.directory, "ran"), "a") as ran:  # noqa: ASYNC230 (a test)
+            ran.write(f"{items[0]}\n")
+        await async_wait_for_file(os.path.join(self.directory, "release"))
+        return items
+
+    @held_app.get("/run/{x}")
+    async def run_route(self, x: str) -> str:
+        return await self.run(x)
+
+    def queued(self, request: ServeRequest) -> int:
+        """How many items wait for a batch (the test looks inside the queue)."""
+        queue = vars(self).get("_servekit_batch_queue_run")
+        return 0 if queue is None else len(queue._queue)

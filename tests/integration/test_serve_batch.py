@@ -6,12 +6,16 @@ HTTP and to handles."""
 from __future__ import annotations
 
 import asyncio
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Iterator, List
 
 import httpx
 import pytest
-from batch_backends import Echo, Scorer
+from batch_backends import Echo, Held, Scorer
 
+from conftest import wait_for
 from servekit.exceptions import BatchOutputError
 
 pytestmark = pytest.mark.integration
@@ -127,3 +131,25 @@ def test_streamed_batches_reach_each_handle_caller(scorer: tuple) -> None:
     sizes = client.get_handle("scorer").options(
         method_name="stream_batch_sizes").remote().result()
     assert sum(sizes) == 8 and max(sizes) > 1
+
+
+def test_an_http_client_that_leaves_before_its_batch_starts_is_taken_out(
+        serve_instance: tuple, tmp_path: Path) -> None:
+    client, url = serve_instance
+    client.create_backend("held", Held, str(tmp_path))
+    client.create_endpoint("held", backend="held", route="/held")
+    queued = client.get_handle("held").options(method_name="queued")
+    ran = tmp_path / "ran"
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(httpx.get, f"{url}/held/run/a", timeout=TIMEOUT)
+        wait_for(lambda: ran.exists() and ran.read_text() == "a\n", TIMEOUT, "a's batch")
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=TIMEOUT) as sock:
+            sock.sendall(b"GET /held/run/b HTTP/1.1\r\nHost: x\r\n\r\n")
+            wait_for(lambda: queued.remote().result() == 1, TIMEOUT, "b queued")
+        # Its client left: b leaves the queue at once, without waiting for a's batch.
+        wait_for(lambda: queued.remote().result() == 0, TIMEOUT, "b taken out")
+        (tmp_path / "release").touch()
+        assert first.result().json() == "a"
+    assert httpx.get(f"{url}/held/run/c", timeout=TIMEOUT).json() == "c"
+    assert ran.read_text() == "a\nc\n"  # b never ran
