@@ -11,7 +11,7 @@ from typing import Iterable, List, Optional
 from scenarios import SCENARIOS
 
 # The modules that register scenarios.
-_SCENARIO_MODULES = ("dataplane", "proxyplane", "controlplane", "wireplane")
+_SCENARIO_MODULES = ("dataplane", "proxyplane", "controlplane", "wireplane", "multiplexplane")
 
 
 def load_scenarios() -> None:
