@@ -2,11 +2,15 @@
 examples/openai_server.py: ``/models``, ``/chat/completions`` and ``/completions`` of a
 FastAPI app served by an ingress class under the route ``/v1``.
 
-The request's ``model`` field picks the model; each replica loads the ones it is asked
-for (``get_model``). A streamed answer is server-sent events (``text/event-stream``), one
-``data: {chunk}`` per token and ``data: [DONE]`` last, as OpenAI's clients expect. Errors
-are OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: 400 for a bad
-request, 404 for a model this server does not have.
+The request's ``model`` field picks the model, which ``get_model`` loads by model
+multiplexing (``@serve.multiplexed``): each replica loads the models its requests name and
+keeps the two used last. A client that also names the model in the header
+``serve_multiplexed_model_id`` (the OpenAI client's ``extra_headers``) is routed to a
+replica that holds it; without the header any replica serves it. A streamed answer is
+server-sent events (``text/event-stream``), one ``data: {chunk}`` per token and
+``data: [DONE]`` last, as OpenAI's clients expect. Errors are OpenAI's shape,
+``{"error": {"message", "type", "param", "code"}}``: 400 for a bad request, 404 for a
+model this server does not have.
 
 Serve it alone from this directory with ``servekit run openai_app:build``; clients then
 use ``base_url="http://127.0.0.1:8000/v1"``.
@@ -206,16 +210,15 @@ class OpenAIServer:
     """The OpenAI API over the models of tiny_lm.CATALOG, loaded by each replica on demand."""
 
     def __init__(self) -> None:
-        self.models: dict[str, CharModel] = {}
         self.generations = metrics.Counter(
             "openai_generations", "Generations by model and how they finished (abort: the "
             "client left before the end).", tag_keys=("model", "finish_reason"))
 
+    @serve.multiplexed(max_num_models_per_replica=2)
     async def get_model(self, model_id: str) -> CharModel:
-        """The model named ``model_id``, loaded on its first request to this replica."""
-        if model_id not in self.models:
-            self.models[model_id] = CATALOG[model_id].load()
-        return self.models[model_id]
+        """The model named ``model_id``: loaded by the first request for it on this
+        replica; beyond two models, the least recently used one is evicted."""
+        return CATALOG[model_id].load()
 
     @app.get("/models")
     def list_models(self) -> dict:
@@ -251,6 +254,12 @@ class OpenAIServer:
 
     async def start(self, request: SamplingRequest, prompt: str,
                     max_tokens: Optional[int]) -> Generation:
+        routed_for = serve.get_multiplexed_model_id()
+        if routed_for and routed_for != request.model:
+            raise OpenAIError(400, f"The request was routed for the model `{routed_for}` (its "
+                              f"header serve_multiplexed_model_id) but names `{request.model}`"
+                              "; send the same model in both, or leave the header out",
+                              "model")
         model = await self.get_model(known(request.model))
         room = CONTEXT_LENGTH - len(prompt)
         if max_tokens is not None and max_tokens > room:
@@ -305,6 +314,7 @@ class Reply:
         return {**self._head(self.kind), "choices": [choice], "usage": self.usage(generation)}
 
     def chunk(self, text: Optional[str], finish_reason: Optional[str], **delta: str) -> dict:
+        content: dict[str, Any]
         if self.chat:
             content = {"delta": {**delta, "content": text} if text is not None else delta}
         else:
@@ -339,5 +349,5 @@ def model_card(model_id: str) -> dict:
 
 def build(client: Any) -> None:
     """What ``servekit run openai_app:build`` serves: the API at ``/v1``."""
-    client.create_backend("openai", OpenAIServer)
+    client.create_backend("openai", OpenAIServer, config={"num_replicas": 2})
     client.create_endpoint("openai", backend="openai", route="/v1")

@@ -198,3 +198,32 @@ def test_a_client_that_closes_a_stream_halfway_stops_the_generation_and_frees_it
     # The replica's only place is free: the next request is answered.
     answer = llm.chat.completions.create(model="tiny-bard-cold", messages=HELLO, max_tokens=3)
     assert answer.usage.completion_tokens == 3
+
+
+def test_a_replica_keeps_the_two_models_used_last(llm: openai.OpenAI, base_url: str) -> None:
+    """@serve.multiplexed(max_num_models_per_replica=2): the third model evicts one."""
+    evictions = metric(metric_samples(base_url), "servekit_multiplexed_model_evictions_total",
+                       backend="openai")
+    for model in ("tiny-bard", "tiny-bard-cold", "tiny-chef"):
+        llm.completions.create(model=model, prompt="T", max_tokens=2)
+
+    def two_held() -> bool:
+        found = metric_samples(base_url)
+        return metric(found, "servekit_multiplexed_models", backend="openai") == 2 and \
+            metric(found, "servekit_multiplexed_model_evictions_total",
+                   backend="openai") > evictions
+
+    wait_for(two_held, TIMEOUT, "the replica to hold two models after evicting one")
+
+
+def test_the_multiplexing_header_routes_the_request_and_must_name_its_model(
+        llm: openai.OpenAI) -> None:
+    routed = llm.chat.completions.create(
+        model="tiny-chef", messages=HELLO, max_tokens=4,
+        extra_headers={"serve_multiplexed_model_id": "tiny-chef"})
+    assert routed.model == "tiny-chef" and routed.usage.completion_tokens == 4
+    with pytest.raises(openai.BadRequestError) as caught:
+        llm.chat.completions.create(model="tiny-bard", messages=HELLO,
+                                    extra_headers={"serve_multiplexed_model_id": "tiny-chef"})
+    assert caught.value.body["param"] == "model"  # type: ignore[index]
+    assert "tiny-chef" in caught.value.body["message"]  # type: ignore[index]
