@@ -66,3 +66,21 @@ def test_json_is_the_status_as_it_is(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cli, "_connect", lambda address: StandIn())
     result = CliRunner().invoke(cli.main, ["status", "--json"])
     assert json.loads(result.output) == STATUS
+
+
+def test_the_models_replicas_hold_show_in_a_column_of_their_own(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A multiplexed backend's replicas list their models; without any, no column."""
+    replicas = [{"role": "replica", "name": f"lora#{i}", "pid": 10 + i, "state": "RUNNING",
+                 "node": None, "backend": "lora", "revision": 1, "models": models}
+                for i, models in enumerate((["a", "b"], []))]
+    status = {**STATUS, "processes": STATUS["processes"] + replicas}
+    monkeypatch.setattr(cli, "_connect", lambda address: type(
+        "WithModels", (), {"status": lambda self: status})())
+    output = CliRunner().invoke(cli.main, ["status"]).output
+    rows = {line.split()[1]: line.split() for line in output.splitlines()
+            if line.startswith(("replica", "role"))}
+    assert rows["name"][-1] == "models" and rows["lora#0"][-1] == "a,b"
+    assert rows["lora#1"][-1] == "RUNNING"  # (nothing held: the cell is empty)
+    monkeypatch.setattr(cli, "_connect", lambda address: StandIn())
+    assert "models" not in CliRunner().invoke(cli.main, ["status"]).output
