@@ -108,5 +108,5 @@ class Held:
 
     def queued(self, request: ServeRequest) -> int:
         """How many items wait for a batch (the test looks inside the queue)."""
-        queue = vars(self).get("_servekit_batch_queue_run")
+        queue = vars(self).get("_servekit_batch_queue_Held.run")
         return 0 if queue is None else len(queue._queue)

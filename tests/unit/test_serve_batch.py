@@ -108,6 +108,26 @@ def test_batches_are_per_instance() -> None:
     run(main)
 
 
+def test_an_override_and_the_method_it_overrides_have_queues_of_their_own() -> None:
+    class Base:
+        @serve.batch(max_batch_size=4, batch_wait_timeout_s=0)
+        async def run(self, items: List[str]) -> List[str]:
+            return [f"base({item})" for item in items]
+
+    class Child(Base):
+        @serve.batch(max_batch_size=4, batch_wait_timeout_s=0)
+        async def run(self, items: List[str]) -> List[str]:
+            return list(await asyncio.gather(*(Base.run(self, f"child({item})")
+                                               for item in items)))
+
+    async def main() -> None:
+        child = Child()
+        results = await asyncio.wait_for(asyncio.gather(child.run("a"), child.run("b")), 5)
+        assert results == ["base(child(a))", "base(child(b))"]
+
+    run(main)
+
+
 def test_an_exception_fails_every_caller_of_its_batch_only() -> None:
     async def main() -> None:
         model = Model()

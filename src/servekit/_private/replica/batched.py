@@ -117,7 +117,7 @@ def _batched(func: Callable, settings: BatchSettings) -> Callable:
                         "`await asyncio.to_thread(...)` if it must not hold the loop.")
     is_method = _is_method(func, name)
     what = f"The @serve.batch function {name}"
-    key = f"_servekit_batch_queue_{func.__name__}"
+    key = f"_servekit_batch_queue_{name}"  # (one per function, overrides included)
     own: Dict[str, BatchQueue] = {}  # a plain function's queue
 
     def queue_of(instance: Any) -> BatchQueue:
