@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from enum import Enum
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.middleware import Middleware
@@ -48,6 +48,11 @@ def _check_replica_bound(field: str, value: int) -> int:
             f"for fewer, or raise the bound with the environment variable "
             f"SERVEKIT_MAX_REPLICAS_PER_BACKEND (set where servekit starts).")
     return value
+
+
+def _default_server() -> Literal["uvicorn", "granian"]:
+    """The HTTP server of ``HTTPOptions`` left unset (``SERVEKIT_HTTP_SERVER``)."""
+    return "granian" if constants.HTTP_SERVER == "granian" else "uvicorn"
 
 
 class DeploymentMode(str, Enum):
@@ -97,6 +102,12 @@ class HTTPOptions(BaseModel):
             not arrived yet) and the request is cancelled: taken out of the queue if it
             still waits, its coroutine cancelled in the replica if the backend is async (a
             sync call already running finishes, and its result is dropped).
+        server: The HTTP server each proxy runs on: ``"uvicorn"`` (httptools, uvloop) or
+            ``"granian"`` (Rust, hyper; ``pip install "servekit[granian]"``). Default the
+            environment variable ``SERVEKIT_HTTP_SERVER``, else ``"uvicorn"``. Both keep the
+            limits above; where granian differs (a head timeout closes the connection
+            without a 408, the keep-alive timeout is ``client_timeout_s``), the README's
+            HTTP section says so.
 
     Raises:
         pydantic.ValidationError: an unknown key, a port outside 0..65535, a limit below 1,
@@ -154,6 +165,10 @@ class HTTPOptions(BaseModel):
     request_timeout_s: float | None = Field(
         default=None, gt=0, strict=True, allow_inf_nan=False,
         description="Seconds from a request's arrival to its response; None: no limit.",
+    )
+    server: Literal["uvicorn", "granian"] = Field(
+        default_factory=_default_server,
+        description="The HTTP server each proxy runs on: uvicorn or granian.",
     )
 
     @field_validator("middlewares")

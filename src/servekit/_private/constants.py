@@ -97,6 +97,8 @@ KEY_ENDPOINTS = "endpoints"
 KEY_BACKENDS = "backends"
 KEY_REPLICAS = "replicas"
 KEY_MODELS = "models"  # {backend: {replica tag: multiplexed model ids it holds}}
+# The HTTP server proxies run on unless HTTPOptions.server says: uvicorn or granian.
+HTTP_SERVER = _env_choice("SERVEKIT_HTTP_SERVER", "UVICORN", ("UVICORN", "GRANIAN")).lower()
 # Seconds the proxy waits for a client that stopped reading its response (the response
 # cannot be written any further): past it the connection is closed and what the response
 # streams is cancelled, so the replica's place comes back.

@@ -1,4 +1,5 @@
-"""The HTTP proxy process: an ASGI app on uvicorn that forwards requests to replicas."""
+"""The HTTP proxy process: an ASGI app on uvicorn (or granian, ``granian_server``) that
+forwards requests to replicas."""
 
 from __future__ import annotations
 
@@ -884,6 +885,39 @@ def server_config(proxy: HTTPProxy, options: HTTPOptions) -> Tuple[uvicorn.Confi
     return config, budget
 
 
+class UvicornFrontEnd:
+    """The proxy on uvicorn (httptools, uvloop) with servekit's bounded protocol."""
+
+    def __init__(self, proxy: HTTPProxy, options: HTTPOptions) -> None:
+        config, _ = server_config(proxy, options)
+        self.server = _Server(config)
+
+    @property
+    def started(self) -> bool:
+        return self.server.started
+
+    def in_progress(self) -> int:
+        """Requests (and WebSockets) in progress."""
+        return len(self.server.server_state.tasks)
+
+    async def serve(self, sock: socket.socket) -> None:
+        await self.server.serve(sockets=[sock])
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+
+
+def front_end(proxy: HTTPProxy, options: HTTPOptions) -> Any:
+    """The HTTP server ``proxy`` runs on, as ``HTTPOptions.server`` says (the one place
+    that chooses): a ``UvicornFrontEnd`` or a ``GranianFrontEnd``."""
+    if options.server == "granian":
+        from servekit._private.proxy.granian_server import GranianFrontEnd
+
+        return GranianFrontEnd(proxy, build_app(proxy, options.middlewares), options,
+                               BodyBudget(options.max_held_body_bytes))
+    return UvicornFrontEnd(proxy, options)
+
+
 async def run_proxy(worker: WorkerSpec, sock: socket.socket, stop: asyncio.Event) -> None:
     spec: ProxySpec = worker.load_payload()
     assert worker.controller_address is not None
@@ -891,12 +925,10 @@ async def run_proxy(worker: WorkerSpec, sock: socket.socket, stop: asyncio.Event
     router = await Router.start(worker.controller_address, role="proxy")
     proxy = HTTPProxy(router, options.max_body_bytes, options.request_timeout_s)
     http_socket = socket.socket(fileno=worker.extra_fds["http"])
-    config, _ = server_config(proxy, options)
-    server = _Server(config)
+    server = front_end(proxy, options)
     # Read when the metrics are gathered: nothing per request.
-    metrics.ONGOING_HTTP.labels(router.process).set_function(
-        lambda: len(server.server_state.tasks))
-    serving = asyncio.ensure_future(server.serve(sockets=[http_socket]))
+    metrics.ONGOING_HTTP.labels(router.process).set_function(server.in_progress)
+    serving = asyncio.ensure_future(server.serve(http_socket))
 
     async def ready() -> bool:
         while not server.started:
@@ -910,7 +942,7 @@ async def run_proxy(worker: WorkerSpec, sock: socket.socket, stop: asyncio.Event
     await rpc.start(sock)
     await stop.wait()
     await _drain(proxy, server)
-    server.should_exit = True
+    server.stop()
     await serving
     proxy.access_log.flush()
     router.close()
@@ -925,14 +957,14 @@ _DRAIN_POLL_S = 0.05
 _GRACE_AFTER_DRAIN_S = constants.PROCESS_STOP_TIMEOUT_S * 0.2
 
 
-async def _drain(proxy: HTTPProxy, server: uvicorn.Server) -> None:
+async def _drain(proxy: HTTPProxy, server: Any) -> None:
     """Before the proxy stops accepting connections: answer 503 on /-/healthz (so load
     balancers send new clients elsewhere) while requests in flight finish, for most of
     the time the process has to stop."""
     proxy.draining = True
     deadline = time.monotonic() + constants.PROCESS_STOP_TIMEOUT_S * 0.6
-    # (uvicorn's set of tasks in progress has no event to wait on)
-    while server.server_state.tasks and time.monotonic() < deadline:  # noqa: ASYNC110
+    # (neither server has an event to wait on for its requests in progress)
+    while server.in_progress() and time.monotonic() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(_DRAIN_POLL_S)
 
 
