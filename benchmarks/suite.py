@@ -333,7 +333,7 @@ class BatchModel:
 def scenario_batching(runs: int, quick: bool) -> Results:
     calls = 500 if quick else 3_000
     results: Results = {}
-    with instance(host=None) as (client, _):
+    with blas_threads(1), instance(host=None) as (client, _):  # (see scenario_batch_route)
         for size in (1, 16):
             client.create_backend(f"model{size}", BatchModel, config={
                 "max_batch_size": size, "batch_wait_timeout": 0.005,
