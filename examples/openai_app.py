@@ -65,13 +65,16 @@ async def openai_error(request: Request, error: OpenAIError) -> JSONResponse:
 async def bad_request(request: Request, error: RequestValidationError) -> JSONResponse:
     """FastAPI's 422 as OpenAI's 400, naming the first bad field."""
     first = error.errors()[0]
+    if first["type"] == "json_invalid":
+        return OpenAIError(400, "The request body is not valid JSON: "
+                           f"{first['ctx']['error']}").response()
     location = [str(part) for part in first["loc"] if part != "body"]
     param = ".".join(location) or None
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         message = f"Unrecognized request argument supplied: {param}"
-    elif param:
-        message = f"{param}: {message}"
+    else:
+        message = f"{param or 'The request body'}: {message}"
     return OpenAIError(400, message, param).response()
 
 
@@ -100,7 +103,7 @@ class SamplingRequest(BaseModel):
     @classmethod
     def one_choice(cls, n: int) -> int:
         if n != 1:
-            raise ValueError(f"n={n} is not supported: this server generates one choice per "
+            raise ValueError(f"{n} is not supported: this server generates one choice per "
                              "request; send n=1 or leave it out")
         return n
 

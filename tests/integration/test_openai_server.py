@@ -163,6 +163,16 @@ def test_a_bad_request_is_a_bad_request_error_naming_the_parameter(
     assert param in error["message"]  # type: ignore[index]
 
 
+def test_a_body_that_is_not_json_is_a_bad_request(base_url: str) -> None:
+    for body in (b"{not json", b""):
+        response = httpx.post(f"{base_url}/completions", content=body, timeout=TIMEOUT,
+                              headers={"Content-Type": "application/json"})
+        assert response.status_code == 400
+        error = response.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["param"] is None
+        assert "body" in error["message"]
+
+
 def metric_samples(base_url: str) -> Dict[str, list]:
     text = httpx.get(base_url.replace("/v1", "/-/metrics"), timeout=TIMEOUT).text
     found: Dict[str, list] = {}
