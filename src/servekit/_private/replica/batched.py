@@ -21,6 +21,7 @@ from servekit._private import metrics
 from servekit._private.backend_metadata import BATCH_SETTINGS
 from servekit._private.context import current_replica_context
 from servekit._private.replica.batching import BatchQueue, check_batch_output
+from servekit._private.replica.decorated import attributes_of, takes_self
 
 DEFAULT_MAX_BATCH_SIZE = 10  # Ray Serve 2.x's defaults
 DEFAULT_BATCH_WAIT_TIMEOUT_S = 0.01
@@ -115,13 +116,14 @@ def _batched(func: Callable, settings: BatchSettings) -> Callable:
                         f"form on the replica's event loop); {name} is not one. Declare it "
                         "`async def`, and run blocking model code inside it with "
                         "`await asyncio.to_thread(...)` if it must not hold the loop.")
-    is_method = _is_method(func, name)
+    is_method = takes_self(func, name, "@serve.batch", "the list of items")
     what = f"The @serve.batch function {name}"
     key = f"_servekit_batch_queue_{name}"  # (one per function, overrides included)
     own: Dict[str, BatchQueue] = {}  # a plain function's queue
 
     def queue_of(instance: Any) -> BatchQueue:
-        holder = own if instance is None else _attributes_of(instance, name)
+        holder = own if instance is None else \
+            attributes_of(instance, name, "@serve.batch", "its queue")
         queue = holder.get(key)
         if queue is None or queue.loop is not asyncio.get_running_loop():
             run = func if instance is None else functools.partial(func, instance)
@@ -239,27 +241,6 @@ async def _run_streamed(generate: Callable[[List[Any]], AsyncIterator[List[Any]]
 def _retrieved(result: asyncio.Future) -> None:
     if not result.cancelled():
         result.exception()
-
-
-def _is_method(func: Callable, name: str) -> bool:
-    """Whether ``func`` takes ``self`` and an item (a method) rather than an item alone."""
-    positional = [p for p in inspect.signature(func).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-                  and p.default is p.empty]
-    if len(positional) not in (1, 2):
-        raise TypeError(f"@serve.batch needs a function of one argument, the list of items "
-                        f"(a method: self and that list); {name} takes "
-                        f"{[p.name for p in positional]}.")
-    return len(positional) == 2
-
-
-def _attributes_of(instance: Any, name: str) -> Dict[str, Any]:
-    try:
-        return vars(instance)
-    except TypeError:
-        raise TypeError(f"{name} is batched by @serve.batch, which keeps its queue on the "
-                        f"instance, but a {type(instance).__name__} has no __dict__ "
-                        "(__slots__): add '__dict__' to its __slots__.") from None
 
 
 def _batch_size_metric() -> Callable[[int], None]:

@@ -32,6 +32,7 @@ from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple
 from servekit._private import metrics
 from servekit._private.context import current_replica_context
 from servekit._private.replica.admission import current_admission
+from servekit._private.replica.decorated import attributes_of, takes_self
 
 logger = logging.getLogger("servekit.replica")
 
@@ -293,13 +294,14 @@ def _multiplexed(func: Callable, capacity: int) -> Callable:
                         f"its load on the replica's event loop); {name} is not one. Declare "
                         "it `async def`, and load blocking code with "
                         "`await asyncio.to_thread(...)`.")
-    is_method = _is_method(func, name)
+    is_method = takes_self(func, name, "@serve.multiplexed", "the model id")
     what = f"The @serve.multiplexed loader {name}"
-    key = f"_servekit_model_cache_{func.__name__}"
+    key = f"_servekit_model_cache_{name}"  # (one per loader, overrides included)
     own: Dict[str, ModelCache] = {}  # a plain function's cache
 
     def cache_of(instance: Any) -> ModelCache:
-        holder = own if instance is None else _attributes_of(instance, name)
+        holder = own if instance is None else \
+            attributes_of(instance, name, "@serve.multiplexed", "its cache")
         cache = holder.get(key)
         if cache is None or cache.loop is not asyncio.get_running_loop():
             load = func if instance is None else functools.partial(func, instance)
@@ -322,24 +324,3 @@ def _multiplexed(func: Callable, capacity: int) -> Callable:
         return await cache_of(args[0] if is_method else None).get(model_id)
 
     return load
-
-
-def _is_method(func: Callable, name: str) -> bool:
-    """Whether ``func`` takes ``self`` and a model id (a method) rather than the id alone."""
-    positional = [p for p in inspect.signature(func).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-                  and p.default is p.empty]
-    if len(positional) not in (1, 2):
-        raise TypeError(f"@serve.multiplexed needs a loader of one argument, the model id "
-                        f"(a method: self and the id); {name} takes "
-                        f"{[p.name for p in positional]}.")
-    return len(positional) == 2
-
-
-def _attributes_of(instance: Any, name: str) -> Dict[str, Any]:
-    try:
-        return vars(instance)
-    except TypeError:
-        raise TypeError(f"{name} loads models by @serve.multiplexed, which keeps its cache "
-                        f"on the instance, but a {type(instance).__name__} has no __dict__ "
-                        "(__slots__): add '__dict__' to its __slots__.") from None
