@@ -81,6 +81,16 @@ def test_fastapi_example_serves_an_app_a_model_class_and_a_websocket() -> None:
     assert _printed(lines, "handle:") == {"text": "a sad and rainy day", "positive": False}
 
 
+def test_multiplexing_example_keeps_a_model_on_its_replica_and_spreads_a_hot_one() -> None:
+    lines = _run_example("multiplexing.py")
+    assert _printed(lines, "HTTP:") == {"model": "customer-1", "y": [1, 2, 3]}
+    assert _printed(lines, "one replica, one load:") is True
+    assert _printed(lines, "handle:") == {"model": "customer-2", "y": 10}
+    assert _printed(lines, "hot model served by replicas:") == 2
+    assert _printed(lines, "replicas holding customer-7:") == 2
+    assert _printed(lines, "at most 2 models per replica:") is True
+
+
 def test_openai_example_answers_the_official_client() -> None:
     lines = _run_example("openai_server.py")
     assert _printed(lines, "models:") == ["tiny-bard", "tiny-bard-cold", "tiny-chef"]
