@@ -4,6 +4,7 @@
     python benchmarks/suite.py --quick         # a few seconds per scenario (what CI runs)
     python benchmarks/suite.py --only http,handles --runs 5 --json after.json
     python benchmarks/suite.py --compare before.json after.json
+    python benchmarks/suite.py --only http,asgi,bodies,proxies --server granian
 
 Each metric is measured ``--runs`` times; the table shows the median, min and max, and the
 target of issue 14 beside it (PASS/MISS). Numbers are never asserted: these machines are
@@ -11,6 +12,9 @@ shared and noisy, so compare ratios measured in one run, or two JSON files of ru
 the same machine back to back (``--compare``). HTTP load comes from ``wrk`` (127.0.0.1
 only, bounded in time); without ``wrk`` the HTTP scenarios are skipped with a line saying
 so. Ray Serve is measured when ``ray[serve]`` is importable, in full runs only.
+``--server`` picks the proxies' HTTP server (``HTTPOptions.server``: uvicorn, the default,
+or granian); the no-op's ceilings are bare uvicorn (ASGI) and, when granian is installed,
+bare granian (RSGI), both whatever the proxies run on.
 """
 
 from __future__ import annotations
@@ -40,12 +44,15 @@ Results = Dict[str, List[float]]
 # metric -> (unit, target, "min" if higher is better else "max", what it is)
 METRICS: Dict[str, Tuple[str, Optional[float], str, str]] = {
     "http.ceiling.rps32": ("req/s", None, "min", "raw ASGI app, 32 connections"),
+    "http.rsgi_ceiling.rps32": ("req/s", None, "min", "raw RSGI app on granian, 32 conns"),
+    "http.rsgi_ceiling.p50_ms": ("ms", None, "max", "the same, p50 at 1 connection"),
     "http.sync.rps32": ("req/s", None, "min", "servekit, sync no-op, 32 connections"),
     "http.sync.ratio32": ("x", 0.6, "min", "servekit sync no-op / raw ASGI, 32 conns"),
     "http.async.rps32": ("req/s", None, "min", "servekit, async no-op, 32 connections"),
     "http.async.ratio32": ("x", 0.6, "min", "servekit async no-op / raw ASGI, 32 conns"),
     "http.sync.added_p50_ms": ("ms", 0.15, "max", "servekit p50 - raw ASGI p50, 1 conn"),
     "http.async.added_p50_ms": ("ms", 0.15, "max", "the same, async no-op"),
+    "http.sync.vs_rsgi32": ("x", None, "min", "servekit sync no-op / raw RSGI, 32 conns"),
     "http.ray.rps32": ("req/s", None, "min", "Ray Serve no-op, 32 connections"),
     "http.vs_ray32": ("x", 50.0, "min", "servekit sync no-op / Ray Serve, 32 conns"),
     "handles.sync_seq_p50_us": ("us", 150.0, "max", "sync handle round trip, sync no-op"),
@@ -80,6 +87,9 @@ METRICS: Dict[str, Tuple[str, Optional[float], str, str]] = {
     "asgi.added_p50_ms": ("ms", None, "max", "servekit p50 - bare p50, 1 conn"),
     "asgi.ws.bare_p50_us": ("us", None, "max", "WebSocket echo round trip, bare uvicorn"),
     "asgi.ws.servekit_p50_us": ("us", None, "max", "the same through servekit"),
+    "bodies.stream_rps8": ("req/s", None, "min", "100 x 1 KiB chunks streamed, 8 conns"),
+    "bodies.upload_rps8": ("req/s", None, "min", "1 MiB POST bodies, 8 conns"),
+    "bodies.upload_mb_s": ("MB/s", None, "min", "the same, request bytes per second"),
 }
 
 
@@ -105,11 +115,14 @@ def wait_http(url: str, deadline_s: float = 30.0) -> None:
         time.sleep(0.05)
 
 
-def wrk(url: str, connections: int, seconds: float) -> Tuple[float, float]:
-    """(requests per second, p50 latency in ms) of ``wrk`` against ``url``."""
+def wrk(url: str, connections: int, seconds: float,
+        script: Optional[str] = None) -> Tuple[float, float]:
+    """(requests per second, p50 latency in ms) of ``wrk`` against ``url`` (with the Lua
+    file ``script``, if given)."""
     out = subprocess.run(
         ["wrk", f"-t{min(2, connections)}", f"-c{connections}", f"-d{max(1, round(seconds))}s",
-         "--latency", url], capture_output=True, text=True, check=True).stdout
+         "--latency", *(["-s", script] if script else []), url],
+        capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     value, unit = re.search(r"50%\s+([\d.]+)(us|ms|s)", out).groups()  # type: ignore[union-attr]
     return rps, float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
@@ -129,6 +142,28 @@ def serve_raw_asgi(port: int) -> None:
 
     uvicorn.run(app, host="127.0.0.1", port=port, loop="uvloop", http="httptools",
                 log_level="warning", access_log=False)
+
+
+def serve_raw_rsgi(port: int) -> None:
+    """The RSGI ceiling: granian serving the no-op in-process, embedded in a uvloop loop
+    as the proxy runs it (its worker processes cannot start from the daemonic process)."""
+    import uvloop
+    from granian.constants import HTTPModes, Interfaces
+    from granian.log import LogLevels
+    from granian.server.embed import Server
+    from rsgi_noop import app
+
+    server = Server(app, address="127.0.0.1", port=port, interface=Interfaces.RSGI,
+                    http=HTTPModes.http1, log_level=LogLevels.error)
+    uvloop.run(server.serve())
+
+
+def have_granian() -> bool:
+    try:
+        import granian  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def serve_fastapi(port: int) -> None:
@@ -156,9 +191,15 @@ def ceiling(target: Callable[[int], None] = serve_raw_asgi, path: str = "/") -> 
         process.join(10)
 
 
+# The proxies' HTTP server (--server); None: HTTPOptions' default.
+SERVER: Optional[str] = None
+
+
 @contextlib.contextmanager
 def instance(**http_options: Any) -> Iterator[Tuple[serve.Client, str]]:
     port = free_port()
+    if SERVER is not None:
+        http_options.setdefault("server", SERVER)
     client = serve.start(http_options={"host": "127.0.0.1", "port": port, **http_options})
     try:
         yield client, f"http://127.0.0.1:{port}"
@@ -196,12 +237,30 @@ def scenario_http(runs: int, quick: bool) -> Results:
                 results.setdefault(f"http.{kind}.rps32", []).append(at32[0])
                 results.setdefault(f"http.{kind}.ratio32", []).append(at32[0] / ceiling32[0])
                 results.setdefault(f"http.{kind}.added_p50_ms", []).append(at1[1] - ceiling1[1])
+    if have_granian():
+        results.update(rsgi_ceiling(runs, seconds, results["http.sync.rps32"]))
+    else:
+        print("  (granian is not installed: the RSGI ceiling is skipped)")
     if not quick:
         ray_rps = ray_serve_rps(runs, seconds)
         if ray_rps:
             results["http.ray.rps32"] = ray_rps
             results["http.vs_ray32"] = [s / r for s, r in zip(results["http.sync.rps32"],
                                                               ray_rps, strict=True)]
+    return results
+
+
+def rsgi_ceiling(runs: int, seconds: float, sync_rps: List[float]) -> Results:
+    """The no-op on bare granian (RSGI), and servekit's sync no-op as a share of it (the
+    servekit runs measured before, in the same order)."""
+    results: Results = {}
+    with ceiling(serve_raw_rsgi) as bare:
+        wrk(bare, 32, 1)  # warm up
+        for run in range(runs):
+            at32, at1 = wrk(bare, 32, seconds), wrk(bare, 1, seconds)
+            results.setdefault("http.rsgi_ceiling.rps32", []).append(at32[0])
+            results.setdefault("http.rsgi_ceiling.p50_ms", []).append(at1[1])
+            results.setdefault("http.sync.vs_rsgi32", []).append(sync_rps[run] / at32[0])
     return results
 
 
@@ -537,6 +596,54 @@ def scenario_asgi(runs: int, quick: bool) -> Results:
     return results
 
 
+def chunks(request: Any) -> Any:
+    """100 chunks of 1 KiB, streamed."""
+    from starlette.responses import StreamingResponse
+
+    def body() -> Iterator[bytes]:
+        for _ in range(100):
+            yield b"x" * 1024
+
+    return StreamingResponse(body(), media_type="application/octet-stream")
+
+
+async def body_size(request: Any) -> str:
+    return str(len(await request.body()))
+
+
+_UPLOAD_BYTES = 1024 * 1024
+
+
+def scenario_bodies(runs: int, quick: bool) -> Results:
+    """Streaming both ways through the proxy: a response streamed in 100 chunks, and 1 MiB
+    request bodies (read by the proxy, sent to the replica whole)."""
+    seconds = 2 if quick else 5
+    results: Results = {}
+    directory = tempfile.mkdtemp(prefix="servekit-bench-")
+    upload = os.path.join(directory, "upload.lua")
+    with open(upload, "w") as script:
+        script.write(f'wrk.method = "POST"\nwrk.body = string.rep("x", {_UPLOAD_BYTES})\n'
+                     'wrk.headers["Content-Type"] = "application/octet-stream"\n')
+    try:
+        with instance() as (client, base):
+            client.create_backend("chunks", chunks)
+            client.create_endpoint("chunks", backend="chunks", route="/chunks")
+            client.create_backend("size", body_size)
+            client.create_endpoint("size", backend="size", route="/size", methods=["POST"])
+            wait_http(f"{base}/chunks")
+            wrk(f"{base}/chunks", 8, 1)
+            wrk(f"{base}/size", 8, 1, upload)
+            for _ in range(runs):
+                results.setdefault("bodies.stream_rps8", []).append(
+                    wrk(f"{base}/chunks", 8, seconds)[0])
+                rps = wrk(f"{base}/size", 8, seconds, upload)[0]
+                results.setdefault("bodies.upload_rps8", []).append(rps)
+                results.setdefault("bodies.upload_mb_s", []).append(rps * _UPLOAD_BYTES / 1e6)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    return results
+
+
 def websocket_echo_p50_us(url: str, echoes: int) -> float:
     """The median round trip, in microseconds, of ``echoes`` messages over one WebSocket."""
     from websockets.sync.client import connect
@@ -557,8 +664,9 @@ SCENARIOS: Dict[str, Callable[[int, bool], Results]] = {
     "rss": scenario_rss, "batching": scenario_batching, "batch_route": scenario_batch_route,
     "proxies": scenario_proxies,
     "scale": scenario_scale, "transport": scenario_transport, "asgi": scenario_asgi,
+    "bodies": scenario_bodies,
 }
-NEEDS_WRK = {"http", "batch_route", "proxies", "scale", "asgi"}
+NEEDS_WRK = {"http", "batch_route", "proxies", "scale", "asgi", "bodies"}
 
 
 # --------------------------------------------------------------------------- reporting
@@ -616,7 +724,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--json", dest="json_path", help="write the results here")
     parser.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"),
                         help="compare two --json files and exit")
+    parser.add_argument("--server", choices=("uvicorn", "granian"), default=None,
+                        help="the proxies' HTTP server (default: HTTPOptions' default)")
     args = parser.parse_args(argv)
+    global SERVER
+    SERVER = args.server
     if args.compare:
         print(compare(*args.compare))
         return 0
@@ -635,12 +747,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         started = time.perf_counter()
         results.update(SCENARIOS[name](runs, args.quick))
         print(f"  {name}: {time.perf_counter() - started:.1f}s", flush=True)
+    server = SERVER or serve.HTTPOptions().server
     print(f"\nservekit benchmarks at {commit()}, {os.cpu_count()} cores, "
-          f"{'quick' if args.quick else 'full'}, {runs} run(s) each\n")
+          f"{'quick' if args.quick else 'full'}, {runs} run(s) each, proxies on {server}\n")
     print(table(results))
     if args.json_path:
         with open(args.json_path, "w") as out:
-            json.dump({"commit": commit(), "quick": args.quick, "runs": runs,
+            json.dump({"commit": commit(), "quick": args.quick, "runs": runs, "server": server,
                        "cpus": os.cpu_count(), "results": results}, out, indent=1)
     return 0
 

@@ -144,28 +144,31 @@ def _str_headers(headers: Any) -> List[Tuple[str, str]]:
 
 class _Disconnects(list):
     """A request's ``ON_DISCONNECT`` callbacks: the first one added starts the wait for
-    the client to leave (requests nobody watches wait for nothing)."""
+    the client to leave (granian's future of it; requests nobody watches wait for
+    nothing)."""
 
     def __init__(self, protocol: Any) -> None:
         super().__init__()
         self._protocol = protocol
-        self._watch: Optional[asyncio.Future] = None
+        self._left: Any = None
         self.left = False
 
     def append(self, callback: Any) -> None:
         super().append(callback)
-        if self._watch is None:
-            self._watch = asyncio.ensure_future(self._wait())
+        if self._left is None:
+            self._left = self._protocol.client_disconnect()
+            self._left.add_done_callback(self._call)
 
-    async def _wait(self) -> None:
-        await self._protocol.client_disconnect()
+    def _call(self, left: Any) -> None:
+        if left.cancelled():
+            return
         self.left = True
         for callback in list(self):
             callback()
 
     def close(self) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
+        if self._left is not None:
+            self._left.cancel()
 
 
 class RSGIRequest:
