@@ -15,6 +15,7 @@ import pytest
 from loop_helpers import run, spin
 
 import servekit as serve
+from servekit._private.context import current_request_id
 from servekit._private.replica.admission import Admission, current_admission
 from servekit._private.replica.multiplexed import held_model_ids
 from servekit.exceptions import ServeError
@@ -258,5 +259,24 @@ def test_a_decorated_method_keeps_a_cache_per_instance() -> None:
         assert await first.get_model("m") == "M"
         assert await second.get_model("m") == "M"
         assert first.loads == second.loads == ["m"]
+
+    run(main)
+
+
+def test_a_load_runs_in_no_single_requests_context() -> None:
+    """The load serves every request that waits for it: the first one's request id and
+    place are not its own."""
+    seen: List[Any] = []
+
+    @serve.multiplexed
+    async def load(model_id: str) -> str:
+        seen.append((current_request_id.get(), current_admission.get()))
+        return model_id
+
+    async def main() -> None:
+        current_request_id.set("first")
+        current_admission.set(Admission(lambda admission: None))
+        assert await load("m") == "m"
+        assert seen == [(None, None)]
 
     run(main)

@@ -6,8 +6,8 @@ one ``ModelCache`` per decorated function and instance (a plain function has one
 the running loop at its first call:
 
 - a model loads once per replica: the calls that ask for it while it loads wait for that
-  load; a load that fails fails them all with the loader's error, and the next call tries
-  again;
+  load (which runs in no single request's context); a load that fails fails them all with
+  the loader's error, and the next call tries again;
 - beyond ``max_num_models_per_replica`` the least recently used model is evicted, never one
   a request is using (from the call that got it to the end of that request): the cache
   may hold more while more are in use, and evicts as their requests end. An evicted
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import copy
 import functools
 import inspect
@@ -121,19 +122,20 @@ class ModelCache:
         if entry is None:
             cleanups = self._evict(room_for=1)
             entry = self._entries[model_id] = _Entry()
-            entry.loading = self.loop.create_task(self._loaded(model_id, entry, cleanups))
+            # The load serves every request that waits for it: it runs in a context of its
+            # own, not the first one's (as a batch does).
+            entry.loading = self.loop.create_task(self._loaded(model_id, entry, cleanups),
+                                                  context=contextvars.Context())
             entry.loading.add_done_callback(_seen)  # (each waiter raises its own copy)
             self._metrics.held(1)
         else:
             self._entries.move_to_end(model_id)
             if entry.loading is None:
                 self._metrics.count(metrics.MODEL_HITS)
-        self._use(model_id, entry)
+        self._use(entry)
         if entry.loading is not None:
             try:
                 await asyncio.shield(entry.loading)
-            except asyncio.CancelledError:
-                raise
             except Exception as error:
                 mine = _own_copy(error)
                 if mine is error:
@@ -141,7 +143,7 @@ class ModelCache:
                 raise mine from error
         return entry.model
 
-    def _use(self, model_id: str, entry: _Entry) -> None:
+    def _use(self, entry: _Entry) -> None:
         """Count the request being served as a user of ``entry`` until it ends (once,
         however often it asks); outside a request nothing is counted."""
         admission = current_admission.get()
