@@ -162,10 +162,13 @@ class Generation:
                                      request.seed, request.ignore_eos)
         self.completion_tokens = 0
         self.finish_reason: Optional[str] = None
+        self.stopped = False  # set from another thread: the client left
 
     def __iter__(self) -> Iterator[str]:
         pending = ""
         for token in self.tokens:
+            if self.stopped:
+                return
             self.completion_tokens += 1
             pending += token
             hits = [at for at in (pending.find(stop) for stop in self.stops) if at >= 0]
@@ -239,8 +242,7 @@ class OpenAIServer:
         reply = Reply("chatcmpl", "chat.completion", request, len(prompt))
         if request.stream:
             return self.stream(generation, reply)
-        text = await asyncio.to_thread("".join, generation)
-        self.count(request.model, generation.finish_reason)
+        text = await self.whole_text(generation, request.model)
         return reply.whole({"message": {"role": "assistant", "content": text}}, generation)
 
     @app.post("/completions")
@@ -251,8 +253,7 @@ class OpenAIServer:
         reply = Reply("cmpl", "text_completion", request, len(prompt))
         if request.stream:
             return self.stream(generation, reply)
-        text = await asyncio.to_thread("".join, generation)
-        self.count(request.model, generation.finish_reason)
+        text = await self.whole_text(generation, request.model)
         return reply.whole({"text": text}, generation)
 
     async def start(self, request: SamplingRequest, prompt: str,
@@ -273,6 +274,21 @@ class OpenAIServer:
             raise OpenAIError(400, f"The prompt's {len(prompt)} tokens fill this model's "
                               f"context of {CONTEXT_LENGTH} tokens", "messages")
         return Generation(model, prompt, request, max_tokens or room)
+
+    async def whole_text(self, generation: Generation, model: str) -> str:
+        """The generation's text, made on a thread (the event loop serves on meanwhile);
+        a client that leaves stops it at its next token."""
+        try:
+            return await asyncio.to_thread(self.run, generation, model)
+        except asyncio.CancelledError:
+            generation.stopped = True
+            raise
+
+    def run(self, generation: Generation, model: str) -> str:
+        try:
+            return "".join(generation)
+        finally:
+            self.count(model, generation.finish_reason or "abort")
 
     def stream(self, generation: Generation, reply: Reply) -> EventStream:
         return EventStream(self.events(generation, reply))

@@ -237,3 +237,22 @@ def test_the_multiplexing_header_routes_the_request_and_must_name_its_model(
                                     extra_headers={"serve_multiplexed_model_id": "tiny-chef"})
     assert caught.value.body["param"] == "model"  # type: ignore[index]
     assert "tiny-chef" in caught.value.body["message"]  # type: ignore[index]
+
+
+def test_a_client_that_leaves_before_a_whole_answer_stops_its_generation(
+        base_url: str) -> None:
+    """A non-streamed answer of 65000 tokens takes seconds; its client gives up after 0.5 s."""
+    aborted = {"name": "openai_generations_total", "model": "tiny-chef",
+               "finish_reason": "abort"}
+    before = metric(metric_samples(base_url), **aborted)
+    body = {"model": "tiny-chef", "messages": HELLO, "max_tokens": 65000, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{base_url}/chat/completions", json=body,
+                   timeout=httpx.Timeout(TIMEOUT, read=0.5))
+
+    def stopped() -> Any:
+        found = metric_samples(base_url)
+        return metric(found, **aborted) == before + 1 and \
+            metric(found, "serve_replica_processing_queries", backend="openai") == 0
+
+    wait_for(stopped, TIMEOUT, "the generation aborted and its replica's place back")
