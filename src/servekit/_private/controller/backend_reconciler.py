@@ -64,12 +64,6 @@ class Services(Protocol):
     def user_of(self, backend: str) -> Optional[str]: ...
 
 
-def replica_visible_fields(config: BackendConfig) -> tuple:
-    """The config fields a running replica applies itself (no restart needed)."""
-    return (config.max_batch_size, config.batch_wait_timeout, config.max_concurrent_queries,
-            config.user_config, config.sync_threads)
-
-
 class BackendReconciler:
     """Keeps one backend's replicas as its state asks (call ``reconcile`` under the lock)."""
 
@@ -198,8 +192,9 @@ class BackendReconciler:
         constructor, give it the current config, then put it into routing."""
         backend = self.state
         services = self._services
-        spec = ReplicaSpec(backend.tag, record.tag, backend.replica_config, backend.config,
-                           backend.metadata)
+        started_with = backend.config
+        spec = ReplicaSpec(backend.tag, record.tag, backend.replica_config,
+                           started_with.replica_settings(), backend.metadata)
         try:
             if not launched:
                 record.address = await self._runtime.launch(
@@ -217,7 +212,7 @@ class BackendReconciler:
             assert connection is not None
             metadata = await self._constructed(
                 record, asyncio.ensure_future(connection.call("ready")))
-            record.config = spec.config if not launched else None
+            record.config = started_with if not launched else None
             if record.version == backend.version:
                 # (A redeployed definition may be another kind of callable.)
                 validate_backend_against_config(metadata, backend.config)
@@ -228,13 +223,12 @@ class BackendReconciler:
                 async with services.lock:
                     config = backend.config
                     if record.state != STARTING or record.config is not None and \
-                            replica_visible_fields(record.config) == \
-                            replica_visible_fields(config):
+                            record.config.replica_settings() == config.replica_settings():
                         if record.state == STARTING:
                             await self._start_serving(record)
                         self.reconcile()  # a redeploy moves on
                         return
-                await connection.call("update_config", config)
+                await connection.call("update_config", config.replica_settings())
                 record.config = config
         except asyncio.CancelledError:
             raise
@@ -327,8 +321,7 @@ class BackendReconciler:
                 pushed = backend.config
                 backend.config = backend.config_before_update
                 backend.config_before_update = None
-                push = replica_visible_fields(pushed) != replica_visible_fields(
-                    backend.config)
+                push = pushed.replica_settings() != backend.config.replica_settings()
             if not push:
                 services.settle_goal(goal, error)
             else:  # (its failure saved with the config it goes back to)
@@ -444,12 +437,6 @@ class BackendReconciler:
             try:
                 held = await asyncio.wait_for(record.connection.call("ping"),
                                               config.health_check_timeout_s)
-                failures = 0
-                models = tuple(held) if isinstance(held, (tuple, list)) else ()
-                if models != record.models:
-                    record.models = models
-                    await self._services.publish_models()
-                continue
             except asyncio.TimeoutError:
                 failures += 1
                 metrics.HEALTH_CHECK_FAILURES.labels(backend.tag).inc()
@@ -462,6 +449,13 @@ class BackendReconciler:
             except Exception as exc:
                 metrics.HEALTH_CHECK_FAILURES.labels(backend.tag).inc()
                 reason = f"failed its health check: {type(exc).__name__}: {exc}"
+            else:
+                failures = 0
+                models = tuple(held) if isinstance(held, (tuple, list)) else ()
+                if models != record.models:
+                    record.models = models
+                    await self._services.publish_models()
+                continue
             record.unhealthy.set()  # a config push stops waiting for it
             async with self._services.lock:
                 if record.state == RUNNING and backend.replicas.get(record.tag) is record:
@@ -490,7 +484,8 @@ class BackendReconciler:
     async def apply_config(self, record: ReplicaRecord, config: BackendConfig) -> None:
         """``update_config`` on one replica, given up if the replica turns unhealthy."""
         assert record.connection is not None
-        call = asyncio.ensure_future(record.connection.call("update_config", config))
+        call = asyncio.ensure_future(record.connection.call("update_config",
+                                                            config.replica_settings()))
         unhealthy = asyncio.ensure_future(record.unhealthy.wait())
         try:
             await asyncio.wait([call, unhealthy], return_when=asyncio.FIRST_COMPLETED)
