@@ -238,25 +238,25 @@ class OpenAIServer:
     async def chat_completions(self, request: ChatCompletionRequest) -> Any:
         prompt = request.prompt()
         max_tokens = request.max_completion_tokens or request.max_tokens
-        generation = await self.start(request, prompt, max_tokens)
+        generation = await self._start(request, prompt, max_tokens)
         reply = Reply("chatcmpl", "chat.completion", request, len(prompt))
         if request.stream:
-            return self.stream(generation, reply)
-        text = await self.whole_text(generation, request.model)
+            return self._stream(generation, reply)
+        text = await self._whole_text(generation, request.model)
         return reply.whole({"message": {"role": "assistant", "content": text}}, generation)
 
     @app.post("/completions")
     async def completions(self, request: CompletionRequest) -> Any:
         prompt: str = request.prompt  # type: ignore[assignment]  # the validator's one prompt
-        generation = await self.start(request, prompt,
+        generation = await self._start(request, prompt,
                                       request.max_tokens or COMPLETIONS_MAX_TOKENS)
         reply = Reply("cmpl", "text_completion", request, len(prompt))
         if request.stream:
-            return self.stream(generation, reply)
-        text = await self.whole_text(generation, request.model)
+            return self._stream(generation, reply)
+        text = await self._whole_text(generation, request.model)
         return reply.whole({"text": text}, generation)
 
-    async def start(self, request: SamplingRequest, prompt: str,
+    async def _start(self, request: SamplingRequest, prompt: str,
                     max_tokens: Optional[int]) -> Generation:
         routed_for = serve.get_multiplexed_model_id()
         if routed_for and routed_for != request.model:
@@ -266,34 +266,36 @@ class OpenAIServer:
                               "model")
         model = await self.get_model(known(request.model))
         room = CONTEXT_LENGTH - len(prompt)
+        if room < 1:
+            raise OpenAIError(400, f"The prompt's {len(prompt)} tokens fill this model's "
+                              f"context of {CONTEXT_LENGTH} tokens",
+                              "messages" if isinstance(request, ChatCompletionRequest)
+                              else "prompt")
         if max_tokens is not None and max_tokens > room:
             raise OpenAIError(400, f"max_tokens={max_tokens} is too many: this model's "
                               f"context is {CONTEXT_LENGTH} tokens and the prompt takes "
                               f"{len(prompt)}; ask for {room} at most", "max_tokens")
-        if room < 1:
-            raise OpenAIError(400, f"The prompt's {len(prompt)} tokens fill this model's "
-                              f"context of {CONTEXT_LENGTH} tokens", "messages")
         return Generation(model, prompt, request, max_tokens or room)
 
-    async def whole_text(self, generation: Generation, model: str) -> str:
+    async def _whole_text(self, generation: Generation, model: str) -> str:
         """The generation's text, made on a thread (the event loop serves on meanwhile);
         a client that leaves stops it at its next token."""
         try:
-            return await asyncio.to_thread(self.run, generation, model)
+            return await asyncio.to_thread(self._run, generation, model)
         except asyncio.CancelledError:
             generation.stopped = True
             raise
 
-    def run(self, generation: Generation, model: str) -> str:
+    def _run(self, generation: Generation, model: str) -> str:
         try:
             return "".join(generation)
         finally:
-            self.count(model, generation.finish_reason or "abort")
+            self._count(model, generation.finish_reason or "abort")
 
-    def stream(self, generation: Generation, reply: Reply) -> EventStream:
-        return EventStream(self.events(generation, reply))
+    def _stream(self, generation: Generation, reply: Reply) -> EventStream:
+        return EventStream(self._events(generation, reply))
 
-    async def events(self, generation: Generation,
+    async def _events(self, generation: Generation,
                      reply: Reply) -> AsyncGenerator[str, None]:
         """The chunks of a streamed answer. A client that leaves closes this generator
         (at a ``yield``), which stops the model and counts the generation as aborted."""
@@ -308,9 +310,9 @@ class OpenAIServer:
             yield event("[DONE]")
         finally:
             generation.close()
-            self.count(reply.model, generation.finish_reason or "abort")
+            self._count(reply.model, generation.finish_reason or "abort")
 
-    def count(self, model: str, finish_reason: Optional[str]) -> None:
+    def _count(self, model: str, finish_reason: Optional[str]) -> None:
         self.generations.inc(tags={"model": model, "finish_reason": str(finish_reason)})
 
 
