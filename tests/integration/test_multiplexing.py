@@ -127,6 +127,6 @@ def test_concurrent_first_requests_load_once_and_a_hot_model_spreads_to_another_
     assert {a["replica"] for a in pair} == {pair[0]["replica"]}
     assert pair[-1]["loads"] == ["hot"]
     # Four at once overfill it: the others go to the second replica, which loads it too.
-    four = get_all(f"{url}/models", ["hot"] * 4, sleep=0.5)
+    four = get_all(f"{url}/models", ["hot"] * 4, sleep=1.0)
     assert len({a["replica"] for a in four}) == 2
     assert all(a["loads"].count("hot") == 1 for a in four)
