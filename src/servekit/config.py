@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from starlette.middleware import Middleware
 
 from servekit._private import constants
-from servekit._private.backend_metadata import BackendMetadata, ReplicaConfig
+from servekit._private.backend_metadata import BackendMetadata, ReplicaConfig, ReplicaSettings
 
 __all__ = [
     "AutoscalingConfig",
@@ -34,9 +34,6 @@ DEFAULT_MAX_QUEUED_REQUESTS = 100
 # New replicas a redeploy starts at once beyond the replica count, unless configured.
 DEFAULT_MAX_SURGE = "25%"
 _PERCENTAGE = re.compile(r"[0-9]{1,3}%")
-# Defaults for max_concurrent_queries when the user leaves it unset.
-_ASYNC_MAX_CONCURRENT_QUERIES = 100
-_SYNC_MAX_CONCURRENT_QUERIES = 8
 
 
 def _check_replica_bound(field: str, value: int) -> int:
@@ -462,19 +459,19 @@ class BackendConfig(BaseModel):
                 "autoscaling decides the number of replicas. Set only one.")
         return self
 
+    def replica_settings(self) -> ReplicaSettings:
+        """The fields its replicas apply themselves, as the plain data they are sent."""
+        return ReplicaSettings(self.max_batch_size, self.batch_wait_timeout,
+                               self.max_concurrent_queries, self.user_config,
+                               self.sync_threads, self.request_timeout_s)
+
     def effective_max_concurrent_queries(self, is_async: bool) -> int:
         """Queries in flight per replica: the explicit value, else a default for the callable.
 
         Args:
             is_async: Whether the backend's callable is a coroutine function.
         """
-        if self.max_concurrent_queries is not None:
-            return self.max_concurrent_queries
-        if is_async:
-            return _ASYNC_MAX_CONCURRENT_QUERIES
-        if self.max_batch_size is not None and self.max_batch_size > 1:
-            return 2 * self.max_batch_size
-        return _SYNC_MAX_CONCURRENT_QUERIES
+        return self.replica_settings().effective_max_concurrent_queries(is_async)
 
 
 def _set_fields(model: BaseModel) -> dict[str, Any]:

@@ -247,7 +247,7 @@ class SimReplica:
             backend_tag=BACKEND, replica_tag=self.tag,
             replica_config=ReplicaConfig(serialized=cloudpickle.dumps(world.target(self.tag)),
                                          actor_options={}, description="simulated model"),
-            config=config, metadata=None)
+            config=config.replica_settings(), metadata=None)
         self.replica = Replica(spec)
         self.server = RpcServer({
             "ready": self.replica.ready, "call": self.replica.handle_call,
@@ -521,7 +521,7 @@ class World:
         if publish_first:
             self.router.apply({constants.KEY_BACKENDS: (self._next_version(), self.limits())})
         config = self.backend_config()
-        updates = [asyncio.ensure_future(r.replica.update_config(config))
+        updates = [asyncio.ensure_future(r.replica.update_config(config.replica_settings()))
                    for r in self.replicas if r.alive]
         if updates:
             began = self.loop.time()

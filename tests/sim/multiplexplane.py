@@ -190,7 +190,8 @@ class World:
                 backend_tag=BACKEND, replica_tag=tag,
                 replica_config=ReplicaConfig(serialized=cloudpickle.dumps((models, (tag,))),
                                              actor_options={}, description="models"),
-                config=BackendConfig(max_concurrent_queries=s.cap), metadata=None)
+                config=BackendConfig(max_concurrent_queries=s.cap).replica_settings(),
+                metadata=None)
             replica = Replica(spec)
             server = RpcServer({"ready": replica.ready, "call": replica.handle_call})
             replica.start()

@@ -88,7 +88,7 @@ async def make_replica(target: Any, **config: Any) -> Replica:
     """A started replica of ``target`` (a class is constructed in it: ``replica._callable``
     is the instance)."""
     spec = ReplicaSpec("b", "b#1", ReplicaConfig(cloudpickle.dumps((target, ())), {}, "t"),
-                       BackendConfig(**config), None)
+                       BackendConfig(**config).replica_settings(), None)
     replica = Replica(spec)
     replica.start()
     await replica.ready()

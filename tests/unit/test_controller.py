@@ -473,7 +473,7 @@ def test_update_backend_config_pushes_user_config_to_running_replicas() -> None:
             for tag in tags:
                 worker = runtime.workers[tag]
                 assert worker.instance.user_configs == [{"v": 1}, {"v": 2}]
-                assert worker.config == BackendConfig(num_replicas=2, user_config={"v": 2})
+                assert worker.config == BackendConfig(user_config={"v": 2}).replica_settings()
             # The merge kept num_replicas; nothing was restarted.
             assert replica_tags(controller, "m") == tags
 

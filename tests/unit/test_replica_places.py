@@ -31,7 +31,8 @@ class HeldBatches:
 
 async def started_replica(target: Any, **config: Any) -> Replica:
     replica_config = ReplicaConfig(cloudpickle.dumps((target, ())), {}, "test")
-    replica = Replica(ReplicaSpec("b", "b#1", replica_config, BackendConfig(**config),
+    replica = Replica(ReplicaSpec("b", "b#1", replica_config,
+                                  BackendConfig(**config).replica_settings(),
                                   BackendMetadata.inspect(target)))
     replica.start()
     await replica.ready()
@@ -127,7 +128,7 @@ def test_a_refused_reconfigure_leaves_the_config_it_runs_with_so_a_retry_calls_i
     async def main() -> None:
         replica = await started_replica(PickyConfig)
         try:
-            new = BackendConfig(user_config={"v": 2})
+            new = BackendConfig(user_config={"v": 2}).replica_settings()
             try:
                 await replica.update_config(new)
             except ValueError:

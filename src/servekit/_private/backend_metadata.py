@@ -1,7 +1,9 @@
-"""What a backend is: what its function or class can do (``BackendMetadata``), and how its
-replicas are built (``ReplicaConfig``).
+"""What a backend is: what its function or class can do (``BackendMetadata``), how its
+replicas are built (``ReplicaConfig``), and the part of its config they apply themselves
+(``ReplicaSettings``).
 
-Both are plain data, importable without pydantic; ``servekit.config`` re-exports them.
+All are plain data, importable without pydantic (a replica reads them); ``servekit.config``
+re-exports the first two.
 """
 
 from __future__ import annotations
@@ -15,6 +17,10 @@ BATCH_MARKER = "_serve_accept_batch"
 BATCH_SETTINGS = "_serve_batch"
 # Methods servekit itself calls on a backend class; requests may not call them.
 LIFECYCLE_METHODS = ("reconfigure", "check_health")
+
+# Defaults for max_concurrent_queries when the user leaves it unset.
+_ASYNC_MAX_CONCURRENT_QUERIES = 100
+_SYNC_MAX_CONCURRENT_QUERIES = 8
 
 _MISSING = object()
 
@@ -193,3 +199,31 @@ class ReplicaConfig:
     # How a deploy file defined it (JSON; the controller stores it, never reads it): its
     # mark as made from a file. None for a backend made through the Python API.
     source: dict | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicaSettings:
+    """The fields of a backend's config that its replicas apply themselves, without a
+    restart (``BackendConfig.replica_settings()``): a change of any is pushed to them."""
+
+    max_batch_size: int | None
+    batch_wait_timeout: float
+    max_concurrent_queries: int | None
+    user_config: Any
+    sync_threads: int
+    # Only checked against the callable when a replica starts (routers enforce it).
+    request_timeout_s: float | None = dataclasses.field(default=None, compare=False)
+
+    def effective_max_concurrent_queries(self, is_async: bool) -> int:
+        """Queries in flight per replica: the explicit value, else a default for the callable.
+
+        Args:
+            is_async: Whether the backend's callable is a coroutine function.
+        """
+        if self.max_concurrent_queries is not None:
+            return self.max_concurrent_queries
+        if is_async:
+            return _ASYNC_MAX_CONCURRENT_QUERIES
+        if self.max_batch_size is not None and self.max_batch_size > 1:
+            return 2 * self.max_batch_size
+        return _SYNC_MAX_CONCURRENT_QUERIES

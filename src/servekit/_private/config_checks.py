@@ -12,14 +12,16 @@ file its place.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, List, TypeGuard, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, List, TypeGuard, TypeVar
 
-from pydantic import BaseModel
+from servekit._private.backend_metadata import BackendMetadata, ReplicaSettings
 
-from servekit._private.backend_metadata import BackendMetadata
-from servekit.config import BackendConfig, HTTPOptions, _set_fields
+if TYPE_CHECKING:  # (a replica checks its callable without importing pydantic)
+    from pydantic import BaseModel
 
-_ModelT = TypeVar("_ModelT", bound=BaseModel)
+    from servekit.config import BackendConfig, HTTPOptions
+
+_ModelT = TypeVar("_ModelT", bound="BaseModel")
 _T = TypeVar("_T")
 
 # Longest backend tag or endpoint name, in characters.
@@ -131,6 +133,8 @@ _NUMERIC_ACTOR_OPTIONS = ("num_cpus", "num_gpus", "memory", "object_store_memory
 
 def _revalidated_copy(model: _ModelT) -> _ModelT:
     """A new, re-validated instance with the same explicitly-set fields (and fresh lists)."""
+    from servekit.config import _set_fields
+
     return type(model).model_validate(_set_fields(model))
 
 
@@ -158,6 +162,8 @@ def parse_backend_config(config: BackendConfig | dict[str, Any] | None) -> Backe
         pydantic.ValidationError: a dict with a bad or unknown key.
         TypeError: anything else.
     """
+    from servekit.config import BackendConfig
+
     return _parse_model(BackendConfig, config, "config", "a")
 
 
@@ -170,6 +176,8 @@ def parse_http_options(options: HTTPOptions | dict[str, Any] | None) -> HTTPOpti
         pydantic.ValidationError: a dict with a bad or unknown key.
         TypeError: anything else.
     """
+    from servekit.config import HTTPOptions
+
     return _parse_model(HTTPOptions, options, "http_options", "an")
 
 
@@ -237,7 +245,8 @@ def _checked_resources(resources: object) -> dict[str, Any]:
     return dict(resources)
 
 
-def validate_backend_against_config(metadata: BackendMetadata, config: BackendConfig) -> None:
+def validate_backend_against_config(metadata: BackendMetadata,
+                                    config: BackendConfig | ReplicaSettings) -> None:
     """Check that ``config`` asks only for what the backend can do.
 
     Raises:
@@ -280,7 +289,8 @@ def validate_backend_against_config(metadata: BackendMetadata, config: BackendCo
             )
 
 
-def _validate_asgi_app_against_config(metadata: BackendMetadata, config: BackendConfig) -> None:
+def _validate_asgi_app_against_config(metadata: BackendMetadata,
+                                      config: BackendConfig | ReplicaSettings) -> None:
     """An ASGI app or factory takes HTTP requests one by one and has no ``reconfigure``."""
     if config.max_batch_size is not None and config.max_batch_size > 1:
         raise ValueError(

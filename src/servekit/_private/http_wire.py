@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, NamedTuple, Optional
 from urllib.parse import quote
 
-from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Message
@@ -163,7 +162,8 @@ def _json_default(obj: Any) -> Any:
             return obj.tolist()
         if isinstance(obj, numpy.generic):
             return obj.item()
-    if isinstance(obj, BaseModel):
+    pydantic = sys.modules.get("pydantic")  # (a model is there only if pydantic is)
+    if pydantic is not None and isinstance(obj, pydantic.BaseModel):
         return obj.model_dump(mode="json")
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         # Shallow on purpose: nested values come back through this hook, so the output equals

@@ -1,18 +1,21 @@
 """What the control plane tells the data plane: endpoint records and process specs.
 
 The router, replica and proxy read these; the controller writes them. They live apart from
-the controller package so that the data plane never imports the control plane.
+the controller package so that the data plane never imports the control plane. They are
+plain data: a worker unpickles its spec without importing pydantic (a replica's spec carries
+``ReplicaSettings``, not the ``BackendConfig`` model).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
-import cloudpickle
+from servekit._private.backend_metadata import BackendMetadata, ReplicaConfig, ReplicaSettings
 
-from servekit._private.backend_metadata import BackendMetadata, ReplicaConfig
-from servekit.config import BackendConfig, HTTPOptions
+if TYPE_CHECKING:
+    from servekit.config import HTTPOptions
+
 
 
 @dataclasses.dataclass
@@ -58,7 +61,7 @@ class ReplicaSpec:
     backend_tag: str
     replica_tag: str
     replica_config: ReplicaConfig
-    config: BackendConfig
+    config: ReplicaSettings
     metadata: Optional[BackendMetadata]
 
 
@@ -99,4 +102,6 @@ class WorkerSpec:
     log_to_stderr: bool = True
 
     def load_payload(self) -> Any:
+        import cloudpickle  # (not in the supervisor, which passes the payload on)
+
         return cloudpickle.loads(self.payload)

@@ -32,7 +32,6 @@ from servekit._private.controller import recovery
 from servekit._private.controller.autoscaling import LoadBook
 from servekit._private.controller.backend_reconciler import (
     BackendReconciler,
-    replica_visible_fields,
 )
 from servekit._private.controller.backend_status import backend_status
 from servekit._private.controller.durable import DurableState, load, snapshot
@@ -228,7 +227,7 @@ class Controller:
                 # An update whose push the earlier controller did not see through.
                 backend.config_unconfirmed = backend.goal is not None and \
                     before is not None and \
-                    replica_visible_fields(before) != replica_visible_fields(backend.config)
+                    before.replica_settings() != backend.config.replica_settings()
             await recovery.adopt(state, self.runtime, self.goals, self.backends, self.proxies)
             for reconciler in self.backends.values():
                 if reconciler.state.config_unconfirmed:
@@ -392,7 +391,7 @@ class Controller:
             if fixed and new_config.num_replicas != old_config.num_replicas:
                 logger.info("Scaling backend %s from %d to %d replicas (num_replicas).",
                             backend.tag, old_config.num_replicas, new_config.num_replicas)
-        if replica_visible_fields(old_config) != replica_visible_fields(new_config):
+        if old_config.replica_settings() != new_config.replica_settings():
             try:
                 await reconciler.push_config()
             except Exception as exc:

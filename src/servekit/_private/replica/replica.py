@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import inspect
 import logging
@@ -57,7 +58,7 @@ from servekit._private.replica.asgi_runner import AppCall, Lifespan
 from servekit._private.replica.batching import BatchQueue
 from servekit._private.replica.multiplexed import held_model_ids
 from servekit._private.replica.thread_lane import ThreadLane
-from servekit._private.specs import ReplicaSpec, WorkerSpec
+from servekit._private.specs import ReplicaSettings, ReplicaSpec, WorkerSpec
 from servekit._private.user_errors import FailureLog
 from servekit._private.wire.transport import (
     Busy,
@@ -67,7 +68,6 @@ from servekit._private.wire.transport import (
     current_peer,
     notify,
 )
-from servekit.config import BackendConfig
 from servekit.exceptions import MethodNotFoundError, ServeError
 from servekit.request import ServeRequest
 
@@ -181,7 +181,7 @@ class Replica:
     def __init__(self, spec: ReplicaSpec) -> None:
         self.spec = spec
         self.tag = spec.backend_tag
-        self.config: BackendConfig = spec.config
+        self.config: ReplicaSettings = spec.config
         self.metadata: Optional[BackendMetadata] = spec.metadata
         self._callable: Any = None
         self._constructed: Optional[asyncio.Future] = None
@@ -256,7 +256,7 @@ class Replica:
 
     # ------------------------------------------------------------- config
 
-    async def update_config(self, config: BackendConfig) -> None:
+    async def update_config(self, config: ReplicaSettings) -> None:
         """Apply a new config in place; call ``reconfigure`` only if ``user_config`` changed.
 
         A new ``user_config`` or ``sync_threads`` is applied while no user call runs.
@@ -278,8 +278,8 @@ class Replica:
                     # It did not take: the replica keeps the user_config it runs with, so
                     # pushing the same config again calls reconfigure again.
                     if self.config is config:
-                        self.config = config.model_copy(
-                            update={"user_config": old.user_config})
+                        self.config = dataclasses.replace(config,
+                                                          user_config=old.user_config)
                     raise
 
     def _apply_limits(self) -> None:
