@@ -56,9 +56,13 @@ ROUTE = "/ep"
 # Virtual seconds after the last client before the places are checked: past every
 # timeout of the data plane and past the proxy's deadline for a client that stopped reading.
 PROXY_QUIET_S = max(QUIET_S, constants.SEND_TIMEOUT_S) + 10
+# An app's long streams: at most this many a world (at a cap of 1, requests wait behind
+# them), each of 2 or 3 chunks with a wait past LEAVE_BOUND_S before each.
+LONG_STREAMS = 4
+LONGEST_STREAM_S = 3 * 2 * LEAVE_BOUND_S
 # Virtual seconds a client waits for the end of a response before the run is a failure:
-# longer than any timeout, retry or freeze of a world.
-CLIENT_PATIENCE_S = 3 * PROXY_QUIET_S
+# longer than any timeout, retry or freeze of a world, and than its long streams.
+CLIENT_PATIENCE_S = 3 * PROXY_QUIET_S + LONG_STREAMS * LONGEST_STREAM_S
 # A client that stops reading and never reads again (nor closes its connection).
 FOREVER = float("inf")
 
@@ -241,6 +245,7 @@ class ProxyWorld(World):
         self.is_app = rng.random() < 0.4
         self.has_reconfigure = not self.is_app or rng.random() < 0.7
         self.placed: Optional[RoutedRequest] = None  # the router's latest request
+        self.long_streams = 0  # drawn so far
         self.router.place = self._place  # type: ignore[method-assign]
         self.proxy.serve_now = self._serve_now  # type: ignore[method-assign]
 
@@ -286,8 +291,10 @@ class ProxyWorld(World):
         data plane's streams (a short wait drawn per chunk: None), and streams that last
         minutes (an app streams as long as it likes: a client that leaves one must not
         leave it running to its end, a config change must not wait for it)."""
-        if self.rng.random() < 0.5:
-            return self.rng.randint(2, 4), 0, self.loop.ticks(LEAVE_BOUND_S, 2 * LEAVE_BOUND_S)
+        if self.long_streams < LONG_STREAMS and self.rng.random() < 0.5:
+            self.long_streams += 1
+            return self.rng.randint(2, 3), 0, self.loop.ticks(LEAVE_BOUND_S + 1,
+                                                              LONGEST_STREAM_S / 3)
         chunks, size, _ = self.stream_shape()
         return chunks, size, None
 
