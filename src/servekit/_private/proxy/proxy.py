@@ -14,7 +14,6 @@ import time
 from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import uvicorn
-from prometheus_client import CONTENT_TYPE_LATEST
 
 from servekit._private import constants, metrics
 from servekit._private.context import MODEL_ID_HEADER, new_request_id
@@ -451,7 +450,7 @@ class HTTPProxy:
         texts = [metrics.exposition(), *replicas]
         if controller is not None:
             texts.append(controller)
-        return HTTPResponseWire(200, [(b"content-type", CONTENT_TYPE_LATEST.encode())],
+        return HTTPResponseWire(200, [(b"content-type", metrics.CONTENT_TYPE.encode())],
                                 metrics.merge(texts).encode())
 
     def shadow_table(self) -> Dict[str, Dict[str, Dict[str, int]]]:
