@@ -28,7 +28,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from starlette.types import Receive, Scope, Send
 from tiny_lm import CATALOG, CharModel
 
 import servekit as serve
@@ -190,22 +189,6 @@ class Generation:
         self.tokens.close()  # type: ignore[attr-defined]
 
 
-class EventStream(StreamingResponse):
-    """Server-sent events from an async generator, closed as soon as the response ends,
-    also when the client leaves: Starlette leaves a generator it stopped reading to the
-    garbage collector, which may close it much later (or never, in a cycle)."""
-
-    def __init__(self, events: AsyncGenerator[str, None]) -> None:
-        super().__init__(events, media_type="text/event-stream")
-        self.events = events
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self.events.aclose()
-
-
 def event(data: Any) -> str:
     """One server-sent event."""
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
@@ -292,8 +275,10 @@ class OpenAIServer:
         finally:
             self._count(model, generation.finish_reason or "abort")
 
-    def _stream(self, generation: Generation, reply: Reply) -> EventStream:
-        return EventStream(self._events(generation, reply))
+    def _stream(self, generation: Generation, reply: Reply) -> StreamingResponse:
+        # (a client that leaves: servekit closes the generator, and its finally records it)
+        return StreamingResponse(self._events(generation, reply),
+                                 media_type="text/event-stream")
 
     async def _events(self, generation: Generation,
                      reply: Reply) -> AsyncGenerator[str, None]:

@@ -11,9 +11,10 @@ test pushes items into, as the replica's connection does.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import re
-from typing import Any, Awaitable, Callable, List, Optional
+from typing import Any, AsyncIterator, Awaitable, Callable, List, Optional
 
 import pytest
 from loop_helpers import run, spin
@@ -529,3 +530,38 @@ def test_a_failed_shutdown_is_logged_with_the_apps_message(
     with caplog.at_level(logging.ERROR, "servekit.replica"):
         run(main)
     assert "lifespan shutdown of backend 'clf' failed: flush failed" in caplog.text
+
+
+def test_stop_closes_the_generator_a_streaming_response_was_reading() -> None:
+    """Starlette's ``StreamingResponse`` stops iterating its generator when it is cancelled
+    but leaves closing it to the garbage collector: the replica closes what the app's call
+    left suspended before ``stop()`` returns, so a generator's ``finally`` (a model's
+    cleanup, a metric of aborted generations) runs while the request still holds its
+    place, not whenever a collection happens."""
+    from starlette.responses import StreamingResponse
+
+    closed = []
+
+    async def tokens() -> AsyncIterator[bytes]:
+        try:
+            for number in range(1_000_000):
+                yield b"token %d\n" % number
+        finally:
+            closed.append(True)
+
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        await StreamingResponse(tokens())(scope, receive, send)
+
+    async def main() -> None:
+        running = Run(app)
+        items = (await running.reply()).__aiter__()
+        await asyncio.wait_for(items.__anext__(), 5)  # the head
+        await asyncio.wait_for(items.__anext__(), 5)  # a first chunk
+        await asyncio.wait_for(running.call.stop(), 5)
+        assert closed == [True]
+
+    gc.disable()  # (what the test is about must not depend on a collection)
+    try:
+        run(main)
+    finally:
+        gc.enable()

@@ -14,8 +14,11 @@ and shuts down when it drains.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
-from typing import Any, AsyncIterator, Awaitable, Callable, Dict, Optional, Union
+import sys
+import weakref
+from typing import Any, AsyncIterator, Awaitable, Callable, Dict, List, Optional, Union
 
 from starlette.routing import Mount
 
@@ -31,6 +34,32 @@ RunApp = Callable[[Callable[[], Awaitable[None]]], Awaitable[None]]
 
 ASGI_VERSION = {"version": "3.0", "spec_version": "2.4"}
 _END = object()  # the last item of what the app sent
+
+# The async generators each call of the app starts, in the order they start (in the
+# context of the call's task and of the tasks it starts).
+_STARTED_BY_CALL: contextvars.ContextVar[Optional[List[weakref.ref]]] = \
+    contextvars.ContextVar("servekit_generators_started_by_call", default=None)
+
+
+class _NoteGenerators:
+    """The loop thread's first-iteration hook for async generators, noting each generator
+    a call of the app starts before the loop's own hook runs."""
+
+    def __init__(self, then: Optional[Callable[[Any], None]]) -> None:
+        self.then = then
+
+    def __call__(self, generator: Any) -> None:
+        started = _STARTED_BY_CALL.get()
+        if started is not None:
+            started.append(weakref.ref(generator))
+        if self.then is not None:
+            self.then(generator)
+
+
+def _note_generators() -> None:
+    firstiter, finalizer = sys.get_asyncgen_hooks()
+    if not isinstance(firstiter, _NoteGenerators):
+        sys.set_asyncgen_hooks(firstiter=_NoteGenerators(firstiter), finalizer=finalizer)
 
 
 def route_template(scope: Dict[str, Any]) -> Optional[str]:
@@ -144,7 +173,10 @@ class AppCall:
 
     ``reply()`` is what goes back to the proxy; ``task`` runs the app (done: the app's
     work for this request has stopped, however it ended); ``stop()`` cancels it (its
-    caller left) and waits for it to end.
+    caller left) and waits for it to end. An async generator the call started and left
+    suspended (a cancelled ``StreamingResponse`` stops reading its generator but leaves
+    closing it to the garbage collector) is closed before the call ends, so its
+    ``finally`` runs while the request still holds its place.
     """
 
     def __init__(self, app: ASGIApp, run: RunApp, scope: dict, first: dict,
@@ -161,10 +193,27 @@ class AppCall:
         self._outbox = _Outbox()
         loop = asyncio.get_running_loop()
         self._whole: asyncio.Future = loop.create_future()  # a one-message response
-        self.task = asyncio.ensure_future(run(lambda: app(scope, self._receive, self._send)))
+        _note_generators()
+        self.task = asyncio.ensure_future(run(lambda: self._run_app(app)))
         self.task.add_done_callback(self._app_ended)
 
     # ------------------------------------------------------------- the app's side
+
+    async def _run_app(self, app: ASGIApp) -> None:
+        started: List[weakref.ref] = []
+        _STARTED_BY_CALL.set(started)  # (this task's context, and its tasks')
+        try:
+            await app(self.scope, self._receive, self._send)
+        finally:
+            for noted in started:
+                generator = noted()
+                if generator is not None and generator.ag_frame is not None and \
+                        not generator.ag_running:
+                    try:
+                        await generator.aclose()
+                    except Exception:  # (the app's own error, if any, is what it raised)
+                        logger.exception("Closing a generator the app left suspended "
+                                         "raised.")
 
     async def _receive(self) -> dict:
         first, self._first = self._first, None
