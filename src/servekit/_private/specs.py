@@ -65,11 +65,33 @@ class ReplicaSpec:
     metadata: Optional[BackendMetadata]
 
 
+@dataclasses.dataclass(frozen=True)
+class ProxySettings:
+    """The fields of ``HTTPOptions`` an HTTP proxy serves by (where proxies run is the
+    controller's), as plain data."""
+
+    server: str
+    middlewares: List[Any]
+    max_body_bytes: int
+    max_header_bytes: int
+    max_header_count: int
+    limit_concurrency: int
+    keep_alive_timeout_s: float
+    client_timeout_s: float
+    max_held_body_bytes: int
+    request_timeout_s: Optional[float]
+
+    @classmethod
+    def of(cls, options: HTTPOptions) -> ProxySettings:
+        return cls(**{field.name: getattr(options, field.name)
+                      for field in dataclasses.fields(cls)})
+
+
 @dataclasses.dataclass
 class ProxySpec:
     """What the HTTP proxy process is told when it starts: the instance's HTTP options."""
 
-    http_options: HTTPOptions
+    http_options: ProxySettings
 
 
 @dataclasses.dataclass

@@ -9,7 +9,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from servekit._private import constants
 from servekit._private.runtime.base import Connection, Runtime
-from servekit._private.specs import ProxySpec
+from servekit._private.specs import ProxySettings, ProxySpec
 from servekit.config import HTTPOptions
 from servekit.exceptions import BackendUnavailableError, ServeError
 
@@ -97,7 +97,7 @@ class ProxyReconciler:
     async def _start_proxy(self, name: str, node: Optional[str]) -> None:
         await self._runtime.stop(name, timeout=0)  # what is left of an earlier one
         address = await self._runtime.launch(
-            name, "proxy", ProxySpec(self._http_options), node=node)
+            name, "proxy", ProxySpec(ProxySettings.of(self._http_options)), node=node)
         connection = await self._runtime.connect(address)
         try:
             await connection.call("ready")

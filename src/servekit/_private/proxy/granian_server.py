@@ -37,7 +37,7 @@ from servekit._private.proxy.http_protocol import (
     BodyBudget,
     HeldBody,
 )
-from servekit.config import HTTPOptions
+from servekit._private.specs import ProxySettings
 
 logger = logging.getLogger("servekit.proxy")
 
@@ -69,7 +69,7 @@ class GranianFrontEnd:
     """Serves ``app`` (the proxy, or the user's middlewares around it) on granian. Without
     middlewares ``proxy`` serves body-less requests to its routes directly."""
 
-    def __init__(self, proxy: Any, app: Any, options: HTTPOptions,
+    def __init__(self, proxy: Any, app: Any, options: ProxySettings,
                  budget: BodyBudget) -> None:
         self.proxy = proxy
         self.app = app

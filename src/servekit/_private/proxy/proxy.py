@@ -41,9 +41,8 @@ from servekit._private.proxy.http_protocol import (
     ProxyWebSocketProtocol,
 )
 from servekit._private.routing.router import Router
-from servekit._private.specs import ProxySpec, WorkerSpec
+from servekit._private.specs import ProxySettings, ProxySpec, WorkerSpec
 from servekit._private.wire.transport import ReplyStream, RpcServer, dumps, encode_call
-from servekit.config import HTTPOptions
 from servekit.exceptions import (
     BackendOverloadedError,
     BackendUnavailableError,
@@ -856,7 +855,7 @@ class _Server(uvicorn.Server):
         yield
 
 
-def server_config(proxy: HTTPProxy, options: HTTPOptions) -> Tuple[uvicorn.Config, BodyBudget]:
+def server_config(proxy: HTTPProxy, options: ProxySettings) -> Tuple[uvicorn.Config, BodyBudget]:
     """uvicorn's config for serving ``proxy`` as ``options`` say, and the budget of request
     bodies its connections share."""
     budget = BodyBudget(options.max_held_body_bytes)
@@ -887,7 +886,7 @@ def server_config(proxy: HTTPProxy, options: HTTPOptions) -> Tuple[uvicorn.Confi
 class UvicornFrontEnd:
     """The proxy on uvicorn (httptools, uvloop) with servekit's bounded protocol."""
 
-    def __init__(self, proxy: HTTPProxy, options: HTTPOptions) -> None:
+    def __init__(self, proxy: HTTPProxy, options: ProxySettings) -> None:
         config, _ = server_config(proxy, options)
         self.server = _Server(config)
 
@@ -906,7 +905,7 @@ class UvicornFrontEnd:
         self.server.should_exit = True
 
 
-def front_end(proxy: HTTPProxy, options: HTTPOptions) -> Any:
+def front_end(proxy: HTTPProxy, options: ProxySettings) -> Any:
     """The HTTP server ``proxy`` runs on, as ``HTTPOptions.server`` says (the one place
     that chooses): a ``UvicornFrontEnd`` or a ``GranianFrontEnd``."""
     if options.server == "granian":
