@@ -16,10 +16,8 @@ from __future__ import annotations
 import copyreg
 import dataclasses
 import inspect
+import sys
 from typing import Any, Callable, Sequence
-
-from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 
 from servekit._private.import_path import import_attribute
 
@@ -101,7 +99,9 @@ def asgi_factory(func_or_import_path: Callable[..., Any] | str) -> ASGIFactory:
 def is_asgi_app(obj: Any) -> bool:
     """Whether ``obj`` is an ASGI 3 app: a Starlette (or FastAPI) app, or a function or
     object whose call is ``async (scope, receive, send)``. A class is not an app."""
-    if isinstance(obj, Starlette):
+    # (Starlette is not imported for this: an app exists only once its module does.)
+    applications = sys.modules.get("starlette.applications")
+    if applications is not None and isinstance(obj, applications.Starlette):
         return True
     if inspect.isclass(obj) or not callable(obj):
         return False
@@ -136,6 +136,8 @@ class _Ingress:
     async def current_instance(self) -> Any:
         """The instance, as a FastAPI dependency (async: no thread per request)."""
         if self.instance is None:
+            from starlette.exceptions import HTTPException
+
             raise HTTPException(
                 503, f"{self.name} has no instance yet: servekit constructs it in each "
                      "replica before the replica serves requests.")

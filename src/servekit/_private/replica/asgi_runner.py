@@ -20,8 +20,6 @@ import sys
 import weakref
 from typing import Any, AsyncIterator, Awaitable, Callable, Dict, List, Optional, Union
 
-from starlette.routing import Mount
-
 from servekit._private.http_wire import HTTPResponseWire, text_response
 from servekit._private.replica.admission import outlast
 from servekit._private.wire.transport import ReplyStream
@@ -67,6 +65,8 @@ def route_template(scope: Dict[str, Any]) -> Optional[str]:
     ``root_path`` (``/api/items/{item_id}``): what Starlette and FastAPI put in
     ``scope["route"]`` (a mount that is not a router of its own: its path). None if the app
     matched no route, or does not say."""
+    from starlette.routing import Mount  # (an ASGI app's replica has it already)
+
     route = scope.get("route")
     if isinstance(route, Mount):
         return scope.get("root_path") or "/"

@@ -33,7 +33,6 @@ import cloudpickle
 from starlette.requests import Request
 
 from servekit._private import constants, metrics
-from servekit._private.asgi_app import load_app
 from servekit._private.backend_metadata import BackendMetadata
 from servekit._private.config_checks import validate_backend_against_config
 from servekit._private.context import (
@@ -231,6 +230,8 @@ class Replica:
         validate_backend_against_config(metadata, self.config)
         with user_code(self.tag):
             if metadata.asgi:
+                from servekit._private.asgi_app import load_app
+
                 loaded = load_app(target, init_args)
                 self._app, self._callable = loaded.app, loaded.instance
             else:
