@@ -9,7 +9,7 @@ plain data: a worker unpickles its spec without importing pydantic (a replica's 
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 from servekit._private.backend_metadata import BackendMetadata, ReplicaConfig, ReplicaSettings
 
@@ -122,6 +122,11 @@ class WorkerSpec:
     # False for a detached instance: its stderr is detached.log, which keeps what is not
     # logged (a crash's traceback) and is not rotated.
     log_to_stderr: bool = True
+    # The supervisor's: the first HTTP proxy's payload (a ProxySpec), started at once beside
+    # the controller, so the two start in parallel (None: no HTTP).
+    proxy_payload: Optional[bytes] = None
+    # The first controller's: (address, identity) of that proxy, adopted as its first.
+    started_proxy: Optional[Tuple[str, Dict[str, Any]]] = None
 
     def load_payload(self) -> Any:
         import cloudpickle  # (not in the supervisor, which passes the payload on)

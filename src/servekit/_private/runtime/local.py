@@ -7,7 +7,6 @@ import contextlib
 import glob
 import logging
 import os
-import secrets
 import signal
 import socket
 import sys
@@ -23,8 +22,8 @@ from servekit._private.wire.transport import RpcClient
 from servekit._private.workers.process import (
     AdoptedProcess,
     WorkerProcess,
-    bind_unix_socket,
     process_start_time,
+    start_worker,
     unix_socket_holders,
 )
 from servekit.exceptions import ServeError
@@ -40,11 +39,14 @@ class LocalRuntime(Runtime):
                  custom_resources: Optional[Dict[str, float]] = None,
                  http_socket: Optional[socket.socket] = None,
                  lifeline_fd: Optional[int] = None, log_dir: Optional[str] = None,
-                 log_to_stderr: bool = True) -> None:
+                 log_to_stderr: bool = True,
+                 started_proxy: Optional[Tuple[str, dict]] = None) -> None:
         """``http_socket``: the bound HTTP socket proxies serve (None: no HTTP).
         ``lifeline_fd``: the pipe workers watch (None: each watches this process).
         ``log_dir``: where workers write their log files (None: stderr only);
-        ``log_to_stderr``: whether they log to stderr too."""
+        ``log_to_stderr``: whether they log to stderr too. ``started_proxy``: (address,
+        identity) of the first HTTP proxy, which the supervisor started beside this
+        controller: launching it adopts that one."""
         self.instance_dir = instance_dir
         self.store_path = os.path.join(instance_dir, "state.db")
         self.store = SQLiteStore(self.store_path)
@@ -61,6 +63,7 @@ class LocalRuntime(Runtime):
         self._capacity = machine_capacity(gpus, custom_resources)
         self._gpus = GPUAllocator(gpus)
         self._gpu_requests: Dict[str, float] = {}
+        self._started_proxy = started_proxy
 
     def capacity(self) -> Dict[str, float]:
         """CPUs and GPUs of this machine plus the custom resources given to ``start``."""
@@ -86,9 +89,13 @@ class LocalRuntime(Runtime):
     async def launch(self, name: str, role: str, payload: Any, *,
                      resources: Optional[dict] = None, python: Optional[str] = None,
                      node: Optional[str] = None) -> str:
-        # Random, so a restarted controller never reuses the socket of a worker it adopts.
-        path = os.path.join(self.instance_dir, f"{role[0]}-{secrets.token_hex(6)}.sock")
-        sock = bind_unix_socket(path)
+        if role == "proxy" and name == "proxy" and self._started_proxy is not None:
+            # The first proxy, started by the supervisor beside this controller.
+            address, identity = self._started_proxy
+            self._started_proxy = None
+            if self.adopt(name, role, address, identity):
+                return address
+            _remove(address)  # it died: start another
         extra_fds = {}
         if role == "proxy":
             if self._http_socket is None:
@@ -103,21 +110,13 @@ class LocalRuntime(Runtime):
         if devices is not None:
             self._gpu_requests[name] = num_gpus
             env = {**os.environ, "CUDA_VISIBLE_DEVICES": devices}
-        spec = WorkerSpec(role=role, name=name, instance_dir=self.instance_dir,
-                          rpc_fd=sock.fileno(), controller_address=self._controller_address,
-                          payload=cloudpickle.dumps(payload),
-                          sys_path=self._sys_path if python is None else
-                          [p for p in self._sys_path if "-packages" not in p],
-                          extra_fds=extra_fds, watch_parent=self._lifeline_fd is None,
-                          lifeline_fd=self._lifeline_fd, log_dir=self._log_dir,
-                          log_to_stderr=self._log_to_stderr)
-        try:
-            self._workers[name] = WorkerProcess(spec, python=python or sys.executable, env=env)
-        except BaseException:
-            _remove(path)
-            raise
-        finally:
-            sock.close()
+        path, self._workers[name] = start_worker(
+            role, name, cloudpickle.dumps(payload), instance_dir=self.instance_dir,
+            controller_address=self._controller_address,
+            sys_path=self._sys_path if python is None else
+            [p for p in self._sys_path if "-packages" not in p],
+            extra_fds=extra_fds, lifeline_fd=self._lifeline_fd, log_dir=self._log_dir,
+            log_to_stderr=self._log_to_stderr, python=python or sys.executable, env=env)
         self._sockets[name] = path
         return path
 
@@ -173,6 +172,8 @@ class LocalRuntime(Runtime):
         this runtime owns belongs to a worker launched and never recorded. Its processes
         (found by the socket they hold) are killed and the file removed."""
         owned = set(self._sockets.values())
+        if self._started_proxy is not None:
+            owned.add(self._started_proxy[0])  # recorded once launch adopts it
         reaped = []
         for path in glob.glob(os.path.join(glob.escape(self.instance_dir), "[rp]-*.sock")):
             if path in owned:
@@ -233,7 +234,8 @@ async def run_local_controller(worker: WorkerSpec, sock: socket.socket,
                            sys_path=worker.sys_path, custom_resources=spec.custom_resources,
                            http_socket=None if http_fd is None else socket.socket(fileno=http_fd),
                            lifeline_fd=worker.lifeline_fd, log_dir=worker.log_dir,
-                           log_to_stderr=worker.log_to_stderr)
+                           log_to_stderr=worker.log_to_stderr,
+                           started_proxy=worker.started_proxy)
     # The instance's other processes watch the same lifeline as this one: when it closes,
     # they all exit by themselves, and the supervisor removes the directory.
     await serve_controller(runtime, spec.http_options, sock, stop)

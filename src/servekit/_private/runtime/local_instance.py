@@ -18,7 +18,7 @@ import cloudpickle
 
 from servekit._private import constants
 from servekit._private.runtime.base import Instance
-from servekit._private.specs import ControllerSpec, WorkerSpec
+from servekit._private.specs import ControllerSpec, ProxySettings, ProxySpec, WorkerSpec
 from servekit._private.workers import home
 from servekit._private.workers.logs import LOG_DIR, set_aside_previous
 from servekit._private.workers.process import (
@@ -49,6 +49,7 @@ class LocalInstance(Instance):
         sockets: List[socket.socket] = []
         try:
             extra_fds = {}
+            proxy_payload = None
             if http_options.location != "NoServer" and http_options.host is not None:
                 # Bound here, so a busy port fails start() before any process runs, and
                 # held by the supervisor, so every controller and proxy serves this socket.
@@ -56,6 +57,8 @@ class LocalInstance(Instance):
                 self.http_address = http.getsockname()[:2]
                 sockets.append(http)
                 extra_fds["http"] = http.fileno()
+                # The supervisor starts the first proxy while the controller starts.
+                proxy_payload = cloudpickle.dumps(ProxySpec(ProxySettings.of(http_options)))
             sock = bind_unix_socket(self.controller_address)
             sockets.append(sock)
             if detached:  # its logs stay when it stops, until the next one starts
@@ -68,7 +71,8 @@ class LocalInstance(Instance):
                 rpc_fd=sock.fileno(), controller_address=None,
                 payload=cloudpickle.dumps(ControllerSpec(http_options, detached, custom_resources)),
                 sys_path=importable_sys_path(), watch_parent=not detached, daemonize=detached,
-                extra_fds=extra_fds, log_dir=log_dir, log_to_stderr=not detached)
+                extra_fds=extra_fds, log_dir=log_dir, log_to_stderr=not detached,
+                proxy_payload=proxy_payload)
             # A detached instance outlives this script, so it must not hold its terminal
             # or pipes: its processes write to a log file instead.
             log_path = home.log_path() if detached else None

@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import os
 import pickle
+import secrets
 import select
 import signal
 import socket
 import struct
 import subprocess
 import sys
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from servekit._private.constants import PROCESS_STOP_TIMEOUT_S
 from servekit._private.specs import WorkerSpec
@@ -143,6 +144,30 @@ class WorkerProcess:
                 self.popen.stdin.close()
             except OSError:
                 pass
+
+
+def start_worker(role: str, name: str, payload: bytes, *, instance_dir: str,
+                 controller_address: str, sys_path: Sequence[str],
+                 extra_fds: Dict[str, int], lifeline_fd: Optional[int],
+                 log_dir: Optional[str], log_to_stderr: bool, python: str = sys.executable,
+                 env: Optional[Dict[str, str]] = None) -> Tuple[str, WorkerProcess]:
+    """Start a worker of the instance in ``instance_dir`` serving a new Unix socket there:
+    (the socket's path, the process). ``lifeline_fd`` None: it watches this process."""
+    # Random, so a restarted controller never reuses the socket of a worker it adopts.
+    path = os.path.join(instance_dir, f"{role[0]}-{secrets.token_hex(6)}.sock")
+    sock = bind_unix_socket(path)
+    spec = WorkerSpec(role=role, name=name, instance_dir=instance_dir, rpc_fd=sock.fileno(),
+                      controller_address=controller_address, payload=payload,
+                      sys_path=sys_path, extra_fds=extra_fds,
+                      watch_parent=lifeline_fd is None, lifeline_fd=lifeline_fd,
+                      log_dir=log_dir, log_to_stderr=log_to_stderr)
+    try:
+        return path, WorkerProcess(spec, python=python, env=env)
+    except BaseException:
+        os.unlink(path)
+        raise
+    finally:
+        sock.close()
 
 
 def unix_socket_holders(path: str) -> List[int]:

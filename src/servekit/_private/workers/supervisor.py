@@ -22,6 +22,7 @@ import signal
 import socket
 import threading
 import time
+from typing import Any, Dict, Optional, Tuple
 
 from servekit._private import constants
 from servekit._private.specs import WorkerSpec
@@ -30,6 +31,8 @@ from servekit._private.workers.process import (
     WorkerProcess,
     cpu_state,
     parent_exit_hooks,
+    process_start_time,
+    start_worker,
 )
 from servekit.exceptions import BackendUnavailableError
 
@@ -152,16 +155,18 @@ async def run_supervisor(worker: WorkerSpec, sock: socket.socket, stop: asyncio.
 
     # The script that started a non-detached instance is gone: so is the instance.
     parent_exit_hooks.append(lambda: finish(everything=True))
+    address = sock.getsockname()
     spec = WorkerSpec(role="controller", name="controller", instance_dir=worker.instance_dir,
                       rpc_fd=sock.fileno(), controller_address=None, payload=worker.payload,
                       sys_path=worker.sys_path, watch_parent=False,
                       lifeline_fd=lifeline_read, extra_fds=dict(worker.extra_fds),
-                      log_dir=worker.log_dir, log_to_stderr=worker.log_to_stderr)
-    address = sock.getsockname()
+                      log_dir=worker.log_dir, log_to_stderr=worker.log_to_stderr,
+                      started_proxy=_start_proxy(worker, address, lifeline_read))
     failures = 0
     while True:
         started = time.monotonic()
         controller = WorkerProcess(spec)
+        spec.started_proxy = None  # a restarted controller finds it in the saved state
         running[:] = [controller]
         reaper = asyncio.ensure_future(_reap_periodically(controller))
         watchdog = asyncio.ensure_future(_kill_when_frozen(address, controller))
@@ -186,6 +191,21 @@ async def run_supervisor(worker: WorkerSpec, sock: socket.socket, stop: asyncio.
                        f" in {delay:.1f}s" if delay else "")
         await asyncio.sleep(delay)
     await loop.run_in_executor(None, finish, False)
+
+
+def _start_proxy(worker: WorkerSpec, controller_address: str,
+                 lifeline: int) -> Optional[Tuple[str, Dict[str, Any]]]:
+    """Start the instance's first HTTP proxy, if it serves HTTP, as the controller would:
+    it boots while the controller does (which adopts it as its first) instead of after.
+    Its (address, identity); None without HTTP."""
+    if worker.proxy_payload is None:
+        return None
+    address, proxy = start_worker(
+        "proxy", "proxy", worker.proxy_payload, instance_dir=worker.instance_dir,
+        controller_address=controller_address, sys_path=worker.sys_path,
+        extra_fds={"http": worker.extra_fds["http"]}, lifeline_fd=lifeline,
+        log_dir=worker.log_dir, log_to_stderr=worker.log_to_stderr)
+    return address, {"pid": proxy.pid, "start_time": process_start_time(proxy.pid)}
 
 
 def _clean(instance_dir: str) -> None:
