@@ -264,6 +264,26 @@ def test_failed_proxy_restart_is_retried_until_the_proxy_is_back(tmp_path, monke
         client.shutdown()
 
 
+def test_the_first_proxy_starts_beside_the_controller_which_adopts_it():
+    """The supervisor starts the first proxy while the controller starts (its child, not
+    the controller's); the controller runs that one, and it serves."""
+    port = free_port()
+    client = serve.start(http_options={"port": port})
+    try:
+        client.create_backend("echo", echo_function)
+        client.create_endpoint("echo", backend="echo", route="/echo")
+        assert httpx.get(f"http://127.0.0.1:{port}/echo", params={"x": 1},
+                         timeout=TIMEOUT).text == "fn:1"
+        processes = client._call("status")["processes"]
+        [proxy] = [p["pid"] for p in processes if p["role"] == "proxy"]
+        [supervisor] = [p["pid"] for p in processes if p["role"] == "supervisor"]
+        with open(f"/proc/{proxy}/stat") as stat:
+            parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+        assert parent == supervisor
+    finally:
+        client.shutdown()
+
+
 # --------------------------------------------------------------------------- 3. execution
 
 
