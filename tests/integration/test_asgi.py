@@ -27,6 +27,17 @@ from servekit.exceptions import ServeError
 
 pytestmark = pytest.mark.integration
 
+# The proxies of this run are on granian (SERVEKIT_HTTP_SERVER=granian): a test of what
+# granian does not keep is expected to fail there, and says why.
+GRANIAN = serve.HTTPOptions().server == "granian"
+NO_WAIT_BEFORE_ACCEPT = (
+    "RSGI cannot watch a WebSocket before it is accepted: a client that leaves then is "
+    "found once the app accepts")
+NO_CLOSE_CODE = "granian 2.8 sends no close code (the client sees 1005), whatever the app's"
+MESSAGES_UNCOUNTED = (
+    "on granian a message counts in the budget once the proxy reads it; unread ones "
+    "wait in the socket (TCP holds the client back), never closing it with 1013")
+
 TIMEOUT = 30.0
 
 
@@ -341,6 +352,7 @@ def test_a_websocket_stays_on_one_replica(serve_instance: tuple) -> None:
     assert len(seen) <= 2
 
 
+@pytest.mark.xfail(GRANIAN, strict=True, reason=NO_WAIT_BEFORE_ACCEPT)
 def test_a_websocket_client_that_leaves_before_the_accept_cancels_the_app(
         api: tuple, tmp_path: Any) -> None:
     _, url = api
@@ -353,6 +365,7 @@ def test_a_websocket_client_that_leaves_before_the_accept_cancels_the_app(
              "the app to be cancelled")
 
 
+@pytest.mark.xfail(GRANIAN, strict=True, reason=NO_CLOSE_CODE)
 def test_a_websocket_whose_replica_dies_is_closed_with_1011(api: tuple) -> None:
     client, url = api
     with connect(ws_url(url, "/api/pid"), open_timeout=TIMEOUT) as websocket:
@@ -364,6 +377,7 @@ def test_a_websocket_whose_replica_dies_is_closed_with_1011(api: tuple) -> None:
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1011
 
 
+@pytest.mark.xfail(GRANIAN, strict=True, reason=MESSAGES_UNCOUNTED)
 def test_websocket_messages_the_app_has_not_read_count_in_what_the_proxy_holds() -> None:
     """The app reads nothing: the client's messages pile up in the proxy (a window of them
     goes on to the replica) until what the proxy holds passes max_held_body_bytes; then a

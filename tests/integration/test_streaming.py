@@ -24,6 +24,13 @@ from servekit.exceptions import ServeError
 
 pytestmark = pytest.mark.integration
 
+# The proxies of this run are on granian (SERVEKIT_HTTP_SERVER=granian): a test of what
+# granian does not keep is expected to fail there, and says why.
+GRANIAN = serve.HTTPOptions().server == "granian"
+STREAM_NEVER_WAITS = (
+    "granian 2.8's response stream never waits for its client: a reader that reads "
+    "nothing is not found, and what is streamed to it is queued in memory")
+
 TIMEOUT = 30.0
 
 
@@ -200,6 +207,7 @@ def test_an_http_client_that_leaves_mid_stream_stops_the_generator(streams: tupl
     assert stopped_at < 100_000  # bounded by the window and the socket buffers
 
 
+@pytest.mark.xfail(GRANIAN, strict=True, reason=STREAM_NEVER_WAITS)
 def test_a_client_that_stops_reading_is_closed_and_its_stream_stopped(
         tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """The client reads nothing of an endless stream: once the proxy could write nothing

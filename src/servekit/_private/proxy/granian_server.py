@@ -31,6 +31,7 @@ from granian.rsgi import ProtocolClosed
 from granian.server.embed import Server
 
 from servekit._private import constants
+from servekit._private.http_wire import loggable
 from servekit._private.proxy.http_protocol import (
     HELD_BODY,
     ON_DISCONNECT,
@@ -46,6 +47,9 @@ _MIN_HEAD_BUFFER = 8192
 # granian's logging setup, made incremental: it keeps the process's handlers (a full
 # dictConfig would close them); its own logger says errors only.
 _LOGGING = {"incremental": True, "handlers": {}, "formatters": {}, "loggers": {}}
+# Seconds a request runs before its client's leaving is watched (``_Disconnects``).
+_WATCH_AFTER_S = 0.02
+_AT_LIMIT = b"The proxy is at its limit of requests in progress (HTTPOptions.limit_concurrency)."
 _NO_BODY = {"type": "http.request", "body": b"", "more_body": False}
 _DISCONNECT = {"type": "http.disconnect"}
 
@@ -104,7 +108,13 @@ class GranianFrontEnd:
     async def __rsgi__(self, scope: Any, protocol: Any) -> None:
         self.requests += 1
         try:
-            if scope.proto == "http":
+            if self.requests >= self.options.limit_concurrency:
+                # (as uvicorn's limit, which counts the connection of this request too)
+                if scope.proto == "http":
+                    protocol.response_bytes(503, [("retry-after", "1")], _AT_LIMIT)
+                else:
+                    protocol.close(503)
+            elif scope.proto == "http":
                 if not (self.fast and await self._serve_now(scope, protocol)):
                     await RSGIRequest(self, scope, protocol).run()
             else:
@@ -138,26 +148,41 @@ def _base_scope(kind: str, scope: Any, headers: List[Tuple[bytes, bytes]]) -> Di
             "client": _address(scope.client), "server": _address(scope.server)}
 
 
+def _too_large(scope: Any, headers: List[Tuple[bytes, bytes]],
+               options: ProxySettings) -> bool:
+    """Whether a request head passes ``max_header_count``, or ``max_header_bytes`` where
+    that is below what hyper holds to (its headers, path and query counted)."""
+    if len(headers) > options.max_header_count:
+        return True
+    limit = options.max_header_bytes
+    return limit < _MIN_HEAD_BUFFER and sum(len(name) + len(value) for name, value in headers) \
+        + len(scope.path) + len(scope.query_string) > limit
+
+
 def _str_headers(headers: Any) -> List[Tuple[str, str]]:
     return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in headers]
 
 
 class _Disconnects(list):
-    """A request's ``ON_DISCONNECT`` callbacks: the first one added starts the wait for
-    the client to leave (granian's future of it; requests nobody watches wait for
-    nothing)."""
+    """A request's ``ON_DISCONNECT`` callbacks. The wait for its client to leave (granian's
+    future of it) starts once the request has run ``_WATCH_AFTER_S``: asking granian costs
+    more than a no-op request, and a client that leaves a request that quick finds it
+    cancelled that much later."""
 
     def __init__(self, protocol: Any) -> None:
         super().__init__()
         self._protocol = protocol
-        self._left: Any = None
+        self._watch: Any = None  # the timer, then granian's future
         self.left = False
 
     def append(self, callback: Any) -> None:
         super().append(callback)
-        if self._left is None:
-            self._left = self._protocol.client_disconnect()
-            self._left.add_done_callback(self._call)
+        if self._watch is None:
+            self._watch = asyncio.get_running_loop().call_later(_WATCH_AFTER_S, self._start)
+
+    def _start(self) -> None:
+        self._watch = self._protocol.client_disconnect()
+        self._watch.add_done_callback(self._call)
 
     def _call(self, left: Any) -> None:
         if left.cancelled():
@@ -167,8 +192,8 @@ class _Disconnects(list):
             callback()
 
     def close(self) -> None:
-        if self._left is not None:
-            self._left.cancel()
+        if self._watch is not None:
+            self._watch.cancel()
 
 
 class RSGIRequest:
@@ -188,7 +213,7 @@ class RSGIRequest:
         self.scope[HELD_BODY] = self.held
         self.length: Optional[int] = None  # the body's announced length
         self.chunked = False
-        self.too_many_headers = len(headers) > front.options.max_header_count
+        self.too_large_head = _too_large(scope, headers, front.options)
         for name, value in headers:
             if name == b"content-length" and value.isdigit():
                 self.length = int(value)
@@ -204,7 +229,7 @@ class RSGIRequest:
 
     async def run(self) -> None:
         try:
-            if self.too_many_headers:
+            if self.too_large_head:
                 options = self.front.options
                 self._refuse(431, f"The request head is larger than this server accepts "
                                   f"(at most {options.max_header_count} headers and "
@@ -274,6 +299,12 @@ class RSGIRequest:
         if kind == "http.response.start":
             self._status = message["status"]
             self._headers = _str_headers(message.get("headers", ()))
+            for name, value in self._headers:
+                if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
+                    logger.error("Backend response header %r has a line break; answering "
+                                 "500.", name)
+                    self._refuse(500, "Internal Server Error")
+                    break
             return
         if kind != "http.response.body":
             return
@@ -284,7 +315,7 @@ class RSGIRequest:
                 return  # (refused already, or the client left)
             self.answered = True
             if not more:
-                self.protocol.response_bytes(self._status, self._headers, bytes(body))
+                self._respond(bytes(body))
                 return
             self._stream = self.protocol.response_stream(self._status, self._headers)
         if body:
@@ -299,6 +330,28 @@ class RSGIRequest:
                 pass  # the client left (its ON_DISCONNECT callbacks say so)
 
 
+    def _respond(self, body: bytes) -> None:
+        """Answer in one call, framed by the body's length (an ASGI app's one-message
+        response may give no Content-Length, or a Transfer-Encoding its body is not encoded
+        in); one whose Content-Length disagrees with its body gets 502, as on uvicorn."""
+        status, headers, length = self._status, [], None
+        for name, value in self._headers:
+            if name == "content-length":
+                length = value if length is None or value == length else "?"
+            elif name != "transfer-encoding":
+                headers.append((name, value))
+        if length is not None and (self.scope["method"] == "HEAD" or status == 304):
+            headers.append(("content-length", length))  # (of the body not sent)
+        elif length is not None and (not length.isdigit() or int(length) != len(body)):
+            what = f"Content-Length {length!r} and a body of {len(body)} bytes"
+            logger.error("The backend's response to %s is malformed: %s. Answering 502.",
+                         loggable(self.scope["path"]), what)
+            self.answered = False
+            self._refuse(502, f"The backend sent a malformed response ({what}).")
+            return
+        self.protocol.response_bytes(status, headers, body)
+
+
 class RSGIWebSocket:
     """One WebSocket, passed to the ASGI app as uvicorn would pass it. The client's
     messages count in the body budget while the proxy holds them."""
@@ -311,7 +364,8 @@ class RSGIWebSocket:
         self.scope["subprotocols"] = [
             part.strip() for name, value in headers if name == b"sec-websocket-protocol"
             for part in value.decode("latin-1").split(",") if part.strip()]
-        self.scope["extensions"] = {}
+        # (a refusal's status is sent, its headers and body are not: RSGI has no way)
+        self.scope["extensions"] = {"websocket.http.response": {}}
         self._connected = False
         self._transport: Any = None
         self._accepted = asyncio.Event()  # or ended before it was accepted
@@ -361,6 +415,8 @@ class RSGIWebSocket:
 
     async def send(self, message: Dict[str, Any]) -> None:
         kind = message["type"]
+        if kind == "websocket.http.response.body":
+            return  # (its status was sent)
         if self._closed:
             raise OSError("the WebSocket is closed")
         if kind == "websocket.accept":
@@ -378,6 +434,10 @@ class RSGIWebSocket:
                     await self._transport.send_bytes(message.get("bytes") or b"")
             except ProtocolClosed:
                 raise OSError("the client is gone") from None
+        elif kind == "websocket.http.response.start" and self._transport is None:
+            self._closed = True
+            self._accepted.set()
+            self.protocol.close(message["status"])
         elif kind == "websocket.close":
             self._closed = True
             self._accepted.set()
