@@ -26,7 +26,6 @@ from typing import Any, Dict, Optional, Tuple
 
 from servekit._private import constants
 from servekit._private.specs import WorkerSpec
-from servekit._private.wire.transport import RpcClient
 from servekit._private.workers.process import (
     WorkerProcess,
     cpu_state,
@@ -89,6 +88,9 @@ async def _kill_when_frozen(address: str, controller: WorkerProcess) -> None:
     loop is blocked, or the process is stopped), so that a new one is started. A ping
     missed while the controller only waited for a CPU does not count (see ``starved``).
     The first answer may take as long as a start; an exit is the caller's to see."""
+    # (Imported here, once the controller and the first proxy are on their way.)
+    from servekit._private.wire.transport import RpcClient
+
     timeout = constants.STARTUP_TIMEOUT_S
     missed = 0
     connection = None
