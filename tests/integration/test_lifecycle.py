@@ -184,6 +184,11 @@ def test_deleted_replicas_leave_no_socket_files_behind(start_instance: Callable)
     def sockets() -> List[str]:
         return sorted(name for name in os.listdir(instance_dir) if name.endswith(".sock"))
 
+    # The first replica is the one the supervisor started with the instance (its socket was
+    # there from the start): once it is gone, only the controller's socket is left.
+    client.create_backend("echo", Echo, "e")
+    client.delete_backend("echo")
+    wait_for(lambda: sockets() == ["controller.sock"], 10, "the first replica's socket file to go")
     before = sockets()
     for _ in range(3):
         client.create_backend("echo", Echo, "e", config={"num_replicas": 3})

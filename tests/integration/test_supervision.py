@@ -264,9 +264,10 @@ def test_failed_proxy_restart_is_retried_until_the_proxy_is_back(tmp_path, monke
         client.shutdown()
 
 
-def test_the_first_proxy_starts_beside_the_controller_which_adopts_it():
-    """The supervisor starts the first proxy while the controller starts (its child, not
-    the controller's); the controller runs that one, and it serves."""
+def test_the_first_proxy_and_replica_start_beside_the_controller_which_adopts_them():
+    """The supervisor starts the first proxy and the first replica while the controller
+    starts (its children, not the controller's); the controller runs those, and they
+    serve. The second replica is the controller's own."""
     port = free_port()
     client = serve.start(http_options={"port": port})
     try:
@@ -274,14 +275,23 @@ def test_the_first_proxy_starts_beside_the_controller_which_adopts_it():
         client.create_endpoint("echo", backend="echo", route="/echo")
         assert httpx.get(f"http://127.0.0.1:{port}/echo", params={"x": 1},
                          timeout=TIMEOUT).text == "fn:1"
+        client.update_backend_config("echo", {"num_replicas": 2})
         processes = client._call("status")["processes"]
-        [proxy] = [p["pid"] for p in processes if p["role"] == "proxy"]
+        parents = {p["pid"]: parent_pid(p["pid"]) for p in processes}
         [supervisor] = [p["pid"] for p in processes if p["role"] == "supervisor"]
-        with open(f"/proc/{proxy}/stat") as stat:
-            parent = int(stat.read().rsplit(")", 1)[1].split()[1])
-        assert parent == supervisor
+        [controller] = [p["pid"] for p in processes if p["role"] == "controller"]
+        [proxy] = [p["pid"] for p in processes if p["role"] == "proxy"]
+        replicas = [p["pid"] for p in processes if p["role"] == "replica"]
+        assert parents[proxy] == parents[controller] == supervisor
+        assert sorted(parents[pid] for pid in replicas) == sorted([supervisor, controller])
+        assert client.get_handle("echo").remote(2).result(timeout=TIMEOUT) == "fn:2"
     finally:
         client.shutdown()
+
+
+def parent_pid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as stat:
+        return int(stat.read().rsplit(")", 1)[1].split()[1])
 
 
 # --------------------------------------------------------------------------- 3. execution

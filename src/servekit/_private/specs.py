@@ -9,7 +9,7 @@ plain data: a worker unpickles its spec without importing pydantic (a replica's 
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 from servekit._private.backend_metadata import BackendMetadata, ReplicaConfig, ReplicaSettings
 
@@ -104,6 +104,19 @@ class ControllerSpec:
 
 
 @dataclasses.dataclass
+class EarlyWorker:
+    """A worker the supervisor started beside the first controller, which adopts it: where
+    it serves and its process's identity. A replica's has no spec yet: it imports its
+    role's modules meanwhile, then reads its ``WorkerSpec`` (on the listening socket
+    ``rpc_fd``) from the pipe ``spec_fd``."""
+
+    address: str
+    identity: Dict[str, Any]
+    rpc_fd: Optional[int] = None
+    spec_fd: Optional[int] = None
+
+
+@dataclasses.dataclass
 class WorkerSpec:
     """What a worker process is and how it reaches the rest of its instance."""
 
@@ -125,8 +138,10 @@ class WorkerSpec:
     # The supervisor's: the first HTTP proxy's payload (a ProxySpec), started at once beside
     # the controller, so the two start in parallel (None: no HTTP).
     proxy_payload: Optional[bytes] = None
-    # The first controller's: (address, identity) of that proxy, adopted as its first.
-    started_proxy: Optional[Tuple[str, Dict[str, Any]]] = None
+    # The first controller's: the workers the supervisor started beside it, which it adopts
+    # as its first proxy and its first replica.
+    early_proxy: Optional[EarlyWorker] = None
+    early_replica: Optional[EarlyWorker] = None
 
     def load_payload(self) -> Any:
         import cloudpickle  # (not in the supervisor, which passes the payload on)

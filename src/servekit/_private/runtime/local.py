@@ -17,7 +17,7 @@ import cloudpickle
 from servekit._private.controller.store import SQLiteStore
 from servekit._private.resources import GPUAllocator, detect_gpus, machine_capacity
 from servekit._private.runtime.base import Connection, Runtime
-from servekit._private.specs import ControllerSpec, WorkerSpec
+from servekit._private.specs import ControllerSpec, EarlyWorker, WorkerSpec
 from servekit._private.wire.transport import RpcClient
 from servekit._private.workers.process import (
     AdoptedProcess,
@@ -25,6 +25,7 @@ from servekit._private.workers.process import (
     process_start_time,
     start_worker,
     unix_socket_holders,
+    write_spec,
 )
 from servekit.exceptions import ServeError
 
@@ -39,14 +40,15 @@ class LocalRuntime(Runtime):
                  custom_resources: Optional[Dict[str, float]] = None,
                  http_socket: Optional[socket.socket] = None,
                  lifeline_fd: Optional[int] = None, log_dir: Optional[str] = None,
-                 log_to_stderr: bool = True,
-                 started_proxy: Optional[Tuple[str, dict]] = None) -> None:
+                 log_to_stderr: bool = True, early_proxy: Optional[EarlyWorker] = None,
+                 early_replica: Optional[EarlyWorker] = None) -> None:
         """``http_socket``: the bound HTTP socket proxies serve (None: no HTTP).
         ``lifeline_fd``: the pipe workers watch (None: each watches this process).
         ``log_dir``: where workers write their log files (None: stderr only);
-        ``log_to_stderr``: whether they log to stderr too. ``started_proxy``: (address,
-        identity) of the first HTTP proxy, which the supervisor started beside this
-        controller: launching it adopts that one."""
+        ``log_to_stderr``: whether they log to stderr too. ``early_proxy``,
+        ``early_replica``: the workers the supervisor started beside this controller:
+        launching the first proxy adopts the one, the first replica (of this Python and
+        without GPUs) the other."""
         self.instance_dir = instance_dir
         self.store_path = os.path.join(instance_dir, "state.db")
         self.store = SQLiteStore(self.store_path)
@@ -63,7 +65,8 @@ class LocalRuntime(Runtime):
         self._capacity = machine_capacity(gpus, custom_resources)
         self._gpus = GPUAllocator(gpus)
         self._gpu_requests: Dict[str, float] = {}
-        self._started_proxy = started_proxy
+        self._early_proxy = early_proxy
+        self._early_replica = early_replica
 
     def capacity(self) -> Dict[str, float]:
         """CPUs and GPUs of this machine plus the custom resources given to ``start``."""
@@ -89,13 +92,25 @@ class LocalRuntime(Runtime):
     async def launch(self, name: str, role: str, payload: Any, *,
                      resources: Optional[dict] = None, python: Optional[str] = None,
                      node: Optional[str] = None) -> str:
-        if role == "proxy" and name == "proxy" and self._started_proxy is not None:
-            # The first proxy, started by the supervisor beside this controller.
-            address, identity = self._started_proxy
-            self._started_proxy = None
-            if self.adopt(name, role, address, identity):
-                return address
-            _remove(address)  # it died: start another
+        num_gpus = (resources or {}).get("num_gpus") or 0
+        early = None
+        if role == "proxy" and name == "proxy":
+            early, self._early_proxy = self._early_proxy, None
+        elif role == "replica" and python is None and not num_gpus:
+            early, self._early_replica = self._early_replica, None
+        if early is not None:
+            if early.spec_fd is not None:  # a replica waiting for its spec
+                assert early.rpc_fd is not None
+                spec = WorkerSpec(role=role, name=name, instance_dir=self.instance_dir,
+                                  rpc_fd=early.rpc_fd, controller_address=self._controller_address,
+                                  payload=cloudpickle.dumps(payload), sys_path=self._sys_path,
+                                  watch_parent=False, lifeline_fd=self._lifeline_fd,
+                                  log_dir=self._log_dir, log_to_stderr=self._log_to_stderr)
+                await asyncio.get_running_loop().run_in_executor(
+                    None, write_spec, early.spec_fd, spec)
+            if self.adopt(name, role, early.address, early.identity):
+                return early.address
+            _remove(early.address)  # it died: start another
         extra_fds = {}
         if role == "proxy":
             if self._http_socket is None:
@@ -105,7 +120,6 @@ class LocalRuntime(Runtime):
             extra_fds["http"] = self._http_socket.fileno()
             self._proxies.add(name)
         env = None
-        num_gpus = (resources or {}).get("num_gpus") or 0
         devices = self._gpus.assign(name, num_gpus)
         if devices is not None:
             self._gpu_requests[name] = num_gpus
@@ -171,9 +185,10 @@ class LocalRuntime(Runtime):
         """Every worker serves a socket in the instance directory: one that no worker of
         this runtime owns belongs to a worker launched and never recorded. Its processes
         (found by the socket they hold) are killed and the file removed."""
-        owned = set(self._sockets.values())
-        if self._started_proxy is not None:
-            owned.add(self._started_proxy[0])  # recorded once launch adopts it
+        # (and the early workers, recorded once a launch adopts them)
+        owned = {*self._sockets.values(),
+                 *(early.address for early in (self._early_proxy, self._early_replica)
+                   if early is not None)}
         reaped = []
         for path in glob.glob(os.path.join(glob.escape(self.instance_dir), "[rp]-*.sock")):
             if path in owned:
@@ -235,7 +250,7 @@ async def run_local_controller(worker: WorkerSpec, sock: socket.socket,
                            http_socket=None if http_fd is None else socket.socket(fileno=http_fd),
                            lifeline_fd=worker.lifeline_fd, log_dir=worker.log_dir,
                            log_to_stderr=worker.log_to_stderr,
-                           started_proxy=worker.started_proxy)
+                           early_proxy=worker.early_proxy, early_replica=worker.early_replica)
     # The instance's other processes watch the same lifeline as this one: when it closes,
     # they all exit by themselves, and the supervisor removes the directory.
     await serve_controller(runtime, spec.http_options, sock, stop)

@@ -22,10 +22,12 @@ import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from servekit._private.constants import PROCESS_STOP_TIMEOUT_S
-from servekit._private.specs import WorkerSpec
+from servekit._private.specs import EarlyWorker, WorkerSpec
 from servekit.exceptions import HostNotFoundError, ServeError
 
 _LENGTH = struct.Struct("!Q")
+# The environment variable that makes a worker import a role's modules before its spec comes.
+PRELOAD_ROLE = "SERVEKIT_PRELOAD_ROLE"
 
 # Run (quickly, from the lifeline thread) just before a worker exits because its parent died.
 parent_exit_hooks: List[Callable[[], None]] = []
@@ -97,9 +99,8 @@ class WorkerProcess:
         finally:
             if log is not None:
                 log.close()
-        data = pickle.dumps(spec, protocol=5)
         assert self.popen.stdin is not None
-        self.popen.stdin.write(_LENGTH.pack(len(data)) + data)
+        self.popen.stdin.write(spec_message(spec))
         self.popen.stdin.flush()
         if not spec.watch_parent:
             self.popen.stdin.close()
@@ -265,6 +266,45 @@ class AdoptedProcess:
             await loop.run_in_executor(None, self.kill)
         else:
             os.close(self._pidfd)
+
+
+def spec_message(spec: WorkerSpec) -> bytes:
+    """What a worker reads on its stdin: ``spec``, length-prefixed."""
+    data = pickle.dumps(spec, protocol=5)
+    return _LENGTH.pack(len(data)) + data
+
+
+def start_early_replica(*, instance_dir: str, lifeline_fd: int) -> EarlyWorker:
+    """Start a replica process with no spec yet, serving a new Unix socket in
+    ``instance_dir``: it imports the replica's modules, then waits for the spec its
+    controller writes to ``spec_fd`` (and exits if the pipe closes first)."""
+    path = os.path.join(instance_dir, f"r-{secrets.token_hex(6)}.sock")
+    sock = bind_unix_socket(path)
+    rpc_fd = sock.fileno()  # (its number in the replica too)
+    try:
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "servekit._private.workers.worker"], stdin=subprocess.PIPE,
+            pass_fds=[sock.fileno(), lifeline_fd], env={**os.environ, PRELOAD_ROLE: "replica"})
+    except BaseException:
+        os.unlink(path)
+        raise
+    finally:
+        sock.close()
+    assert popen.stdin is not None
+    spec_fd = os.dup(popen.stdin.fileno())  # (the Popen's copy closes with it)
+    popen.stdin.close()
+    return EarlyWorker(path, {"pid": popen.pid, "start_time": process_start_time(popen.pid)},
+                       rpc_fd=rpc_fd, spec_fd=spec_fd)
+
+
+def write_spec(fd: int, spec: WorkerSpec) -> None:
+    """Give ``spec`` to the worker reading the pipe ``fd`` (blocks while the pipe is full),
+    and close it."""
+    try:
+        with open(fd, "wb", closefd=True) as pipe:
+            pipe.write(spec_message(spec))
+    except BrokenPipeError:
+        pass  # it is gone: its adoption fails
 
 
 def read_spec(stream: Any) -> WorkerSpec:

@@ -22,15 +22,16 @@ import signal
 import socket
 import threading
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Optional
 
 from servekit._private import constants
-from servekit._private.specs import WorkerSpec
+from servekit._private.specs import EarlyWorker, WorkerSpec
 from servekit._private.workers.process import (
     WorkerProcess,
     cpu_state,
     parent_exit_hooks,
     process_start_time,
+    start_early_replica,
     start_worker,
 )
 from servekit.exceptions import BackendUnavailableError
@@ -158,17 +159,25 @@ async def run_supervisor(worker: WorkerSpec, sock: socket.socket, stop: asyncio.
     # The script that started a non-detached instance is gone: so is the instance.
     parent_exit_hooks.append(lambda: finish(everything=True))
     address = sock.getsockname()
+    # The first proxy and the first replica start now, beside the controller, which adopts
+    # them: the three boot at once instead of one after the other.
+    early_replica = start_early_replica(instance_dir=worker.instance_dir,
+                                        lifeline_fd=lifeline_read)
+    assert early_replica.spec_fd is not None
     spec = WorkerSpec(role="controller", name="controller", instance_dir=worker.instance_dir,
                       rpc_fd=sock.fileno(), controller_address=None, payload=worker.payload,
-                      sys_path=worker.sys_path, watch_parent=False,
-                      lifeline_fd=lifeline_read, extra_fds=dict(worker.extra_fds),
+                      sys_path=worker.sys_path, watch_parent=False, lifeline_fd=lifeline_read,
+                      extra_fds={**worker.extra_fds, "early_replica": early_replica.spec_fd},
                       log_dir=worker.log_dir, log_to_stderr=worker.log_to_stderr,
-                      started_proxy=_start_proxy(worker, address, lifeline_read))
+                      early_proxy=_start_proxy(worker, address, lifeline_read),
+                      early_replica=early_replica)
     failures = 0
     while True:
         started = time.monotonic()
         controller = WorkerProcess(spec)
-        spec.started_proxy = None  # a restarted controller finds it in the saved state
+        if spec.early_replica is not None:  # only the first controller adopts them
+            os.close(spec.extra_fds.pop("early_replica"))
+            spec.early_proxy = spec.early_replica = None
         running[:] = [controller]
         reaper = asyncio.ensure_future(_reap_periodically(controller))
         watchdog = asyncio.ensure_future(_kill_when_frozen(address, controller))
@@ -196,10 +205,9 @@ async def run_supervisor(worker: WorkerSpec, sock: socket.socket, stop: asyncio.
 
 
 def _start_proxy(worker: WorkerSpec, controller_address: str,
-                 lifeline: int) -> Optional[Tuple[str, Dict[str, Any]]]:
-    """Start the instance's first HTTP proxy, if it serves HTTP, as the controller would:
-    it boots while the controller does (which adopts it as its first) instead of after.
-    Its (address, identity); None without HTTP."""
+                 lifeline: int) -> Optional[EarlyWorker]:
+    """Start the instance's first HTTP proxy, if it serves HTTP, as the controller would
+    (None without HTTP)."""
     if worker.proxy_payload is None:
         return None
     address, proxy = start_worker(
@@ -207,7 +215,8 @@ def _start_proxy(worker: WorkerSpec, controller_address: str,
         controller_address=controller_address, sys_path=worker.sys_path,
         extra_fds={"http": worker.extra_fds["http"]}, lifeline_fd=lifeline,
         log_dir=worker.log_dir, log_to_stderr=worker.log_to_stderr)
-    return address, {"pid": proxy.pid, "start_time": process_start_time(proxy.pid)}
+    return EarlyWorker(address, {"pid": proxy.pid,
+                                 "start_time": process_start_time(proxy.pid)})
 
 
 def _clean(instance_dir: str) -> None:

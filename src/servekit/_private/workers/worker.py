@@ -22,7 +22,7 @@ import setproctitle
 from servekit._private.event_loop import new_event_loop
 from servekit._private.specs import WorkerSpec
 from servekit._private.workers.logs import configure_logging
-from servekit._private.workers.process import parent_exit_hooks, read_spec
+from servekit._private.workers.process import PRELOAD_ROLE, parent_exit_hooks, read_spec
 
 
 def _watch_lifeline(fd: int) -> None:
@@ -90,7 +90,15 @@ def role_main(role: str) -> Callable[[WorkerSpec, socket.socket, asyncio.Event],
 
 
 def main() -> None:
-    spec: WorkerSpec = read_spec(sys.stdin.buffer)
+    preload = os.environ.pop(PRELOAD_ROLE, None)
+    if preload is not None:  # started before its spec: imports its role's modules meanwhile
+        role_main(preload)
+    try:
+        spec: WorkerSpec = read_spec(sys.stdin.buffer)
+    except SystemExit:
+        if preload is None:
+            raise
+        os._exit(0)  # its instance ended without needing it
     if spec.daemonize and os.fork() > 0:
         os._exit(0)  # the worker goes on in the child, which init adopts
     for path in reversed(spec.sys_path):
