@@ -43,7 +43,8 @@ def echo(request: Request) -> dict:
     """Report what arrived, so a test can check it survived the proxy."""
     body = asyncio.run(request.body())
     return {
-        "type": type(request).__name__,
+        "starlette_request": isinstance(request, Request),
+        "sync_body": request.data.decode("utf-8"),  # (what sync code reads)
         "method": request.method,
         "path": request.url.path,
         "query": dict(request.query_params),
@@ -251,7 +252,8 @@ def test_body_query_and_headers_reach_backend_as_starlette_request(http):
     )
     assert response.status_code == 200, response.text
     assert response.json() == {
-        "type": "Request",
+        "starlette_request": True,
+        "sync_body": "body text ✓",
         "method": "POST",
         "path": "/echo",
         "query": {"name": "Ada", "tag": "y"},

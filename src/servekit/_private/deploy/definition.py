@@ -77,14 +77,19 @@ class BackendDefinition:
 
 
 def local_modules(directory: str) -> Dict[str, str]:
-    """The modules imported in this process from files under ``directory`` (not from a
-    virtualenv inside it), by name -> file."""
-    prefix = os.path.join(os.path.abspath(directory), "")
+    """The modules imported in this process from ``directory`` as their import root (its
+    own modules and packages, not a virtualenv inside it nor a project installed from a
+    folder of it, as servekit itself from ``src/`` of a checkout), by name -> file."""
+    root = os.path.abspath(directory)
     found = {}
     for name, module in list(sys.modules.items()):
         path = getattr(module, "__file__", None)
-        if isinstance(path, str) and os.path.abspath(path).startswith(prefix) and \
-                "-packages" + os.sep not in path:
+        if not isinstance(path, str):
+            continue
+        relative = os.path.relpath(os.path.abspath(path), root)
+        top = name.partition(".")[0]
+        if relative in (f"{top}.py", os.path.join(top, "__init__.py")) or \
+                (name != top and relative.startswith(top + os.sep)):
             found[name] = os.path.abspath(path)
     return found
 
