@@ -73,3 +73,28 @@ def test_the_endpoints_its_code_gets_handles_to_are_found(tmp_path: Path) -> Non
         "parts.py": "def part(client):\n    return client.get_handle('part', sync=False)\n",
     })
     assert local_code(str(tmp_path), "compose").handles == {"iris-model", "other", "part"}
+
+
+def test_the_modules_a_reload_forgets_are_those_the_directory_is_the_import_root_of(
+        tmp_path: Path) -> None:
+    """A deploy from a checkout of a project installed from its ``src/`` (servekit's own
+    tests do this) forgets the checkout's modules, never the installed project's."""
+    import sys
+
+    from servekit._private.deploy.definition import forget_local_modules, local_modules
+
+    write(tmp_path, {"mod_a1.py": "", "pkg_a1/__init__.py": "", "pkg_a1/sub.py": "",
+                     "src/installed_a1/__init__.py": ""})
+    sys.path[:0] = [str(tmp_path), str(tmp_path / "src")]
+    try:
+        import installed_a1  # noqa: F401
+        import mod_a1  # noqa: F401
+        import pkg_a1.sub  # noqa: F401
+
+        assert sorted(local_modules(str(tmp_path))) == ["mod_a1", "pkg_a1", "pkg_a1.sub"]
+        forget_local_modules(str(tmp_path))
+        assert "installed_a1" in sys.modules and "mod_a1" not in sys.modules
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.path.remove(str(tmp_path / "src"))
+        sys.modules.pop("installed_a1", None)
