@@ -319,4 +319,5 @@ def test_the_servekit_command_starts_and_shuts_down_a_ray_instance(cluster: Any)
     wait_for(lambda: servekit_actors() == [], TIMEOUT, "every servekit actor gone")
     missing = servekit("status")
     assert missing.returncode == 1
-    assert "no instance running on this Ray cluster" in missing.stderr
+    assert "no servekit instance is running on this Ray cluster; start one with " \
+        "'servekit start --address" in missing.stderr
