@@ -24,13 +24,12 @@ import contextvars
 import dataclasses
 import logging
 import random
-import socket
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Set, Tuple
 
 import cloudpickle
 from scenarios import check, scenario
 from simloop import TICK, SimLoop, SimThreads, run, sim_threads
-from simnet import ConnectFaults, SimNet
+from simnet import ConnectFaults, ListeningSocket, SimNet
 
 from servekit._private import constants
 from servekit._private.backend_metadata import ReplicaConfig
@@ -168,18 +167,6 @@ def _caller_of(request: Any) -> Any:
     return caller
 
 
-class _ListeningSocket:
-    """What ``RpcServer.start`` is given: the address of a listener of the simulated net."""
-
-    family = socket.AF_UNIX
-
-    def __init__(self, address: str) -> None:
-        self._address = address
-
-    def getsockname(self) -> str:
-        return self._address
-
-
 @dataclasses.dataclass
 class Caller:
     """One request and what its caller does; ``outcome`` is what it saw."""
@@ -265,7 +252,7 @@ class SimReplica:
 
     async def start(self) -> None:
         self.replica.start()
-        await self.server.start(_ListeningSocket(self.address))  # type: ignore[arg-type]
+        await self.server.start(ListeningSocket(self.address))  # type: ignore[arg-type]
         await self.replica.ready()
 
 

@@ -19,13 +19,12 @@ import asyncio
 import dataclasses
 import logging
 import random
-import socket
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 import cloudpickle
 from scenarios import check, scenario
 from simloop import SimLoop, run, sim_threads
-from simnet import ConnectFaults, SimNet
+from simnet import ConnectFaults, ListeningSocket, SimNet
 
 import servekit as serve
 from servekit._private import constants, context
@@ -111,16 +110,6 @@ def _current() -> "World":
     return _world
 
 
-class _ListeningSocket:
-    family = socket.AF_UNIX
-
-    def __init__(self, address: str) -> None:
-        self._address = address
-
-    def getsockname(self) -> str:
-        return self._address
-
-
 @dataclasses.dataclass
 class Settings:
     replicas: int
@@ -195,7 +184,7 @@ class World:
             replica = Replica(spec)
             server = RpcServer({"ready": replica.ready, "call": replica.handle_call})
             replica.start()
-            await server.start(_ListeningSocket(f"/sim/{tag}"))  # type: ignore[arg-type]
+            await server.start(ListeningSocket(f"/sim/{tag}"))  # type: ignore[arg-type]
             await replica.ready()
             self.replicas.append((tag, replica))
         self.router.apply({constants.KEY_REPLICAS: (1, {BACKEND: [

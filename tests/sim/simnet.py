@@ -514,3 +514,15 @@ class SimTcp:
         except BaseException:  # (failed, or its caller gave up: as asyncio, closed)
             transport.abort()
             raise
+
+
+class ListeningSocket:
+    """What ``RpcServer.start`` is given: the address of a listener of the simulated net."""
+
+    family = socket.AF_UNIX
+
+    def __init__(self, address: str) -> None:
+        self._address = address
+
+    def getsockname(self) -> str:
+        return self._address
