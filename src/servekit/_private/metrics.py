@@ -17,6 +17,7 @@ scrape time: a request is recorded once, under servekit's name.
 
 from __future__ import annotations
 
+import abc
 import bisect
 import math
 import os
@@ -116,7 +117,7 @@ class _HistogramSeries:
         yield f"{name}_sum{_label_text(labels)} {_number(total)}"
 
 
-class _Family:
+class _Family(abc.ABC):
     """A metric family: its name, help, label names and a series per label values."""
 
     _type = ""
@@ -130,8 +131,9 @@ class _Family:
         self._lock = threading.Lock()
         registry.add(self)
 
+    @abc.abstractmethod
     def _new_series(self) -> Any:
-        raise NotImplementedError
+        """A new series of this family's kind."""
 
     def labels(self, *values: Any) -> Any:
         """The series of these label values (made at first use)."""
