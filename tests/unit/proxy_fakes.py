@@ -48,6 +48,7 @@ class FakeTransport(asyncio.Transport):
         self.closing = False
         self.lost = False
         self.buffered = 0
+        self.eof_written = False
         self.protocol: Any = None
         self.socket = None if fileno is None else FakeSocket(fileno)
 
@@ -79,6 +80,12 @@ class FakeTransport(asyncio.Transport):
         if name == "socket":
             return self.socket
         return ("127.0.0.1", 1234) if name in ("peername", "sockname") else default
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.eof_written = True
 
     def pause_reading(self) -> None:
         pass

@@ -552,7 +552,7 @@ class ProxyWebSocketProtocol(WebSocketsSansIOProtocol):
         """Make what the budget counts for this connection what it holds now: its queued
         messages, and the bytes of the next one received so far (a partial frame, and the
         frames of a fragmented message)."""
-        if self.disconnected:
+        if self.disconnected or self.close_sent:  # what comes after the close is dropped
             return
         partial = len(self.conn.reader.buffer) + sum(map(len, self.frames))
         held = self._messages + partial
@@ -565,17 +565,30 @@ class ProxyWebSocketProtocol(WebSocketsSansIOProtocol):
         self._held = held
 
     def _refuse(self) -> None:
-        """The proxy holds too many request bytes: close with 1013 (try again later)."""
+        """The proxy holds too many request bytes: close with 1013 (try again later).
+
+        The close frame goes out followed by the end of the proxy's half of the stream;
+        what the client still sends is read and dropped until it closes its half (or
+        ``close_timeout`` passes). Closing at once with its bytes unread would reset the
+        connection, and a reset can overtake the close frame: the client would never see
+        why it was closed."""
         self._budget.give_back(self._held)
         self._held = 0
         if self.transport.is_closing():
             return
-        if self.handshake_complete and self.initial_response is None and not self.close_sent:
-            self.conn.fail(1013, "the proxy holds too many request bytes "
-                                 "(HTTPOptions.max_held_body_bytes); try again later")
-            self.transport.write(b"".join(self.conn.data_to_send()))
-            self.close_sent = True
-        self.transport.close()
+        if not (self.handshake_complete and self.initial_response is None
+                and not self.close_sent):
+            self.transport.close()
+            return
+        self.conn.fail(1013, "the proxy holds too many request bytes "
+                             "(HTTPOptions.max_held_body_bytes); try again later")
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.close_sent = True
+        self.queue.put_nowait({"type": "websocket.disconnect", "code": 1013})
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.transport.resume_reading()
+        self.close_timer = self.loop.call_later(self.close_timeout, self.transport.close)
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
         super().connection_lost(exc)
