@@ -11,7 +11,8 @@ target of issue 14 beside it (PASS/MISS). Numbers are never asserted: these mach
 shared and noisy, so compare ratios measured in one run, or two JSON files of runs made on
 the same machine back to back (``--compare``). HTTP load comes from ``wrk`` (127.0.0.1
 only, bounded in time); without ``wrk`` the HTTP scenarios are skipped with a line saying
-so. Ray Serve is measured when ``ray[serve]`` is importable, in full runs only.
+so. Ray Serve is measured when ``ray[serve]`` is importable, in full runs only; LitServe
+(the ``peers`` scenario: servekit and LitServe on one JSON POST) when ``litserve`` is.
 ``--server`` picks the proxies' HTTP server (``HTTPOptions.server``: uvicorn, the default,
 or granian); the no-op's ceilings are bare uvicorn (ASGI) and, when granian is installed,
 bare granian (RSGI), both whatever the proxies run on.
@@ -27,6 +28,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -90,6 +92,11 @@ METRICS: Dict[str, Tuple[str, Optional[float], str, str]] = {
     "bodies.stream_rps8": ("req/s", None, "min", "100 x 1 KiB chunks streamed, 8 conns"),
     "bodies.upload_rps8": ("req/s", None, "min", "1 MiB POST bodies, 8 conns"),
     "bodies.upload_mb_s": ("MB/s", None, "min", "the same, request bytes per second"),
+    "peers.servekit_post_rps": ("req/s", None, "min", "servekit, JSON POST no-op, 32 conns"),
+    "peers.litserve_rps": ("req/s", None, "min", "LitServe, the same POST, 32 conns"),
+    "peers.servekit_over_litserve": ("x", None, "min", "servekit / LitServe, JSON POST"),
+    "peers.servekit_post_p50_ms": ("ms", None, "max", "servekit, JSON POST, p50 at 1 conn"),
+    "peers.litserve_p50_ms": ("ms", None, "max", "LitServe, the same, p50 at 1 conn"),
 }
 
 
@@ -102,7 +109,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_http(url: str, deadline_s: float = 30.0) -> None:
+def wait_http(url: str, deadline_s: float = 30.0,
+              process: Optional[subprocess.Popen] = None) -> None:
+    """Wait for ``url`` to answer below 500; fail if ``process`` (serving it) exits first."""
     deadline = time.monotonic() + deadline_s
     while True:
         try:
@@ -110,6 +119,9 @@ def wait_http(url: str, deadline_s: float = 30.0) -> None:
                 return
         except httpx.HTTPError:
             pass
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{process.args} exited with {process.returncode} before "
+                               f"{url} answered")
         if time.monotonic() > deadline:
             raise TimeoutError(f"{url} did not answer within {deadline_s}s")
         time.sleep(0.05)
@@ -292,6 +304,100 @@ def ray_serve_rps(runs: int, seconds: float) -> List[float]:
     finally:
         ray_serve.shutdown()
         ray.shutdown()
+
+
+def have_litserve() -> bool:
+    try:
+        import litserve  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def litserve_noop() -> Iterator[str]:
+    """benchmarks/litserve_noop.py served in a session of its own (LitServe spawns its API
+    server and worker processes), stopped with its whole process group; its URL."""
+    port = free_port()
+    directory = os.path.dirname(os.path.abspath(__file__))
+    process = subprocess.Popen([sys.executable, "litserve_noop.py", str(port)],
+                               cwd=directory, start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", 120, process)
+        yield f"http://127.0.0.1:{port}/predict"
+    finally:
+        stop_group(process)
+
+
+def stop_group(process: subprocess.Popen) -> None:
+    """Stop the process group ``process`` leads (started with ``start_new_session``):
+    SIGTERM, then SIGKILL to whatever of the group is left after 10 s."""
+    os.killpg(process.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(10)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+@contextlib.contextmanager
+def json_post_script() -> Iterator[str]:
+    """A wrk script POSTing the peers' JSON body; its path."""
+    directory = tempfile.mkdtemp(prefix="servekit-bench-")
+    path = os.path.join(directory, "post.lua")
+    with open(path, "w") as script:
+        script.write(f"wrk.method = \"POST\"\nwrk.body = '{_PEER_BODY}'\n"
+                     'wrk.headers["Content-Type"] = "application/json"\n')
+    try:
+        yield path
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+_PEER_BODY = '{"input": 1}'
+
+
+async def json_noop(request: Any) -> Dict[str, str]:
+    """servekit's side of the peers' no-op: parse the JSON body, answer a small dict."""
+    await request.json()
+    return {"output": "ok"}
+
+
+def check_json_noop(url: str) -> None:
+    """Fail unless ``url`` answers the peers' POST as the no-op does (an error answered
+    fast would pass for throughput)."""
+    answer = httpx.post(url, content=_PEER_BODY, headers={"content-type": "application/json"},
+                        timeout=30)
+    if answer.status_code != 200 or answer.json() != {"output": "ok"}:
+        raise RuntimeError(f"{url} answered the JSON no-op with {answer.status_code} "
+                           f"{answer.text[:200]!r}, not 200 {{'output': 'ok'}}")
+
+
+def scenario_peers(runs: int, quick: bool) -> Results:
+    """servekit beside LitServe (benchmarks/litserve_noop.py: one API server, one worker,
+    ``fast_queue``) on the same JSON POST, both up and measured in turn; skipped when
+    LitServe is not installed. (Ray Serve's no-op is in the ``http`` scenario.)"""
+    if not have_litserve():
+        print("  peers: skipped (LitServe is not installed: pip install litserve==0.2.19)")
+        return {}
+    seconds = 2 if quick else 5
+    results: Results = {}
+    with json_post_script() as script, litserve_noop() as peer, instance() as (client, base):
+        client.create_backend("json", json_noop)
+        client.create_endpoint("json", backend="json", route="/json", methods=["POST"])
+        served = f"{base}/json"
+        for url in (peer, served):
+            check_json_noop(url)
+            wrk(url, 32, 1, script)  # warm up
+        for _ in range(runs):
+            peer32, peer1 = wrk(peer, 32, seconds, script), wrk(peer, 1, seconds, script)
+            at32, at1 = wrk(served, 32, seconds, script), wrk(served, 1, seconds, script)
+            results.setdefault("peers.servekit_post_rps", []).append(at32[0])
+            results.setdefault("peers.litserve_rps", []).append(peer32[0])
+            results.setdefault("peers.servekit_over_litserve", []).append(at32[0] / peer32[0])
+            results.setdefault("peers.servekit_post_p50_ms", []).append(at1[1])
+            results.setdefault("peers.litserve_p50_ms", []).append(peer1[1])
+    return results
 
 
 def scenario_handles(runs: int, quick: bool) -> Results:
@@ -664,9 +770,9 @@ SCENARIOS: Dict[str, Callable[[int, bool], Results]] = {
     "rss": scenario_rss, "batching": scenario_batching, "batch_route": scenario_batch_route,
     "proxies": scenario_proxies,
     "scale": scenario_scale, "transport": scenario_transport, "asgi": scenario_asgi,
-    "bodies": scenario_bodies,
+    "bodies": scenario_bodies, "peers": scenario_peers,
 }
-NEEDS_WRK = {"http", "batch_route", "proxies", "scale", "asgi", "bodies"}
+NEEDS_WRK = {"http", "batch_route", "proxies", "scale", "asgi", "bodies", "peers"}
 
 
 # --------------------------------------------------------------------------- reporting

@@ -1,0 +1,30 @@
+"""The JSON no-op on LitServe, the peer of servekit's JSON POST in the ``peers`` scenario of
+benchmarks/suite.py: one API server, one CPU worker, ZeroMQ between them (``fast_queue``),
+access logs off. Serves ``POST /predict`` until stopped.
+
+    python benchmarks/litserve_noop.py PORT
+"""
+
+import sys
+from typing import Any
+
+import litserve as ls
+
+
+class Noop(ls.LitAPI):
+    def decode_request(self, request, **kwargs: Any) -> Any:  # type: ignore[no-untyped-def]
+        # (``request`` unannotated: LitServe then parses the body as JSON)
+        return request
+
+    def predict(self, x: Any, **kwargs: Any) -> Any:
+        return x
+
+    def encode_response(self, output: Any, **kwargs: Any) -> Any:
+        return {"output": "ok"}
+
+
+if __name__ == "__main__":
+    server = ls.LitServer(Noop(), accelerator="cpu", devices=1, workers_per_device=1,
+                          fast_queue=True)
+    server.run(host="127.0.0.1", port=int(sys.argv[1]), num_api_servers=1,
+               log_level="warning", generate_client_file=False)
