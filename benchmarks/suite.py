@@ -5,6 +5,7 @@
     python benchmarks/suite.py --only http,handles --runs 5 --json after.json
     python benchmarks/suite.py --compare before.json after.json
     python benchmarks/suite.py --only http,asgi,bodies,proxies --server granian
+    python benchmarks/suite.py --quick --results-md benchmarks/RESULTS.md
 
 Each metric is measured ``--runs`` times; the table shows the median, min and max, and the
 target of issue 14 beside it (PASS/MISS). Numbers are never asserted: these machines are
@@ -15,7 +16,9 @@ so. Ray Serve is measured when ``ray[serve]`` is importable, in full runs only; 
 (the ``peers`` scenario: servekit and LitServe on one JSON POST) when ``litserve`` is.
 ``--server`` picks the proxies' HTTP server (``HTTPOptions.server``: uvicorn, the default,
 or granian); the no-op's ceilings are bare uvicorn (ASGI) and, when granian is installed,
-bare granian (RSGI), both whatever the proxies run on.
+bare granian (RSGI), both whatever the proxies run on. ``--results-md`` writes the run's
+table, with its date, commit and machine, as the latest figures of benchmarks/RESULTS.md
+(between the two marker lines there); the rest of the file is left as it was.
 """
 
 from __future__ import annotations
@@ -23,10 +26,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime
 import json
 import multiprocessing
 import os
+import platform
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -34,6 +40,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -786,18 +793,84 @@ def verdict(metric: str, value: float) -> str:
     return "PASS" if passed else "MISS"
 
 
-def table(results: Results) -> str:
-    lines = [f"{'metric':32} {'median':>11} {'min':>11} {'max':>11} {'unit':7} "
-             f"{'target':>10}  verdict  what"]
+Row = Tuple[str, float, float, float, str, str, str, str]
+
+
+def rows(results: Results) -> Iterator[Row]:
+    """Each measured metric, in METRICS' order: name, median, min, max, unit, target,
+    verdict, what it is."""
     for metric, (unit, target, direction, what) in METRICS.items():
         values = results.get(metric)
         if not values:
             continue
         median = statistics.median(values)
         wanted = "" if target is None else f"{'>=' if direction == 'min' else '<='}{target:g}"
-        lines.append(f"{metric:32} {median:11.3f} {min(values):11.3f} {max(values):11.3f} "
-                     f"{unit:7} {wanted:>10}  {verdict(metric, median):7}  {what}")
+        yield (metric, median, min(values), max(values), unit, wanted, verdict(metric, median),
+               what)
+
+
+def table(results: Results) -> str:
+    lines = [f"{'metric':32} {'median':>11} {'min':>11} {'max':>11} {'unit':7} "
+             f"{'target':>10}  verdict  what"]
+    for metric, median, low, high, unit, wanted, passed, what in rows(results):
+        lines.append(f"{metric:32} {median:11.3f} {low:11.3f} {high:11.3f} "
+                     f"{unit:7} {wanted:>10}  {passed:7}  {what}")
     return "\n".join(lines)
+
+
+# The section of RESULTS.md that --results-md rewrites lies between these two lines.
+LATEST_BEGIN = "<!-- latest figures: written by benchmarks/suite.py --results-md -->"
+LATEST_END = "<!-- end of the latest figures -->"
+
+
+def figure(value: float) -> str:
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}"
+
+
+def latest_figures(results: Results, command: str, when: str, at: str, machine: str) -> str:
+    """The latest-figures section of RESULTS.md: how, when, at which commit and where the
+    run was made, then its table in Markdown."""
+    how = textwrap.fill(
+        f"Written by `{command}` on {when} at commit {at}; {machine}. Medians of the runs "
+        "with their min and max; the targets are issue 14's and 26's. A shared machine is "
+        "noisy: read the ratios, measured in this one run. Earlier measurements, with what "
+        "they showed, follow as history.", 92, break_long_words=False, break_on_hyphens=False)
+    lines = ["## Latest figures", "", how, "",
+             "| metric | median | min | max | unit | target | verdict | what |",
+             "|---|---:|---:|---:|---|---|---|---|"]
+    for metric, median, low, high, unit, wanted, passed, what in rows(results):
+        lines.append(f"| {metric} | {figure(median)} | {figure(low)} | {figure(high)} | "
+                     f"{unit} | {wanted} | {passed} | {what} |")
+    return "\n".join(lines)
+
+
+def replace_latest(text: str, section: str, path: str) -> str:
+    """``text`` with what lies between its LATEST_BEGIN and LATEST_END lines replaced by
+    ``section``; the rest of it as it was."""
+    begin, end = text.find(LATEST_BEGIN), text.find(LATEST_END)
+    if begin < 0 or end < begin:
+        raise ValueError(f"{path} has no latest-figures section to replace: add the lines "
+                         f"{LATEST_BEGIN!r} and {LATEST_END!r} (in that order) where it goes")
+    return f"{text[:begin + len(LATEST_BEGIN)]}\n{section}\n{text[end:]}"
+
+
+def write_latest(path: str, section: str) -> None:
+    with open(path) as markdown:
+        text = markdown.read()
+    text = replace_latest(text, section, path)
+    with open(path, "w") as markdown:
+        markdown.write(text)
+
+
+def machine() -> str:
+    """The machine of a run, as RESULTS.md describes it."""
+    model = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
+        model = next((line.split(":", 1)[1].strip() for line in cpuinfo
+                      if line.startswith("model name")), "")
+    return (f"{os.cpu_count()} cores{f' ({model})' if model else ''}, "
+            f"{platform.system()} {platform.machine()}, Python {platform.python_version()}, "
+            f"load average {os.getloadavg()[0]:.1f} at the end")
 
 
 def compare(before_path: str, after_path: str) -> str:
@@ -811,13 +884,23 @@ def compare(before_path: str, after_path: str) -> str:
     return "\n".join(lines)
 
 
-def commit() -> str:
+def git(*args: str) -> Optional[str]:
+    """What ``git args`` prints in this checkout; None without git or a checkout."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=os.path.dirname(os.path.abspath(__file__)),
-                              check=True).stdout.strip()
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return None
+
+
+def commit() -> str:
+    return git("rev-parse", "--short", "HEAD") or "unknown"
+
+
+def measured_at() -> str:
+    """The commit, and whether the code measured had changes in no commit yet."""
+    changed = git("status", "--porcelain", "--", ":/src", ":/benchmarks")
+    return f"{commit()}{' plus uncommitted changes to src/ or benchmarks/' if changed else ''}"
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -832,12 +915,21 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="compare two --json files and exit")
     parser.add_argument("--server", choices=("uvicorn", "granian"), default=None,
                         help="the proxies' HTTP server (default: HTTPOptions' default)")
+    parser.add_argument("--results-md", metavar="PATH", help="replace the latest figures of "
+                        "this file (benchmarks/RESULTS.md) with this run's table, date, "
+                        "commit and machine")
     args = parser.parse_args(argv)
     global SERVER
     SERVER = args.server
     if args.compare:
         print(compare(*args.compare))
         return 0
+    if args.results_md:  # (a file that cannot take the figures fails now, not after the run)
+        try:
+            with open(args.results_md) as markdown:
+                replace_latest(markdown.read(), "", args.results_md)
+        except (OSError, ValueError) as error:
+            parser.error(f"--results-md: {error}")
     names = [name for name in args.only.split(",") if name] or list(SCENARIOS)
     unknown = [name for name in names if name not in SCENARIOS]
     if unknown:
@@ -861,6 +953,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         with open(args.json_path, "w") as out:
             json.dump({"commit": commit(), "quick": args.quick, "runs": runs, "server": server,
                        "cpus": os.cpu_count(), "results": results}, out, indent=1)
+    if args.results_md and not results:
+        print(f"\nnothing was measured: {args.results_md} is left as it was")
+    elif args.results_md:
+        command = shlex.join(["python", "benchmarks/suite.py",
+                              *(sys.argv[1:] if argv is None else argv)])
+        when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        mode = f"{'quick' if args.quick else 'full'}, {runs} run(s) each, proxies on {server}"
+        write_latest(args.results_md, latest_figures(results, command, when, measured_at(),
+                                                     f"{machine()}; {mode}"))
+        print(f"\nthe latest figures of {args.results_md} are this run's")
     return 0
 
 
