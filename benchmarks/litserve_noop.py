@@ -5,7 +5,11 @@ access logs off. Serves ``POST /predict`` until stopped.
     python benchmarks/litserve_noop.py PORT
 """
 
+import os
+import signal
 import sys
+import threading
+import time
 from typing import Any
 
 import litserve as ls
@@ -23,7 +27,17 @@ class Noop(ls.LitAPI):
         return {"output": "ok"}
 
 
+def stop_with(parent: int) -> None:
+    """Stop this process group once ``parent`` is gone (a suite killed by its timeout then
+    leaves no server and no worker behind)."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os.killpg(os.getpgrp(), signal.SIGTERM)
+
+
 if __name__ == "__main__":
+    if os.getpgrp() == os.getpid():  # (started in a group of its own, as the suite does)
+        threading.Thread(target=stop_with, args=(os.getppid(),), daemon=True).start()
     server = ls.LitServer(Noop(), accelerator="cpu", devices=1, workers_per_device=1,
                           fast_queue=True)
     server.run(host="127.0.0.1", port=int(sys.argv[1]), num_api_servers=1,
