@@ -59,7 +59,7 @@ metrics.exposition()
     assert loaded(body, spec) == []
 
 
-def test_a_proxy_loads_uvicorn_and_nothing_else_heavy() -> None:
+def test_a_proxy_loads_uvicorn_without_its_command_line_and_nothing_else_heavy() -> None:
     spec = ProxySpec(ProxySettings.of(HTTPOptions()))
     body = """
 import servekit._private.workers.worker as worker
@@ -67,7 +67,7 @@ worker.role_main("proxy")
 spec = pickle.loads(sys.stdin.buffer.read())
 from servekit._private.proxy.proxy import front_end
 """
-    assert loaded(body, spec) == ["click", "uvicorn"]  # (click: uvicorn's package imports it)
+    assert loaded(body, spec) == ["uvicorn"]
 
 
 def test_the_supervisor_loads_no_heavy_library() -> None:
