@@ -29,6 +29,7 @@ import cloudpickle
 from servekit._private import constants, metrics, user_errors
 from servekit._private.asgi_app import ASGIFactory, allow_pickling_apps, is_asgi_backend
 from servekit._private.backend_metadata import BATCH_MARKER, BackendMetadata, ReplicaConfig
+from servekit._private.backend_settings import BackendSettings, given_fields
 from servekit._private.config_checks import (
     check_methods,
     check_name,
@@ -66,6 +67,11 @@ _UNSET: Any = object()
 # Tries of a controller call whose controller died under it (each restart is one).
 _CALL_ATTEMPTS = 5
 logger = logging.getLogger("servekit")
+
+
+def _config_of(settings: BackendSettings) -> BackendConfig:
+    """The config of the plain data a controller holds it as."""
+    return BackendConfig.model_validate(settings.fields())
 
 
 def _check_tag(value: Any, what: str) -> None:
@@ -245,20 +251,22 @@ class Client:
             raise TypeError(f"The backend {description} or its init args cannot be pickled: "
                             f"{exc}{hint}") from exc
         replica_config = ReplicaConfig(serialized, actor_options, description, python)
-        goal = self._call("create_backend", backend_tag, replica_config, backend_config,
-                          metadata, uuid.uuid4().hex)  # the same id if the call is retried
+        goal = self._call("create_backend", backend_tag, replica_config,
+                          given_fields(backend_config), metadata,
+                          uuid.uuid4().hex)  # the same id if the call is retried
         self._wait_for_goal(goal)
 
     @_guarded
     def list_backends(self) -> Dict[BackendTag, BackendConfig]:
         """Every backend's tag and config."""
-        return self._call("list_backends")
+        return {tag: _config_of(settings)
+                for tag, settings in self._call("list_backends").items()}
 
     @_guarded
     def get_backend_config(self, backend_tag: BackendTag) -> BackendConfig:
         """The config of a backend; ValueError if it is not registered."""
         _check_tag(backend_tag, "backend_tag")
-        return self._call("get_backend_config", backend_tag)
+        return _config_of(self._call("get_backend_config", backend_tag))
 
     @_guarded
     def update_backend_config(self, backend_tag: BackendTag,
@@ -276,7 +284,7 @@ class Client:
         else:
             raise TypeError("config_options must be a BackendConfig or a dict, got "
                             f"{type(config_options).__name__} {config_options!r}.")
-        goal = self._call("update_backend_config", backend_tag, update,
+        goal = self._call("update_backend_config", backend_tag, given_fields(update),
                           uuid.uuid4().hex)  # the same id if the call is retried
         self._wait_for_goal(goal)
 

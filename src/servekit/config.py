@@ -10,7 +10,6 @@ config) live in ``servekit._private.config_checks``; ``BackendMetadata`` and
 
 from __future__ import annotations
 
-import re
 from enum import Enum
 from typing import Any, Literal
 
@@ -19,6 +18,15 @@ from starlette.middleware import Middleware
 
 from servekit._private import constants
 from servekit._private.backend_metadata import BackendMetadata, ReplicaConfig, ReplicaSettings
+from servekit._private.backend_settings import AUTOSCALING_RULES as _AUTOSCALING
+from servekit._private.backend_settings import BACKEND_RULES as _BACKEND
+from servekit._private.backend_settings import (
+    check_autoscaling_bounds,
+    check_fixed_or_autoscaled,
+    check_max_surge,
+    check_replica_bound,
+    merged_fields,
+)
 
 __all__ = [
     "AutoscalingConfig",
@@ -28,24 +36,6 @@ __all__ = [
     "HTTPOptions",
     "ReplicaConfig",
 ]
-
-# Requests a router holds for a backend whose replicas are all full, unless configured.
-DEFAULT_MAX_QUEUED_REQUESTS = 100
-# New replicas a redeploy starts at once beyond the replica count, unless configured.
-DEFAULT_MAX_SURGE = "25%"
-_PERCENTAGE = re.compile(r"[0-9]{1,3}%")
-
-
-def _check_replica_bound(field: str, value: int) -> int:
-    """``value`` if one backend may have that many replicas, else a ValueError naming both."""
-    bound = constants.MAX_REPLICAS_PER_BACKEND
-    if value > bound:
-        raise ValueError(
-            f"{field}={value} is more than the {bound} replicas one backend may have. Ask "
-            f"for fewer, or raise the bound with the environment variable "
-            f"SERVEKIT_MAX_REPLICAS_PER_BACKEND (set where servekit starts).")
-    return value
-
 
 def _default_server() -> Literal["uvicorn", "granian"]:
     """The HTTP server of ``HTTPOptions`` left unset (``SERVEKIT_HTTP_SERVER``)."""
@@ -231,33 +221,36 @@ class AutoscalingConfig(BaseModel):
     # is a BackendConfig's.
     model_config = ConfigDict(extra="forbid", frozen=True, revalidate_instances="always")
 
-    min_replicas: int = Field(default=1, ge=0, strict=True)
-    max_replicas: int = Field(default=1, ge=1, strict=True)
-    initial_replicas: int | None = Field(default=None, ge=0, strict=True)
-    target_ongoing_requests: float = Field(default=2.0, gt=0, allow_inf_nan=False)
-    upscale_delay_s: float = Field(default=30.0, ge=0, allow_inf_nan=False)
-    downscale_delay_s: float = Field(default=600.0, ge=0, allow_inf_nan=False)
-    downscale_to_zero_delay_s: float | None = Field(default=None, ge=0, allow_inf_nan=False)
-    upscaling_factor: float | None = Field(default=None, gt=0, allow_inf_nan=False)
-    downscaling_factor: float | None = Field(default=None, gt=0, allow_inf_nan=False)
-    look_back_period_s: float = Field(default=30.0, gt=0, allow_inf_nan=False)
-    metrics_interval_s: float = Field(default=10.0, gt=0, allow_inf_nan=False)
+    # (Defaults and bounds: _private/backend_settings.py, which the controller checks by.)
+    min_replicas: int = _AUTOSCALING["min_replicas"].field("Fewest replicas; 0: scale to zero.")
+    max_replicas: int = _AUTOSCALING["max_replicas"].field("Most replicas.")
+    initial_replicas: int | None = _AUTOSCALING["initial_replicas"].field(
+        "Replicas to start with; None: min_replicas.")
+    target_ongoing_requests: float = _AUTOSCALING["target_ongoing_requests"].field(
+        "Requests each replica should have in flight.")
+    upscale_delay_s: float = _AUTOSCALING["upscale_delay_s"].field(
+        "Seconds more replicas must be wanted before they start.")
+    downscale_delay_s: float = _AUTOSCALING["downscale_delay_s"].field(
+        "Seconds fewer replicas must be wanted before some stop.")
+    downscale_to_zero_delay_s: float | None = _AUTOSCALING["downscale_to_zero_delay_s"].field(
+        "Seconds no load must last before the last replica stops; None: downscale_delay_s.")
+    upscaling_factor: float | None = _AUTOSCALING["upscaling_factor"].field(
+        "Fraction of the wanted increase made at once; None: 1.")
+    downscaling_factor: float | None = _AUTOSCALING["downscaling_factor"].field(
+        "Fraction of the wanted decrease made at once; None: 1.")
+    look_back_period_s: float = _AUTOSCALING["look_back_period_s"].field(
+        "Seconds the load is averaged over.")
+    metrics_interval_s: float = _AUTOSCALING["metrics_interval_s"].field(
+        "Seconds between load reports of each router.")
 
     @field_validator("max_replicas")
     @classmethod
     def _max_replicas_bounded(cls, value: int) -> int:
-        return _check_replica_bound("max_replicas", value)
+        return check_replica_bound("max_replicas", value)
 
     @model_validator(mode="after")
     def _bounds_in_order(self) -> AutoscalingConfig:
-        if self.min_replicas > self.max_replicas:
-            raise ValueError(
-                f"min_replicas={self.min_replicas} is above max_replicas={self.max_replicas}.")
-        initial = self.initial_replicas
-        if initial is not None and not self.min_replicas <= initial <= self.max_replicas:
-            raise ValueError(
-                f"initial_replicas={initial} is outside [min_replicas={self.min_replicas}, "
-                f"max_replicas={self.max_replicas}].")
+        check_autoscaling_bounds(self.min_replicas, self.max_replicas, self.initial_replicas)
         return self
 
     @property
@@ -318,92 +311,38 @@ class BackendConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    num_replicas: int = Field(
-        default=1, ge=1, strict=True, description="Number of replica processes."
-    )
-    autoscaling_config: AutoscalingConfig | None = Field(
-        default=None, description="Let the number of replicas follow the load."
-    )
-    max_batch_size: int | None = Field(
-        default=None,
-        ge=1,
-        strict=True,
-        description="Largest batch handed to an @accept_batch callable; None disables batching.",
-    )
-    batch_wait_timeout: float = Field(
-        default=0.0,
-        ge=0,
-        strict=True,
-        allow_inf_nan=False,
-        description="Seconds to wait for a batch to fill before running it.",
-    )
-    max_concurrent_queries: int | None = Field(
-        default=None,
-        ge=1,
-        strict=True,
-        description="Queries in flight per replica; None picks a default from the callable.",
-    )
-    max_queued_requests: int = Field(
-        default=DEFAULT_MAX_QUEUED_REQUESTS,
-        ge=-1,
-        strict=True,
-        description="Requests a router holds while every replica is full; -1: no bound.",
-    )
-    user_config: Any = Field(
-        default=None, description="Value passed to the backend class's reconfigure method."
-    )
-    sync_threads: int = Field(
-        default=1,
-        ge=1,
-        strict=True,
-        description="Sync calls one replica runs at once, each on its own thread.",
-    )
-    request_timeout_s: float | None = Field(
-        default=None,
-        gt=0,
-        strict=True,
-        allow_inf_nan=False,
-        description="Seconds a request may take to its reply before it is cancelled.",
-    )
-    health_check_period_s: float = Field(
-        default=1.0,
-        gt=0,
-        strict=True,
-        allow_inf_nan=False,
-        description="Seconds between the controller's health pings of each replica.",
-    )
-    health_check_timeout_s: float = Field(
-        default=1.0,
-        gt=0,
-        strict=True,
-        allow_inf_nan=False,
-        description="Seconds a health ping may take before it counts as failed.",
-    )
-    health_check_failure_threshold: int = Field(
-        default=3,
-        ge=1,
-        strict=True,
-        description="Failed health pings in a row after which a replica is replaced.",
-    )
-    experimental_graceful_shutdown_wait_loop_s: float = Field(
-        default=2.0,
-        gt=0,
-        strict=True,
-        allow_inf_nan=False,
-        description="Seconds between checks for in-flight queries while a replica stops.",
-    )
-    experimental_graceful_shutdown_timeout_s: float = Field(
-        default=20.0,
-        ge=0,
-        strict=True,
-        allow_inf_nan=False,
-        description="Seconds a stopping replica may take to drain before it is killed.",
-    )
-
-    max_surge: int | str = Field(
-        default=DEFAULT_MAX_SURGE,
-        description="New replicas a redeploy starts at once: a number, or a percentage \"25%\".",
-    )
+    # (Defaults and bounds: _private/backend_settings.py, which the controller checks by.)
+    num_replicas: int = _BACKEND["num_replicas"].field("Number of replica processes.")
+    autoscaling_config: AutoscalingConfig | None = _BACKEND["autoscaling_config"].field(
+        "Let the number of replicas follow the load.")
+    max_batch_size: int | None = _BACKEND["max_batch_size"].field(
+        "Largest batch handed to an @accept_batch callable; None disables batching.")
+    batch_wait_timeout: float = _BACKEND["batch_wait_timeout"].field(
+        "Seconds to wait for a batch to fill before running it.")
+    max_concurrent_queries: int | None = _BACKEND["max_concurrent_queries"].field(
+        "Queries in flight per replica; None picks a default from the callable.")
+    max_queued_requests: int = _BACKEND["max_queued_requests"].field(
+        "Requests a router holds while every replica is full; -1: no bound.")
+    user_config: Any = _BACKEND["user_config"].field(
+        "Value passed to the backend class's reconfigure method.")
+    sync_threads: int = _BACKEND["sync_threads"].field(
+        "Sync calls one replica runs at once, each on its own thread.")
+    request_timeout_s: float | None = _BACKEND["request_timeout_s"].field(
+        "Seconds a request may take to its reply before it is cancelled.")
+    health_check_period_s: float = _BACKEND["health_check_period_s"].field(
+        "Seconds between the controller's health pings of each replica.")
+    health_check_timeout_s: float = _BACKEND["health_check_timeout_s"].field(
+        "Seconds a health ping may take before it counts as failed.")
+    health_check_failure_threshold: int = _BACKEND["health_check_failure_threshold"].field(
+        "Failed health pings in a row after which a replica is replaced.")
+    experimental_graceful_shutdown_wait_loop_s: float = \
+        _BACKEND["experimental_graceful_shutdown_wait_loop_s"].field(
+            "Seconds between checks for in-flight queries while a replica stops.")
+    experimental_graceful_shutdown_timeout_s: float = \
+        _BACKEND["experimental_graceful_shutdown_timeout_s"].field(
+            "Seconds a stopping replica may take to drain before it is killed.")
+    max_surge: int | str = _BACKEND["max_surge"].field(
+        "New replicas a redeploy starts at once: a number, or a percentage \"25%\".")
 
     def merged(self, update: BackendConfig | dict[str, Any]) -> BackendConfig:
         """Return a new config: this one with the fields explicitly set in ``update`` applied.
@@ -422,48 +361,27 @@ class BackendConfig(BaseModel):
                 "config_options must be a BackendConfig or a dict, got "
                 f"{type(update).__name__} {update!r}."
             )
-        data = _set_fields(self)
-        changes = _set_fields(update)
-        # A fixed number of replicas and autoscaling replace each other.
-        if changes.get("autoscaling_config") is not None:
-            data.pop("num_replicas", None)
-        if "num_replicas" in changes:
-            data.pop("autoscaling_config", None)
-        data.update(changes)
-        return BackendConfig.model_validate(data)
+        return BackendConfig.model_validate(merged_fields(_set_fields(self),
+                                                          _set_fields(update)))
 
     @field_validator("num_replicas")
     @classmethod
     def _num_replicas_bounded(cls, value: int) -> int:
-        return _check_replica_bound("num_replicas", value)
+        return check_replica_bound("num_replicas", value)
 
     @field_validator("max_surge", mode="before")
     @classmethod
     def _max_surge_count_or_percentage(cls, value: Any) -> int | str:
-        # ValueError, not TypeError: pydantic turns only the former into a field error.
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
-            return value
-        if isinstance(value, str) and _PERCENTAGE.fullmatch(value) and \
-                1 <= int(value[:-1]) <= 100:
-            return value
-        raise ValueError(
-            f"max_surge must be a number of replicas (at least 1) or a percentage of them "
-            f"from \"1%\" to \"100%\", got {value!r}. For example max_surge=2 or "
-            f"max_surge=\"50%\".")
+        return check_max_surge("max_surge", value)
 
     @model_validator(mode="after")
     def _fixed_or_autoscaled(self) -> BackendConfig:
-        if self.autoscaling_config is not None and "num_replicas" in self.model_fields_set:
-            raise ValueError(
-                f"num_replicas={self.num_replicas} and autoscaling_config are both set: "
-                "autoscaling decides the number of replicas. Set only one.")
+        check_fixed_or_autoscaled(_set_fields(self))
         return self
 
     def replica_settings(self) -> ReplicaSettings:
         """The fields its replicas apply themselves, as the plain data they are sent."""
-        return ReplicaSettings(self.max_batch_size, self.batch_wait_timeout,
-                               self.max_concurrent_queries, self.user_config,
-                               self.sync_threads, self.request_timeout_s)
+        return ReplicaSettings.of(self)
 
     def effective_max_concurrent_queries(self, is_async: bool) -> int:
         """Queries in flight per replica: the explicit value, else a default for the callable.

@@ -59,11 +59,13 @@ from simray import SimCluster, SimRayRuntime
 
 from servekit._private import constants
 from servekit._private.backend_metadata import BackendMetadata, ReplicaConfig
+from servekit._private.backend_settings import given_fields
 from servekit._private.controller import backend_reconciler, goals
 from servekit._private.controller.controller import Controller
 from servekit._private.controller.state import STARTING
 from servekit._private.controller.store import MemoryStore
 from servekit._private.runtime import ray as ray_runtime
+from servekit._private.specs import HTTPSettings
 from servekit.config import AutoscalingConfig, BackendConfig, HTTPOptions
 from servekit.exceptions import ServeError
 
@@ -358,7 +360,7 @@ class World:
     async def start_controller(self) -> None:
         if self.cluster is not None:
             self.runtime = SimRayRuntime(self.cluster, self)
-        controller = Controller(self.runtime, HTTPOptions(host=None))
+        controller = Controller(self.runtime, HTTPSettings.of(HTTPOptions(host=None)))
         self.runtime.controller = controller
         starting = asyncio.ensure_future(controller.start())
         await asyncio.wait([starting], timeout=CALL_BOUND_S)
@@ -551,23 +553,24 @@ class World:
             return REFUSED
         return {"v": self.rng.randint(1, 3)}
 
-    def _scale(self, fields: Dict[str, Any]) -> Tuple[str, Callable[[], BackendConfig], Any,
-                                                     bool]:
+    def _scale(self, fields: Dict[str, Any]) -> Tuple[str, Callable[[], Any], Any, bool]:
         """The replicas a call asks for, with the config's other ``fields``: mostly a few;
         now and then the most a backend may have, or more (to be refused), as a number or
         as autoscaling's bounds. A config is checked as ``Client`` makes it, or not at all,
-        as a call made another way (another client's version) sends it. What it is called,
+        as a call made another way (another client's version) sends it: as plain data, or as
+        a model (as clients sent it before configs were plain data). What it is called,
         how it is made, what the model holds if it is taken, whether it must be refused."""
         rng = self.rng
         bound = self.replica_bound
         count = rng.randint(1, 3) if rng.random() < 0.92 else \
             rng.choice([bound, bound + 1, HUGE])
         unchecked = rng.random() < 0.5
+        as_model = unchecked and rng.random() < 0.5  # as clients before plain configs sent it
         if rng.random() < 0.15:
             scaling = {"min_replicas": 1, "max_replicas": count, "initial_replicas": count}
             shown, told = f"autoscaling 1..{count}", ("auto", 1, count)
             given: Dict[str, Any] = {"autoscaling_config": AutoscalingConfig.model_construct(
-                **scaling) if unchecked else scaling}
+                **scaling) if as_model else scaling}
         else:
             shown, told, given = f"{count}", count, {"num_replicas": count}
         if rng.random() < 0.5:  # redeploys roll over more than one replica at once
@@ -575,12 +578,13 @@ class World:
             shown += f", max_surge={given['max_surge']}"
         given.update(fields)
 
-        def make() -> BackendConfig:
-            if unchecked:
+        def make() -> Any:
+            if as_model:
                 return BackendConfig.model_construct(**given)
-            return BackendConfig(**given)
+            return dict(given) if unchecked else given_fields(BackendConfig(**given))
 
-        return (f"{shown}{' unchecked' if unchecked else ''}", make, told, count > bound)
+        return (f"{shown}{' unchecked' if unchecked else ''}{' model' if as_model else ''}",
+                make, told, count > bound)
 
     def _create_backend(self, tag: str) -> Call:
         rng = self.rng
@@ -608,7 +612,7 @@ class World:
         user_config = self._user_config()
         return Call(f"update_backend_config({tag!r}, user_config={_shown(user_config)})",
                     lambda c: c.update_backend_config(
-                        tag, BackendConfig(user_config=user_config), call_id),
+                        tag, given_fields(BackendConfig(user_config=user_config)), call_id),
                     lambda m: m.backends.__setitem__(
                         tag, (m.backends[tag][0], user_config, m.backends[tag][2])),
                     waits=True)

@@ -13,6 +13,7 @@ from fake_runtime import FakeRuntime
 
 from servekit._private.backend_metadata import BackendMetadata, ReplicaConfig
 from servekit._private.controller.controller import Controller
+from servekit._private.specs import HTTPSettings
 from servekit.config import BackendConfig, HTTPOptions
 
 TIMEOUT_S = 5.0
@@ -41,7 +42,7 @@ def replica_config(target: Any, *init_args: Any) -> ReplicaConfig:
 async def running_controller(
         runtime: Optional[FakeRuntime] = None) -> AsyncIterator[Tuple[Controller, FakeRuntime]]:
     runtime = runtime if runtime is not None else FakeRuntime()
-    controller = Controller(runtime, HTTPOptions(host=None))
+    controller = Controller(runtime, HTTPSettings.of(HTTPOptions(host=None)))
     await controller.start()
     try:
         yield controller, runtime

@@ -24,6 +24,7 @@ from loop_helpers import run
 from servekit._private.backend_metadata import BackendMetadata, ReplicaConfig
 from servekit._private.controller.controller import Controller
 from servekit._private.controller.state import RUNNING, STARTING
+from servekit._private.specs import HTTPSettings
 from servekit.config import BackendConfig, HTTPOptions
 
 FAST = {"upscale_delay_s": 0, "downscale_delay_s": 0, "look_back_period_s": 0.01,
@@ -156,7 +157,7 @@ def test_switching_between_num_replicas_and_autoscaling() -> None:
 def test_a_restarted_controller_keeps_the_autoscaled_count() -> None:
     async def main() -> None:
         runtime = FakeRuntime()
-        first = Controller(runtime, HTTPOptions(host=None))
+        first = Controller(runtime, HTTPSettings.of(HTTPOptions(host=None)))
         await first.start()
         await start_backend(first, "m", **autoscaled(max_replicas=3, downscale_delay_s=60))
         first.report_load("router", {"m": 6.0})
@@ -308,7 +309,7 @@ def test_a_new_backend_that_fails_to_start_stays_when_an_endpoint_uses_it() -> N
 def test_a_redeploy_survives_a_controller_restart_with_its_definition() -> None:
     async def main() -> None:
         runtime = FakeRuntime()
-        first = Controller(runtime, HTTPOptions(host=None))
+        first = Controller(runtime, HTTPSettings.of(HTTPOptions(host=None)))
         await first.start()
         await start_backend(first, "m", Model, "one")
         await wait_goal(first, await first.redeploy_backend(
@@ -332,7 +333,7 @@ def test_a_redeploy_interrupted_by_a_controller_crash_still_rolls_back() -> None
 
     async def main() -> None:
         runtime = FakeRuntime()
-        first = Controller(runtime, HTTPOptions(host=None))
+        first = Controller(runtime, HTTPSettings.of(HTTPOptions(host=None)))
         await first.start()
         await start_backend(first, "m", Loader, "v1", num_replicas=2)
         runtime.hold_launches()

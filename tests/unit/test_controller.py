@@ -38,15 +38,16 @@ from controller_helpers import (
 )
 from fake_runtime import FakeRuntime
 from loop_helpers import run, spin
-from pydantic import ValidationError
 
 from servekit._private import constants
 from servekit._private.backend_metadata import BackendMetadata, ReplicaConfig
+from servekit._private.backend_settings import BackendSettings
 from servekit._private.controller import backend_reconciler
 from servekit._private.controller.controller import Controller
 from servekit._private.controller.durable import LoadedState, load
 from servekit._private.controller.state import RUNNING, STARTING
 from servekit._private.controller.store import MemoryStore
+from servekit._private.specs import HTTPSettings
 from servekit.config import AutoscalingConfig, BackendConfig, HTTPOptions
 from servekit.exceptions import ServeError
 
@@ -166,7 +167,7 @@ def test_create_backend_goal_completes_when_all_replicas_run() -> None:
             assert sorted(live_replicas(runtime)) == sorted(running)
             for tag in running:
                 assert runtime.calls(tag) == ["ready"]
-            assert controller.list_backends() == {"m": BackendConfig(num_replicas=3)}
+            assert controller.list_backends() == {"m": BackendSettings.check({"num_replicas": 3})}
 
     run(main)
 
@@ -266,7 +267,7 @@ def test_failed_create_can_be_retried_at_once() -> None:
                     "m", replica_config(Model), BackendConfig(), BackendMetadata.inspect(Model))
                 runtime.finish_stops()
                 await wait_goal(controller, retry)
-                assert controller.list_backends() == {"m": BackendConfig()}
+                assert controller.list_backends() == {"m": BackendSettings.check({})}
                 await eventually(lambda: len(replica_tags(controller, "m", RUNNING)) == 1,
                                  "one running replica of the retried backend")
             finally:
@@ -341,7 +342,7 @@ def test_create_backend_duplicate_tag_is_refused() -> None:
                 await start_backend(controller, "m", num_replicas=2)
             with pytest.raises(ValueError, match="'m' is already registered"):
                 await start_backend(controller, "m", echo)
-            assert controller.get_backend_config("m") == BackendConfig(num_replicas=1)
+            assert controller.get_backend_config("m") == BackendSettings.check({"num_replicas": 1})
             assert len(live_replicas(runtime)) == 1
 
     run(main)
@@ -366,7 +367,7 @@ def test_replicas_start_in_bounded_batches(monkeypatch: pytest.MonkeyPatch) -> N
 
     async def main() -> None:
         runtime = FakeRuntime()
-        controller = Controller(runtime, HTTPOptions(host=None))
+        controller = Controller(runtime, HTTPSettings.of(HTTPOptions(host=None)))
         await controller.start()
         runtime.hold_launches()
         goal = await start_backend(controller, "big", wait=False, num_replicas=10)
@@ -394,24 +395,26 @@ def test_replicas_start_in_bounded_batches(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 @pytest.mark.parametrize("config", [
+    {"num_replicas": 10**9},
+    {"autoscaling_config": {"max_replicas": 10**9, "initial_replicas": 10**9}},
     BackendConfig.model_construct(num_replicas=10**9),
     BackendConfig.model_construct(autoscaling_config=AutoscalingConfig.model_construct(
         max_replicas=10**9, initial_replicas=10**9)),
-], ids=["num_replicas", "autoscaling"])
-def test_a_controller_does_not_take_more_replicas_than_the_bound(
-        config: BackendConfig) -> None:
+], ids=["num_replicas", "autoscaling", "num_replicas-model", "autoscaling-model"])
+def test_a_controller_does_not_take_more_replicas_than_the_bound(config: Any) -> None:
     """A config that did not come through the client's checks is checked again, its
     autoscaling bounds too (the simulator found those taken: replicas started without
-    end)."""
+    end): as plain data (what clients send) and as an unchecked model (what clients of
+    earlier versions sent)."""
 
     async def main() -> None:
         async with running_controller() as (controller, runtime):
             await start_backend(controller, "small")
             launched = list(runtime.launch_order)
-            with pytest.raises(ValidationError, match="replicas=1000000000"):
+            with pytest.raises(ValueError, match="replicas=1000000000"):
                 await controller.create_backend("huge", replica_config(Model), config,
                                                 BackendMetadata.inspect(Model))
-            with pytest.raises(ValidationError, match="replicas=1000000000"):
+            with pytest.raises(ValueError, match="replicas=1000000000"):
                 await controller.update_backend_config("small", config)
             assert list(controller.list_backends()) == ["small"]
             assert controller.get_backend_config("small").num_replicas == 1
@@ -556,7 +559,7 @@ def test_update_backend_config_errors() -> None:
             await start_backend(controller, "f", echo)
             with pytest.raises(ValueError, match="reconfigure"):
                 await controller.update_backend_config("f", BackendConfig(user_config=1))
-            assert controller.get_backend_config("f") == BackendConfig()
+            assert controller.get_backend_config("f") == BackendSettings.check({})
 
     run(main)
 
@@ -870,7 +873,7 @@ def test_checkpoint_written_after_mutations_and_removed_on_shutdown() -> None:
             await start_backend(controller, "a", Model, "x", num_replicas=2)
             backend = saved(runtime).backends["a"]
             assert backend.replica_config == replica_config(Model, "x")
-            assert backend.config == BackendConfig(num_replicas=2)
+            assert backend.config == BackendSettings.check({"num_replicas": 2})
             assert backend.metadata == BackendMetadata.inspect(Model)
             assert sorted(backend.replicas) == sorted(replica_tags(controller, "a"))
             await controller.create_endpoint("e", "a", "/e", ["GET"])
@@ -908,7 +911,7 @@ def test_checkpoint_is_written_before_the_change_is_published() -> None:
 def test_restarted_controller_adopts_replicas_and_keeps_the_state() -> None:
     async def main() -> None:
         runtime = FakeRuntime()
-        first = Controller(runtime, HTTPOptions(host=None))
+        first = Controller(runtime, HTTPSettings.of(HTTPOptions(host=None)))
         await first.start()
         await start_backend(first, "m", Model, "x", num_replicas=2, user_config={"v": 1})
         await first.create_endpoint("e", "m", "/e", ["GET"])
@@ -917,13 +920,13 @@ def test_restarted_controller_adopts_replicas_and_keeps_the_state() -> None:
         launched = list(runtime.launch_order)
         abandon(first)
 
-        second = Controller(runtime, HTTPOptions(host=None))
+        second = Controller(runtime, HTTPSettings.of(HTTPOptions(host=None)))
         await second.start()
         try:
             assert sorted(replica_tags(second, "m", RUNNING)) == sorted(tags)
             assert runtime.launch_order == launched  # nothing started again
-            assert second.get_backend_config("m") == BackendConfig(
-                num_replicas=2, user_config={"v": 1})
+            assert second.get_backend_config("m") == BackendSettings.check(
+                {"num_replicas": 2, "user_config": {"v": 1}})
             assert second.list_endpoints() == {"e": {
                 "route": "/e", "methods": ["GET"], "traffic": {"m": 1.0},
                 "shadows": {"m": 0.5}}}
@@ -940,7 +943,7 @@ def test_restarted_controller_adopts_replicas_and_keeps_the_state() -> None:
 def test_restarted_controller_finishes_a_scale_up_in_progress() -> None:
     async def main() -> None:
         runtime = FakeRuntime()
-        first = Controller(runtime, HTTPOptions(host=None))
+        first = Controller(runtime, HTTPSettings.of(HTTPOptions(host=None)))
         await first.start()
         await start_backend(first, "m", num_replicas=1)
         [original] = replica_tags(first, "m")
@@ -951,7 +954,7 @@ def test_restarted_controller_finishes_a_scale_up_in_progress() -> None:
         runtime.hold_launches(False)
         runtime.release()
 
-        second = Controller(runtime, HTTPOptions(host=None))
+        second = Controller(runtime, HTTPSettings.of(HTTPOptions(host=None)))
         await second.start()
         try:
             await wait_goal(second, goal)  # the caller's goal, waited on again
@@ -972,7 +975,7 @@ def test_a_config_push_cut_short_by_a_crash_is_finished_or_undone() -> None:
 
     async def main() -> None:
         runtime = FakeRuntime()
-        first = Controller(runtime, HTTPOptions(host=None))
+        first = Controller(runtime, HTTPSettings.of(HTTPOptions(host=None)))
         await first.start()
         await start_backend(first, "m", PickyModel, user_config={"v": 1})
         [tag] = replica_tags(first, "m")
@@ -987,7 +990,7 @@ def test_a_config_push_cut_short_by_a_crash_is_finished_or_undone() -> None:
         first.backends["m"].state.replicas[tag].connection.close()  # its process is gone
         runtime.thaw(tag)
 
-        second = Controller(runtime, HTTPOptions(host=None))
+        second = Controller(runtime, HTTPSettings.of(HTTPOptions(host=None)))
         await second.start()
         try:
             with pytest.raises(KeyError, match="needs 'v'"):
@@ -1004,14 +1007,14 @@ def test_a_config_push_cut_short_by_a_crash_is_finished_or_undone() -> None:
 def test_replicas_that_died_with_the_controller_are_started_anew() -> None:
     async def main() -> None:
         runtime = FakeRuntime()
-        first = Controller(runtime, HTTPOptions(host=None))
+        first = Controller(runtime, HTTPSettings.of(HTTPOptions(host=None)))
         await first.start()
         await start_backend(first, "m", num_replicas=2)
         victim, survivor = replica_tags(first, "m")
         abandon(first)
         runtime.kill(victim)
 
-        second = Controller(runtime, HTTPOptions(host=None))
+        second = Controller(runtime, HTTPSettings.of(HTTPOptions(host=None)))
         await second.start()
         try:
             await eventually(lambda: len(replica_tags(second, "m", RUNNING)) == 2,
@@ -1028,7 +1031,7 @@ def test_damaged_saved_state_is_a_clear_error_at_start() -> None:
     async def main() -> None:
         runtime = FakeRuntime()
         runtime.store.write({"backend/m": b"{not json", "endpoint/e": b"[]"})
-        controller = Controller(runtime, HTTPOptions(host=None))
+        controller = Controller(runtime, HTTPSettings.of(HTTPOptions(host=None)))
         with pytest.raises(ServeError, match="saved state in the in-memory store is damaged"):
             await controller.start()
 
@@ -1071,7 +1074,7 @@ def test_a_call_whose_save_fails_changes_nothing_and_a_retry_works() -> None:
 
     async def main() -> None:
         runtime, store = full_disk_runtime()
-        first = Controller(runtime, HTTPOptions(host=None))
+        first = Controller(runtime, HTTPSettings.of(HTTPOptions(host=None)))
         await first.start()
         await start_backend(first, "a", num_replicas=1)
         await start_backend(first, "c")
@@ -1116,7 +1119,7 @@ def test_a_call_whose_save_fails_changes_nothing_and_a_retry_works() -> None:
         expected = (first.list_backends(), first.list_endpoints())
         abandon(first)
 
-        second = Controller(runtime, HTTPOptions(host=None))
+        second = Controller(runtime, HTTPSettings.of(HTTPOptions(host=None)))
         await second.start()
         try:
             assert (second.list_backends(), second.list_endpoints()) == expected
@@ -1134,13 +1137,13 @@ def test_an_update_made_again_after_a_crash_gets_the_first_ones_outcome() -> Non
 
     async def main() -> None:
         runtime, store = full_disk_runtime()
-        controller = Controller(runtime, HTTPOptions(host=None))
+        controller = Controller(runtime, HTTPSettings.of(HTTPOptions(host=None)))
         await controller.start()
         await start_backend(controller, "m", PickyModel, user_config={"v": 1})
 
         async def restart() -> Controller:
             abandon(controller)  # the reply to the last call is lost with it
-            restarted = Controller(runtime, HTTPOptions(host=None))
+            restarted = Controller(runtime, HTTPSettings.of(HTTPOptions(host=None)))
             await restarted.start()
             return restarted
 
@@ -1160,8 +1163,8 @@ def test_an_update_made_again_after_a_crash_gets_the_first_ones_outcome() -> Non
             with pytest.raises(KeyError, match="needs 'v'"):
                 await wait_goal(controller, await controller.update_backend_config(
                     "m", BackendConfig(user_config={}), "call-2"))
-            assert controller.get_backend_config("m") == BackendConfig(
-                num_replicas=2, user_config={"v": 1})
+            assert controller.get_backend_config("m") == BackendSettings.check(
+                {"num_replicas": 2, "user_config": {"v": 1}})
             store.full = False
             await wait_goal(controller, await controller.delete_backend("m", force=False))
             store.full = True
@@ -1207,7 +1210,7 @@ def test_an_acknowledged_scale_up_is_not_rolled_back_after_a_restart() -> None:
 
     async def main() -> None:
         runtime = FakeRuntime()
-        first = Controller(runtime, HTTPOptions(host=None))
+        first = Controller(runtime, HTTPSettings.of(HTTPOptions(host=None)))
         await first.start()
         await start_backend(first, "m", FlakyModel, num_replicas=1)
         await wait_goal(first, await first.update_backend_config(
@@ -1218,7 +1221,7 @@ def test_an_acknowledged_scale_up_is_not_rolled_back_after_a_restart() -> None:
             runtime.kill(tag)
         FLAKY["fail"] = True
 
-        second = Controller(runtime, HTTPOptions(host=None))
+        second = Controller(runtime, HTTPSettings.of(HTTPOptions(host=None)))
         await second.start()
         try:
             await eventually(lambda: second.status()["backends"]["m"]["last_start_error"],
@@ -1270,14 +1273,14 @@ def test_a_client_waiting_again_after_a_crash_is_told_its_call_failed() -> None:
 
     async def main() -> None:
         runtime = FakeRuntime()
-        first = Controller(runtime, HTTPOptions(host=None))
+        first = Controller(runtime, HTTPSettings.of(HTTPOptions(host=None)))
         await first.start()
         goal = await start_backend(first, "m", BrokenModel, wait=False)
         assert goal is not None
         await eventually(lambda: "m" not in first.backends, "the failed backend removed")
         abandon(first)  # the client has not been told yet
 
-        second = Controller(runtime, HTTPOptions(host=None))
+        second = Controller(runtime, HTTPSettings.of(HTTPOptions(host=None)))
         await second.start()
         try:
             with pytest.raises(ModelLoadError, match="weights.bin is corrupt"):
@@ -1447,7 +1450,7 @@ def test_a_damaged_store_is_an_error_at_start_naming_it(damage: Any, fragment: s
             runtime.store = UnreadableStore()
         else:
             damage(runtime.store)
-        controller = Controller(runtime, HTTPOptions(host=None))
+        controller = Controller(runtime, HTTPSettings.of(HTTPOptions(host=None)))
         with pytest.raises(ServeError) as excinfo:
             await controller.start()
         message = str(excinfo.value)

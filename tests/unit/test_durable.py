@@ -15,6 +15,7 @@ import cloudpickle
 import pytest
 
 from servekit._private.backend_metadata import BackendMetadata, ReplicaConfig
+from servekit._private.backend_settings import BackendSettings
 from servekit._private.controller.durable import DurableState, load, snapshot
 from servekit._private.controller.state import RUNNING, BackendState, ReplicaRecord
 from servekit._private.controller.store import MemoryStore, SQLiteStore
@@ -32,7 +33,7 @@ class Model:
 
 
 def backend(user_config: Any = None) -> BackendState:
-    config = BackendConfig(num_replicas=2, user_config=user_config)
+    config = BackendSettings.check({"num_replicas": 2, "user_config": user_config})
     state = BackendState("m", ReplicaConfig(cloudpickle.dumps((Model, ("w",))), {"num_cpus": 1},
                                             "Model", None),
                          config, BackendMetadata.inspect(Model), goal="g1", created=True)
@@ -47,10 +48,10 @@ def test_state_loads_back_as_it_was() -> None:
     records = snapshot({"m": backend({"v": 1})}, endpoints, proxies)
     state = load(records, "test")
     loaded = state.backends["m"]
-    assert loaded.config == BackendConfig(num_replicas=2, user_config={"v": 1})
+    assert loaded.config == BackendSettings.check({"num_replicas": 2, "user_config": {"v": 1}})
     # Only the fields set explicitly are set again, so a merge after recovery is the same.
-    assert loaded.config.model_fields_set == {"num_replicas", "user_config"}
-    assert loaded.config.merged({"max_batch_size": 1}).num_replicas == 2
+    assert set(loaded.config.given) == {"num_replicas", "user_config"}
+    assert loaded.config.merged(BackendSettings.check({"max_batch_size": 1})).num_replicas == 2
     assert loaded.replica_config == backend().replica_config
     assert loaded.metadata == BackendMetadata.inspect(Model)
     assert (loaded.goal, loaded.created, loaded.deleting) == ("g1", True, False)
@@ -82,6 +83,33 @@ def test_the_deploy_file_name_of_an_endpoint_loads_back_as_does_an_older_mark() 
         doc["managed"] = mark
         records["endpoint/file"] = json.dumps(doc).encode()
         assert load(records, "test").endpoints["file"].managed == loaded
+
+
+# A backend's record as servekit wrote it while the controller held configs as pydantic
+# models (autoscaling, a user_config JSON cannot carry, an int given for a float, and the
+# config an update replaces).
+_RECORD_OF_PYDANTIC_CONFIGS = (
+    b'{"actor_options": {}, "autoscaled_replicas": null, "before": null, "changed_by": null, '
+    b'"config": {"autoscaling_config": {"max_replicas": 4, "min_replicas": 0, '
+    b'"target_ongoing_requests": 3.0}, "health_check_period_s": 2.0, "max_surge": 2, '
+    b'"user_config": {"pickle": "gAWVDgAAAAAAAAB9lIwBdpRLAUsChpRzLg=="}}, '
+    b'"config_before_update": {"num_replicas": 3}, "created": true, "created_by": null, '
+    b'"deleting": false, "description": "Model", "force_delete": false, "goal": null, '
+    b'"metadata": null, "python": null, "source": null, "version": 0}')
+
+
+def test_a_backend_saved_while_configs_were_pydantic_models_loads_as_it_was() -> None:
+    records = {"backend/m": _RECORD_OF_PYDANTIC_CONFIGS, "definition/m": b"code"}
+    loaded = load(records, "test").backends["m"]
+    expected = BackendConfig(
+        autoscaling_config={"min_replicas": 0, "max_replicas": 4, "target_ongoing_requests": 3},
+        user_config={"v": (1, 2)}, max_surge=2, health_check_period_s=2)
+    assert loaded.config == BackendSettings.check(expected)
+    assert loaded.config.describe() == expected.model_dump(mode="json", exclude={"user_config"})
+    assert loaded.config.autoscaling_config.start_replicas == 0
+    assert loaded.config_before_update == BackendSettings.check({"num_replicas": 3})
+    # Saved again, it is the same record.
+    assert snapshot({"m": loaded}, {}, {})["backend/m"] == _RECORD_OF_PYDANTIC_CONFIGS
 
 
 def test_the_single_proxy_record_of_an_older_state_file_loads() -> None:
@@ -284,8 +312,8 @@ def _damaged(change: Any) -> Dict[str, bytes]:
     (lambda r: _edit(r, "backend/m", goal=7), "'goal' must be a string or null, got 7"),
     (lambda r: _edit(r, "backend/m", version=True), "'version' must be an integer, got True"),
     (lambda r: _edit(r, "backend/m", config__num_replicas="2"),
-     "record 'backend/m' config is not a valid backend config (num_replicas: Input should "
-     "be a valid integer)"),
+     "record 'backend/m' config is not a valid backend config (config.num_replicas must "
+     "be an integer, got '2')"),
     (lambda r: _edit(r, "backend/m", config__num_replicas=10**9),
      "num_replicas=1000000000 is more than the 1000 replicas"),
     (lambda r: _edit(r, "backend/m", config__user_config={"pickle": "bm90IGEgcGlja2xl"}),

@@ -11,6 +11,7 @@ from loop_helpers import run
 
 from servekit._private import constants
 from servekit._private.controller.controller import Controller
+from servekit._private.specs import HTTPSettings
 from servekit.config import HTTPOptions
 
 
@@ -22,7 +23,7 @@ def test_proxy_restart_is_retried_until_it_comes_back(monkeypatch: pytest.Monkey
 
     async def main() -> None:
         runtime = FakeRuntime()
-        controller = Controller(runtime, HTTPOptions(host="127.0.0.1", port=8000))
+        controller = Controller(runtime, HTTPSettings.of(HTTPOptions(host="127.0.0.1", port=8000)))
         await controller.start()
         try:
             assert runtime.alive(role="proxy") == ["proxy"]
@@ -50,7 +51,8 @@ def test_every_node_proxies_follow_nodes_as_they_join_and_leave(
     async def main() -> None:
         runtime = FakeRuntime()
         runtime.nodes = ["a", "b"]
-        controller = Controller(runtime, HTTPOptions(port=8000, location="EveryNode"))
+        options = HTTPSettings.of(HTTPOptions(port=8000, location="EveryNode"))
+        controller = Controller(runtime, options)
         await controller.start()
         try:
             # start() returns with a proxy on each node, each placed on its node.
@@ -79,7 +81,8 @@ def test_a_proxy_that_cannot_start_on_one_node_does_not_keep_the_others_down(
     async def main() -> None:
         runtime = FakeRuntime()
         runtime.nodes = ["a", "b"]
-        controller = Controller(runtime, HTTPOptions(port=8000, location="EveryNode"))
+        options = HTTPSettings.of(HTTPOptions(port=8000, location="EveryNode"))
+        controller = Controller(runtime, options)
         await controller.start()
         try:
             runtime.fail_launches("proxy-b", OSError("address in use"))
@@ -101,7 +104,7 @@ def test_a_restarted_controller_adopts_every_proxy(location: str) -> None:
     async def main() -> None:
         runtime = FakeRuntime()
         runtime.nodes = ["a", "b"]
-        options = HTTPOptions(port=8000, location=location)
+        options = HTTPSettings.of(HTTPOptions(port=8000, location=location))
         first = Controller(runtime, options)
         await first.start()
         proxies = runtime.alive(role="proxy")
@@ -123,7 +126,7 @@ def test_a_restarted_controller_adopts_every_proxy(location: str) -> None:
 def test_no_server_runs_no_proxy() -> None:
     async def main() -> None:
         runtime = FakeRuntime()
-        controller = Controller(runtime, HTTPOptions(location="NoServer"))
+        controller = Controller(runtime, HTTPSettings.of(HTTPOptions(location="NoServer")))
         await controller.start()
         try:
             assert runtime.alive(role="proxy") == []

@@ -214,6 +214,12 @@ class ReplicaSettings:
     # Only checked against the callable when a replica starts (routers enforce it).
     request_timeout_s: float | None = dataclasses.field(default=None, compare=False)
 
+    @classmethod
+    def of(cls, config: Any) -> ReplicaSettings:
+        """The settings of a backend's config (a ``BackendConfig`` or its plain data)."""
+        return cls(**{field.name: getattr(config, field.name)
+                      for field in dataclasses.fields(cls)})
+
     def effective_max_concurrent_queries(self, is_async: bool) -> int:
         """Queries in flight per replica: the explicit value, else a default for the callable.
 

@@ -3,12 +3,14 @@
 The router, replica and proxy read these; the controller writes them. They live apart from
 the controller package so that the data plane never imports the control plane. They are
 plain data: a worker unpickles its spec without importing pydantic (a replica's spec carries
-``ReplicaSettings``, not the ``BackendConfig`` model).
+``ReplicaSettings``, not the ``BackendConfig`` model; the controller's ``HTTPSettings``, not
+``HTTPOptions``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import pickle
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 from servekit._private.backend_metadata import BackendMetadata, ReplicaConfig, ReplicaSettings
@@ -94,11 +96,46 @@ class ProxySpec:
     http_options: ProxySettings
 
 
+class Pickled:
+    """An object kept pickled: pickled again, it unpickles as the object itself, so a
+    process that only passes it on never imports what it holds."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __reduce__(self) -> Any:
+        return pickle.loads, (self.data,)
+
+
+@dataclasses.dataclass(frozen=True)
+class HTTPSettings:
+    """What the controller needs of ``HTTPOptions``, as plain data: where it serves HTTP,
+    where proxies run (a ``DeploymentMode`` value) and how many per place, the options as
+    ``status()`` shows them, and the spec each proxy starts with, kept pickled (its
+    middlewares are the user's classes, which the controller never loads)."""
+
+    host: Optional[str]
+    port: int
+    location: str
+    num_proxies: int
+    shown: Dict[str, Any]
+    proxy_spec: Pickled
+
+    @classmethod
+    def of(cls, options: HTTPOptions) -> HTTPSettings:
+        import cloudpickle
+
+        assert options.location is not None  # HTTPOptions sets NoServer for None
+        return cls(options.host, options.port, options.location.value, options.num_proxies,
+                   options.model_dump(mode="json", exclude={"middlewares"}),
+                   Pickled(cloudpickle.dumps(ProxySpec(ProxySettings.of(options)))))
+
+
 @dataclasses.dataclass
 class ControllerSpec:
     """What the controller process is told when it starts."""
 
-    http_options: HTTPOptions
+    http_options: HTTPSettings
     detached: bool
     custom_resources: Dict[str, float]
 

@@ -15,7 +15,7 @@ import dataclasses
 import math
 from typing import Deque, Dict, Iterable, Optional, Tuple
 
-from servekit.config import AutoscalingConfig
+from servekit._private.backend_settings import AutoscalingSettings
 
 # Fewer replicas are wanted only if they would run at most this share of the target: a
 # load that sits at a boundary does not remove the replica it just added.
@@ -65,7 +65,7 @@ class Decision:
 class AutoscalingPolicy:
     """The replica count of one backend, from samples of its load (see the module doc)."""
 
-    def __init__(self, config: AutoscalingConfig) -> None:
+    def __init__(self, config: AutoscalingSettings) -> None:
         self.config = config
         self._samples: Deque[Tuple[float, float]] = collections.deque()  # (time, load)
         self._wanted: Deque[Tuple[float, float]] = collections.deque()  # (time, replicas)

@@ -18,6 +18,7 @@ from typing import Any, List, Optional, Protocol, Tuple
 
 from servekit._private import constants, metrics
 from servekit._private.backend_metadata import BackendMetadata
+from servekit._private.backend_settings import BackendSettings
 from servekit._private.config_checks import validate_backend_against_config
 from servekit._private.controller.autoscaling import AutoscalingPolicy, Decision, LoadBook
 from servekit._private.controller.goals import GoalManager
@@ -32,7 +33,6 @@ from servekit._private.controller.state import (
 from servekit._private.routing.long_poll import LongPollHost
 from servekit._private.runtime.base import Runtime
 from servekit._private.specs import ReplicaSpec
-from servekit.config import BackendConfig
 from servekit.exceptions import BackendUnavailableError, ServeError
 
 logger = logging.getLogger("servekit.controller")
@@ -215,7 +215,7 @@ class BackendReconciler:
             record.config = started_with if not launched else None
             if record.version == backend.version:
                 # (A redeployed definition may be another kind of callable.)
-                validate_backend_against_config(metadata, backend.config)
+                validate_backend_against_config(metadata, backend.config.replica_settings())
                 backend.metadata = metadata
             while True:
                 # The config may have changed while the replica started: it takes traffic
@@ -481,7 +481,7 @@ class BackendReconciler:
         if errors and raise_errors:
             raise errors[0]
 
-    async def apply_config(self, record: ReplicaRecord, config: BackendConfig) -> None:
+    async def apply_config(self, record: ReplicaRecord, config: BackendSettings) -> None:
         """``update_config`` on one replica, given up if the replica turns unhealthy."""
         assert record.connection is not None
         call = asyncio.ensure_future(record.connection.call("update_config",

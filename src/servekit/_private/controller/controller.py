@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from servekit._private import constants, metrics, resources
 from servekit._private.backend_metadata import BackendMetadata, ReplicaConfig
+from servekit._private.backend_settings import BackendSettings
 from servekit._private.config_checks import (
     check_name,
     checked,
@@ -41,9 +42,8 @@ from servekit._private.controller.proxies import ProxyReconciler
 from servekit._private.controller.state import RUNNING, STARTING, BackendState
 from servekit._private.routing.long_poll import LongPollHost
 from servekit._private.runtime.base import Connection, Runtime
-from servekit._private.specs import BackendLimits, EndpointInfo
+from servekit._private.specs import BackendLimits, EndpointInfo, HTTPSettings
 from servekit._private.wire.transport import current_peer
-from servekit.config import BackendConfig, HTTPOptions
 from servekit.exceptions import ServeError
 
 logger = logging.getLogger("servekit.controller")
@@ -58,7 +58,7 @@ _MAX_SAVE_RETRY_S = 2.0
 class Controller:
     """Holds desired state and has the reconcilers make the runtime's processes match it."""
 
-    def __init__(self, runtime: Runtime, http_options: HTTPOptions) -> None:
+    def __init__(self, runtime: Runtime, http_options: HTTPSettings) -> None:
         self.runtime = runtime
         self.http_options = http_options
         self.http_address: Optional[tuple] = None
@@ -304,14 +304,16 @@ class Controller:
 
     # ----------------------------------------------------------------- backends
 
-    async def create_backend(self, tag: str, replica_config: ReplicaConfig,
-                             config: BackendConfig,
+    async def create_backend(self, tag: str, replica_config: ReplicaConfig, config: Any,
                              metadata: Optional[BackendMetadata],
                              call_id: Optional[str] = None) -> Optional[str]:
-        """Create a backend; return the goal to wait on. ``call_id``: the client's id of
-        this call, the same when it calls again after a controller crash (that call then
-        succeeds; any other with an existing tag raises ``ValueError``, as in 1.x)."""
+        """Create a backend; return the goal to wait on. ``config``: the fields its
+        ``BackendConfig`` sets (``BackendSettings.check`` takes them). ``call_id``: the
+        client's id of this call, the same when it calls again after a controller crash
+        (that call then succeeds; any other with an existing tag raises ``ValueError``, as
+        in 1.x)."""
         checked("backend_tag", check_name, tag)
+        settings = BackendSettings.check(config)  # again: it may not come from a Client
         async with self.lock:
             existing = self.backends.get(tag)
             if existing is not None and not existing.state.deleting:
@@ -319,13 +321,12 @@ class Controller:
                     return existing.state.goal  # a retried call
                 raise ValueError(f"Cannot create backend. Backend '{tag}' is already "
                                  "registered. Delete it first, or pick another tag.")
-            config = config.merged({})  # checked again: it may not come from a Client
             if metadata is not None:
-                validate_backend_against_config(metadata, config)
-            wanted = config.num_replicas if config.autoscaling_config is None else \
-                config.autoscaling_config.start_replicas
+                validate_backend_against_config(metadata, settings.replica_settings())
+            wanted = settings.num_replicas if settings.autoscaling_config is None else \
+                settings.autoscaling_config.start_replicas
             self._check_resources(tag, replica_config, wanted, wanted)
-            backend = BackendState(tag, replica_config, config, metadata, created_by=call_id)
+            backend = BackendState(tag, replica_config, settings, metadata, created_by=call_id)
             backend.goal = self.goals.create()
             reconciler = self.backends[tag] = BackendReconciler(backend, self)
 
@@ -342,25 +343,27 @@ class Controller:
             reconciler.reconcile()
             return backend.goal
 
-    async def update_backend_config(self, tag: str, update: BackendConfig,
+    async def update_backend_config(self, tag: str, update: Any,
                                     call_id: Optional[str] = None) -> Optional[str]:
-        """Change a backend's config; return the goal to wait on. ``call_id``: the client's
-        id of this call, the same when it calls again after a controller crash (answered
+        """Change a backend's config; return the goal to wait on. ``update``: the fields to
+        change (as ``create_backend`` takes a config). ``call_id``: the client's id of this
+        call, the same when it calls again after a controller crash (answered
         with the first call's goal: its outcome, not a second change).
 
         The replicas apply a new config (``reconfigure`` waits for the requests they run)
         without the controller's lock held, so a slow one holds up neither other calls nor
         the replacement of dead replicas; updates of one backend are applied one at a time.
         """
+        changes = BackendSettings.check(update)
         while True:
             reconciler = self._backend(tag)
             async with reconciler.state.updating:
                 if self.backends.get(tag) is reconciler:
-                    return await self._update_backend_config(reconciler, update, call_id)
+                    return await self._update_backend_config(reconciler, changes, call_id)
             # Deleted and created again while this waited: update the new one.
 
     async def _update_backend_config(self, reconciler: BackendReconciler,
-                                     update: BackendConfig,
+                                     update: BackendSettings,
                                      call_id: Optional[str]) -> Optional[str]:
         backend = reconciler.state
         async with self.lock:
@@ -369,7 +372,7 @@ class Controller:
                 return retried
             new_config = backend.config.merged(update)
             if backend.metadata is not None:
-                validate_backend_against_config(backend.metadata, new_config)
+                validate_backend_against_config(backend.metadata, new_config.replica_settings())
             if new_config.autoscaling_config is None:
                 self._check_resources(
                     backend.tag, backend.replica_config,
@@ -458,7 +461,7 @@ class Controller:
             if retried is not None:
                 return retried
             if metadata is not None:
-                validate_backend_against_config(metadata, backend.config)
+                validate_backend_against_config(metadata, backend.config.replica_settings())
             undo = self._undoer(backend, "replica_config", "metadata", "version",
                                 "definition_before", "metadata_before", "previous_version",
                                 "goal", "changed_by")
@@ -496,7 +499,7 @@ class Controller:
             reconciler.reconcile()
             return backend.goal
 
-    def get_backend_config(self, tag: str) -> BackendConfig:
+    def get_backend_config(self, tag: str) -> BackendSettings:
         return self._backend(tag).state.config
 
     def get_backend_definition(self, tag: str) -> tuple:
@@ -512,7 +515,7 @@ class Controller:
             return None
         return reconciler.state.metadata.asgi
 
-    def list_backends(self) -> Dict[str, BackendConfig]:
+    def list_backends(self) -> Dict[str, BackendSettings]:
         return {tag: r.state.config for tag, r in self.backends.items()
                 if not r.state.deleting}
 
@@ -529,7 +532,7 @@ class Controller:
             if b.deleting:
                 continue
             state, message = backend_status(b)
-            config = b.config.model_dump(mode="json", exclude={"user_config"})
+            config = b.config.describe()
             config["max_concurrent_queries"] = b.config.effective_max_concurrent_queries(
                 b.metadata is not None and b.metadata.is_async)
             backends[tag] = {
@@ -556,9 +559,8 @@ class Controller:
                                   "models": list(record.models)})
         endpoints = {name: {**info.describe(), "managed": info.managed, "prefix": info.asgi}
                      for name, info in self.endpoints.endpoints.items()}
-        http_options = self.http_options.model_dump(mode="json", exclude={"middlewares"})
         return {"backends": backends, "endpoints": endpoints, "processes": processes,
-                "http_options": http_options}
+                "http_options": dict(self.http_options.shown)}
 
     async def metrics_of_every_process(self) -> List[str]:
         """The metrics of this controller, its proxies and every running replica (those

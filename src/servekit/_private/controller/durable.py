@@ -25,9 +25,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List, Optional, Tuple
 
 import cloudpickle
-from pydantic import ValidationError
 
 from servekit._private.backend_metadata import BackendMetadata, ReplicaConfig
+from servekit._private.backend_settings import BackendSettings
 from servekit._private.config_checks import check_methods, check_name, check_route
 from servekit._private.controller.state import (
     RUNNING,
@@ -38,7 +38,6 @@ from servekit._private.controller.state import (
 )
 from servekit._private.runtime.base import Store
 from servekit._private.specs import EndpointInfo
-from servekit.config import BackendConfig
 from servekit.exceptions import ServeError
 
 Records = Dict[str, bytes]
@@ -79,26 +78,21 @@ def _unvalue(doc: Any, where: str) -> Any:
             from None
 
 
-def _config(config: BackendConfig, tag: str) -> dict:
+def _config(config: BackendSettings, tag: str) -> dict:
     """The fields set explicitly (so a merge after a restart behaves as before it)."""
-    fields = {name: getattr(config, name) for name in config.model_fields_set}
+    fields = config.fields()
     if "user_config" in fields:
         fields["user_config"] = _value(fields["user_config"], f"user_config of backend {tag!r}")
-    if fields.get("autoscaling_config") is not None:
-        fields["autoscaling_config"] = fields["autoscaling_config"].model_dump(
-            exclude_unset=True)
     return fields
 
 
-def _unconfig(doc: dict, where: str) -> BackendConfig:
+def _unconfig(doc: dict, where: str) -> BackendSettings:
     if "user_config" in doc:
         doc = {**doc, "user_config": _unvalue(doc["user_config"], f"{where}.user_config")}
     try:
-        return BackendConfig.model_validate(doc)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(part) for part in error['loc']) or 'it'}: "
-                             f"{error['msg']}" for error in exc.errors())
-        raise ValueError(f"{where} is not a valid backend config ({problems})") from None
+        return BackendSettings.check(doc)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where} is not a valid backend config ({exc})") from None
 
 
 def _metadata(metadata: Optional[BackendMetadata]) -> Optional[dict]:

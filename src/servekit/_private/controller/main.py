@@ -10,8 +10,8 @@ from typing import Any
 from servekit._private import metrics
 from servekit._private.controller.controller import Controller
 from servekit._private.runtime.base import Runtime
+from servekit._private.specs import HTTPSettings
 from servekit._private.wire.transport import RpcServer
-from servekit.config import HTTPOptions
 
 logger = logging.getLogger("servekit.controller")
 
@@ -103,7 +103,7 @@ def controller_handlers(controller: Controller, started: asyncio.Future,
     }
 
 
-async def serve_controller(runtime: Runtime, http_options: HTTPOptions, sock: socket.socket,
+async def serve_controller(runtime: Runtime, http_options: HTTPSettings, sock: socket.socket,
                            stop: asyncio.Event) -> None:
     """Run a controller over ``runtime`` and serve its API on ``sock`` until ``stop``."""
     controller = Controller(runtime, http_options)

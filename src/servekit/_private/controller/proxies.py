@@ -9,8 +9,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from servekit._private import constants
 from servekit._private.runtime.base import Connection, Runtime
-from servekit._private.specs import ProxySettings, ProxySpec
-from servekit.config import HTTPOptions
+from servekit._private.specs import HTTPSettings
 from servekit.exceptions import BackendUnavailableError, ServeError
 
 logger = logging.getLogger("servekit.controller")
@@ -34,7 +33,7 @@ class ProxyRecord:
 class ProxyReconciler:
     """Runs the HTTP proxies ``http_options`` asks for; ``save`` persists ``records``."""
 
-    def __init__(self, runtime: Runtime, http_options: HTTPOptions,
+    def __init__(self, runtime: Runtime, http_options: HTTPSettings,
                  save: Callable[[], Any]) -> None:
         self._runtime = runtime
         self._http_options = http_options
@@ -72,9 +71,7 @@ class ProxyReconciler:
         Raises:
             ServeError: a proxy could not start (the others are still started).
         """
-        location = self._http_options.location
-        assert location is not None  # HTTPOptions sets NoServer for None
-        places = await self._runtime.proxy_nodes(location.value)
+        places = await self._runtime.proxy_nodes(self._http_options.location)
         wanted = {name if i == 0 else f"{name}-{i + 1}": node for name, node in places.items()
                   for i in range(self._http_options.num_proxies)}
         for name, record in list(self.records.items()):
@@ -97,7 +94,7 @@ class ProxyReconciler:
     async def _start_proxy(self, name: str, node: Optional[str]) -> None:
         await self._runtime.stop(name, timeout=0)  # what is left of an earlier one
         address = await self._runtime.launch(
-            name, "proxy", ProxySpec(ProxySettings.of(self._http_options)), node=node)
+            name, "proxy", self._http_options.proxy_spec, node=node)
         connection = await self._runtime.connect(address)
         try:
             await connection.call("ready")

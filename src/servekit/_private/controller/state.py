@@ -8,8 +8,8 @@ import time
 from typing import Dict, List, Optional, Tuple
 
 from servekit._private.backend_metadata import BackendMetadata, ReplicaConfig
+from servekit._private.backend_settings import BackendSettings
 from servekit._private.runtime.base import Connection
-from servekit.config import BackendConfig
 
 STARTING, RUNNING, STOPPING = "STARTING", "RUNNING", "STOPPING"
 
@@ -24,7 +24,7 @@ class ReplicaRecord:
     address: Optional[str] = None
     process: Optional[dict] = None  # the runtime's identity of its process, for adoption
     connection: Optional[Connection] = None
-    config: Optional[BackendConfig] = None  # the config the replica process runs
+    config: Optional[BackendSettings] = None  # the config the replica process runs
     version: int = 0  # the backend definition it runs (``BackendState.version``)
     task: Optional[asyncio.Task] = None  # its start
     health_task: Optional[asyncio.Task] = None  # its health pings, while it runs
@@ -50,7 +50,7 @@ class BackendState:
 
     tag: str
     replica_config: ReplicaConfig
-    config: BackendConfig
+    config: BackendSettings
     metadata: Optional[BackendMetadata]
     replicas: Dict[str, ReplicaRecord] = dataclasses.field(default_factory=dict)
     goal: Optional[str] = None
@@ -61,7 +61,7 @@ class BackendState:
     created: bool = False  # all replicas once ran; failures no longer undo the backend
     deleting: bool = False
     force_delete: bool = False
-    config_before_update: Optional[BackendConfig] = None
+    config_before_update: Optional[BackendSettings] = None
     # An earlier controller died while the replicas applied ``config``: until they are
     # known to run it, the goal does not complete (not saved).
     config_unconfirmed: bool = False

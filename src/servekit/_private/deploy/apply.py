@@ -8,6 +8,7 @@ import uuid
 from typing import Any, Callable, Dict, List, Mapping, Optional, Union
 
 from servekit._private.backend_metadata import BackendMetadata, ReplicaConfig
+from servekit._private.backend_settings import given_fields
 from servekit._private.deploy.definition import BackendDefinition, check_definitions
 from servekit._private.deploy.plan import DeployPlan, Operation, make_plan
 from servekit._private.deploy.schema import DeploySpec, read_deploy_dict, read_deploy_file
@@ -110,7 +111,8 @@ def deploy(client: Client, config: DeployConfig, *, prune: bool = False,
 
 def _create_backend(client: Client, definition: BackendDefinition) -> None:
     goal = client._call("create_backend", definition.spec.name, definition.replica_config(),
-                        definition.spec.config, definition.metadata, uuid.uuid4().hex)
+                        given_fields(definition.spec.config), definition.metadata,
+                        uuid.uuid4().hex)
     client._wait_for_goal(goal)
 
 

@@ -18,7 +18,7 @@ import cloudpickle
 
 from servekit._private import constants
 from servekit._private.runtime.base import Instance
-from servekit._private.specs import ControllerSpec, ProxySettings, ProxySpec, WorkerSpec
+from servekit._private.specs import ControllerSpec, HTTPSettings, WorkerSpec
 from servekit._private.workers import home
 from servekit._private.workers.logs import LOG_DIR, set_aside_previous
 from servekit._private.workers.process import (
@@ -47,6 +47,7 @@ class LocalInstance(Instance):
         if detached and os.path.lexists(self.controller_address):
             os.unlink(self.controller_address)
         sockets: List[socket.socket] = []
+        settings = HTTPSettings.of(http_options)
         try:
             extra_fds = {}
             proxy_payload = None
@@ -58,7 +59,7 @@ class LocalInstance(Instance):
                 sockets.append(http)
                 extra_fds["http"] = http.fileno()
                 # The supervisor starts the first proxy while the controller starts.
-                proxy_payload = cloudpickle.dumps(ProxySpec(ProxySettings.of(http_options)))
+                proxy_payload = settings.proxy_spec.data
             sock = bind_unix_socket(self.controller_address)
             sockets.append(sock)
             if detached:  # its logs stay when it stops, until the next one starts
@@ -69,7 +70,7 @@ class LocalInstance(Instance):
             spec = WorkerSpec(
                 role="supervisor", name="supervisor", instance_dir=self.instance_dir,
                 rpc_fd=sock.fileno(), controller_address=None,
-                payload=cloudpickle.dumps(ControllerSpec(http_options, detached, custom_resources)),
+                payload=cloudpickle.dumps(ControllerSpec(settings, detached, custom_resources)),
                 sys_path=importable_sys_path(), watch_parent=not detached, daemonize=detached,
                 extra_fds=extra_fds, log_dir=log_dir, log_to_stderr=not detached,
                 proxy_payload=proxy_payload)

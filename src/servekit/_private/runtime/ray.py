@@ -35,7 +35,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from servekit._private import constants
 from servekit._private.event_loop import new_event_loop
 from servekit._private.runtime.base import Connection, Instance, Runtime
-from servekit._private.specs import WorkerSpec
+from servekit._private.specs import HTTPSettings, WorkerSpec
 from servekit._private.wire import auth
 from servekit._private.wire.discovery import register_controller_resolver
 from servekit._private.wire.transport import RpcClient, parse_tcp_address, tcp_address
@@ -231,7 +231,7 @@ class RayControllerSpec:
     """What the controller actor is told: the HTTP options, the driver's ``sys.path`` (for
     its workers) and the driver's node (where a HeadOnly proxy runs)."""
 
-    http_options: HTTPOptions
+    http_options: HTTPSettings
     sys_path: List[str]
     driver_node: Optional[str]
 
@@ -511,7 +511,8 @@ class RayInstance(Instance):
             _kv_discard()  # what a non-detached instance left behind is no one's
         _instance_secret()
         node = ray.get_runtime_context().get_node_id()
-        payload = RayControllerSpec(http_options, list(importable_sys_path()), node)
+        payload = RayControllerSpec(HTTPSettings.of(http_options), list(importable_sys_path()),
+                                    node)
         controller = ServekitActor.options(  # type: ignore[attr-defined]
             name=CONTROLLER_NAME, namespace=NAMESPACE,
             lifetime="detached" if detached else None, max_restarts=-1, max_concurrency=4,
