@@ -5,8 +5,8 @@ An HTTP call gives the backend an ``HTTPRequest``: a starlette ``Request`` whose
 already read, so sync code can read it too (``request.data``, ``request.json_data()``). A
 call through a handle gives it a ``ServeRequest``, which offers the parts of the
 ``Request`` API that make sense without HTTP. The conversions between HTTP and what a
-backend sees live in ``servekit._private.http_wire``; their names stay importable from
-here.
+backend sees live in ``servekit._private.http_wire`` and ``http_request``; their names stay
+importable from here.
 """
 
 from __future__ import annotations
@@ -14,14 +14,13 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from servekit._private.http_request import HTTPRequest, request_from_wire
 from servekit._private.http_wire import (
-    HTTPRequest,
     HTTPRequestWire,
     HTTPResponseWire,
     error_response,
     json_dumps,
     json_response,
-    request_from_wire,
     text_response,
     to_http_response,
     wire_from_scope,

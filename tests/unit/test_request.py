@@ -24,6 +24,7 @@ from starlette.responses import (
     StreamingResponse,
 )
 
+from servekit._private.http_request import request_from_wire
 from servekit._private.http_wire import (
     HTTPRequestWire,
     HTTPResponseWire,
@@ -31,7 +32,6 @@ from servekit._private.http_wire import (
     http_stream,
     json_dumps,
     json_response,
-    request_from_wire,
     text_response,
     to_http_response,
     wire_from_scope,

@@ -2,9 +2,10 @@
 
 The proxy reads a whole request, turns it into an ``HTTPRequestWire`` (a plain picklable
 tuple) and sends it to a replica. The replica rebuilds a starlette ``Request`` with
-``request_from_wire``, calls user code, and turns the return value into an
+``http_request.request_from_wire``, calls user code, and turns the return value into an
 ``HTTPResponseWire`` with ``to_http_response`` (or a stream, ``http_stream``); the proxy
-writes that out.
+writes that out. This module does not import starlette (the proxy never loads it): a
+starlette ``Response`` is recognised only where its module is loaded already.
 """
 
 from __future__ import annotations
@@ -14,12 +15,11 @@ import inspect
 import json
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any, NamedTuple, Optional
-from urllib.parse import quote
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional
 
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.types import Message
+if TYPE_CHECKING:
+    from starlette.responses import Response
+    from starlette.types import Message
 
 Header = tuple[bytes, bytes]
 
@@ -76,55 +76,7 @@ def wire_from_scope(scope: Mapping[str, Any], body: bytes) -> HTTPRequestWire:
     )
 
 
-def request_from_wire(wire: HTTPRequestWire) -> HTTPRequest:
-    """Rebuild the starlette ``Request`` (an :class:`HTTPRequest`) of an HTTP call."""
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.4"},
-        "http_version": wire.http_version,
-        "method": wire.method,
-        "scheme": wire.scheme,
-        "path": wire.path,
-        "raw_path": quote(wire.path).encode("ascii"),
-        "query_string": wire.query_string,
-        "root_path": wire.root_path,
-        "headers": wire.headers,
-        "server": wire.server,
-        "client": wire.client,
-    }
-    return HTTPRequest(scope, wire.body)
-
-
-class HTTPRequest(Request):
-    """What a backend receives for an HTTP call: a starlette ``Request`` whose body the
-    proxy has already read whole.
-
-    Async code reads it as from any ``Request`` (``await request.body()``, ``await
-    request.json()``: they return at once); sync code, which cannot await, reads
-    ``request.data`` (the body's bytes) or ``request.json_data()``.
-    """
-
-    def __init__(self, scope: dict[str, Any], body: bytes) -> None:
-        super().__init__(scope, _BodyReceiver(body))
-        self._body = body  # what starlette's body(), stream() and json() return
-
-    @property
-    def data(self) -> bytes:
-        """The body (``b""`` if there is none)."""
-        return self._body
-
-    def json_data(self) -> Any:
-        """The body parsed as JSON, as ``await request.json()`` returns it.
-
-        Raises:
-            json.JSONDecodeError: the body is not JSON (a ``ValueError``).
-        """
-        if not hasattr(self, "_json"):
-            self._json = json.loads(self._body)
-        return self._json
-
-
-class _BodyReceiver:
+class BodyReceiver:
     """An ASGI ``receive`` that yields one complete body, then ``http.disconnect``."""
 
     __slots__ = ("_body",)
@@ -228,6 +180,13 @@ def _with_length(status: int, headers: list[Header], length: int) -> list[Header
     return kept
 
 
+def _is_response(value: Any) -> bool:
+    """Whether ``value`` is a starlette ``Response`` (none is before its module is loaded:
+    a plain function's replica does not load it)."""
+    responses = sys.modules.get("starlette.responses")
+    return responses is not None and isinstance(value, responses.Response)
+
+
 def http_stream(value: Any,
                 chunks_of: Callable[[Any], AsyncIterator[Any]]) -> AsyncIterator[Any] | None:
     """A streamed response for what a backend returned, or None if it is not one.
@@ -238,7 +197,7 @@ def http_stream(value: Any,
     bytes as they are, anything else as a line of JSON. No content-length: the proxy sends
     it with chunked transfer encoding.
     """
-    if isinstance(value, Response) and hasattr(value, "body_iterator"):
+    if _is_response(value) and hasattr(value, "body_iterator"):
         headers = [(name, header) for name, header in value.raw_headers
                    if name != _CONTENT_LENGTH and name != _TRANSFER_ENCODING]
         return _http_chunks(value.status_code, headers,
@@ -291,7 +250,7 @@ async def _run_response(response: Response) -> HTTPResponseWire:
         elif message["type"] == "http.response.body":
             chunks.append(message.get("body", b""))
 
-    await response(scope, _BodyReceiver(b""), send)
+    await response(scope, BodyReceiver(b""), send)
     status = start.get("status", response.status_code)
     body = b"".join(chunks)
     headers = [(name, value) for name, value in start.get("headers", ())]
@@ -313,7 +272,7 @@ async def to_http_response(value: Any) -> HTTPResponseWire:
     Raises:
         TypeError: ``value`` cannot be encoded as JSON.
     """
-    if isinstance(value, Response):
+    if _is_response(value):
         body = getattr(value, "body", None)
         if body is None:
             return await _run_response(value)
