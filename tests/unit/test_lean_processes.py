@@ -18,9 +18,12 @@ from servekit._private.backend_metadata import ReplicaConfig
 from servekit._private.specs import ProxySettings, ProxySpec, ReplicaSpec
 from servekit.config import BackendConfig, HTTPOptions
 
-# Loaded by no role below but the one that serves it (uvicorn: the proxy).
-HEAVY = ("pydantic", "prometheus_client", "fastapi", "yaml", "uvicorn", "click",
-         "starlette.applications", "starlette.routing", "starlette.middleware")
+# Loaded by no role below but the one that needs it (uvicorn: the proxy; cloudpickle, to
+# unpickle its backend, and starlette's requests, as its HTTP calls get a starlette Request:
+# the replica).
+HEAVY = ("pydantic", "prometheus_client", "fastapi", "yaml", "uvicorn", "click", "websockets",
+         "cloudpickle", "starlette", "starlette.responses", "starlette.applications",
+         "starlette.routing", "starlette.middleware")
 
 _LOADED = """
 import pickle, sys
@@ -47,7 +50,8 @@ def test_a_replica_of_a_plain_function_loads_no_heavy_library() -> None:
 import asyncio
 import servekit._private.workers.worker as worker
 from servekit._private import metrics
-from servekit._private.http_wire import HTTPRequestWire, request_from_wire, to_http_response
+from servekit._private.http_request import request_from_wire
+from servekit._private.http_wire import HTTPRequestWire, to_http_response
 worker.role_main("replica")  # imports the replica's module, as a replica starts
 spec = pickle.loads(sys.stdin.buffer.read())
 pickle.loads(spec.replica_config.serialized)
@@ -56,7 +60,7 @@ request = request_from_wire(HTTPRequestWire(
 asyncio.run(to_http_response({"path": request.url.path}))
 metrics.exposition()
 """
-    assert loaded(body, spec) == []
+    assert loaded(body, spec) == ["cloudpickle", "starlette"]
 
 
 def test_a_proxy_loads_uvicorn_without_its_command_line_and_nothing_else_heavy() -> None:

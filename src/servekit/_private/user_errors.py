@@ -15,41 +15,54 @@ Three parts:
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import marshal
 import os
-import sysconfig
 import time
 import traceback
 import types
 from typing import Any, Dict, List, Tuple
 
-import cloudpickle
-
 _SERVEKIT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
-_STDLIB_DIR = os.path.abspath(sysconfig.get_paths()["stdlib"]) + os.sep
 # Seconds during which the same failure of a backend is logged as one line, not in full.
 REPEAT_WINDOW_S = 60.0
 
 
-class _Pickler(cloudpickle.Pickler):
-    def reducer_override(self, obj: Any) -> Any:
-        if type(obj) is types.CodeType:
-            return marshal.loads, (marshal.dumps(obj),)
-        return super().reducer_override(obj)
+# (cloudpickle and sysconfig are imported on first use: most processes never pickle code by
+# value nor format a user's error, and their idle memory counts)
+@functools.cache
+def _pickler() -> Any:
+    """cloudpickle's Pickler, with code objects pickled through ``marshal``."""
+    import cloudpickle
+
+    class Pickler(cloudpickle.Pickler):
+        def reducer_override(self, obj: Any) -> Any:
+            if type(obj) is types.CodeType:
+                return marshal.loads, (marshal.dumps(obj),)
+            return super().reducer_override(obj)
+
+    return Pickler
 
 
 def dumps_by_value(value: Any, protocol: int = 5) -> bytes:
     """``cloudpickle.dumps(value)``, code objects keeping their file names."""
     with io.BytesIO() as file:
-        _Pickler(file, protocol=protocol).dump(value)
+        _pickler()(file, protocol=protocol).dump(value)
         return file.getvalue()
+
+
+@functools.cache
+def _stdlib_dir() -> str:
+    import sysconfig
+
+    return os.path.abspath(sysconfig.get_paths()["stdlib"]) + os.sep
 
 
 def _helps(frame: traceback.FrameSummary) -> bool:
     filename = os.path.abspath(frame.filename) if frame.filename[:1] != "<" else frame.filename
-    return not filename.startswith((_SERVEKIT_DIR, _STDLIB_DIR))
+    return not filename.startswith((_SERVEKIT_DIR, _stdlib_dir()))
 
 
 def user_traceback(exc: BaseException) -> str:

@@ -15,9 +15,11 @@ import functools
 import inspect
 import logging
 import socket
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import (
+    TYPE_CHECKING,
     Any,
     AsyncIterator,
     Awaitable,
@@ -42,20 +44,18 @@ from servekit._private.context import (
     current_request_id,
     set_replica_context,
 )
+from servekit._private.http_request import request_from_wire
 from servekit._private.http_wire import (
     HTTPRequestWire,
     HTTPResponseWire,
     error_response,
     http_stream,
     loggable,
-    request_from_wire,
     to_http_response,
 )
 from servekit._private.import_path import import_attribute
+from servekit._private.memory import release_freed_memory
 from servekit._private.replica.admission import STREAMING, Admission, current_admission, outlast
-from servekit._private.replica.asgi_runner import AppCall, Lifespan
-from servekit._private.replica.batching import BatchQueue
-from servekit._private.replica.multiplexed import held_model_ids
 from servekit._private.replica.thread_lane import ThreadLane
 from servekit._private.specs import ReplicaSettings, ReplicaSpec, WorkerSpec
 from servekit._private.user_errors import FailureLog
@@ -70,11 +70,17 @@ from servekit._private.wire.transport import (
 from servekit.exceptions import MethodNotFoundError, ServeError
 from servekit.request import ServeRequest
 
+# (imported where a backend uses them: an ASGI app, batching, multiplexed models; a plain
+# function's replica does without them)
+if TYPE_CHECKING:
+    from servekit._private.replica.asgi_runner import AppCall, Lifespan
+    from servekit._private.replica.batching import BatchQueue
+
 logger = logging.getLogger("servekit.replica")
 
 _DONE = object()  # what next() returns for a generator that is exhausted
 # A resolved method: the callable, whether it is async, and its batch queue if batched.
-_Target = Tuple[Callable, bool, Optional[BatchQueue]]
+_Target = Tuple[Callable, bool, Optional["BatchQueue"]]
 
 
 def _cancelled_by_servekit() -> bool:
@@ -239,6 +245,7 @@ class Replica:
         self.metadata = metadata
         if self.config.user_config is not None:
             self._reconfigure_blocking(self.config.user_config)
+        release_freed_memory()  # what the constructor no longer holds
         return metadata
 
     async def ready(self) -> BackendMetadata:
@@ -248,6 +255,8 @@ class Replica:
         metadata = await asyncio.shield(self._constructed)
         if self._app is not None:
             if self._started is None:
+                from servekit._private.replica.asgi_runner import Lifespan
+
                 self._lifespan = Lifespan(self._app, self.tag)
                 self._started = asyncio.ensure_future(self._lifespan.startup())
                 self._started.add_done_callback(lambda f: f.cancelled() or f.exception())
@@ -326,6 +335,8 @@ class Replica:
         is_async = inspect.iscoroutinefunction(method)
         queue = None
         if key in self.metadata.batch_methods:
+            from servekit._private.replica.batching import BatchQueue
+
             queue = BatchQueue(functools.partial(self._call, method, is_async),
                                self._batch_limits, concurrent=is_async,
                                on_batch=self._batch_sizes.observe)
@@ -476,6 +487,8 @@ class Replica:
         admission = self._admit()
         _from_headers(scope["headers"])
         scope["state"] = dict(self._lifespan.state)
+        from servekit._private.replica.asgi_runner import AppCall  # (loaded with Lifespan)
+
         call = AppCall(self._app, self._on_loop_ungated, scope, first, inbound,
                        functools.partial(self._app_failed, scope, admission))
         try:
@@ -654,7 +667,8 @@ class Replica:
                     await check()
                 else:
                     await asyncio.get_running_loop().run_in_executor(self._health_pool, check)
-        return held_model_ids()
+        multiplexed = sys.modules.get("servekit._private.replica.multiplexed")
+        return multiplexed.held_model_ids() if multiplexed is not None else ()
 
 
 async def _await(awaitable: Any) -> Any:
