@@ -21,8 +21,8 @@ from servekit._private.proxy.http_protocol import (
     BodyBudget,
     ConnectionRoom,
     ProxyHttpProtocol,
-    ProxyWebSocketProtocol,
 )
+from servekit._private.proxy.websocket_protocol import ProxyWebSocketProtocol
 
 
 async def ok_app(scope: Any, receive: Any, send: Any) -> None:

@@ -38,7 +38,6 @@ from servekit._private.proxy.http_protocol import (
     BodyBudget,
     ConnectionRoom,
     ProxyHttpProtocol,
-    ProxyWebSocketProtocol,
 )
 from servekit._private.routing.router import Router
 from servekit._private.specs import ProxySettings, ProxySpec, WorkerSpec
@@ -855,6 +854,15 @@ class _Server(uvicorn.Server):
         yield
 
 
+def websocket_protocol(*args: Any, **kwargs: Any) -> Any:
+    """The protocol of a connection that becomes a WebSocket: a ``ProxyWebSocketProtocol``,
+    its module and the websockets library imported at the first one (a proxy that serves
+    no WebSocket never holds them)."""
+    from servekit._private.proxy.websocket_protocol import ProxyWebSocketProtocol
+
+    return ProxyWebSocketProtocol(*args, **kwargs)
+
+
 def server_config(proxy: HTTPProxy, options: ProxySettings) -> Tuple[uvicorn.Config, BodyBudget]:
     """uvicorn's config for serving ``proxy`` as ``options`` say, and the budget of request
     bodies its connections share."""
@@ -868,7 +876,7 @@ def server_config(proxy: HTTPProxy, options: ProxySettings) -> Tuple[uvicorn.Con
     config = uvicorn.Config(build_app(proxy, options.middlewares), loop="none",
                             http=protocol,  # type: ignore[arg-type]
                             ws=functools.partial(  # type: ignore[arg-type]
-                                ProxyWebSocketProtocol, body_budget=budget),
+                                websocket_protocol, body_budget=budget),
                             proxy_headers=False,  # backends see X-Forwarded-* as sent
                             lifespan="off", log_level="warning", access_log=False,
                             log_config=None,  # its lines go where the proxy's go
