@@ -324,22 +324,34 @@ def have_litserve() -> bool:
 @contextlib.contextmanager
 def litserve_noop() -> Iterator[str]:
     """benchmarks/litserve_noop.py served in a session of its own (LitServe spawns its API
-    server and worker processes), stopped with its whole process group; its URL."""
+    server and worker processes), stopped with its whole process group; its URL. Its output
+    is shown only if it fails to start (LitServe logs a traceback for every request whose
+    connection wrk closes as it stops)."""
     port = free_port()
     directory = os.path.dirname(os.path.abspath(__file__))
-    process = subprocess.Popen([sys.executable, "litserve_noop.py", str(port)],
-                               cwd=directory, start_new_session=True)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health", 120, process)
-        yield f"http://127.0.0.1:{port}/predict"
-    finally:
-        stop_group(process)
+    with tempfile.TemporaryFile() as output:
+        process = subprocess.Popen([sys.executable, "litserve_noop.py", str(port)],
+                                   cwd=directory, stdout=output, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        try:
+            try:
+                wait_http(f"http://127.0.0.1:{port}/health", 120, process)
+            except (RuntimeError, TimeoutError) as error:
+                output.seek(0)
+                said = output.read()[-4000:].decode(errors="replace")
+                raise RuntimeError(f"LitServe did not start: {error}; it said:\n{said}") \
+                    from error
+            yield f"http://127.0.0.1:{port}/predict"
+        finally:
+            stop_group(process)
 
 
 def stop_group(process: subprocess.Popen) -> None:
     """Stop the process group ``process`` leads (started with ``start_new_session``):
-    SIGTERM, then SIGKILL to whatever of the group is left after 10 s."""
-    os.killpg(process.pid, signal.SIGTERM)
+    SIGTERM, then SIGKILL to whatever of the group is left after 10 s (none if it has
+    exited)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
     with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(10)
     with contextlib.suppress(ProcessLookupError):

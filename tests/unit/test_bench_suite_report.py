@@ -1,11 +1,14 @@
-"""benchmarks/suite.py's reporting: the latest figures it writes into RESULTS.md, and the
-peers scenario when LitServe is not installed (nothing here starts a server)."""
+"""benchmarks/suite.py's reporting: the latest figures it writes into RESULTS.md; the peers
+scenario when LitServe is not installed; how it stops a peer's process group (nothing here
+starts a server)."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
 import sys
+import time
 from typing import Any
 
 import pytest
@@ -100,3 +103,28 @@ def test_a_run_that_measured_nothing_leaves_the_file_as_it_was(
     assert suite.main(["--only", "peers", "--results-md", str(results_md)]) == 0
     assert results_md.read_text() == RESULTS_MD
     assert "nothing was measured" in capsys.readouterr().out
+
+
+def test_stopping_a_group_stops_the_children_its_leader_started() -> None:
+    leader = subprocess.Popen(["sh", "-c", "sleep 60 & sleep 60 & wait"],
+                              start_new_session=True)
+    suite.stop_group(leader)
+    assert leader.returncode is not None
+    deadline = time.monotonic() + 10  # (until init has reaped the children it inherited)
+    while group_exists(leader.pid):
+        assert time.monotonic() < deadline, "the group's children outlived stop_group"
+        time.sleep(0.01)
+
+
+def group_exists(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_stopping_a_group_that_has_exited_is_quiet() -> None:
+    leader = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
+    leader.wait()
+    suite.stop_group(leader)
