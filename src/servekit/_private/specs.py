@@ -181,6 +181,6 @@ class WorkerSpec:
     early_replica: Optional[EarlyWorker] = None
 
     def load_payload(self) -> Any:
-        import cloudpickle  # (not in the supervisor, which passes the payload on)
-
-        return cloudpickle.loads(self.payload)
+        # (cloudpickle's loads is pickle's: cloudpickle is imported only for a payload that
+        # holds what it pickled by value, such as a middleware defined in the user's script)
+        return pickle.loads(self.payload)
