@@ -544,8 +544,10 @@ def start(detached: bool = False, http_host: Any = _UNSET, http_port: Any = _UNS
 
     Raises:
         ValueError: deprecated arguments combined with ``http_options``.
-        ServeError: the HTTP port cannot be bound, or a detached instance already runs.
+        ServeError: the HTTP port cannot be bound, a detached instance already runs, or
+            this code runs inside a replica (``serve.connect()`` reaches its instance).
     """
+    _refuse_inside_a_replica()
     if not isinstance(detached, bool):
         raise TypeError(f"detached must be a bool, got {detached!r}.")
     deprecated = {name: value for name, value in (
@@ -591,6 +593,21 @@ def start(detached: bool = False, http_host: Any = _UNSET, http_port: Any = _UNS
         atexit.unregister(_shutdown_at_exit)
         atexit.register(_shutdown_at_exit)
     return client
+
+
+def _refuse_inside_a_replica() -> None:
+    """A replica starting an instance of its own is a mistake, most often a module that
+    calls ``serve.start()`` when imported: a replica of a backend defined in it imports it,
+    starts an instance whose replica imports it again, and so on without end."""
+    context = current_replica_context()
+    if context is None:
+        return
+    raise ServeError(
+        f"serve.start() was called inside replica {context.replica_tag} of backend "
+        f"{context.backend_tag!r}. A backend's code runs in an instance already: reach it "
+        "with serve.connect(). If a module this backend's code is defined in calls "
+        "serve.start() when it is imported, put that call under "
+        "`if __name__ == \"__main__\":`.")
 
 
 def connect(address: Optional[str] = None) -> Client:

@@ -504,3 +504,40 @@ def test_non_detached_instances_run_side_by_side(start_instance: Callable) -> No
     with pytest.raises(httpx.TransportError):
         healthz(ports[0])
     assert second.get_handle("echo").remote(2).result(timeout=10) == "two:2"
+
+
+SELF_STARTING_MODULE = '''
+import servekit as serve
+
+
+def hello(request):
+    return "hello"
+
+
+client = serve.start(http_options={"host": None})  # when imported: no __main__ guard
+'''
+
+
+def test_a_module_that_starts_servekit_when_imported_is_refused_inside_its_replica(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backend defined in such a module is sent by its import path; its replica imports
+    the module, whose serve.start() must fail there with an error saying what to change
+    (it used to start an instance whose replica imported the module again, without end)."""
+    (tmp_path / "self_starting.py").write_text(SELF_STARTING_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    import self_starting  # type: ignore[import-not-found]
+
+    client = self_starting.client
+    try:
+        with pytest.raises(serve.ServeError) as failed:
+            client.create_backend("hello", self_starting.hello)
+        message = str(failed.value)
+        assert "serve.start() was called inside replica" in message, message
+        assert '`if __name__ == "__main__":`' in message
+        supervisors = [pid for pid in descendants(os.getpid())
+                       if cmdline(pid).startswith("servekit supervisor")]
+        assert len(supervisors) == 1, supervisors  # this test's instance; none nested
+    finally:
+        client.shutdown()
+        sys.modules.pop("self_starting", None)
