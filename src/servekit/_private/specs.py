@@ -97,7 +97,7 @@ class ProxySpec:
 
 
 class Pickled:
-    """An object kept pickled: pickled again, it unpickles as the object itself, so a
+    """An object kept pickled (``data``): pickled, it unpickles as the object itself, so a
     process that only passes it on never imports what it holds."""
 
     def __init__(self, data: bytes) -> None:
@@ -111,15 +111,15 @@ class Pickled:
 class HTTPSettings:
     """What the controller needs of ``HTTPOptions``, as plain data: where it serves HTTP,
     where proxies run (a ``DeploymentMode`` value) and how many per place, the options as
-    ``status()`` shows them, and the spec each proxy starts with, kept pickled (its
-    middlewares are the user's classes, which the controller never loads)."""
+    ``status()`` shows them, and the spec each proxy starts with, pickled (its middlewares
+    are the user's classes, which the controller never loads: it sends ``Pickled(it)``)."""
 
     host: Optional[str]
     port: int
     location: str
     num_proxies: int
     shown: Dict[str, Any]
-    proxy_spec: Pickled
+    proxy_spec: bytes
 
     @classmethod
     def of(cls, options: HTTPOptions) -> HTTPSettings:
@@ -128,7 +128,7 @@ class HTTPSettings:
         assert options.location is not None  # HTTPOptions sets NoServer for None
         return cls(options.host, options.port, options.location.value, options.num_proxies,
                    options.model_dump(mode="json", exclude={"middlewares"}),
-                   Pickled(cloudpickle.dumps(ProxySpec(ProxySettings.of(options)))))
+                   cloudpickle.dumps(ProxySpec(ProxySettings.of(options))))
 
 
 @dataclasses.dataclass

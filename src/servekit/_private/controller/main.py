@@ -9,6 +9,7 @@ from typing import Any
 
 from servekit._private import metrics
 from servekit._private.controller.controller import Controller
+from servekit._private.memory import release_freed_memory
 from servekit._private.runtime.base import Runtime
 from servekit._private.specs import HTTPSettings
 from servekit._private.wire.transport import RpcServer
@@ -119,6 +120,7 @@ async def serve_controller(runtime: Runtime, http_options: HTTPSettings, sock: s
         await stop.wait()
         return
     started.set_result(None)
+    release_freed_memory()  # what taking over the saved state and starting freed
     await stop.wait()
     server.close()
     await controller.shutdown()

@@ -9,7 +9,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from servekit._private import constants
 from servekit._private.runtime.base import Connection, Runtime
-from servekit._private.specs import HTTPSettings
+from servekit._private.specs import HTTPSettings, Pickled
 from servekit.exceptions import BackendUnavailableError, ServeError
 
 logger = logging.getLogger("servekit.controller")
@@ -94,7 +94,7 @@ class ProxyReconciler:
     async def _start_proxy(self, name: str, node: Optional[str]) -> None:
         await self._runtime.stop(name, timeout=0)  # what is left of an earlier one
         address = await self._runtime.launch(
-            name, "proxy", self._http_options.proxy_spec, node=node)
+            name, "proxy", Pickled(self._http_options.proxy_spec), node=node)
         connection = await self._runtime.connect(address)
         try:
             await connection.call("ready")

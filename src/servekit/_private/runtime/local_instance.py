@@ -59,7 +59,7 @@ class LocalInstance(Instance):
                 sockets.append(http)
                 extra_fds["http"] = http.fileno()
                 # The supervisor starts the first proxy while the controller starts.
-                proxy_payload = settings.proxy_spec.data
+                proxy_payload = settings.proxy_spec
             sock = bind_unix_socket(self.controller_address)
             sockets.append(sock)
             if detached:  # its logs stay when it stops, until the next one starts

@@ -114,8 +114,8 @@ def main() -> None:
     configure_logging(spec.role, spec.name, spec.log_dir, spec.log_to_stderr)
     _set_title(f"servekit {spec.role} {spec.name}")
     sock = socket.socket(fileno=spec.rpc_fd)
-    # The controller's calls are few: asyncio's own loop serves them, and spares it uvloop's
-    # memory (about 2 MB); the data plane's processes run on uvloop.
+    # The controller is off the requests' path: asyncio's own loop serves it, and spares it
+    # uvloop's memory (about 2 MB); the processes requests go through run on uvloop.
     loop = asyncio.new_event_loop() if spec.role == "controller" else new_event_loop()
     asyncio.set_event_loop(loop)
     stop = asyncio.Event()
