@@ -229,6 +229,15 @@ def test_shutdown_stops_every_process_and_removes_the_instance_dir(
         kill_leftovers(processes)
 
 
+def test_shutdown_is_answered_before_the_controller_exits(
+        start_instance: Callable, caplog: pytest.LogCaptureFixture) -> None:
+    """The controller exited before its reply was sent, on asyncio's loop: the client was
+    told the controller went away, and called again."""
+    for _ in range(3):
+        start_instance(http_options={"host": None}).shutdown()
+    assert "went away" not in caplog.text
+
+
 # ---------------------------------------------------------------- dying with the script
 
 

@@ -62,12 +62,17 @@ def controller_handlers(controller: Controller, started: asyncio.Future,
             try:
                 await asyncio.shield(started)
             except Exception:
-                stop.set()
                 return
             await controller.shutdown(keep_state)
-            stop.set()  # the process exits once the reply is sent
 
-        await asyncio.shield(stop_everything())  # to the end, even if the caller leaves
+        stopping = asyncio.ensure_future(stop_everything())
+        try:
+            await asyncio.shield(stopping)  # to the end, even if the caller leaves
+        finally:
+            # The process exits once ``stop`` is set: not before this call's reply is sent
+            # (as it returns, in this step of the loop), or everything stopped if the caller
+            # left (on either loop, whichever order it wakes its tasks in).
+            stopping.add_done_callback(lambda _: stop.set())
 
     def status() -> dict:
         status = controller.status()
