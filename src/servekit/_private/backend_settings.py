@@ -71,16 +71,16 @@ def check_autoscaling_bounds(min_replicas: int, max_replicas: int,
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    """One field: its default; its kind (``int`` or ``float``, never a bool; ``None``: any
-    value); its lower bound (``above``: the value must be above it, else at least it); whether
-    it may be None; whether pydantic takes only its kind (``strict``: no "2" for 2); and a
-    check of its own (given the field's name and the value; the value it returns is kept)."""
+    """One field: its default (None: the field may be None); its kind (``int`` or
+    ``float``, never a bool; ``None``: any value); its lower bound (``above``: the value must
+    be above it, else at least it); whether pydantic takes only its kind (``strict``: no "2"
+    for 2); and a check of its own (given the field's name and the value; the value it
+    returns is kept)."""
 
     default: Any
     kind: Optional[type] = None
     minimum: Optional[float] = None
     above: bool = False
-    optional: bool = False
     strict: bool = True
     check: Optional[Callable[[str, Any], Any]] = None
 
@@ -100,7 +100,7 @@ class Rule:
     def checked(self, name: str, value: Any) -> Any:
         """``value`` if it keeps the rule (a float field's int as a float), else a TypeError
         or ValueError naming ``name`` and the value."""
-        if value is None and (self.optional or self.default is None):
+        if value is None and self.default is None:
             return None
         if self.kind is int and (not isinstance(value, int) or isinstance(value, bool)):
             raise TypeError(f"{name} must be an integer, got {value!r}")
@@ -120,14 +120,13 @@ class Rule:
 AUTOSCALING_RULES: Dict[str, Rule] = {
     "min_replicas": Rule(1, int, minimum=0),
     "max_replicas": Rule(1, int, minimum=1, check=check_replica_bound),
-    "initial_replicas": Rule(None, int, minimum=0, optional=True),
+    "initial_replicas": Rule(None, int, minimum=0),
     "target_ongoing_requests": Rule(2.0, float, minimum=0, above=True, strict=False),
     "upscale_delay_s": Rule(30.0, float, minimum=0, strict=False),
     "downscale_delay_s": Rule(600.0, float, minimum=0, strict=False),
-    "downscale_to_zero_delay_s": Rule(None, float, minimum=0, optional=True, strict=False),
-    "upscaling_factor": Rule(None, float, minimum=0, above=True, optional=True, strict=False),
-    "downscaling_factor": Rule(None, float, minimum=0, above=True, optional=True,
-                               strict=False),
+    "downscale_to_zero_delay_s": Rule(None, float, minimum=0, strict=False),
+    "upscaling_factor": Rule(None, float, minimum=0, above=True, strict=False),
+    "downscaling_factor": Rule(None, float, minimum=0, above=True, strict=False),
     "look_back_period_s": Rule(30.0, float, minimum=0, above=True, strict=False),
     "metrics_interval_s": Rule(10.0, float, minimum=0, above=True, strict=False),
 }
@@ -161,10 +160,15 @@ class _Settings:
         return self.given.get(name, rule.default)
 
     def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and other.given == self.given  # type: ignore[attr-defined]
+        return isinstance(other, _Settings) and type(other) is type(self) and \
+            other.given == self.given
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.given!r})"
+
+    def fields(self) -> Dict[str, Any]:
+        """The fields set, as plain data (what ``check`` takes back)."""
+        return dict(self.given)
 
     @classmethod
     def _checked_fields(cls, fields: Any, where: str) -> Dict[str, Any]:
@@ -218,13 +222,13 @@ def _autoscaling(name: str, value: Any) -> AutoscalingSettings:
 BACKEND_RULES: Dict[str, Rule] = {
     "num_replicas": Rule(1, int, minimum=1, check=check_replica_bound),
     "autoscaling_config": Rule(None, check=_autoscaling),
-    "max_batch_size": Rule(None, int, minimum=1, optional=True),
+    "max_batch_size": Rule(None, int, minimum=1),
     "batch_wait_timeout": Rule(0.0, float, minimum=0),
-    "max_concurrent_queries": Rule(None, int, minimum=1, optional=True),
+    "max_concurrent_queries": Rule(None, int, minimum=1),
     "max_queued_requests": Rule(DEFAULT_MAX_QUEUED_REQUESTS, int, minimum=-1),
     "user_config": Rule(None),
     "sync_threads": Rule(1, int, minimum=1),
-    "request_timeout_s": Rule(None, float, minimum=0, above=True, optional=True),
+    "request_timeout_s": Rule(None, float, minimum=0, above=True),
     "health_check_period_s": Rule(1.0, float, minimum=0, above=True),
     "health_check_timeout_s": Rule(1.0, float, minimum=0, above=True),
     "health_check_failure_threshold": Rule(3, int, minimum=1),
@@ -261,9 +265,9 @@ class BackendSettings(_Settings):
     def fields(self) -> Dict[str, Any]:
         """The fields set, an autoscaling config as a dict of its own (what ``check``
         takes back)."""
-        fields = dict(self.given)
-        if isinstance(fields.get("autoscaling_config"), AutoscalingSettings):
-            fields["autoscaling_config"] = dict(fields["autoscaling_config"].given)
+        fields = super().fields()
+        if fields.get("autoscaling_config") is not None:
+            fields["autoscaling_config"] = fields["autoscaling_config"].fields()
         return fields
 
     def merged(self, update: BackendSettings) -> BackendSettings:
@@ -296,11 +300,11 @@ class BackendSettings(_Settings):
 
 
 def given_fields(config: Any) -> Any:
-    """The fields set in ``config``: itself unless it is a pydantic model (a config as
-    clients of earlier versions sent it), whose set fields are taken (an autoscaling
-    config's too)."""
+    """The fields set in ``config`` as plain data: those of settings, or of a pydantic
+    model (a client's, or a config as clients of earlier versions sent it; an autoscaling
+    config's too); anything else as it is (for ``check`` to refuse, or take)."""
     if isinstance(config, _Settings):
-        return config.given if not isinstance(config, BackendSettings) else config.fields()
+        return config.fields()
     names = getattr(config, "model_fields_set", None)
     if names is None:
         return config
