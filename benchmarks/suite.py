@@ -360,13 +360,13 @@ def stop_group(process: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def json_post_script() -> Iterator[str]:
-    """A wrk script POSTing the peers' JSON body; its path."""
+def post_script(body: str, content_type: str) -> Iterator[str]:
+    """A wrk script POSTing ``body`` (a Lua expression) as ``content_type``; its path."""
     directory = tempfile.mkdtemp(prefix="servekit-bench-")
     path = os.path.join(directory, "post.lua")
     with open(path, "w") as script:
-        script.write(f"wrk.method = \"POST\"\nwrk.body = '{_PEER_BODY}'\n"
-                     'wrk.headers["Content-Type"] = "application/json"\n')
+        script.write(f'wrk.method = "POST"\nwrk.body = {body}\n'
+                     f'wrk.headers["Content-Type"] = "{content_type}"\n')
     try:
         yield path
     finally:
@@ -401,7 +401,8 @@ def scenario_peers(runs: int, quick: bool) -> Results:
         return {}
     seconds = 2 if quick else 5
     results: Results = {}
-    with json_post_script() as script, litserve_noop() as peer, instance() as (client, base):
+    with post_script(f"'{_PEER_BODY}'", "application/json") as script, \
+            litserve_noop() as peer, instance() as (client, base):
         client.create_backend("json", json_noop)
         client.create_endpoint("json", backend="json", route="/json", methods=["POST"])
         served = f"{base}/json"
@@ -744,28 +745,21 @@ def scenario_bodies(runs: int, quick: bool) -> Results:
     request bodies (read by the proxy, sent to the replica whole)."""
     seconds = 2 if quick else 5
     results: Results = {}
-    directory = tempfile.mkdtemp(prefix="servekit-bench-")
-    upload = os.path.join(directory, "upload.lua")
-    with open(upload, "w") as script:
-        script.write(f'wrk.method = "POST"\nwrk.body = string.rep("x", {_UPLOAD_BYTES})\n'
-                     'wrk.headers["Content-Type"] = "application/octet-stream"\n')
-    try:
-        with instance() as (client, base):
-            client.create_backend("chunks", chunks)
-            client.create_endpoint("chunks", backend="chunks", route="/chunks")
-            client.create_backend("size", body_size)
-            client.create_endpoint("size", backend="size", route="/size", methods=["POST"])
-            wait_http(f"{base}/chunks")
-            wrk(f"{base}/chunks", 8, 1)
-            wrk(f"{base}/size", 8, 1, upload)
-            for _ in range(runs):
-                results.setdefault("bodies.stream_rps8", []).append(
-                    wrk(f"{base}/chunks", 8, seconds)[0])
-                rps = wrk(f"{base}/size", 8, seconds, upload)[0]
-                results.setdefault("bodies.upload_rps8", []).append(rps)
-                results.setdefault("bodies.upload_mb_s", []).append(rps * _UPLOAD_BYTES / 1e6)
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
+    with post_script(f'string.rep("x", {_UPLOAD_BYTES})', "application/octet-stream") \
+            as upload, instance() as (client, base):
+        client.create_backend("chunks", chunks)
+        client.create_endpoint("chunks", backend="chunks", route="/chunks")
+        client.create_backend("size", body_size)
+        client.create_endpoint("size", backend="size", route="/size", methods=["POST"])
+        wait_http(f"{base}/chunks")
+        wrk(f"{base}/chunks", 8, 1)
+        wrk(f"{base}/size", 8, 1, upload)
+        for _ in range(runs):
+            results.setdefault("bodies.stream_rps8", []).append(
+                wrk(f"{base}/chunks", 8, seconds)[0])
+            rps = wrk(f"{base}/size", 8, seconds, upload)[0]
+            results.setdefault("bodies.upload_rps8", []).append(rps)
+            results.setdefault("bodies.upload_mb_s", []).append(rps * _UPLOAD_BYTES / 1e6)
     return results
 
 
