@@ -323,6 +323,13 @@ def test_an_apps_one_message_response_is_framed_by_the_proxy(serve_instance: tup
         chunked = session.get(f"{url}/raw/chunked")
         assert chunked.text == "not chunked"
         assert session.get(f"{url}/raw/unframed").text == "no length"
+    # A body past the fast lane's bound goes through uvicorn's ASGI side: framed alike
+    # (uvicorn sent the wrong length's head, then dropped the connection mid-body).
+    big = b"x" * (100 * 1024)
+    wrong = httpx.post(f"{url}/raw/wrong-length", content=big, timeout=TIMEOUT)
+    assert wrong.status_code == 502 and "Content-Length" in wrong.text
+    chunked = httpx.post(f"{url}/raw/chunked", content=big, timeout=TIMEOUT)
+    assert chunked.text == "not chunked" and "transfer-encoding" not in chunked.headers
 
 
 # --------------------------------------------------------------------------- WebSockets

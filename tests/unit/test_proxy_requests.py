@@ -287,3 +287,34 @@ def test_a_closed_connection_whose_client_reads_nothing_goes_after_the_send_time
         assert transport.lost
 
     run(main)
+
+
+@pytest.mark.parametrize("headers, status, length", [
+    ([(b"content-length", b"10")], 502, None),  # disagrees with the body: never sent
+    ([(b"content-length", b"5"), (b"content-length", b"6")], 502, None),  # two that differ
+    ([(b"transfer-encoding", b"chunked")], 200, b"5"),  # not encoded so: framed by length
+    ([], 200, b"5"),
+])
+def test_the_asgi_path_frames_a_one_message_response_as_the_fast_lane_does(
+        headers: list, status: int, length: Any) -> None:
+    """A request the fast lane does not take (user middleware, a large body) is answered
+    through uvicorn's ASGI side: a response whose headers disagree with its body is a 502
+    there too (uvicorn would have sent the head, then closed the connection mid-body)."""
+
+    async def main() -> None:
+        cluster = Cluster()
+        replica = cluster.replica("b#1")
+        proxy, _ = proxy_on(cluster, replica)
+        client = Client(call="A")
+        serving = asyncio.ensure_future(proxy(client.scope, client.receive, client.send))
+        await until(lambda: replica.received() == ["A"], "the request reached the replica")
+        answer(replica, "A", HTTPResponseWire(200, headers, b"hello"))
+        await until(serving.done, "the request was answered")
+        assert client.status() == status
+        sent = dict(client.sent[0]["headers"])
+        assert b"transfer-encoding" not in sent
+        assert sent.get(b"content-length") == (length or str(len(client.sent[1]["body"])).encode())
+        if status == 502:
+            assert b"malformed" in client.sent[1]["body"] and b"hello" not in client.sent[1]["body"]
+
+    run(main)

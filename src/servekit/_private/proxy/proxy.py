@@ -212,8 +212,17 @@ class HTTPProxy:
             watch.close()
         if response.route is not None:  # the route template an ASGI app matched
             trace["route"] = response.route
+        head = scope["method"] == "HEAD"
+        try:
+            length = content_length(response, head)
+        except Misframed as exc:
+            response = misframed(scope["path"], exc)
+            length = content_length(response, head)
+        headers = [header for header in response.headers if header[0] not in _FRAMING]
+        if length is not None and response.status != 304:  # (uvicorn sends no such length)
+            headers.append((b"content-length", length))
         await send({"type": "http.response.start", "status": response.status,
-                    "headers": [*response.headers, id_header]})
+                    "headers": [*headers, id_header]})
         await send({"type": "http.response.body", "body": response.body})
         return str(response.status)
 
@@ -510,6 +519,50 @@ _STATUS_LINES = {status.value: f"HTTP/1.1 {status.value} {status.phrase}\r\n".en
                  for status in http.HTTPStatus}
 
 
+# The headers a one-message response is framed by: the proxy writes its Content-Length.
+_FRAMING = (b"content-length", b"transfer-encoding")
+
+
+class Misframed(Exception):
+    """A one-message response whose headers disagree with its body (what, in its text)."""
+
+
+def content_length(response: HTTPResponseWire, head: bool) -> Optional[bytes]:
+    """The Content-Length a one-message response is sent with (``head``: it answers a
+    HEAD request): the backend's when it matches the body, else the body's; None for a
+    response that has none (1xx, 204, 304 without a body). A Transfer-Encoding is ignored
+    (the one body is not encoded in it).
+
+    Raises:
+        Misframed: the backend's Content-Length disagrees with the body, or a response
+            that has no body carries one. Sent as it is, the client would wait for bytes
+            that never come, or read the rest as the next response.
+    """
+    status, body = response.status, response.body
+    length = None
+    for name, value in response.headers:
+        if name == b"content-length":
+            length = value if length is None or value == length else b"?"  # (two differ)
+    if length is None:
+        if status >= 200 and status != 204 and status != 304:
+            return b"%d" % len(body)
+        if body:
+            raise Misframed(f"a {status} response with a body of {len(body)} bytes")
+        return None
+    if head or status == 304:
+        return length if length.isdigit() else None  # (the length of the body not sent)
+    if not length.isdigit() or int(length) != len(body):
+        raise Misframed(f"Content-Length {length!r} and a body of {len(body)} bytes")
+    return length
+
+
+def misframed(path: str, error: Misframed) -> HTTPResponseWire:
+    """The 502 that replaces a misframed response (logged)."""
+    logger.error("The backend's response to %s is malformed: %s. Answering 502.",
+                 loggable(path), error)
+    return text_response(502, f"The backend sent a malformed response ({error}).")
+
+
 class _Served:
     """One request of the fast lane, from its placement to the last byte of its response:
     the reply's callback writes the response, a timeout or the client leaving cancels it,
@@ -586,36 +639,25 @@ class _Served:
             self._done("-")
             return
         status, body = response.status, response.body
+        head = cycle.scope["method"] == "HEAD"
+        try:
+            length = content_length(response, head)
+        except Misframed as exc:
+            self.respond(misframed(cycle.scope["path"], exc))
+            return
         parts = [_STATUS_LINES.get(status) or f"HTTP/1.1 {status} \r\n".encode()]
-        length = None
         for name, value in response.headers:
             if b"\r" in value or b"\n" in value or b"\r" in name or b"\n" in name:
                 logger.error("Backend response header %r has a line break; answering 500.",
                              name)
                 self.respond(text_response(500, "Internal Server Error"))
                 return
-            if name == b"content-length":
-                length = value if length is None or value == length else b"?"  # (two differ)
-                continue  # (written once, below)
+            if name in _FRAMING:
+                continue  # (one body in one write: framed by its length, written below)
             if name == b"connection" and b"close" in value.lower():
                 cycle.keep_alive = False
-            elif name == b"transfer-encoding":
-                continue  # one body in one write: framed by its length instead
             parts += (name, b": ", value, b"\r\n")
-        head = cycle.scope["method"] == "HEAD"
-        if length is None:
-            if status >= 200 and status != 204 and status != 304:
-                parts += (b"content-length: ", b"%d" % len(body), b"\r\n")
-            elif body:
-                self._misframed(f"a {status} response with a body of {len(body)} bytes")
-                return
-        elif head or status == 304:
-            if length.isdigit():  # (the length of the body not sent)
-                parts += (b"content-length: ", length, b"\r\n")
-        elif not length.isdigit() or int(length) != len(body):
-            self._misframed(f"Content-Length {length!r} and a body of {len(body)} bytes")
-            return
-        else:
+        if length is not None:
             parts += (b"content-length: ", length, b"\r\n")
         parts += (b"x-request-id: ", self.request_id.encode("latin-1"), b"\r\n")
         if not cycle.keep_alive:
@@ -630,11 +672,6 @@ class _Served:
             cycle.transport.close()
         cycle.on_response()
         self._done(str(response.status))
-
-    def _misframed(self, what: str) -> None:
-        logger.error("The backend's response to %s is malformed: %s. Answering 502.",
-                     loggable(self.cycle.scope["path"]), what)
-        self.respond(text_response(502, f"The backend sent a malformed response ({what})."))
 
     async def _stream(self, stream: ReplyStream) -> None:
         if self.cycle.disconnected:  # (it left before this task ran: the stream was cancelled)
