@@ -22,8 +22,9 @@ from servekit._private.http_wire import (
     error_response,
     json_response,
     loggable,
+    request_fields,
+    response_from_wire,
     text_response,
-    wire_from_scope,
 )
 from servekit._private.proxy.asgi_proxy import (
     ShadowCopies,
@@ -323,7 +324,7 @@ class HTTPProxy:
                     pump.result() is False:
                 _drop(reply)
                 return self._too_large()
-            return await reply
+            return response_from_wire(await reply)
         except asyncio.CancelledError:
             _drop(reply)
             raise
@@ -493,7 +494,7 @@ async def _answer(reply: asyncio.Future, path: str) -> Union[HTTPResponseWire, R
     """What ``reply`` settles as, or the response for its error; if the wait is cancelled,
     the reply is dropped (a stream it settled as in that same loop turn is stopped)."""
     try:
-        return await reply
+        return response_from_wire(await reply)
     except asyncio.CancelledError:
         _drop(reply)
         raise
@@ -621,7 +622,7 @@ class _Served:
             self.protocol.tasks.add(task)
             task.add_done_callback(self.protocol.tasks.discard)
         else:
-            response = reply.result()
+            response = response_from_wire(reply.result())
             if response.route is not None:  # the route template an ASGI app matched
                 self.trace["route"] = response.route
             self.respond(response)
@@ -870,7 +871,7 @@ def _http_payload(scope: Dict[str, Any], method_name: Optional[str],
                   body: Union[bytes, bytearray]) -> bytes:
     """The payload of an HTTP request to a backend (``encode_call("http", ...)``): the body
     is copied once, into it. Plain data, pickled as is."""
-    return dumps(("http", (method_name, wire_from_scope(scope, _as_bytes(body)))))
+    return dumps(("http", (method_name, request_fields(scope, _as_bytes(body)))))
 
 
 

@@ -51,6 +51,7 @@ from servekit._private.http_wire import (
     error_response,
     http_stream,
     loggable,
+    plain,
     to_http_response,
 )
 from servekit._private.import_path import import_attribute
@@ -446,13 +447,15 @@ class Replica:
         return await queue.call(argument)
 
     async def handle_http(self, method_name: Optional[str],
-                          wire: HTTPRequestWire) -> Union[HTTPResponseWire, Stream]:
-        """The response; a generator, async generator or ``StreamingResponse`` becomes a
-        ``Stream``: ``(status, headers)``, then the body's chunks as they are produced."""
+                          fields: tuple) -> Union[tuple, Stream]:
+        """The response to the ``HTTPRequestWire`` of ``fields``, as a plain tuple
+        (``http_wire.plain``); a generator, async generator or ``StreamingResponse`` becomes
+        a ``Stream``: ``(status, headers)``, then the body's chunks as they are produced."""
+        wire = HTTPRequestWire._make(fields)
         try:
             target = self._resolve(method_name)
         except MethodNotFoundError as exc:
-            return error_response(exc, status=404)
+            return plain(error_response(exc, status=404))
         admission = self._admit()
         _from_headers(wire.headers)
         try:
@@ -461,7 +464,7 @@ class Replica:
             if streamed is not None:
                 admission.streaming()  # in flight until its stream is closed
                 return Stream(self._finishing(streamed, admission))
-            return await to_http_response(result)  # may run user code (response bodies)
+            return plain(await to_http_response(result))  # may run user code (bodies)
         except BaseException as raised:
             error = raised if isinstance(raised, Exception) else contained(self.tag, raised)
             if not isinstance(error, Exception):
@@ -469,16 +472,17 @@ class Replica:
             admission.failed = True
             self._failures.failed(f"{wire.method} {loggable(wire.path)}",
                                   self._noted(error))
-            return error_response(error)
+            return plain(error_response(error))
         finally:
             if admission.state != STREAMING:
                 admission.finish()
 
     async def handle_asgi(self, inbound: ReplyStream, scope: Dict[str, Any],
-                          first: Dict[str, Any]) -> Union[HTTPResponseWire, Stream]:
+                          first: Dict[str, Any]) -> Union[tuple, Stream]:
         """Run an ASGI backend's app for one HTTP request or WebSocket connection passed
         through by the proxy (``asgi_runner``): the request keeps its place until the
-        app's work for it ends, also when that outlasts the response (background tasks)."""
+        app's work for it ends, also when that outlasts the response (background tasks).
+        A whole response comes back as a plain tuple (``http_wire.plain``)."""
         if self._app is None or self._lifespan is None:
             raise ServeError(
                 f"Backend '{self.tag}' is not an ASGI app, but its endpoint passed it an "
@@ -502,11 +506,11 @@ class Replica:
             raise
         if isinstance(reply, HTTPResponseWire) and call.task.done():
             admission.finish()
-            return reply
+            return plain(reply)
         admission.streaming()  # in flight until the app's work for it ends
         if isinstance(reply, HTTPResponseWire):
             call.task.add_done_callback(functools.partial(_release, admission))
-            return reply
+            return plain(reply)
         return Stream(self._app_stream(reply, call, admission))
 
     def _app_failed(self, scope: Dict[str, Any], admission: Admission,

@@ -482,8 +482,8 @@ class Router:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
             return
-        elif kind == "http" and reply.result().status >= 500:
-            error = f"status {reply.result().status}"
+        elif kind == "http" and reply.result()[0] >= 500:  # (a response's status, first
+            error = f"status {reply.result()[0]}"  # in its plain tuple: http_wire.plain)
         self._shadow_failed(endpoint, backend, error)
 
     async def _drain_shadow(self, endpoint: str, backend: str, kind: str,
