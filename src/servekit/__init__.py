@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from servekit._private import versions
+
 if TYPE_CHECKING:
     from servekit._private.asgi_app import asgi_factory, ingress
     from servekit._private.replica.batched import batch
@@ -30,7 +32,7 @@ if TYPE_CHECKING:
     from servekit.handle import ServeHandle, ServeResponse, ServeSyncHandle
     from servekit.request import ServeRequest
 
-__version__ = "0.1.0"
+__version__ = versions.SERVEKIT
 
 # public name -> the module that defines it
 _HOMES = {

@@ -26,7 +26,7 @@ from typing import (
 
 import cloudpickle
 
-from servekit._private import constants, metrics, user_errors
+from servekit._private import constants, metrics, user_errors, versions
 from servekit._private.asgi_app import ASGIFactory, allow_pickling_apps, is_asgi_backend
 from servekit._private.backend_metadata import BATCH_MARKER, BackendMetadata, ReplicaConfig
 from servekit._private.backend_settings import BackendSettings, given_fields
@@ -147,9 +147,11 @@ class Client:
         for attempt in range(_CALL_ATTEMPTS):
             try:
                 if self._controller is None or self._controller.is_closed:
-                    self._controller = await RpcClient.connect(
+                    controller = await RpcClient.connect(
                         await current_controller(self._controller_address),
                         "servekit controller")
+                    await self._check_versions(controller)
+                    self._controller = controller
                 return await self._controller.call(name, *args)
             except ConnectFailed:
                 instance = self._instance
@@ -166,6 +168,20 @@ class Client:
                 logger.warning("The servekit controller went away during %s; calling "
                                "again once it is back.", name)
         raise AssertionError("unreachable")
+
+    async def _check_versions(self, controller: RpcClient) -> None:
+        """Raise ``ServeError`` (closing ``controller``) if the instance runs another
+        servekit or Python than this process."""
+        try:
+            instance = await controller.call("version")
+        except ServeError as exc:
+            if not (is_remote_error(exc) and "'version'" in str(exc)):
+                raise
+            instance = None  # (a controller from before the call existed)
+        problem = versions.mismatch(instance, self._controller_address)
+        if problem is not None:
+            controller.close()
+            raise ServeError(problem)
 
     def _wait_for_goal(self, goal_id: Optional[str]) -> None:
         if goal_id is not None and self._waits:

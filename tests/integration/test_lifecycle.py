@@ -29,6 +29,7 @@ from starlette.middleware.gzip import GZipMiddleware
 
 import servekit as serve
 from conftest import busy_port, free_port, wait_for
+from servekit._private import versions
 from servekit._private.workers.process import process_start_time
 
 pytestmark = pytest.mark.integration
@@ -496,6 +497,24 @@ def test_home_is_created_owner_only(servekit_home: Any) -> None:
             assert path.stat().st_mode & 0o077 == 0, (path, oct(path.stat().st_mode))
     finally:
         client.shutdown()
+
+
+def test_a_client_of_another_servekit_version_is_told_so(start_instance: Callable,
+                                                         monkeypatch: Any) -> None:
+    """An instance may outlive an upgrade (a detached one, say): a client of another
+    servekit gets an error naming both versions and the fix before it sends anything the
+    instance would misread; a client of the same version goes on."""
+    client = start_instance(http_options={"port": free_port()})
+    client.create_backend("echo", Echo, "x")
+    running = versions.SERVEKIT
+    monkeypatch.setattr(versions, "SERVEKIT", "9.9.9")  # this process "upgraded"
+    with pytest.raises(serve.ServeError) as info:
+        serve.connect().list_backends()
+    message = str(info.value)
+    assert f"runs servekit {running} on Python" in message and "servekit 9.9.9" in message
+    assert "servekit shutdown" in message
+    monkeypatch.undo()
+    assert list(serve.connect().list_backends()) == ["echo"]
 
 
 def test_non_detached_instances_run_side_by_side(start_instance: Callable) -> None:

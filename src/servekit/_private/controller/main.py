@@ -7,7 +7,7 @@ import logging
 import socket
 from typing import Any
 
-from servekit._private import metrics
+from servekit._private import metrics, versions
 from servekit._private.controller.controller import Controller
 from servekit._private.memory import release_freed_memory
 from servekit._private.runtime.base import Runtime
@@ -43,6 +43,9 @@ def controller_handlers(controller: Controller, started: asyncio.Future,
             await asyncio.shield(started)
             return method(*args)
         return call
+
+    async def version() -> dict:
+        return versions.software()  # (at once: a client checks it before anything else)
 
     async def ready() -> int:
         """Wait until the controller runs; return the pid of the instance's first process
@@ -81,6 +84,7 @@ def controller_handlers(controller: Controller, started: asyncio.Future,
         return status
 
     return {
+        "version": version,
         "ready": ready,
         "ping": ping,
         "shutdown": shutdown,
