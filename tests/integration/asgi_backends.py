@@ -18,9 +18,11 @@ import servekit as serve
 
 
 def note(path: str, text: str = "") -> None:
-    """Write ``text`` to the file ``path`` (what the tests look for)."""
-    with open(path, "w") as file:
+    """Write ``text`` to the file ``path`` (what the tests look for), whole: the file
+    appears with its text (a test that waits for it never reads it half-written)."""
+    with open(f"{path}.writing", "w") as file:
         file.write(text)
+    os.replace(f"{path}.writing", path)
 
 
 async def sleep_until_cancelled(marker: str) -> None:
