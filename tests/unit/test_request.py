@@ -32,6 +32,9 @@ from servekit._private.http_wire import (
     http_stream,
     json_dumps,
     json_response,
+    plain,
+    request_fields,
+    response_from_wire,
     text_response,
     to_http_response,
     wire_from_scope,
@@ -569,3 +572,19 @@ def test_generators_stream_as_text_and_other_values_as_json_lines() -> None:
     assert headers_of(wire)[b"content-type"] == b"text/plain; charset=utf-8"
     assert http_stream("not a stream", _chunks_of) is None
     assert http_stream(Response(b"whole"), _chunks_of) is None
+
+
+def test_requests_and_responses_cross_the_wire_as_plain_tuples() -> None:
+    """No class is named in their pickles (finding it again costs more than the rest of
+    the pickle), and each side rebuilds the named tuple it had."""
+    scope = {"type": "http", "method": "POST", "path": "/x", "query_string": b"a=1",
+             "headers": [(b"host", b"h")], "client": ["1.2.3.4", 5]}
+    fields = request_fields(scope, b"body")
+    assert type(fields) is tuple and b"HTTPRequestWire" not in pickle.dumps(fields, 5)
+    assert HTTPRequestWire._make(fields) == wire_from_scope(scope, b"body")
+    response = HTTPResponseWire(201, [(b"x", b"y")], b"made", "/items/{id}")
+    sent = plain(response)
+    assert b"HTTPResponseWire" not in pickle.dumps(sent, 5)
+    assert response_from_wire(pickle.loads(pickle.dumps(sent, 5))) == response
+    assert response_from_wire(response) is response  # (one that came as a named tuple)
+    assert plain("a stream") == "a stream" == response_from_wire("a stream")

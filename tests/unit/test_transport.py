@@ -23,6 +23,7 @@ from servekit._private.wire.transport import (
     _REPLY_ERROR,
     _REPLY_OK,
     _REQUEST,
+    _REQUESTS_PER_WRITE,
     _STOPPED,
     Busy,
     ConnectFailed,
@@ -89,7 +90,8 @@ def wired_client(name: str = "replica b#1") -> Tuple[RpcClient, _FrameProtocol,
     """An ``RpcClient`` as ``RpcClient.connect`` leaves it, over a recording transport."""
     client = RpcClient("/run/servekit/b-1.sock", name)
     client.closed = asyncio.get_running_loop().create_future()
-    protocol = _FrameProtocol(client._on_frame, client._on_lost)
+    protocol = _FrameProtocol(client._on_frame, client._on_lost,
+                              write_every=_REQUESTS_PER_WRITE)
     transport = RecordingTransport(protocol)
     protocol.connection_made(transport)  # type: ignore[arg-type]
     client._protocol = protocol
@@ -163,6 +165,26 @@ def test_frames_sent_in_one_loop_turn_go_out_in_one_write_at_its_end() -> None:
         protocol.send(4, _REQUEST, b"y")
         protocol.close()  # what was sent goes out before the close
         assert [i for i, _, _ in transport.frames()] == [1, 2, 3, 4] and transport.closing
+
+    run(main)
+
+
+def test_a_clients_frames_go_out_once_four_wait_and_the_rest_at_the_turns_end() -> None:
+    """A client's connection writes as soon as four frames wait (its server starts on them
+    while the turn makes more), and what is left at the end of the turn; in order."""
+
+    async def main() -> None:
+        protocol = _FrameProtocol(lambda *f: None, lambda exc: None,
+                                  write_every=_REQUESTS_PER_WRITE)
+        transport = RecordingTransport()
+        protocol.connection_made(transport)  # type: ignore[arg-type]
+        for msg_id in range(1, 11):
+            assert protocol.send(msg_id, _REQUEST, b"x")
+        assert [len(split_frames(write)) for write in transport.writes] == [4, 4]
+        await asyncio.sleep(0)
+        assert [len(split_frames(write)) for write in transport.writes] == [4, 4, 2]
+        assert [i for i, _, _ in split_frames(b"".join(transport.writes))] == \
+            list(range(1, 11))
 
     run(main)
 
