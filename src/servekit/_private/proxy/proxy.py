@@ -586,9 +586,7 @@ class _Served:
     def watch(self, reply: asyncio.Future, timeout: Optional[float]) -> None:
         """Wait for ``reply``: counted among the requests in progress (limit_concurrency,
         graceful shutdown), cancelled by the client leaving or the timeout."""
-        tasks = self.protocol.tasks
-        tasks.add(reply)  # type: ignore[arg-type]
-        reply.add_done_callback(tasks.discard)
+        self.protocol.tasks.add(reply)  # type: ignore[arg-type]  # (until it settles)
         self.cycle.scope[ON_DISCONNECT].append(reply.cancel)
         if timeout is not None:
             self.timer = asyncio.get_running_loop().call_later(timeout, self._time_out, reply)
@@ -599,6 +597,7 @@ class _Served:
         reply.cancel()
 
     def _replied(self, reply: asyncio.Future) -> None:
+        self.protocol.tasks.discard(reply)  # (no longer in progress: answered now)
         if self.timer is not None:
             self.timer.cancel()
         if self.cycle.disconnected or self.timed_out:
