@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import pickle
+import socket
 import threading
 from typing import Any, List, Optional, Tuple
 
 import pytest
-from loop_helpers import run
+from loop_helpers import run, until
 
 from servekit._private.wire.transport import (
     _CANCEL,
     _HEADER,
     _NOTIFY,
+    _READ_SIZE,
     _REPLY_BUSY,
     _REPLY_ERROR,
     _REPLY_OK,
@@ -565,3 +567,32 @@ def test_a_large_payload_is_written_after_its_header_not_copied_behind_it() -> N
         assert recorder.calls[-1][0] == "write"  # small frames: one buffer, one write
 
     run(main)
+
+
+def test_on_asyncios_own_loop_reads_stay_below_the_mmap_threshold_and_frames_stay_whole(
+        ) -> None:
+    """asyncio's socket transport reads 256 KiB at a time by default, a block glibc maps
+    and unmaps for every read; a connection lowers it, and a frame larger than one read
+    still arrives whole."""
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair()
+        frames: List[Frame] = []
+        transport, _ = await loop.connect_accepted_socket(
+            lambda: _FrameProtocol(lambda *frame: frames.append(frame), lambda exc: None),
+            ours)
+        assert transport.max_size == _READ_SIZE  # type: ignore[attr-defined]
+        big = bytes(range(256)) * 1024  # 256 KiB: several reads
+        theirs.setblocking(False)
+        await loop.sock_sendall(theirs, frame(1, _REQUEST, big) + frame(2, _REQUEST, b"x"))
+        await until(lambda: len(frames) == 2, "both frames")
+        assert [(msg_id, bytes(payload)) for msg_id, _, payload in frames] == \
+            [(1, big), (2, b"x")]
+        transport.close()
+        theirs.close()
+
+    loop = asyncio.DefaultEventLoopPolicy().new_event_loop()
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
