@@ -49,9 +49,10 @@ class ServeResponse:
 
     __slots__ = ("_future", "_loop", "_mirror")
 
-    def __init__(self, future: asyncio.Future, loop: asyncio.AbstractEventLoop,
+    def __init__(self, future: Optional[asyncio.Future], loop: asyncio.AbstractEventLoop,
                  mirror: Optional[concurrent.futures.Future] = None) -> None:
-        """``mirror``: a concurrent future already settled with ``future``'s outcome."""
+        """``mirror``: a concurrent future settled with ``future``'s outcome; alone (no
+        ``future``), the reply of a call still on its way to ``loop``."""
         self._future = future
         self._loop = loop
         self._mirror = mirror
@@ -59,11 +60,16 @@ class ServeResponse:
     def cancel(self) -> None:
         """Cancel the request (a no-op once it is answered); awaiting it then raises
         ``CancelledError`` and ``result()`` raises ``concurrent.futures.CancelledError``."""
-        self._loop.call_soon_threadsafe(self._future.cancel)
+        if self._future is None:
+            assert self._mirror is not None
+            self._mirror.cancel()  # (which cancels the call, wherever it has got to)
+        else:
+            self._loop.call_soon_threadsafe(self._future.cancel)
 
     def _concurrent(self) -> concurrent.futures.Future:
         mirror = self._mirror
         if mirror is None:
+            assert self._future is not None
             mirror = _mirror_of(self._future, self._loop)
             self._mirror = mirror
         return mirror
@@ -86,7 +92,7 @@ class ServeResponse:
             raise TimeoutError(f"No reply within {timeout}s.") from None
 
     def __await__(self) -> Generator[Any, None, Any]:
-        if asyncio.get_running_loop() is self._loop:
+        if self._future is not None and asyncio.get_running_loop() is self._loop:
             return (yield from self._future.__await__())
         return (yield from asyncio.wrap_future(self._concurrent()).__await__())
 
@@ -98,20 +104,29 @@ def _mirror_of(future: asyncio.Future, loop: asyncio.AbstractEventLoop,
     mirror: concurrent.futures.Future = concurrent.futures.Future()
     mirror.add_done_callback(
         lambda done: loop.call_soon_threadsafe(future.cancel) if done.cancelled() else None)
+    if on_loop:
+        _copy_to(mirror, future)
+    else:
+        loop.call_soon_threadsafe(_copy_to, mirror, future)
+    return mirror
 
+
+def _copy_to(mirror: concurrent.futures.Future, future: asyncio.Future) -> None:
+    """On ``future``'s loop: settle ``mirror`` as ``future`` settles."""
     def copy(source: asyncio.Future) -> None:
         if source.cancelled():
             mirror.cancel()
         elif source.exception() is not None:
-            mirror.set_exception(source.exception())
+            _fail(mirror, source.exception())  # type: ignore[arg-type]
         elif mirror.set_running_or_notify_cancel():
             mirror.set_result(source.result())
 
-    if on_loop:
-        future.add_done_callback(copy)
-    else:
-        loop.call_soon_threadsafe(future.add_done_callback, copy)
-    return mirror
+    future.add_done_callback(copy)
+
+
+def _fail(mirror: concurrent.futures.Future, error: BaseException) -> None:
+    if mirror.set_running_or_notify_cancel():  # (False: it was cancelled)
+        mirror.set_exception(error)
 
 
 class ServeStream:
@@ -329,14 +344,32 @@ class _HandleBase:
         return f"{type(self).__name__}(endpoint={self.endpoint_name!r})"
 
 
+# Calls a sync handle's caller may send on before the loop has placed the earlier ones,
+# while the last one placed found a replica with room: one hand-over between the caller's
+# thread and the loop serves this many calls, where each call used to wait for its own.
+_AHEAD_LIMIT = 32
+
+
 class ServeSyncHandle(_HandleBase):
-    """A handle for ordinary (non-async) code; ``remote`` blocks until a replica is chosen."""
+    """A handle for ordinary (non-async) code: ``remote`` returns at once while replicas
+    have room, and blocks until a replica is chosen once they are full."""
+
+    def __init__(self, controller_address: str, endpoint: str,
+                 options: HandleOptions = HandleOptions()) -> None:
+        super().__init__(controller_address, endpoint, options)
+        self._pacing = _Pacing()
 
     def remote(self, *args: Any, **kwargs: Any) -> ServeResponse:
         """Send a request; the single positional argument is the request data.
 
         Keyword arguments reach the backend as ``request.query_params``. An argument that is
         a ``ServeResponse`` is replaced by its value first (so calls can be chained).
+
+        While the endpoint's replicas have room, the call returns as soon as the request is
+        on its way (a few dozen calls ahead at most); once they are full, or before the
+        first call found room, it blocks until a replica is chosen, and an error choosing
+        one (the endpoint deleted, or not created in time) is raised here. An error met on
+        the way by a call that did not wait is raised by its ``result()``.
 
         Raises:
             TypeError: an argument cannot be pickled (nothing was sent).
@@ -349,11 +382,17 @@ class ServeSyncHandle(_HandleBase):
             if self._options.stream:
                 return ServeStream(reply, loop)  # type: ignore[return-value]
             return ServeResponse(reply, loop)
-        # The common case, in one hop to the loop: encoded here, placed there, and its
-        # reply mirrored for this thread as soon as it is placed.
-        placing = _SyncCall(self, encode_call("call", call), loop)
-        loop.call_soon_threadsafe(placing.start)
-        return placing.wait()
+        # The common case: encoded here, placed on the loop in one hop.
+        placing = _SyncCall(self, encode_call("call", call), loop,
+                            waits=not self._pacing.go_ahead())
+        try:
+            loop.call_soon_threadsafe(placing.start)
+        except BaseException:
+            self._pacing.placed(room=None)
+            raise
+        if placing.waits:
+            return placing.wait()
+        return ServeResponse(None, loop, placing.mirror)
 
     async def _send(self, call: tuple, payload: Optional[bytes] = None) -> asyncio.Future:
         if payload is None:
@@ -365,27 +404,66 @@ class ServeSyncHandle(_HandleBase):
                                  model_id=self._options.multiplexed_model_id)
 
 
-class _SyncCall:
-    """One call of a sync handle: placed on the background loop, while the calling thread
-    waits (``wait``) until it is written to a replica or has failed."""
+class _Pacing:
+    """How far a sync handle's callers run ahead of the loop that places their calls:
+    ``ahead`` calls handed over and not yet placed, and whether the last one placed found
+    room (a replica under its ``max_concurrent_queries``, at once)."""
 
-    __slots__ = ("handle", "payload", "loop", "placed", "reply", "mirror", "error")
+    __slots__ = ("_lock", "_ahead", "_room")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ahead = 0
+        self._room = False  # the first call waits: an error choosing a replica is raised
+
+    def go_ahead(self) -> bool:
+        """From the caller's thread, for a call about to be handed over: whether it may
+        go without waiting for its placement."""
+        with self._lock:
+            self._ahead += 1
+            return self._room and self._ahead <= _AHEAD_LIMIT
+
+    def placed(self, room: Optional[bool]) -> None:
+        """A call handed over was placed (or failed): ``room`` if it found room at once
+        (None: it was not placed, and says nothing of the room)."""
+        with self._lock:
+            self._ahead -= 1
+            if room is not None:
+                self._room = room
+
+
+class _SyncCall:
+    """One call of a sync handle, placed on the background loop. A call that ``waits``
+    holds its caller (``wait``) until it is written to a replica or has failed; the others
+    answer through ``mirror`` alone."""
+
+    __slots__ = ("handle", "payload", "loop", "waits", "placed", "request", "reply", "mirror",
+                 "error", "cancelled")
 
     def __init__(self, handle: ServeSyncHandle, payload: bytes,
-                 loop: asyncio.AbstractEventLoop) -> None:
+                 loop: asyncio.AbstractEventLoop, waits: bool) -> None:
         self.handle = handle
         self.payload = payload
         self.loop = loop
-        self.placed = threading.Lock()
-        self.placed.acquire()
+        self.waits = waits
+        self.placed: Optional[threading.Lock] = None
+        if waits:
+            self.placed = threading.Lock()
+            self.placed.acquire()
+        self.request: Any = None  # while it waits for room (a ``RoutedRequest``)
         self.reply: Optional[asyncio.Future] = None
-        self.mirror: Optional[concurrent.futures.Future] = None
         self.error: Optional[BaseException] = None
+        self.cancelled = False
+        self.mirror: concurrent.futures.Future = concurrent.futures.Future()
+        self.mirror.add_done_callback(self._mirror_done)
 
     def start(self) -> None:
         """On the loop: place the request now if its router and endpoint are known, else
         (or while it waits for room) finish in a task."""
         handle = self.handle
+        if self.mirror.cancelled():  # its caller cancelled it before it got here
+            handle._pacing.placed(room=None)
+            return
         router = routers.ready(handle._controller_address, self.loop)
         try:
             request = None if router is None else router.place(
@@ -393,11 +471,15 @@ class _SyncCall:
                 timeout_s=handle._options.timeout_s,
                 model_id=handle._options.multiplexed_model_id)
         except BaseException as exc:
+            handle._pacing.placed(room=False)
             self._done(None, exc)
             return
         if request is None or request.state in (QUEUED, CONNECTING):
+            handle._pacing.placed(room=False)
+            self.request = request
             asyncio.ensure_future(self._finish(request))
         else:
+            handle._pacing.placed(room=True)
             self._done(request.reply, None)
 
     async def _finish(self, request: Any) -> None:
@@ -413,13 +495,37 @@ class _SyncCall:
             self._done(reply, None)
 
     def _done(self, reply: Optional[asyncio.Future], error: Optional[BaseException]) -> None:
+        self.request = None
         if reply is not None:
             self.reply = reply
-            self.mirror = _mirror_of(reply, self.loop, on_loop=True)
+            if self.cancelled:
+                reply.cancel()
+            else:
+                _copy_to(self.mirror, reply)
+        elif error is not None:
+            _fail(self.mirror, error)
         self.error = error
-        self.placed.release()
+        if self.placed is not None:
+            self.placed.release()
+
+    def _mirror_done(self, mirror: concurrent.futures.Future) -> None:
+        if mirror.cancelled():
+            try:
+                self.loop.call_soon_threadsafe(self._cancel)
+            except RuntimeError:
+                pass  # the loop is closed: nothing of the call is left to cancel
+
+    def _cancel(self) -> None:
+        """On the loop: the caller cancelled the call; one still waiting for room is
+        cancelled there, before anything of it is written."""
+        self.cancelled = True
+        if self.reply is not None:
+            self.reply.cancel()
+        elif self.request is not None:
+            self.request.reply.cancel()
 
     def wait(self) -> ServeResponse:
+        assert self.placed is not None
         self.placed.acquire()
         if self.error is not None:
             raise self.error

@@ -499,3 +499,38 @@ def test_async_handles_in_finished_event_loops_do_not_leak_connections(serve_ins
     after = _open_fds()
     assert after - before <= 1, (
         f"{after - before} file descriptors are still open after 5 finished event loops")
+
+
+def wait_for_file(request: ServeRequest) -> str:
+    """Answer once the file named by the request exists (a gate the test opens)."""
+    deadline = time.monotonic() + 30
+    while not os.path.exists(request.data) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return "opened"
+
+
+def test_sync_remote_returns_at_once_while_there_is_room_and_blocks_when_full(
+        serve_instance, tmp_path):
+    client, _ = serve_instance
+    client.create_backend("gated", wait_for_file, config={"max_concurrent_queries": 2})
+    client.create_endpoint("gated", backend="gated")
+    handle = client.get_handle("gated")
+    assert handle.remote(str(tmp_path)).result(timeout=TIMEOUT) == "opened"  # (it exists)
+    gate = str(tmp_path / "gate")
+    returned: list = []
+
+    def caller() -> None:
+        for _ in range(60):
+            returned.append(handle.remote(gate))
+
+    thread = threading.Thread(target=caller, daemon=True)
+    thread.start()
+    # Two calls fill the replica; a few dozen more may go on their way before the handle
+    # learns it is full; then remote() blocks until a replica is chosen.
+    thread.join(1.0)
+    assert thread.is_alive() and len(returned) < 60
+    with open(gate, "w"):
+        pass
+    thread.join(TIMEOUT * 3)
+    assert not thread.is_alive()
+    assert [response.result(timeout=TIMEOUT) for response in returned] == ["opened"] * 60

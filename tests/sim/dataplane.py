@@ -41,10 +41,19 @@ from servekit._private.wire.transport import RpcClient, RpcServer, encode_call
 from servekit.api import accept_batch
 from servekit.config import BackendConfig
 from servekit.exceptions import ServeError
+from servekit.handle import (
+    HandleOptions,
+    ServeResponse,
+    ServeSyncHandle,
+    _Pacing,
+    _SyncCall,
+    routers,
+)
 from servekit.request import ServeRequest
 
 BACKEND = "b"
 ENDPOINT = "ep"
+CONTROLLER = "/sim/controller"
 METHODS = ("async_call", "sync_call", "async_stream", "sync_stream", "batched")
 # Seconds after the last caller before the places and queues are checked: long enough for
 # every timeout, retry and replacement of a world to have played out.
@@ -181,6 +190,8 @@ class Caller:
     outcome: Any = None
     ended_at: Optional[float] = None
     left_unwritten: bool = False  # gave up before its request was written to a replica
+    by_handle: bool = False  # called through a sync handle (its loop side: ``_SyncCall``)
+    placing: Optional[_SyncCall] = None
 
 
 @dataclasses.dataclass
@@ -268,7 +279,8 @@ class World:
         self.replicas: List[SimReplica] = []
         self._numbers = 0
         self._replica_version = 0
-        self.router = Router("/sim/controller", "router", connect_replica=RpcClient.connect)
+        self.router = Router(CONTROLLER, "router", connect_replica=RpcClient.connect)
+        self.pacing = _Pacing()  # shared by the callers that call through a sync handle
         self.callers: List[Caller] = []
         self.running: Dict[str, Set[Any]] = {}
         self.most_running: Dict[str, int] = {}
@@ -384,14 +396,19 @@ class World:
         leave_after = rng.choice([None, None, 0.0, self.loop.ticks(0.0, 0.01),
                                   self.loop.ticks(0.0, 0.5)])
         read_chunks = rng.choice([None, 0, 1, 2]) if method.endswith("stream") else None
-        return Caller(index, method, timeout_s, self.loop.ticks(0.0, 2.0), leave_after,
-                      read_chunks)
+        caller = Caller(index, method, timeout_s, self.loop.ticks(0.0, 2.0), leave_after,
+                        read_chunks)
+        caller.by_handle = not method.endswith("stream") and rng.random() < 0.3
+        return caller
 
     async def call(self, caller: Caller) -> None:
         await asyncio.sleep(caller.start_at)
         stream = caller.method.endswith("stream")
         call = (caller.method, (caller.index,), {}, "GET", {}, stream, f"req-{caller.index}")
         started = self.loop.time()
+        if caller.by_handle:
+            await self._call_by_handle(caller, call, started)
+            return
         try:
             request = self.router.place(ENDPOINT, "call", None, encode_call("call", call),
                                         timeout_s=caller.timeout_s)
@@ -415,6 +432,57 @@ class World:
             if leaving is not None:
                 leaving.cancel()
             caller.ended_at = self.loop.time() - started
+
+    async def _call_by_handle(self, caller: Caller, call: tuple, started: float) -> None:
+        """A sync handle's call: the loop's side is the handle's own (``_SyncCall``, one
+        ``_Pacing`` for all such callers); this task plays the caller's thread, waiting for
+        the placement when the pacing says so, then for the reply."""
+        handle = ServeSyncHandle(CONTROLLER, ENDPOINT, HandleOptions(timeout_s=caller.timeout_s))
+        handle._pacing = self.pacing
+        placing = caller.placing = _SyncCall(handle, encode_call("call", call), self.loop,
+                                             waits=not self.pacing.go_ahead())
+        self.loop.call_soon_threadsafe(placing.start)
+        leaving = None
+        if caller.leave_after is not None:
+            leaving = self.loop.call_later(caller.leave_after, self._leave_handle, caller)
+        try:
+            if placing.waits:
+                assert placing.placed is not None
+                while not placing.placed.acquire(blocking=False):  # noqa: ASYNC110 (a lock)
+                    await asyncio.sleep(TICK)
+                if placing.error is not None:
+                    raise placing.error
+            caller.outcome = await asyncio.wrap_future(placing.mirror)
+        except (Exception, asyncio.CancelledError) as exc:
+            caller.outcome = exc
+        finally:
+            if leaving is not None:
+                leaving.cancel()
+            caller.ended_at = self.loop.time() - started
+            if placing.reply is not None:
+                caller.request = placing.reply.request  # type: ignore[attr-defined]
+
+    def _leave_handle(self, caller: Caller) -> None:
+        """A sync handle's caller cancels its response (one still blocked in ``remote()``
+        has none yet, and stays). Whether its request was written is read on the loop just
+        before the cancel lands there (both go through ``call_soon_threadsafe``)."""
+        placing = caller.placing
+        assert placing is not None
+        if placing.waits and placing.reply is None:
+            return
+
+        def observe() -> None:
+            reply = placing.reply
+            request = placing.request if reply is None else reply.request  # type: ignore
+            if (reply is None and request is None) or (
+                    request is not None and request.state in (QUEUED, "connecting")):
+                caller.left_unwritten = True
+
+        self.loop.call_soon_threadsafe(observe)
+        if not placing.mirror.done():
+            self.left(caller.index)
+        ServeResponse(placing.reply if placing.waits else None, self.loop,
+                      placing.mirror).cancel()
 
     def _leave(self, caller: Caller) -> None:
         request = caller.request
@@ -652,6 +720,9 @@ async def live(loop: SimLoop, make: Callable[[SimLoop, SimThreads, Settings], "W
     with sim_threads(loop) as threads:
         world = make(loop, threads, settings)
         set_world(world)
+        ready = loop.create_future()
+        ready.set_result(world.router)
+        routers._routers[(CONTROLLER, id(loop))] = ready  # (the sync handles' router)
         try:
             await world.start()
             await story(world)
@@ -659,6 +730,7 @@ async def live(loop: SimLoop, make: Callable[[SimLoop, SimThreads, Settings], "W
             world.router.close()
             for replica in world.replicas:
                 replica.replica.close()
+            routers._routers.pop((CONTROLLER, id(loop)), None)
             set_world(None)
 
 
