@@ -417,15 +417,23 @@ class World:
             return
         assert request is not None
         caller.request = request
-        leaving = None
-        if caller.leave_after is not None:
-            leaving = self.loop.call_later(caller.leave_after, self._leave, caller)
-        try:
+
+        async def reply() -> Any:
             await request.written()
             value = await request.reply
-            if stream:
-                value = await self._read(caller, value)
-            caller.outcome = value
+            return (await self._read(caller, value)) if stream else value
+
+        await self._outcome(caller, started, self._leave, reply)
+
+    async def _outcome(self, caller: Caller, started: float, leave: Callable[[Caller], None],
+                       reply: Callable[[], Awaitable[Any]]) -> None:
+        """The caller's outcome: what ``reply()`` gives or raises; it leaves (``leave``)
+        after its ``leave_after``."""
+        leaving = None
+        if caller.leave_after is not None:
+            leaving = self.loop.call_later(caller.leave_after, leave, caller)
+        try:
+            caller.outcome = await reply()
         except (Exception, asyncio.CancelledError) as exc:
             caller.outcome = exc
         finally:
@@ -442,25 +450,19 @@ class World:
         placing = caller.placing = _SyncCall(handle, encode_call("call", call), self.loop,
                                              waits=not self.pacing.go_ahead())
         self.loop.call_soon_threadsafe(placing.start)
-        leaving = None
-        if caller.leave_after is not None:
-            leaving = self.loop.call_later(caller.leave_after, self._leave_handle, caller)
-        try:
+
+        async def reply() -> Any:
             if placing.waits:
                 assert placing.placed is not None
                 while not placing.placed.acquire(blocking=False):  # noqa: ASYNC110 (a lock)
                     await asyncio.sleep(TICK)
                 if placing.error is not None:
                     raise placing.error
-            caller.outcome = await asyncio.wrap_future(placing.mirror)
-        except (Exception, asyncio.CancelledError) as exc:
-            caller.outcome = exc
-        finally:
-            if leaving is not None:
-                leaving.cancel()
-            caller.ended_at = self.loop.time() - started
-            if placing.reply is not None:
-                caller.request = placing.reply.request  # type: ignore[attr-defined]
+            return await asyncio.wrap_future(placing.mirror)
+
+        await self._outcome(caller, started, self._leave_handle, reply)
+        if placing.reply is not None:
+            caller.request = placing.reply.request  # type: ignore[attr-defined]
 
     def _leave_handle(self, caller: Caller) -> None:
         """A sync handle's caller cancels its response (one still blocked in ``remote()``
