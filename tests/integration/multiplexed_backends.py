@@ -59,3 +59,20 @@ class ModelsApp(Models):
     @models_app.get("/predict")
     async def predict(self, sleep: float = 0.0) -> Dict[str, Any]:
         return await self.answer(sleep)
+
+
+class BatchedModels(Models):
+    """Batches its requests with ``@serve.batch``; each answer tells the model the batch
+    ran with (loaded inside the batch) and the models its batch's requests named."""
+
+    async def __call__(self, request: Any) -> Dict[str, Any]:
+        return await self.predict((serve.get_multiplexed_model_id(),
+                                   float(request.query_params.get("sleep", 0))))
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.2)
+    async def predict(self, items: List[Any]) -> List[Dict[str, Any]]:
+        model = await self.get_model(serve.get_multiplexed_model_id())
+        await asyncio.sleep(max(sleep for _, sleep in items))
+        named = sorted({model_id for model_id, _ in items})
+        return [{"model": model.model_id, "batch_models": named, "batch_size": len(items)}
+                for _ in items]

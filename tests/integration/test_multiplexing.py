@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional
 
 import httpx
 import pytest
-from multiplexed_backends import Models, ModelsApp
+from multiplexed_backends import BatchedModels, Models, ModelsApp
 
 from conftest import wait_for
 
@@ -130,3 +130,14 @@ def test_concurrent_first_requests_load_once_and_a_hot_model_spreads_to_another_
     four = get_all(f"{url}/models", ["hot"] * 4, sleep=1.0)
     assert len({a["replica"] for a in four}) == 2
     assert all(a["loads"].count("hot") == 1 for a in four)
+
+
+def test_a_batch_holds_the_requests_of_one_model_and_loads_it_inside(
+        serve_instance: tuple) -> None:
+    client, url = serve_instance
+    serve_models(client, replicas=1, backend=BatchedModels)
+    model_ids = ["m1", "m2"] * 6
+    answers = get_all(f"{url}/models", model_ids, sleep=0.05)
+    for model_id, answer in zip(model_ids, answers, strict=True):
+        assert answer["model"] == model_id and answer["batch_models"] == [model_id]
+    assert max(answer["batch_size"] for answer in answers) > 1  # (they did batch)

@@ -33,6 +33,7 @@ from simnet import ConnectFaults, ListeningSocket, SimNet
 
 from servekit._private import constants
 from servekit._private.backend_metadata import ReplicaConfig
+from servekit._private.context import MODEL_ID_HEADER, current_model_id
 from servekit._private.replica.replica import Replica
 from servekit._private.routing.routed_request import ENDED, QUEUED, RoutedRequest
 from servekit._private.routing.router import Router
@@ -136,6 +137,12 @@ class SimModel:
     async def batched(self, requests: List[Any]) -> List[Any]:
         world = _current()
         callers = [_caller_of(request) for request in requests]
+        model_id = current_model_id.get()
+        named = {world.callers[caller].model_id or "" for caller in callers}
+        if named != {model_id}:
+            world.breaks("a batch holds the requests of one model, and runs with its id",
+                         f"a batch of callers {callers} naming models {sorted(named)} ran "
+                         f"with model id {model_id!r}")
         for caller in callers:
             world.started(self.replica, caller)
         try:
@@ -191,6 +198,7 @@ class Caller:
     ended_at: Optional[float] = None
     left_unwritten: bool = False  # gave up before its request was written to a replica
     by_handle: bool = False  # called through a sync handle (its loop side: ``_SyncCall``)
+    model_id: Optional[str] = None  # the multiplexed model it names (batched calls only)
     placing: Optional[_SyncCall] = None
 
 
@@ -399,19 +407,23 @@ class World:
         caller = Caller(index, method, timeout_s, self.loop.ticks(0.0, 2.0), leave_after,
                         read_chunks)
         caller.by_handle = not method.endswith("stream") and rng.random() < 0.3
+        if method == "batched":
+            caller.model_id = rng.choice([None, "m1", "m2"])
         return caller
 
     async def call(self, caller: Caller) -> None:
         await asyncio.sleep(caller.start_at)
         stream = caller.method.endswith("stream")
-        call = (caller.method, (caller.index,), {}, "GET", {}, stream, f"req-{caller.index}")
+        headers = {} if caller.model_id is None else {MODEL_ID_HEADER: caller.model_id}
+        call = (caller.method, (caller.index,), {}, "GET", headers, stream,
+                f"req-{caller.index}")
         started = self.loop.time()
         if caller.by_handle:
             await self._call_by_handle(caller, call, started)
             return
         try:
             request = self.router.place(ENDPOINT, "call", None, encode_call("call", call),
-                                        timeout_s=caller.timeout_s)
+                                        timeout_s=caller.timeout_s, model_id=caller.model_id)
         except ServeError as exc:
             caller.outcome, caller.ended_at = exc, 0.0
             return
@@ -445,7 +457,8 @@ class World:
         """A sync handle's call: the loop's side is the handle's own (``_SyncCall``, one
         ``_Pacing`` for all such callers); this task plays the caller's thread, waiting for
         the placement when the pacing says so, then for the reply."""
-        handle = ServeSyncHandle(CONTROLLER, ENDPOINT, HandleOptions(timeout_s=caller.timeout_s))
+        handle = ServeSyncHandle(CONTROLLER, ENDPOINT, HandleOptions(
+            timeout_s=caller.timeout_s, multiplexed_model_id=caller.model_id))
         handle._pacing = self.pacing
         placing = caller.placing = _SyncCall(handle, encode_call("call", call), self.loop,
                                              waits=not self.pacing.go_ahead())

@@ -12,6 +12,7 @@ from typing import Any, Callable, List, Tuple
 import pytest
 from loop_helpers import run, spin
 
+from servekit._private.context import current_model_id
 from servekit._private.replica.batching import BatchQueue
 from servekit.exceptions import BatchOutputError
 
@@ -212,6 +213,83 @@ def test_a_request_in_a_running_batch_is_known_until_the_batch_ends() -> None:
         assert batch.done() and queue.running_batch(second) is None
         await spin()
         assert batches == [[1, 2]]  # the cancelled waiting request was never run
+        queue.close()
+
+    run(main)
+
+
+@pytest.mark.parametrize("concurrent", [False, True])
+def test_a_batch_holds_the_requests_of_one_model_and_runs_with_its_id(
+        concurrent: bool) -> None:
+    """Requests naming different multiplexed models never share a batch: the oldest
+    request's model goes first, with its id current in the batch function."""
+
+    async def main() -> None:
+        batches: List[Tuple[str, List[Any]]] = []
+
+        async def run_batch(items: List[Any]) -> List[Any]:
+            batches.append((current_model_id.get(), list(items)))
+            await asyncio.sleep(0)
+            return [f"{current_model_id.get()}:{item}" for item in items]
+
+        queue = BatchQueue(run_batch, limits(3), concurrent=concurrent)
+        futures = []
+        for item, model in enumerate("abaab"):
+            current_model_id.set(model)
+            futures.append(queue.submit(item))
+        current_model_id.set("")
+        futures.append(queue.submit(5))
+        assert await asyncio.gather(*futures) == ["a:0", "b:1", "a:2", "a:3", "b:4", ":5"]
+        assert batches == [("a", [0, 2, 3]), ("b", [1, 4]), ("", [5])]
+        queue.close()
+
+    run(main)
+
+
+def test_a_batch_waits_to_fill_with_its_own_model_only() -> None:
+    """With a wait timeout, requests of other models do not make the oldest request's
+    batch full: it starts at its deadline, then theirs."""
+
+    async def main() -> None:
+        batches: List[Tuple[str, List[Any]]] = []
+
+        async def run_batch(items: List[Any]) -> List[Any]:
+            batches.append((current_model_id.get(), list(items)))
+            return list(items)
+
+        queue = BatchQueue(run_batch, limits(2, timeout=0.05), concurrent=False)
+        current_model_id.set("a")
+        first = queue.submit(0)
+        current_model_id.set("b")
+        others = [queue.submit(1), queue.submit(2)]
+        await spin()
+        assert batches == []  # "a" is alone, and not yet due
+        assert await first == 0 and await asyncio.gather(*others) == [1, 2]
+        assert batches == [("a", [0]), ("b", [1, 2])]
+        queue.close()
+
+    run(main)
+
+
+def test_a_request_that_left_the_queue_leaves_its_models_count() -> None:
+    """A caller that leaves while queued takes its request out of its model's count: the
+    rest of that model still forms a batch when it is full."""
+
+    async def main() -> None:
+        batches: List[List[Any]] = []
+
+        async def run_batch(items: List[Any]) -> List[Any]:
+            batches.append(list(items))
+            return list(items)
+
+        queue = BatchQueue(run_batch, limits(2, timeout=30.0), concurrent=False)
+        current_model_id.set("a")
+        leaving = queue.submit(0)
+        leaving.cancel()
+        await spin()
+        kept = [queue.submit(1), queue.submit(2)]
+        assert await asyncio.gather(*kept) == [1, 2]  # full at two: no 30 s wait
+        assert batches == [[1, 2]]
         queue.close()
 
     run(main)

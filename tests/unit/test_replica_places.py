@@ -1,6 +1,6 @@
 """Unit tests of a real ``Replica`` in this process: a request keeps its place on the replica
 (counted against ``max_concurrent_queries``) until the user's work for it stops, also when
-its caller leaves while the batch it is part of runs."""
+its caller leaves while the batch it is part of runs; the model id a request sees."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from loop_helpers import run, spin
 
 import servekit as serve
 from servekit._private.backend_metadata import BackendMetadata, ReplicaConfig
+from servekit._private.context import MODEL_ID_HEADER, current_model_id
 from servekit._private.replica.replica import Replica
 from servekit._private.specs import ReplicaSpec
 from servekit.config import BackendConfig
@@ -140,6 +141,29 @@ def test_a_refused_reconfigure_leaves_the_config_it_runs_with_so_a_retry_calls_i
             await replica.update_config(new)
             assert replica._callable.seen == [{"v": 2}, {"v": 2}]
             assert replica.config.user_config == {"v": 2}
+        finally:
+            replica.close()
+
+    run(main)
+
+
+async def model_id_of(request: Any) -> str:
+    return current_model_id.get()  # (what serve.get_multiplexed_model_id() gives)
+
+
+def test_a_request_naming_no_model_sees_none_whatever_context_it_was_dispatched_from(
+        ) -> None:
+    """A request's task copies the context it is started from; one that names no model
+    gets "" even if that context held another request's model id."""
+    async def main() -> None:
+        replica = await started_replica(model_id_of)
+        try:
+            named = await replica.handle_call(None, (1,), {}, "GET",
+                                              {MODEL_ID_HEADER: "m1"})
+            current_model_id.set("m1")  # (a stale id where the next task is started)
+            unnamed = await asyncio.ensure_future(
+                replica.handle_call(None, (2,), {}, "GET", {}))
+            assert (named, unnamed) == ("m1", "")
         finally:
             replica.close()
 

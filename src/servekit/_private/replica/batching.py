@@ -2,6 +2,8 @@
 
 One ``BatchQueue`` serves both kinds: a backend's ``@accept_batch`` method (the 1.x
 backend-wide ``max_batch_size``) and each ``@serve.batch`` function or method (``batched``).
+A batch holds the requests of one multiplexed model (``serve.get_multiplexed_model_id()``),
+and runs with that model id current.
 """
 
 from __future__ import annotations
@@ -9,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextvars
+import itertools
 from typing import Any, Awaitable, Callable, Deque, Dict, List, Optional, Tuple
 
+from servekit._private.context import current_model_id
 from servekit._private.replica.admission import current_admission, outlast
 from servekit.exceptions import BatchOutputError, ServeError
 
@@ -36,14 +40,17 @@ def check_batch_output(output: Any, size: int, what: str = "An @accept_batch cal
 
 
 class _Waiting:
-    """A request in the queue: when it came, its item, the future of its result."""
+    """A request in the queue: when it came, its item, the future of its result, the
+    model it names ("" for none)."""
 
-    __slots__ = ("arrived", "item", "future")
+    __slots__ = ("arrived", "item", "future", "model_id")
 
-    def __init__(self, arrived: float, item: Any, future: asyncio.Future) -> None:
+    def __init__(self, arrived: float, item: Any, future: asyncio.Future,
+                 model_id: str) -> None:
         self.arrived = arrived
         self.item = item
         self.future = future
+        self.model_id = model_id
 
 
 class BatchQueue:
@@ -51,10 +58,12 @@ class BatchQueue:
 
     With ``batch_wait_timeout`` 0 a batch is whatever is queued when the function is free;
     with a timeout, a batch starts when it is full or its oldest request has waited that
-    long. ``limits()`` gives both, read as each batch is formed (so a change applies from
-    the next batch). The queue wakes on arrivals and on the deadline, never on a timer of
-    its own. A batch runs in a context of its own, not in any one caller's (it serves them
-    all). ``what`` names the function in errors.
+    long. A batch takes the oldest request and the ones after it that name the same
+    multiplexed model; the others wait for a batch of their own model. ``limits()`` gives
+    both, read as each batch is formed (so a change applies from the next batch). The
+    queue wakes on arrivals and on the deadline, never on a timer of its own. A batch runs
+    in a context of its own, not in any one caller's (it serves them all), with its model
+    id current. ``what`` names the function in errors.
     """
 
     def __init__(self, run_batch: RunBatch, limits: Callable[[], Tuple[int, float]],
@@ -67,6 +76,7 @@ class BatchQueue:
         self._concurrent = concurrent
         self._what = what
         self._queue: Deque[_Waiting] = collections.deque()
+        self._per_model: Dict[str, int] = {}  # the queued requests of each model
         self._arrived = asyncio.Event()
         self.loop = asyncio.get_running_loop()
         self._task = self.loop.create_task(self._loop(), context=contextvars.Context())
@@ -78,8 +88,10 @@ class BatchQueue:
         """Queue one request; the future of its result. Cancelling the future while the
         request waits takes it out of the queue; once its batch runs, the batch runs on."""
         future = self.loop.create_future()
-        waiting = _Waiting(self.loop.time(), item, future)
+        model_id = current_model_id.get()
+        waiting = _Waiting(self.loop.time(), item, future, model_id)
         self._queue.append(waiting)
+        self._per_model[model_id] = self._per_model.get(model_id, 0) + 1
         future.add_done_callback(lambda _: self._withdraw(waiting))
         self._arrived.set()
         return future
@@ -91,7 +103,15 @@ class BatchQueue:
             try:
                 self._queue.remove(waiting)
             except ValueError:
-                pass  # its batch had taken it
+                return  # its batch had taken it
+            self._left_queue(waiting.model_id, 1)
+
+    def _left_queue(self, model_id: str, count: int) -> None:
+        left = self._per_model[model_id] - count
+        if left:
+            self._per_model[model_id] = left
+        else:
+            del self._per_model[model_id]
 
     async def call(self, item: Any) -> Any:
         """Submit ``item`` and return its result. A caller that leaves while the item
@@ -136,7 +156,8 @@ class BatchQueue:
             max_size, timeout = self._limits()
             if timeout > 0:
                 deadline = self._queue[0].arrived + timeout
-                while len(self._queue) < max_size and loop.time() < deadline:
+                while self._per_model[self._queue[0].model_id] < max_size and \
+                        loop.time() < deadline:
                     self._arrived.clear()
                     try:
                         await asyncio.wait_for(self._arrived.wait(), deadline - loop.time())
@@ -144,11 +165,15 @@ class BatchQueue:
                         break
                     if not self._queue:  # all its callers left
                         break
-            batch = [self._queue.popleft() for _ in range(min(max_size, len(self._queue)))]
+                if not self._queue:
+                    continue
+            model_id = self._queue[0].model_id
+            batch = self._take(model_id, max_size)
             batch = [entry for entry in batch if not entry.future.done()]  # callers gone
             if not batch:
                 continue
             self._on_batch(len(batch))
+            current_model_id.set(model_id)  # (this task's own context; a task copies it)
             ended = loop.create_future()
             for entry in batch:
                 self._batch_of[entry.future] = ended
@@ -158,6 +183,24 @@ class BatchQueue:
                 task.add_done_callback(self._running.discard)
             else:
                 await self._execute(batch, ended)
+
+    def _take(self, model_id: str, max_size: int) -> List[_Waiting]:
+        """Take the oldest ``max_size`` queued requests of ``model_id`` off the queue."""
+        queue = self._queue
+        count = min(max_size, self._per_model[model_id])
+        self._left_queue(model_id, count)
+        if len(queue) == count or all(entry.model_id == model_id
+                                      for entry in itertools.islice(queue, count)):
+            return [queue.popleft() for _ in range(count)]
+        batch: List[_Waiting] = []
+        rest: Deque[_Waiting] = collections.deque()
+        for entry in queue:
+            if len(batch) < count and entry.model_id == model_id:
+                batch.append(entry)
+            else:
+                rest.append(entry)
+        self._queue = rest
+        return batch
 
     async def _execute(self, batch: List[_Waiting], ended: asyncio.Future) -> None:
         futures = [entry.future for entry in batch]

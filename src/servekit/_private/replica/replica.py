@@ -546,9 +546,8 @@ class Replica:
         admission = self._admit()
         admission.failed = True  # until it returns what was asked for
         current_request_id.set(request_id)
-        model_id = headers.get(MODEL_ID_HEADER)
-        if model_id is not None:
-            current_model_id.set(model_id)
+        # (set even when it names none: the task may have inherited another request's)
+        current_model_id.set(headers.get(MODEL_ID_HEADER, ""))
         try:
             argument: Any
             if len(args) == 1 and isinstance(args[0], Request):
@@ -684,12 +683,14 @@ _MODEL_ID_HEADER = MODEL_ID_HEADER.encode()
 
 def _from_headers(headers: Any) -> None:
     """Make an HTTP request's ``X-Request-ID`` and multiplexed model id (its
-    ``serve_multiplexed_model_id`` header) current."""
+    ``serve_multiplexed_model_id`` header; "" without one) current."""
+    model_id = ""
     for name, value in headers:
         if name == b"x-request-id":
             current_request_id.set(value.decode("latin-1"))
         elif name == _MODEL_ID_HEADER:
-            current_model_id.set(value.decode("latin-1"))
+            model_id = value.decode("latin-1")
+    current_model_id.set(model_id)
 
 
 def _release(admission: Admission, task: asyncio.Future) -> None:
