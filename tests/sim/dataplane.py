@@ -138,7 +138,7 @@ class SimModel:
         world = _current()
         callers = [_caller_of(request) for request in requests]
         model_id = current_model_id.get()
-        named = {world.callers[caller].model_id or "" for caller in callers}
+        named = {request.headers.get(MODEL_ID_HEADER, "") for request in requests}
         if named != {model_id}:
             world.breaks("a batch holds the requests of one model, and runs with its id",
                          f"a batch of callers {callers} naming models {sorted(named)} ran "
