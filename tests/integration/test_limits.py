@@ -29,6 +29,9 @@ HEAD_CLOSED_WITHOUT_408 = (
 NO_EVICTION = (
     "granian closes every idle connection at client_timeout_s; it does not close the "
     "oldest ones first to make room")
+TRICKLED_BODY_NOT_TIMED = (
+    "granian reads request bodies itself: a body that trickles without stalling is not "
+    "timed")
 UNREAD_BODIES_UNCOUNTED = (
     "on granian only the bodies the proxy reads count in the budget (this test's "
     "probe sends one to /-/healthz, which reads none)")
@@ -462,6 +465,33 @@ def test_bodies_held_at_once_are_capped_across_requests(guarded: tuple) -> None:
 
 
 @pytest.mark.xfail(GRANIAN, strict=True, reason=UNREAD_BODIES_UNCOUNTED)
+@pytest.mark.xfail(GRANIAN, strict=True, reason=TRICKLED_BODY_NOT_TIMED)
+def test_a_body_trickled_below_the_minimum_rate_gets_408_and_never_reaches_a_replica(
+        guarded: tuple) -> None:
+    """A byte every 50 ms keeps the body from stalling; at 20 bytes a second it is far
+    below SERVEKIT_MIN_BODY_RATE (500), so it is refused once it has been under way for
+    client_timeout_s, not held for as long as the client goes on."""
+    client, _, port, _ = guarded
+    calls = reached(client)
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+        sock.sendall(b"POST /counted HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n")
+        sock.setblocking(False)
+        began = time.monotonic()
+        reply = None
+        while reply is None:
+            assert time.monotonic() - began < CLIENT_TIMEOUT_S + 10, "still reading it"
+            reply = closed_by_server(sock)
+            if reply is None:
+                try:
+                    sock.send(b"b")
+                except OSError:
+                    pass  # closed meanwhile: read on the next round
+                time.sleep(0.05)  # (the client's pace, not a wait for the server)
+        assert reply.startswith(b"HTTP/1.1 408"), reply[:100]
+        assert b"SERVEKIT_MIN_BODY_RATE" in reply
+    assert reached(client) == calls
+
+
 def test_a_body_refused_for_the_held_body_budget_never_reaches_a_replica(
         guarded: tuple) -> None:
     """The whole body arrives in the read that passes max_held_body_bytes: 503, and the

@@ -96,6 +96,44 @@ def test_a_body_that_keeps_moving_is_not_late_and_one_that_stalls_is() -> None:
     run(main)
 
 
+def body_under_way(protocol: ProxyHttpProtocol, seconds: float) -> None:
+    """Move the body's clock ``seconds`` on (it has not stalled) and let it look."""
+    protocol._body_began -= seconds
+    protocol._check_client()
+
+
+def test_a_body_that_trickles_below_the_minimum_rate_gets_408() -> None:
+    """A byte now and then keeps a body from stalling, not from being too slow: once it
+    has been under way for client_timeout_s, it must average min_body_rate."""
+    async def main() -> None:
+        protocol, transport = connect(BodyBudget(100_000), min_body_rate=100)
+        protocol.data_received(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 90000\r\n\r\n")
+        protocol.data_received(b"x" * 50)
+        body_under_way(protocol, TIMEOUT_S / 2)
+        assert not transport.closing  # not under way long enough to judge
+        body_under_way(protocol, TIMEOUT_S / 2)
+        assert transport.closing and transport.reply().startswith(b"HTTP/1.1 408")
+        assert b"SERVEKIT_MIN_BODY_RATE" in transport.reply()
+
+    run(main)
+
+
+def test_a_body_at_the_minimum_rate_or_paused_by_the_proxy_is_not_too_slow() -> None:
+    async def main() -> None:
+        protocol, transport = connect(BodyBudget(100_000), min_body_rate=100)
+        protocol.data_received(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 90000\r\n\r\n")
+        protocol.data_received(b"x" * int(101 * TIMEOUT_S))
+        body_under_way(protocol, TIMEOUT_S)
+        assert not transport.closing  # above the minimum
+        protocol.flow.pause_reading()  # the proxy stopped reading: its time is not counted
+        body_under_way(protocol, 10 * TIMEOUT_S)
+        protocol.flow.resume_reading()
+        body_under_way(protocol, TIMEOUT_S / 2)
+        assert not transport.closing
+
+    run(main)
+
+
 def test_a_head_counts_raw_bytes_while_a_header_field_is_incomplete() -> None:
     async def main() -> None:
         protocol, transport = connect(BodyBudget(10_000), max_header_bytes=1000)

@@ -6,7 +6,8 @@ What a connection may cost the proxy is bounded before any request reaches the a
   forever is cut off after about one read past the limit), and in header fields;
 - its time: a request head must arrive within ``client_timeout_s`` of the connection (or of
   the request's first byte), and a request body may not stall longer than that between two
-  reads (a slowloris client holds a connection for that long at most);
+  reads, nor average less than ``min_body_rate`` bytes a second once it has been under way
+  that long (a slowloris client, a byte at a time, holds a connection about that long);
 - the bytes of request bodies held at once across all connections (``BodyBudget``); a body
   passed on as it arrives (to an ASGI app) counts only while the proxy holds it, and so do
   the messages of a WebSocket (``websocket_protocol.ProxyWebSocketProtocol``);
@@ -138,15 +139,17 @@ class ProxyHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with the bounds of the module docstring.
 
     Past ``max_header_bytes`` or ``max_header_count`` the client gets 431; past
-    ``client_timeout_s`` 408; past the body budget 503. Each closes the connection. So
-    does answering a request whose client waits for "100 Continue" before it sends its
-    body (the next bytes could be that body or the next request: neither is guessed).
+    ``client_timeout_s``, or below ``min_body_rate``, 408; past the body budget 503. Each
+    closes the connection. So does answering a request whose client waits for "100
+    Continue" before it sends its body (the next bytes could be that body or the next
+    request: neither is guessed).
     """
 
     def __init__(self, *args: Any, max_header_bytes: int, max_header_count: int,
                  client_timeout_s: float, body_budget: BodyBudget,
                  fast_lane: Optional[FastLane] = None,
                  send_timeout_s: float = constants.SEND_TIMEOUT_S,
+                 min_body_rate: float = constants.MIN_BODY_RATE,
                  room: Optional[ConnectionRoom] = None, **kwargs: Any) -> None:
         """``fast_lane``: the proxy, when no user middleware wraps it: requests it can take
         are served by ``HTTPProxy.serve_now`` instead of an ASGI task. ``room``: shared by
@@ -162,6 +165,9 @@ class ProxyHttpProtocol(HttpToolsProtocol):
         self._too_large = False
         self._owed = _HEAD
         self._since = 0.0  # when what is owed became owed, or the body last moved
+        self._min_body_rate = min_body_rate
+        self._body_began = 0.0  # when the body began to be read (again, after a pause)
+        self._body_bytes = 0  # what arrived of it since
         self._clock: Optional[Any] = None
         self._held: Deque[HeldBody] = collections.deque()  # per request, oldest first
         self._fast_lane = fast_lane
@@ -310,9 +316,12 @@ class ProxyHttpProtocol(HttpToolsProtocol):
         timeout = self._client_timeout_s
         if self._owed == _BODY and self.flow.read_paused:
             self._since = now  # the proxy stopped reading: the client is not late
+            self._body_began, self._body_bytes = now, 0
         waited = now - self._since
         if self._owed != _IDLE and waited >= timeout:
             self._client_too_slow()
+            return
+        if self._owed == _BODY and self._body_too_slow(now):
             return
         delay = timeout - waited if self._owed != _IDLE else timeout
         if stalled is not None:
@@ -347,6 +356,23 @@ class ProxyHttpProtocol(HttpToolsProtocol):
         logger.info("Closed a connection whose client read nothing of its response for "
                     "%s s (SERVEKIT_SEND_TIMEOUT_S).", self._send_timeout_s)
         self.transport.abort()  # (a close would wait for the client to read)
+
+    def _body_too_slow(self, now: float) -> bool:
+        """Answer 408 if the body, under way for ``client_timeout_s``, averaged less than
+        ``min_body_rate`` bytes a second; whether it did."""
+        elapsed = now - self._body_began
+        if elapsed < self._client_timeout_s or \
+                self._body_bytes >= self._min_body_rate * elapsed:
+            return False
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_started:
+            self._refuse(http.HTTPStatus.REQUEST_TIMEOUT,
+                         f"The request body arrived at {self._body_bytes / elapsed:.0f} "
+                         f"bytes a second over {elapsed:.0f} s, below the minimum of "
+                         f"{self._min_body_rate:.0f} (SERVEKIT_MIN_BODY_RATE).")
+        else:
+            self.transport.close()
+        return True
 
     def _client_too_slow(self) -> None:
         what = "request head" if self._owed == _HEAD else "request body"
@@ -389,6 +415,7 @@ class ProxyHttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._head_begun = False
         self._owed, self._since = _BODY, self.loop.time()
+        self._body_began, self._body_bytes = self._since, 0
         limit = self.limit_concurrency
         if limit is not None and len(self.connections) >= limit:
             # (connections busy when the last ones came may be idle now: room for a request)
@@ -410,6 +437,7 @@ class ProxyHttpProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             return  # refused: the rest of the read is dropped
         self._since = self.loop.time()
+        self._body_bytes += len(body)
         if self._held and not self.cycle.response_complete:
             if not self._budget.take(len(body)):
                 self._refuse(http.HTTPStatus.SERVICE_UNAVAILABLE,
