@@ -210,6 +210,7 @@ class HttpCaller:
     leave: Optional[str]
     leave_after: float
     stall_s: float  # stops reading this long after the head (0: never)
+    trickle_s: float = 0.0  # sends its body a byte at a time, this far apart (0: at once)
     app_kind: str = ""  # to an ASGI app: what it answers ("one", "stream", "early", "raise")
     content_length: str = ""  # the app's Content-Length ("ok", "none", "short", "long")
     framed: bool = True  # the response said where its body ends
@@ -331,7 +332,8 @@ class ProxyWorld(World):
             start_at=self.loop.ticks(0.0, 2.0),
             leave=rng.choice([None, None, "before", "answer", "first", "mid"]),
             leave_after=rng.choice([0.0, self.loop.ticks(0.0, 0.01), self.loop.ticks(0.0, 1.0)]),
-            stall_s=rng.choice([0.0, 0.0, 0.0, self.loop.ticks(0.0, 2.0), FOREVER]))
+            stall_s=rng.choice([0.0, 0.0, 0.0, self.loop.ticks(0.0, 2.0), FOREVER]),
+            trickle_s=rng.choice([0.0] * 7 + [self.loop.ticks(0.05, 0.5)]))
 
     async def http_call(self, caller: HttpCaller) -> None:
         await asyncio.sleep(caller.start_at)
@@ -347,9 +349,13 @@ class ProxyWorld(World):
             headers.append(("content-length", str(caller.body)))
         client.send(h11.Request(method="POST" if caller.body else "GET", target=target,
                                 headers=headers))
-        if caller.body:
-            client.send(h11.Data(data=b"x" * caller.body))
-        client.send(h11.EndOfMessage())
+        trickling = None
+        if caller.body and caller.trickle_s:
+            trickling = asyncio.ensure_future(self._trickle(caller, client, transport))
+        else:
+            if caller.body:
+                client.send(h11.Data(data=b"x" * caller.body))
+            client.send(h11.EndOfMessage())
         leaving = None
         if caller.leave == "before":
             leaving = self.loop.call_later(caller.leave_after, self._leave, caller, transport)
@@ -361,8 +367,22 @@ class ProxyWorld(World):
         finally:
             if leaving is not None:
                 leaving.cancel()
+            if trickling is not None:
+                trickling.cancel()
             caller.waited = self.loop.time() - began
             transport.close()
+
+    async def _trickle(self, caller: HttpCaller, client: HttpClient,
+                       transport: asyncio.Transport) -> None:
+        """Send the body a byte every ``trickle_s`` (never silent for long, always too
+        slow), until it is all sent, answered, or the connection closes."""
+        for _ in range(caller.body):
+            if transport.is_closing() or caller.status is not None:
+                return
+            client.send(h11.Data(data=b"x"))
+            await asyncio.sleep(caller.trickle_s)
+        if not transport.is_closing() and caller.status is None:
+            client.send(h11.EndOfMessage())
 
     async def _read(self, caller: HttpCaller, client: HttpClient,
                     transport: asyncio.Transport) -> None:
@@ -426,6 +446,12 @@ class ProxyWorld(World):
                   "every request ends",
                   f"HTTP client {caller.index} ({caller.method}, body {caller.body}) got no "
                   f"end of its response in {CLIENT_PATIENCE_S} s (status {caller.status})")
+            if caller.trickle_s and caller.body > 100 and caller.status == 408:
+                bound = 2 * self.options.client_timeout_s + 2 * caller.trickle_s + 1.0
+                check(caller.waited is not None and caller.waited <= bound,
+                      "a body that trickles is refused in time",
+                      f"HTTP client {caller.index} trickled its body a byte every "
+                      f"{caller.trickle_s:.3f} s and got 408 only after {caller.waited} s")
             check(not (caller.outcome or "").startswith("misframed"),
                   "every response is well framed",
                   f"HTTP client {caller.index}: {caller.outcome}")
