@@ -103,7 +103,7 @@ HTTP_SERVER = _env_choice("SERVEKIT_HTTP_SERVER", "UVICORN", ("UVICORN", "GRANIA
 # cannot be written any further): past it the connection is closed and what the response
 # streams is cancelled, so the replica's place comes back.
 SEND_TIMEOUT_S = _env_float("SERVEKIT_SEND_TIMEOUT_S", 60.0, minimum=0.01)
-# Bytes a second a request body must average, once it has been under way for the client
-# timeout (the time the proxy stopped reading it does not count): a client that trickles
-# its body a byte at a time is answered 408 and closed (0: no minimum).
+# A request body may take the client timeout plus a second for every this many bytes (the
+# time the proxy stopped reading it does not count): a client that trickles its body a
+# byte at a time is answered 408 and closed (0: no such bound).
 MIN_BODY_RATE = _env_float("SERVEKIT_MIN_BODY_RATE", 500.0)

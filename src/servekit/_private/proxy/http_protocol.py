@@ -6,8 +6,8 @@ What a connection may cost the proxy is bounded before any request reaches the a
   forever is cut off after about one read past the limit), and in header fields;
 - its time: a request head must arrive within ``client_timeout_s`` of the connection (or of
   the request's first byte), and a request body may not stall longer than that between two
-  reads, nor average less than ``min_body_rate`` bytes a second once it has been under way
-  that long (a slowloris client, a byte at a time, holds a connection about that long);
+  reads, nor take longer in all than that plus a second for every ``min_body_rate`` bytes
+  (a slowloris client, a byte at a time, holds a connection about that long);
 - the bytes of request bodies held at once across all connections (``BodyBudget``); a body
   passed on as it arrives (to an ASGI app) counts only while the proxy holds it, and so do
   the messages of a WebSocket (``websocket_protocol.ProxyWebSocketProtocol``);
@@ -358,18 +358,18 @@ class ProxyHttpProtocol(HttpToolsProtocol):
         self.transport.abort()  # (a close would wait for the client to read)
 
     def _body_too_slow(self, now: float) -> bool:
-        """Answer 408 if the body, under way for ``client_timeout_s``, averaged less than
-        ``min_body_rate`` bytes a second; whether it did."""
+        """Answer 408 if the body has taken longer than ``client_timeout_s`` plus a second
+        for every ``min_body_rate`` bytes that arrived; whether it did."""
         elapsed = now - self._body_began
-        if elapsed < self._client_timeout_s or \
-                self._body_bytes >= self._min_body_rate * elapsed:
+        if self._body_bytes >= self._min_body_rate * (elapsed - self._client_timeout_s):
             return False
         cycle = self.cycle
         if cycle is not None and not cycle.response_started:
             self._refuse(http.HTTPStatus.REQUEST_TIMEOUT,
                          f"The request body arrived at {self._body_bytes / elapsed:.0f} "
-                         f"bytes a second over {elapsed:.0f} s, below the minimum of "
-                         f"{self._min_body_rate:.0f} (SERVEKIT_MIN_BODY_RATE).")
+                         f"bytes a second over {elapsed:.0f} s: a body may take "
+                         f"client_timeout_s ({self._client_timeout_s} s) plus a second for "
+                         f"every {self._min_body_rate:.0f} bytes (SERVEKIT_MIN_BODY_RATE).")
         else:
             self.transport.close()
         return True
