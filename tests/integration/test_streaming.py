@@ -19,7 +19,7 @@ from starlette.responses import StreamingResponse
 
 import servekit as serve
 from conftest import free_port, wait_for
-from servekit._private.wire.transport import STREAM_WINDOW
+from servekit._private.wire.transport import STREAM_WINDOW, STREAM_WINDOW_BYTES
 from servekit.exceptions import ServeError
 
 pytestmark = pytest.mark.integration
@@ -192,6 +192,25 @@ def test_a_slow_reader_slows_the_generator(streams: tuple) -> None:
         wait_for(lambda read=read: produced(directory) == read + STREAM_WINDOW + 1, TIMEOUT,
                  "the generator to fill the window")
         assert produced(directory) == read + STREAM_WINDOW + 1
+    stream.close()  # type: ignore[attr-defined]
+    wait_for(lambda: (directory / "closed").exists(), TIMEOUT, "the generator closed")
+
+
+def test_a_slow_reader_of_large_chunks_holds_a_window_of_bytes_not_of_chunks(
+        streams: tuple) -> None:
+    """Chunks of 1.5 MB: the generator runs ahead by the two that fit in the window's bytes
+    (and the one it holds), not by eight (12 MB more in the reader's process)."""
+    client, _, _, directory = streams
+    size = 1_500_000
+    ahead = STREAM_WINDOW_BYTES // (size + 64)
+    assert ahead == 2
+    handle = client.get_handle("endless").options(method_name="endless", stream=True)
+    stream = iter(handle.remote(size))
+    for read in range(1, 4):
+        assert len(next(stream)) == size
+        wait_for(lambda read=read: produced(directory) == read + ahead + 1, TIMEOUT,
+                 "the generator to fill the window")
+        assert produced(directory) == read + ahead + 1
     stream.close()  # type: ignore[attr-defined]
     wait_for(lambda: (directory / "closed").exists(), TIMEOUT, "the generator closed")
 

@@ -20,11 +20,12 @@ request holds no payload. A last probe fills every healthy replica to its cap at
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import dataclasses
 import logging
 import random
-from typing import Any, Awaitable, Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Awaitable, Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 import cloudpickle
 from scenarios import check, scenario
@@ -38,6 +39,7 @@ from servekit._private.replica.replica import Replica
 from servekit._private.routing.routed_request import ENDED, QUEUED, RoutedRequest
 from servekit._private.routing.router import Router
 from servekit._private.specs import BackendLimits, EndpointInfo, ReplicaSpec
+from servekit._private.wire import transport
 from servekit._private.wire.transport import RpcClient, RpcServer, encode_call
 from servekit.api import accept_batch
 from servekit.config import BackendConfig
@@ -61,6 +63,10 @@ METHODS = ("async_call", "sync_call", "async_stream", "sync_stream", "batched")
 QUIET_S = 2 * constants.NO_REPLICA_TIMEOUT_S
 # An invariant: what user code sees is what servekit promises.
 USER_CODE = "user code runs where and while servekit says"
+WINDOW = "a stream's reader holds at most a window of what was sent"
+# The bytes of a stream's window: as shipped, or small enough for the chunks of the
+# simulated streams to fill it (and a chunk larger than it, which goes alone).
+WINDOW_BYTES = (transport.STREAM_WINDOW_BYTES, 40_000)
 # Virtual seconds within which a config change is applied on every replica (it waits for
 # the calls running to end, which take less than a second, not for requests held open),
 # and within which an app's request starts once it reached its replica.
@@ -193,6 +199,7 @@ class Caller:
     start_at: float
     leave_after: Optional[float]  # gives up this long after sending (None: never)
     read_chunks: Optional[int]  # for a stream: leaves after this many chunks (None: all)
+    read_pause_s: float = 0.0  # for a stream: waits this long before each read
     request: Optional[RoutedRequest] = None
     outcome: Any = None
     ended_at: Optional[float] = None
@@ -216,6 +223,7 @@ class Settings:
     callers: int
     faults: int
     drop_after_leave: float  # how often a caller's connection drops just after it leaves
+    window_bytes: int  # transport.STREAM_WINDOW_BYTES in this world
 
 
 def ticks(rng: random.Random, low_s: float, high_s: float) -> float:
@@ -238,6 +246,7 @@ def draw_settings(rng: random.Random) -> Settings:
         callers=rng.randint(1, 30),
         faults=rng.choice([0, 0, 1, 2, 4]),
         drop_after_leave=rng.choice([0.0, 0.0, 0.5]),
+        window_bytes=rng.choice(WINDOW_BYTES),
     )
 
 
@@ -313,7 +322,7 @@ class World:
         longer than the window a reader grants without reading; chunks small, or big enough
         to fill what a connection buffers for a reader that stopped reading."""
         chunks = self.rng.choice([self.rng.randint(0, 3), self.rng.randint(9, 20)])
-        size = self.rng.choice([0, 0, 16 * 1024])
+        size = self.rng.choice([0, 0, 16 * 1024, 48 * 1024])
         return chunks, size, self.rng.random() < 0.1
 
     def started(self, replica: str, caller: Any) -> None:
@@ -407,6 +416,8 @@ class World:
         caller = Caller(index, method, timeout_s, self.loop.ticks(0.0, 2.0), leave_after,
                         read_chunks)
         caller.by_handle = not method.endswith("stream") and rng.random() < 0.3
+        if method.endswith("stream"):
+            caller.read_pause_s = rng.choice([0.0, 0.0, self.loop.ticks(0.01, 0.1)])
         if method == "batched":
             caller.model_id = rng.choice([None, "m1", "m2"])
         return caller
@@ -522,6 +533,8 @@ class World:
         chunks: List[Any] = []
         try:
             while caller.read_chunks is None or len(chunks) < caller.read_chunks:
+                if caller.read_pause_s:
+                    await asyncio.sleep(caller.read_pause_s)
                 try:
                     chunks.append(await asyncio.wait_for(stream.__anext__(), 5.0))
                 except StopAsyncIteration:
@@ -728,11 +741,37 @@ def _bound(caller: Caller, settings: Settings) -> Optional[float]:
     return timeout + 0.001
 
 
+@contextlib.contextmanager
+def windows_checked(window_bytes: int) -> Iterator[None]:
+    """Streams' windows of ``window_bytes`` while the world runs, and a reader's stream
+    (a caller's streamed reply, the replica's side of a request's own stream) checked each
+    time a chunk arrives: what it holds unread is part of what its sender may have sent
+    and not yet had back, so it never holds more than a window."""
+    shipped, push = transport.STREAM_WINDOW_BYTES, transport.ReplyStream.push
+
+    def checked_push(stream: transport.ReplyStream, chunk: bytes) -> None:
+        push(stream, chunk)
+        held = stream._chunks
+        if len(held) > transport.STREAM_WINDOW or (
+                len(held) > 1 and sum(map(len, held)) > window_bytes):
+            _current().breaks(WINDOW, f"a reader holds {len(held)} chunks of "
+                              f"{sum(map(len, held))} bytes unread (window: "
+                              f"{transport.STREAM_WINDOW} chunks, {window_bytes} bytes)")
+
+    transport.STREAM_WINDOW_BYTES = window_bytes
+    transport.ReplyStream.push = checked_push  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        transport.STREAM_WINDOW_BYTES = shipped
+        transport.ReplyStream.push = push  # type: ignore[method-assign]
+
+
 async def live(loop: SimLoop, make: Callable[[SimLoop, SimThreads, Settings], "World"],
                story: Callable[[Any], Awaitable[None]]) -> None:
     """Make a world from the seed, start it, play ``story(world)`` in it, then close it."""
     settings = draw_settings(loop.rng)
-    with sim_threads(loop) as threads:
+    with sim_threads(loop) as threads, windows_checked(settings.window_bytes):
         world = make(loop, threads, settings)
         set_world(world)
         ready = loop.create_future()

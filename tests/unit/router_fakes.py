@@ -60,6 +60,10 @@ class FakeTransport:
     def write(self, data: bytes) -> None:
         self.data += data
 
+    def writelines(self, parts: Any) -> None:
+        for part in parts:
+            self.data += part
+
     def is_closing(self) -> bool:
         return self.closing
 

@@ -31,10 +31,17 @@ from servekit._private.wire.transport import (
     _IN_END,
     _REQUEST,
     STREAM_WINDOW,
+    STREAM_WINDOW_BYTES,
     encode_call,
 )
 
 WINDOW = list(range(STREAM_WINDOW))
+# Items of which four fill the window's bytes (with their pickles' few bytes of framing).
+QUARTER = STREAM_WINDOW_BYTES // 4 - 64
+
+
+def big(tag: int, size: int = QUARTER) -> bytes:
+    return bytes([tag]) * size
 
 
 def place(router: Router, value: Any) -> RoutedRequest:
@@ -150,6 +157,38 @@ def test_once_the_replica_took_an_item_nothing_is_kept_and_each_credit_frees_a_p
         assert request.upload.kept is None
         await send_waiting(request, "past the window")
         assert r1.upload("A") == list(range(STREAM_WINDOW + 1))
+
+    run(main)
+
+
+def test_large_items_are_bounded_by_the_windows_bytes_and_a_larger_one_goes_alone(
+        ) -> None:
+    """What is in flight is bounded in bytes as well as items (WebSocket messages of many
+    MiB to an app slow to read would otherwise sit in its replica by the window): four
+    quarter-window items fill it; an item larger than the whole window waits until the
+    replica took everything before it, then goes alone."""
+
+    async def main() -> None:
+        cluster = Cluster()
+        r1 = cluster.replica("b#1")
+        router, _ = make_router(cluster, cap=1, b=[r1])
+        request: RoutedRequest = (await sent(router, "A")).request  # type: ignore[attr-defined]
+        for tag in range(4):
+            assert await send_now(request, big(tag))
+        fifth = await send_waiting(request, big(4))
+        r1.credit("A")
+        await spin()
+        assert fifth.result() is True
+        huge = await send_waiting(request, big(5, STREAM_WINDOW_BYTES + 1))
+        r1.credit("A", 3)
+        await spin()
+        assert not huge.done()  # the fifth is still in flight
+        r1.credit("A")
+        await spin()
+        assert huge.result() is True
+        await send_waiting(request, b"small")  # nothing joins an item past the window
+        assert [len(item) for item in r1.upload("A")] == [QUARTER] * 5 + [
+            STREAM_WINDOW_BYTES + 1]
 
     run(main)
 
@@ -383,6 +422,24 @@ def test_offered_items_beyond_the_room_wait_in_a_backlog_and_follow_the_credits(
         r1.credit("A")
         await spin()
         assert r1.upload("A") == [*range(2 * STREAM_WINDOW), END]
+
+    run(main)
+
+
+def test_a_shadow_copys_backlog_is_bounded_by_the_windows_bytes_too() -> None:
+    async def main() -> None:
+        cluster = Cluster()
+        r1 = cluster.replica("b#1")
+        router, _ = make_router(cluster, cap=1, b=[r1])
+        request: RoutedRequest = (await sent(router, "A")).request  # type: ignore[attr-defined]
+        for tag in range(8):  # four in flight, four in the backlog
+            assert request.offer_chunk(big(tag)) is True
+        assert request.offer_chunk(big(8)) is False
+        await spin()
+        assert len(r1.upload("A")) == 4
+        r1.credit("A", 4)
+        await spin()
+        assert [item[0] for item in r1.upload("A")] == list(range(8))
 
     run(main)
 

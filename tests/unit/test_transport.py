@@ -14,10 +14,11 @@ import threading
 from typing import Any, List, Optional, Tuple
 
 import pytest
-from loop_helpers import run, until
+from loop_helpers import run, spin, until
 
 from servekit._private.wire.transport import (
     _CANCEL,
+    _CREDIT,
     _HEADER,
     _NOTIFY,
     _READ_SIZE,
@@ -27,12 +28,16 @@ from servekit._private.wire.transport import (
     _REQUEST,
     _REQUESTS_PER_WRITE,
     _STOPPED,
+    _STREAM_CHUNK,
+    _STREAM_END,
+    STREAM_WINDOW_BYTES,
     Busy,
     ConnectFailed,
     ConnectionClosed,
     NotSent,
     RpcClient,
     RpcServer,
+    Stream,
     _FrameProtocol,
     current_peer,
     decode_error,
@@ -74,6 +79,9 @@ class RecordingTransport:
 
     def write(self, data: bytes) -> None:
         self.writes.append(bytes(data))
+
+    def writelines(self, parts: Any) -> None:
+        self.writes.extend(bytes(part) for part in parts)
 
     def is_closing(self) -> bool:
         return self.closing
@@ -442,6 +450,48 @@ def test_handler_result_is_an_ok_reply_and_sees_its_peer() -> None:
     assert dispatch({"add": handler}, 3, encode_call("add", (2, 5))) == [
         (3, _REPLY_OK, dumps(7))]
     assert len(seen) == 1 and isinstance(seen[0], _FrameProtocol)
+
+
+def test_a_streamed_reply_runs_at_most_a_window_of_bytes_ahead_of_its_reader() -> None:
+    """A stream of large chunks sends what fits in the window's bytes (four chunks of a
+    quarter of it here, not the eight the item count allows), one more for each credit,
+    and a chunk larger than the window alone, once the reader took all before it."""
+    quarter = STREAM_WINDOW_BYTES // 4 - 64
+    sizes = [quarter] * 5 + [STREAM_WINDOW_BYTES + 1, 10]
+
+    async def chunks() -> Any:
+        for size in sizes:
+            yield b"x" * size
+
+    async def handler() -> Stream:
+        return Stream(chunks())
+
+    async def main() -> None:
+        protocol = RpcServer({"gen": handler})._new_connection()
+        transport = RecordingTransport(protocol)
+        protocol.connection_made(transport)  # type: ignore[arg-type]
+        protocol.data_received(frame(1, _REQUEST, encode_call("gen", ())))
+
+        def sent() -> List[int]:
+            return [len(pickle.loads(payload)) if kind == _STREAM_CHUNK else -1
+                    for _, kind, payload in transport.frames()]
+
+        await until(lambda: len(sent()) == 4)
+        await spin()
+        assert sent() == [quarter] * 4
+        protocol.data_received(frame(1, _CREDIT))
+        await until(lambda: len(sent()) == 5)
+        protocol.data_received(frame(1, _CREDIT) * 3)
+        await spin()
+        assert len(sent()) == 5  # the fifth is still in flight: the large one waits
+        protocol.data_received(frame(1, _CREDIT))
+        await until(lambda: len(sent()) == 6)
+        protocol.data_received(frame(1, _CREDIT))
+        await until(lambda: len(sent()) == 8)
+        assert sent() == [*sizes, -1]  # (the end, once the last chunk went)
+        assert transport.frames()[-1][1] == _STREAM_END
+
+    run(main)
 
 
 def test_handler_raising_busy_sends_a_busy_reply() -> None:

@@ -37,12 +37,13 @@ from servekit._private.wire.transport import (
     _STOPPED,
     _STREAM_CHUNK,
     _STREAM_END,
-    STREAM_WINDOW,
     Exchange,
     ReplyStream,
     RpcClient,
+    StreamWindow,
     decode_error,
     dumps,
+    fits_window,
     peer_lost,
 )
 from servekit.exceptions import RequestTimeoutError, ServeError
@@ -129,16 +130,16 @@ class Reply(asyncio.Future):
 
 
 class _Upload:
-    """The caller's side of a request's own stream: the room the replica granted, and the
-    items sent before the replica took any (kept: a replica that refuses the request never
-    reads them, and they go out again after the request's payload to the next one). A
-    shadow copy's items beyond the room wait in ``backlog`` (at most a window of them),
-    and the end after them."""
+    """The caller's side of a request's own stream: what is in flight to the replica (its
+    ``window``), and the items sent before the replica took any (kept: a replica that
+    refuses the request never reads them, and they go out again after the request's
+    payload to the next one). A shadow copy's items beyond the window wait in ``backlog``
+    (at most a window of them), and the end after them."""
 
-    __slots__ = ("room", "kept", "ended", "backlog", "_changed")
+    __slots__ = ("window", "kept", "ended", "backlog", "_changed")
 
     def __init__(self) -> None:
-        self.room = STREAM_WINDOW
+        self.window = StreamWindow()
         self.kept: Optional[List[bytes]] = []  # None once the replica took an item
         self.ended = False
         self.backlog: Deque[bytes] = collections.deque()
@@ -277,7 +278,7 @@ class RoutedRequest(Exchange):
         self.msg_id, self.connection = msg_id, connection
         upload = self.upload
         if upload is not None and upload.kept is not None:
-            upload.room = STREAM_WINDOW - len(upload.kept)
+            upload.window = StreamWindow(map(len, upload.kept))
             for data in upload.kept:
                 connection.send_chunk(msg_id, data)
             if upload.ended and not upload.backlog:
@@ -366,10 +367,10 @@ class RoutedRequest(Exchange):
             state = self.state
             if state == ENDED or state == CANCELLING:
                 return False
-            if (state == SENT or state == STREAMING) and upload.room > 0:
+            if (state == SENT or state == STREAMING) and upload.window.fits(len(data)):
                 break
             await upload.changed()
-        upload.room -= 1
+        upload.window.sent(len(data))
         if upload.kept is not None:
             upload.kept.append(data)
         assert self.connection is not None
@@ -386,12 +387,13 @@ class RoutedRequest(Exchange):
             return False
         state = self.state
         data = dumps(item)
-        if upload.room <= 0 or upload.backlog:
-            if len(upload.backlog) >= STREAM_WINDOW:
+        backlog = upload.backlog
+        if backlog or not upload.window.fits(len(data)):
+            if not fits_window(len(backlog), sum(map(len, backlog)), len(data)):
                 return False
-            upload.backlog.append(data)
+            backlog.append(data)
             return True
-        upload.room -= 1
+        upload.window.sent(len(data))
         if state == SENT or state == STREAMING:
             if upload.kept is not None:
                 upload.kept.append(data)
@@ -407,9 +409,10 @@ class RoutedRequest(Exchange):
         connection = self.connection
         if connection is None:
             return
-        while upload.backlog and upload.room > 0:
-            upload.room -= 1
-            connection.send_chunk(self.msg_id, upload.backlog.popleft())
+        while upload.backlog and upload.window.fits(len(upload.backlog[0])):
+            data = upload.backlog.popleft()
+            upload.window.sent(len(data))
+            connection.send_chunk(self.msg_id, data)
         if upload.ended and not upload.backlog:
             connection.end_chunks(self.msg_id)
 
@@ -436,7 +439,7 @@ class RoutedRequest(Exchange):
         if kind == _IN_CREDIT:  # the replica took an item of the request's own stream
             upload = self.upload
             if upload is not None:
-                upload.room += 1
+                upload.window.taken()
                 upload.kept = None
                 if upload.backlog:
                     self._send_backlog(upload)

@@ -33,6 +33,7 @@ from typing import (
     Collection,
     Deque,
     Dict,
+    Iterable,
     List,
     Optional,
     Protocol,
@@ -68,9 +69,11 @@ MAX_UNAUTHENTICATED = 64
 # TCP keepalive: probes after this many idle seconds, then every few seconds, a few times.
 _KEEPALIVE = ((getattr(socket, "TCP_KEEPIDLE", None), 10), (socket.TCP_KEEPINTVL, 5),
               (socket.TCP_KEEPCNT, 3))
-# Chunks a sender sends ahead of what the reader has taken: the buffer a stream may grow
-# (either way: a streamed reply, or a request's own stream).
+# Chunks a sender sends ahead of what the reader has taken, and their bytes: the buffer a
+# stream may grow (either way: a streamed reply, or a request's own stream). A chunk larger
+# than the bytes goes alone, once the reader took every chunk before it.
 STREAM_WINDOW = 8
+STREAM_WINDOW_BYTES = 4 << 20
 _PICKLE_PROTOCOL = 5
 # A client writes its frames once this many wait, besides at the end of each loop turn:
 # its server starts on them while the client makes more (measured: a FastAPI app behind
@@ -108,7 +111,7 @@ class Busy(Exception):
 
 class Stream:
     """What a handler returns to reply with a stream: the items of ``chunks`` (an async
-    iterator), each sent as the reader takes the earlier ones, at most ``STREAM_WINDOW``
+    iterator), each sent as the reader takes the earlier ones, at most a ``StreamWindow``
     ahead. The iterator is closed when the reader goes away."""
 
     __slots__ = ("chunks",)
@@ -117,22 +120,54 @@ class Stream:
         self.chunks = chunks
 
 
+class StreamWindow:
+    """What a stream's sender has sent and its reader not yet taken: at most
+    ``STREAM_WINDOW`` chunks and ``STREAM_WINDOW_BYTES`` bytes, or one chunk of any size.
+    The reader grants one credit a chunk it takes, in the order they were sent."""
+
+    __slots__ = ("_sizes", "_bytes")
+
+    def __init__(self, sizes: Iterable[int] = ()) -> None:
+        self._sizes: Deque[int] = collections.deque(sizes)
+        self._bytes = sum(self._sizes)
+
+    def fits(self, size: int) -> bool:
+        """Whether a chunk of ``size`` bytes may be sent now."""
+        return fits_window(len(self._sizes), self._bytes, size)
+
+    def sent(self, size: int) -> None:
+        self._sizes.append(size)
+        self._bytes += size
+
+    def taken(self) -> None:
+        """The reader took the oldest chunk sent (a credit came)."""
+        if self._sizes:
+            self._bytes -= self._sizes.popleft()
+
+
+def fits_window(chunks: int, size_bytes: int, size: int) -> bool:
+    """Whether a chunk of ``size`` bytes may join ``chunks`` of ``size_bytes`` bytes in a
+    stream's window (a chunk alone always fits)."""
+    return not chunks or (chunks < STREAM_WINDOW and size_bytes + size <= STREAM_WINDOW_BYTES)
+
+
 class _Window:
-    """How many chunks a stream may still send before its reader grants more."""
+    """A streamed reply's room: its sender waits here until the reader has taken enough."""
 
     def __init__(self) -> None:
-        self.room = STREAM_WINDOW
+        self.in_flight = StreamWindow()
         self._granted = asyncio.Event()
 
     def grant(self) -> None:
-        self.room += 1
+        self.in_flight.taken()
         self._granted.set()
 
-    async def take(self) -> None:
-        while self.room <= 0:
+    async def take(self, size: int) -> None:
+        """Return once a chunk of ``size`` bytes may be sent (counted as sent)."""
+        while not self.in_flight.fits(size):
             self._granted.clear()
             await self._granted.wait()
-        self.room -= 1
+        self.in_flight.sent(size)
 
 
 class ReplyStream:
@@ -687,12 +722,12 @@ async def _send_stream(protocol: _FrameProtocol, msg_id: int, stream: Stream,
     window = windows[msg_id] = _Window()
     try:
         async for chunk in stream.chunks:
-            await window.take()
             try:
                 data = dumps_by_value(chunk)
             except Exception as exc:
                 raise TypeError(f"A chunk of the stream is a {_unpicklable_part(chunk)} that "
                                 f"cannot be pickled ({exc}). Yield picklable values.") from exc
+            await window.take(len(data))
             if not protocol.send(msg_id, _STREAM_CHUNK, data):
                 return False  # the reader is gone
     finally:
