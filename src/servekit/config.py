@@ -17,10 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from starlette.middleware import Middleware
 
 from servekit._private import constants
-from servekit._private.backend_metadata import BackendMetadata, ReplicaConfig, ReplicaSettings
+from servekit._private.backend_metadata import BackendMetadata, ReplicaConfig
 from servekit._private.backend_settings import AUTOSCALING_RULES as _AUTOSCALING
 from servekit._private.backend_settings import BACKEND_RULES as _BACKEND
 from servekit._private.backend_settings import (
+    ReplicaFields,
     check_autoscaling_bounds,
     check_fixed_or_autoscaled,
     check_max_surge,
@@ -259,7 +260,7 @@ class AutoscalingConfig(BaseModel):
         return self.min_replicas if self.initial_replicas is None else self.initial_replicas
 
 
-class BackendConfig(BaseModel):
+class BackendConfig(BaseModel, ReplicaFields):
     """Options of a backend that can change without restarting its code.
 
     Args:
@@ -378,18 +379,6 @@ class BackendConfig(BaseModel):
     def _fixed_or_autoscaled(self) -> BackendConfig:
         check_fixed_or_autoscaled(_set_fields(self))
         return self
-
-    def replica_settings(self) -> ReplicaSettings:
-        """The fields its replicas apply themselves, as the plain data they are sent."""
-        return ReplicaSettings.of(self)
-
-    def effective_max_concurrent_queries(self, is_async: bool) -> int:
-        """Queries in flight per replica: the explicit value, else a default for the callable.
-
-        Args:
-            is_async: Whether the backend's callable is a coroutine function.
-        """
-        return self.replica_settings().effective_max_concurrent_queries(is_async)
 
 
 def _set_fields(model: BaseModel) -> dict[str, Any]:

@@ -238,7 +238,24 @@ BACKEND_RULES: Dict[str, Rule] = {
 }
 
 
-class BackendSettings(_Settings):
+class ReplicaFields:
+    """What a backend's config gives its replicas: mixed into the public ``BackendConfig``
+    and into ``BackendSettings``, its plain data."""
+
+    def replica_settings(self) -> ReplicaSettings:
+        """The fields its replicas apply themselves, as the plain data they are sent."""
+        return ReplicaSettings.of(self)
+
+    def effective_max_concurrent_queries(self, is_async: bool) -> int:
+        """Queries in flight per replica: the explicit value, else a default for the callable.
+
+        Args:
+            is_async: Whether the backend's callable is a coroutine function.
+        """
+        return self.replica_settings().effective_max_concurrent_queries(is_async)
+
+
+class BackendSettings(_Settings, ReplicaFields):
     """A ``BackendConfig`` as plain data: what a client sends the controller (the fields
     set, as ``fields()`` gives them), and what the controller holds and saves."""
 
@@ -278,18 +295,6 @@ class BackendSettings(_Settings):
             TypeError, ValueError: the result breaks a rule (as ``check``).
         """
         return BackendSettings.check(merged_fields(self.fields(), update.fields()))
-
-    def replica_settings(self) -> ReplicaSettings:
-        """The fields its replicas apply themselves, as the plain data they are sent."""
-        return ReplicaSettings.of(self)
-
-    def effective_max_concurrent_queries(self, is_async: bool) -> int:
-        """Queries in flight per replica: the explicit value, else a default for the callable.
-
-        Args:
-            is_async: Whether the backend's callable is a coroutine function.
-        """
-        return self.replica_settings().effective_max_concurrent_queries(is_async)
 
     def describe(self) -> Dict[str, Any]:
         """Every field's value but ``user_config``, by name (as ``status()`` shows it)."""
