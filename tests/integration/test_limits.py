@@ -29,9 +29,6 @@ HEAD_CLOSED_WITHOUT_408 = (
 NO_EVICTION = (
     "granian closes every idle connection at client_timeout_s; it does not close the "
     "oldest ones first to make room")
-TRICKLED_BODY_NOT_TIMED = (
-    "granian reads request bodies itself: a body that trickles without stalling is not "
-    "timed")
 UNREAD_BODIES_UNCOUNTED = (
     "on granian only the bodies the proxy reads count in the budget (this test's "
     "probe sends one to /-/healthz, which reads none)")
@@ -464,7 +461,6 @@ def test_bodies_held_at_once_are_capped_across_requests(guarded: tuple) -> None:
     assert httpx.post(f"{url}/counted", content=b"c" * 100_000, timeout=TIMEOUT).text == "ran"
 
 
-@pytest.mark.xfail(GRANIAN, strict=True, reason=TRICKLED_BODY_NOT_TIMED)
 def test_a_body_trickled_below_the_minimum_rate_gets_408_and_never_reaches_a_replica(
         guarded: tuple) -> None:
     """A byte every 50 ms keeps the body from stalling; at 20 bytes a second it is far

@@ -11,9 +11,11 @@ Bounds as on uvicorn, where granian has the setting: the request head's time
 (``client_timeout_s``, hyper's header read timeout: the connection is closed, without a
 408) and size (``max_header_bytes``, at least hyper's 8 KiB; hyper's own limit of 100
 headers, lower ``max_header_count`` checked here): 431. The rest is kept here: a body
-stalled for ``client_timeout_s`` (408), ``max_body_bytes`` (413 without reading the body
-whole), the held-body budget (503), a client that reads nothing of a streamed response for
-``SEND_TIMEOUT_S`` (the response ends), a WebSocket message past ``max_body_bytes`` (1009).
+stalled for ``client_timeout_s``, or slower in all than ``SERVEKIT_MIN_BODY_RATE`` allows
+(408; the time the app did not ask for the body does not count), ``max_body_bytes`` (413
+without reading the body whole), the held-body budget (503), a client that reads nothing
+of a streamed response for ``SEND_TIMEOUT_S`` (the response ends), a WebSocket message
+past ``max_body_bytes`` (1009).
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ from servekit._private.proxy.http_protocol import (
     ON_DISCONNECT,
     BodyBudget,
     HeldBody,
+    body_time_left,
+    slow_body_text,
 )
 from servekit._private.specs import ProxySettings
 
@@ -220,6 +224,7 @@ class RSGIRequest:
             elif name == b"transfer-encoding":
                 self.chunked = True
         self.received = 0
+        self.waited = 0.0  # seconds spent waiting for the body's chunks
         self.body_done = not self.chunked and not self.length
         self._chunks: Any = None
         self.answered = False  # a response has begun (or the request was refused)
@@ -263,9 +268,13 @@ class RSGIRequest:
             return _DISCONNECT
         if self._chunks is None:
             self._chunks = self.protocol.__aiter__()
-        options = self.front.options
+        timeout, rate = self.front.options.client_timeout_s, constants.MIN_BODY_RATE
+        # A chunk may take client_timeout_s, and the body no longer than its bytes allow.
+        left = body_time_left(self.waited, self.received, timeout, rate)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
         try:
-            chunk = await asyncio.wait_for(self._chunks.__anext__(), options.client_timeout_s)
+            chunk = await asyncio.wait_for(self._chunks.__anext__(), max(0.0, min(timeout, left)))
         except StopAsyncIteration:
             self.body_done = True
             if self.length is not None and self.received < self.length:
@@ -273,8 +282,12 @@ class RSGIRequest:
             return _NO_BODY
         except asyncio.TimeoutError:
             self.body_done = True
-            self._refuse(408, f"The request body did not arrive within "
-                              f"{options.client_timeout_s} s (HTTPOptions.client_timeout_s).")
+            self.waited += loop.time() - began
+            if left < timeout:
+                self._refuse(408, slow_body_text(self.waited, self.received, timeout, rate))
+            else:
+                self._refuse(408, f"The request body did not arrive within {timeout} s "
+                                  "(HTTPOptions.client_timeout_s).")
             return _DISCONNECT
         except (ProtocolClosed, OSError):
             self.body_done = True
@@ -286,6 +299,7 @@ class RSGIRequest:
                               f"bodies, its limit (HTTPOptions.max_held_body_bytes="
                               f"{budget.limit}). Retry later.", ("retry-after", "1"))
             return _DISCONNECT
+        self.waited += loop.time() - began
         self.held.size += len(chunk)
         self.received += len(chunk)
         more = self.chunked or self.received < (self.length or 0)

@@ -51,6 +51,24 @@ _IDLE = "idle"  # nothing: between requests (the keep-alive timeout applies), or
 _HEAD = "head"  # a request head: the connection is new, or a request has begun
 _BODY = "body"  # the rest of a request body
 
+def body_time_left(waited: float, received: int, client_timeout_s: float,
+                   min_rate: float) -> float:
+    """Seconds a request body may still take: ``client_timeout_s`` plus a second for every
+    ``min_rate`` bytes of the ``received`` ones, less the ``waited`` seconds it has taken
+    (the rule of Apache's mod_reqtimeout; ``min_rate`` 0: no bound, infinity)."""
+    if not min_rate:
+        return float("inf")
+    return client_timeout_s + received / min_rate - waited
+
+
+def slow_body_text(waited: float, received: int, client_timeout_s: float,
+                   min_rate: float) -> str:
+    """The 408's text for a body past ``body_time_left``."""
+    return (f"The request body arrived at {received / max(waited, 1e-9):.0f} bytes a second "
+            f"over {waited:.0f} s: a body may take client_timeout_s ({client_timeout_s} s) "
+            f"plus a second for every {min_rate:.0f} bytes (SERVEKIT_MIN_BODY_RATE).")
+
+
 # Numbers the connections of a proxy in the order they come.
 _NUMBERS = itertools.count()
 # At most this many idle connections are closed at once to make room (nginx's figure).
@@ -361,15 +379,13 @@ class ProxyHttpProtocol(HttpToolsProtocol):
         """Answer 408 if the body has taken longer than ``client_timeout_s`` plus a second
         for every ``min_body_rate`` bytes that arrived; whether it did."""
         elapsed = now - self._body_began
-        if self._body_bytes >= self._min_body_rate * (elapsed - self._client_timeout_s):
+        if body_time_left(elapsed, self._body_bytes, self._client_timeout_s,
+                          self._min_body_rate) >= 0:
             return False
         cycle = self.cycle
         if cycle is not None and not cycle.response_started:
-            self._refuse(http.HTTPStatus.REQUEST_TIMEOUT,
-                         f"The request body arrived at {self._body_bytes / elapsed:.0f} "
-                         f"bytes a second over {elapsed:.0f} s: a body may take "
-                         f"client_timeout_s ({self._client_timeout_s} s) plus a second for "
-                         f"every {self._min_body_rate:.0f} bytes (SERVEKIT_MIN_BODY_RATE).")
+            self._refuse(http.HTTPStatus.REQUEST_TIMEOUT, slow_body_text(
+                elapsed, self._body_bytes, self._client_timeout_s, self._min_body_rate))
         else:
             self.transport.close()
         return True
