@@ -33,7 +33,7 @@ def main(argv: list) -> int:
     if args.seed is not None:
         for name in names:
             try:
-                runner.run_one(name, args.seed)
+                runner.run_one(name, args.seed, collect=True)
             except AssertionError:
                 traceback.print_exc()
                 return 1

@@ -750,18 +750,11 @@ def _run(seed: int) -> None:
     backend_reconciler.secrets = names  # type: ignore[assignment]
     goals.uuid = names  # type: ignore[assignment]
     ray_runtime.secrets = names  # type: ignore[assignment]
-    asyncio.set_event_loop(loop)
     try:
-        loop.run_until_complete(_run_world(loop, seed))
+        simloop.run(lambda _: _run_world(loop, seed), seed, loop)
     finally:
-        simloop.last_run = (loop.callbacks, loop.time())
-        try:
-            simloop._cancel_all(loop)
-        finally:
-            asyncio.set_event_loop(None)
-            loop.close()
-            for (module, name), value in zip(_REPLACED, real, strict=True):
-                setattr(module, name, value)
+        for (module, name), value in zip(_REPLACED, real, strict=True):
+            setattr(module, name, value)
 
 
 @scenario("controlplane")

@@ -8,6 +8,7 @@ import gc
 import importlib
 from typing import Iterable, List, Optional
 
+import simloop
 from scenarios import SCENARIOS
 
 # The modules that register scenarios.
@@ -44,11 +45,15 @@ class Report:
     failures: List[Failure] = dataclasses.field(default_factory=list)
 
 
-def run_one(name: str, seed: int) -> None:
+def run_one(name: str, seed: int, collect: bool = False) -> None:
     """Run one seed of one scenario; raises what it raised (an ``AssertionError`` when an
-    invariant broke)."""
+    invariant broke). ``collect``: collect the garbage it left first, so that an error left
+    unread in a reference cycle is found too (a sweep collects every so many seeds)."""
     load_scenarios()
     SCENARIOS[name](seed)
+    if collect:
+        gc.collect()
+        simloop.check_unretrieved(seed)
 
 
 def sweep_in_parallel(name: str, seeds: range, jobs: int, max_failures: int = 5) -> Report:
@@ -75,5 +80,17 @@ def sweep(name: str, seeds: Iterable[int], max_failures: int = 5) -> Report:
             if len(report.failures) >= max_failures:
                 break
         if report.runs % 200 == 0:
-            gc.collect()
+            _collect(report)
+    _collect(report)
     return report
+
+
+def _collect(report: Report) -> None:
+    """Collect the garbage of the seeds run so far: an error one of them left unread in a
+    reference cycle is reported now, as a failure of its seed."""
+    gc.collect()
+    for seed in sorted(simloop.unretrieved):
+        try:
+            simloop.check_unretrieved(seed)
+        except simloop.Unretrieved as exc:
+            report.failures.append(Failure(seed, f"Unretrieved: {exc}"))

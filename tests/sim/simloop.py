@@ -16,7 +16,9 @@
   (``simnet.SimNet``), a seeded network with delays, failed connects, resets and stalls.
 
 A run that can make no progress while its main coroutine waits raises ``Stalled``; one that
-runs too many callbacks without the clock moving raises ``Livelock``: both are findings.
+runs too many callbacks without the clock moving raises ``Livelock``; one in which a task or
+future ends in an error that nobody reads (asyncio's "exception was never retrieved": a
+failure lost, only logged) raises ``Unretrieved``. All three are findings.
 """
 
 from __future__ import annotations
@@ -57,6 +59,11 @@ class Stalled(AssertionError):
 
 class Livelock(AssertionError):
     """The loop keeps running callbacks without the clock moving."""
+
+
+class Unretrieved(AssertionError):
+    """A task or future ended in an error that nothing read: a failure lost (asyncio only
+    logs it, when the object is collected)."""
 
 
 def _source(handle: asyncio.Handle) -> int:
@@ -283,16 +290,29 @@ def sim_threads(loop: SimLoop) -> Iterator[SimThreads]:
 last_run: Tuple[int, float] = (0, 0.0)
 
 
-def run(main: Callable[[SimLoop], Awaitable[T]], seed: int) -> T:
-    """Run ``main(loop)`` on a new ``SimLoop`` seeded with ``seed``; its result.
+def run(main: Callable[[SimLoop], Awaitable[T]], seed: int,
+        loop: Optional[SimLoop] = None) -> T:
+    """Run ``main(loop)`` on ``loop`` (default: a new ``SimLoop`` seeded with ``seed``); its
+    result.
 
     Whatever ``main`` leaves running is cancelled and run to its end before the loop closes.
     """
     global last_run
-    loop = SimLoop(seed)
+    loop = SimLoop(seed) if loop is None else loop
+
+    def on_exception(loop: asyncio.AbstractEventLoop, context: Dict[str, Any]) -> None:
+        message = context.get("message", "")
+        if "never retrieved" in message:
+            unretrieved.setdefault(seed, []).append(
+                f"{message}: {context.get('exception')!r} "
+                f"({context.get('future') or context.get('task')!r})")
+        else:
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(on_exception)
     asyncio.set_event_loop(loop)
     try:
-        return loop.run_until_complete(main(loop))
+        result = loop.run_until_complete(main(loop))
     finally:
         last_run = (loop.callbacks, loop.time())
         try:
@@ -300,6 +320,21 @@ def run(main: Callable[[SimLoop], Awaitable[T]], seed: int) -> T:
         finally:
             asyncio.set_event_loop(None)
             loop.close()
+    check_unretrieved(seed)
+    return result
+
+
+# Errors that nothing read, by the seed of the run they belong to: asyncio reports one when
+# its task or future is collected, which may be after that run ended (in a reference cycle,
+# at the next collection).
+unretrieved: Dict[int, List[str]] = {}
+
+
+def check_unretrieved(seed: int) -> None:
+    """Raise ``Unretrieved`` if the run of ``seed`` left an error nobody read."""
+    errors = unretrieved.pop(seed, None)
+    if errors:
+        raise Unretrieved("; ".join(errors))
 
 
 def _cancel_all(loop: SimLoop) -> None:

@@ -489,6 +489,11 @@ class BackendReconciler:
         unhealthy = asyncio.ensure_future(record.unhealthy.wait())
         try:
             await asyncio.wait([call, unhealthy], return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            # Given up (the controller stops): the replica may still apply the config,
+            # and what it answers is nobody's to read (nor to log as never retrieved).
+            call.add_done_callback(lambda f: f.cancelled() or f.exception())
+            raise
         finally:
             unhealthy.cancel()
         if not call.done():
