@@ -51,6 +51,7 @@ _IDLE = "idle"  # nothing: between requests (the keep-alive timeout applies), or
 _HEAD = "head"  # a request head: the connection is new, or a request has begun
 _BODY = "body"  # the rest of a request body
 
+
 def body_time_left(waited: float, received: int, client_timeout_s: float,
                    min_rate: float) -> float:
     """Seconds a request body may still take: ``client_timeout_s`` plus a second for every
