@@ -106,6 +106,8 @@ METRICS: Dict[str, Tuple[str, Optional[float], str, str]] = {
     "peers.servekit_over_litserve": ("x", None, "min", "servekit / LitServe, JSON POST"),
     "peers.servekit_post_p50_ms": ("ms", None, "max", "servekit, JSON POST, p50 at 1 conn"),
     "peers.litserve_p50_ms": ("ms", None, "max", "LitServe, the same, p50 at 1 conn"),
+    "floor.process_rtt_us": ("us", None, "max", "1 byte there and back, two processes"),
+    "floor.thread_rtt_us": ("us", None, "max", "1 item there and back, two threads"),
 }
 
 
@@ -792,12 +794,60 @@ def websocket_echo_p50_us(url: str, echoes: int) -> float:
     return statistics.median(samples)
 
 
+def _echo_bytes(end: Any, rounds: int) -> None:
+    """The other process of ``scenario_floor``: send back each message."""
+    for _ in range(rounds):
+        end.send_bytes(end.recv_bytes())
+
+
+def scenario_floor(runs: int, quick: bool) -> Results:
+    """What the machine charges for a wake-up, whatever the code: the p50 round trip of a
+    byte between two processes (the proxy and its replica; the wire adds framing and an
+    event loop) and of an item between two threads (a replica's loop and its sync lane, a
+    sync handle's caller and its loop). A request path pays one per hop, so the latency
+    targets are read against these."""
+    import queue
+    import threading
+
+    rounds = 5_000 if quick else 20_000
+    results: Results = {}
+    for _ in range(runs):
+        here, there = multiprocessing.Pipe()
+        echo = multiprocessing.get_context("spawn").Process(
+            target=_echo_bytes, args=(there, rounds), daemon=True)
+        echo.start()
+        samples = []
+        for _ in range(rounds):
+            started = time.perf_counter()
+            here.send_bytes(b"x")
+            here.recv_bytes()
+            samples.append(time.perf_counter() - started)
+        echo.join(10)
+        results.setdefault("floor.process_rtt_us", []).append(
+            statistics.median(samples[rounds // 10:]) * 1e6)
+        there_q: "queue.SimpleQueue[int]" = queue.SimpleQueue()
+        back_q: "queue.SimpleQueue[int]" = queue.SimpleQueue()
+        thread = threading.Thread(
+            target=lambda: [back_q.put(there_q.get()) for _ in range(rounds)], daemon=True)
+        thread.start()
+        samples = []
+        for _ in range(rounds):
+            started = time.perf_counter()
+            there_q.put(1)
+            back_q.get()
+            samples.append(time.perf_counter() - started)
+        thread.join(10)
+        results.setdefault("floor.thread_rtt_us", []).append(
+            statistics.median(samples[rounds // 10:]) * 1e6)
+    return results
+
+
 SCENARIOS: Dict[str, Callable[[int, bool], Results]] = {
     "http": scenario_http, "handles": scenario_handles, "cold_start": scenario_cold_start,
     "rss": scenario_rss, "batching": scenario_batching, "batch_route": scenario_batch_route,
     "proxies": scenario_proxies,
     "scale": scenario_scale, "transport": scenario_transport, "asgi": scenario_asgi,
-    "bodies": scenario_bodies, "peers": scenario_peers,
+    "bodies": scenario_bodies, "peers": scenario_peers, "floor": scenario_floor,
 }
 NEEDS_WRK = {"http", "batch_route", "proxies", "scale", "asgi", "bodies", "peers"}
 
