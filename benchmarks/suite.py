@@ -800,6 +800,12 @@ def _echo_bytes(end: Any, rounds: int) -> None:
         end.send_bytes(end.recv_bytes())
 
 
+def _echo_items(there: Any, back: Any, rounds: int) -> None:
+    """The other thread of ``scenario_floor``: send back each item."""
+    for _ in range(rounds):
+        back.put(there.get())
+
+
 def scenario_floor(runs: int, quick: bool) -> Results:
     """What the machine charges for a wake-up, whatever the code: the p50 round trip of a
     byte between two processes (the proxy and its replica; the wire adds framing and an
@@ -827,8 +833,8 @@ def scenario_floor(runs: int, quick: bool) -> Results:
             statistics.median(samples[rounds // 10:]) * 1e6)
         there_q: "queue.SimpleQueue[int]" = queue.SimpleQueue()
         back_q: "queue.SimpleQueue[int]" = queue.SimpleQueue()
-        thread = threading.Thread(
-            target=lambda: [back_q.put(there_q.get()) for _ in range(rounds)], daemon=True)
+        thread = threading.Thread(target=_echo_items, args=(there_q, back_q, rounds),
+                                  daemon=True)
         thread.start()
         samples = []
         for _ in range(rounds):
