@@ -189,7 +189,13 @@ class _Disconnects(list):
         self._watch.add_done_callback(self._call)
 
     def _call(self, left: Any) -> None:
-        if left.cancelled():
+        if not left.cancelled():
+            self.client_left()
+
+    def client_left(self) -> None:
+        """The client is gone (granian said so, or a write to it failed): call the
+        callbacks, once."""
+        if self.left:
             return
         self.left = True
         for callback in list(self):
@@ -341,7 +347,12 @@ class RSGIRequest:
                             "(SERVEKIT_SEND_TIMEOUT_S).", constants.SEND_TIMEOUT_S)
                 raise OSError("the client stopped reading") from None
             except ProtocolClosed:
-                pass  # the client left (its ON_DISCONNECT callbacks say so)
+                # The client left: its ON_DISCONNECT callbacks stop the request, and this
+                # task ends here (the cancellation they make is lost when granian's word
+                # of the disconnect and the failed write land in one turn: wait_for then
+                # returns the write's failure instead, and the stream ran on for good).
+                self.disconnects.client_left()
+                raise asyncio.CancelledError() from None
 
 
     def _respond(self, body: bytes) -> None:
