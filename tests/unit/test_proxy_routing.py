@@ -8,6 +8,7 @@ proxy reads: its endpoints and the hooks it calls on each update.
 
 from __future__ import annotations
 
+import asyncio
 import types
 from typing import Any, Optional
 
@@ -102,3 +103,27 @@ def test_the_prefixes_follow_the_routers_updates() -> None:
     for hook in router.on_update:
         hook(router)
     assert found(proxy, "/api") is None and found(proxy, "/v1/x") == "v1"
+
+
+def test_a_request_waiting_out_a_routes_grace_stays_cancelled_when_the_route_returns(
+        ) -> None:
+    """A request for a route removed moments ago waits for it to come back; if its client
+    leaves (the request is cancelled) in the very turn the route returns, it ends
+    cancelled: it is not served for nobody (3.11's wait_for dropped such a cancellation)."""
+
+    async def main() -> None:
+        router = fake_router(api="/api")
+        proxy = HTTPProxy(router)
+        set_routes(router)
+        proxy._update_routes(router)  # /api removed: its grace begins
+        matching = asyncio.ensure_future(proxy._match("/api"))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert not matching.done()
+        set_routes(router, api="/api")
+        proxy._update_routes(router)  # it comes back ...
+        matching.cancel()  # ... as its client leaves
+        with pytest.raises(asyncio.CancelledError):
+            await matching
+
+    asyncio.run(main())

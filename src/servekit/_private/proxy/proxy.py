@@ -140,8 +140,11 @@ class HTTPProxy:
             if remaining <= 0:
                 break
             try:
-                await asyncio.wait_for(self._routes_changed.wait(), remaining)
-            except asyncio.TimeoutError:
+                # (not wait_for: on 3.11 it drops a cancellation that lands as the routes
+                # change, and a request whose client left would be served all the same)
+                async with asyncio.timeout(remaining):
+                    await self._routes_changed.wait()
+            except TimeoutError:
                 break
             match = self.find(path)
         return match
