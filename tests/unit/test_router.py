@@ -708,6 +708,28 @@ def test_endpoint_recreated_within_the_grace_gets_the_request(short_deadlines: f
     run(main)
 
 
+def test_a_request_cancelled_as_its_endpoint_returns_is_never_sent(
+        short_deadlines: float) -> None:
+    """A request waiting out the grace of its endpoint, cancelled by its caller in the turn
+    the endpoint comes back, ends cancelled and reaches no replica (3.11's wait_for
+    dropped such a cancellation, and the request was sent for nobody)."""
+
+    async def main() -> None:
+        cluster = Cluster()
+        r1 = cluster.replica("b#1")
+        router, feed = make_router(cluster, b=[r1])
+        feed.endpoints()
+        task = start_send(router, "A")
+        await spin()
+        feed.endpoints(endpoint())
+        task.cancel()
+        await spin()
+        assert task.cancelled()
+        assert r1.received() == []
+
+    run(main)
+
+
 def test_missing_endpoint_fails_after_its_timeout(short_deadlines: float) -> None:
     """A request to an endpoint never seen waits ``MISSING_ENDPOINT_TIMEOUT_S``, then
     raises EndpointNotFoundError saying it does not exist."""

@@ -160,8 +160,10 @@ class BatchQueue:
                         loop.time() < deadline:
                     self._arrived.clear()
                     try:
-                        await asyncio.wait_for(self._arrived.wait(), deadline - loop.time())
-                    except asyncio.TimeoutError:
+                        # (3.11's wait_for can drop a cancel that lands as one arrives)
+                        async with asyncio.timeout_at(deadline):
+                            await self._arrived.wait()
+                    except TimeoutError:
                         break
                     if not self._queue:  # all its callers left
                         break

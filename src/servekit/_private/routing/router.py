@@ -367,8 +367,9 @@ class Router:
                     f"Endpoint '{endpoint}' {problem}. Registered endpoints: "
                     f"{sorted(self.endpoints)}.")
             try:
-                await asyncio.wait_for(self._changed.wait(), remaining)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(remaining):  # (3.11's wait_for can drop a cancel)
+                    await self._changed.wait()
+            except TimeoutError:
                 pass
             info = self.endpoints.get(endpoint)
         return info
