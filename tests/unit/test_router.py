@@ -15,7 +15,7 @@ import asyncio
 import socket
 import threading
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 from loop_helpers import run, spin, until
@@ -23,6 +23,7 @@ from router_fakes import (
     NOTICE,
     Cluster,
     FakeReplica,
+    Feed,
     endpoint,
     make_router,
     sent,
@@ -689,17 +690,25 @@ def test_unknown_endpoint_without_missing_ok_fails_after_the_grace(
     run(main)
 
 
+async def sent_to_a_deleted_endpoint() -> Tuple[FakeReplica, Feed, asyncio.Task]:
+    """A request sent to endpoint ``ep`` just deleted (it waits out the grace), the
+    endpoint's replica, and the feed that can bring the endpoint back."""
+    cluster = Cluster()
+    r1 = cluster.replica("b#1")
+    router, feed = make_router(cluster, b=[r1])
+    feed.endpoints()
+    task = start_send(router, "A")
+    await spin()
+    assert not task.done()
+    return r1, feed, task
+
+
 def test_endpoint_recreated_within_the_grace_gets_the_request(short_deadlines: float) -> None:
     """An endpoint removed and created again within the grace period serves a request
     that arrived in between."""
 
     async def main() -> None:
-        cluster = Cluster()
-        r1 = cluster.replica("b#1")
-        router, feed = make_router(cluster, b=[r1])
-        feed.endpoints()
-        task = start_send(router, "A")
-        await spin()
+        r1, feed, task = await sent_to_a_deleted_endpoint()
         feed.endpoints(endpoint())
         await spin()
         assert task.done()
@@ -715,12 +724,7 @@ def test_a_request_cancelled_as_its_endpoint_returns_is_never_sent(
     dropped such a cancellation, and the request was sent for nobody)."""
 
     async def main() -> None:
-        cluster = Cluster()
-        r1 = cluster.replica("b#1")
-        router, feed = make_router(cluster, b=[r1])
-        feed.endpoints()
-        task = start_send(router, "A")
-        await spin()
+        r1, feed, task = await sent_to_a_deleted_endpoint()
         feed.endpoints(endpoint())
         task.cancel()
         await spin()
